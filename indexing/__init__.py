@@ -1,0 +1,1 @@
+"""vlsearch's offline indexer: sources -> decode -> encode -> Parquet shards -> FAISS index."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: everything offline, on the tiny built-in model, in temp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A seeded random-init checkpoint of the tiny model, saved with save_checkpoint."""
+    import torch
+
+    from vlsearch.models import TINY_MODEL, create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model, _ = create_model(TINY_MODEL)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt", name=TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint):
+    from vlsearch.models import TINY_MODEL, load_model
+
+    return load_model(TINY_MODEL, pretrained=tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

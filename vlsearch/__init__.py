@@ -1,0 +1,29 @@
+"""vlsearch: large-scale image-text retrieval — embed, index, search and benchmark.
+
+Heavy modules (torch, open_clip, faiss) load on first use of the names below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "vlsearch.models",
+    "save_checkpoint": "vlsearch.models",
+    "Encoder": "vlsearch.models",
+    "ModelInfo": "vlsearch.models",
+    "Collection": "vlsearch.collection",
+    "Manifest": "vlsearch.collection",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlsearch' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,60 @@
+"""Typed exceptions raised by vlsearch. The CLI turns them into messages and exit codes."""
+
+from __future__ import annotations
+
+
+class VlsearchError(Exception):
+    """Base class of every error vlsearch raises on purpose."""
+
+
+class ModelNotFoundError(VlsearchError, LookupError):
+    """The model name is not a known open_clip / vlsearch architecture."""
+
+
+class PretrainedNotFoundError(VlsearchError, LookupError):
+    """The pretrained tag is not valid for the model, and is not a file or hub id either."""
+
+
+class WeightsUnavailableError(VlsearchError):
+    """Weights exist in principle but cannot be fetched here (offline, missing package...)."""
+
+
+class CheckpointMismatchError(VlsearchError):
+    """A checkpoint file does not match the architecture it is loaded into."""
+
+
+class SourceError(VlsearchError):
+    """An image source is missing, empty or malformed."""
+
+
+class DecodeError(VlsearchError):
+    """One image could not be decoded; ``kind`` names the reason (e.g. 'truncated', 'bomb')."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class CollectionError(VlsearchError):
+    """A collection on disk is missing, damaged or inconsistent."""
+
+
+class CollectionNotFoundError(CollectionError, FileNotFoundError):
+    """No collection (manifest.json) at the given path."""
+
+
+class CollectionMismatchError(CollectionError):
+    """A model, dimension or index does not match the collection it is used with."""
+
+
+class IndexNotBuiltError(CollectionError):
+    """ANN search was requested on a collection that has no index yet."""
+
+
+class InvalidQueryError(VlsearchError, ValueError):
+    """A search query (text, image, vector, k...) is not acceptable."""
+
+
+class TrainingError(VlsearchError):
+    """Training cannot start or continue (bad data, incompatible checkpoint...)."""
