@@ -10,6 +10,7 @@ import pytest
 from vlsearch import metrics
 from vlsearch.metrics import (
     ann_recall,
+    embedding_ranks,
     ann_recall_per_query,
     i2t_ranks,
     metrics_from_ranks,
@@ -183,6 +184,22 @@ def test_vectorised_and_chunked_match_reference(monkeypatch):
     ann, exact = rng.integers(0, 30, (50, 10)), np.argsort(-rng.random((50, 30)), axis=1)[:, :10]
     ref = [len(set(a) & set(e)) / 10 for a, e in zip(ann, exact)]
     assert ann_recall_per_query(ann, exact, 10) == pytest.approx(ref)
+
+
+def test_embedding_ranks_match_the_full_matrix(monkeypatch):
+    rng = np.random.default_rng(1)
+    texts = rng.integers(-2, 3, (60, 4)).astype(np.float32)  # integer vectors: exact dot products, ties
+    images = rng.integers(-2, 3, (15, 4)).astype(np.float32)
+    text_image = np.repeat(np.arange(12), 5)  # images 12..14 have no caption
+    sim = texts @ images.T
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 50)
+    t2i, i2t = embedding_ranks(texts, images, text_image)
+    assert t2i.tolist() == t2i_ranks(sim, text_image).tolist()
+    assert i2t.tolist() == i2t_ranks(sim, text_image).tolist() and np.isinf(i2t[12:]).all()
+    t2i_sub, i2t_sub = embedding_ranks(texts, images, text_image, text_queries=[3, 7], image_queries=[5, 0])
+    assert t2i_sub.tolist() == [t2i[3], t2i[7]] and i2t_sub.tolist() == [i2t[5], i2t[0]]
+    with pytest.raises(ValueError, match="same d"):
+        embedding_ranks(texts, images[:, :3], text_image)
 
 
 @pytest.mark.parametrize("sim, text_image, match", [

@@ -45,18 +45,23 @@ def _check_inputs(sim_t2i: np.ndarray, text_image: np.ndarray) -> tuple[np.ndarr
     sim = np.asarray(sim_t2i)
     if sim.ndim != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
         raise ValueError(f"sim_t2i must be a non-empty (n_texts, n_images) matrix, got shape {sim.shape}")
+    text_image = _check_text_image(text_image, *sim.shape)
+    if np.issubdtype(sim.dtype, np.floating) and np.isnan(sim).any():
+        raise ValueError("sim_t2i contains NaN scores")
+    return sim, text_image
+
+
+def _check_text_image(text_image: np.ndarray, n_texts: int, n_images: int) -> np.ndarray:
     text_image = np.asarray(text_image)
-    if text_image.shape != (sim.shape[0],):
-        raise ValueError(f"text_image must have shape ({sim.shape[0]},) (one image index per caption), "
+    if text_image.shape != (n_texts,):
+        raise ValueError(f"text_image must have shape ({n_texts},) (one image index per caption), "
                          f"got {text_image.shape}")
     if not np.issubdtype(text_image.dtype, np.integer):
         raise ValueError(f"text_image must hold integer image indices, got dtype {text_image.dtype}")
-    if text_image.min() < 0 or text_image.max() >= sim.shape[1]:
-        raise ValueError(f"text_image values must be image indices in [0, {sim.shape[1]}), "
+    if text_image.min() < 0 or text_image.max() >= n_images:
+        raise ValueError(f"text_image values must be image indices in [0, {n_images}), "
                          f"got range [{text_image.min()}, {text_image.max()}]")
-    if np.issubdtype(sim.dtype, np.floating) and np.isnan(sim).any():
-        raise ValueError("sim_t2i contains NaN scores")
-    return sim, text_image.astype(np.int64)
+    return text_image.astype(np.int64)
 
 
 def t2i_ranks(sim_t2i: np.ndarray, text_image: np.ndarray) -> np.ndarray:
@@ -82,17 +87,60 @@ def i2t_ranks(sim_t2i: np.ndarray, text_image: np.ndarray) -> np.ndarray:
     """
     sim, text_image = _check_inputs(sim_t2i, text_image)
     n_texts, n_images = sim.shape
-    ranks = np.full(n_images, np.inf)
+    ranks = np.empty(n_images)
     step = max(1, _CHUNK_ELEMENTS // n_texts)
     for start in range(0, n_images, step):
         cols = np.arange(start, min(start + step, n_images))
-        block = sim[:, cols]                                   # (n_texts, c)
-        correct = text_image[:, None] == cols[None, :]         # (n_texts, c)
-        has = correct.any(axis=0)
-        best = np.where(correct, block, -np.inf).max(axis=0)  # best correct score per image
-        wrong_ge = ((block >= best[None, :]) & ~correct).sum(axis=0)
-        ranks[cols[has]] = 1 + wrong_ge[has]
+        ranks[cols] = _i2t_block(sim[:, cols], text_image, cols)
     return ranks
+
+
+def _i2t_block(block: np.ndarray, text_image: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """i2t ranks of the images ``cols`` from their ``(n_texts, len(cols))`` similarity columns."""
+    correct = text_image[:, None] == cols[None, :]         # (n_texts, c)
+    has = correct.any(axis=0)
+    best = np.where(correct, block, -np.inf).max(axis=0)  # best correct score per image
+    wrong_ge = ((block >= best[None, :]) & ~correct).sum(axis=0)
+    return np.where(has, 1.0 + wrong_ge, np.inf)
+
+
+def embedding_ranks(
+    text_vectors: np.ndarray,
+    image_vectors: np.ndarray,
+    text_image: np.ndarray,
+    text_queries: np.ndarray | None = None,
+    image_queries: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """t2i and i2t ranks straight from embeddings (inner product), never holding the full matrix.
+
+    Same definitions as :func:`t2i_ranks` / :func:`i2t_ranks` on ``text_vectors @ image_vectors.T``,
+    computed one block of queries at a time (memory ~ one block of ``_CHUNK_ELEMENTS`` scores).
+    ``text_queries`` / ``image_queries`` optionally restrict the queries to a subset (indices);
+    the galleries are always complete. Returns ``(t2i ranks of text_queries, i2t ranks of
+    image_queries)``.
+    """
+    text_vectors = np.asarray(text_vectors, dtype=np.float32)
+    image_vectors = np.asarray(image_vectors, dtype=np.float32)
+    if text_vectors.ndim != 2 or image_vectors.ndim != 2 or text_vectors.shape[1] != image_vectors.shape[1]:
+        raise ValueError(f"text and image vectors must be (n, d) with the same d, "
+                         f"got {text_vectors.shape} and {image_vectors.shape}")
+    n_texts, n_images = len(text_vectors), len(image_vectors)
+    if n_texts == 0 or n_images == 0:
+        raise ValueError(f"need at least one caption and one image, got {n_texts} and {n_images}")
+    text_image = _check_text_image(text_image, n_texts, n_images)
+    tq = np.arange(n_texts) if text_queries is None else np.asarray(text_queries, dtype=np.int64)
+    iq = np.arange(n_images) if image_queries is None else np.asarray(image_queries, dtype=np.int64)
+    t2i = np.empty(len(tq), np.int64)
+    step = max(1, _CHUNK_ELEMENTS // n_images)
+    for start in range(0, len(tq), step):
+        rows = tq[start:start + step]
+        t2i[start:start + step] = t2i_ranks(text_vectors[rows] @ image_vectors.T, text_image[rows])
+    i2t = np.empty(len(iq))
+    step = max(1, _CHUNK_ELEMENTS // n_texts)
+    for start in range(0, len(iq), step):
+        cols = iq[start:start + step]
+        i2t[start:start + step] = _i2t_block(text_vectors @ image_vectors[cols].T, text_image, cols)
+    return t2i, i2t
 
 
 def ranks_from_ids(retrieved: np.ndarray, targets: np.ndarray) -> np.ndarray:
