@@ -150,5 +150,42 @@ def encode_cmd(
         typer.echo(json.dumps({kind: value, "model": enc.name, "dim": enc.dim, "embedding": [round(float(x), 6) for x in vec]}))
 
 
+def _int_list(value: str, option: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        items = ()
+    if not items or any(v < 1 for v in items):
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {value!r}", param_hint=option)
+    return items
+
+
+@app.command("bench")
+@handle_errors
+def bench_cmd(
+    collection_dir: str = typer.Argument(..., help="Collection with caption shards (e.g. built from captions.csv)."),
+    k: str = typer.Option("1,5,10", "--k", help="Recall@K cut-offs, comma-separated; the largest is the ANN depth."),
+    nprobe: str = typer.Option("1,4,16,64,256", "--nprobe", help="IVF lists probed, comma-separated."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write all results to this JSON file."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (needs matplotlib)."),
+    latency_queries: int = typer.Option(1000, "--latency-queries", min=0, help="Single queries timed for p50/p99."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
+) -> None:
+    """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
+    from .bench import BenchConfig, format_table, plot_results, run_benchmark
+    from .fsutil import write_json
+
+    config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
+                         latency_queries=latency_queries, max_queries=max_queries)
+    with TqdmProgress("bench", unit="setting") as progress:
+        result = run_benchmark(collection_dir, config, progress=progress)
+    typer.echo(format_table(result))
+    if out:
+        write_json(out, result)
+        typer.echo(f"results: {out}")
+    if plot:
+        typer.echo(f"plot: {plot_results(result, plot)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,322 @@
+"""Retrieval benchmark of a captioned collection: quality both ways, and what ANN search costs.
+
+:func:`run_benchmark` reads the collection's image and caption embeddings and measures
+
+1. **exact** retrieval quality — text->image and image->text Recall@K, MRR, median and mean
+   rank (definitions in :mod:`vlsearch.metrics`), ranks computed over the full galleries from
+   the stored embeddings — plus the speed of brute-force top-k search (``exact_search`` over
+   the image embeddings held in memory);
+2. for each ``nprobe``, the same **text->image** metrics through the collection's ANN index
+   (:class:`vlsearch.search.Searcher`), its recall@k against the exact top-k, queries per second
+   (all captions in one batch) and single-query p50/p99 latency.
+
+What the ANN rows mean: the index holds the *images*, so ANN applies to text->image search only;
+image->text needs a caption index, which vlsearch does not build, so i2t is reported for exact
+search only. ANN ranks are known down to depth ``k = max(ks)``: MRR is MRR@k (a caption whose
+image is not in its k results scores 0) and median rank is reported only when it is <= k.
+Timings use whatever threads FAISS and BLAS are given (``threads`` in the result).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .collection import CAPTIONS_DIR, IMAGES_DIR, Collection
+from .errors import CollectionError, VlsearchError
+from .metrics import DEFAULT_KS, ann_recall, embedding_ranks, metrics_from_ranks, ranks_from_ids
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+DEFAULT_NPROBES: tuple[int, ...] = (1, 4, 16, 64, 256)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What :func:`run_benchmark` measures.
+
+    ``ks``: the K of Recall@K (the largest is also the ANN search depth and the k of
+    ANN-vs-exact recall). ``nprobes``: IVF lists probed per query (values above the index's
+    ``nlist`` are dropped; an index without lists gets one row). ``latency_queries``: how many
+    captions are searched one at a time for p50/p99 latency. ``max_queries``: evaluate on a
+    seeded random subset of at most this many captions (t2i) and images (i2t) — galleries stay
+    complete — for collections too large for all-pairs scoring; ``None`` uses every query.
+    """
+
+    ks: tuple[int, ...] = DEFAULT_KS
+    nprobes: tuple[int, ...] = DEFAULT_NPROBES
+    latency_queries: int = 1000
+    max_queries: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(int(k) < 1 for k in self.ks):
+            raise ValueError(f"ks must be positive integers, got {self.ks!r}")
+        if not self.nprobes or any(int(n) < 1 for n in self.nprobes):
+            raise ValueError(f"nprobes must be positive integers, got {self.nprobes!r}")
+        if self.latency_queries < 0:
+            raise ValueError(f"latency_queries must be >= 0, got {self.latency_queries}")
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"max_queries must be positive, got {self.max_queries}")
+
+
+@dataclass(frozen=True)
+class _Data:
+    image_ids: np.ndarray      # (n_images,) collection image ids
+    images: np.ndarray         # (n_images, d) float32
+    captions: np.ndarray       # (n_texts, d) float32
+    text_image: np.ndarray     # (n_texts,) row of each caption's image in ``images``
+
+
+def run_benchmark(
+    collection_dir: str | os.PathLike,
+    config: BenchConfig = BenchConfig(),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Benchmark the collection at ``collection_dir``; returns a JSON-serialisable dict.
+
+    Keys: ``collection``, ``model``, ``n_images``, ``n_captions``, ``ks``, ``k``, ``threads``,
+    ``config``, ``exact`` (``t2i``, ``i2t`` metric dicts, ``qps``, ``latency_ms``),
+    ``index`` (the manifest's index entry, or None), ``ann`` (one dict per nprobe: ``nprobe``,
+    ``t2i``, ``ann_recall``, ``qps``, ``latency_ms``) and ``notes``. Raises
+    :class:`~vlsearch.errors.CollectionError` when the collection has no captions.
+    """
+    coll = Collection.open(collection_dir)
+    data = _load(coll)
+    ks = tuple(sorted({int(k) for k in config.ks}))
+    k = max(ks)
+    rng = np.random.default_rng(config.seed)
+    text_q = _subset(len(data.captions), config.max_queries, rng)
+    image_q = _subset(len(data.images), config.max_queries, rng)
+    latency_q = _subset(len(text_q), config.latency_queries, rng)
+    queries = data.captions[text_q]
+    notes: list[str] = []
+    if config.max_queries is not None and (len(text_q) < len(data.captions) or len(image_q) < len(data.images)):
+        notes.append(f"metrics on a random subset of {len(text_q)} captions and {len(image_q)} images "
+                     f"(seed {config.seed}); galleries are complete")
+
+    t2i, i2t = embedding_ranks(data.captions, data.images, data.text_image, text_q, image_q)
+    def exact_fn(q: np.ndarray) -> np.ndarray:
+        from .exact import exact_search
+
+        _, ids = exact_search(q, data.images, k, ids=data.image_ids)
+        return ids
+
+    exact_ids, exact_timing = _timed(exact_fn, queries, latency_q)
+    result: dict[str, Any] = {
+        "collection": str(Path(collection_dir)),
+        "model": coll.manifest.model.to_dict(),
+        "n_images": int(len(data.images)),
+        "n_captions": int(len(data.captions)),
+        "ks": list(ks),
+        "k": k,
+        "threads": _threads(),
+        "config": asdict(config),
+        "exact": {
+            "t2i": metrics_from_ranks(t2i, ks),
+            "i2t": metrics_from_ranks(i2t[np.isfinite(i2t)], ks),
+            **exact_timing,
+        },
+        "index": coll.manifest.index if coll.has_index() else None,
+        "ann": [],
+        "notes": notes,
+    }
+    if progress is not None:
+        progress(1, None, stage="exact")
+    if not coll.has_index():
+        notes.append("no index: exact search only (build one with `vlsearch index` to benchmark ANN)")
+        return result
+
+    nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes)
+    searcher = _open_searcher(coll)
+    targets = data.image_ids[data.text_image[text_q]]
+    for i, nprobe in enumerate(nprobes):
+        def ann_fn(q: np.ndarray, nprobe: int | None = nprobe) -> np.ndarray:
+            return _hits_to_ids(searcher.search_vector(q, k=k, nprobe=nprobe), k)
+
+        ann_ids, timing = _timed(ann_fn, queries, latency_q)
+        result["ann"].append({
+            "nprobe": nprobe,
+            "t2i": metrics_from_ranks(ranks_from_ids(ann_ids, targets), ks),
+            "ann_recall": {"k": k, "recall": ann_recall(ann_ids, exact_ids, k)},
+            **timing,
+        })
+        if progress is not None:
+            progress(i + 2, len(nprobes) + 1, stage=f"nprobe={nprobe}")
+    return result
+
+
+def _load(coll: Collection) -> _Data:
+    image_ids, images = coll.read_embeddings(IMAGES_DIR)
+    caption_image_ids, captions = coll.read_embeddings(CAPTIONS_DIR)
+    if len(images) == 0:
+        raise CollectionError(f"collection {coll.path} has no image embeddings")
+    if len(captions) == 0:
+        raise CollectionError(
+            f"collection {coll.path} has no captions: the benchmark needs caption shards "
+            f"({CAPTIONS_DIR}/part-*.parquet), written when the source has captions"
+        )
+    order = np.argsort(image_ids, kind="stable")
+    pos = np.searchsorted(image_ids, caption_image_ids, sorter=order)
+    pos = np.minimum(pos, len(order) - 1)
+    text_image = order[pos]
+    unknown = image_ids[text_image] != caption_image_ids
+    if unknown.any():
+        raise CollectionError(
+            f"{int(unknown.sum())} captions of {coll.path} refer to image ids that are not in the "
+            f"collection (e.g. {int(caption_image_ids[unknown][0])})"
+        )
+    return _Data(image_ids, images, captions, text_image.astype(np.int64))
+
+
+def _subset(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=limit, replace=False))
+
+
+def _timed(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
+           latency_idx: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run ``search`` on all queries in one batch (QPS) and on ``latency_idx`` one by one."""
+    search(queries[:1])  # warm up (first-call allocations, lazy loads)
+    start = time.perf_counter()
+    ids = search(queries)
+    seconds = time.perf_counter() - start
+    latencies = []
+    for i in latency_idx:
+        t0 = time.perf_counter()
+        search(queries[i:i + 1])
+        latencies.append(time.perf_counter() - t0)
+    lat_ms = np.asarray(latencies) * 1e3
+    timing = {
+        "qps": float(len(queries) / seconds) if seconds > 0 else None,
+        "batch_seconds": float(seconds),
+        "latency_ms": {
+            "p50": float(np.percentile(lat_ms, 50)) if len(lat_ms) else None,
+            "p99": float(np.percentile(lat_ms, 99)) if len(lat_ms) else None,
+            "n": int(len(lat_ms)),
+        },
+    }
+    return ids, timing
+
+
+def _usable_nprobes(index: dict[str, Any], nprobes: Sequence[int], notes: list[str]) -> list[int | None]:
+    nlist = int(index.get("nlist") or 0)
+    if nlist <= 0:
+        notes.append(f"index {index.get('factory')} has no inverted lists: nprobe does not apply (one ANN row)")
+        return [None]
+    usable = sorted({int(n) for n in nprobes if int(n) <= nlist})
+    dropped = sorted({int(n) for n in nprobes if int(n) > nlist})
+    if dropped:
+        notes.append(f"nprobe {dropped} > nlist={nlist} dropped" + ("" if usable else f"; using nprobe={nlist}"))
+    return usable or [nlist]
+
+
+def _open_searcher(coll: Collection) -> Any:
+    from .search import Searcher
+
+    return Searcher.open(coll.path)
+
+
+def _hits_to_ids(batch: Sequence[Sequence[Any]], k: int) -> np.ndarray:
+    """``list[list[Hit]]`` -> ``(Q, k)`` int64 ids, ``-1`` where fewer than k hits came back."""
+    out = np.full((len(batch), k), -1, np.int64)
+    for row, hits in enumerate(batch):
+        ids = [h.id for h in hits[:k]]
+        out[row, :len(ids)] = ids
+    return out
+
+
+def _threads() -> dict[str, int]:
+    import faiss
+
+    return {"faiss_omp": int(faiss.omp_get_max_threads()), "cpu_count": int(os.cpu_count() or 0)}
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text tables of a :func:`run_benchmark` result (recalls in %)."""
+    ks = result["ks"]
+    k = result["k"]
+    head = ["search", "nprobe", "dir"] + [f"R@{x}" for x in ks] + ["MRR", "medR", f"ANN R@{k}", "QPS", "p50 ms", "p99 ms"]
+    rows = []
+
+    def row(name: str, nprobe: Any, direction: str, m: dict[str, Any], ann: Any, timing: dict[str, Any] | None) -> None:
+        t = timing or {}
+        lat = t.get("latency_ms") or {}
+        rows.append([name, _fmt(nprobe), direction] + [_fmt(m[f"R@{x}"], pct=True) for x in ks]
+                    + [_fmt(m["mrr"]), _fmt(m["median_rank"]), _fmt(ann, pct=ann is not None),
+                       _fmt(t.get("qps")), _fmt(lat.get("p50")), _fmt(lat.get("p99"))])
+
+    ex = result["exact"]
+    row("exact", None, "t2i", ex["t2i"], 1.0, ex)
+    row("exact", None, "i2t", ex["i2t"], None, None)
+    for a in result["ann"]:
+        row("ann", a["nprobe"], "t2i", a["t2i"], a["ann_recall"]["recall"], a)
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    lines = [
+        f"{result['collection']}: {result['n_images']} images, {result['n_captions']} captions, "
+        f"model {result['model']['name']} (pretrained={result['model']['pretrained']})",
+        "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+    ]
+    lines += ["  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def plot_results(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Recall vs QPS per nprobe (ANN-vs-exact recall@k and t2i R@k), exact as a reference star."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise VlsearchError("plotting needs matplotlib: pip install 'vlsearch[plot]'") from exc
+    from .fsutil import atomic_path
+
+    k = result["k"]
+    ann = result["ann"]
+    ex = result["exact"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    panels = [(f"ANN recall@{k} vs exact top-{k}", lambda a: a["ann_recall"]["recall"], 1.0),
+              (f"text->image R@{k}", lambda a: a["t2i"][f"R@{k}"], ex["t2i"][f"R@{k}"])]
+    for ax, (title, get, exact_value) in zip(axes, panels):
+        if ann:
+            qps = [a["qps"] for a in ann]
+            ax.plot(qps, [get(a) for a in ann], "o-", label="ANN index")
+            for a in ann:
+                ax.annotate(f"nprobe={a['nprobe']}" if a["nprobe"] is not None else "ann",
+                            (a["qps"], get(a)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot([ex["qps"]], [exact_value], "r*", markersize=12, label="exact")
+        ax.set_xscale("log")
+        ax.set_xlabel("queries per second (batch)")
+        ax.set_ylabel("recall")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower left")
+    fig.suptitle(f"{result['model']['name']}: {result['n_images']} images, {result['n_captions']} captions")
+    path = Path(path)
+    suffix = path.suffix or ".png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=suffix.lstrip("."), dpi=120)
+    plt.close(fig)
+    return path
