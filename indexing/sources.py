@@ -1,0 +1,354 @@
+"""Image sources: a folder, a CSV/Parquet manifest, or webdataset ``.tar`` shards, behind one interface.
+
+Every source yields :class:`ImageRecord` s in a deterministic order (sorted paths, manifest rows
+sorted by image path, tars by name then member order), streamed, so a resumed run can skip the
+records already committed and end with exactly the ids of an uninterrupted run.
+
+**Stable ids.** A record's id is the first 63 bits of ``blake2b`` of its identity: the path
+relative to the folder root, the image path as written in the manifest, or ``<tar name>/<key>``.
+It is the same on every run and on every machine, survives moving the source root, needs no
+central counter (so it is safe with parallel or resumed runs), is non-negative (FAISS reserves
+-1) and is used as the FAISS id. Two records with the same id (a hash collision, ~1e-7 for 1M
+images, or a duplicate webdataset key) raise :class:`SourceError` instead of silently merging.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from vlsearch.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
+IMAGE_COLUMN_CANDIDATES = ("image", "image_path", "path", "filepath", "file", "filename")
+CAPTION_COLUMN_CANDIDATES = ("caption", "text", "captions", "title")
+#: Metadata columns that would clash with a shard's own columns are renamed with this prefix.
+RENAME_PREFIX = "source_"
+RESERVED_COLUMNS = frozenset({"id", "path", "width", "height", "captions", "embedding"})
+
+
+def stable_id(identity: str | bytes) -> int:
+    """Deterministic non-negative 63-bit id of a record identity (see module docstring)."""
+    data = identity if isinstance(identity, bytes) else identity.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") & (2**63 - 1)
+
+
+def display_path(path: str) -> str:
+    """A path as valid UTF-8 text for the shards: undecodable bytes become ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a source.
+
+    ``path`` is what the shards store (relative to the source root); ``location`` is the file to
+    read (for a tar, the tar file, with the member's ``tar_range = (offset, size)``).
+    """
+
+    id: int
+    path: str
+    location: str
+    captions: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tar_range: tuple[int, int] | None = None
+
+
+class ImageSource:
+    """Base class: iterate records in a deterministic order; ``describe()`` goes into the manifest."""
+
+    kind = "source"
+    #: Arrow schema of the metadata columns every record carries (same types in every shard).
+    metadata_schema: pa.Schema = pa.schema([])
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        seen: set[int] = set()  # ~70 bytes per image: 700 MB for 10M images
+        for rec in self._records():
+            if rec.id in seen:
+                raise SourceError(
+                    f"{rec.path!r} in {self.root} has the id {rec.id} of an earlier record "
+                    "(a duplicate key or path, or a 63-bit hash collision); make each image's path/key unique"
+                )
+            seen.add(rec.id)
+            yield rec
+        if not seen:
+            raise SourceError(f"{self.kind} source {self.root} holds no images ({self._empty_hint()})")
+
+    def size_hint(self) -> int | None:
+        """Number of records when known without a full scan (for progress bars), else None."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about the source (``type`` and ``path`` identify it)."""
+        return {"type": self.kind, "path": os.path.abspath(self.root)}
+
+    def _records(self) -> Iterator[ImageRecord]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _empty_hint(self) -> str:
+        return "nothing to index"
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _fs_sorted(names: list[str]) -> list[str]:
+    return sorted(names, key=os.fsencode)  # byte order: the same whatever the locale
+
+
+class FolderSource(ImageSource):
+    """Every image file under a directory, recursively; ``photo.txt`` beside ``photo.jpg`` holds
+    its captions, one per non-empty line. Directory symlinks are not followed (no cycles)."""
+
+    kind = "folder"
+
+    def _records(self) -> Iterator[ImageRecord]:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = _fs_sorted(dirnames)
+            names = set(filenames)
+            for name in _fs_sorted([n for n in filenames if _is_image_name(n)]):
+                location = os.path.join(dirpath, name)
+                rel = os.path.relpath(location, self.root)
+                sidecar = os.path.splitext(name)[0] + ".txt"
+                captions = _read_sidecar(os.path.join(dirpath, sidecar)) if sidecar in names else ()
+                yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), location, captions)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "extensions": sorted(IMAGE_EXTENSIONS), "sidecar_captions": ".txt"}
+
+    def _empty_hint(self) -> str:
+        return f"no files with extensions {', '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
+def _read_sidecar(path: str) -> tuple[str, ...]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    except OSError as exc:
+        log.warning("cannot read captions %s: %s", path, exc)
+        return ()
+
+
+class ManifestSource(ImageSource):
+    """A CSV or Parquet table: an image-path column (relative to the table's folder), an optional
+    caption column, and any other columns, carried into the shards as metadata with their types.
+
+    Rows of the same image (one per caption) become one record with all its captions, in row
+    order; its metadata are taken from its first row. Records are sorted by image path.
+    """
+
+    kind = "manifest"
+
+    def __init__(self, root: Path, image_column: str | None = None, caption_column: str | None = None):
+        super().__init__(root)
+        self.table = _read_table(root)
+        names = self.table.column_names
+        self.image_column = _pick_column(names, image_column, IMAGE_COLUMN_CANDIDATES, "image", root)
+        self.caption_column = _pick_column(names, caption_column, CAPTION_COLUMN_CANDIDATES, "caption", root,
+                                           required=False)
+        meta = [f for f in self.table.schema if f.name not in (self.image_column, self.caption_column)]
+        self._meta_names = [f.name for f in meta]
+        self.metadata_schema = pa.schema([f.with_name(_metadata_name(f.name)) for f in meta])
+        self._order = self._sorted_row_order()
+
+    def _sorted_row_order(self) -> pa.Array:
+        import pyarrow.compute as pc
+
+        paths = self.table.column(self.image_column)
+        if paths.null_count:
+            raise SourceError(f"column {self.image_column!r} of {self.root} has {paths.null_count} empty image paths")
+        indexed = pa.table({"p": pc.cast(paths, pa.string()), "row": pa.array(range(len(paths)), pa.int64())})
+        return pc.sort_indices(indexed, sort_keys=[("p", "ascending"), ("row", "ascending")])
+
+    def size_hint(self) -> int | None:
+        import pyarrow.compute as pc
+
+        return len(pc.unique(self.table.column(self.image_column)))
+
+    def _records(self) -> Iterator[ImageRecord]:
+        base = self.root.parent
+        order = self._order.to_pylist()
+        paths = self.table.column(self.image_column).to_pylist()
+        captions = self.table.column(self.caption_column).to_pylist() if self.caption_column else None
+        meta_columns = {_metadata_name(k): self.table.column(k).to_pylist() for k in self._meta_names}
+        i = 0
+        while i < len(order):
+            first, path = order[i], str(paths[order[i]])
+            j = i
+            while j < len(order) and str(paths[order[j]]) == path:
+                j += 1
+            caps = () if captions is None else tuple(str(captions[r]) for r in order[i:j] if captions[r] is not None)
+            meta = {name: values[first] for name, values in meta_columns.items()}
+            yield ImageRecord(stable_id(path), path, str(base / path), caps, meta)
+            i = j
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "image_column": self.image_column, "caption_column": self.caption_column,
+                "metadata_columns": self.metadata_schema.names, "rows": self.table.num_rows}
+
+    def _empty_hint(self) -> str:
+        return "the table has no rows"
+
+
+def _metadata_name(name: str) -> str:
+    return RENAME_PREFIX + name if name in RESERVED_COLUMNS else name
+
+
+def _read_table(path: Path) -> pa.Table:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() == ".csv":
+            return pcsv.read_csv(path)
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SourceError(f"cannot read manifest {path}: {exc}") from exc
+
+
+def _pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path,
+                 required: bool = True) -> str | None:
+    if wanted is not None:
+        if wanted not in names:
+            raise SourceError(f"{path} has no {what} column {wanted!r}; its columns are {names}")
+        return wanted
+    for name in candidates:
+        if name in names:
+            return name
+    if required:
+        raise SourceError(f"{path} has none of the {what} columns {list(candidates)}; its columns are {names}. "
+                          f"Name it with --{what}-column.")
+    return None
+
+
+class TarSource(ImageSource):
+    """webdataset-style ``.tar`` shards: ``key.jpg`` (any image extension) with ``key.txt`` (one
+    caption) and/or ``key.json`` (``caption``/``captions``/``text`` fields) next to it.
+
+    Tars are read as streams, in name order; a key's files must be adjacent (webdataset's rule).
+    Only uncompressed tars: workers read each image straight from its offset in the tar.
+    Metadata columns: ``key`` and ``json`` (the raw JSON text, or null).
+    """
+
+    kind = "webdataset"
+    metadata_schema = pa.schema([("key", pa.string()), ("json", pa.string())])
+
+    def __init__(self, root: Path, tars: list[Path]):
+        super().__init__(root)
+        self.tars = tars
+
+    def _records(self) -> Iterator[ImageRecord]:
+        for tar in self.tars:
+            rel = os.path.relpath(tar, self.root) if self.root.is_dir() else tar.name
+            for key, members in _tar_groups(tar):
+                image = next(((name, off, size) for name, off, size, _ in members if _is_image_name(name)), None)
+                if image is None:
+                    log.debug("%s: key %s has no image file; skipped", tar, key)
+                    continue
+                texts = {os.path.splitext(n)[1].lower(): data for n, _, _, data in members if data is not None}
+                captions, raw_json = _tar_captions(texts)
+                name, off, size = image
+                path = display_path(f"{rel}/{name}")
+                yield ImageRecord(stable_id(f"{rel}/{key}"), path, str(tar), captions,
+                                  {"key": display_path(key), "json": raw_json}, (off, size))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "tars": len(self.tars)}
+
+    def _empty_hint(self) -> str:
+        return "no image members in the tars"
+
+
+def _tar_groups(tar: Path) -> Iterator[tuple[str, list[tuple[str, int, int, bytes | None]]]]:
+    """Stream a tar: ``(key, [(name, offset, size, text bytes or None)])`` per run of same-key members."""
+    try:
+        with tarfile.open(tar, mode="r|") as tf:
+            key, group = None, []
+            for member in tf:
+                tf.members = []  # stream mode keeps every TarInfo otherwise
+                if not member.isfile():
+                    continue
+                dirname, base = os.path.split(member.name)
+                mkey = os.path.join(dirname, base.split(".", 1)[0])
+                if mkey != key and group:
+                    yield key, group
+                    group = []
+                key = mkey
+                ext = os.path.splitext(base)[1].lower()
+                data = tf.extractfile(member).read() if ext in (".txt", ".json") else None
+                group.append((base, member.offset_data, member.size, data))
+            if group:
+                yield key, group
+    except tarfile.TarError as exc:
+        raise SourceError(f"cannot read tar {tar}: {exc} (only uncompressed .tar shards are supported)") from exc
+
+
+def _tar_captions(texts: dict[str, bytes]) -> tuple[tuple[str, ...], str | None]:
+    captions: list[str] = []
+    if ".txt" in texts:
+        text = texts[".txt"].decode("utf-8", "replace").strip()
+        captions += [text] if text else []
+    raw = texts[".json"].decode("utf-8", "replace") if ".json" in texts else None
+    if raw is not None:
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            for name in ("caption", "text", "captions"):
+                value = obj.get(name)
+                values = value if isinstance(value, list) else [value]
+                captions += [str(v) for v in values if isinstance(v, str) and v and str(v) not in captions]
+    return tuple(captions), raw
+
+
+def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: str | None = None,
+                caption_column: str | None = None) -> ImageSource:
+    """Open an image source from a path (or a ``*.tar`` glob).
+
+    ``kind``: ``auto`` (a ``.csv``/``.parquet`` file is a manifest; a ``.tar`` file, a glob, or a
+    folder with ``.tar`` files at its top level is webdataset; any other folder is a folder of
+    images), or one of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`.
+    """
+    text = os.fspath(spec)
+    if kind not in ("auto", "folder", "manifest", "webdataset"):
+        raise SourceError(f"unknown source kind {kind!r}: use auto, folder, manifest or webdataset")
+    if glob.has_magic(text):
+        tars = [Path(p) for p in sorted(glob.glob(text)) if p.endswith(".tar")]
+        if not tars:
+            raise SourceError(f"no .tar files match {text}")
+        return TarSource(Path(os.path.dirname(text) or "."), tars)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise SourceError(f"image source {path} does not exist")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if kind in ("auto", "webdataset") and suffix == ".tar":
+            return TarSource(path, [path])
+        if kind in ("auto", "manifest") and suffix in (".csv", ".parquet", ".pq"):
+            return ManifestSource(path, image_column, caption_column)
+        raise SourceError(f"{path} is not a folder, a .csv/.parquet manifest or a .tar shard")
+    if kind == "manifest":
+        raise SourceError(f"{path} is a folder, not a .csv/.parquet manifest")
+    tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+    if kind == "webdataset" or (kind == "auto" and tars):
+        if not tars:
+            raise SourceError(f"no .tar files in {path}")
+        return TarSource(path, tars)
+    return FolderSource(path)
