@@ -23,6 +23,8 @@ ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
 MAX_PIXELS = 64_000_000
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+#: ``Image.info`` key where :func:`open_image` records the upright size before any ``draft``.
+ORIGINAL_SIZE_KEY = "vlsearch_original_size"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -59,6 +61,7 @@ def open_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
     if isinstance(src, Image.Image):
         img = src
         img.load()
+        w, h = img.size
     else:
         fp = _as_file(src)
         try:
@@ -82,10 +85,18 @@ def open_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
     try:
+        swap = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         img = ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF must not lose an otherwise good image
-        pass
-    return to_rgb(img)
+        swap = False
+    out = to_rgb(img)
+    out.info[ORIGINAL_SIZE_KEY] = (h, w) if swap else (w, h)
+    return out
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """Upright ``(width, height)`` of the file behind an :func:`open_image` result (before ``draft``)."""
+    return tuple(img.info.get(ORIGINAL_SIZE_KEY, img.size))
 
 
 def _as_file(src: ImageInput):

@@ -1,0 +1,179 @@
+"""Decode records into model-ready pixels in parallel worker processes, never crashing or hanging.
+
+Each record is opened with :func:`vlsearch.images.open_image` (JPEG ``draft``, EXIF orientation,
+every mode to RGB, decompression-bomb refusal) and run through the model's own preprocess, in
+``torch.utils.data.DataLoader`` worker processes, so decoding batch ``n+1`` overlaps encoding
+batch ``n`` in the main process. A file that cannot be decoded becomes a failure row
+``(path, kind, message)`` instead of an exception; a decode that takes longer than ``timeout``
+seconds (a FIFO, a stalled network mount, a pathological file) is interrupted by ``SIGALRM`` and
+becomes a ``timeout`` failure. Non-regular files (FIFOs, devices, directories) are refused up front.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import stat
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlsearch.errors import DecodeError
+from vlsearch.images import MAX_PIXELS, open_image, original_size
+
+from .sources import ImageRecord
+
+#: Seconds one image may take to read + decode + preprocess before it is given up.
+DEFAULT_TIMEOUT = 30.0
+
+
+class _Timeout(BaseException):
+    """Raised by the SIGALRM handler; a BaseException so no ``except Exception`` swallows it."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the body with :class:`DecodeError` (kind ``timeout``) after ``seconds``.
+
+    Uses ``SIGALRM``, so it bounds blocking reads and PIL's decode loop; it only works in a
+    process's main thread (always the case in DataLoader workers), elsewhere it does nothing.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Timeout:
+        raise DecodeError("timeout", f"not decoded within {seconds:g} s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def load_image(record: ImageRecord, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
+    """Open one record as an upright RGB PIL image (reads tar members from their offset)."""
+    if record.tar_range is not None:
+        offset, size = record.tar_range
+        with open(record.location, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        return open_image(data, draft_size=draft_size, max_pixels=max_pixels)
+    try:
+        mode = os.stat(record.location).st_mode
+    except FileNotFoundError:
+        mode = None  # open_image names it: missing or broken-symlink
+    except OSError as exc:
+        raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    if mode is not None and not stat.S_ISREG(mode):
+        raise DecodeError("not-a-file", f"{record.path} is not a regular file (FIFO, device or directory)")
+    try:
+        return open_image(record.location, draft_size=draft_size, max_pixels=max_pixels)
+    except PermissionError as exc:
+        raise DecodeError("unreadable", str(exc)) from exc
+
+
+def decode_record(
+    record: ImageRecord,
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    draft_size: int | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(pixels (3, H, W), upright original (width, height))``; raises :class:`DecodeError`."""
+    try:
+        with time_limit(timeout):
+            img = load_image(record, draft_size=draft_size, max_pixels=max_pixels)
+            return transform(img), original_size(img)
+    except _Timeout:  # the alarm fired just after the body finished
+        raise DecodeError("timeout", f"not decoded within {timeout:g} s") from None
+    except DecodeError:
+        raise
+    except Exception as exc:  # an unexpected library error must cost one image, not the run
+        raise DecodeError("error", f"{type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """A batch of records: pixels of those that decoded, failures of those that did not.
+
+    ``ok[i]`` is the position (in the record list given to :func:`decode_batches`) of
+    ``pixels[i]``, whose upright original size is ``sizes[i]``; ``failures`` holds
+    ``(position, kind, message)``.
+    """
+
+    pixels: torch.Tensor
+    ok: list[int]
+    sizes: list[tuple[int, int]]
+    failures: list[tuple[int, str, str]]
+
+    def pin_memory(self) -> "DecodedBatch":  # called by DataLoader(pin_memory=True)
+        return replace(self, pixels=self.pixels.pin_memory())
+
+
+class RecordDataset(Dataset):
+    """Map-style dataset over records: item ``i`` is ``(i, pixels or None, size or None, failure or None)``."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: Callable[[Any], torch.Tensor], *,
+                 draft_size: int | None, timeout: float | None, max_pixels: int):
+        self.records = records
+        self.transform = transform
+        self.draft_size, self.timeout, self.max_pixels = draft_size, timeout, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        try:
+            pixels, size = decode_record(self.records[i], self.transform, draft_size=self.draft_size,
+                                         timeout=self.timeout, max_pixels=self.max_pixels)
+            return i, pixels, size, None
+        except DecodeError as exc:
+            return i, None, None, (exc.kind, exc.message)
+
+
+def collate(items: list[tuple]) -> DecodedBatch:
+    """Stack the decoded items and keep the failures (the default collate would choke on None)."""
+    good = [it for it in items if it[3] is None]
+    pixels = torch.stack([it[1] for it in good]) if good else torch.empty(0)
+    return DecodedBatch(pixels, [it[0] for it in good], [it[2] for it in good],
+                        [(it[0], *it[3]) for it in items if it[3] is not None])
+
+
+def _mp_context():
+    # fork starts workers in milliseconds and shares the parent's records and transform; spawn
+    # elsewhere (macOS/Windows), where both are pickled.
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def decode_batches(
+    records: Sequence[ImageRecord],
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    draft_size: int | None = None,
+    pin_memory: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> Iterator[DecodedBatch]:
+    """Decode ``records`` in order, in ``workers`` processes (0: in this process), batch by batch."""
+    dataset = RecordDataset(records, transform, draft_size=draft_size, timeout=timeout, max_pixels=max_pixels)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context()}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate, pin_memory=pin_memory, **kwargs)
+    return iter(loader)

@@ -1,0 +1,258 @@
+"""Encode an image source into a collection of Parquet shards, resumably.
+
+``embed(source, collection_dir, config)`` streams the source's records, decodes them in worker
+processes (``indexing.decode``) while the model encodes the previous batch, encodes each image's
+captions too, and writes shard ``k`` (records ``[k*shard_size, (k+1)*shard_size)``, failures
+included) atomically through :meth:`Collection.write_shard`. Memory stays flat: one shard of
+records and embeddings at a time.
+
+Resume: rerunning on an existing collection removes uncommitted files, skips the records of the
+committed shards and continues, so a run killed at any moment ends with exactly the ids of an
+uninterrupted run. A complete collection is left untouched; another model is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vlsearch.collection import (
+    CAPTIONS_DIR,
+    FAILURES_DIR,
+    IMAGES_DIR,
+    MANIFEST,
+    Collection,
+    Manifest,
+    embedding_array,
+    embedding_type,
+)
+from vlsearch.errors import CollectionError, CollectionMismatchError, SourceError
+from vlsearch.images import MAX_PIXELS
+from vlsearch.models import DEFAULT_MODEL, Encoder, load_model
+
+from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches
+from .sources import ImageRecord, ImageSource, open_source
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How to embed a source. ``workers=0`` decodes in the calling process."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"
+    shard_size: int = 10_000
+    #: torch intra-op threads of the encoding process (None: torch's default).
+    threads: int | None = None
+    #: seconds one image may take to decode before it is recorded as a ``timeout`` failure.
+    decode_timeout: float | None = DEFAULT_TIMEOUT
+    #: JPEGs are DCT-downscaled while decoding to at least this many pixels a side; None: twice
+    #: the model's input size (the same as query-side ``Encoder.encode_images``), 0: never.
+    draft_size: int | None = None
+    max_pixels: int = MAX_PIXELS
+    text_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "shard_size", "text_batch_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EmbedConfig.{name} must be >= 1, not {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"EmbedConfig.workers must be >= 0, not {self.workers}")
+
+
+def embed(
+    source: ImageSource | str | os.PathLike,
+    collection_dir: str | os.PathLike,
+    config: EmbedConfig = EmbedConfig(),
+    progress: Progress | None = None,
+    *,
+    encoder: Encoder | None = None,
+) -> Collection:
+    """Create (or resume) the collection at ``collection_dir`` from ``source``; returns it.
+
+    ``encoder``: an already loaded model to use instead of loading ``config.model``. Raises
+    SourceError (missing/empty source), CollectionMismatchError (another model or source).
+    """
+    if not isinstance(source, ImageSource):
+        source = open_source(source)
+    path = Path(collection_dir)
+    coll = Collection.open(path) if (path / MANIFEST).exists() else None
+    if coll is not None:
+        _check_source(coll, source)
+        if coll.manifest.complete and encoder is None and _same_model_unloaded(coll, config):
+            log.info("collection %s is complete; nothing to do", path)
+            return coll
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    if encoder is None:
+        encoder = load_model(config.model, config.pretrained, device=config.device, precision=config.precision)
+    if coll is not None:
+        coll.check_model(encoder.info)
+        if coll.manifest.complete:
+            return coll
+    records = iter(source)
+    first = next(records)  # SourceError for an empty source, before anything is created
+    records = itertools.chain([first], records)
+    if coll is None:
+        coll = Collection.create(path, Manifest(model=encoder.info, shard_size=config.shard_size,
+                                                source=source.describe()))
+    return _run(coll, source, records, encoder, config, progress)
+
+
+def _same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
+    """Whether ``config`` names the collection's model, judged without loading it."""
+    pretrained = config.pretrained
+    if pretrained is not None and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return (config.model, pretrained) == (coll.model.name, coll.model.pretrained)
+
+
+def _check_source(coll: Collection, source: ImageSource) -> None:
+    mine, theirs = coll.manifest.source, source.describe()
+    if (mine.get("type"), mine.get("path")) != (theirs["type"], theirs["path"]):
+        raise CollectionMismatchError(
+            f"collection {coll.path} was embedded from {mine.get('type')} {mine.get('path')}, not "
+            f"{theirs['type']} {theirs['path']}; use another collection directory"
+        )
+
+
+def _run(coll: Collection, source: ImageSource, records: Iterator[ImageRecord], encoder: Encoder,
+         config: EmbedConfig, progress: Progress | None) -> Collection:
+    removed = coll.remove_uncommitted()
+    if removed:
+        log.info("removed %d uncommitted files from an interrupted run", len(removed))
+    done = coll.shard_numbers(IMAGES_DIR)
+    if done != list(range(len(done))):
+        raise CollectionError(f"collection {coll.path} has non-contiguous image shards {done}; it is damaged")
+    shard_size = coll.manifest.shard_size
+    if shard_size != config.shard_size:
+        log.warning("resuming with the collection's shard size %d (not %d)", shard_size, config.shard_size)
+    skipped = len(done) * shard_size
+    counts = _counts_on_disk(coll)
+    stats = _Stats(start=time.perf_counter(), skipped=skipped, total=source.size_hint(), failures=counts["failures"])
+    draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
+    schema = image_schema(encoder.dim, source.metadata_schema)
+    for number, chunk in enumerate(_chunks(itertools.islice(records, skipped, None), shard_size), start=len(done)):
+        batches = decode_batches(chunk, encoder.preprocess, batch_size=config.batch_size, workers=config.workers,
+                                 timeout=config.decode_timeout, draft_size=draft or None,
+                                 pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
+        images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
+        coll.write_shard(number, images, captions, failures)
+        for key, table in (("images", images), ("captions", captions), ("failures", failures)):
+            counts[key] += table.num_rows
+        counts["shards"] = number + 1
+        coll.update_manifest(counts=dict(counts))
+    coll.update_manifest(counts=dict(counts), complete=True, source=source.describe())
+    log.info("embedded %s into %s in %.1f s", counts, coll.path, time.perf_counter() - stats.start)
+    return coll
+
+
+def _counts_on_disk(coll: Collection) -> dict[str, int]:
+    return {"images": coll.count(IMAGES_DIR), "captions": coll.count(CAPTIONS_DIR),
+            "failures": coll.count(FAILURES_DIR), "shards": len(coll.shard_paths(IMAGES_DIR))}
+
+
+def _chunks(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
+    it = iter(records)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+@dataclass
+class _Stats:
+    start: float
+    skipped: int
+    total: int | None
+    failures: int
+    done: int = 0
+
+    def report(self, progress: Progress | None) -> None:
+        if progress is None:
+            return
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        progress(self.skipped + self.done, self.total, **{"img/s": f"{rate:.1f}", "failures": self.failures})
+
+
+def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], encoder: Encoder, schema: pa.Schema,
+                 config: EmbedConfig, stats: _Stats, progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    ok: list[int] = []
+    sizes: list[tuple[int, int]] = []
+    vectors: list[np.ndarray] = []
+    cap_ids: list[int] = []
+    cap_texts: list[str] = []
+    cap_vectors: list[np.ndarray] = []
+    failed: list[tuple[int, str, str]] = []
+    for batch in batches:
+        if batch.ok:
+            vectors.append(encoder.encode_image_tensors(batch.pixels))
+            texts = [(chunk[i].id, c) for i in batch.ok for c in chunk[i].captions]
+            if texts:
+                cap_vectors.append(encoder.encode_texts([t for _, t in texts], batch_size=config.text_batch_size))
+                cap_ids += [i for i, _ in texts]
+                cap_texts += [t for _, t in texts]
+        ok += batch.ok
+        sizes += batch.sizes
+        for i, kind, message in batch.failures:
+            log.warning("refused %s: %s: %s", chunk[i].path, kind, message)
+        failed += batch.failures
+        stats.done += len(batch.ok) + len(batch.failures)
+        stats.failures += len(batch.failures)
+        stats.report(progress)
+    dim = encoder.dim
+    images = _image_table([chunk[i] for i in ok], sizes, _stack(vectors, dim), schema)
+    captions = pa.table({"image_id": pa.array(cap_ids, pa.int64()), "caption": pa.array(cap_texts, pa.string()),
+                         "embedding": embedding_array(_stack(cap_vectors, dim))})
+    failures = pa.table({"path": pa.array([chunk[i].path for i, _, _ in failed], pa.string()),
+                         "kind": pa.array([k for _, k, _ in failed], pa.string()),
+                         "message": pa.array([m for _, _, m in failed], pa.string())})
+    return images, captions, failures
+
+
+def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def image_schema(dim: int, metadata: pa.Schema = pa.schema([])) -> pa.Schema:
+    """Schema of an image shard: id, path, width, height, captions, <metadata...>, embedding."""
+    return pa.schema([("id", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                      ("captions", pa.list_(pa.string())), *metadata, ("embedding", embedding_type(dim))])
+
+
+def _image_table(records: list[ImageRecord], sizes: list[tuple[int, int]], vectors: np.ndarray,
+                 schema: pa.Schema) -> pa.Table:
+    columns: dict[str, Any] = {
+        "id": [r.id for r in records],
+        "path": [r.path for r in records],
+        "width": [w for w, _ in sizes],
+        "height": [h for _, h in sizes],
+        "captions": [list(r.captions) for r in records],
+    }
+    arrays = []
+    for field in schema:
+        if field.name == "embedding":
+            arrays.append(embedding_array(vectors))
+            continue
+        values = columns[field.name] if field.name in columns else [r.metadata.get(field.name) for r in records]
+        try:
+            arrays.append(pa.array(values, type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SourceError(f"metadata column {field.name!r} does not fit type {field.type}: {exc}") from exc
+    return pa.Table.from_arrays(arrays, schema=schema)

@@ -1,0 +1,171 @@
+"""Bad input: every kind of garbage a real gallery holds is indexed or refused with its reason."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexing import decode
+from indexing.decode import decode_batches, decode_record
+from indexing.embed import EmbedConfig, embed
+from indexing.sources import ImageRecord, open_source
+from vlsearch.errors import DecodeError
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares a 10-gigapixel image."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _rgb(size=(24, 16), color=(30, 160, 90)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+GOOD = {  # file name -> (bytes, recorded upright (width, height))
+    "png-named.jpg": (_save(_rgb(), "PNG"), (24, 16)),
+    "cmyk.jpg": (_save(Image.new("CMYK", (20, 10), (0, 255, 255, 0)), "JPEG"), (20, 10)),
+    "sixteen-bit.png": (_save(Image.fromarray(np.arange(200, dtype=np.uint16).reshape(10, 20) * 300), "PNG"), (20, 10)),
+    "grayscale.jpg": (_save(Image.new("L", (12, 12), 90), "JPEG"), (12, 12)),
+    "one-pixel.png": (_save(_rgb((1, 1)), "PNG"), (1, 1)),
+    "with space.jpg": (_save(_rgb(), "JPEG"), (24, 16)),
+    "ünïcødé 图片.jpg": (_save(_rgb(), "JPEG"), (24, 16)),
+}
+BAD = {  # file name -> (bytes, failure kind)
+    "zero.jpg": (b"", "empty"),
+    "truncated.jpg": (_save(_rgb((64, 64)), "JPEG")[:300], "corrupt"),
+    "random.jpg": (np.random.default_rng(0).bytes(2048), "unidentified"),
+    "text.png": (b"I am a text file, not a PNG\n", "unidentified"),
+    "bomb.png": (_bomb_png(), "bomb"),
+}
+
+
+def _palette_png() -> bytes:
+    img = Image.new("P", (10, 10), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    return _save(img, "PNG", transparency=0)
+
+
+def _exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    return _save(_rgb((40, 20)), "JPEG", exif=exif)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("P", (10, 8), i) for i in (1, 2, 3)]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery")
+    for name, (data, _) in {**GOOD, **BAD}.items():
+        (root / name).write_bytes(data)
+    (root / "palette-alpha.png").write_bytes(_palette_png())
+    (root / "exif-rotated.jpg").write_bytes(_exif_rotated_jpeg())
+    (root / "animated.gif").write_bytes(_animated_gif())
+    with open(os.path.join(os.fsencode(root), b"latin1-\xe9.jpg"), "wb") as f:
+        f.write(_save(_rgb(), "JPEG"))
+    os.symlink(root / "does-not-exist.jpg", root / "broken-link.jpg")
+    os.mkfifo(root / "fifo.jpg")  # reading it would block forever
+    return root
+
+
+@pytest.fixture(scope="module")
+def embedded(gallery, tiny_encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coll") / "c"
+    return embed(gallery, out, EmbedConfig(workers=1, batch_size=4, shard_size=8, decode_timeout=10),
+                 encoder=tiny_encoder)
+
+
+def test_every_good_file_is_indexed_upright_as_rgb(embedded):
+    rows = {r["path"]: r for r in embedded.read_table("images", ["path", "width", "height"]).to_pylist()}
+    expected = {name: size for name, (_, size) in GOOD.items()}
+    expected.update({"palette-alpha.png": (10, 10), "exif-rotated.jpg": (20, 40), "animated.gif": (10, 8),
+                     "latin1-\\xe9.jpg": (24, 16)})
+    assert {p: (r["width"], r["height"]) for p, r in rows.items()} == expected
+
+
+def test_every_refused_file_is_in_the_failures_table_with_its_reason(embedded):
+    failures = {r["path"]: (r["kind"], r["message"]) for r in embedded.failures().to_pylist()}
+    expected = {name: kind for name, (_, kind) in BAD.items()}
+    expected.update({"broken-link.jpg": "broken-symlink", "fifo.jpg": "not-a-file"})
+    assert {p: k for p, (k, _) in failures.items()} == expected
+    assert all(message for _, message in failures.values())
+    assert "exceeds" in failures["bomb.png"][1]
+    counts = embedded.manifest.counts
+    assert counts["failures"] == len(expected) and counts["images"] == len(GOOD) + 4 and embedded.manifest.complete
+
+
+def test_decompression_bomb_is_refused_before_allocating(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())
+    rec = ImageRecord(1, "bomb.png", str(tmp_path / "bomb.png"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DecodeError) as info:
+        decode_record(rec, lambda img: img)
+    assert info.value.kind == "bomb"
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100  # decoding it would take 30 GB
+
+
+def test_large_jpeg_is_drafted_but_records_its_full_size(tmp_path):
+    (tmp_path / "big.jpg").write_bytes(_save(_rgb((1600, 1200)), "JPEG"))
+    rec = ImageRecord(1, "big.jpg", str(tmp_path / "big.jpg"))
+    pixels, size = decode_record(rec, lambda img: img, draft_size=128)
+    assert size == (1600, 1200)
+    assert pixels.size == (200, 150)  # DCT-scaled by 1/8 while decoding, still >= 128 a side
+
+
+def _slow_open_image(*args, **kwargs):
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_hanging_decode_is_bounded_by_the_timeout(tmp_path, monkeypatch, workers):
+    (tmp_path / "ok.jpg").write_bytes(_save(_rgb(), "JPEG"))
+    monkeypatch.setattr(decode, "open_image", _slow_open_image)  # inherited by the forked worker
+    recs = [ImageRecord(i, f"ok{i}.jpg", str(tmp_path / "ok.jpg")) for i in range(2)]
+    start = time.perf_counter()
+    (batch,) = list(decode_batches(recs, lambda img: torch.zeros(3, 4, 4), batch_size=2, workers=workers,
+                                   timeout=0.3))
+    assert time.perf_counter() - start < 15
+    assert batch.ok == [] and [(i, k) for i, k, _ in batch.failures] == [(0, "timeout"), (1, "timeout")]
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(DecodeError) as info:
+        decode_record(ImageRecord(1, "pipe.jpg", str(tmp_path / "pipe.jpg")), lambda img: img, timeout=None)
+    assert info.value.kind == "not-a-file"
+
+
+def test_decode_batches_keeps_order_and_failures(tmp_path):
+    good = _save(_rgb(), "JPEG")
+    recs = []
+    for i in range(7):
+        (tmp_path / f"{i}.jpg").write_bytes(good if i % 3 else b"")
+        recs.append(ImageRecord(i, f"{i}.jpg", str(tmp_path / f"{i}.jpg")))
+    src_order = [r.path for r in open_source(tmp_path)]
+    assert src_order == [f"{i}.jpg" for i in range(7)]
+    batches = list(decode_batches(recs, lambda img: torch.ones(3, 2, 2), batch_size=3, workers=2))
+    assert [b.ok for b in batches] == [[1, 2], [4, 5], []]
+    assert [[i for i, _, _ in b.failures] for b in batches] == [[0], [3], [6]]
+    assert batches[0].pixels.shape == (2, 3, 2, 2) and batches[0].sizes == [(24, 16)] * 2
