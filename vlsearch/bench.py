@@ -7,8 +7,12 @@
    the stored embeddings — plus the speed of brute-force top-k search (``exact_search`` over
    the image embeddings held in memory);
 2. for each ``nprobe``, the same **text->image** metrics through the collection's ANN index
-   (:class:`vlsearch.search.Searcher`), its recall@k against the exact top-k, queries per second
-   (all captions in one batch) and single-query p50/p99 latency.
+   (``Searcher.knn``, the id-returning core of ``Searcher.search_vector``), its recall@k against
+   the exact top-k, queries per second (all captions in one batch) and single-query p50/p99
+   latency.
+
+Timings cover vector search only (query embedding vectors in, ids out), for exact and ANN alike:
+no text encoding and no metadata lookup, so they compare the two search paths, not the model.
 
 What the ANN rows mean: the index holds the *images*, so ANN applies to text->image search only;
 image->text needs a caption index, which vlsearch does not build, so i2t is reported for exact
@@ -102,6 +106,8 @@ def run_benchmark(
         notes.append(f"metrics on a random subset of {len(text_q)} captions and {len(image_q)} images "
                      f"(seed {config.seed}); galleries are complete")
 
+    nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes) if coll.has_index() else []
+    total = 1 + len(nprobes)
     t2i, i2t = embedding_ranks(data.captions, data.images, data.text_image, text_q, image_q)
     def exact_fn(q: np.ndarray) -> np.ndarray:
         from .exact import exact_search
@@ -129,17 +135,16 @@ def run_benchmark(
         "notes": notes,
     }
     if progress is not None:
-        progress(1, None, stage="exact")
-    if not coll.has_index():
-        notes.append("no index: exact search only (build one with `vlsearch index` to benchmark ANN)")
+        progress(1, total, stage="exact")
+    if not nprobes:
+        notes.append("no index: exact search only (build an index to benchmark ANN search)")
         return result
 
-    nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes)
     searcher = _open_searcher(coll)
     targets = data.image_ids[data.text_image[text_q]]
     for i, nprobe in enumerate(nprobes):
         def ann_fn(q: np.ndarray, nprobe: int | None = nprobe) -> np.ndarray:
-            return _hits_to_ids(searcher.search_vector(q, k=k, nprobe=nprobe), k)
+            return searcher.knn(q, k=k, nprobe=nprobe)[1]
 
         ann_ids, timing = _timed(ann_fn, queries, latency_q)
         result["ann"].append({
@@ -149,7 +154,7 @@ def run_benchmark(
             **timing,
         })
         if progress is not None:
-            progress(i + 2, len(nprobes) + 1, stage=f"nprobe={nprobe}")
+            progress(i + 2, total, stage=f"nprobe={nprobe}")
     return result
 
 
@@ -223,15 +228,6 @@ def _open_searcher(coll: Collection) -> Any:
     from .search import Searcher
 
     return Searcher.open(coll.path)
-
-
-def _hits_to_ids(batch: Sequence[Sequence[Any]], k: int) -> np.ndarray:
-    """``list[list[Hit]]`` -> ``(Q, k)`` int64 ids, ``-1`` where fewer than k hits came back."""
-    out = np.full((len(batch), k), -1, np.int64)
-    for row, hits in enumerate(batch):
-        ids = [h.id for h in hits[:k]]
-        out[row, :len(ids)] = ids
-    return out
 
 
 def _threads() -> dict[str, int]:
