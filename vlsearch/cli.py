@@ -187,5 +187,86 @@ def bench_cmd(
         typer.echo(f"plot: {plot_results(result, plot)}")
 
 
+@app.command("train")
+@handle_errors
+def train_cmd(
+    data: str = typer.Argument(..., help="CSV/Parquet manifest (columns image, caption) or a folder with captions.csv."),
+    out_dir: str = typer.Argument(..., help="Output folder: last.pt (resumable), model.pt (final), train.json."),
+    model: str = typer.Option("vlsearch-tiny", "--model", "-m", help="open_clip architecture to train."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Start from these weights (tag or file)."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(128, "--batch-size", "-b", min=2),
+    lr: float = typer.Option(5e-4, "--lr"),
+    weight_decay: float = typer.Option(0.2, "--weight-decay", min=0.0),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Max gradient norm (0: no clipping)."),
+    lock_text: bool = typer.Option(False, "--lock-text", help="Freeze the text tower (LiT)."),
+    unlocked_layers: int = typer.Option(0, "--unlocked-text-layers", min=0, help="With --lock-text: train its last N blocks."),
+    lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower."),
+    precompute_text: Optional[bool] = typer.Option(None, "--precompute-text/--no-precompute-text",
+                                                   help="Cache locked-text features once (default: when fully locked)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resized crop + colour jitter."),
+    crop_scale: float = typer.Option(0.8, "--crop-scale", min=0.05, max=1.0, help="Smallest crop area fraction."),
+    hflip: float = typer.Option(0.0, "--hflip", min=0.0, max=1.0, help="Horizontal flip probability (captions say left/right)."),
+    color_jitter: float = typer.Option(0.3, "--color-jitter", min=0.0, help="Brightness/contrast jitter strength."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", min=0.0, max=0.99, help="Images held out for validation."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=0, help="Steps between last.pt saves."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+    workers: int = typer.Option(2, "--workers", "-w", min=0, help="Image decoding processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    half: bool = typer.Option(False, "--half", help="Save model.pt in fp16."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT_DIR from last.pt."),
+) -> None:
+    """Train a CLIP model contrastively on image-caption pairs (symmetric InfoNCE)."""
+    from .train import AugmentConfig, TrainConfig, train
+
+    aug = AugmentConfig(scale=(crop_scale, 1.0), hflip=hflip, brightness=color_jitter, contrast=color_jitter) if augment else None
+    try:
+        config = TrainConfig(model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip or None,
+                             lock_text=lock_text, lock_text_unlocked_layers=unlocked_layers, lock_image=lock_image,
+                             precompute_text=precompute_text, augment=aug, val_fraction=val_fraction,
+                             checkpoint_every=checkpoint_every, max_steps=max_steps, seed=seed, device=device,
+                             precision=precision, workers=workers, threads=threads, half_final=half)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with TqdmProgress("train", unit="step") as bar:
+        result = train(data, out_dir, config, resume=resume, progress=bar)
+    for v in result.val:
+        t2i, i2t = v["t2i"], v["i2t"]
+        typer.echo(f"epoch {v['epoch']:3d}  val T->I R@1/5/10 {t2i['R@1']:.3f}/{t2i['R@5']:.3f}/{t2i['R@10']:.3f}"
+                   f"  I->T R@1/5/10 {i2t['R@1']:.3f}/{i2t['R@5']:.3f}/{i2t['R@10']:.3f}")
+    typer.echo(f"{result.steps} steps in {result.seconds:.1f} s ({result.steps_per_second:.2f} steps/s), "
+               f"final loss {result.losses[-1]:.4f} -> {result.checkpoint}")
+
+
+@app.command("search")
+@handle_errors
+def search_cmd(
+    collection_dir: str = typer.Argument(..., help="Collection directory."),
+    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
+    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
+    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Search a collection by text or by example image; print a table or JSON lines."""
+    from .search import Searcher, format_hits, hits_to_json_lines
+
+    if (query is None) == (image is None):
+        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
+    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

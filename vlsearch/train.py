@@ -1,0 +1,786 @@
+"""Contrastive (CLIP) training of an open_clip dual encoder on image-caption pairs.
+
+``train(data, out_dir, TrainConfig(...))`` reads a manifest (CSV or Parquet with columns
+``image`` — a path relative to the manifest — and ``caption``; several rows per image allowed),
+carves a seeded validation split *by image*, and optimises the symmetric InfoNCE loss
+(:func:`clip_loss`) with a learnable temperature, AdamW, a cosine schedule with linear warm-up,
+gradient clipping and autocast (+ GradScaler for fp16) on GPU.
+
+Design choices:
+
+* **One caption per image per epoch.** An epoch is one pass over the training *images* in a
+  seeded random order; each image is paired with one of its captions drawn by the same seed. A
+  batch therefore never holds the same image twice (a duplicate would be a false negative for
+  InfoNCE), and over epochs every caption is seen.
+* **Locked towers (LiT).** ``lock_text`` freezes the text tower with open_clip's
+  ``lock_text_tower`` (``lock_text_unlocked_layers`` leaves the last N blocks trainable);
+  ``lock_image`` freezes the image tower. Fully locked towers run in eval mode (no dropout).
+  open_clip freezes a built-in text tower *including* its projection, but for a Hugging Face
+  text tower (``hf_model_name``) only the transformer: its projection ``text.proj`` stays
+  trainable — we keep exactly those semantics.
+* **Precomputed text features.** With the text tower fully locked, every caption goes through
+  the frozen part once and is cached (``text_features.pt`` in ``out_dir``); training then runs
+  only the image tower plus the trainable text head (the HF projection, or nothing for a built-in
+  tower). The loss is identical to running the frozen tower every step, at a fraction of the cost.
+* **Checkpoints.** ``last.pt`` (weights + optimizer, scheduler, scaler, RNG, step) is written
+  atomically every ``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from
+  it at the exact step (the batch order of an epoch is a function of ``(seed, epoch)``).
+  ``model.pt`` (weights and provenance) is written at the end; both load with
+  ``load_model(config.model, pretrained=path)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DecodeError, TrainingError
+from .fsutil import write_json
+from .images import open_image
+from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+#: The CLIP initial temperature 0.07, as a log logit scale.
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+#: The logit scale is clamped to at most 100 (temperature >= 0.01), as in CLIP / open_clip.
+MAX_LOGIT_SCALE = math.log(100)
+
+LAST_CHECKPOINT = "last.pt"
+FINAL_CHECKPOINT = "model.pt"
+TEXT_CACHE = "text_features.pt"
+TRAIN_LOG = "train.json"
+MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time image augmentation, chosen for captioned images.
+
+    No horizontal flip by default (captions say "left"/"right") and no hue jitter by default
+    (captions name colours). ``scale``/``ratio`` are RandomResizedCrop's area and aspect ranges.
+    """
+
+    scale: tuple[float, float] = (0.8, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.0
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.2
+    hue: float = 0.0
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    model: str = TINY_MODEL
+    #: None: fresh initialisation (an HF text tower still loads its own pretrained weights);
+    #: else a tag / file / hf-hub id to fine-tune from, as in ``load_model``.
+    pretrained: Optional[str] = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    #: Max global gradient norm; None disables clipping.
+    grad_clip: Optional[float] = 1.0
+    lock_text: bool = False
+    #: With ``lock_text``: leave the last N text blocks trainable (+ final norm and projection);
+    #: 0 = fully locked (an HF tower's projection stays trainable either way, as in open_clip).
+    lock_text_unlocked_layers: int = 0
+    lock_image: bool = False
+    #: Cache the locked text tower's output once (needs a fully locked text tower). None = auto:
+    #: on whenever the text tower is fully locked.
+    precompute_text: Optional[bool] = None
+    #: None disables augmentation (the model's eval preprocess is used for training too).
+    augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
+    #: Fraction of the *images* held out for validation (0 disables validation).
+    val_fraction: float = 0.05
+    #: Validate every N epochs (0: never); the last epoch is always validated when there is a split.
+    val_every: int = 1
+    #: Write ``last.pt`` every N optimizer steps (0: only at epoch ends).
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    #: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16.
+    precision: str = "auto"
+    #: DataLoader worker processes decoding images (0: decode in the main process).
+    workers: int = 2
+    #: torch CPU threads (None: torch's default).
+    threads: Optional[int] = None
+    #: Stop after this many optimizer steps in total (None: ``epochs`` full epochs).
+    max_steps: Optional[int] = None
+    #: Save the final ``model.pt`` with fp16 weights (half the size; loads back as fp32).
+    half_final: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch_size must be >= 2 (contrastive loss needs negatives)"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
+            (self.lock_text_unlocked_layers >= 0, "lock_text_unlocked_layers must be >= 0"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.val_every >= 0, "val_every must be >= 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or None"),
+            (self.precision in ("auto", "fp32", "fp16", "bf16"), "precision must be auto, fp32, fp16 or bf16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+        if self.precompute_text and not self.text_fully_locked:
+            raise ValueError("TrainConfig: precompute_text needs lock_text=True and lock_text_unlocked_layers=0")
+
+    @property
+    def text_fully_locked(self) -> bool:
+        return self.lock_text and self.lock_text_unlocked_layers == 0
+
+    @property
+    def use_precomputed_text(self) -> bool:
+        return self.text_fully_locked if self.precompute_text is None else bool(self.precompute_text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished ``train`` call produced."""
+
+    checkpoint: Path  #: final weights (``model.pt``), loadable with ``load_model(model, pretrained=...)``
+    last_checkpoint: Path  #: full training state (``last.pt``), for ``resume=True``
+    steps: int  #: optimizer steps done in total (including resumed ones)
+    epochs: int  #: epochs completed
+    losses: list[float]  #: training loss of every step
+    val: list[dict[str, Any]]  #: per validated epoch: epoch, step, t2i/i2t retrieval metrics
+    seconds: float  #: wall time of this call
+    steps_per_second: float  #: optimizer steps per second in this call
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs (row i of each is a positive pair).
+
+    ``image_features``/``text_features`` are ``(B, D)`` L2-normalised embeddings and
+    ``logit_scale`` the *multiplier* (``exp`` of the learnable log scale, i.e. 1/temperature).
+    Returns the mean of the image->text and text->image cross-entropies, computed in float32.
+    """
+    if image_features.shape != text_features.shape or image_features.ndim != 2:
+        raise ValueError(f"clip_loss needs two (B, D) tensors of one shape, got {tuple(image_features.shape)} "
+                         f"and {tuple(text_features.shape)}")
+    logits_per_image = logit_scale * image_features.float() @ text_features.float().T
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Clamp the model's log logit scale to [0, ln 100] in place (after every optimizer step)."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class PairData:
+    """A manifest of image-caption pairs, grouped by image."""
+
+    root: Path  #: directory image paths are relative to
+    images: list[str]  #: unique image paths (as written in the manifest), in first-seen order
+    captions: list[str]  #: every caption, grouped by image (image 0's captions first, ...)
+    caption_image: np.ndarray  #: (n_captions,) image index of each caption
+    starts: np.ndarray  #: (n_images + 1,) caption offsets: image i owns captions[starts[i]:starts[i+1]]
+
+    def path(self, i: int) -> Path:
+        return self.root / self.images[i]
+
+
+def read_pairs(data: str | os.PathLike) -> PairData:
+    """Read a CSV/Parquet manifest (or a folder holding ``captions.csv``) of ``image,caption`` rows."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        found = [path / n for n in MANIFEST_NAMES if (path / n).is_file()]
+        if not found:
+            raise TrainingError(f"{path} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
+        path = found[0]
+    if not path.is_file():
+        raise TrainingError(f"training manifest not found: {path}")
+    table = _read_table(path)
+    missing = {"image", "caption"} - set(table.column_names)
+    if missing:
+        raise TrainingError(f"{path} lacks column(s) {sorted(missing)}; it needs 'image' and 'caption' "
+                            f"(has {table.column_names})")
+    images_col = [None if v is None else str(v) for v in table.column("image").to_pylist()]
+    captions_col = [None if v is None else str(v) for v in table.column("caption").to_pylist()]
+    by_image: dict[str, list[str]] = {}
+    for image, caption in zip(images_col, captions_col):
+        if image and caption and caption.strip():
+            by_image.setdefault(image, []).append(caption.strip())
+    if len(by_image) < 2:
+        raise TrainingError(f"{path} has {len(by_image)} usable image(s) with a caption; training needs at least 2")
+    images = list(by_image)
+    captions = [c for image in images for c in by_image[image]]
+    counts = np.array([len(by_image[image]) for image in images])
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    caption_image = np.repeat(np.arange(len(images)), counts).astype(np.int64)
+    return PairData(path.parent.resolve(), images, captions, caption_image, starts)
+
+
+def _read_table(path: Path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if path.suffix.lower() in (".csv", ".tsv"):
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            convert = pacsv.ConvertOptions(column_types={"image": "string", "caption": "string"})
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                                  convert_options=convert)
+    except Exception as exc:  # pyarrow raises ArrowInvalid & co on malformed files
+        raise TrainingError(f"cannot read manifest {path}: {exc}") from exc
+    raise TrainingError(f"manifest {path} must be .csv, .tsv or .parquet")
+
+
+def split_images(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of image indices into (train, val); val has round(n * fraction) images."""
+    n_val = int(round(n_images * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n_images >= 4:
+        n_val = 1
+    n_val = min(n_val, n_images - 2)
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n_images)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def epoch_order(train_images: np.ndarray, pairs: PairData, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's image order and the caption drawn for each: a pure function of (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(train_images)
+    counts = pairs.starts[order + 1] - pairs.starts[order]
+    captions = pairs.starts[order] + (rng.random(len(order)) * counts).astype(np.int64)
+    return order, captions
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decodes and transforms one image; unreadable images come back as None (logged)."""
+
+    def __init__(self, pairs: PairData, transform: Callable, draft_size: int):
+        self.pairs, self.transform, self.draft_size = pairs, transform, draft_size
+
+    def __len__(self) -> int:
+        return len(self.pairs.images)
+
+    def __getitem__(self, index: int):
+        try:
+            img = open_image(self.pairs.path(index), draft_size=self.draft_size)
+        except DecodeError as exc:
+            log.warning("skipping unreadable image %s (%s)", self.pairs.path(index), exc)
+            return None
+        return self.transform(img), index
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items], dtype=torch.long)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _loader(dataset: _ImageDataset, batches: Sequence[Sequence[int]], workers: int, seed: int, pin: bool):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=[list(map(int, b)) for b in batches],
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def train_transform(model: nn.Module, augment: Optional[AugmentConfig]):
+    """The training preprocess: the model's eval transform when ``augment`` is None, else
+    RandomResizedCrop (+ optional flip) + colour jitter, normalised like the model's inputs."""
+    if augment is None:
+        return image_transform(model, is_train=False)
+    from torchvision import transforms as T
+
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"]
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    steps: list[Any] = [T.RandomResizedCrop(size, scale=tuple(augment.scale), ratio=tuple(augment.ratio),
+                                            interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    if augment.hflip > 0:
+        steps.append(T.RandomHorizontalFlip(augment.hflip))
+    jitter = (augment.brightness, augment.contrast, augment.saturation, augment.hue)
+    if augment.jitter_prob > 0 and any(jitter):
+        steps.append(T.RandomApply([T.ColorJitter(*jitter)], p=augment.jitter_prob))
+    if augment.grayscale_prob > 0:
+        steps.append(T.RandomGrayscale(augment.grayscale_prob))
+    steps += [T.ToTensor(), T.Normalize(mean=cfg["mean"], std=cfg["std"])]
+    return T.Compose(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model pieces
+
+
+def _is_hf_text(model: nn.Module) -> bool:
+    from open_clip.hf_model import HFTextEncoder
+
+    return isinstance(getattr(model, "text", None), HFTextEncoder)
+
+
+def text_backbone(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The part of the text tower that ``lock_text`` freezes, applied to tokens.
+
+    For a Hugging Face tower: the pooled transformer output (before ``text.proj``, which stays
+    trainable). For open_clip's built-in tower (locked including its projection): the unnormalised
+    text embedding. ``text_head(model, text_backbone(model, t)) == model.encode_text(t)``.
+    """
+    if _is_hf_text(model):
+        text = model.text
+        attn_mask = (tokens != text.config.pad_token_id).long()
+        out = text.transformer(input_ids=tokens, attention_mask=attn_mask)
+        return text.pooler(out, attn_mask)
+    return model.encode_text(tokens)
+
+
+def text_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The trainable rest of a locked text tower (see :func:`text_backbone`)."""
+    return model.text.proj(features) if _is_hf_text(model) else features
+
+
+def _text_tower(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "text"):
+        return [model.text]
+    return [m for m in (getattr(model, "transformer", None), getattr(model, "token_embedding", None),
+                        getattr(model, "ln_final", None)) if isinstance(m, nn.Module)]
+
+
+def apply_locks(model: nn.Module, config: TrainConfig) -> None:
+    """Freeze towers as configured (open_clip's LiT-style lock functions)."""
+    if config.lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    if config.lock_text:
+        n = config.lock_text_unlocked_layers
+        # open_clip counts an HF tower's unlocked *layers* (its projection is never locked) but a
+        # built-in tower's unlocked *groups* from the end (projection, last block + ln_final, ...):
+        # we mean "the last n blocks (+ final norm and projection)" for both.
+        model.lock_text_tower(unlocked_layers=n if _is_hf_text(model) or n == 0 else n + 1, freeze_layer_norm=True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError("every parameter is frozen; unlock a tower")
+
+
+def set_train_mode(model: nn.Module, config: TrainConfig) -> None:
+    """Train mode, except fully locked towers stay in eval mode (no dropout / BN updates)."""
+    model.train()
+    if config.lock_image:
+        model.visual.eval()
+    if config.text_fully_locked:
+        for module in _text_tower(model):
+            module.eval()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as in open_clip: no weight decay on biases, norms, 1-d params and logit_scale."""
+
+    def no_decay(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+    ]
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        decay = max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay)))
+
+    return factor
+
+
+def _autocast(device: torch.device, precision: str):
+    from contextlib import nullcontext
+
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class _Run:
+    """State of one training run (model, optimiser, data); ``train`` drives it."""
+
+    def __init__(self, pairs: PairData, out_dir: Path, config: TrainConfig):
+        self.pairs, self.out_dir, self.config = pairs, out_dir, config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        if not config.model.startswith("hf-hub:"):
+            _check_name(config.model)
+        self.model, self.pretrained_tag = _create(config.model, config.pretrained)
+        if getattr(self.model, "logit_bias", None) is not None:
+            raise TrainingError(f"{config.model} is a SigLIP-style model (logit_bias); only the CLIP loss is supported")
+        self.model.to(self.device)
+        apply_locks(self.model, config)
+        import open_clip
+
+        self.tokenizer = open_clip.get_tokenizer(config.model)
+        self.train_images, self.val_images = split_images(len(pairs.images), config.val_fraction, config.seed)
+        self.batch_size = min(config.batch_size, len(self.train_images))
+        if self.batch_size < config.batch_size:
+            log.warning("batch_size %d > %d training images; using %d", config.batch_size, len(self.train_images),
+                        self.batch_size)
+        self.steps_per_epoch = len(self.train_images) // self.batch_size
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
+                                           betas=tuple(config.betas), eps=config.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(config.warmup_steps, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step, self.losses, self.val = 0, [], []
+        self.tokens = self._tokenize(pairs.captions)
+        self.text_features = self._precompute_text() if config.use_precomputed_text else None
+        image_size = int(np.max(self.model.visual.preprocess_cfg["size"]))
+        self.train_data = _ImageDataset(pairs, train_transform(self.model, config.augment), 2 * image_size)
+        self.eval_data = _ImageDataset(pairs, image_transform(self.model, is_train=False), 2 * image_size)
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def _tokenize(self, captions: list[str]) -> torch.Tensor:
+        chunks = [self.tokenizer(captions[i : i + 4096]) for i in range(0, len(captions), 4096)]
+        return torch.cat(chunks)
+
+    def _cache_key(self) -> dict[str, Any]:
+        digest = hashlib.sha1("\n".join(self.pairs.captions).encode("utf-8")).hexdigest()
+        return {"model": self.config.model, "pretrained": self.pretrained_tag, "captions_sha1": digest}
+
+    def _precompute_text(self, batch_size: int = 256) -> torch.Tensor:
+        """Run the frozen text backbone over every caption once (cached in out_dir)."""
+        cache = self.out_dir / TEXT_CACHE
+        key = self._cache_key()
+        if cache.is_file():
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                log.info("using cached text features %s", cache)
+                return stored["features"].to(self.device)
+        started = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        with torch.no_grad(), _autocast(self.device, self.precision):
+            for i in range(0, len(self.tokens), batch_size):
+                out.append(text_backbone(self.model, self.tokens[i : i + batch_size].to(self.device)).float().cpu())
+        self.model.train(was_training)
+        features = torch.cat(out)
+        from .fsutil import atomic_path
+
+        with atomic_path(cache) as tmp:
+            torch.save({"key": key, "features": features}, tmp)
+        log.info("precomputed %d text features in %.1fs", len(features), time.perf_counter() - started)
+        return features.to(self.device)
+
+    def encode_captions(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (unnormalised) of the given caption rows, with gradients where trainable."""
+        if self.text_features is not None:
+            return text_head(self.model, self.text_features[caption_ids.to(self.text_features.device)])
+        return self.model.encode_text(self.tokens[caption_ids].to(self.device, non_blocking=True))
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def loss(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device, self.precision):
+            image_features = F.normalize(self.model.encode_image(images.to(self.device, non_blocking=True)).float(), dim=-1)
+            text_features = F.normalize(self.encode_captions(caption_ids).float(), dim=-1)
+            return clip_loss(image_features, text_features, self.model.logit_scale.exp().float())
+
+    def train_step(self, images: torch.Tensor, caption_ids: torch.Tensor) -> float:
+        loss = self.loss(images, caption_ids)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at step {self.step}; lower the lr or use fp32/bf16")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        clamp_logit_scale(self.model)
+        self.step += 1
+        return float(loss.detach())
+
+    def skip_step(self) -> None:
+        """Count a batch that could not be used, so step numbers stay tied to the data order."""
+        self.scheduler.step()
+        self.step += 1
+        self.losses.append(float("nan"))
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, batch_size: int = 256) -> Optional[dict[str, Any]]:
+        """Recall@K of the validation images against all their captions."""
+        if len(self.val_images) < 2:
+            return None
+        self.model.eval()
+        try:
+            batches = [self.val_images[i : i + batch_size] for i in range(0, len(self.val_images), batch_size)]
+            feats, kept = [], []
+            for batch in _loader(self.eval_data, batches, self.config.workers, self.config.seed, False):
+                if batch is None:
+                    continue
+                images, index = batch
+                with _autocast(self.device, self.precision):
+                    feats.append(F.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1).cpu())
+                kept.append(index)
+            if not feats:
+                return None
+            image_feats, kept_images = torch.cat(feats), torch.cat(kept).numpy()
+            column = {int(img): j for j, img in enumerate(kept_images)}
+            caption_ids = np.concatenate([np.arange(self.pairs.starts[i], self.pairs.starts[i + 1]) for i in kept_images])
+            text_feats = []
+            for i in range(0, len(caption_ids), batch_size):
+                with _autocast(self.device, self.precision):
+                    ids = torch.from_numpy(caption_ids[i : i + batch_size])
+                    text_feats.append(F.normalize(self.encode_captions(ids).float(), dim=-1).cpu())
+            sim = (torch.cat(text_feats) @ image_feats.T).numpy()
+            text_image = np.array([column[int(self.pairs.caption_image[c])] for c in caption_ids])
+            return retrieval(sim, text_image)
+        finally:
+            set_train_mode(self.model, self.config)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "config": _plain(self.config.to_dict()),
+            "pretrained": self.pretrained_tag,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "losses": list(self.losses),
+            "val": list(self.val),
+        }
+
+    def save_last(self) -> Path:
+        return save_checkpoint(self.model, self.out_dir / LAST_CHECKPOINT, name=self.config.model,
+                               extra={"train_state": self.state()})
+
+    def load_last(self) -> None:
+        path = self.out_dir / LAST_CHECKPOINT
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+            state = payload["vlsearch"]["train_state"]
+        except Exception as exc:
+            raise TrainingError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
+        saved = state["config"]
+        if saved.get("model") != self.config.model:
+            raise TrainingError(f"{path} was trained as {saved.get('model')}, not {self.config.model}")
+        changed = sorted(k for k, v in _plain(self.config.to_dict()).items() if saved.get(k) != v)
+        if changed:
+            log.warning("resuming with changed settings: %s", ", ".join(changed))
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise TrainingError(f"{path} had {state['steps_per_epoch']} steps per epoch, this run {self.steps_per_epoch}: "
+                                "resume needs the same data, val_fraction and batch_size")
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.losses, self.val = int(state["step"]), list(state["losses"]), list(state["val"])
+        log.info("resumed %s at step %d", path, self.step)
+
+    def save_final(self, seconds: float) -> Path:
+        extra = {
+            "config": _plain(self.config.to_dict()),
+            "pretrained_init": self.pretrained_tag,
+            "steps": self.step,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "val": self.val[-1] if self.val else None,
+            "train_seconds": round(seconds, 1),
+        }
+        return save_checkpoint(self.model, self.out_dir / FINAL_CHECKPOINT, name=self.config.model,
+                               half=self.config.half_final, extra=extra)
+
+
+def retrieval(sim_t2i: np.ndarray, text_image: np.ndarray) -> dict[str, Any]:
+    """t2i / i2t Recall@1/5/10, MRR and median rank (``vlsearch.metrics.retrieval_metrics``)."""
+    try:
+        from .metrics import retrieval_metrics
+    except ImportError:  # pragma: no cover - metrics.py is part of the package
+        return _retrieval_fallback(sim_t2i, text_image)
+    return retrieval_metrics(sim_t2i, text_image)
+
+
+def _retrieval_fallback(sim_t2i: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    own = sim_t2i[np.arange(len(text_image)), text_image]
+    t2i = 1 + (sim_t2i > own[:, None]).sum(axis=1)
+    i2t = np.full(sim_t2i.shape[1], np.inf)
+    for j in range(sim_t2i.shape[1]):
+        mine = text_image == j
+        if mine.any():
+            best = sim_t2i[mine, j].max()
+            i2t[j] = 1 + (sim_t2i[~mine, j] > best).sum()
+    i2t = i2t[np.isfinite(i2t)]
+
+    def summary(ranks: np.ndarray) -> dict[str, float]:
+        out = {f"R@{k}": float((ranks <= k).mean()) for k in ks}
+        out.update(mrr=float((1 / ranks).mean()), median_rank=float(np.median(ranks)), mean_rank=float(ranks.mean()))
+        return out
+
+    return {"t2i": summary(t2i.astype(float)), "i2t": summary(i2t)}
+
+
+def _plain(value: Any) -> Any:
+    """Config dicts with tuples as lists (so a stored and a fresh config compare equal)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def train(
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig = TrainConfig(),
+    resume: bool = False,
+    progress: Optional[Progress] = None,
+) -> TrainResult:
+    """Train ``config.model`` contrastively on the manifest ``data``; write checkpoints to ``out_dir``.
+
+    ``progress(step, total, loss=..., temperature=...)`` is called after every step. Raises
+    :class:`TrainingError` on unusable data, an existing run in ``out_dir`` without ``resume``,
+    or a diverging loss. See the module docstring for the data and checkpoint conventions.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir).expanduser()
+    if not resume and (out / LAST_CHECKPOINT).exists():
+        raise TrainingError(f"{out} already holds a training run ({LAST_CHECKPOINT}); pass resume=True "
+                            "(--resume) to continue it or choose another output folder")
+    if resume and not (out / LAST_CHECKPOINT).exists():
+        raise TrainingError(f"nothing to resume: {out / LAST_CHECKPOINT} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    pairs = read_pairs(data)
+    run = _Run(pairs, out, config)
+    if resume:
+        run.load_last()
+    first_step = run.step
+    log.info("training %s: %d train / %d val images, %d captions, batch %d, %d steps (%d/epoch), %s/%s",
+             config.model, len(run.train_images), len(run.val_images), len(pairs.captions), run.batch_size,
+             run.total_steps, run.steps_per_epoch, run.device, run.precision)
+    set_train_mode(run.model, config)
+    while run.step < run.total_steps:
+        epoch, offset = divmod(run.step, run.steps_per_epoch)
+        _train_epoch(run, epoch, offset, progress)
+        epoch_done = run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps
+        last = run.step >= run.total_steps
+        if epoch_done and config.val_every and ((epoch + 1) % config.val_every == 0 or last):
+            metrics = run.validate()
+            if metrics is not None:
+                run.val.append({"epoch": epoch + 1, "step": run.step, **metrics})
+                log.info("epoch %d: val t2i R@1/5/10 %.3f/%.3f/%.3f", epoch + 1, metrics["t2i"]["R@1"],
+                         metrics["t2i"]["R@5"], metrics["t2i"]["R@10"])
+        run.save_last()
+    seconds = time.perf_counter() - started
+    final = run.save_final(seconds)
+    done = run.step - first_step
+    write_json(out / TRAIN_LOG, {"config": _plain(config.to_dict()), "steps": run.step, "losses": run.losses,
+                                 "val": run.val, "seconds": round(seconds, 2)})
+    return TrainResult(
+        checkpoint=final,
+        last_checkpoint=out / LAST_CHECKPOINT,
+        steps=run.step,
+        epochs=math.ceil(run.step / run.steps_per_epoch),
+        losses=list(run.losses),
+        val=list(run.val),
+        seconds=seconds,
+        steps_per_second=done / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _train_epoch(run: _Run, epoch: int, offset: int, progress: Optional[Progress]) -> None:
+    """Steps ``offset..`` of ``epoch`` (stops early at ``total_steps``), checkpointing as configured."""
+    order, captions = epoch_order(run.train_images, run.pairs, run.config.seed, epoch)
+    caption_of = dict(zip(order.tolist(), captions.tolist()))
+    bs = run.batch_size
+    n_batches = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
+    batches = [order[i * bs : (i + 1) * bs] for i in range(offset, n_batches)]
+    loader = _loader(run.train_data, batches, run.config.workers, hash((run.config.seed, epoch)) & 0x7FFFFFFF,
+                     run.device.type == "cuda")
+    for batch in loader:
+        if batch is None or len(batch[1]) < 2:
+            log.warning("skipping a batch with fewer than 2 readable images at step %d", run.step)
+            run.skip_step()
+            continue
+        images, index = batch
+        caption_ids = torch.tensor([caption_of[int(i)] for i in index], dtype=torch.long)
+        loss = run.train_step(images, caption_ids)
+        run.losses.append(loss)
+        if progress is not None:
+            progress(run.step, run.total_steps, loss=round(loss, 4),
+                     temperature=round(float(1 / run.model.logit_scale.detach().exp()), 4))
+        if run.config.checkpoint_every and run.step % run.config.checkpoint_every == 0:
+            run.save_last()
