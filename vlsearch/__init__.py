@@ -17,6 +17,8 @@ _LAZY = {
     "ModelInfo": "vlsearch.models",
     "Collection": "vlsearch.collection",
     "Manifest": "vlsearch.collection",
+    "Searcher": "vlsearch.search",
+    "Hit": "vlsearch.search",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -268,5 +268,30 @@ def search_cmd(
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
 
 
+@app.command("search")
+@handle_errors
+def search_cmd(
+    collection_dir: str = typer.Argument(..., help="Collection directory."),
+    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
+    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
+    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Search a collection by text or by example image; print a table or JSON lines."""
+    from .search import Searcher, format_hits, hits_to_json_lines
+
+    if (query is None) == (image is None):
+        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
+    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
