@@ -293,5 +293,48 @@ def search_cmd(
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
 
 
+@app.command("classify")
+@handle_errors
+def classify_cmd(
+    images: str = typer.Argument(..., help="Image, image folder, folder of class sub-folders, or collection."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names "
+                                          "(default: the sub-folder names)."),
+    templates: list[str] = typer.Option([], "--templates", "-t", help="Prompt with one {} (repeatable), or a "
+                                        "file with one per line (default: 'a photo of a {}.' and 5 more)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+) -> None:
+    """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
+    from pathlib import Path
+
+    from .models import DEFAULT_MODEL, load_model
+    from .zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+
+    if len(templates) == 1 and Path(templates[0]).is_file():
+        templates = [t for t in Path(templates[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
+    templates = list(templates) or list(DEFAULT_TEMPLATES)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device)
+    try:
+        with TqdmProgress("classify", unit="img") as bar:
+            result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    failed = f" ({len(result.failures)} unreadable, skipped)" if result.failures else ""
+    if result.top1 is None:
+        for path, pred, scores in zip(result.paths, result.predictions, result.scores):
+            typer.echo(f"{path}\t{result.classnames[pred]}\t{scores[pred]:.4f}")
+        typer.echo(f"{len(result.paths)} images{failed}", err=True)
+        return
+    typer.echo(f"{len(result.paths)} images{failed}, {len(result.classnames)} classes, "
+               f"{len(templates)} templates, model {enc.name}")
+    typer.echo(f"top-1 {result.top1:.3f}  top-{result.topk.shape[1]} {result.top5:.3f}  "
+               f"(chance top-1 {1 / len(result.classnames):.3f})")
+    for name, acc in result.per_class_accuracy().items():
+        typer.echo(f"  {name:20} {acc:.3f}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
