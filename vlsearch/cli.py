@@ -187,6 +187,42 @@ def bench_cmd(
         typer.echo(f"plot: {plot_results(result, plot)}")
 
 
+@app.command("embed")
+@handle_errors
+def embed_cmd(
+    source: str = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob)."),
+    collection_dir: str = typer.Argument(..., help="Output collection directory (created, or resumed)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the encoding process."),
+    decode_timeout: float = typer.Option(30.0, "--decode-timeout", min=0.0, help="Seconds per image before it is refused (0: none)."),
+    source_type: str = typer.Option("auto", "--source-type", help="auto, folder, manifest or webdataset."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Manifest column of image paths."),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Manifest column of captions."),
+) -> None:
+    """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
+    import time
+
+    from indexing.embed import EmbedConfig, embed
+    from indexing.sources import open_source
+
+    from .models import DEFAULT_MODEL
+
+    src = open_source(source, kind=source_type, image_column=image_column, caption_column=caption_column)
+    config = EmbedConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, batch_size=batch_size, workers=workers,
+                         device=device, shard_size=shard_size, threads=threads, decode_timeout=decode_timeout or None)
+    start = time.perf_counter()
+    with TqdmProgress("embed", unit="img") as bar:
+        coll = embed(src, collection_dir, config, progress=bar)
+    c = coll.manifest.counts
+    typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
+               f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
+
+
 @app.command("train")
 @handle_errors
 def train_cmd(
@@ -243,56 +279,6 @@ def train_cmd(
                f"final loss {result.losses[-1]:.4f} -> {result.checkpoint}")
 
 
-@app.command("search")
-@handle_errors
-def search_cmd(
-    collection_dir: str = typer.Argument(..., help="Collection directory."),
-    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
-    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
-    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
-    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
-    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-) -> None:
-    """Search a collection by text or by example image; print a table or JSON lines."""
-    from .search import Searcher, format_hits, hits_to_json_lines
-
-    if (query is None) == (image is None):
-        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
-    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
-    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
-    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
-
-
-@app.command("search")
-@handle_errors
-def search_cmd(
-    collection_dir: str = typer.Argument(..., help="Collection directory."),
-    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
-    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
-    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
-    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
-    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-) -> None:
-    """Search a collection by text or by example image; print a table or JSON lines."""
-    from .search import Searcher, format_hits, hits_to_json_lines
-
-    if (query is None) == (image is None):
-        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
-    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
-    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
-    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
-
-
 @app.command("classify")
 @handle_errors
 def classify_cmd(
@@ -334,6 +320,74 @@ def classify_cmd(
                f"(chance top-1 {1 / len(result.classnames):.3f})")
     for name, acc in result.per_class_accuracy().items():
         typer.echo(f"  {name:20} {acc:.3f}")
+
+
+@app.command("search")
+@handle_errors
+def search_cmd(
+    collection_dir: str = typer.Argument(..., help="Collection directory."),
+    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
+    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
+    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Search a collection by text or by example image; print a table or JSON lines."""
+    from .search import Searcher, format_hits, hits_to_json_lines
+
+    if (query is None) == (image is None):
+        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
+    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
+
+
+class _StageBars:
+    """Progress of a multi-stage library call (``progress(done, total, stage=...)``): one bar per stage."""
+
+    def __init__(self) -> None:
+        self.stage: Optional[str] = None
+        self.bar: Optional[TqdmProgress] = None
+
+    def __call__(self, done: int, total: Optional[int] = None, stage: str = "", **postfix: Any) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, TqdmProgress(stage)
+        self.bar(done, total, **postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__()
+            self.bar = None
+
+
+@app.command("demo")
+@handle_errors
+def demo_cmd(
+    out: str = typer.Option("vlsearch-demo", "--out", "-o", help="Output folder (new, empty, or an earlier demo's)."),
+    size: int = typer.Option(3000, "--size", "-n", min=8, help="Generated training pictures."),
+    data: Optional[str] = typer.Option(None, "--data", help="Index this captioned folder or CSV/Parquet manifest "
+                                       "with vlsearch-small instead of generating and training."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
+) -> None:
+    """Generate a captioned dataset, train a tiny CLIP, index, search and benchmark it: offline, on CPU."""
+    from dataclasses import replace
+
+    from .demo import DemoConfig, format_report, run_demo
+
+    config = DemoConfig() if epochs is None else replace(DemoConfig(), epochs=epochs)
+    bars = _StageBars()
+    try:
+        report = run_demo(out, size=size, seed=seed, data=data, progress=bars, config=config)
+    finally:
+        bars.close()
+    typer.echo(format_report(report))
 
 
 if __name__ == "__main__":  # pragma: no cover
