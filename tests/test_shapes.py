@@ -128,3 +128,14 @@ def test_jpeg_output(tmp_path):
     assert [r["image"] for r in rows] == ["images/000000.jpg", "images/000001.jpg", "images/000002.jpg"]
     with Image.open(ds.split_dir("train") / rows[0]["image"]) as im:
         assert im.format == "JPEG"
+
+
+def test_parse_attributes_reads_back_every_caption_phrasing():
+    from vlsearch.shapes import TEMPLATES, parse_attributes
+
+    for spec in specs_for_split(60, "train", seed=2):
+        for t in range(len(TEMPLATES)):
+            found = parse_attributes(spec.caption(t))
+            assert found == dict(zip(("shape", "color", "size", "position"), spec.attributes)), spec.caption(t)
+    assert parse_attributes("a purple cross") == {"shape": "cross", "color": "purple"}
+    assert parse_attributes("a red or blue thing at the top") == {"position": "top"}  # ambiguous colour dropped

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -299,6 +300,24 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(rows)
+
+
+def parse_attributes(text: str) -> dict[str, str]:
+    """The attributes a description names: ``{"shape", "color", "size", "position"}`` keys, each
+    present only when the text names exactly one value ("a red circle" -> color and shape).
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    found: dict[str, str] = {}
+    for key, values in (("shape", SHAPES), ("color", tuple(COLORS)), ("size", tuple(SIZES))):
+        named = {v for v in values if v in words}
+        if len(named) == 1:
+            found[key] = named.pop()
+    joined = " ".join(words)
+    for position in sorted(POSITIONS, key=len, reverse=True):  # "top left" before "top" and "left"
+        if re.search(rf"\b{position}\b", joined):
+            found["position"] = position
+            break
+    return found
 
 
 def read_attributes(split_dir: str | Path) -> dict[str, dict[str, str]]:
