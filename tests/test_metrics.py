@@ -131,6 +131,8 @@ def test_ranks_from_ids_and_truncated_lists():
     assert m["R@1"] == pytest.approx(1 / 3) and m["R@3"] == pytest.approx(2 / 3)
     assert m["mrr"] == pytest.approx(0.5)
     assert m["median_rank"] == 2.0 and m["mean_rank"] is None
+    # MRR@1 keeps only rank-1 hits: (0 + 0 + 1)/3
+    assert metrics_from_ranks(ranks, ks=(1,), depth=1)["mrr@1"] == pytest.approx(1 / 3)
 
 
 def test_ranks_from_ids_first_of_several_correct():

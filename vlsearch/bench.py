@@ -16,8 +16,9 @@ no text encoding and no metadata lookup, so they compare the two search paths, n
 
 What the ANN rows mean: the index holds the *images*, so ANN applies to text->image search only;
 image->text needs a caption index, which vlsearch does not build, so i2t is reported for exact
-search only. ANN ranks are known down to depth ``k = max(ks)``: MRR is MRR@k (a caption whose
-image is not in its k results scores 0) and median rank is reported only when it is <= k.
+search only. ANN ranks are known down to depth ``k = max(ks)`` only: ANN rows report ``mrr@k``
+(a caption whose image is not in its k results scores 0; exact rows report it too, to compare)
+with ``mrr`` and ``mean_rank`` left ``None``, and ``median_rank`` only when it is <= k.
 Timings use whatever threads FAISS and BLAS are given (``threads`` in the result).
 """
 
@@ -126,8 +127,8 @@ def run_benchmark(
         "threads": _threads(),
         "config": asdict(config),
         "exact": {
-            "t2i": metrics_from_ranks(t2i, ks),
-            "i2t": metrics_from_ranks(i2t[np.isfinite(i2t)], ks),
+            "t2i": metrics_from_ranks(t2i, ks, depth=k),
+            "i2t": metrics_from_ranks(i2t[np.isfinite(i2t)], ks, depth=k),
             **exact_timing,
         },
         "index": coll.manifest.index if coll.has_index() else None,
@@ -149,13 +150,18 @@ def run_benchmark(
         ann_ids, timing = _timed(ann_fn, queries, latency_q)
         result["ann"].append({
             "nprobe": nprobe,
-            "t2i": metrics_from_ranks(ranks_from_ids(ann_ids, targets), ks),
+            "t2i": _depth_limited(metrics_from_ranks(ranks_from_ids(ann_ids, targets), ks, depth=k)),
             "ann_recall": {"k": k, "recall": ann_recall(ann_ids, exact_ids, k)},
             **timing,
         })
         if progress is not None:
             progress(i + 2, total, stage=f"nprobe={nprobe}")
     return result
+
+
+def _depth_limited(m: dict[str, Any]) -> dict[str, Any]:
+    """ANN lists stop at depth k: full MRR and mean rank are unknown (median only if <= k)."""
+    return {**m, "mrr": None, "mean_rank": None}
 
 
 def _load(coll: Collection) -> _Data:
@@ -252,14 +258,15 @@ def format_table(result: dict[str, Any]) -> str:
     """Plain-text tables of a :func:`run_benchmark` result (recalls in %)."""
     ks = result["ks"]
     k = result["k"]
-    head = ["search", "nprobe", "dir"] + [f"R@{x}" for x in ks] + ["MRR", "medR", f"ANN R@{k}", "QPS", "p50 ms", "p99 ms"]
+    head = (["search", "nprobe", "dir"] + [f"R@{x}" for x in ks]
+            + ["MRR", f"MRR@{k}", "medR", f"ANN R@{k}", "QPS", "p50 ms", "p99 ms"])
     rows = []
 
     def row(name: str, nprobe: Any, direction: str, m: dict[str, Any], ann: Any, timing: dict[str, Any] | None) -> None:
         t = timing or {}
         lat = t.get("latency_ms") or {}
         rows.append([name, _fmt(nprobe), direction] + [_fmt(m[f"R@{x}"], pct=True) for x in ks]
-                    + [_fmt(m["mrr"]), _fmt(m["median_rank"]), _fmt(ann, pct=ann is not None),
+                    + [_fmt(m["mrr"]), _fmt(m[f"mrr@{k}"]), _fmt(m["median_rank"]), _fmt(ann, pct=ann is not None),
                        _fmt(t.get("qps")), _fmt(lat.get("p50")), _fmt(lat.get("p99"))])
 
     ex = result["exact"]
@@ -285,6 +292,7 @@ def plot_results(result: dict[str, Any], path: str | os.PathLike) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise VlsearchError("plotting needs matplotlib: pip install 'vlsearch[plot]'") from exc
     from .fsutil import atomic_path
@@ -304,11 +312,13 @@ def plot_results(result: dict[str, Any], path: str | os.PathLike) -> Path:
                             (a["qps"], get(a)), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.plot([ex["qps"]], [exact_value], "r*", markersize=12, label="exact")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("queries per second (batch)")
         ax.set_ylabel("recall")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower left")
+        ax.legend(loc="best")
     fig.suptitle(f"{result['model']['name']}: {result['n_images']} images, {result['n_captions']} captions")
     path = Path(path)
     suffix = path.suffix or ".png"

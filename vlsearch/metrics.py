@@ -164,12 +164,15 @@ def ranks_from_ids(retrieved: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float | int | None]:
+def metrics_from_ranks(
+    ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, depth: int | None = None
+) -> dict[str, float | int | None]:
     """``R@K`` (fraction of ranks <= K), ``mrr``, ``median_rank``, ``mean_rank``, ``n_queries``.
 
     ``inf`` ranks (nothing correct retrieved / no correct item) count as misses and 0 reciprocal
     rank; ``median_rank`` / ``mean_rank`` are ``None`` when they would be infinite (unknown).
-    Queries with ``nan`` rank are left out.
+    Queries with ``nan`` rank are left out. With ``depth``, also ``mrr@depth``: reciprocal ranks
+    beyond ``depth`` count 0 (the MRR a top-``depth`` result list can show).
     """
     ks = _check_ks(ks)
     ranks = np.asarray(ranks, dtype=np.float64)
@@ -178,6 +181,8 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dic
         raise ValueError("no query has a rank: nothing to average")
     out: dict[str, float | int | None] = {f"R@{k}": float(np.mean(ranks <= k)) for k in ks}
     out["mrr"] = float(np.mean(1.0 / ranks))  # 1/inf == 0
+    if depth is not None:
+        out[f"mrr@{int(depth)}"] = float(np.mean(np.where(ranks <= depth, 1.0 / ranks, 0.0)))
     median = float(np.median(ranks))
     mean = float(np.mean(ranks))
     out["median_rank"] = median if np.isfinite(median) else None
