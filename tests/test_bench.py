@@ -60,8 +60,6 @@ def _make_collection(path, with_captions: bool = True, bad_caption_id: bool = Fa
 def _add_index(coll: Collection, factory: str, nlist: int | None) -> None:
     import faiss
 
-    pytest.importorskip("vlsearch.search")  # Searcher (issue 6) lands in parallel
-
     ids, vecs = coll.read_embeddings()
     index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(vecs)
