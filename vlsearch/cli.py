@@ -370,9 +370,11 @@ class _StageBars:
 @handle_errors
 def demo_cmd(
     out: str = typer.Option("vlsearch-demo", "--out", "-o", help="Output folder (new, empty, or an earlier demo's)."),
-    size: int = typer.Option(3000, "--size", "-n", min=8, help="Generated training pictures."),
+    size: Optional[int] = typer.Option(None, "--size", "-n", min=8, help="Generated training pictures [default: 3000]."),
     data: Optional[str] = typer.Option(None, "--data", help="Index this captioned folder or CSV/Parquet manifest "
                                        "with vlsearch-small instead of generating and training."),
+    heldout: Optional[int] = typer.Option(None, "--heldout", min=16,
+                                          help="Generated held-out pictures, indexed and benchmarked [default: 500]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
 ) -> None:
@@ -381,7 +383,8 @@ def demo_cmd(
 
     from .demo import DemoConfig, format_report, run_demo
 
-    config = DemoConfig() if epochs is None else replace(DemoConfig(), epochs=epochs)
+    changes = {"heldout": heldout, "epochs": epochs}
+    config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
     bars = _StageBars()
     try:
         report = run_demo(out, size=size, seed=seed, data=data, progress=bars, config=config)

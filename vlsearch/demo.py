@@ -1,0 +1,578 @@
+"""The offline demo: the whole system, end to end, from nothing, in a few minutes on a CPU.
+
+``run_demo(out_dir)``:
+
+1. generates a captioned image set of coloured shapes (:mod:`vlsearch.shapes`) with a
+   held-out split;
+2. trains the tiny built-in CLIP (``vlsearch-tiny``) on the training split with
+   :func:`vlsearch.train.train`;
+3. embeds the held-out split into a collection with :func:`indexing.embed.embed` and builds an
+   ANN index with :func:`indexing.build.build_index` (IVF-PQ, so the approximate path is used);
+4. runs example text queries and image queries (training pictures, which are not in the
+   collection) through :class:`vlsearch.search.Searcher`, and scores each hit by whether its
+   shape attributes match the query's;
+5. benchmarks the collection with :func:`vlsearch.bench.run_benchmark` (text->image and
+   image->text Recall@K, MRR, median rank, exact vs ANN);
+6. draws a contact sheet (one row per query, its top hits with their captions).
+
+With ``data`` (a captioned folder or a CSV/Parquet manifest, e.g. the Flickr8k test split)
+steps 1-2 are skipped: the data is indexed with ``vlsearch-small`` when available (else the
+default model) and the same queries, benchmark and contact sheet are made on real photos.
+
+Nothing here prints: :func:`run_demo` returns a :class:`DemoReport` (also written as
+``report.json``), and the CLI (``vlsearch demo``) shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from .fsutil import write_json
+from .shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+#: Example text queries on the generated shapes (partial descriptions included on purpose).
+SHAPES_TEXT_QUERIES: tuple[str, ...] = (
+    "a large red circle in the center",
+    "a small blue star at the top left",
+    "a yellow triangle on the right",
+    "a large green square at the bottom",
+    "a purple cross",
+)
+#: Example text queries on real photos (``data`` mode).
+PHOTO_TEXT_QUERIES: tuple[str, ...] = (
+    "a dog running on the grass",
+    "children playing in the water",
+    "a man riding a bike",
+    "a group of people standing in the snow",
+    "a black and white dog",
+)
+SMALL_MODEL = "vlsearch-small"
+#: Attributes compared when scoring an image query's hits.
+IMAGE_QUERY_ATTRIBUTES = ("shape", "color")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Knobs of the demo. The defaults finish in a few minutes on 2 CPU cores."""
+
+    size: int = 3000  #: training pictures generated (the held-out split is ``heldout``)
+    heldout: int = 500  #: held-out pictures: the collection that is indexed, searched and benchmarked
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    #: Index factory for the collection; None picks IVF-PQ sized to the collection (see ``index_factory``).
+    index_type: Optional[str] = None
+    k: int = 8  #: hits shown per query
+    n_image_queries: int = 3
+    #: torch threads for training and encoding (None: torch's default).
+    threads: Optional[int] = None
+    #: DataLoader workers decoding images while training / embedding.
+    workers: int = 1
+    #: In data mode: the model (None: vlsearch-small when available, else the default model).
+    model: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.size >= 8, "size must be >= 8 training pictures"),
+            (self.heldout >= 16, "heldout must be >= 16 pictures"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch_size must be >= 2"),
+            (self.k >= 1, "k must be >= 1"),
+            (self.n_image_queries >= 0, "n_image_queries must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"DemoConfig: {message}")
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One example query and its hits; ``matches[i]`` says whether hit i fits the query
+    (shapes mode: the attributes the query names; None when unknown, e.g. on photos)."""
+
+    kind: str  #: "text" or "image"
+    query: str  #: the text, or the query image's path
+    hits: list[Any]  #: ``vlsearch.search.Hit`` s, best first
+    caption: Optional[str] = None  #: an image query's own caption
+    matches: Optional[list[bool]] = None
+
+    @property
+    def precision(self) -> Optional[float]:
+        """Fraction of the hits that match the query (None when unknown)."""
+        if not self.matches:
+            return None
+        return sum(self.matches) / len(self.matches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "query": self.query, "caption": self.caption, "precision": self.precision,
+                "hits": [{**h.to_dict(), "match": None if self.matches is None else self.matches[i]}
+                         for i, h in enumerate(self.hits)]}
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    """Everything the demo made and measured (see ``report.json`` in ``out_dir``)."""
+
+    out_dir: Path
+    mode: str  #: "shapes" (generated data, trained model) or "data" (the user's data)
+    model: dict[str, Any]  #: name, pretrained (checkpoint path or tag), dim
+    collection: Path
+    index: dict[str, Any]  #: the collection manifest's index entry
+    text_queries: list[QueryResult]
+    image_queries: list[QueryResult]
+    benchmark: dict[str, Any]  #: :func:`vlsearch.bench.run_benchmark`'s result on the collection
+    chance: dict[str, float]  #: Recall@K of a random ranking of the collection's images
+    contact_sheet: Path
+    timings: dict[str, float]  #: seconds per stage
+    seconds: float
+    dataset: dict[str, Any] = field(default_factory=dict)  #: manifests and counts (shapes mode) or the source
+    training: Optional[dict[str, Any]] = None  #: steps, epochs, seconds, first/last loss (shapes mode)
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / "report.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "mode": self.mode, "model": self.model, "dataset": self.dataset,
+            "training": self.training, "collection": str(self.collection), "index": self.index,
+            "text_queries": [q.to_dict() for q in self.text_queries],
+            "image_queries": [q.to_dict() for q in self.image_queries],
+            "benchmark": self.benchmark, "chance": self.chance, "contact_sheet": str(self.contact_sheet),
+            "timings": self.timings, "seconds": self.seconds,
+        }
+
+
+class _Stages:
+    """Times each stage and forwards library progress as ``progress(done, total, stage=..., **postfix)``."""
+
+    def __init__(self, progress: Optional[Progress]):
+        self.progress, self.timings = progress, {}
+
+    def forward(self, name: str, done: int, total: Optional[int], postfix: dict[str, Any]) -> None:
+        if "stage" in postfix:  # a library's own sub-stage (e.g. the index builder's) becomes "step"
+            postfix["step"] = postfix.pop("stage")
+        self.progress(done, total, stage=name, **postfix)
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        if self.progress is not None:
+            kwargs["progress"] = lambda done, total=None, **post: self.forward(name, done, total, post)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[name] = round(time.perf_counter() - started, 2)
+
+
+def run_demo(
+    out_dir: str | os.PathLike,
+    size: Optional[int] = None,
+    seed: Optional[int] = None,
+    data: Optional[str | os.PathLike] = None,
+    progress: Optional[Progress] = None,
+    config: DemoConfig = DemoConfig(),
+) -> DemoReport:
+    """Run the demo into ``out_dir`` (see the module docstring) and return its report.
+
+    ``size``/``seed`` override ``config.size``/``config.seed``; ``data`` switches to indexing a
+    captioned folder or manifest instead of generated shapes. ``progress(done, total, stage=...)``
+    reports each stage. ``out_dir`` must be new, empty, or an earlier demo's folder (whose
+    outputs are replaced); anything else raises :class:`~vlsearch.errors.VlsearchError`.
+    """
+    started = time.perf_counter()
+    config = replace(config, **{k: v for k, v in (("size", size), ("seed", seed)) if v is not None})
+    out = _fresh_out_dir(Path(out_dir).expanduser())
+    stages = _Stages(progress)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
+    if data is None:
+        prepared = _prepare_shapes(out, config, stages)
+    else:
+        prepared = _prepare_data(Path(data).expanduser(), config)
+    collection = out / "collection"
+    stages.run("embed", _embed, prepared["source"], collection, prepared["model"], config)
+    index = stages.run("index", _build_index, collection, config)
+    text_q, image_q = stages.run("queries", _queries, collection, prepared, config)
+    bench = stages.run("benchmark", _benchmark, collection)
+    sheet = stages.run("contact sheet", draw_contact_sheet, [*text_q, *image_q], out / "contact_sheet.png",
+                       roots=prepared["roots"])
+    from .collection import Collection
+
+    coll = Collection.open(collection)
+    n_images = coll.count()
+    report = DemoReport(
+        out_dir=out, mode=prepared["mode"], model=coll.manifest.model.to_dict(), collection=collection,
+        index=index, text_queries=text_q, image_queries=image_q, benchmark=bench,
+        chance={f"R@{k}": min(1.0, k / n_images) for k in bench.get("ks", (1, 5, 10))},
+        contact_sheet=sheet, timings=dict(stages.timings), seconds=round(time.perf_counter() - started, 2),
+        dataset=prepared["dataset"], training=prepared.get("training"),
+    )
+    write_json(report.report_path, report.to_dict())
+    return report
+
+
+MARKER = ".vlsearch-demo"
+#: What a demo writes in its folder (removed when a demo is rerun into the same folder).
+_OUTPUTS = ("data", "model", "collection", "contact_sheet.png", "report.json")
+
+
+def _fresh_out_dir(out: Path) -> Path:
+    """Create ``out``, or clear an earlier demo's outputs from it; refuse any other non-empty folder."""
+    import shutil
+
+    from .errors import VlsearchError
+
+    if out.exists() and not out.is_dir():
+        raise VlsearchError(f"demo output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise VlsearchError(f"demo output folder {out} is not empty and holds no earlier demo; "
+                                "choose a new or empty folder with --out")
+        for name in _OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("a vlsearch demo folder: `vlsearch demo` may clear it\n", encoding="utf-8")
+    return out
+
+
+# ---- stages --------------------------------------------------------------------------------
+
+def _prepare_shapes(out: Path, config: DemoConfig, stages: _Stages) -> dict[str, Any]:
+    from .models import TINY_MODEL
+    from .train import TrainConfig, train
+
+    shapes = ShapesConfig(n_train=config.size, n_heldout=config.heldout, seed=config.seed)
+    dataset = stages.run("generate", generate_shapes, out / "data", shapes)
+    tconfig = TrainConfig(
+        model=TINY_MODEL, epochs=config.epochs, batch_size=min(config.batch_size, config.size),
+        lr=config.lr, warmup_steps=config.warmup_steps, val_fraction=0.0, checkpoint_every=0,
+        seed=config.seed, workers=config.workers, threads=config.threads,
+    )
+    result = stages.run("train", train, dataset.train_manifest, out / "model", tconfig)
+    return {
+        "mode": "shapes",
+        "source": dataset.heldout_manifest,
+        "model": (TINY_MODEL, str(result.checkpoint)),
+        "dataset": {"train_manifest": str(dataset.train_manifest), "heldout_manifest": str(dataset.heldout_manifest),
+                    "counts": dataset.counts, "captions_per_image": shapes.captions_per_image},
+        "training": {"checkpoint": str(result.checkpoint), "steps": result.steps, "epochs": result.epochs,
+                     "seconds": round(result.seconds, 2), "first_loss": result.losses[0] if result.losses else None,
+                     "last_loss": result.losses[-1] if result.losses else None},
+        "text_queries": SHAPES_TEXT_QUERIES,
+        "image_queries": _shape_image_queries(dataset, config.n_image_queries),
+        "attributes": read_attributes(dataset.split_dir("heldout")),
+        "query_attributes": read_attributes(dataset.split_dir("train")),
+        "roots": {"collection": dataset.split_dir("heldout"), "query": dataset.split_dir("train")},
+    }
+
+
+def _shape_image_queries(dataset: Any, n: int) -> list[tuple[str, str]]:
+    """``n`` training pictures (not in the collection) as image queries: (relative path, caption)."""
+    import csv
+
+    seen: dict[str, str] = {}
+    with open(dataset.train_manifest, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            seen.setdefault(row["image"], row["caption"])
+            if len(seen) >= n:
+                break
+    return list(seen.items())[:n]
+
+
+def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
+    from indexing.sources import open_source
+
+    source = open_source(data)
+    root = source.root if source.root.is_dir() else source.root.parent
+    image_queries = []
+    for record in source:
+        image_queries.append((record.path, record.captions[0] if record.captions else None))
+        if len(image_queries) >= config.n_image_queries:
+            break
+    return {
+        "mode": "data",
+        "source": source,
+        "model": (_data_model(config), None),
+        "dataset": {"source": str(data), **source.describe()},
+        "text_queries": PHOTO_TEXT_QUERIES,
+        "image_queries": image_queries,
+        "attributes": None,
+        "query_attributes": None,
+        "roots": {"collection": root, "query": root},
+    }
+
+
+def _data_model(config: DemoConfig) -> str:
+    """vlsearch-small when it is registered and loads here, else the default model."""
+    from .errors import VlsearchError
+    from .models import DEFAULT_MODEL, available_models, load_model
+
+    if config.model:
+        return config.model
+    if SMALL_MODEL in available_models():
+        try:
+            load_model(SMALL_MODEL, device="cpu")
+            return SMALL_MODEL
+        except VlsearchError as exc:
+            log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, DEFAULT_MODEL)
+    else:
+        log.warning("%s is not installed; using %s", SMALL_MODEL, DEFAULT_MODEL)
+    return DEFAULT_MODEL
+
+
+def _embed(source: Any, collection: Path, model: tuple[str, Optional[str]], config: DemoConfig,
+           progress: Optional[Progress] = None) -> None:
+    from indexing.embed import EmbedConfig, embed
+
+    name, pretrained = model
+    embed(source, collection, EmbedConfig(model=name, pretrained=pretrained, workers=config.workers,
+                                          threads=config.threads), progress=progress)
+
+
+def index_factory(n: int, dim: int) -> str:
+    """IVF-PQ for a collection too small for the builder's PCA-refined choice (PCA needs more
+    training vectors than dimensions): ~``sqrt(n)/2`` lists (a power of two, at least 4),
+    4-bit fast-scan PQ with about ``dim/4`` sub-quantizers, and exact re-ranking (``RFlat``).
+    """
+    import math
+
+    nlist = max(4, 2 ** round(math.log2(max(1.0, math.sqrt(n) / 2))))
+    m = max(1, dim // 4)
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}x4fs,RFlat"
+
+
+def _build_index(collection: Path, config: DemoConfig, progress: Optional[Progress] = None) -> dict[str, Any]:
+    """IVF-PQ even for the demo's small collection, so the approximate search path is exercised:
+    the builder's own ``auto`` choice with its exact-search threshold removed (or, below
+    ``4 * dim`` vectors, :func:`index_factory`), unless ``config.index_type`` names one."""
+    from indexing.build import AutoPolicy, build_index
+
+    from .collection import Collection
+
+    coll = Collection.open(collection)
+    n, dim = coll.count(), coll.dim
+    index_type = config.index_type or ("auto" if n >= 4 * dim else index_factory(n, dim))
+    with _captured_stderr():  # FAISS warns on stderr that a few hundred points are few for k-means
+        return build_index(collection, index_type=index_type, seed=config.seed, progress=progress,
+                           policy=AutoPolicy(flat_max_n=0, min_nlist=1))
+
+
+@contextmanager
+def _captured_stderr() -> Iterator[None]:
+    """Send what C++ code writes to file descriptor 2 to the debug log instead of the terminal."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                log.debug("FAISS said: %s", text)
+
+
+def _queries(collection: Path, prepared: dict[str, Any], config: DemoConfig,
+             progress: Optional[Progress] = None) -> tuple[list[QueryResult], list[QueryResult]]:
+    from .search import Searcher
+
+    searcher = Searcher.open(collection, device="cpu")
+    options = dict(k=config.k, exact=not searcher.has_index)
+    attributes = prepared["attributes"]
+    texts = list(prepared["text_queries"])
+    text_results = []
+    for text, hits in zip(texts, searcher.search_text(texts, **options)):
+        wanted = parse_attributes(text)
+        matches = None if attributes is None else [_fits(attributes.get(h.path), wanted) for h in hits]
+        text_results.append(QueryResult("text", text, list(hits), matches=matches))
+    image_results = []
+    queries = prepared["image_queries"]
+    if queries:
+        root = Path(prepared["roots"]["query"])
+        paths = [str(root / rel) for rel, _ in queries]
+        for (rel, caption), hits in zip(queries, searcher.search_image(paths, **options)):
+            matches = None
+            if attributes is not None:
+                own = prepared["query_attributes"][rel]
+                wanted = {a: own[a] for a in IMAGE_QUERY_ATTRIBUTES}
+                matches = [_fits(attributes.get(h.path), wanted) for h in hits]
+            image_results.append(QueryResult("image", rel, list(hits), caption=caption, matches=matches))
+    if progress is not None:
+        progress(1, 1)
+    return text_results, image_results
+
+
+def _fits(attrs: Optional[dict[str, str]], wanted: dict[str, str]) -> bool:
+    return attrs is not None and all(attrs.get(key) == value for key, value in wanted.items())
+
+
+def _benchmark(collection: Path, progress: Optional[Progress] = None) -> dict[str, Any]:
+    from .bench import BenchConfig, run_benchmark
+
+    return run_benchmark(collection, BenchConfig(nprobes=(1, 4, 16), latency_queries=200), progress=progress)
+
+
+# ---- contact sheet -------------------------------------------------------------------------
+
+def draw_contact_sheet(
+    results: Sequence[QueryResult],
+    path: str | os.PathLike,
+    roots: dict[str, str | os.PathLike],
+    thumb: int = 96,
+    progress: Optional[Progress] = None,
+) -> Path:
+    """One row per query: the query (its text, or its picture and caption), then its hits with
+    their captions and scores; a green frame marks a hit that fits the query, red one that does not.
+
+    ``roots["collection"]``/``roots["query"]``: folders the hits' / image queries' paths are
+    relative to. Written atomically as PNG.
+    """
+    from PIL import Image, ImageDraw
+
+    from .fsutil import atomic_path
+    from .images import open_image
+
+    font = _font(12)
+    k = max((len(r.hits) for r in results), default=1)
+    label_w, pad, text_h = 220, 6, 30
+    cell_w, cell_h = thumb + pad, thumb + text_h + pad
+    sheet = Image.new("RGB", (label_w + k * cell_w + pad, max(1, len(results)) * cell_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, result in enumerate(results):
+        y = pad + row * cell_h
+        if result.kind == "image":
+            picture = _thumbnail(open_image, Path(roots["query"]) / result.query, thumb)
+            sheet.paste(picture, (pad, y))
+            draw.text((pad + thumb + 4, y), "image query", fill="black", font=font)
+            _wrapped(draw, (pad, y + thumb + 2), result.caption or result.query, label_w - 2 * pad, font, lines=2)
+        else:
+            draw.text((pad, y), "text query", fill="gray", font=font)
+            _wrapped(draw, (pad, y + 16), f'"{result.query}"', label_w - 2 * pad, font, lines=4)
+        if result.matches is not None:
+            fit = f"{sum(result.matches)}/{len(result.matches)} hits fit"
+            fit_xy = (pad, y + cell_h - text_h + 6) if result.kind == "text" else (pad + thumb + 4, y + 16)
+            draw.text(fit_xy, fit, fill="black", font=font)
+        for i, hit in enumerate(result.hits):
+            x = label_w + i * cell_w
+            sheet.paste(_thumbnail(open_image, Path(roots["collection"]) / hit.path, thumb), (x, y))
+            if result.matches is not None:
+                color = (30, 170, 60) if result.matches[i] else (220, 40, 40)
+                draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=color, width=2)
+            _wrapped(draw, (x, y + thumb + 2), f"{hit.score:.2f} {hit.caption or hit.path}", thumb, font, lines=2)
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    if progress is not None:
+        progress(1, 1)
+    return out
+
+
+def _thumbnail(open_image: Callable[..., Any], path: Path, size: int) -> Any:
+    from PIL import Image
+
+    try:
+        img = open_image(path)
+    except Exception as exc:  # a hit whose file went away: show a grey square, not a crash
+        log.warning("cannot show %s: %s", path, exc)
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    scale = size / max(img.size)
+    resample = Image.NEAREST if scale >= 1.5 else Image.BICUBIC  # keep tiny pictures crisp
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    canvas = Image.new("RGB", (size, size), "white")
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return canvas
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _wrapped(draw: Any, xy: tuple[int, int], text: str, width: int, font: Any, lines: int) -> None:
+    """Draw ``text`` word-wrapped to ``width`` pixels, at most ``lines`` lines (ellipsis if cut)."""
+    words, out, line = text.split(), [], ""
+    for word in words:
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            out.append(line)
+            line = word
+    if line:
+        out.append(line)
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1].rstrip(".,") + "..."
+    x, y = xy
+    for i, text_line in enumerate(out):
+        draw.text((x, y + i * 13), text_line, fill="black", font=font)
+
+
+# ---- text report ---------------------------------------------------------------------------
+
+def format_report(report: DemoReport, show: int = 3) -> str:
+    """A plain-text summary of a demo run: queries and their top hits, the benchmark table,
+    chance levels, timings and where everything was written."""
+    from .bench import format_table
+
+    lines: list[str] = []
+    for title, results in (("text queries", report.text_queries), ("image queries", report.image_queries)):
+        if not results:
+            continue
+        lines.append(f"== {title} (top {len(results[0].hits)} of {report.benchmark.get('n_images', '?')} images) ==")
+        for r in results:
+            head = f'"{r.query}"' if r.kind == "text" else f"{r.query} ({r.caption})"
+            fit = f"  -> {sum(r.matches)}/{len(r.matches)} hits fit" if r.matches is not None else ""
+            lines.append(f"{head}{fit}")
+            for i, h in enumerate(r.hits[:show]):
+                mark = "" if r.matches is None else ("ok " if r.matches[i] else "no ")
+                lines.append(f"   {h.rank}. {h.score:.3f} {mark}{h.caption or h.path}")
+    lines += ["", "== benchmark (held-out collection; recalls in %) ==", format_table(report.benchmark)]
+    chance = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.chance.items())
+    lines.append(f"chance (random ranking): {chance}")
+    exact = report.benchmark["exact"]
+    lines.append(f"text->image R@10 {100 * exact['t2i']['R@10']:.1f}% vs chance {100 * report.chance.get('R@10', 0):.1f}%;"
+                 f" image->text R@10 {100 * exact['i2t']['R@10']:.1f}%")
+    if report.training:
+        t = report.training
+        lines.append(f"training: {t['steps']} steps, {t['epochs']} epochs, {t['seconds']:.0f}s, "
+                     f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}")
+    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.timings.items())
+                 + f"; total {report.seconds:.0f}s")
+    lines += [f"model:         {report.model['name']} ({report.model['pretrained']})",
+              f"collection:    {report.collection}  (index {report.index.get('factory')})",
+              f"contact sheet: {report.contact_sheet}",
+              f"report:        {report.report_path}"]
+    if report.mode == "shapes":
+        lines.append(f"try:           vlsearch search {report.collection} \"a small green star at the top right\"")
+    return "\n".join(lines)
