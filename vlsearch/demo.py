@@ -204,9 +204,10 @@ def run_demo(
     else:
         prepared = _prepare_data(Path(data).expanduser(), config)
     collection = out / "collection"
-    stages.run("embed", _embed, prepared["source"], collection, prepared["model"], config)
+    encoder = _load_encoder(prepared["model"], prepared["mode"])
+    stages.run("embed", _embed, prepared["source"], collection, encoder, config)
     index = stages.run("index", _build_index, collection, config)
-    text_q, image_q = stages.run("queries", _queries, collection, prepared, config)
+    text_q, image_q = stages.run("queries", _queries, collection, encoder, prepared, config)
     bench = stages.run("benchmark", _benchmark, collection)
     sheet = stages.run("contact sheet", draw_contact_sheet, [*text_q, *image_q], out / "contact_sheet.png",
                        roots=prepared["roots"])
@@ -310,7 +311,7 @@ def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
     return {
         "mode": "data",
         "source": source,
-        "model": (_data_model(config), None),
+        "model": (_data_model(config), None),  # the model's built-in weights
         "dataset": {"source": str(data), **source.describe()},
         "text_queries": PHOTO_TEXT_QUERIES,
         "image_queries": image_queries,
@@ -321,30 +322,40 @@ def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
 
 
 def _data_model(config: DemoConfig) -> str:
-    """vlsearch-small when it is registered and loads here, else the default model."""
-    from .errors import VlsearchError
-    from .models import DEFAULT_MODEL, available_models, load_model
+    """``config.model``, else vlsearch-small when it is registered, else the default model."""
+    from .models import DEFAULT_MODEL, available_models
 
     if config.model:
         return config.model
     if SMALL_MODEL in available_models():
-        try:
-            load_model(SMALL_MODEL, device="cpu")
-            return SMALL_MODEL
-        except VlsearchError as exc:
-            log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, DEFAULT_MODEL)
-    else:
-        log.warning("%s is not installed; using %s", SMALL_MODEL, DEFAULT_MODEL)
+        return SMALL_MODEL
+    log.warning("%s is not installed; using %s", SMALL_MODEL, DEFAULT_MODEL)
     return DEFAULT_MODEL
 
 
-def _embed(source: Any, collection: Path, model: tuple[str, Optional[str]], config: DemoConfig,
+def _load_encoder(model: tuple[str, Optional[str]], mode: str) -> Any:
+    """Load the model once (for embedding and queries). In data mode an unavailable
+    vlsearch-small falls back to the default model, with a warning."""
+    from .errors import WeightsUnavailableError
+    from .models import DEFAULT_MODEL, load_model
+
+    name, pretrained = model
+    try:
+        return load_model(name, pretrained)
+    except WeightsUnavailableError as exc:
+        if mode != "data" or name != SMALL_MODEL:
+            raise
+        log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, DEFAULT_MODEL)
+        return load_model(DEFAULT_MODEL)
+
+
+def _embed(source: Any, collection: Path, encoder: Any, config: DemoConfig,
            progress: Optional[Progress] = None) -> None:
     from indexing.embed import EmbedConfig, embed
 
-    name, pretrained = model
-    embed(source, collection, EmbedConfig(model=name, pretrained=pretrained, workers=config.workers,
-                                          threads=config.threads), progress=progress)
+    embed(source, collection, EmbedConfig(model=encoder.name, pretrained=encoder.pretrained,
+                                          workers=config.workers, threads=config.threads),
+          progress=progress, encoder=encoder)
 
 
 def index_factory(n: int, dim: int) -> str:
@@ -398,11 +409,11 @@ def _captured_stderr() -> Iterator[None]:
                 log.debug("FAISS said: %s", text)
 
 
-def _queries(collection: Path, prepared: dict[str, Any], config: DemoConfig,
+def _queries(collection: Path, encoder: Any, prepared: dict[str, Any], config: DemoConfig,
              progress: Optional[Progress] = None) -> tuple[list[QueryResult], list[QueryResult]]:
     from .search import Searcher
 
-    searcher = Searcher.open(collection, device="cpu")
+    searcher = Searcher.open(collection, encoder=encoder)
     options = dict(k=config.k, exact=not searcher.has_index)
     attributes = prepared["attributes"]
     texts = list(prepared["text_queries"])

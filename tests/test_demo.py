@@ -1,0 +1,143 @@
+"""The demo end to end at a tiny size: every stage runs for real (generate, train, embed, index,
+search, benchmark, contact sheet). Accuracy is not checked here (see the README's full run)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlsearch.collection import Collection
+from vlsearch.demo import (
+    SHAPES_TEXT_QUERIES,
+    DemoConfig,
+    _fresh_out_dir,
+    format_report,
+    index_factory,
+    run_demo,
+)
+from vlsearch.errors import VlsearchError
+from vlsearch.shapes import parse_attributes, read_attributes
+
+TINY = DemoConfig(size=48, heldout=40, epochs=1, batch_size=24, k=4, n_image_queries=2, workers=0)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    stages = []
+    report = run_demo(tmp_path_factory.mktemp("demo") / "out", seed=1, config=TINY,
+                      progress=lambda done, total=None, stage="", **_: stages.append(stage))
+    return report, stages
+
+
+def test_collection_and_index(demo):
+    report, _ = demo
+    coll = Collection.open(report.collection)
+    assert coll.count() == 40 and coll.count("captions") == 80  # held-out split, 2 captions each
+    assert coll.manifest.model.name == "vlsearch-tiny" and coll.manifest.model.dim == 64
+    assert coll.manifest.model.pretrained == report.training["checkpoint"]  # the trained weights
+    assert coll.has_index()
+    assert report.index["factory"].startswith("IVF") and "PQ" in report.index["factory"]
+    assert report.index["ntotal"] == 40
+
+
+def test_queries_hits_and_their_scores(demo):
+    report, _ = demo
+    assert [q.query for q in report.text_queries] == list(SHAPES_TEXT_QUERIES)
+    assert len(report.image_queries) == 2 and all(q.caption for q in report.image_queries)
+    attrs = read_attributes(report.collection.parent / "data" / "heldout")
+    for q in report.text_queries:
+        assert len(q.hits) == 4 and [h.rank for h in q.hits] == [1, 2, 3, 4]
+        scores = [h.score for h in q.hits]
+        assert scores == sorted(scores, reverse=True)
+        wanted = parse_attributes(q.query)
+        expected = [all(attrs[h.path][key] == value for key, value in wanted.items()) for h in q.hits]
+        assert q.matches == expected
+        assert q.precision == sum(expected) / 4
+
+
+def test_benchmark_and_report_fields(demo):
+    report, stages = demo
+    b = report.benchmark
+    assert b["n_images"] == 40 and b["n_captions"] == 80
+    for direction in ("t2i", "i2t"):
+        m = b["exact"][direction]
+        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1 and 1 <= m["median_rank"] <= 80
+    assert b["ann"] and all(0 <= a["ann_recall"]["recall"] <= 1 for a in b["ann"])
+    assert report.chance == pytest.approx({"R@1": 1 / 40, "R@5": 5 / 40, "R@10": 10 / 40})
+    assert report.training["steps"] == 2 and np.isfinite(report.training["last_loss"])
+    assert set(report.timings) == {"generate", "train", "embed", "index", "queries", "benchmark", "contact sheet"}
+    assert report.seconds >= sum(report.timings.values()) - 1e-6
+    assert {"generate", "train", "embed"} <= set(stages)  # progress is forwarded, tagged by stage
+    saved = json.loads(report.report_path.read_text())
+    assert saved["benchmark"]["exact"]["t2i"] == b["exact"]["t2i"]
+    assert len(saved["text_queries"][0]["hits"]) == 4
+    text = format_report(report)
+    assert "a large red circle in the center" in text and "R@10" in text and str(report.contact_sheet) in text
+
+
+def test_contact_sheet_has_a_row_per_query(demo):
+    report, _ = demo
+    with Image.open(report.contact_sheet) as sheet:
+        assert sheet.format == "PNG"
+        rows = len(report.text_queries) + len(report.image_queries)
+        assert sheet.height >= rows * 96 and sheet.width >= 4 * 96
+        pixels = np.asarray(sheet.convert("RGB"))
+    assert pixels.std() > 10  # thumbnails were drawn, not a blank canvas
+
+
+def test_out_dir_rules(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(VlsearchError, match="not empty"):
+        _fresh_out_dir(tmp_path / "mine")
+    demo_dir = _fresh_out_dir(tmp_path / "demo")
+    (demo_dir / "collection").mkdir()
+    (demo_dir / "report.json").write_text("{}")
+    _fresh_out_dir(demo_dir)  # an earlier demo's outputs are cleared
+    assert not (demo_dir / "collection").exists() and not (demo_dir / "report.json").exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_index_factory_shapes():
+    assert index_factory(40, 64) == "IVF4,PQ16x4fs,RFlat"
+    assert index_factory(250, 64) == "IVF8,PQ16x4fs,RFlat"
+    assert index_factory(1000, 30).startswith("IVF16,PQ") and 30 % int(index_factory(1000, 30).split("PQ")[1].split("x")[0]) == 0
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="heldout"):
+        DemoConfig(heldout=2)
+
+
+def test_cli_demo(tmp_path):
+    from vlsearch.cli import app
+
+    out = tmp_path / "cli-demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--size", "32", "--heldout", "24",
+                                      "--epochs", "1", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert "text queries" in result.output and "R@10" in result.output and "contact sheet" in result.output
+    assert (out / "contact_sheet.png").is_file() and (out / "report.json").is_file()
+    assert Collection.open(out / "collection").count() == 24
+    refused = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])  # not empty, not a demo folder
+    assert refused.exit_code == 1 and "not empty" in result.output + refused.output
+
+
+def test_data_mode_indexes_a_captioned_folder(tmp_path):
+    from vlsearch.demo import PHOTO_TEXT_QUERIES
+    from vlsearch.shapes import ShapesConfig, generate_shapes
+
+    data = generate_shapes(tmp_path / "photos", ShapesConfig(n_train=0, n_heldout=20, seed=5))
+    config = DemoConfig(k=3, n_image_queries=2, workers=0, model="vlsearch-tiny")
+    report = run_demo(tmp_path / "out", data=data.heldout_manifest, config=config)
+    assert report.mode == "data" and report.training is None and "generate" not in report.timings
+    assert not (tmp_path / "out" / "data").exists()  # nothing generated, nothing trained
+    assert Collection.open(report.collection).count() == 20 and report.index["ntotal"] == 20
+    assert [q.query for q in report.text_queries] == list(PHOTO_TEXT_QUERIES)
+    assert all(q.matches is None and len(q.hits) == 3 for q in report.text_queries + report.image_queries)
+    assert report.image_queries[0].query == "images/000000.png"  # paths as the source records them
+    assert report.benchmark["n_captions"] == 40 and report.contact_sheet.is_file()
