@@ -20,11 +20,13 @@ from vlsearch.train import (
     _Run,
     clip_loss,
     epoch_order,
+    lock_hf_text,
     read_pairs,
     split_images,
     text_backbone,
     text_head,
     train,
+    trim_padding,
 )
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -60,7 +62,17 @@ def shapes(tmp_path_factory) -> Path:
 
 
 FAST = TrainConfig(epochs=1, batch_size=8, lr=2e-3, warmup_steps=2, augment=None, val_fraction=0.0,
-                   workers=0, checkpoint_every=0, threads=2)
+                   workers=0, checkpoint_every=0, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models gain nothing from more, and on a shared, loaded machine
+    multi-threaded kernels spin-wait (10x the CPU time per step measured here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_clip_loss_matches_hand_computed_3x3():
@@ -160,7 +172,7 @@ class _Interrupt(Exception):
 
 
 def test_resume_continues_the_exact_step_count(shapes, tmp_path):
-    config = replace(FAST, epochs=3, checkpoint_every=2)  # 3 epochs x 3 steps (24 images, no val)
+    config = replace(FAST, epochs=2, checkpoint_every=2)  # 2 epochs x 3 steps (24 images, no val)
     full = train(shapes, tmp_path / "full", config)
 
     def stop_at_5(step, total, **_):
@@ -171,8 +183,8 @@ def test_resume_continues_the_exact_step_count(shapes, tmp_path):
         train(shapes, tmp_path / "cut", config, progress=stop_at_5)
     steps = []
     resumed = train(shapes, tmp_path / "cut", config, resume=True, progress=lambda s, t, **_: steps.append(s))
-    assert steps[0] == 5  # last.pt was written at step 4
-    assert resumed.steps == full.steps == 9
+    assert steps == [5, 6]  # last.pt was written at step 4, mid-epoch 2
+    assert resumed.steps == full.steps == 6
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-4)
 
 
@@ -224,12 +236,20 @@ def test_hf_text_tower_split_keeps_projection_trainable(tmp_path):
                                       pretrained=False)
 
     model = Tiny().eval()
-    tokens = torch.tensor([[2, 7, 9, 3, 0, 0], [2, 5, 3, 0, 0, 0]])
-    with torch.no_grad():
+    tokens = torch.tensor([[2, 7, 9, 3, 0, 0, 0, 0], [2, 5, 3, 0, 0, 0, 0, 0]])
+    assert trim_padding(model, tokens).shape == (2, 4)
+    with torch.no_grad():  # the split, with padding trimmed, equals the full tower on padded tokens
         torch.testing.assert_close(text_head(model, text_backbone(model, tokens)), model.text(tokens))
-    model.text.lock(0, freeze_layer_norm=True)
+    lock_hf_text(model.text, 0)
     assert model.text.proj.weight.requires_grad
     assert not any(p.requires_grad for p in model.text.transformer.parameters())
+    lock_hf_text(model.text, 1)  # open_clip 3.3's own HF lock fails on BERT for partial unlocking
+    layers = model.text.transformer.encoder.layer
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert not any(p.requires_grad for p in model.text.transformer.embeddings.parameters())
+    with pytest.raises(TrainingError, match="has 2 layers"):
+        lock_hf_text(model.text, 3)
 
 
 def test_cli_train(shapes, tmp_path):

@@ -374,10 +374,26 @@ def text_backbone(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     if _is_hf_text(model):
         text = model.text
+        tokens = trim_padding(model, tokens)
         attn_mask = (tokens != text.config.pad_token_id).long()
         out = text.transformer(input_ids=tokens, attention_mask=attn_mask)
         return text.pooler(out, attn_mask)
     return model.encode_text(tokens)
+
+
+def trim_padding(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns for a Hugging Face tower (attention is masked, so the
+    output is unchanged, and captions are much shorter than the context length). Built-in open_clip
+    towers need the full context (fixed positional embedding and causal mask) and are left alone."""
+    if not _is_hf_text(model) or tokens.ndim != 2 or tokens.shape[1] == 0:
+        return tokens
+    used = (tokens != model.text.config.pad_token_id).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
+def encode_text_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` (unnormalised), with padding trimmed where that is exact."""
+    return model.encode_text(trim_padding(model, tokens))
 
 
 def text_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -398,12 +414,37 @@ def apply_locks(model: nn.Module, config: TrainConfig) -> None:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if config.lock_text:
         n = config.lock_text_unlocked_layers
-        # open_clip counts an HF tower's unlocked *layers* (its projection is never locked) but a
-        # built-in tower's unlocked *groups* from the end (projection, last block + ln_final, ...):
-        # we mean "the last n blocks (+ final norm and projection)" for both.
-        model.lock_text_tower(unlocked_layers=n if _is_hf_text(model) or n == 0 else n + 1, freeze_layer_norm=True)
+        if _is_hf_text(model):
+            lock_hf_text(model.text, n)
+        else:
+            # open_clip counts a built-in tower's unlocked *groups* from the end (projection, then
+            # last block + ln_final, ...); we mean "the last n blocks (+ ln_final and projection)".
+            model.lock_text_tower(unlocked_layers=n + 1 if n else 0, freeze_layer_norm=True)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("every parameter is frozen; unlock a tower")
+
+
+def lock_hf_text(text: nn.Module, unlocked_layers: int = 0) -> None:
+    """Freeze a Hugging Face text tower's transformer except its last ``unlocked_layers`` layers.
+
+    Same result as open_clip's ``HFTextEncoder.lock`` (embeddings and LayerNorms frozen, the
+    projection ``text.proj`` left trainable), which in open_clip 3.3 fails for partial unlocking of
+    BERT-like models (no ``layer_attr`` in its arch table): the layer list is found here as the
+    transformer's longest ``ModuleList``.
+    """
+    for p in text.transformer.parameters():
+        p.requires_grad = False
+    if not unlocked_layers:
+        return
+    lists = [m for m in text.transformer.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise TrainingError(f"cannot find the layers of {type(text.transformer).__name__} to unlock")
+    layers = max(lists, key=len)
+    if unlocked_layers > len(layers):
+        raise TrainingError(f"lock_text_unlocked_layers={unlocked_layers} but the text tower has {len(layers)} layers")
+    for layer in layers[-unlocked_layers:]:
+        for p in layer.parameters():
+            p.requires_grad = True
 
 
 def set_train_mode(model: nn.Module, config: TrainConfig) -> None:
@@ -492,6 +533,7 @@ class _Run:
         image_size = int(np.max(self.model.visual.preprocess_cfg["size"]))
         self.train_data = _ImageDataset(pairs, train_transform(self.model, config.augment), 2 * image_size)
         self.eval_data = _ImageDataset(pairs, image_transform(self.model, is_train=False), 2 * image_size)
+        set_train_mode(self.model, config)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -515,12 +557,16 @@ class _Run:
         started = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        # Batches of similar length waste little compute on padding (HF towers trim it).
+        order = torch.argsort((self.tokens != 0).sum(dim=1), stable=True)
         out = []
         with torch.no_grad(), _autocast(self.device, self.precision):
-            for i in range(0, len(self.tokens), batch_size):
-                out.append(text_backbone(self.model, self.tokens[i : i + batch_size].to(self.device)).float().cpu())
+            for i in range(0, len(order), batch_size):
+                batch = self.tokens[order[i : i + batch_size]].to(self.device)
+                out.append(text_backbone(self.model, batch).float().cpu())
         self.model.train(was_training)
-        features = torch.cat(out)
+        features = torch.empty((len(order), out[0].shape[1]), dtype=torch.float32)
+        features[order] = torch.cat(out)
         from .fsutil import atomic_path
 
         with atomic_path(cache) as tmp:
@@ -532,7 +578,7 @@ class _Run:
         """Text embeddings (unnormalised) of the given caption rows, with gradients where trainable."""
         if self.text_features is not None:
             return text_head(self.model, self.text_features[caption_ids.to(self.text_features.device)])
-        return self.model.encode_text(self.tokens[caption_ids].to(self.device, non_blocking=True))
+        return encode_text_tokens(self.model, self.tokens[caption_ids].to(self.device, non_blocking=True))
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -721,8 +767,17 @@ def train(
     if resume and not (out / LAST_CHECKPOINT).exists():
         raise TrainingError(f"nothing to resume: {out / LAST_CHECKPOINT} does not exist")
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(int(config.threads))
+    try:
+        return _train(data, out, config, resume, progress, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool, progress: Optional[Progress],
+           started: float) -> TrainResult:
     pairs = read_pairs(data)
     run = _Run(pairs, out, config)
     if resume:
