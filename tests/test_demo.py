@@ -57,6 +57,11 @@ def test_queries_hits_and_their_scores(demo):
         expected = [all(attrs[h.path][key] == value for key, value in wanted.items()) for h in q.hits]
         assert q.matches == expected
         assert q.precision == sum(expected) / 4
+        assert set(q.attribute_matches) == set(wanted)
+        for attr, value in wanted.items():
+            assert q.attribute_precision[attr] == sum(attrs[h.path][attr] == value for h in q.hits) / 4
+    for q in report.image_queries:  # a query picture is compared on all four attributes
+        assert list(q.attribute_matches) == ["color", "size", "shape", "position"]
 
 
 def test_benchmark_and_report_fields(demo):
