@@ -1,0 +1,82 @@
+"""Training throughput of `vlsearch train` on CPU: optimizer steps/s of the tiny model.
+
+Generates the procedural shapes set (64 px) in a temp folder, then times ``--steps`` steps of
+``train()`` per setting (threads, locked/precomputed text tower, augmentation). The rate is taken
+between the first and the last step, so model creation, tokenisation, text precomputation and
+worker start-up are excluded (they are reported as "setup s"). CPU s/step is the main process's
+CPU time (decoding workers excluded). The 1-minute load average is printed: on a shared machine
+it says how much of the wall time was spent waiting for a core.
+
+    python benchmarks/train_tiny.py [--steps 20] [--batch-size 128] [--images 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.shapes import ShapesConfig, generate_shapes  # noqa: E402
+from vlsearch.train import TrainConfig, train  # noqa: E402
+
+
+def timed_run(manifest: Path, out: Path, config: TrainConfig) -> dict[str, float]:
+    stamps: list[tuple[float, float]] = []
+    started = time.perf_counter()
+    result = train(manifest, out, config,
+                   progress=lambda step, total, **_: stamps.append((time.perf_counter(), time.process_time())))
+    (w0, c0), (w1, c1) = stamps[0], stamps[-1]
+    n = len(stamps) - 1
+    return {"steps/s": n / (w1 - w0), "cpu s/step": (c1 - c0) / n, "setup s": stamps[0][0] - started,
+            "final loss": result.losses[-1], "load": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    base = TrainConfig(batch_size=args.batch_size, max_steps=args.steps, warmup_steps=5, val_fraction=0.0,
+                       checkpoint_every=0, workers=args.workers, threads=1)
+    settings = [
+        ("full model, augment, 1 thread", base),
+        ("full model, augment, 2 threads", replace(base, threads=2)),
+        ("full model, no augment, 1 thread", replace(base, augment=None)),
+        ("locked text, precomputed, 1 thread", replace(base, lock_text=True)),
+        ("locked text, not precomputed, 1 thread", replace(base, lock_text=True, precompute_text=False)),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = generate_shapes(Path(tmp) / "shapes", ShapesConfig(n_train=args.images, n_heldout=0))
+        for i, (name, config) in enumerate(settings):
+            r = timed_run(data.train_manifest, Path(tmp) / f"run{i}", config)
+            print(f"{name:42} {r['steps/s']:.2f} steps/s  {r['cpu s/step']:.3f} cpu s/step  "
+                  f"setup {r['setup s']:.1f}s  load {r['load']:.1f}", flush=True)
+            rows.append([name, round(r["steps/s"], 2), round(r["steps/s"] * args.batch_size, 1),
+                         round(r["cpu s/step"], 3), round(r["setup s"], 1), round(r["load"], 1)])
+    body = "\n".join([
+        "## Training throughput (tiny model, CPU)",
+        "",
+        f"`{command_line()}` — vlsearch-tiny (3.9 M params, 64 px), batch {args.batch_size}, "
+        f"{args.workers} decoding workers, {args.steps} steps per row, generated shapes images.",
+        f"Machine: {machine()}.",
+        "",
+        markdown_table(["setting", "steps/s", "pairs/s", "CPU s/step (main)", "setup s", "load avg"], rows),
+        "",
+        "A load average above the core count means other jobs shared the cores: wall-clock rates are then",
+        "lower bounds; CPU s/step is the steadier figure.",
+    ])
+    write_section("train_tiny", body)
+
+
+if __name__ == "__main__":
+    main()
