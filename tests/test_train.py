@@ -264,3 +264,15 @@ def test_cli_train(shapes, tmp_path):
     assert (out / "model.pt").is_file() and "model.pt" in result.output
     result = CliRunner().invoke(app, ["train", str(tmp_path / "missing.csv"), str(tmp_path / "x")])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_runs_through_autocast_and_grad_scaler(shapes, tmp_path, precision):
+    # On CPU here; the same code path (autocast + GradScaler for fp16, unscale before clipping)
+    # is what runs on a GPU.
+    run = _Run(read_pairs(shapes), tmp_path, replace(FAST, precision=precision, device="cpu"))
+    assert run.scaler.is_enabled() == (precision == "fp16")
+    before = run.model.visual.conv1.weight.detach().clone()
+    loss = run.train_step(torch.randn(4, 3, 64, 64), torch.tensor([0, 2, 4, 6]))
+    assert math.isfinite(loss) and not torch.equal(before, run.model.visual.conv1.weight)
+    assert run.model.visual.conv1.weight.dtype == torch.float32  # master weights stay fp32
