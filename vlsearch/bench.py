@@ -35,6 +35,7 @@ import numpy as np
 
 from .collection import CAPTIONS_DIR, IMAGES_DIR, Collection
 from .errors import CollectionError, VlsearchError
+from .exact import exact_search
 from .metrics import DEFAULT_KS, ann_recall, embedding_ranks, metrics_from_ranks, ranks_from_ids
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,9 @@ def run_benchmark(
     nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes) if coll.has_index() else []
     total = 1 + len(nprobes)
     t2i, i2t = embedding_ranks(data.captions, data.images, data.text_image, text_q, image_q)
-    def exact_fn(q: np.ndarray) -> np.ndarray:
-        from .exact import exact_search
 
-        _, ids = exact_search(q, data.images, k, ids=data.image_ids)
-        return ids
+    def exact_fn(q: np.ndarray) -> np.ndarray:
+        return exact_search(q, data.images, k, ids=data.image_ids)[1]
 
     exact_ids, exact_timing = _timed(exact_fn, queries, latency_q)
     result: dict[str, Any] = {
@@ -140,23 +139,30 @@ def run_benchmark(
     if not nprobes:
         notes.append("no index: exact search only (build an index to benchmark ANN search)")
         return result
-
     searcher = _open_searcher(coll)
     targets = data.image_ids[data.text_image[text_q]]
     for i, nprobe in enumerate(nprobes):
-        def ann_fn(q: np.ndarray, nprobe: int | None = nprobe) -> np.ndarray:
-            return searcher.knn(q, k=k, nprobe=nprobe)[1]
-
-        ann_ids, timing = _timed(ann_fn, queries, latency_q)
-        result["ann"].append({
-            "nprobe": nprobe,
-            "t2i": _depth_limited(metrics_from_ranks(ranks_from_ids(ann_ids, targets), ks, depth=k)),
-            "ann_recall": {"k": k, "recall": ann_recall(ann_ids, exact_ids, k)},
-            **timing,
-        })
+        result["ann"].append(_ann_row(searcher, nprobe, queries, latency_q, targets, exact_ids, ks))
         if progress is not None:
             progress(i + 2, total, stage=f"nprobe={nprobe}")
     return result
+
+
+def _ann_row(searcher: Any, nprobe: int | None, queries: np.ndarray, latency_q: np.ndarray,
+             targets: np.ndarray, exact_ids: np.ndarray, ks: tuple[int, ...]) -> dict[str, Any]:
+    """Metrics and timings of the ANN index at one nprobe (t2i; ranks known down to depth k)."""
+    k = max(ks)
+
+    def ann_fn(q: np.ndarray) -> np.ndarray:
+        return searcher.knn(q, k=k, nprobe=nprobe)[1]
+
+    ann_ids, timing = _timed(ann_fn, queries, latency_q)
+    return {
+        "nprobe": nprobe,
+        "t2i": _depth_limited(metrics_from_ranks(ranks_from_ids(ann_ids, targets), ks, depth=k)),
+        "ann_recall": {"k": k, "recall": ann_recall(ann_ids, exact_ids, k)},
+        **timing,
+    }
 
 
 def _depth_limited(m: dict[str, Any]) -> dict[str, Any]:
