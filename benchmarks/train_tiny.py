@@ -29,8 +29,12 @@ from vlsearch.train import TrainConfig, train  # noqa: E402
 def timed_run(manifest: Path, out: Path, config: TrainConfig) -> dict[str, float]:
     stamps: list[tuple[float, float]] = []
     started = time.perf_counter()
-    result = train(manifest, out, config,
-                   progress=lambda step, total, **_: stamps.append((time.perf_counter(), time.process_time())))
+
+    def progress(step: int, total: int, stage: str = "train", **_: object) -> None:
+        if stage == "train":
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    result = train(manifest, out, config, progress=progress)
     (w0, c0), (w1, c1) = stamps[0], stamps[-1]
     n = len(stamps) - 1
     return {"steps/s": n / (w1 - w0), "cpu s/step": (c1 - c0) / n, "setup s": stamps[0][0] - started,

@@ -192,8 +192,10 @@ def test_lock_text_freezes_text_tower_and_precompute_gives_the_same_loss(shapes,
     pairs = read_pairs(shapes)
     locked = replace(FAST, lock_text=True, precompute_text=False)
     plain = _Run(pairs, tmp_path / "a", locked)
-    cached = _Run(pairs, tmp_path / "b", replace(locked, precompute_text=True))
+    calls = []
+    cached = _Run(pairs, tmp_path / "b", replace(locked, precompute_text=True), lambda *a, **kw: calls.append((a, kw)))
     assert cached.text_features is not None and plain.text_features is None
+    assert calls[-1] == ((49, 49), {"stage": "text"})
     assert (tmp_path / "b" / "text_features.pt").is_file()
     images, ids = torch.randn(6, 3, 64, 64), torch.tensor([0, 3, 5, 8, 11, 13])
     assert plain.loss(images, ids).item() == pytest.approx(cached.loss(images, ids).item(), abs=1e-5)

@@ -497,7 +497,7 @@ def _autocast(device: torch.device, precision: str):
 class _Run:
     """State of one training run (model, optimiser, data); ``train`` drives it."""
 
-    def __init__(self, pairs: PairData, out_dir: Path, config: TrainConfig):
+    def __init__(self, pairs: PairData, out_dir: Path, config: TrainConfig, progress: Optional[Progress] = None):
         self.pairs, self.out_dir, self.config = pairs, out_dir, config
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
@@ -529,7 +529,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.losses, self.val = 0, [], []
         self.tokens = self._tokenize(pairs.captions)
-        self.text_features = self._precompute_text() if config.use_precomputed_text else None
+        self.text_features = self._precompute_text(progress=progress) if config.use_precomputed_text else None
         image_size = int(np.max(self.model.visual.preprocess_cfg["size"]))
         self.train_data = _ImageDataset(pairs, train_transform(self.model, config.augment), 2 * image_size)
         self.eval_data = _ImageDataset(pairs, image_transform(self.model, is_train=False), 2 * image_size)
@@ -545,8 +545,10 @@ class _Run:
         digest = hashlib.sha1("\n".join(self.pairs.captions).encode("utf-8")).hexdigest()
         return {"model": self.config.model, "pretrained": self.pretrained_tag, "captions_sha1": digest}
 
-    def _precompute_text(self, batch_size: int = 256) -> torch.Tensor:
-        """Run the frozen text backbone over every caption once (cached in out_dir)."""
+    def _precompute_text(self, batch_size: int = 256, progress: Optional[Progress] = None) -> torch.Tensor:
+        """Run the frozen text backbone over every caption once (cached in out_dir).
+
+        ``progress(done, total, stage="text")`` is called as captions are encoded."""
         cache = self.out_dir / TEXT_CACHE
         key = self._cache_key()
         if cache.is_file():
@@ -564,6 +566,8 @@ class _Run:
             for i in range(0, len(order), batch_size):
                 batch = self.tokens[order[i : i + batch_size]].to(self.device)
                 out.append(text_backbone(self.model, batch).float().cpu())
+                if progress is not None:
+                    progress(min(i + batch_size, len(order)), len(order), stage="text")
         self.model.train(was_training)
         features = torch.empty((len(order), out[0].shape[1]), dtype=torch.float32)
         features[order] = torch.cat(out)
@@ -755,7 +759,8 @@ def train(
 ) -> TrainResult:
     """Train ``config.model`` contrastively on the manifest ``data``; write checkpoints to ``out_dir``.
 
-    ``progress(step, total, loss=..., temperature=...)`` is called after every step. Raises
+    ``progress(step, total, loss=..., temperature=...)`` is called after every step (and
+    ``progress(captions_done, n_captions, stage="text")`` while text features are precomputed). Raises
     :class:`TrainingError` on unusable data, an existing run in ``out_dir`` without ``resume``,
     or a diverging loss. See the module docstring for the data and checkpoint conventions.
     """
@@ -779,7 +784,7 @@ def train(
 def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool, progress: Optional[Progress],
            started: float) -> TrainResult:
     pairs = read_pairs(data)
-    run = _Run(pairs, out, config)
+    run = _Run(pairs, out, config, progress)
     if resume:
         run.load_last()
     first_step = run.step
