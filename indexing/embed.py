@@ -37,7 +37,7 @@ from vlsearch.collection import (
 )
 from vlsearch.errors import CollectionError, CollectionMismatchError, SourceError
 from vlsearch.images import MAX_PIXELS
-from vlsearch.models import DEFAULT_MODEL, Encoder, load_model
+from vlsearch.models import DEFAULT_MODEL, Encoder, _default_pretrained, load_model
 
 from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches
 from .sources import ImageRecord, ImageSource, open_source
@@ -119,7 +119,7 @@ def embed(
 
 def _same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
     """Whether ``config`` names the collection's model, judged without loading it."""
-    pretrained = config.pretrained
+    pretrained = _default_pretrained(config.model, config.pretrained)
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
     return (config.model, pretrained) == (coll.model.name, coll.model.pretrained)
@@ -156,6 +156,9 @@ def _run(coll: Collection, source: ImageSource, records: Iterator[ImageRecord], 
                                  pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
         images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
         coll.write_shard(number, images, captions, failures)
+        if failures.num_rows:
+            log.warning("shard %d: %d of %d images refused (listed in %s/failures)", number, failures.num_rows,
+                        len(chunk), coll.path)
         for key, table in (("images", images), ("captions", captions), ("failures", failures)):
             counts[key] += table.num_rows
         counts["shards"] = number + 1
@@ -211,7 +214,7 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
         ok += batch.ok
         sizes += batch.sizes
         for i, kind, message in batch.failures:
-            log.warning("refused %s: %s: %s", chunk[i].path, kind, message)
+            log.info("refused %s: %s: %s", chunk[i].path, kind, message)
         failed += batch.failures
         stats.done += len(batch.ok) + len(batch.failures)
         stats.failures += len(batch.failures)
