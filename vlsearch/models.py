@@ -325,7 +325,8 @@ class _DropRandomInitWarning(logging.Filter):
     """open_clip warns 'initialized randomly' before we load the file's weights: not true for us."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+        message = record.getMessage()
+        return "initialized randomly" not in message and "initialized partially" not in message
 
 
 def _create_from_file(name: str, path: str | os.PathLike) -> torch.nn.Module:
@@ -546,7 +547,8 @@ def _load_without_text_backbone(model: torch.nn.Module, path: str | os.PathLike)
     missing = [k for k in result.missing_keys if not k.startswith("text.transformer.")]
     if missing or result.unexpected_keys:
         raise CheckpointMismatchError(
-            f"checkpoint {path} does not fit architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+            f"checkpoint {path} does not fit this architecture (text backbone excepted): missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}")
 
 
 def text_backbone_keys(model: torch.nn.Module) -> list[str]:
