@@ -74,6 +74,7 @@ def test_benchmark_and_report_fields(demo):
     assert b["ann"] and all(0 <= a["ann_recall"]["recall"] <= 1 for a in b["ann"])
     assert report.chance == pytest.approx({"R@1": 1 / 40, "R@5": 5 / 40, "R@10": 10 / 40})
     assert report.training["steps"] == 2 and np.isfinite(report.training["last_loss"])
+    assert report.notes == []  # the trained checkpoint is not flagged as untrained
     assert set(report.timings) == {"generate", "train", "embed", "index", "queries", "benchmark", "contact sheet"}
     assert report.seconds >= sum(report.timings.values()) - 1e-6
     assert {"generate", "train", "embed"} <= set(stages)  # progress is forwarded, tagged by stage
@@ -146,3 +147,5 @@ def test_data_mode_indexes_a_captioned_folder(tmp_path):
     assert all(q.matches is None and len(q.hits) == 3 for q in report.text_queries + report.image_queries)
     assert report.image_queries[0].query == "images/000000.png"  # paths as the source records them
     assert report.benchmark["n_captions"] == 40 and report.contact_sheet.is_file()
+    assert "random initialisation" in report.notes[0]  # the untrained tiny model is flagged
+    assert "note: vlsearch-tiny has no trained weights" in format_report(report)

@@ -160,6 +160,7 @@ class DemoReport:
     seconds: float
     dataset: dict[str, Any] = field(default_factory=dict)  #: manifests and counts (shapes mode) or the source
     training: Optional[dict[str, Any]] = None  #: steps, epochs, seconds, first/last loss (shapes mode)
+    notes: list[str] = field(default_factory=list)  #: caveats worth reading (e.g. an untrained model)
 
     @property
     def report_path(self) -> Path:
@@ -172,7 +173,7 @@ class DemoReport:
             "text_queries": [q.to_dict() for q in self.text_queries],
             "image_queries": [q.to_dict() for q in self.image_queries],
             "benchmark": self.benchmark, "chance": self.chance, "contact_sheet": str(self.contact_sheet),
-            "timings": self.timings, "seconds": self.seconds,
+            "timings": self.timings, "seconds": self.seconds, "notes": self.notes,
         }
 
 
@@ -241,7 +242,7 @@ def run_demo(
         index=index, text_queries=text_q, image_queries=image_q, benchmark=bench,
         chance={f"R@{k}": min(1.0, k / n_images) for k in bench.get("ks", (1, 5, 10))},
         contact_sheet=sheet, timings=dict(stages.timings), seconds=round(time.perf_counter() - started, 2),
-        dataset=prepared["dataset"], training=prepared.get("training"),
+        dataset=prepared["dataset"], training=prepared.get("training"), notes=_notes(encoder),
     )
     write_json(report.report_path, report.to_dict())
     return report
@@ -369,6 +370,13 @@ def _load_encoder(model: tuple[str, Optional[str]], mode: str) -> Any:
             raise
         log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, DEFAULT_MODEL)
         return load_model(DEFAULT_MODEL)
+
+
+def _notes(encoder: Any) -> list[str]:
+    if encoder.pretrained is None:
+        return [f"{encoder.name} has no trained weights in this install (random initialisation): "
+                "its search results and figures are at chance level"]
+    return []
 
 
 def _embed(source: Any, collection: Path, encoder: Any, config: DemoConfig,
@@ -599,6 +607,7 @@ def format_report(report: DemoReport, show: int = 3) -> str:
     exact = report.benchmark["exact"]
     lines.append(f"text->image R@10 {100 * exact['t2i']['R@10']:.1f}% vs chance {100 * report.chance.get('R@10', 0):.1f}%;"
                  f" image->text R@10 {100 * exact['i2t']['R@10']:.1f}%")
+    lines += [f"note: {n}" for n in report.notes]
     if report.training:
         t = report.training
         lines.append(f"training: {t['steps']} steps, {t['epochs']} epochs, {t['seconds']:.0f}s, "
