@@ -20,7 +20,8 @@ steps 1-2 are skipped: the data is indexed with ``vlsearch-small`` when availabl
 default model) and the same queries, benchmark and contact sheet are made on real photos.
 
 Nothing here prints: :func:`run_demo` returns a :class:`DemoReport` (also written as
-``report.json``), and the CLI (``vlsearch demo``) shows it.
+``report.json``), and the CLI (``vlsearch demo``) shows it. Like the CLI, this module is an entry
+point over both halves of the package: it drives ``indexing`` (imported lazily, inside functions).
 """
 
 from __future__ import annotations
