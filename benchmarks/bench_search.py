@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--factory", default=None,
                     help="FAISS factory for the index (default: build_index's 'auto' when available, "
                          "else IVF{sqrt(n)*2 rounded},PQ{d/8}x4fs,RFlat)")
+    ap.add_argument("--builder", choices=("build_index", "local"), default="build_index",
+                    help="indexing.build.build_index (when present) or this script's plain faiss build")
     ap.add_argument("--k-factor", type=float, default=8.0, help="refine factor stored by the fallback index build")
     ap.add_argument("--k-factors", default="8,16,32,64", help="refine factors swept (indexes with a refine stage)")
     ap.add_argument("--omp-threads", type=int, default=1,
@@ -95,7 +97,7 @@ def make_view(coll_path: Path, factory: str | None, n: int) -> Path:
     return view
 
 
-def ensure_index(view: Path, factory: str | None, k_factor: float, log=print) -> dict:
+def ensure_index(view: Path, factory: str | None, k_factor: float, builder: str = "build_index", log=print) -> dict:
     from vlsearch.collection import Collection
 
     coll = Collection.open(view)
@@ -104,6 +106,8 @@ def ensure_index(view: Path, factory: str | None, k_factor: float, log=print) ->
     try:
         from indexing.build import build_index
     except ImportError:
+        build_index = None
+    if builder == "local":
         build_index = None
     t0 = time.perf_counter()
     if build_index is not None:
@@ -246,7 +250,7 @@ def main() -> None:
     t_start = time.perf_counter()
     data = load_dataset(a.n, a.dim, a.queries)
     view = make_view(data.collection, a.factory, a.n)
-    entry = ensure_index(view, a.factory, a.k_factor)
+    entry = ensure_index(view, a.factory, a.k_factor, a.builder)
     load = os.getloadavg()
 
     t0 = time.perf_counter()
