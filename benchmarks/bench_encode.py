@@ -1,0 +1,158 @@
+"""End-to-end indexing throughput (``indexing.embed``) vs the model alone, on real JPEGs.
+
+For each model, with the same batch size and torch threads:
+
+* model-only: forward passes over pre-decoded, pre-processed pixel tensors (the ceiling);
+* decode-only: ``indexing.decode`` (open + draft + RGB + EXIF + preprocess) without a model;
+* end-to-end: ``embed(folder, collection)`` with decode workers: listing, decoding in worker
+  processes overlapped with encoding, Parquet shard writes.
+
+The goal is end-to-end >= 0.95 x model-only for ViT-B-32. Model-only is measured before and
+after the end-to-end runs, so CPU contention from other processes shows up as a spread.
+
+    nice -n 10 python benchmarks/bench_encode.py --images 1000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from indexing.decode import decode_batches  # noqa: E402
+from indexing.embed import EmbedConfig, embed  # noqa: E402
+from indexing.sources import open_source  # noqa: E402
+from vlsearch.images import open_image  # noqa: E402
+from vlsearch.models import TINY_MODEL, Encoder, load_model  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-test" / "images"
+
+
+def gallery(images: Path, n: int, tmp: Path) -> Path:
+    """A folder of symlinks to the first ``n`` images (sorted), so ``embed`` sees a plain folder."""
+    folder = tmp / "gallery"
+    folder.mkdir()
+    for path in sorted(images.glob("*.jpg"))[:n]:
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
+def model_only(enc: Encoder, pixels: torch.Tensor, batch_size: int) -> float:
+    enc.encode_image_tensors(pixels[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(pixels), batch_size):
+        enc.encode_image_tensors(pixels[i : i + batch_size])
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def decode_only(enc: Encoder, folder: Path, batch_size: int, workers: int) -> float:
+    records = list(open_source(folder))
+    start = time.perf_counter()
+    n = sum(len(b.ok) for b in decode_batches(records, enc.preprocess, batch_size=batch_size, workers=workers,
+                                             draft_size=2 * enc.image_size))
+    return n / (time.perf_counter() - start)
+
+
+def end_to_end(enc: Encoder, folder: Path, out: Path, batch_size: int, workers: int) -> float:
+    config = EmbedConfig(model=enc.name, batch_size=batch_size, workers=workers, device=str(enc.device))
+    start = time.perf_counter()
+    coll = embed(folder, out, config, encoder=enc)
+    seconds = time.perf_counter() - start
+    assert coll.manifest.complete and coll.count("images") > 0
+    return coll.count("images") / seconds
+
+
+def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, workers_list: list[int]) -> list[list]:
+    enc = load_model(name, device=args.device)
+    paths = sorted(folder.iterdir())
+    pixels = torch.stack([enc.preprocess(open_image(p, draft_size=2 * enc.image_size)) for p in paths])
+    before = model_only(enc, pixels, args.batch_size)
+    decode_1 = decode_only(enc, folder, args.batch_size, 1)  # as in the pipeline: a 1-thread worker process
+    e2e = {w: end_to_end(enc, folder, tmp / f"{name}-w{w}", args.batch_size, w) for w in workers_list}
+    after = model_only(enc, pixels, args.batch_size)
+    mean = (before + after) / 2
+    rows = []
+    for w, rate in e2e.items():
+        rows.append([name, len(paths), w, round(before, 1), round(after, 1), round(decode_1, 1), round(rate, 1),
+                     round(rate / mean, 3)])
+        print(dict(zip(HEADERS, rows[-1])), flush=True)
+    return rows
+
+
+HEADERS = ["model", "images", "decode workers", "model-only img/s (before)", "model-only img/s (after)",
+           "decode-only img/s (1 worker)", "end-to-end img/s", "end-to-end / model-only"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1000, help="first N images of flickr8k-test")
+    ap.add_argument("--vit-images", type=int, default=None, help="fewer images for ViT-B-32 (slow on 2 CPU cores)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the encoding process")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--models", default=f"ViT-B-32,{TINY_MODEL}")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"data not found: {args.data}")
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.models.split(","):
+            n = args.vit_images if name == "ViT-B-32" and args.vit_images else args.images
+            sub = tmp / name
+            sub.mkdir()
+            folder = gallery(args.data, n, sub)
+            workers = [1] if name == "ViT-B-32" else [0, 1, 2]
+            rows += bench_model(name, folder, sub, args, workers)
+    load_end = os.getloadavg()
+    body = "\n\n".join([
+        "## Indexing throughput: end-to-end `embed` vs model-only",
+        f"{machine()}; batch size {args.batch_size}, {args.threads} torch threads in the encoding process, "
+        f"decode workers are separate processes (1 thread each). Data: flickr8k-test JPEGs (224x224). "
+        f"Load average (1 min) {load_start[0]:.1f} at start, {load_end[0]:.1f} at end: the CPU was shared.",
+        f"`nice -n 10 {command_line()}`",
+        markdown_table(HEADERS, rows),
+        analysis(rows),
+    ])
+    print(body)
+    write_section("bench_encode", body)
+
+
+def analysis(rows: list[list]) -> str:
+    """What limits each model, from the measured per-image costs (not from assumptions)."""
+    lines = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == name]
+        best = max(mine, key=lambda r: r[6])
+        model_ms = 1000 / ((best[3] + best[4]) / 2)
+        decode_ms = 1000 / best[5]
+        share = decode_ms / (decode_ms + model_ms)
+        by_workers = ", ".join(f"{r[2]} worker(s): {r[7]:.2f}" for r in mine)
+        lines.append(
+            f"- **{name}**: forward {model_ms:.1f} ms/img, decode+preprocess {decode_ms:.1f} ms/img (one worker process), "
+            f"so decoding is {share:.0%} of the CPU work per image. End-to-end / model-only by decode workers: "
+            f"{by_workers}. "
+            + ("Model-bound: the pipeline keeps the model fed." if share < 0.1 else
+               f"Limited by decoding: its CPU cost alone caps the ratio near {1 - share:.2f} on a saturated CPU.")
+        )
+    lines.append(
+        "- On 2 busy cores decoding and the forward pass compete for the same CPU: decode workers hide decode "
+        "latency, not its CPU cost, so the best ratio is about 1 - decode share; more workers only help when "
+        "cores are idle (or the model runs on a GPU). Decode cost = JPEG decode + resize + normalise; `draft()` "
+        "only reduces JPEGs at least twice the model input (these are 224 px)."
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
