@@ -95,6 +95,11 @@ def embed(
     coll = Collection.open(path) if (path / MANIFEST).exists() else None
     if coll is not None:
         _check_source(coll, source)
+        if encoder is None and config.model != coll.model.name:  # refuse before loading a big model
+            raise CollectionMismatchError(
+                f"model {config.model} does not match collection {coll.path}, built with {coll.model.name} "
+                f"(pretrained={coll.model.pretrained}); embeddings from different models are not comparable"
+            )
         if coll.manifest.complete and encoder is None and _same_model_unloaded(coll, config):
             log.info("collection %s is complete; nothing to do", path)
             return coll

@@ -139,6 +139,8 @@ def test_rerun_with_another_model_or_source_is_refused(tmp_path, tiny_encoder):
     embed(src, tmp_path / "c", _config(), encoder=tiny_encoder)
     with pytest.raises(CollectionMismatchError, match="does not match"):
         embed(src, tmp_path / "c", _config(pretrained=None))  # the random-init tiny model
+    with pytest.raises(CollectionMismatchError, match="ViT-B-32 does not match"):
+        embed(src, tmp_path / "c", _config(model="ViT-B-32"))  # refused without loading it
     with pytest.raises(CollectionMismatchError, match="was embedded from folder"):
         embed(_folder(tmp_path / "other", 2), tmp_path / "c", _config(), encoder=tiny_encoder)
 
