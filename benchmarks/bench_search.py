@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--models", default="vlsearch-tiny,ViT-B-32")
     ap.add_argument("--text-queries", type=int, default=100)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads for batch-1 text encoding (intra-op threads only spin-wait on a shared CPU)")
     ap.add_argument("--wait", type=float, default=0, help="minutes to wait for another process generating the data")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     return ap.parse_args()
@@ -223,13 +225,14 @@ def sweep(searcher, queries, gt, k, nprobes, k_factors, target, log=print):
     return rows, best[0], (None if best[1] == "-" else best[1])
 
 
-def text_latency(model_name: str, searcher, queries, n: int, k: int, nprobe, kf, log=print) -> dict:
+def text_latency(model_name: str, searcher, queries, n: int, k: int, nprobe, kf, torch_threads: int,
+                 log=print) -> dict:
     """Tokenise + text tower (batch 1, no cache) and end-to-end with the search."""
     import torch
 
     from vlsearch.models import load_model
 
-    enc = load_model(model_name, None, device="cpu")
+    enc = load_model(model_name, None, device="cpu", threads=torch_threads)
     texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(n)]  # distinct: no cache hits
     enc.encode_texts(texts[:3])  # warm-up
     t_tok = time_each(lambda t: enc.tokenize([t]), texts)
@@ -298,7 +301,7 @@ def main() -> None:
           f"hits {t_hits[0]:.2f}/{t_hits[1]:.2f} ms, cold metadata {t_cold[0]:.2f}/{t_cold[1]:.2f} ms; "
           f"batch {batch_qps:,.0f} QPS; {a.threads} threads {thread_qps:,.0f} QPS")
 
-    texts = [text_latency(m, s, q, a.text_queries, k, nprobe, kf) for m in a.models.split(",") if m]
+    texts = [text_latency(m, s, q, a.text_queries, k, nprobe, kf, a.torch_threads) for m in a.models.split(",") if m]
 
     idx_bytes = (view / "index.faiss").stat().st_size
     goal = ("met" if t_hits[1] <= 5.0 and recall >= a.target_recall else
