@@ -62,7 +62,8 @@ def test_encode_text_and_image(tmp_path, tiny_checkpoint):
 
     Image.new("RGB", (30, 30), (9, 9, 9)).save(tmp_path / "a.png")
     result = runner.invoke(
-        app, ["encode", "a dog", "--image", str(tmp_path / "a.png"), "--pretrained", str(tiny_checkpoint)]
+        app, ["encode", "a dog", "--image", str(tmp_path / "a.png"), "--model", "vlsearch-tiny",
+              "--pretrained", str(tiny_checkpoint)]
     )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.strip().splitlines() if line.startswith("{")]
