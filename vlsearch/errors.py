@@ -52,6 +52,10 @@ class IndexNotBuiltError(CollectionError):
     """ANN search was requested on a collection that has no index yet."""
 
 
+class IndexConfigError(VlsearchError, ValueError):
+    """An index type (FAISS factory string), metric or memory budget is not acceptable."""
+
+
 class InvalidQueryError(VlsearchError, ValueError):
     """A search query (text, image, vector, k...) is not acceptable."""
 
