@@ -541,8 +541,8 @@ def build_index(
             reasons += list(gp.reasons)
             factory = gp.factory
     index = make_index(factory, dim, metric)
-    if plan.refine_k_factor is not None:
-        set_search_params(index, k_factor=plan.refine_k_factor)
+    if find_refine(index) is not None:  # FAISS defaults to k_factor=1: no re-ranking beyond k
+        set_search_params(index, k_factor=plan.refine_k_factor or policy.refine_k_factor)
 
     ids_all = coll.read_table(columns=["id"]).column("id").to_numpy().astype(np.int64)
     contiguous = bool(np.array_equal(ids_all, np.arange(n, dtype=np.int64)))
