@@ -119,8 +119,9 @@ def main() -> None:
         "## Indexing throughput: end-to-end `embed` vs model-only",
         f"{machine()}; batch size {args.batch_size}, {args.threads} torch threads in the encoding process, "
         f"decode workers are separate processes (1 thread each). Data: flickr8k-test JPEGs (224x224). "
-        f"Load average (1 min) {load_start[0]:.1f} at start, {load_end[0]:.1f} at end: the CPU was shared.",
-        f"`nice -n 10 {command_line()}`",
+        f"Load average (1 min) {load_start[0]:.1f} at start, {load_end[0]:.1f} at end"
+        + (": the CPU was shared." if max(load_start[0], load_end[0]) > (os.cpu_count() or 1) else "."),
+        f"`{command_line()}`",
         markdown_table(HEADERS, rows),
         analysis(rows),
     ])

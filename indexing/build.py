@@ -67,12 +67,13 @@ class AutoPolicy:
     max_nlist: int = 65_536
     #: Per-vector payload cap (codes + id + refine codes); the memory budget may lower it. 1 KiB
     #: leaves room for a full-dimension SQ8 refine code at 512-d: on the 100k x 512 synthetic set
-    #: IVF1024,PQ64x4fs,Refine(SQ8) reached recall@10 0.89-0.92 (nprobe 64-128, k_factor 10-20)
-    #: where the 80-byte Refine(PQ64) plan stayed at 0.41. Cap it (or --max-memory) for compact indexes.
+    #: IVF1024,PQ64x4fs,Refine(SQ8) reached recall@10 0.89-0.92 (nprobe 128, k_factor 10-20)
+    #: where the 80-byte PQ16x4fs,Refine(PQ64) plan stayed at 0.31-0.41 (benchmarks/refine_probe.py).
+    #: Cap it (or --max-memory) for compact indexes.
     max_bytes_per_vector: int = 1024
     #: Largest fast-scan PQ code in bytes (4-bit: 2 sub-quantizers per byte); halved (twice at
     #: most) when that leaves the refine code more room.
-    fastscan_bytes: int = 16
+    fastscan_bytes: int = 32
     #: Refine stage: the rest of the per-vector payload holds a full-dimension code (SQ8, SQ4 or
     #: 8-bit PQ); candidates re-ranked = ``refine_k_factor * k``.
     refine_k_factor: float = 10.0

@@ -91,10 +91,10 @@ def test_auto_flat_for_small_ivf_pq_above_threshold(tmp_path, data):
 def test_auto_respects_memory_budget():
     plan = B.choose_index(2_000_000, 512, B.parse_memory("30MB"))
     assert "Refine" not in plan.factory  # 30 MB / 2M vectors leaves no room for a refine code
-    assert B.choose_index(1_000_000, 512, B.parse_memory("4GB")).factory == "IVF4096,PQ32x4fs,Refine(SQ8)"
+    assert B.choose_index(1_000_000, 512, B.parse_memory("4GB")).factory == "IVF4096,PQ64x4fs,Refine(SQ8)"
     # a tighter budget trades the refine code down: 80% of 100 MiB over 1M vectors -> 83 bytes each
     assert B.choose_index(1_000_000, 512, B.parse_memory("100MB")).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
-    assert B.choose_index(10_000_000, 512, B.parse_memory("4GB")).factory == "IVF16384,PQ32x4fs,Refine(SQ4)"
+    assert B.choose_index(10_000_000, 512, B.parse_memory("4GB")).factory == "IVF16384,PQ64x4fs,Refine(SQ4)"
     compact = B.AutoPolicy(max_bytes_per_vector=80)
     assert B.choose_index(1_000_000, 512, B.parse_memory("4GB"), policy=compact).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
     assert B.choose_index(1000, 512, B.parse_memory("1MB")).factory != "Flat"  # Flat would not fit
