@@ -205,16 +205,24 @@ def embed_cmd(
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Manifest column of captions."),
 ) -> None:
     """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
-    import time
-
-    from indexing.embed import EmbedConfig, embed
-    from indexing.sources import open_source
+    from indexing.embed import EmbedConfig
 
     from .models import DEFAULT_MODEL
 
-    src = open_source(source, kind=source_type, image_column=image_column, caption_column=caption_column)
     config = EmbedConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, batch_size=batch_size, workers=workers,
                          device=device, shard_size=shard_size, threads=threads, decode_timeout=decode_timeout or None)
+    _embed_and_report(source, collection_dir, config, kind=source_type, image_column=image_column,
+                      caption_column=caption_column)
+
+
+def _embed_and_report(source: str, collection_dir: str, config: Any, **source_options: Any) -> None:
+    """Run ``indexing.embed`` with a tqdm bar and print the counts (shared by ``embed`` and ``index``)."""
+    import time
+
+    from indexing.embed import embed
+    from indexing.sources import open_source
+
+    src = open_source(source, **source_options)
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
         coll = embed(src, collection_dir, config, progress=bar)
@@ -272,17 +280,13 @@ def index_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the training sample and k-means."),
 ) -> None:
     """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
-    from indexing.embed import EmbedConfig, embed
-    from indexing.sources import open_source
+    from indexing.embed import EmbedConfig
 
     from .models import DEFAULT_MODEL
 
     config = EmbedConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, batch_size=batch_size, workers=workers,
                          device=device, shard_size=shard_size)
-    with TqdmProgress("embed", unit="img") as bar:
-        coll = embed(open_source(source), collection_dir, config, progress=bar)
-    c = coll.manifest.counts
-    typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures")
+    _embed_and_report(source, collection_dir, config)
     _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
 
 
