@@ -34,7 +34,12 @@ def machine() -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    """The command that is running, with its ``nice`` level when it was started under one."""
+    import shlex
+
+    niceness = os.nice(0)
+    prefix = f"nice -n {niceness} " if niceness > 0 else ""
+    return prefix + "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
 def write_section(name: str, body: str, path: Path = RESULTS) -> None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._results import machine, markdown_table, write_section  # noqa: E402
+from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-test"
@@ -163,7 +162,7 @@ def main() -> None:
         result = run_benchmark(run_dir / "collection", BenchConfig(nprobes=nprobes))
         result["collection"] = str((run_dir / "collection").relative_to(ROOT))
         plot_results(result, run_dir / "recall_qps.png")
-        command = "nice -n 10 python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+        command = command_line()
         run = {"label": args.label, "command": command, "machine": machine(), "embed": embed_info,
                "load_average": [round(x, 1) for x in os.getloadavg()], "comment": args.comment, "result": result}
         (run_dir / "results.json").write_text(json.dumps(run, indent=2))

@@ -142,7 +142,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}. Load average at the end: {load[0]:.1f} (shared machine: other jobs were running, "
         "so times are pessimistic and noisy).",
-        f"Command: `nice -n 10 {command_line()}`",
+        f"Command: `{command_line()}`",
         "",
         f"Exact search (`IndexFlatIP`, batched {len(q)} queries, k=100): **{exact_qps:.0f} q/s**, single-query p50 "
         f"{exact_p50:.1f} ms.",

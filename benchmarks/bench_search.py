@@ -311,7 +311,7 @@ def main() -> None:
         f"## Search (`benchmarks/bench_search.py`)\n",
         f"Machine: {machine()}; FAISS {faiss.__version__}, {a.omp_threads} OpenMP thread(s) for single/threaded "
         f"queries, {all_threads} for the batch; "
-        f"load average at start {load[0]:.1f} (shared CPU, run under `nice -n 10`).  ",
+        f"load average at start {load[0]:.1f} ({'shared CPU' if load[0] > (os.cpu_count() or 1) else 'idle CPU'}).  ",
         f"Command: `{command_line()}`  ",
         f"Collection: synthetic {a.n:,} x {a.dim} (benchmarks/synthetic.py), {len(q)} held-out queries, k={k}.  ",
         f"Index: `{entry.get('factory')}` ({idx_bytes / 2**20:,.0f} MiB, built by "
