@@ -110,7 +110,7 @@ def make_dataset(
     import pyarrow as pa
 
     from vlsearch.collection import Collection, Manifest, embedding_array
-    from vlsearch.models import ModelInfo
+    from vlsearch.modelinfo import ModelInfo
 
     if root.exists():  # an interrupted generation: start over
         import shutil

@@ -14,7 +14,7 @@ faiss = pytest.importorskip("faiss")
 from indexing import build as B  # noqa: E402
 from vlsearch.collection import Collection, Manifest, embedding_array  # noqa: E402
 from vlsearch.errors import CollectionMismatchError, IndexConfigError, IndexNotBuiltError  # noqa: E402
-from vlsearch.models import ModelInfo  # noqa: E402
+from vlsearch.modelinfo import ModelInfo  # noqa: E402
 
 DIM = 32
 SMALL = B.AutoPolicy(flat_max_n=1000, nlist_factor=1.0, min_nlist=16, fastscan_bytes=8,

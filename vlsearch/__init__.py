@@ -14,7 +14,7 @@ _LAZY = {
     "load_model": "vlsearch.models",
     "save_checkpoint": "vlsearch.models",
     "Encoder": "vlsearch.models",
-    "ModelInfo": "vlsearch.models",
+    "ModelInfo": "vlsearch.modelinfo",
     "Collection": "vlsearch.collection",
     "Manifest": "vlsearch.collection",
     "Searcher": "vlsearch.search",

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .errors import CollectionError, CollectionMismatchError, CollectionNotFoundError
 from .fsutil import atomic_path, write_json
-from .models import ModelInfo
+from .modelinfo import ModelInfo
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

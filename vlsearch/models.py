@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +33,7 @@ from .errors import (
 )
 from .fsutil import atomic_path
 from .images import ImageInput, open_image
+from .modelinfo import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +60,6 @@ HF_TEXT_PACKAGES: dict[str, tuple[str, str, str]] = {
 }
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What identifies an embedding space: recorded in every collection manifest."""
-
-    name: str
-    pretrained: str | None
-    dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
-        return cls(name=data["name"], pretrained=data.get("pretrained"), dim=int(data["dim"]))
 
 
 def available_models() -> list[str]:
