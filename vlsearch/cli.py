@@ -24,6 +24,17 @@ app = typer.Typer(
 )
 
 
+# Options shared by several commands (one definition, same flags and help everywhere).
+_MODEL_OPT = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model).")
+_PRETRAINED_OPT = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file.")
+_BATCH_OPT = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
+_WORKERS_OPT = typer.Option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process).")
+_DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
+_SHARD_OPT = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
+_SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
+_COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, or resumed).")
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn vlsearch's typed exceptions into a clear message and exit code 1."""
 
@@ -132,8 +143,8 @@ def encode_cmd(
     texts: list[str] = typer.Argument(None, help="Texts to encode."),
     image: list[str] = typer.Option([], "--image", "-i", help="Image file to encode (repeatable)."),
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    pretrained: Optional[str] = _PRETRAINED_OPT,
+    device: str = _DEVICE_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
     from .models import DEFAULT_MODEL, load_model
@@ -190,14 +201,14 @@ def bench_cmd(
 @app.command("embed")
 @handle_errors
 def embed_cmd(
-    source: str = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob)."),
-    collection_dir: str = typer.Argument(..., help="Output collection directory (created, or resumed)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard."),
+    source: str = _SOURCE_ARG,
+    collection_dir: str = _COLLECTION_OUT_ARG,
+    model: Optional[str] = _MODEL_OPT,
+    pretrained: Optional[str] = _PRETRAINED_OPT,
+    batch_size: int = _BATCH_OPT,
+    workers: int = _WORKERS_OPT,
+    device: str = _DEVICE_OPT,
+    shard_size: int = _SHARD_OPT,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the encoding process."),
     decode_timeout: float = typer.Option(30.0, "--decode-timeout", min=0.0, help="Seconds per image before it is refused (0: none)."),
     source_type: str = typer.Option("auto", "--source-type", help="auto, folder, manifest or webdataset."),
@@ -265,14 +276,14 @@ def build_index_cmd(
 @app.command("index")
 @handle_errors
 def index_cmd(
-    source: str = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob)."),
-    collection_dir: str = typer.Argument(..., help="Output collection directory (created, or resumed)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard."),
+    source: str = _SOURCE_ARG,
+    collection_dir: str = _COLLECTION_OUT_ARG,
+    model: Optional[str] = _MODEL_OPT,
+    pretrained: Optional[str] = _PRETRAINED_OPT,
+    batch_size: int = _BATCH_OPT,
+    workers: int = _WORKERS_OPT,
+    device: str = _DEVICE_OPT,
+    shard_size: int = _SHARD_OPT,
     index_type: str = typer.Option("auto", "--index-type", "-t", help=_INDEX_TYPE_HELP),
     max_memory: str = typer.Option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB)."),
     nprobe_default: Optional[int] = typer.Option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it."),
@@ -316,7 +327,7 @@ def train_cmd(
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=0, help="Steps between last.pt saves."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = _DEVICE_OPT,
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     workers: int = typer.Option(2, "--workers", "-w", min=0, help="Image decoding processes."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
@@ -354,9 +365,9 @@ def classify_cmd(
                                           "(default: the sub-folder names)."),
     templates: list[str] = typer.Option([], "--templates", "-t", help="Prompt with one {} (repeatable), or a "
                                         "file with one per line (default: 'a photo of a {}.' and 5 more)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    model: Optional[str] = _MODEL_OPT,
+    pretrained: Optional[str] = _PRETRAINED_OPT,
+    device: str = _DEVICE_OPT,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
@@ -401,7 +412,7 @@ def search_cmd(
     exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = _DEVICE_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
     from .search import Searcher, format_hits, hits_to_json_lines
