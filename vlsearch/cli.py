@@ -258,16 +258,21 @@ def _build_and_report(collection_dir: str, index_type: str, max_memory: str, npr
 
 _INDEX_TYPE_HELP = "'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32x4fs,Refine(SQ8)' or 'Flat'."
 
+_INDEX_TYPE_OPT = typer.Option("auto", "--index-type", "-t", help=_INDEX_TYPE_HELP)
+_MAX_MEMORY_OPT = typer.Option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB).")
+_NPROBE_DEFAULT_OPT = typer.Option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it.")
+_TRAIN_SIZE_OPT = typer.Option(None, "--train-size", min=1, help="Training sample size (default: auto).")
+_INDEX_SEED_OPT = typer.Option(0, "--seed", help="Seed of the training sample and k-means (reproducible builds).")
 
 @app.command("build-index")
 @handle_errors
 def build_index_cmd(
     collection_dir: str = typer.Argument(..., help="Collection directory (from `vlsearch embed`)."),
-    index_type: str = typer.Option("auto", "--index-type", "-t", help=_INDEX_TYPE_HELP),
-    max_memory: str = typer.Option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB)."),
-    nprobe_default: Optional[int] = typer.Option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Training sample size (default: auto)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the training sample and k-means (reproducible builds)."),
+    index_type: str = _INDEX_TYPE_OPT,
+    max_memory: str = _MAX_MEMORY_OPT,
+    nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
+    train_size: Optional[int] = _TRAIN_SIZE_OPT,
+    seed: int = _INDEX_SEED_OPT,
 ) -> None:
     """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
     _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
@@ -284,11 +289,11 @@ def index_cmd(
     workers: int = _WORKERS_OPT,
     device: str = _DEVICE_OPT,
     shard_size: int = _SHARD_OPT,
-    index_type: str = typer.Option("auto", "--index-type", "-t", help=_INDEX_TYPE_HELP),
-    max_memory: str = typer.Option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB)."),
-    nprobe_default: Optional[int] = typer.Option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Training sample size (default: auto)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the training sample and k-means."),
+    index_type: str = _INDEX_TYPE_OPT,
+    max_memory: str = _MAX_MEMORY_OPT,
+    nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
+    train_size: Optional[int] = _TRAIN_SIZE_OPT,
+    seed: int = _INDEX_SEED_OPT,
 ) -> None:
     """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
     from indexing.embed import EmbedConfig
