@@ -326,7 +326,8 @@ def train_cmd(
                                                    help="Cache locked-text features once (default: when fully locked)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resized crop + colour jitter."),
     crop_scale: float = typer.Option(0.8, "--crop-scale", min=0.05, max=1.0, help="Smallest crop area fraction."),
-    hflip: float = typer.Option(0.0, "--hflip", min=0.0, max=1.0, help="Horizontal flip probability (captions say left/right)."),
+    hflip: float = typer.Option(0.0, "--hflip", min=0.0, max=1.0,
+                               help="Horizontal flip probability (never for a caption that says left/right)."),
     color_jitter: float = typer.Option(0.3, "--color-jitter", min=0.0, help="Brightness/contrast jitter strength."),
     val_fraction: float = typer.Option(0.05, "--val-fraction", min=0.0, max=0.99, help="Images held out for validation."),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=0, help="Steps between last.pt saves."),
@@ -336,6 +337,8 @@ def train_cmd(
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     workers: int = typer.Option(2, "--workers", "-w", min=0, help="Image decoding processes."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    cache_images: bool = typer.Option(False, "--cache-images",
+                                      help="Decode all images into memory once and augment batches as tensors (fast on CPU)."),
     half: bool = typer.Option(False, "--half", help="Save model.pt in fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT_DIR from last.pt."),
 ) -> None:
@@ -349,7 +352,8 @@ def train_cmd(
                              lock_text=lock_text, lock_text_unlocked_layers=unlocked_layers, lock_image=lock_image,
                              precompute_text=precompute_text, augment=aug, val_fraction=val_fraction,
                              checkpoint_every=checkpoint_every, max_steps=max_steps, seed=seed, device=device,
-                             precision=precision, workers=workers, threads=threads, half_final=half)
+                             precision=precision, workers=workers, threads=threads, cache_images=cache_images,
+                             half_final=half)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     with TqdmProgress("train", unit="step") as bar:
