@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsearch.train import TrainConfig, _Run, read_pairs, train
+from vlsearch.train import TrainConfig, _Run, clip_loss, epoch_order, read_pairs, split_images, train
 from vlsearch.train_images import (
     AugmentConfig,
     MemoryImages,
@@ -149,3 +149,29 @@ def test_cached_and_decoded_batches_match_without_augmentation(shapes, tmp_path)
     assert error < 0.1 and error < (from_memory - decoded.roll(1, dims=0)).abs().mean() / 3
     with pytest.raises(ValueError, match="hue"):
         TrainConfig(cache_images=True, augment=AugmentConfig(hue=0.1))
+
+
+def test_several_captions_per_image_are_distinct_and_the_loss_is_their_mean(shapes, tmp_path):
+    pairs = read_pairs(shapes)
+    train_idx, _ = split_images(len(pairs.images), 0.0, 0)
+    order, captions = epoch_order(train_idx, pairs, seed=0, epoch=3, captions_per_image=3)
+    assert captions.shape == (len(order), 3)
+    for image, row in zip(order, captions):
+        lo, hi = pairs.starts[image], pairs.starts[image + 1]
+        assert ((row >= lo) & (row < hi)).all()
+        assert len(set(row.tolist())) == min(3, hi - lo)  # distinct, cycling when an image has fewer
+    assert captions[:, :2].tolist() == epoch_order(train_idx, pairs, 0, 3, captions_per_image=2)[1].tolist()
+
+    run = _Run(pairs, tmp_path / "k", replace(FAST, captions_per_image=2, lock_text=True))
+    images, ids = torch.randn(4, 3, 64, 64), torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    with torch.no_grad():
+        got = run.loss(images, ids)
+        img = F.normalize(run.model.encode_image(images), dim=-1)
+        txt = F.normalize(run.encode_captions(ids.flatten()), dim=-1).view(4, 2, -1)
+        scale = run.model.logit_scale.exp()
+        want = (clip_loss(img, txt[:, 0], scale) + clip_loss(img, txt[:, 1], scale)) / 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    result = train(shapes, tmp_path / "k2", replace(FAST, epochs=2, captions_per_image=2, cache_images=True))
+    assert result.steps == 2 * 3 and all(np.isfinite(result.losses))
+    with pytest.raises(ValueError, match="captions_per_image"):
+        TrainConfig(captions_per_image=0)

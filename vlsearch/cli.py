@@ -337,6 +337,8 @@ def train_cmd(
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     workers: int = typer.Option(2, "--workers", "-w", min=0, help="Image decoding processes."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    captions_per_image: int = typer.Option(1, "--captions-per-image", min=1,
+                                           help="Captions of each image per step (loss averaged over them)."),
     cache_images: bool = typer.Option(False, "--cache-images",
                                       help="Decode all images into memory once and augment batches as tensors (fast on CPU)."),
     half: bool = typer.Option(False, "--half", help="Save model.pt in fp16."),
@@ -353,6 +355,7 @@ def train_cmd(
                              precompute_text=precompute_text, augment=aug, val_fraction=val_fraction,
                              checkpoint_every=checkpoint_every, max_steps=max_steps, seed=seed, device=device,
                              precision=precision, workers=workers, threads=threads, cache_images=cache_images,
+                             captions_per_image=captions_per_image,
                              half_final=half)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -11,7 +11,8 @@ Design choices:
 * **One caption per image per epoch.** An epoch is one pass over the training *images* in a
   seeded random order; each image is paired with one of its captions drawn by the same seed. A
   batch therefore never holds the same image twice (a duplicate would be a false negative for
-  InfoNCE), and over epochs every caption is seen.
+  InfoNCE), and over epochs every caption is seen. ``captions_per_image`` K > 1 pairs each image
+  with K of its captions at once (the loss is the mean over the K draws).
 * **Locked towers (LiT).** ``lock_text`` freezes the text tower with open_clip's
   ``lock_text_tower`` (``lock_text_unlocked_layers`` leaves the last N blocks trainable);
   ``lock_image`` freezes the image tower. Fully locked towers run in eval mode (no dropout).
@@ -107,6 +108,10 @@ class TrainConfig:
     precision: str = "auto"
     #: DataLoader worker processes decoding images (0: decode in the main process).
     workers: int = 2
+    #: Captions of each image used in every step: the loss is the mean of the CLIP loss over K
+    #: caption draws. With precomputed text features extra captions cost almost nothing and give
+    #: the image tower K times the supervision per image it encodes.
+    captions_per_image: int = 1
     #: Decode every image once into memory (uint8 squares at twice the model's input side) and
     #: augment whole batches as tensors: several times faster on CPU for a set that fits in RAM.
     cache_images: bool = False
@@ -130,6 +135,7 @@ class TrainConfig:
             (self.val_every >= 0, "val_every must be >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.workers >= 0, "workers must be >= 0"),
+            (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or None"),
             (self.precision in ("auto", "fp32", "fp16", "bf16"), "precision must be auto, fp32, fp16 or bf16"),
         ]
@@ -268,13 +274,22 @@ def split_images(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def epoch_order(train_images: np.ndarray, pairs: PairData, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The epoch's image order and the caption drawn for each: a pure function of (seed, epoch)."""
+def epoch_order(train_images: np.ndarray, pairs: PairData, seed: int, epoch: int,
+                captions_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's image order and the captions drawn for each: a pure function of (seed, epoch).
+
+    With ``captions_per_image`` 1 the captions come back as one row id per image; with K > 1 as an
+    (n, K) array of distinct captions of each image (cycling when an image has fewer than K)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(train_images)
     counts = pairs.starts[order + 1] - pairs.starts[order]
-    captions = pairs.starts[order] + (rng.random(len(order)) * counts).astype(np.int64)
-    return order, captions
+    if captions_per_image == 1:
+        return order, pairs.starts[order] + (rng.random(len(order)) * counts).astype(np.int64)
+    keys = rng.random((len(order), int(counts.max())))
+    keys[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = np.inf  # positions past an image's captions
+    ranked = np.argsort(keys, axis=1)
+    picks = ranked[np.arange(len(order))[:, None], np.arange(captions_per_image)[None, :] % counts[:, None]]
+    return order, pairs.starts[order][:, None] + picks
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -580,8 +595,13 @@ class _Run:
     def loss(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.precision):
             image_features = F.normalize(self.model.encode_image(images.to(self.device, non_blocking=True)).float(), dim=-1)
-            text_features = F.normalize(self.encode_captions(caption_ids).float(), dim=-1)
-            return clip_loss(image_features, text_features, self.model.logit_scale.exp().float())
+            text_features = F.normalize(self.encode_captions(caption_ids.flatten()).float(), dim=-1)
+            scale = self.model.logit_scale.exp().float()
+            if caption_ids.dim() == 1:
+                return clip_loss(image_features, text_features, scale)
+            text_features = text_features.view(*caption_ids.shape, -1)
+            return torch.stack([clip_loss(image_features, text_features[:, k], scale)
+                                for k in range(caption_ids.shape[1])]).mean()
 
     def step_generator(self) -> torch.Generator:
         """The augmentation randomness of the current step: a function of (seed, step), so resumes are exact."""
@@ -592,7 +612,10 @@ class _Run:
         augment = self.config.augment
         if augment is None or not augment.hflip:
             return None
-        return (torch.rand(len(caption_ids), generator=generator) < augment.hflip) & self.flip_ok[caption_ids]
+        allowed = self.flip_ok[caption_ids]
+        if allowed.dim() == 2:  # several captions per image: every one must allow the mirror
+            allowed = allowed.all(dim=1)
+        return (torch.rand(len(caption_ids), generator=generator) < augment.hflip) & allowed
 
     def batch_images(self, index: torch.Tensor, caption_ids: torch.Tensor,
                      decoded: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -849,7 +872,7 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
 
 def _train_epoch(run: _Run, epoch: int, offset: int, progress: Optional[Progress]) -> None:
     """Steps ``offset..`` of ``epoch`` (stops early at ``total_steps``), checkpointing as configured."""
-    order, captions = epoch_order(run.train_images, run.pairs, run.config.seed, epoch)
+    order, captions = epoch_order(run.train_images, run.pairs, run.config.seed, epoch, run.config.captions_per_image)
     caption_of = dict(zip(order.tolist(), captions.tolist()))
     bs = run.batch_size
     n_batches = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
