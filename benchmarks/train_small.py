@@ -55,8 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    p.add_argument("--captions-per-image", type=int, default=5, help="captions of each image per step (loss averaged)")
+    p.add_argument("--hflip", type=float, default=0.0, help="flip probability (only where no caption says left/right)")
+    p.add_argument("--image-size", type=int, default=None, help="ablation: input size other than the config's")
+    p.add_argument("--trunk", default=None, help="ablation: another timm image trunk than the config's")
+    p.add_argument("--no-cache-images", action="store_true", help="decode every step (DataLoader) instead of in memory")
+    p.add_argument("--val-every", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--text-cache", default=None,
                    help="text_features.pt of an earlier run on the same captions (same text tower): reused")
     p.add_argument("--resume", action="store_true")
@@ -88,6 +94,23 @@ def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
     with atomic_path(out / TEXT_CACHE) as tmp:
         torch.save({"key": {"model": model, "pretrained": None, "captions_sha1": digest},
                     "features": stored["features"]}, tmp)
+
+
+def variant_config(model: str, out: Path, image_size: int | None, trunk: str | None) -> str:
+    """Register ``model``'s config with another input size / image trunk (ablations); returns its name."""
+    import open_clip
+
+    cfg = json.loads(json.dumps(open_clip.get_model_config(model)))
+    if image_size:
+        cfg["vision_cfg"]["image_size"] = image_size
+    if trunk:
+        cfg["vision_cfg"]["timm_model_name"] = trunk
+    name = "-".join([model] + ([trunk] if trunk else []) + ([str(image_size)] if image_size else []))
+    folder = out / "configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
+    open_clip.add_model_config(folder)
+    return name
 
 
 def git_commit() -> str:
@@ -166,16 +189,22 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)
+    out = Path(args.out)
+    if (args.ship or args.ship_only) and (args.image_size or args.trunk or args.model != "vlsearch-small"):
+        raise SystemExit("--ship writes vlsearch-small's weights: change vlsearch/model_configs/vlsearch-small.json "
+                         "instead of shipping a variant")
+    if args.image_size or args.trunk:
+        args.model = variant_config(args.model, out, args.image_size, args.trunk)
     augment = None if args.no_augment else AugmentConfig(
-        scale=(args.crop_scale, 1.0), hflip=0.0, brightness=args.jitter, contrast=args.jitter,
+        scale=(args.crop_scale, 1.0), hflip=args.hflip, brightness=args.jitter, contrast=args.jitter,
         saturation=args.jitter / 2, hue=0.0, jitter_prob=0.8)
     config = TrainConfig(
         model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lock_text=True,
         lock_text_unlocked_layers=args.unlocked_text_layers, augment=augment, val_fraction=args.val_fraction,
-        checkpoint_every=200, seed=args.seed, device="cpu", workers=args.workers, threads=args.threads,
-        max_steps=args.max_steps)
-    out = Path(args.out)
+        val_every=args.val_every, checkpoint_every=200, seed=args.seed, device="cpu", workers=args.workers,
+        threads=args.threads, max_steps=args.max_steps, captions_per_image=args.captions_per_image,
+        cache_images=not args.no_cache_images)
     if args.ship_only:
         print("shipped", ship(out, args))
         return
@@ -183,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         reuse_text_cache(Path(args.text_cache), out, args.model, args.data)
 
     def progress(step, total=None, **post):
-        if step % 20 == 0 or step == total:
+        if "stage" in post:
+            if step == total:
+                logging.info("%s: %d done", post["stage"], total)
+        elif step % 20 == 0 or step == total:
             logging.info("step %d/%s %s", step, total, post)
 
     result = train(args.data, out, config, resume=args.resume, progress=progress)

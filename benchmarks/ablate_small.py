@@ -1,0 +1,92 @@
+"""Ablation table for vlsearch-small: each run of ``train_small.py`` scored on Flickr8k-test.
+
+    python benchmarks/train_small.py --out runs/abl-base --epochs 30 ...   # one run per choice
+    python benchmarks/ablate_small.py runs/abl-base runs/abl-96 ...
+
+For every run folder it reads ``train.json`` (config, validation metrics, wall time), loads its
+``model.pt`` (variant configs from the run's ``configs/`` folder), scores text->image and
+image->text retrieval on ``flickr8k-test`` (never used for training or for choosing settings:
+choices are made on the validation split) and rewrites the ``small-ablation`` section of
+``benchmarks/RESULTS.md``. Scores are cached in each run folder (``test.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from benchmarks.bench_small import DATA, flickr_metrics  # noqa: E402
+
+
+def describe(config: dict, model_cfg: dict) -> list[object]:
+    vision = model_cfg["vision_cfg"]
+    aug = config.get("augment")
+    augment = "none" if not aug else f"crop {aug['scale'][0]:g}-1, jitter {aug['brightness']:g}" + (
+        f", flip {aug['hflip']:g}" if aug.get("hflip") else "")
+    text = "locked" if config["lock_text_unlocked_layers"] == 0 else f"last {config['lock_text_unlocked_layers']} tuned"
+    return [vision["timm_model_name"], vision["image_size"], config["epochs"], config.get("captions_per_image", 1),
+            augment, text]
+
+
+def score(run: Path, cache: Path, threads: int) -> dict:
+    import open_clip
+    import torch
+
+    from vlsearch.models import load_model
+
+    cached = run / "test.json"
+    if cached.is_file() and cached.stat().st_mtime >= (run / "model.pt").stat().st_mtime:
+        return json.loads(cached.read_text())
+    if (run / "configs").is_dir():
+        open_clip.add_model_config(run / "configs")
+    config = json.loads((run / "train.json").read_text())["config"]
+    torch.set_num_threads(threads)
+    encoder = load_model(config["model"], pretrained=run / "model.pt", device="cpu")
+    metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache)
+    cached.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="train_small.py output folders")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlsearch" / "bench_small"))
+    ap.add_argument("--note", default="", help="a line written above the table")
+    args = ap.parse_args()
+    import open_clip
+
+    rows = []
+    for run in map(Path, args.runs):
+        log = json.loads((run / "train.json").read_text())
+        if (run / "configs").is_dir():
+            open_clip.add_model_config(run / "configs")
+        config = log["config"]
+        test = score(run, Path(args.cache), args.threads)
+        val = log["val"][-1]["t2i"] if log["val"] else {}
+        t = test["t2i"]
+        row = [run.name] + describe(config, open_clip.get_model_config(config["model"])) + [
+            round(log["seconds"] / 60, 1), round(100 * val.get("R@10", float("nan")), 1),
+            round(100 * t["R@1"], 1), round(100 * t["R@5"], 1), round(100 * t["R@10"], 1), t["median_rank"],
+            round(100 * test["i2t"]["R@10"], 1)]
+        rows.append(row)
+        print(" | ".join(map(str, row)), flush=True)
+    table = markdown_table(["run", "image trunk", "px", "epochs", "captions/step", "augmentation", "text tower",
+                            "train min", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
+                            "test I->T R@10 %"], rows)
+    body = "\n".join(filter(lambda line: line is not None, [
+        f"`{command_line()}` — {machine()}.",
+        "Each row is one `benchmarks/train_small.py` run (seed 0); validation = 300 held-out *training* images "
+        "(1,500 captions, chance R@10 3.3 %), test = flickr8k-test (1,000 images, 5,000 captions, chance R@10 1 %).",
+        args.note or None, "", table]))
+    write_section("small-ablation", "## vlsearch-small ablation (Flickr8k)\n\n" + body)
+
+
+if __name__ == "__main__":
+    main()
