@@ -65,14 +65,7 @@ FAST = TrainConfig(epochs=1, batch_size=8, lr=2e-3, warmup_steps=2, augment=None
                    workers=0, checkpoint_every=0, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models gain nothing from more, and on a shared, loaded machine
-    multi-threaded kernels spin-wait (10x the CPU time per step measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_clip_loss_matches_hand_computed_3x3():

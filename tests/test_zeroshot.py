@@ -14,13 +14,7 @@ from vlsearch.errors import SourceError
 from vlsearch.models import ModelInfo
 from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classifier, zero_shot_classify
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more torch threads, and on a loaded machine lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 RGB = {"red": (230, 20, 20), "green": (20, 210, 20), "blue": (20, 20, 230)}
