@@ -113,7 +113,7 @@ class TrainConfig:
     #: the image tower K times the supervision per image it encodes.
     captions_per_image: int = 1
     #: Decode every image once into memory (uint8 squares at twice the model's input side) and
-    #: augment whole batches as tensors: several times faster on CPU for a set that fits in RAM.
+    #: augment whole batches as tensors (no decoding processes; needs the set to fit in RAM).
     cache_images: bool = False
     #: torch CPU threads (None: torch's default).
     threads: Optional[int] = None
