@@ -34,8 +34,8 @@ def describe(config: dict, model_cfg: dict) -> list[object]:
             augment, text]
 
 
-def score(run: Path, cache: Path, threads: int) -> dict:
-    import open_clip
+def score(run: Path, model: str, cache: Path, threads: int) -> dict:
+    """Flickr8k-test figures of ``run``'s model.pt (``model``'s config must be registered)."""
     import torch
 
     from vlsearch.models import load_model
@@ -43,11 +43,8 @@ def score(run: Path, cache: Path, threads: int) -> dict:
     cached = run / "test.json"
     if cached.is_file() and cached.stat().st_mtime >= (run / "model.pt").stat().st_mtime:
         return json.loads(cached.read_text())
-    if (run / "configs").is_dir():
-        open_clip.add_model_config(run / "configs")
-    config = json.loads((run / "train.json").read_text())["config"]
     torch.set_num_threads(threads)
-    encoder = load_model(config["model"], pretrained=run / "model.pt", device="cpu")
+    encoder = load_model(model, pretrained=run / "model.pt", device="cpu")
     metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache)
     cached.write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -81,7 +78,7 @@ def main() -> None:
         if (run / "configs").is_dir():
             open_clip.add_model_config(run / "configs")
         config = log["config"]
-        test = score(run, Path(args.cache), args.threads)
+        test = score(run, config["model"], Path(args.cache), args.threads)
         val = log["val"][-1]["t2i"] if log["val"] else {}
         t = test["t2i"]
         row = [run.name] + describe(config, open_clip.get_model_config(config["model"])) + [

@@ -49,19 +49,13 @@ def text_backbone_features(encoder, captions: list[str], cache: Path | None) -> 
     weights, so computed once (and cached in ``cache`` when given)."""
     import hashlib
 
-    from vlsearch.train import text_backbone
+    from vlsearch.train import text_backbone_features
 
     key = hashlib.sha1("\n".join(captions).encode()).hexdigest()
     file = cache / f"minilm-{key[:16]}.pt" if cache else None
     if file is not None and file.is_file():
         return torch.load(file, weights_only=True)
-    tokens = encoder.tokenize(captions)
-    order = torch.argsort((tokens != 0).sum(dim=1), stable=True)  # similar lengths per batch
-    out = torch.empty((len(captions), 384))
-    with torch.inference_mode():
-        for i in range(0, len(order), 256):
-            idx = order[i : i + 256]
-            out[idx] = text_backbone(encoder.model, tokens[idx]).float()
+    out = text_backbone_features(encoder.model, encoder.tokenize(captions))
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, file)

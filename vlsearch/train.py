@@ -47,10 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DecodeError, TrainingError
+from .errors import TrainingError
 from .fsutil import write_json
-from .images import open_image
-from .train_images import AugmentConfig, MemoryImages, augment_batch, flip_allowed, resize_batch
+from .train_images import AugmentConfig, ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
 from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -292,24 +291,6 @@ def epoch_order(train_images: np.ndarray, pairs: PairData, seed: int, epoch: int
     return order, pairs.starts[order][:, None] + picks
 
 
-class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes and transforms one image; unreadable images come back as None (logged)."""
-
-    def __init__(self, pairs: PairData, transform: Callable, draft_size: int):
-        self.pairs, self.transform, self.draft_size = pairs, transform, draft_size
-
-    def __len__(self) -> int:
-        return len(self.pairs.images)
-
-    def __getitem__(self, index: int):
-        try:
-            img = open_image(self.pairs.path(index), draft_size=self.draft_size)
-        except DecodeError as exc:
-            log.warning("skipping unreadable image %s (%s)", self.pairs.path(index), exc)
-            return None
-        return self.transform(img), index
-
-
 def _collate(items):
     items = [it for it in items if it is not None]
     if not items:
@@ -321,7 +302,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(dataset: _ImageDataset, batches: Sequence[Sequence[int]], workers: int, seed: int, pin: bool):
+def _loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], workers: int, seed: int, pin: bool):
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=[list(map(int, b)) for b in batches],
@@ -380,6 +361,23 @@ def text_backbone(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         out = text.transformer(input_ids=tokens, attention_mask=attn_mask)
         return text.pooler(out, attn_mask)
     return model.encode_text(tokens)
+
+
+@torch.no_grad()
+def text_backbone_features(model: nn.Module, tokens: torch.Tensor, device: torch.device | str = "cpu",
+                           batch_size: int = 256, progress: Optional[Progress] = None) -> torch.Tensor:
+    """:func:`text_backbone` over all ``tokens`` (float32, on CPU, in input order), in batches of
+    similar length, which waste little compute on padding (HF towers trim it).
+    ``progress(done, total, stage="text")`` is called after each batch."""
+    order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
+    out = []
+    for i in range(0, len(order), batch_size):
+        out.append(text_backbone(model, tokens[order[i : i + batch_size]].to(device)).float().cpu())
+        if progress is not None:
+            progress(min(i + batch_size, len(order)), len(order), stage="text")
+    features = torch.empty((len(order), out[0].shape[1]), dtype=torch.float32)
+    features[order] = torch.cat(out)
+    return features
 
 
 def trim_padding(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -532,12 +530,12 @@ class _Run:
         self.tokens = self._tokenize(pairs.captions)
         self.text_features = self._precompute_text(progress=progress) if config.use_precomputed_text else None
         self.image_size = int(np.max(self.model.visual.preprocess_cfg["size"]))
-        self.train_data = _ImageDataset(pairs, train_transform(self.model, config.augment), 2 * self.image_size)
-        self.eval_data = _ImageDataset(pairs, image_transform(self.model, is_train=False), 2 * self.image_size)
+        paths = [pairs.path(i) for i in range(len(pairs.images))]
+        self.train_data = ImageDataset(paths, train_transform(self.model, config.augment), 2 * self.image_size)
+        self.eval_data = ImageDataset(paths, image_transform(self.model, is_train=False), 2 * self.image_size)
         self.flip_ok = flip_allowed(pairs.captions)
         self.memory = None
         if config.cache_images:
-            paths = [pairs.path(i) for i in range(len(pairs.images))]
             self.memory = MemoryImages.load(paths, 2 * self.image_size, config.workers, progress)
         set_train_mode(self.model, config)
 
@@ -565,18 +563,9 @@ class _Run:
         started = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        # Batches of similar length waste little compute on padding (HF towers trim it).
-        order = torch.argsort((self.tokens != 0).sum(dim=1), stable=True)
-        out = []
-        with torch.no_grad(), _autocast(self.device, self.precision):
-            for i in range(0, len(order), batch_size):
-                batch = self.tokens[order[i : i + batch_size]].to(self.device)
-                out.append(text_backbone(self.model, batch).float().cpu())
-                if progress is not None:
-                    progress(min(i + batch_size, len(order)), len(order), stage="text")
+        with _autocast(self.device, self.precision):
+            features = text_backbone_features(self.model, self.tokens, self.device, batch_size, progress)
         self.model.train(was_training)
-        features = torch.empty((len(order), out[0].shape[1]), dtype=torch.float32)
-        features[order] = torch.cat(out)
         from .fsutil import atomic_path
 
         with atomic_path(cache) as tmp:
@@ -695,7 +684,7 @@ class _Run:
             return
         cfg = self.model.visual.preprocess_cfg
         for batch in batches:
-            index = torch.from_numpy(batch)[self.memory.ok[torch.from_numpy(batch)]]
+            index = self.memory.readable(torch.from_numpy(batch))
             yield (resize_batch(self.memory.pixels[index], self.image_size, cfg["mean"], cfg["std"]), index) if len(index) else None
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -900,6 +889,5 @@ def _epoch_batches(run: _Run, batches: list[np.ndarray], epoch: int):
                            run.device.type == "cuda")
         return
     for batch in batches:
-        index = torch.from_numpy(np.asarray(batch))
-        index = index[run.memory.ok[index]]
+        index = run.memory.readable(torch.from_numpy(np.asarray(batch)))
         yield (None, index) if len(index) else None

@@ -13,6 +13,7 @@ decoding workers: small JPEGs decode fast enough; large source images are where 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -78,19 +79,22 @@ def square_pixels(image, side: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class _SquareDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], side: int, draft_size: int):
-        self.paths, self.side, self.draft_size = paths, side, draft_size
+class ImageDataset(torch.utils.data.Dataset):
+    """``dataset[i]`` = (``transform(image i)``, i); an unreadable image comes back as None (logged)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int):
+        self.paths, self.transform, self.draft_size = paths, transform, draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, square_pixels(open_image(self.paths[index], draft_size=self.draft_size), self.side)
+            image = open_image(self.paths[index], draft_size=self.draft_size)
         except DecodeError as exc:
             log.warning("skipping unreadable image %s (%s)", self.paths[index], exc)
-            return index, None
+            return None
+        return self.transform(image), index
 
 
 @dataclass
@@ -111,19 +115,23 @@ class MemoryImages:
         """Decode ``paths`` with ``workers`` processes; ``progress(done, total, stage="decode")``."""
         pixels = torch.zeros((len(paths), 3, side, side), dtype=torch.uint8)
         ok = torch.zeros(len(paths), dtype=torch.bool)
-        loader = torch.utils.data.DataLoader(_SquareDataset(paths, side, 2 * side), batch_size=64, num_workers=workers,
-                                             collate_fn=list)
+        dataset = ImageDataset(paths, functools.partial(square_pixels, side=side), 2 * side)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=list)
         done = 0
         for items in loader:
-            for index, square in items:
-                if square is not None:
-                    pixels[index], ok[index] = square, True
+            for square, index in filter(None, items):
+                pixels[index], ok[index] = square, True
             done += len(items)
             if progress is not None:
                 progress(done, len(paths), stage="decode")
         log.info("decoded %d images into memory (%d unreadable): %.0f MB", int(ok.sum()), len(paths) - int(ok.sum()),
                  pixels.numel() / 2**20)
         return cls(pixels, ok)
+
+
+    def readable(self, index: torch.Tensor) -> torch.Tensor:
+        """The entries of ``index`` whose image could be read."""
+        return index[self.ok[index]]
 
 
 def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float],
