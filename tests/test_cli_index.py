@@ -52,3 +52,19 @@ def test_build_index_rejects_a_bad_factory(tmp_path, tiny_checkpoint):
     result = runner.invoke(app, ["build-index", str(coll_dir), "--index-type", "IVF4,NoSuchCode"])
     assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
     assert not Collection.open(coll_dir).has_index()
+
+
+def test_index_takes_embeds_source_options(tmp_path, tiny_checkpoint):
+    """`index` reads a manifest with custom column names, as `embed` does, with the same thread option."""
+    gallery = _gallery(tmp_path / "photos", n=6)
+    rows = ["picture,alt"] + [f"{p},caption of {p.stem}" for p in sorted(gallery.glob("*.png"))]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    coll_dir = tmp_path / "coll"
+    args = ["index", str(tmp_path / "m.csv"), str(coll_dir), "--model", "vlsearch-tiny", "--pretrained",
+            str(tiny_checkpoint), "--workers", "0", "--threads", "1", "--decode-timeout", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "image column" in result.output  # "picture" is not a default name
+    result = runner.invoke(app, args + ["--source-type", "manifest", "--image-column", "picture", "--caption-column", "alt"])
+    assert result.exit_code == 0, result.output
+    assert "6 images, 6 captions, 0 failures" in result.output
+    assert Collection.open(coll_dir).manifest.index["ntotal"] == 6

@@ -198,6 +198,13 @@ def bench_cmd(
         typer.echo(f"plot: {plot_results(result, plot)}")
 
 
+_THREADS_OPT = typer.Option(None, "--threads", min=1, help="torch threads of the encoding process.")
+_DECODE_TIMEOUT_OPT = typer.Option(30.0, "--decode-timeout", min=0.0, help="Seconds per image before it is refused (0: none).")
+_SOURCE_TYPE_OPT = typer.Option("auto", "--source-type", help="auto, folder, manifest or webdataset.")
+_IMAGE_COLUMN_OPT = typer.Option(None, "--image-column", help="Manifest column of image paths.")
+_CAPTION_COLUMN_OPT = typer.Option(None, "--caption-column", help="Manifest column of captions.")
+
+
 @app.command("embed")
 @handle_errors
 def embed_cmd(
@@ -209,31 +216,33 @@ def embed_cmd(
     workers: int = _WORKERS_OPT,
     device: str = _DEVICE_OPT,
     shard_size: int = _SHARD_OPT,
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the encoding process."),
-    decode_timeout: float = typer.Option(30.0, "--decode-timeout", min=0.0, help="Seconds per image before it is refused (0: none)."),
-    source_type: str = typer.Option("auto", "--source-type", help="auto, folder, manifest or webdataset."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", help="Manifest column of image paths."),
-    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Manifest column of captions."),
+    threads: Optional[int] = _THREADS_OPT,
+    decode_timeout: float = _DECODE_TIMEOUT_OPT,
+    source_type: str = _SOURCE_TYPE_OPT,
+    image_column: Optional[str] = _IMAGE_COLUMN_OPT,
+    caption_column: Optional[str] = _CAPTION_COLUMN_OPT,
 ) -> None:
     """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
-    from indexing.embed import EmbedConfig
+    _embed_and_report(source, collection_dir, locals())
+
+
+def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any]) -> None:
+    """Run ``indexing.embed`` with a tqdm bar and print the counts (shared by ``embed`` and ``index``).
+
+    ``options``: the command's embedding options by parameter name (model ... caption_column)."""
+    import time
+
+    from indexing.embed import EmbedConfig, embed
+    from indexing.sources import open_source
 
     from .models import DEFAULT_MODEL
 
-    config = EmbedConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, batch_size=batch_size, workers=workers,
-                         device=device, shard_size=shard_size, threads=threads, decode_timeout=decode_timeout or None)
-    _embed_and_report(source, collection_dir, config, kind=source_type, image_column=image_column,
-                      caption_column=caption_column)
-
-
-def _embed_and_report(source: str, collection_dir: str, config: Any, **source_options: Any) -> None:
-    """Run ``indexing.embed`` with a tqdm bar and print the counts (shared by ``embed`` and ``index``)."""
-    import time
-
-    from indexing.embed import embed
-    from indexing.sources import open_source
-
-    src = open_source(source, **source_options)
+    config = EmbedConfig(model=options["model"] or DEFAULT_MODEL, pretrained=options["pretrained"],
+                         batch_size=options["batch_size"], workers=options["workers"], device=options["device"],
+                         shard_size=options["shard_size"], threads=options["threads"],
+                         decode_timeout=options["decode_timeout"] or None)
+    src = open_source(source, kind=options["source_type"], image_column=options["image_column"],
+                      caption_column=options["caption_column"])
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
         coll = embed(src, collection_dir, config, progress=bar)
@@ -289,6 +298,11 @@ def index_cmd(
     workers: int = _WORKERS_OPT,
     device: str = _DEVICE_OPT,
     shard_size: int = _SHARD_OPT,
+    threads: Optional[int] = _THREADS_OPT,
+    decode_timeout: float = _DECODE_TIMEOUT_OPT,
+    source_type: str = _SOURCE_TYPE_OPT,
+    image_column: Optional[str] = _IMAGE_COLUMN_OPT,
+    caption_column: Optional[str] = _CAPTION_COLUMN_OPT,
     index_type: str = _INDEX_TYPE_OPT,
     max_memory: str = _MAX_MEMORY_OPT,
     nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
@@ -296,13 +310,7 @@ def index_cmd(
     seed: int = _INDEX_SEED_OPT,
 ) -> None:
     """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
-    from indexing.embed import EmbedConfig
-
-    from .models import DEFAULT_MODEL
-
-    config = EmbedConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, batch_size=batch_size, workers=workers,
-                         device=device, shard_size=shard_size)
-    _embed_and_report(source, collection_dir, config)
+    _embed_and_report(source, collection_dir, locals())
     _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
 
 
