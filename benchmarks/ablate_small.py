@@ -4,7 +4,8 @@
     python benchmarks/ablate_small.py runs/abl-base runs/abl-96 ...
 
 For every run folder it reads ``train.json`` (config, validation metrics, wall time), loads its
-``model.pt`` (variant configs from the run's ``configs/`` folder), scores text->image and
+``model.pt`` with the architecture recorded in ``model_config.json`` (variant configs from the
+run's ``configs/`` folder), scores text->image and
 image->text retrieval on ``flickr8k-test`` (never used for training or for choosing settings:
 choices are made on the validation split) and rewrites the ``small-ablation`` section of
 ``benchmarks/RESULTS.md``. Scores are cached in each run folder (``test.json``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,16 +24,38 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.bench_small import DATA, flickr_metrics  # noqa: E402
+from benchmarks.train_small import MODEL_CONFIG  # noqa: E402
+
+
+def run_model(run: Path, config: dict) -> tuple[str, dict]:
+    """Register the architecture ``run`` trained and return (its model name, its config).
+
+    A run's ``model_config.json`` (written by ``train_small.py``) wins over today's built-in config of
+    the same name, which may have changed since; it is registered under a name unique to the run."""
+    import open_clip
+
+    if (run / "configs").is_dir():  # variant configs (--image-size / --trunk)
+        open_clip.add_model_config(run / "configs")
+    saved = run / MODEL_CONFIG
+    if not saved.is_file():
+        return config["model"], open_clip.get_model_config(config["model"])
+    model_cfg = json.loads(saved.read_text())["config"]
+    name = f"{config['model']}--{run.name}"
+    folder = Path(tempfile.mkdtemp(prefix="vlsearch-ablate-"))
+    (folder / f"{name}.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(folder)
+    return name, model_cfg
 
 
 def describe(config: dict, model_cfg: dict) -> list[object]:
-    vision = model_cfg["vision_cfg"]
+    vision, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     aug = config.get("augment")
     augment = "none" if not aug else f"crop {aug['scale'][0]:g}-1, jitter {aug['brightness']:g}" + (
         f", flip {aug['hflip']:g}" if aug.get("hflip") else "")
     text = "locked" if config["lock_text_unlocked_layers"] == 0 else f"last {config['lock_text_unlocked_layers']} tuned"
+    projection = f"{text_cfg.get('hf_proj_type') or 'none'}, {model_cfg['embed_dim']}-d"
     return [vision["timm_model_name"], vision["image_size"], config["epochs"], config.get("captions_per_image", 1),
-            augment, text]
+            augment, text, projection]
 
 
 def score(run: Path, model: str, cache: Path, threads: int) -> dict:
@@ -70,24 +94,21 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlsearch" / "bench_small"))
     ap.add_argument("--note", default="", help="a line written above the table")
     args = ap.parse_args()
-    import open_clip
-
     rows = []
     for run in map(Path, args.runs):
         log = json.loads((run / "train.json").read_text())
-        if (run / "configs").is_dir():
-            open_clip.add_model_config(run / "configs")
         config = log["config"]
-        test = score(run, config["model"], Path(args.cache), args.threads)
+        model, model_cfg = run_model(run, config)
+        test = score(run, model, Path(args.cache), args.threads)
         val = log["val"][-1]["t2i"] if log["val"] else {}
         t = test["t2i"]
-        row = [run.name] + describe(config, open_clip.get_model_config(config["model"])) + [
+        row = [run.name] + describe(config, model_cfg) + [
             round(log["seconds"] / 60, 1), round(100 * val.get("R@10", float("nan")), 1),
             round(100 * t["R@1"], 1), round(100 * t["R@5"], 1), round(100 * t["R@10"], 1), t["median_rank"],
             round(100 * test["i2t"]["R@10"], 1)]
         rows.append(row)
         print(" | ".join(map(str, row)), flush=True)
-    table = markdown_table(["run", "image trunk", "px", "epochs", "captions/step", "augmentation", "text tower",
+    table = markdown_table(["run", "image trunk", "px", "epochs", "captions/step", "augmentation", "text tower", "text projection",
                             "train min", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
                             "test I->T R@10 %"], rows)
     body = "\n".join(filter(lambda line: line is not None, [

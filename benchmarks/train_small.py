@@ -38,6 +38,7 @@ DATA = ROOT.parent / "shared" / "data" / "flickr8k-train"
 WEIGHTS = ROOT / "vlsearch" / "weights"
 SHIPPED = "vlsearch-small.pt"
 PROVENANCE = "vlsearch-small.json"
+MODEL_CONFIG = "model_config.json"  #: the architecture of a run, beside its model.pt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,6 +115,17 @@ def variant_config(model: str, out: Path, image_size: int | None, trunk: str | N
     (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
     open_clip.add_model_config(folder)
     return name
+
+
+def save_model_config(model: str, out: Path) -> Path:
+    """Record the architecture a run trains (``out/model_config.json``): the built-in config may change later."""
+    import open_clip
+
+    from vlsearch.fsutil import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MODEL_CONFIG, {"name": model, "config": open_clip.get_model_config(model)})
+    return out / MODEL_CONFIG
 
 
 def git_commit() -> str:
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ship_only:
         print("shipped", ship(out, args))
         return
+    save_model_config(args.model, out)
     if args.text_cache and args.unlocked_text_layers == 0 and not args.resume:
         reuse_text_cache(Path(args.text_cache), out, args.model, args.data)
 
