@@ -60,8 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--captions-per-image", type=int, default=5, help="captions of each image per step (loss averaged)")
-    p.add_argument("--image-views", type=int, default=1, help="augmented views per image per step (2: + view-to-view loss)")
-    p.add_argument("--view-loss-weight", type=float, default=1.0, help="weight of the view-to-view loss (--image-views 2)")
     p.add_argument("--hflip", type=float, default=0.5, help="flip probability (only where no caption says left/right)")
     p.add_argument("--image-size", type=int, default=None, help="ablation: input size other than the config's")
     p.add_argument("--trunk", default=None, help="ablation: another timm image trunk than the config's")
@@ -221,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
         lock_text_unlocked_layers=args.unlocked_text_layers, augment=augment, val_fraction=args.val_fraction,
         val_every=args.val_every, checkpoint_every=200, seed=args.seed, device="cpu", workers=args.workers,
         threads=args.threads, max_steps=args.max_steps, captions_per_image=args.captions_per_image,
-        image_views=args.image_views, view_loss_weight=args.view_loss_weight,
         cache_images=not args.no_cache_images)
     if args.ship_only:
         print("shipped", ship(out, args))

@@ -170,27 +170,3 @@ def test_several_captions_per_image_are_distinct_and_the_loss_is_their_mean(shap
     assert result.steps == 2 * 3 and all(np.isfinite(result.losses))
     with pytest.raises(ValueError, match="captions_per_image"):
         TrainConfig(captions_per_image=0)
-
-
-def test_two_views_are_different_crops_and_add_the_view_loss(shapes, tmp_path):
-    pairs = read_pairs(shapes)
-    config = replace(FAST, cache_images=True, augment=AugmentConfig(), image_views=2, view_loss_weight=0.5, lock_text=True)
-    run = _Run(pairs, tmp_path / "v", config)
-    index, ids = torch.tensor([0, 1, 2]), torch.tensor([0, 2, 4])
-    images = run.batch_images(index, ids)
-    assert images.shape == (6, 3, 64, 64)
-    assert (images[:3] - images[3:]).abs().mean() > 0.01  # two augmentations of the same images
-    with torch.no_grad():
-        got = run.loss(images, ids)
-        img = F.normalize(run.model.encode_image(images), dim=-1)
-        txt = F.normalize(run.encode_captions(ids), dim=-1)
-        scale = run.model.logit_scale.exp()
-        want = (clip_loss(img[:3], txt, scale) + clip_loss(img[3:], txt, scale)) / 2 + 0.5 * clip_loss(img[:3], img[3:], 10.0)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    result = train(shapes, tmp_path / "v2", replace(config, epochs=2))
-    assert result.steps == 2 * 3 and all(np.isfinite(result.losses))
-    for bad, message in [(dict(image_views=3), "image_views"), (dict(image_views=2), "cache_images"),
-                         (dict(image_views=2, cache_images=True, augment=None), "augmentation"),
-                         (dict(view_loss_weight=-1.0), "view_loss_weight")]:
-        with pytest.raises(ValueError, match=message):
-            TrainConfig(**bad)

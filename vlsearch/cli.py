@@ -349,8 +349,6 @@ def train_cmd(
                                            help="Captions of each image per step (loss averaged over them)."),
     cache_images: bool = typer.Option(False, "--cache-images",
                                       help="Decode all images into memory once and augment batches as tensors (fast on CPU)."),
-    image_views: int = typer.Option(1, "--image-views", min=1, max=2,
-                                    help="2: two augmented views per image, CLIP loss on both + a view-to-view loss (needs --cache-images)."),
     half: bool = typer.Option(False, "--half", help="Save model.pt in fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT_DIR from last.pt."),
 ) -> None:
@@ -365,7 +363,7 @@ def train_cmd(
                              precompute_text=precompute_text, augment=aug, val_fraction=val_fraction,
                              checkpoint_every=checkpoint_every, max_steps=max_steps, seed=seed, device=device,
                              precision=precision, workers=workers, threads=threads, cache_images=cache_images,
-                             captions_per_image=captions_per_image, image_views=image_views,
+                             captions_per_image=captions_per_image,
                              half_final=half)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

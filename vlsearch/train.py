@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 #: The logit scale is clamped to at most 100 (temperature >= 0.01), as in CLIP / open_clip.
 MAX_LOGIT_SCALE = math.log(100)
-#: Temperature of the view-to-view loss of ``image_views=2`` (SimCLR's and SLIP's 0.1).
-VIEW_TEMPERATURE = 0.1
 
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
@@ -116,12 +114,6 @@ class TrainConfig:
     #: Decode every image once into memory (uint8 squares at twice the model's input side) and
     #: augment whole batches as tensors (no decoding processes; needs the set to fit in RAM).
     cache_images: bool = False
-    #: Augmented views of every image per step (needs ``cache_images`` and augmentation): with 2,
-    #: the CLIP loss is taken on both views and an image-image InfoNCE between the two views
-    #: (weight ``view_loss_weight``, temperature 0.1; as in SLIP) asks the image tower for
-    #: embeddings that survive cropping and colour changes, a regulariser when images are few.
-    image_views: int = 1
-    view_loss_weight: float = 1.0
     #: torch CPU threads (None: torch's default).
     threads: Optional[int] = None
     #: Stop after this many optimizer steps in total (None: ``epochs`` full epochs).
@@ -149,12 +141,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
-        if self.image_views not in (1, 2):
-            raise ValueError("TrainConfig: image_views must be 1 or 2")
-        if self.image_views == 2 and not (self.cache_images and self.augment is not None):
-            raise ValueError("TrainConfig: image_views=2 needs cache_images=True and augmentation")
-        if self.view_loss_weight < 0:
-            raise ValueError("TrainConfig: view_loss_weight must be >= 0")
         if self.cache_images and self.augment is not None and self.augment.hue:
             raise ValueError("TrainConfig: hue jitter is not supported with cache_images; use hue=0")
         if self.precompute_text and not self.text_fully_locked:
@@ -596,19 +582,15 @@ class _Run:
     # -- steps --------------------------------------------------------------------------------
 
     def loss(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
-        """CLIP loss of the batch, averaged over captions per image and image views (views stacked
-        along the batch: ``images`` is (views * B, ...)), plus the view-to-view loss for 2 views."""
         with _autocast(self.device, self.precision):
             image_features = F.normalize(self.model.encode_image(images.to(self.device, non_blocking=True)).float(), dim=-1)
             text_features = F.normalize(self.encode_captions(caption_ids.flatten()).float(), dim=-1)
             scale = self.model.logit_scale.exp().float()
-            text_features = text_features.view(len(caption_ids), -1, text_features.shape[-1])
-            views = image_features.view(-1, len(caption_ids), image_features.shape[-1])
-            loss = torch.stack([clip_loss(view, text_features[:, k], scale)
-                                for view in views for k in range(text_features.shape[1])]).mean()
-            if len(views) == 2:
-                loss = loss + self.config.view_loss_weight * clip_loss(views[0], views[1], 1 / VIEW_TEMPERATURE)
-            return loss
+            if caption_ids.dim() == 1:
+                return clip_loss(image_features, text_features, scale)
+            text_features = text_features.view(*caption_ids.shape, -1)
+            return torch.stack([clip_loss(image_features, text_features[:, k], scale)
+                                for k in range(caption_ids.shape[1])]).mean()
 
     def step_generator(self) -> torch.Generator:
         """The augmentation randomness of the current step: a function of (seed, step), so resumes are exact."""
@@ -634,11 +616,7 @@ class _Run:
             pixels = self.memory.pixels[index]
             if self.config.augment is None:
                 return resize_batch(pixels, self.image_size, cfg["mean"], cfg["std"])
-            views = [augment_batch(pixels, self.image_size, self.config.augment, cfg["mean"], cfg["std"], generator, flip)]
-            for _ in range(1, self.config.image_views):
-                views.append(augment_batch(pixels, self.image_size, self.config.augment, cfg["mean"], cfg["std"],
-                                           generator, self.flips(caption_ids, generator)))
-            return views[0] if len(views) == 1 else torch.cat(views)
+            return augment_batch(pixels, self.image_size, self.config.augment, cfg["mean"], cfg["std"], generator, flip)
         if flip is not None and flip.any():
             decoded = torch.where(flip.view(-1, 1, 1, 1), decoded.flip(-1), decoded)
         return decoded
