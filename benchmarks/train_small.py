@@ -39,6 +39,7 @@ WEIGHTS = ROOT / "vlsearch" / "weights"
 SHIPPED = "vlsearch-small.pt"
 PROVENANCE = "vlsearch-small.json"
 MODEL_CONFIG = "model_config.json"  #: the architecture of a run, beside its model.pt
+MINILM_WIDTH = 384  #: all-MiniLM-L6-v2's hidden size (--no-text-projection)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hflip", type=float, default=0.5, help="flip probability (only where no caption says left/right)")
     p.add_argument("--image-size", type=int, default=None, help="ablation: input size other than the config's")
     p.add_argument("--trunk", default=None, help="ablation: another timm image trunk than the config's")
+    p.add_argument("--no-text-projection", action="store_true",
+                   help="ablation: no text projection; the image tower maps into MiniLM's own 384-d space")
     p.add_argument("--no-cache-images", action="store_true", help="decode every step (DataLoader) instead of in memory")
     p.add_argument("--val-every", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -100,8 +103,10 @@ def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
                     "features": stored["features"]}, tmp)
 
 
-def variant_config(model: str, out: Path, image_size: int | None, trunk: str | None) -> str:
-    """Register ``model``'s config with another input size / image trunk (ablations); returns its name."""
+def variant_config(model: str, out: Path, image_size: int | None, trunk: str | None,
+                   no_text_projection: bool = False) -> str:
+    """Register ``model``'s config with another input size / image trunk / no text projection
+    (ablations); returns its name."""
     import open_clip
 
     cfg = json.loads(json.dumps(open_clip.get_model_config(model)))
@@ -109,7 +114,11 @@ def variant_config(model: str, out: Path, image_size: int | None, trunk: str | N
         cfg["vision_cfg"]["image_size"] = image_size
     if trunk:
         cfg["vision_cfg"]["timm_model_name"] = trunk
-    name = "-".join([model] + ([trunk] if trunk else []) + ([str(image_size)] if image_size else []))
+    if no_text_projection:  # open_clip's HF tower uses an identity projection when widths match
+        cfg["embed_dim"] = MINILM_WIDTH
+        cfg["text_cfg"]["hf_proj_type"] = None
+    name = "-".join([model] + ([trunk] if trunk else []) + ([str(image_size)] if image_size else [])
+                    + (["noproj"] if no_text_projection else []))
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
@@ -205,11 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)
     out = Path(args.out)
-    if (args.ship or args.ship_only) and (args.image_size or args.trunk or args.model != "vlsearch-small"):
+    variant = args.image_size or args.trunk or args.no_text_projection
+    if (args.ship or args.ship_only) and (variant or args.model != "vlsearch-small"):
         raise SystemExit("--ship writes vlsearch-small's weights: change vlsearch/model_configs/vlsearch-small.json "
                          "instead of shipping a variant")
-    if args.image_size or args.trunk:
-        args.model = variant_config(args.model, out, args.image_size, args.trunk)
+    if variant:
+        args.model = variant_config(args.model, out, args.image_size, args.trunk, args.no_text_projection)
     augment = None if args.no_augment else AugmentConfig(
         scale=(args.crop_scale, 1.0), hflip=args.hflip, brightness=args.jitter, contrast=args.jitter,
         saturation=args.jitter / 2, hue=0.0, jitter_prob=0.8)
