@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlsearch.errors import DecodeError
+from vlsearch.errors import DecodeError, DecodeHangError
 from vlsearch.images import MAX_PIXELS, open_image, original_size
 
 from .sources import ImageRecord
@@ -168,12 +168,40 @@ def decode_batches(
     draft_size: int | None = None,
     pin_memory: bool = False,
     max_pixels: int = MAX_PIXELS,
+    hang_timeout: float | None = None,
 ) -> Iterator[DecodedBatch]:
-    """Decode ``records`` in order, in ``workers`` processes (0: in this process), batch by batch."""
+    """Decode ``records`` in order, in ``workers`` processes (0: in this process), batch by batch.
+
+    With workers and a per-image ``timeout``, a batch that takes longer than ``hang_timeout``
+    (default: ``batch_size * timeout`` + 60 s, what a batch of images that all time out can take)
+    raises :class:`DecodeHangError` naming its images, instead of waiting forever on a decoder
+    stuck inside C code where the alarm cannot reach it."""
     dataset = RecordDataset(records, transform, draft_size=draft_size, timeout=timeout, max_pixels=max_pixels)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context()}
+        if timeout:
+            kwargs["timeout"] = hang_timeout or batch_size * timeout + 60
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=pin_memory, **kwargs)
-    return iter(loader)
+    return _name_hangs(iter(loader), records, batch_size, kwargs.get("timeout"))
+
+
+def _name_hangs(batches: Iterator[DecodedBatch], records: Sequence[ImageRecord], batch_size: int,
+                hang_timeout: float | None) -> Iterator[DecodedBatch]:
+    done = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if hang_timeout is None or "timed out" not in str(exc):
+                raise
+            stuck = [r.path for r in records[done * batch_size : (done + 1) * batch_size]]
+            raise DecodeHangError(
+                f"batch {done} was not decoded within {hang_timeout:g} s (a decoder hung where the per-image "
+                f"timeout cannot interrupt it); move these {len(stuck)} images aside and rerun to resume: "
+                + ", ".join(stuck[:8]) + (" ..." if len(stuck) > 8 else "")) from None
+        done += 1
+        yield batch

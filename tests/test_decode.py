@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import signal
 import struct
 import time
 import zlib
@@ -18,7 +19,7 @@ from indexing import decode
 from indexing.decode import decode_batches, decode_record
 from indexing.embed import EmbedConfig, embed
 from indexing.sources import ImageRecord, open_source
-from vlsearch.errors import DecodeError
+from vlsearch.errors import DecodeError, DecodeHangError
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -148,6 +149,28 @@ def test_a_hanging_decode_is_bounded_by_the_timeout(tmp_path, monkeypatch, worke
                                    timeout=0.3))
     assert time.perf_counter() - start < 15
     assert batch.ok == [] and [(i, k) for i, k, _ in batch.failures] == [(0, "timeout"), (1, "timeout")]
+
+
+def _stuck_in_c_open_image(*args, **kwargs):
+    # A decoder stuck inside C code: the per-image SIGALRM never gets to run its handler.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(60)
+
+
+def test_a_decode_the_alarm_cannot_interrupt_fails_the_batch_with_its_images(tmp_path, monkeypatch):
+    (tmp_path / "ok.jpg").write_bytes(_save(_rgb(), "JPEG"))
+    recs = [ImageRecord(i, f"img{i}.jpg", str(tmp_path / "ok.jpg")) for i in range(4)]
+    batches = decode_batches(recs, lambda img: torch.zeros(3, 4, 4), batch_size=2, workers=1, timeout=0.3,
+                             hang_timeout=3)
+    first = next(batches)  # a good batch passes
+    assert first.ok == [0, 1]
+    monkeypatch.setattr(decode, "open_image", _stuck_in_c_open_image)
+    stuck = decode_batches(recs, lambda img: torch.zeros(3, 4, 4), batch_size=2, workers=1, timeout=0.3,
+                           hang_timeout=3)
+    start = time.perf_counter()
+    with pytest.raises(DecodeHangError, match=r"batch 0 .*img0\.jpg, img1\.jpg"):
+        next(stuck)
+    assert time.perf_counter() - start < 30
 
 
 def test_a_fifo_is_refused_without_blocking(tmp_path):

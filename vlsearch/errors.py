@@ -36,6 +36,11 @@ class DecodeError(VlsearchError):
         self.message = message
 
 
+class DecodeHangError(VlsearchError):
+    """A decoding worker produced nothing for far longer than its per-image timeouts allow: a hang
+    inside C code that the per-image alarm could not interrupt. Names the batch's images."""
+
+
 class CollectionError(VlsearchError):
     """A collection on disk is missing, damaged or inconsistent."""
 
