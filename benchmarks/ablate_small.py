@@ -108,8 +108,8 @@ def main() -> None:
             round(100 * test["i2t"]["R@10"], 1)]
         rows.append(row)
         print(" | ".join(map(str, row)), flush=True)
-    table = markdown_table(["run", "image trunk", "px", "epochs", "captions/step", "augmentation", "text tower", "text projection",
-                            "train min", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
+    table = markdown_table(["run", "image trunk", "px", "epochs", "captions/step", "augmentation", "text tower",
+                            "text projection", "train min", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
                             "test I->T R@10 %"], rows)
     body = "\n".join(filter(lambda line: line is not None, [
         f"`{command_line()}` — {machine()}.",

@@ -128,7 +128,6 @@ class MemoryImages:
                  pixels.numel() / 2**20)
         return cls(pixels, ok)
 
-
     def readable(self, index: torch.Tensor) -> torch.Tensor:
         """The entries of ``index`` whose image could be read."""
         return index[self.ok[index]]
