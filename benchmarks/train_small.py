@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--unlocked-text-layers", type=int, default=0, help="0: text tower fully locked (precomputed)")
+    p.add_argument("--lock-image", action="store_true", help="lock the image trunk (LiT); its features are precomputed")
+    p.add_argument("--unlocked-image-groups", type=int, default=0, help="with --lock-image: train the last N trunk stages")
+    p.add_argument("--image-views", type=int, default=1, help="precomputed views per image (1 plain + N-1 augmented)")
+    p.add_argument("--train-image-size", type=int, default=None, help="training input px (default: the model's)")
+    p.add_argument("--pretrained-image", default=None, help="timm trunk weights file (default: the config's)")
+    p.add_argument("--vision-proj", default=None, choices=["linear", "mlp"], help="ablation: image head type")
+    p.add_argument("--cache-dir", default=None, help="shared folder for precomputed feature caches")
     p.add_argument("--crop-scale", type=float, default=0.5, help="smallest RandomResizedCrop area fraction")
     p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast jitter (saturation: half)")
     p.add_argument("--no-augment", action="store_true")
@@ -104,7 +111,7 @@ def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
 
 
 def variant_config(model: str, out: Path, image_size: int | None, trunk: str | None,
-                   no_text_projection: bool = False) -> str:
+                   no_text_projection: bool = False, vision_proj: str | None = None) -> str:
     """Register ``model``'s config with another input size / image trunk / no text projection
     (ablations); returns its name."""
     import open_clip
@@ -117,8 +124,10 @@ def variant_config(model: str, out: Path, image_size: int | None, trunk: str | N
     if no_text_projection:  # open_clip's HF tower uses an identity projection when widths match
         cfg["embed_dim"] = MINILM_WIDTH
         cfg["text_cfg"]["hf_proj_type"] = None
+    if vision_proj:
+        cfg["vision_cfg"]["timm_proj"] = vision_proj
     name = "-".join([model] + ([trunk] if trunk else []) + ([str(image_size)] if image_size else [])
-                    + (["noproj"] if no_text_projection else []))
+                    + (["noproj"] if no_text_projection else []) + ([vision_proj] if vision_proj else []))
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
@@ -214,12 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)
     out = Path(args.out)
-    variant = args.image_size or args.trunk or args.no_text_projection
+    variant = args.image_size or args.trunk or args.no_text_projection or args.vision_proj
     if (args.ship or args.ship_only) and (variant or args.model != "vlsearch-small"):
         raise SystemExit("--ship writes vlsearch-small's weights: change vlsearch/model_configs/vlsearch-small.json "
                          "instead of shipping a variant")
     if variant:
-        args.model = variant_config(args.model, out, args.image_size, args.trunk, args.no_text_projection)
+        args.model = variant_config(args.model, out, args.image_size, args.trunk, args.no_text_projection,
+                                    args.vision_proj)
     augment = None if args.no_augment else AugmentConfig(
         scale=(args.crop_scale, 1.0), hflip=args.hflip, brightness=args.jitter, contrast=args.jitter,
         saturation=args.jitter / 2, hue=0.0, jitter_prob=0.8)
@@ -229,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         lock_text_unlocked_layers=args.unlocked_text_layers, augment=augment, val_fraction=args.val_fraction,
         val_every=args.val_every, checkpoint_every=200, seed=args.seed, device="cpu", workers=args.workers,
         threads=args.threads, max_steps=args.max_steps, captions_per_image=args.captions_per_image,
-        cache_images=not args.no_cache_images)
+        cache_images=not args.no_cache_images, lock_image=args.lock_image,
+        lock_image_unlocked_groups=args.unlocked_image_groups, image_views=args.image_views,
+        image_size=args.train_image_size, pretrained_image=args.pretrained_image, cache_dir=args.cache_dir)
     if args.ship_only:
         print("shipped", ship(out, args))
         return

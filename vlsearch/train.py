@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TrainingError
+from .errors import CheckpointMismatchError, TrainingError
 from .fsutil import write_json
 from .train_images import AugmentConfig, ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
 from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
@@ -90,8 +90,29 @@ class TrainConfig:
     #: 0 = fully locked (an HF tower's projection stays trainable either way, as in open_clip).
     lock_text_unlocked_layers: int = 0
     lock_image: bool = False
-    #: Cache the locked text tower's output once (needs a fully locked text tower). None = auto:
-    #: on whenever the text tower is fully locked.
+    #: With ``lock_image``: leave the last N groups of a timm trunk trainable (timm's
+    #: ``group_matcher`` stages, counted as open_clip's ``lock_image_tower(unlocked_groups=N)``).
+    #: The projection head trains either way (open_clip locks only the trunk).
+    lock_image_unlocked_groups: int = 0
+    #: Weights file of the image tower's timm trunk (timm or efficientnet_pytorch naming), loaded
+    #: before training. None: the config's own (a ``timm_model_pretrained`` trunk loads its packaged
+    #: ImageNet weights).
+    pretrained_image: Optional[str] = None
+    #: Run the locked part of the image tower over every image once and train on the cached
+    #: activations (needs ``lock_image`` and a timm trunk). None = auto: on whenever ``lock_image``.
+    precompute_image: Optional[bool] = None
+    #: Precomputed views per image: the plain view plus ``image_views - 1`` augmented ones
+    #: (``augment``); each step uses one view of each image drawn by (seed, step).
+    image_views: int = 1
+    #: Training input side in pixels (None: the model's own). The model keeps its own size for
+    #: inference (a convolutional trunk pools over any size).
+    image_size: Optional[int] = None
+    #: Folder for the precomputed feature caches, shared by runs (None: the run's ``out_dir``).
+    cache_dir: Optional[str] = None
+    #: Cache the locked text tower's output once (needs ``lock_text``): the pooled features of a fully
+    #: locked tower, or, with ``lock_text_unlocked_layers`` N of a Hugging Face tower, the token
+    #: states entering its last N layers (only those layers run per step). None = auto: on whenever
+    #: ``lock_text`` (and, for N > 0, the tower is a Hugging Face one).
     precompute_text: Optional[bool] = None
     #: None disables augmentation (the model's eval preprocess is used for training too).
     augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
@@ -130,6 +151,9 @@ class TrainConfig:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
             (self.lock_text_unlocked_layers >= 0, "lock_text_unlocked_layers must be >= 0"),
+            (self.lock_image_unlocked_groups >= 0, "lock_image_unlocked_groups must be >= 0"),
+            (self.image_views >= 1, "image_views must be >= 1"),
+            (self.image_size is None or self.image_size >= 16, "image_size must be >= 16 or None"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.val_every >= 0, "val_every must be >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
@@ -143,8 +167,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {message}")
         if self.cache_images and self.augment is not None and self.augment.hue:
             raise ValueError("TrainConfig: hue jitter is not supported with cache_images; use hue=0")
-        if self.precompute_text and not self.text_fully_locked:
-            raise ValueError("TrainConfig: precompute_text needs lock_text=True and lock_text_unlocked_layers=0")
+        if self.precompute_text and not self.lock_text:
+            raise ValueError("TrainConfig: precompute_text needs lock_text=True")
+        if self.precompute_image and not self.lock_image:
+            raise ValueError("TrainConfig: precompute_image needs lock_image=True")
+        if self.image_views > 1 and not (self.use_precomputed_image and self.augment is not None):
+            raise ValueError("TrainConfig: image_views > 1 needs precomputed image features (lock_image) and augment")
 
     @property
     def text_fully_locked(self) -> bool:
@@ -152,7 +180,11 @@ class TrainConfig:
 
     @property
     def use_precomputed_text(self) -> bool:
-        return self.text_fully_locked if self.precompute_text is None else bool(self.precompute_text)
+        return self.lock_text if self.precompute_text is None else bool(self.precompute_text)
+
+    @property
+    def use_precomputed_image(self) -> bool:
+        return self.lock_image if self.precompute_image is None else bool(self.precompute_image)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,16 +347,17 @@ def _loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], workers: in
     )
 
 
-def train_transform(model: nn.Module, augment: Optional[AugmentConfig]):
+def train_transform(model: nn.Module, augment: Optional[AugmentConfig], size: Optional[int] = None):
     """The training preprocess: the model's eval transform when ``augment`` is None, else
     RandomResizedCrop + colour jitter, normalised like the model's inputs (flips are applied per
-    batch, where the captions are known: see :func:`vlsearch.train_images.flip_allowed`)."""
+    batch, where the captions are known: see :func:`vlsearch.train_images.flip_allowed`); at
+    ``size`` px instead of the model's own when given."""
     if augment is None:
-        return image_transform(model, is_train=False)
+        return image_transform(model, is_train=False, size=size)
     from torchvision import transforms as T
 
     cfg = model.visual.preprocess_cfg
-    size = cfg["size"]
+    size = size or cfg["size"]
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     steps: list[Any] = [T.RandomResizedCrop(size, scale=tuple(augment.scale), ratio=tuple(augment.ratio),
                                             interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
@@ -410,7 +443,9 @@ def _text_tower(model: nn.Module) -> list[nn.Module]:
 def apply_locks(model: nn.Module, config: TrainConfig) -> None:
     """Freeze towers as configured (open_clip's LiT-style lock functions)."""
     if config.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        # BN statistics of locked parts are kept by eval mode (set_train_mode), not by open_clip's
+        # freeze_bn_stats: that swaps timm's BatchNormAct2d for a plain frozen BN, dropping its activation.
+        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups, freeze_bn_stats=False)
     if config.lock_text:
         n = config.lock_text_unlocked_layers
         if _is_hf_text(model):
@@ -451,6 +486,9 @@ def set_train_mode(model: nn.Module, config: TrainConfig) -> None:
     model.train()
     if config.lock_image:
         model.visual.eval()
+        for module in model.visual.modules():  # unlocked layers (and the head's dropout) train
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.train()
     if config.text_fully_locked:
         for module in _text_tower(model):
             module.eval()
@@ -505,6 +543,13 @@ class _Run:
         if not config.model.startswith("hf-hub:"):
             _check_name(config.model)
         self.model, self.pretrained_tag = _create(config.model, config.pretrained)
+        if config.pretrained_image:
+            from .trunks import load_trunk
+
+            try:
+                load_trunk(self.model, config.pretrained_image)
+            except CheckpointMismatchError as exc:
+                raise TrainingError(f"pretrained_image: {exc}") from exc
         if getattr(self.model, "logit_bias", None) is not None:
             raise TrainingError(f"{config.model} is a SigLIP-style model (logit_bias); only the CLIP loss is supported")
         self.model.to(self.device)
@@ -528,16 +573,82 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.losses, self.val = 0, [], []
         self.tokens = self._tokenize(pairs.captions)
-        self.text_features = self._precompute_text(progress=progress) if config.use_precomputed_text else None
-        self.image_size = int(np.max(self.model.visual.preprocess_cfg["size"]))
+        self.text_features, self.text_states = None, None
+        if config.use_precomputed_text and config.text_fully_locked:
+            self.text_features = self._precompute_text(progress=progress)
+        elif config.use_precomputed_text and _is_hf_text(self.model):
+            self.text_states = self._precompute_text_states(progress)
+        elif config.precompute_text:
+            raise TrainingError("precompute_text with unlocked text layers needs a Hugging Face text tower")
+        self.image_size = config.image_size or int(np.max(self.model.visual.preprocess_cfg["size"]))
         paths = [pairs.path(i) for i in range(len(pairs.images))]
-        self.train_data = ImageDataset(paths, train_transform(self.model, config.augment), 2 * self.image_size)
-        self.eval_data = ImageDataset(paths, image_transform(self.model, is_train=False), 2 * self.image_size)
+        self.train_data = ImageDataset(paths, train_transform(self.model, config.augment, self.image_size),
+                                       2 * self.image_size)
+        self.eval_data = ImageDataset(paths, image_transform(self.model, is_train=False, size=self.image_size),
+                                      2 * self.image_size)
         self.flip_ok = flip_allowed(pairs.captions)
         self.memory = None
-        if config.cache_images:
+        self.image_rest, self.image_features = None, None
+        if config.use_precomputed_image:
+            self.image_rest, self.image_features = self._precompute_image(paths, progress)
+        elif config.cache_images:
             self.memory = MemoryImages.load(paths, 2 * self.image_size, config.workers, progress)
         set_train_mode(self.model, config)
+
+    # -- images -------------------------------------------------------------------------------
+
+    def _precompute_image(self, paths: list[Path], progress: Optional[Progress]) -> tuple[nn.Module, torch.Tensor]:
+        """Split the image tower at its first trainable group and run the frozen part over every
+        image (``image_views`` views) once; cached on disk under a key of everything it depends on."""
+        from .train_features import precompute_views, split_visual
+
+        config = self.config
+        frozen, rest = split_visual(self.model.visual, config.lock_image_unlocked_groups)
+        key = {"kind": "image", "model": config.model, "pretrained": self.pretrained_tag,
+               "pretrained_image": config.pretrained_image, "groups": config.lock_image_unlocked_groups,
+               "size": self.image_size, "views": config.image_views, "seed": config.seed,
+               "augment": _plain(asdict(config.augment)) if config.augment and config.image_views > 1 else None,
+               "images_sha1": hashlib.sha1("\n".join(map(str, paths)).encode("utf-8")).hexdigest()}
+        cache = self._cache_file("image-features", key)
+        if cache.is_file():
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                log.info("using cached image features %s", cache)
+                return rest, stored["features"]
+        started = time.perf_counter()
+        memory = MemoryImages.load(paths, 2 * self.image_size, config.workers, progress)
+        cfg = self.model.visual.preprocess_cfg
+        starts = self.pairs.starts
+        flip_ok = torch.tensor([bool(self.flip_ok[starts[i]:starts[i + 1]].all()) for i in range(len(paths))])
+        with _autocast(self.device, self.precision):
+            features = precompute_views(frozen, memory, self.image_size, cfg["mean"], cfg["std"], config.image_views,
+                                        config.augment, config.seed, flip_ok, device=self.device, progress=progress)
+        features[~memory.ok] = float("nan")  # marks unreadable images (left out of every batch)
+        from .fsutil import atomic_path
+
+        with atomic_path(cache) as tmp:
+            torch.save({"key": key, "features": features}, tmp)
+        log.info("precomputed %s image features in %.1fs", tuple(features.shape), time.perf_counter() - started)
+        return rest, features
+
+    def _cache_file(self, stem: str, key: dict[str, Any]) -> Path:
+        if not self.config.cache_dir:
+            return self.out_dir / f"{stem}.pt"
+        folder = Path(self.config.cache_dir).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha1(repr(sorted(key.items())).encode("utf-8")).hexdigest()[:16]
+        return folder / f"{stem}-{digest}.pt"
+
+    def readable(self, index: torch.Tensor) -> torch.Tensor:
+        """The entries of ``index`` whose image could be read."""
+        if self.image_features is not None:
+            return index[~torch.isnan(self.image_features[index, 0].flatten(1)[:, 0])]
+        return self.memory.readable(index)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (unnormalised) of pixels, or of cached frozen-tower activations."""
+        images = images.to(self.device, non_blocking=True)
+        return self.model.encode_image(images) if self.image_rest is None else self.image_rest(images)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -573,17 +684,46 @@ class _Run:
         log.info("precomputed %d text features in %.1fs", len(features), time.perf_counter() - started)
         return features.to(self.device)
 
+    def _precompute_text_states(self, progress: Optional[Progress]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states entering the unlocked top text layers, every caption once (cached)."""
+        from .train_features import text_states_below
+
+        key = dict(self._cache_key(), kind="text states", unlocked_layers=self.config.lock_text_unlocked_layers)
+        cache = self._cache_file("text-states", key)
+        if cache.is_file():
+            stored = torch.load(cache, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                log.info("using cached text states %s", cache)
+                return stored["packed"], stored["offsets"]
+        started = time.perf_counter()
+        with _autocast(self.device, self.precision):
+            packed, offsets = text_states_below(self.model.text, self.tokens, self.config.lock_text_unlocked_layers,
+                                                device=self.device, progress=progress)
+        from .fsutil import atomic_path
+
+        with atomic_path(cache) as tmp:
+            torch.save({"key": key, "packed": packed, "offsets": offsets}, tmp)
+        log.info("precomputed %d text token states in %.1fs", len(packed), time.perf_counter() - started)
+        return packed, offsets
+
     def encode_captions(self, caption_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings (unnormalised) of the given caption rows, with gradients where trainable."""
         if self.text_features is not None:
             return text_head(self.model, self.text_features[caption_ids.to(self.text_features.device)])
+        if self.text_states is not None:
+            from .train_features import gather_states, text_top
+
+            states, mask = gather_states(*self.text_states, caption_ids.cpu())
+            pooled = text_top(self.model.text, states.to(self.device), mask.to(self.device),
+                              self.config.lock_text_unlocked_layers)
+            return text_head(self.model, pooled)
         return encode_text_tokens(self.model, self.tokens[caption_ids].to(self.device, non_blocking=True))
 
     # -- steps --------------------------------------------------------------------------------
 
     def loss(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         with _autocast(self.device, self.precision):
-            image_features = F.normalize(self.model.encode_image(images.to(self.device, non_blocking=True)).float(), dim=-1)
+            image_features = F.normalize(self.encode_image(images).float(), dim=-1)
             text_features = F.normalize(self.encode_captions(caption_ids.flatten()).float(), dim=-1)
             scale = self.model.logit_scale.exp().float()
             if caption_ids.dim() == 1:
@@ -610,6 +750,9 @@ class _Run:
                      decoded: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The step's model inputs: augmented from memory, or the decoded batch with its flips applied."""
         generator = self.step_generator()
+        if self.image_features is not None:
+            views = torch.randint(self.config.image_views, (len(index),), generator=generator)
+            return self.image_features[index, views].float()
         flip = self.flips(caption_ids, generator)
         if self.memory is not None:
             cfg = self.model.visual.preprocess_cfg
@@ -660,7 +803,7 @@ class _Run:
                     continue
                 images, index = batch
                 with _autocast(self.device, self.precision):
-                    feats.append(F.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1).cpu())
+                    feats.append(F.normalize(self.encode_image(images).float(), dim=-1).cpu())
                 kept.append(index)
             if not feats:
                 return None
@@ -679,6 +822,11 @@ class _Run:
             set_train_mode(self.model, self.config)
 
     def _eval_batches(self, batches: list[np.ndarray]):
+        if self.image_features is not None:
+            for batch in batches:
+                index = self.readable(torch.from_numpy(batch))
+                yield (self.image_features[index, 0].float(), index) if len(index) else None
+            return
         if self.memory is None:
             yield from _loader(self.eval_data, batches, self.config.workers, self.config.seed, False)
             return
@@ -884,10 +1032,10 @@ def _train_epoch(run: _Run, epoch: int, offset: int, progress: Optional[Progress
 
 def _epoch_batches(run: _Run, batches: list[np.ndarray], epoch: int):
     """(decoded images or None, image indices) per batch; None for a batch with no readable image."""
-    if run.memory is None:
+    if run.memory is None and run.image_features is None:
         yield from _loader(run.train_data, batches, run.config.workers, hash((run.config.seed, epoch)) & 0x7FFFFFFF,
                            run.device.type == "cuda")
         return
     for batch in batches:
-        index = run.memory.readable(torch.from_numpy(np.asarray(batch)))
+        index = run.readable(torch.from_numpy(np.asarray(batch)))
         yield (None, index) if len(index) else None
