@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-image-size", type=int, default=None, help="training input px (default: the model's)")
     p.add_argument("--pretrained-image", default=None, help="timm trunk weights file (default: the config's)")
     p.add_argument("--vision-proj", default=None, choices=["linear", "mlp"], help="ablation: image head type")
+    p.add_argument("--text-proj", default=None, choices=["linear", "mlp"],
+                   help="ablation: a trained text projection after the (locked) MiniLM tower")
     p.add_argument("--cache-dir", default=None, help="shared folder for precomputed feature caches")
     p.add_argument("--crop-scale", type=float, default=0.5, help="smallest RandomResizedCrop area fraction")
     p.add_argument("--jitter", type=float, default=0.4, help="brightness/contrast jitter (saturation: half)")
@@ -112,7 +114,8 @@ def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
 
 
 def variant_config(model: str, out: Path, image_size: int | None, trunk: str | None,
-                   no_text_projection: bool = False, vision_proj: str | None = None) -> str:
+                   no_text_projection: bool = False, vision_proj: str | None = None,
+                   text_proj: str | None = None) -> str:
     """Register ``model``'s config with another input size / image trunk / no text projection
     (ablations); returns its name."""
     import open_clip
@@ -127,8 +130,11 @@ def variant_config(model: str, out: Path, image_size: int | None, trunk: str | N
         cfg["text_cfg"]["hf_proj_type"] = None
     if vision_proj:
         cfg["vision_cfg"]["timm_proj"] = vision_proj
+    if text_proj:
+        cfg["text_cfg"]["hf_proj_type"] = text_proj
     name = "-".join([model] + ([trunk] if trunk else []) + ([str(image_size)] if image_size else [])
-                    + (["noproj"] if no_text_projection else []) + ([vision_proj] if vision_proj else []))
+                    + (["noproj"] if no_text_projection else []) + ([vision_proj] if vision_proj else [])
+                    + ([f"text{text_proj}"] if text_proj else []))
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
@@ -244,13 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)
     out = Path(args.out)
-    variant = args.image_size or args.trunk or args.no_text_projection or args.vision_proj
+    variant = args.image_size or args.trunk or args.no_text_projection or args.vision_proj or args.text_proj
     if (args.ship or args.ship_only) and (variant or args.model != "vlsearch-small"):
         raise SystemExit("--ship writes vlsearch-small's weights: change vlsearch/model_configs/vlsearch-small.json "
                          "instead of shipping a variant")
     if variant:
         args.model = variant_config(args.model, out, args.image_size, args.trunk, args.no_text_projection,
-                                    args.vision_proj)
+                                    args.vision_proj, args.text_proj)
     augment = None if args.no_augment else AugmentConfig(
         scale=(args.crop_scale, 1.0), hflip=args.hflip, brightness=args.jitter, contrast=args.jitter,
         saturation=args.jitter / 2, hue=0.0, jitter_prob=0.8)

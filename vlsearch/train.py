@@ -605,7 +605,7 @@ class _Run:
 
         config = self.config
         frozen, rest = split_visual(self.model.visual, config.lock_image_unlocked_groups)
-        key = {"kind": "image", "model": config.model, "pretrained": self.pretrained_tag,
+        key = {"kind": "image", "model": self._tower_id("vision"), "pretrained": self.pretrained_tag,
                "pretrained_image": config.pretrained_image, "groups": config.lock_image_unlocked_groups,
                "size": self.image_size, "views": config.image_views, "seed": config.seed,
                "augment": _plain(asdict(config.augment)) if config.augment and config.image_views > 1 else None,
@@ -632,6 +632,19 @@ class _Run:
         self.precompute_seconds["image"] = round(time.perf_counter() - started, 2)
         log.info("precomputed %s image features in %.1fs", tuple(features.shape), self.precompute_seconds["image"])
         return rest, features
+
+    def _tower_id(self, tower: str) -> str:
+        """What a frozen tower's cached output depends on: the model's ``vision_cfg`` / ``text_cfg``
+        without the (trainable) projection settings; the model name for an unregistered one."""
+        from .models import _registered_config
+
+        cfg = _registered_config(self.config.model)
+        if cfg is None:
+            return self.config.model
+        part = {k: v for k, v in cfg[f"{tower}_cfg"].items() if not k.endswith(("proj", "proj_type", "proj_bias"))}
+        if tower == "text" and not _is_hf_text(self.model):
+            part["embed_dim"] = cfg["embed_dim"]  # a built-in tower's features include its projection
+        return repr(sorted(part.items()))
 
     def _cache_file(self, stem: str, key: dict[str, Any]) -> Path:
         if not self.config.cache_dir:
@@ -666,8 +679,11 @@ class _Run:
         """Run the frozen text backbone over every caption once (cached in out_dir).
 
         ``progress(done, total, stage="text")`` is called as captions are encoded."""
-        cache = self.out_dir / TEXT_CACHE
         key = self._cache_key()
+        cache = self.out_dir / TEXT_CACHE
+        if self.config.cache_dir:  # shared by runs whose models differ only after the text backbone
+            key = dict(key, model=self._tower_id("text"))
+            cache = self._cache_file("text-features", key)
         if cache.is_file():
             stored = torch.load(cache, map_location="cpu", weights_only=True)
             if stored.get("key") == key:
@@ -691,7 +707,8 @@ class _Run:
         """Token states entering the unlocked top text layers, every caption once (cached)."""
         from .train_features import text_states_below
 
-        key = dict(self._cache_key(), kind="text states", unlocked_layers=self.config.lock_text_unlocked_layers)
+        key = dict(self._cache_key(), model=self._tower_id("text"), kind="text states",
+                   unlocked_layers=self.config.lock_text_unlocked_layers)
         cache = self._cache_file("text-states", key)
         if cache.is_file():
             stored = torch.load(cache, map_location="cpu", weights_only=True)
