@@ -67,7 +67,8 @@ def describe(config: dict, model_cfg: dict) -> list[object]:
             config["epochs"], config.get("captions_per_image", 1), views, augment, text, projection]
 
 
-def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | None = None) -> dict:
+def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | None = None,
+          locked_trunk: bool = False) -> dict:
     """Flickr8k-test figures of ``run``'s model.pt (``model``'s config must be registered)."""
     import torch
 
@@ -78,7 +79,7 @@ def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | No
         return json.loads(cached.read_text())
     torch.set_num_threads(threads)
     encoder = load_model(model, pretrained=run / "model.pt", device="cpu")
-    metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache)
+    metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache, locked_trunk=locked_trunk)
     cached.write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -118,7 +119,8 @@ def main() -> None:
         log = json.loads((run / "train.json").read_text())
         config = log["config"]
         model, model_cfg = run_model(run, config, infer_size)
-        test = score(run, model, Path(args.cache), args.threads, infer_size)
+        locked = bool(config.get("lock_image")) and not config.get("lock_image_unlocked_groups")
+        test = score(run, model, Path(args.cache), args.threads, infer_size, locked_trunk=locked)
         val = log["val"][-1]["t2i"] if log["val"] else {}
         t = test["t2i"]
         row = [run.name + (f" @{px} px" if px else "")] + describe(config, model_cfg) + [

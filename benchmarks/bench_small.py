@@ -65,18 +65,50 @@ def text_backbone_features(encoder, captions: list[str], cache: Path | None) -> 
     return out
 
 
-def flickr_metrics(encoder, folder: Path, cache: Path | None = None, batch_size: int = 64) -> dict:
+def flickr_metrics(encoder, folder: Path, cache: Path | None = None, batch_size: int = 64,
+                   locked_trunk: bool = False) -> dict:
     """Retrieval figures on a captions.csv split; the text side is ``encode_texts`` computed in
-    two parts (shared MiniLM backbone, then this model's projection) — the same numbers."""
+    two parts (shared text backbone, then this model's projection) — the same numbers. With
+    ``locked_trunk`` (the timm trunk is the pretrained one) the image side is computed the same way:
+    pooled trunk features, cached per input size, then this model's head."""
     import torch.nn.functional as F
 
     from vlsearch.metrics import retrieval_metrics
 
     paths, captions, text_image = read_split(folder)
-    image_feats = encoder.encode_images(paths, batch_size=batch_size)
+    if locked_trunk:
+        with torch.inference_mode():
+            pooled = trunk_features(encoder, paths, cache, batch_size)
+            image_feats = F.normalize(encoder.model.visual.head(pooled), dim=-1).numpy()
+    else:
+        image_feats = encoder.encode_images(paths, batch_size=batch_size)
     with torch.inference_mode():
         text_feats = F.normalize(encoder.model.text.proj(text_backbone_features(encoder, captions, cache)), dim=-1).numpy()
     return retrieval_metrics(text_feats @ image_feats.T, text_image)
+
+
+def trunk_features(encoder, paths: list[Path], cache: Path | None, batch_size: int = 64) -> torch.Tensor:
+    """Pooled pretrained-trunk features of ``paths`` at the encoder's input size (cached in ``cache``)."""
+    import hashlib
+
+    from vlsearch.images import open_image
+
+    visual = encoder.model.visual
+    key = hashlib.sha1(("\n".join(map(str, paths)) + f"|{encoder.image_size}|"
+                        + visual.trunk.pretrained_cfg["architecture"]).encode()).hexdigest()
+    file = cache / f"trunk-{key[:16]}.pt" if cache else None
+    if file is not None and file.is_file():
+        return torch.load(file, weights_only=True)
+    out = []
+    for i in range(0, len(paths), batch_size):
+        pixels = torch.stack([encoder.preprocess(open_image(p, draft_size=2 * encoder.image_size))
+                              for p in paths[i : i + batch_size]])
+        out.append(visual.trunk(pixels).float())
+    out = torch.cat(out)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, file)
+    return out
 
 
 def chance_metrics(n_images: int = 1000, per_image: int = 5) -> dict:
