@@ -83,7 +83,8 @@ def test_lit_run_precomputes_trains_only_unlocked_parts_and_ships_them(shapes, t
     # Reloaded through load_model: the parts not in model.pt come from their packages.
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     shipped = {k: v for k, v in state.items() if k.startswith(("visual.head.", "visual.trunk.blocks.6.",
-                                                                "text.transformer.encoder.layer.5.", "logit_scale"))}
+                                                                "text.transformer.encoder.layer.5.", "text.proj.",
+                                                                "logit_scale"))}
     torch.save({"state_dict": shipped}, tmp_path / "parts.pt")
     encoder = models.load_model(models.SMALL_MODEL, pretrained=tmp_path / "parts.pt", device="cpu")
     full = models.load_model(models.SMALL_MODEL, pretrained=result.checkpoint, device="cpu")
