@@ -66,6 +66,43 @@ class ImageRecord:
     tar_range: tuple[int, int] | None = None
 
 
+def file_stat(record: ImageRecord) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a record's image: the file's, or for a tar member its size and the
+    tar's mtime. None when it cannot be read (it is then treated as changed)."""
+    try:
+        st = os.stat(record.location)
+    except OSError:
+        return None
+    size = record.tar_range[1] if record.tar_range is not None else st.st_size
+    return int(size), int(st.st_mtime_ns)
+
+
+def content_hash(record: ImageRecord) -> str | None:
+    """blake2b-128 (hex) of a record's image bytes (read in 1 MiB blocks), or None if unreadable."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(record.location, "rb") as fh:
+            left = None
+            if record.tar_range is not None:
+                fh.seek(record.tar_range[0])
+                left = record.tar_range[1]
+            while left is None or left > 0:
+                block = fh.read(1 << 20 if left is None else min(1 << 20, left))
+                if not block:
+                    break
+                digest.update(block)
+                left = None if left is None else left - len(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def record_hash(record: ImageRecord) -> str:
+    """blake2b-128 (hex) of what a record says besides its image: path, captions and metadata."""
+    text = json.dumps([record.path, list(record.captions), record.metadata], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
 class ImageSource:
     """Base class: iterate records in a deterministic order; ``describe()`` goes into the manifest."""
 

@@ -49,6 +49,10 @@ class CollectionNotFoundError(CollectionError, FileNotFoundError):
     """No collection (manifest.json) at the given path."""
 
 
+class CollectionLockedError(CollectionError):
+    """Another live process is writing the collection (sync, compact, build-index)."""
+
+
 class CollectionMismatchError(CollectionError):
     """A model, dimension or index does not match the collection it is used with."""
 

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .collection import IMAGES_DIR, Collection
+from .collection import FILE_COLUMNS, IMAGES_DIR, Collection
 from .errors import (
     CollectionError,
     CollectionMismatchError,
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 ImageQuery = Union["Image.Image", str, os.PathLike, bytes, bytearray, memoryview]
 #: Columns of an image shard that are not copied into ``Hit.metadata``.
-_NOT_METADATA = ("id", "path", "captions", "embedding")
+_NOT_METADATA = ("id", "path", "captions", "embedding", *FILE_COLUMNS)
 _MISSING = object()
 
 
@@ -194,28 +194,47 @@ def load_index(collection: Collection, mmap: bool = False) -> Any:
     return index
 
 
-def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None) -> Any:
+def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None,
+                      sel: Any | None = None) -> Any:
     """A FAISS ``SearchParameters`` tree that sets ``nprobe`` / ``k_factor`` for this call only.
 
     Walks the index structure (IDMap -> PreTransform -> Refine -> IVF); ``None`` values keep the
     index's own setting, but it is still passed explicitly so the call never depends on (or
-    changes) mutable index state. Returns None for indexes with no tunable parameter (Flat).
+    changes) mutable index state. ``sel``: an ``IDSelector`` on image ids (e.g. the live rows,
+    AND a filter) placed where the index applies it (translated through an IDMap's id table).
+    Returns None for indexes with no tunable parameter and no selector (Flat).
     """
     import faiss
 
     idx = faiss.downcast_index(index)
     if isinstance(idx, faiss.IndexIDMap):  # IDMap forwards params to the wrapped index
-        return search_parameters(idx.index, nprobe, k_factor)
+        inner_sel = None if sel is None else faiss.IDSelectorTranslated(idx.id_map, sel)
+        params = search_parameters(idx.index, nprobe, k_factor, inner_sel)
+        return _keep(params, sel, inner_sel)
     if isinstance(idx, faiss.IndexPreTransform):
-        inner = search_parameters(idx.index, nprobe, k_factor)
-        return None if inner is None else faiss.SearchParametersPreTransform(index_params=inner)
+        inner = search_parameters(idx.index, nprobe, k_factor, sel)
+        return None if inner is None else _keep(faiss.SearchParametersPreTransform(index_params=inner), inner)
     if isinstance(idx, faiss.IndexRefine):
-        base = search_parameters(idx.base_index, nprobe, k_factor)
+        base = search_parameters(idx.base_index, nprobe, k_factor, sel)
         factor = float(idx.k_factor if k_factor is None else k_factor)
-        return faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=base)
+        return _keep(faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=base), base)
     if isinstance(idx, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=int(idx.nprobe if nprobe is None else nprobe))
-    return None
+        params = faiss.SearchParametersIVF(nprobe=int(idx.nprobe if nprobe is None else nprobe))
+    elif sel is not None:
+        params = faiss.SearchParameters()
+    else:
+        return None
+    if sel is not None:
+        params.sel = sel
+    return _keep(params, sel)
+
+
+def _keep(params: Any, *objects: Any) -> Any:
+    """Hold Python references to the selectors / sub-parameters ``params`` points to (FAISS only
+    stores raw pointers), so they live exactly as long as the parameters."""
+    if params is not None:
+        params.vlsearch_refs = [o for o in objects if o is not None]
+    return params
 
 
 def _ivf_nprobe(index: Any) -> int | None:
@@ -234,17 +253,23 @@ def _ivf_nprobe(index: Any) -> int | None:
 class RowLocator:
     """Maps image ids to ``(shard, row)`` from the ``id`` column of each shard only."""
 
-    def __init__(self, shard_paths: Sequence[Path]):
+    def __init__(self, shard_paths: Sequence[Path], collection: Collection | None = None):
+        """``collection``: whose tombstones mark rows dead (id -1 here: never found, not counted)."""
         self.paths = list(shard_paths)
-        parts = [pq.read_table(p, columns=["id"]).column("id").to_numpy().astype(np.int64, copy=False)
+        parts = [pq.read_table(p, columns=["id"]).column("id").to_numpy().astype(np.int64, copy=True)
                  for p in self.paths]
+        for path, ids in zip(self.paths, parts):
+            mask = None if collection is None else collection.live_mask(path, ids)
+            if mask is not None:
+                ids[~mask] = -1
         ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         self.offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        self.live = int((ids >= 0).sum())
         if len(ids) and not np.all(ids[1:] > ids[:-1]):
             order = np.argsort(ids, kind="stable")
             self._order: np.ndarray | None = order.astype(np.int32 if len(ids) < 2**31 else np.int64)
             ids = ids[order]
-            dup = np.flatnonzero(ids[1:] == ids[:-1])
+            dup = np.flatnonzero((ids[1:] == ids[:-1]) & (ids[1:] >= 0))
             if len(dup):
                 raise CollectionError(f"image id {ids[dup[0]]} appears more than once in the shards")
         else:
@@ -252,7 +277,7 @@ class RowLocator:
         self._sorted = ids
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return self.live
 
     @property
     def nbytes(self) -> int:
@@ -263,7 +288,7 @@ class RowLocator:
         ids = np.asarray(ids, dtype=np.int64)
         pos = np.searchsorted(self._sorted, ids)
         pos = np.minimum(pos, max(len(self._sorted) - 1, 0))
-        found = (self._sorted[pos] == ids) if len(self._sorted) else np.zeros(len(ids), bool)
+        found = ((self._sorted[pos] == ids) & (ids >= 0)) if len(self._sorted) else np.zeros(len(ids), bool)
         glob = pos if self._order is None else self._order[pos].astype(np.int64)
         shard = np.searchsorted(self.offsets, glob, side="right") - 1
         return shard, glob - self.offsets[shard], found
@@ -392,13 +417,13 @@ class Searcher:
         self.text_cache = _LRU(text_cache_size)
         self._params: dict[tuple[Any, Any], Any] = {}
         paths = collection.shard_paths(IMAGES_DIR)
-        self.row_locator = RowLocator(paths)
+        self.row_locator = RowLocator(paths, collection)
         self.metadata_reader = MetadataReader(paths, cache_bytes=int(metadata_cache_mb * (1 << 20)))
         entry = collection.manifest.index or {}
         self.nprobe_default: int | None = entry.get("nprobe_default") or (
             _ivf_nprobe(index) if index is not None else None)
         self._l2 = index is not None and _is_l2(index)
-        if index is not None and index.ntotal != len(self.row_locator):
+        if index is not None and index.ntotal - int(entry.get("dead_entries", 0)) != len(self.row_locator):
             log.warning("index of %s holds %d vectors but the shards %d images: rebuild it to search them all",
                         collection.path, index.ntotal, len(self.row_locator))
 
@@ -471,7 +496,11 @@ class Searcher:
         k = _check_k(k)
         if exact:
             return exact_search(q, self.collection, k, chunk_size=self.exact_chunk_size)
-        return self._ann(q, k, nprobe, k_factor)
+        scores, ids = self._ann(q, k, nprobe, k_factor)
+        short = (ids < 0).any(axis=1) & (len(self.row_locator) > (ids >= 0).sum(axis=1))
+        if short.any():  # an IVF probe met too few live rows: the exact top-k of those queries
+            scores[short], ids[short] = exact_search(q[short], self.collection, k, chunk_size=self.exact_chunk_size)
+        return scores, ids
 
     # ---- embedding queries -----------------------------------------------------------------
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -545,13 +574,21 @@ class Searcher:
         key = (nprobe if nprobe is not None else self.nprobe_default, k_factor)
         params = self._params.get(key, _MISSING)
         if params is _MISSING:  # built once per setting; FAISS only reads them, so sharing is safe
-            params = search_parameters(self.index, *key)
+            params = search_parameters(self.index, *key, sel=self._live_selector())
             if len(self._params) < 1024:
                 self._params[key] = params
         scores, ids = self.index.search(q, k, params=params)
         if self._l2:
             scores = np.where(ids >= 0, 1.0 - scores / 2.0, scores).astype(np.float32)
         return scores, ids
+
+    def _live_selector(self) -> Any | None:
+        """``IDSelector`` (on image ids) of the index entries still live in this version, or None
+        when every entry is (removed ids normally leave the index; see ``vlsearch.update``).
+        A filter's selector is ANDed with it (``faiss.IDSelectorAnd``)."""
+        from .update import live_selector
+
+        return live_selector(self.index, self.collection.manifest.index)
 
     def _check_vectors(self, vectors: np.ndarray) -> np.ndarray:
         arr = np.asarray(vectors)
