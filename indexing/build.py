@@ -516,10 +516,18 @@ def build_index(
     ``train_size``: training sample size (default: sized from nlist and PQ codebooks).
     ``use_gpu``: default ``faiss.get_num_gpus() > 0``.
     """
+    coll = _open(collection_dir)
+    with coll.lock():  # one writer at a time; then build from the newest version
+        return _build_index(Collection.open(coll.path), index_type, max_memory, metric, nprobe_default, train_size,
+                            seed, progress, policy=policy, use_gpu=use_gpu)
+
+
+def _build_index(coll: Collection, index_type: str, max_memory: str | int, metric: str, nprobe_default: int | None,
+                 train_size: int | None, seed: int, progress: Progress | None, *, policy: AutoPolicy,
+                 use_gpu: bool | None) -> dict[str, Any]:
     import faiss
 
     timer = _Timer()
-    coll = _open(collection_dir)
     budget = parse_memory(max_memory)
     _faiss_metric(metric)
     if nprobe_default is not None and nprobe_default < 1:
@@ -618,15 +626,20 @@ def build_index(
         "model": coll.model.to_dict(),
         "file": INDEX_FILE,
     }
-    with atomic_path(coll.index_path) as tmp:
+    index_path = coll.path / INDEX_FILE
+    with atomic_path(index_path) as tmp:
         faiss.write_index(index, str(tmp))
-    entry["file_bytes"] = coll.index_path.stat().st_size
+    entry["file_bytes"] = index_path.stat().st_size
     timer.mark("write")
     entry["build_seconds"] = round(time.perf_counter() - timer.t0, 2)
     entry["stage_seconds"] = timer.stages
     entry["peak_rss_mb"] = round(peak_rss_mb(), 1)
     entry["built_at"] = now_iso()
-    coll.update_manifest(index=entry)
+    entry["built_ntotal"] = entry["ntotal"]
+    if coll.manifest.complete:
+        coll.commit_version(index=entry)  # a new version: readers of the previous one keep its index
+    else:
+        coll.update_manifest(index=entry)
     log.info("built %s over %d vectors in %.1fs", factory, n, entry["build_seconds"])
     return entry
 

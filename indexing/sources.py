@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from vlsearch.errors import SourceError
+from vlsearch.fsutil import MANIFEST_NAMES, find_manifest
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +360,9 @@ def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: st
                 caption_column: str | None = None) -> ImageSource:
     """Open an image source from a path (or a ``*.tar`` glob).
 
-    ``kind``: ``auto`` (a ``.csv``/``.parquet`` file is a manifest; a ``.tar`` file, a glob, or a
-    folder with ``.tar`` files at its top level is webdataset; any other folder is a folder of
-    images), or one of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`.
+    ``kind``: ``auto`` (a ``.csv``/``.parquet`` file, or a folder holding ``captions.csv`` or
+    another of ``MANIFEST_NAMES``, is a manifest; a ``.tar`` file, a glob, or a folder with
+    ``.tar`` files at its top level is webdataset; any other folder is a folder of images), or one of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`.
     """
     text = os.fspath(spec)
     if kind not in ("auto", "folder", "manifest", "webdataset"):
@@ -381,8 +382,11 @@ def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: st
         if kind in ("auto", "manifest") and suffix in (".csv", ".parquet", ".pq"):
             return ManifestSource(path, image_column, caption_column)
         raise SourceError(f"{path} is not a folder, a .csv/.parquet manifest or a .tar shard")
+    manifest = find_manifest(path) if kind in ("auto", "manifest") else None
+    if manifest is not None:  # a dataset folder: its captions.csv (or ...) lists the images
+        return ManifestSource(manifest, image_column, caption_column)
     if kind == "manifest":
-        raise SourceError(f"{path} is a folder, not a .csv/.parquet manifest")
+        raise SourceError(f"{path} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
     tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
     if kind == "webdataset" or (kind == "auto" and tars):
         if not tars:

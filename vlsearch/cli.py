@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import platform
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -32,7 +33,9 @@ _WORKERS_OPT = typer.Option(2, "--workers", "-w", min=0, help="Decoding processe
 _DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
 _SHARD_OPT = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
 _SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
-_COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, or resumed).")
+_COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, resumed, or synced).")
+_DRY_RUN_OPT = typer.Option(False, "--dry-run", help="On a finished collection: list what a sync would change, "
+                            "write nothing.")
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -221,20 +224,23 @@ def embed_cmd(
     source_type: str = _SOURCE_TYPE_OPT,
     image_column: Optional[str] = _IMAGE_COLUMN_OPT,
     caption_column: Optional[str] = _CAPTION_COLUMN_OPT,
+    dry_run: bool = _DRY_RUN_OPT,
 ) -> None:
-    """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
+    """Encode an image source into a collection of Parquet shards (rerun: resume, or sync when finished)."""
     _embed_and_report(source, collection_dir, locals())
 
 
-def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any]) -> None:
-    """Run ``indexing.embed`` with a tqdm bar and print the counts (shared by ``embed`` and ``index``).
+def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any]) -> bool:
+    """Run ``indexing.embed`` (or ``indexing.sync`` on a finished collection) with a tqdm bar and
+    print the counts (shared by ``embed`` and ``index``). Returns whether it synced.
 
-    ``options``: the command's embedding options by parameter name (model ... caption_column)."""
+    ``options``: the command's embedding options by parameter name (model ... caption_column, dry_run)."""
     import time
 
     from indexing.embed import EmbedConfig, embed
     from indexing.sources import open_source
 
+    from .collection import MANIFEST, Collection
     from .models import DEFAULT_MODEL
 
     config = EmbedConfig(model=options["model"] or DEFAULT_MODEL, pretrained=options["pretrained"],
@@ -243,12 +249,36 @@ def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any])
                          decode_timeout=options["decode_timeout"] or None)
     src = open_source(source, kind=options["source_type"], image_column=options["image_column"],
                       caption_column=options["caption_column"])
+    path = Path(collection_dir)
+    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete:
+        _sync_and_report(src, path, config, options["dry_run"])
+        return True
+    if options["dry_run"]:
+        raise typer.BadParameter("--dry-run needs a finished collection to compare with")
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
         coll = embed(src, collection_dir, config, progress=bar)
     c = coll.manifest.counts
     typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
                f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
+    return False
+
+
+def _sync_and_report(src: Any, path: Path, config: Any, dry_run: bool) -> None:
+    from indexing.sync import sync
+
+    with TqdmProgress("sync", unit="img") as bar:
+        report = sync(src, path, config, dry_run=dry_run, progress=bar)
+    if dry_run:
+        for sign, paths in (("+", report.new), ("~", report.changed), ("-", report.deleted)):
+            for p in paths:
+                typer.echo(f"{sign} {p}")
+        typer.echo(f"{report.summary()} (dry run: nothing written)")
+        return
+    typer.echo(f"{report.summary()}; {report.reused} vectors reused, {report.encoded} encoded, "
+               f"{report.failures} failures in {report.seconds:.1f} s -> {path} version {report.version}")
+    for advice in report.advice:
+        typer.echo(f"note: {advice}")
 
 
 def _build_and_report(collection_dir: str, index_type: str, max_memory: str, nprobe_default: Optional[int],
@@ -308,10 +338,26 @@ def index_cmd(
     nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
     train_size: Optional[int] = _TRAIN_SIZE_OPT,
     seed: int = _INDEX_SEED_OPT,
+    dry_run: bool = _DRY_RUN_OPT,
 ) -> None:
-    """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
-    _embed_and_report(source, collection_dir, locals())
-    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
+    """Embed a source into a collection and build its index (resumable); rerun on a finished
+    collection to sync it with its source — the index follows without a rebuild."""
+    from .collection import Collection
+
+    synced = _embed_and_report(source, collection_dir, locals())
+    if not dry_run and not (synced and Collection.open(collection_dir).has_index()):
+        _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
+
+
+@app.command("compact")
+@handle_errors
+def compact_cmd(collection_dir: str = typer.Argument(..., help="Collection directory.")) -> None:
+    """Rewrite the shards holding deleted rows without them and drop dead entries from the index."""
+    from .update import compact
+
+    result = compact(collection_dir)
+    typer.echo(f"{result['rows_dropped']} dead rows dropped from {result['shards_rewritten']} shards -> "
+               f"{collection_dir} version {result['version']}")
 
 
 @app.command("train")

@@ -274,7 +274,8 @@ class Collection:
     # ---- shards --------------------------------------------------------------------------
     @property
     def index_path(self) -> Path:
-        return self.path / INDEX_FILE
+        """The index file of this version (``index.faiss`` unless a sync wrote a newer one)."""
+        return self.path / ((self.manifest.index or {}).get("file") or INDEX_FILE)
 
     def has_index(self) -> bool:
         return self.manifest.index is not None and self.index_path.is_file()

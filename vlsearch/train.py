@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TrainingError
-from .fsutil import write_json
+from .fsutil import MANIFEST_NAMES, find_manifest, write_json
 from .train_images import AugmentConfig, ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
 from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
 
@@ -63,7 +63,6 @@ LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
 TEXT_CACHE = "text_features.pt"
 TRAIN_LOG = "train.json"
-MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
 
 Progress = Callable[..., None]
 
@@ -219,10 +218,10 @@ def read_pairs(data: str | os.PathLike) -> PairData:
     """Read a CSV/Parquet manifest (or a folder holding ``captions.csv``) of ``image,caption`` rows."""
     path = Path(data).expanduser()
     if path.is_dir():
-        found = [path / n for n in MANIFEST_NAMES if (path / n).is_file()]
-        if not found:
+        found = find_manifest(path)
+        if found is None:
             raise TrainingError(f"{path} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
-        path = found[0]
+        path = found
     if not path.is_file():
         raise TrainingError(f"training manifest not found: {path}")
     table = _read_table(path)
