@@ -50,3 +50,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def kill_9_when(command: list[str], reached, what: str, env: dict | None = None) -> None:
+    """Run ``command`` in a real process and ``kill -9`` it as soon as ``reached()`` is true."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600  # generous: a starved CPU can take minutes to import torch
+    try:
+        while not reached():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, f"{what} not reached in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

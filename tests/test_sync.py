@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from indexing.build import build_index
 from indexing.embed import embed
 from indexing.sources import ManifestSource, open_source, stable_id
 from indexing.sync import sync
+from conftest import kill_9_when
 from test_embed import _config, _folder, _jpeg
 from vlsearch.cli import app
 from vlsearch.collection import Collection
@@ -193,20 +191,7 @@ def test_kill_9_at_each_step_of_a_sync_then_rerun(tmp_path, tiny_encoder, tiny_c
     marker = tmp_path / "reached"
     args = ["embed", str(src), str(coll.path), "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
             "--workers", "0", "--device", "cpu", "--shard-size", "5"]
-    proc = subprocess.Popen([sys.executable, str(HELPER), point, str(marker), *args],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600  # generous: a starved CPU can take minutes to import torch
-    try:
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, f"the sync never reached {point}"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_when([sys.executable, str(HELPER), point, str(marker), *args], marker.exists, f"sync step {point}")
     killed = Collection.open(coll.path)  # version N or N+1, whole
     expected = new_ids if point == "committed" else old_ids
     assert set(_by_id(killed)) == expected and killed.count() == len(expected)
