@@ -128,7 +128,8 @@ def test_compact_drops_dead_rows_from_shards_and_index(tmp_path):
     assert fresh.manifest.tombstones is None and fresh.manifest.index["dead_entries"] == 0
     on_disk = np.concatenate([pq.read_table(p, columns=["id"]).column(0).to_numpy() for p in fresh.shard_paths()])
     assert len(on_disk) == 300 and not np.isin(on_disk, gone).any()
-    assert len(list((coll.path / IMAGES_DIR).iterdir())) == 6  # 4 live + 2 kept for readers of the previous version
+    assert len(fresh.shard_paths()) == 3  # shards 0 and 1 (50 live rows each) became one
+    assert len(list((coll.path / IMAGES_DIR).iterdir())) == 5  # + 2 kept for readers of the previous version
     searcher = Searcher.open(coll.path)
     assert searcher.index.ntotal == 300
     after = searcher.knn(vectors, k=10, exact=True)
@@ -215,3 +216,15 @@ def test_garbage_of_a_crashed_write_is_removed_by_the_next_writer(tmp_path):
     assert not (coll.path / IMAGES_DIR / "part-00077.parquet").exists()
     assert not (coll.path / "index-v000099.faiss").exists()
     assert os.listdir(coll.path / "tombstones") == [coll.manifest.tombstones]
+
+
+def test_compact_merges_the_small_shards_of_many_small_updates(tmp_path):
+    coll = _collection(tmp_path / "c", factory="Flat")
+    for k in range(3):
+        coll.add(_rows(np.arange(10, dtype=np.int64) + 100 * k + 1, _vectors(10, k + 10)))
+    assert len(coll.shard_paths()) == 7
+    before = Searcher.open(coll.path).knn(_vectors(5, 3), k=20)
+    assert compact(coll)["shards_rewritten"] == 3
+    assert [pq.ParquetFile(p).metadata.num_rows for p in coll.shard_paths()] == [100, 100, 100, 100, 30]
+    after = Searcher.open(coll.path).knn(_vectors(5, 3), k=20)
+    assert np.array_equal(before[1], after[1]) and coll.count() == 430

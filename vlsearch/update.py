@@ -301,34 +301,57 @@ def retrain_advice(entry: dict[str, Any] | None, live: int) -> str | None:
 # ---- compaction --------------------------------------------------------------------------------
 
 def compact(collection: Collection | str) -> dict[str, int]:
-    """Rewrite the shards that hold dead rows without them, and drop dead entries from the index.
+    """Rewrite the shards that hold dead rows (or fewer than a quarter of ``shard_size`` rows, as
+    many small syncs leave) into full shards without dead rows; drop dead entries from the index.
 
-    One new version; shards without dead rows are kept as they are. Returns counts of rewritten
-    shards and dropped rows."""
+    One new version; other shards are kept as they are. Returns counts of rewritten shards,
+    dropped rows and the new version."""
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     with coll.lock():
         base = Collection.open(coll.path)
         base.collect_garbage()
         dead = base.dead_rows()
         shards = list(base.manifest.shards if base.manifest.shards is not None else base.shard_numbers())
-        number = base.next_shard_number()
-        dropped = sum(len(v) for v in dead.values())
-        for i, n in enumerate(shards):
-            if n not in dead:
-                continue
-            images = base.read_shard(base.path / IMAGES_DIR / shard_name(n), IMAGES_DIR)
-            cap_path = base.path / CAPTIONS_DIR / shard_name(n)
-            fail_path = base.path / FAILURES_DIR / shard_name(n)
-            captions = base.read_shard(cap_path, CAPTIONS_DIR) if cap_path.is_file() else None
-            failures = pq.read_table(fail_path) if fail_path.is_file() else None
-            base.write_shard(number, images, captions, failures)
-            shards[i], number = number, number + 1
-        staged = Collection(base.path, _replace(base.manifest, shards=tuple(shards), tombstones=None))
+        small = base.manifest.shard_size // 4
+        rewrite = [n for n in shards if n in dead or pq.ParquetFile(base.path / IMAGES_DIR / shard_name(n))
+                   .metadata.num_rows < small]
+        if len(rewrite) == 1 and rewrite[0] not in dead:
+            rewrite = []  # one small shard alone: nothing to merge it with
+        kept = [n for n in shards if n not in rewrite]
+        written = _rewrite(base, rewrite)
+        staged = Collection(base.path, _replace(base.manifest, shards=tuple(kept + written), tombstones=None))
         index = _compact_index(base, staged)
-        counts = dict(base.manifest.counts, shards=len(shards))
-        base.commit_version(shards=tuple(shards), tombstones=None, index=index, counts=counts)
+        counts = dict(base.manifest.counts, shards=len(staged.manifest.shards))
+        base.commit_version(shards=staged.manifest.shards, tombstones=None, index=index, counts=counts)
         coll.manifest, coll._dead = base.manifest, None
-        return {"shards_rewritten": len(dead), "rows_dropped": dropped, "version": base.manifest.version}
+        return {"shards_rewritten": len(rewrite), "rows_dropped": sum(len(v) for v in dead.values()),
+                "version": base.manifest.version}
+
+
+def _rewrite(base: Collection, numbers: list[int]) -> list[int]:
+    """Copy the live rows of shards ``numbers`` into new shards of up to ``shard_size`` rows."""
+    number, written = base.next_shard_number(), []
+    pending: dict[str, list[pa.Table]] = {IMAGES_DIR: [], CAPTIONS_DIR: [], FAILURES_DIR: []}
+
+    def flush() -> None:
+        nonlocal number
+        tables = {k: pa.concat_tables(v, promote_options="permissive") if v else None for k, v in pending.items()}
+        base.write_shard(number, tables[IMAGES_DIR], tables[CAPTIONS_DIR], tables[FAILURES_DIR])
+        written.append(number)
+        number += 1
+        for v in pending.values():
+            v.clear()
+
+    for n in numbers:
+        for kind in pending:
+            path = base.path / kind / shard_name(n)
+            if path.is_file():
+                pending[kind].append(base.read_shard(path, kind))
+        if sum(t.num_rows for t in pending[IMAGES_DIR]) >= base.manifest.shard_size:
+            flush()
+    if pending[IMAGES_DIR]:
+        flush()
+    return written
 
 
 def _compact_index(base: Collection, staged: Collection) -> dict[str, Any] | None:
