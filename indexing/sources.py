@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vlsearch.collection import FILE_COLUMNS, IMAGE_COLUMNS
 from vlsearch.errors import SourceError
 from vlsearch.fsutil import MANIFEST_NAMES, find_manifest
 
@@ -37,7 +38,7 @@ IMAGE_COLUMN_CANDIDATES = ("image", "image_path", "path", "filepath", "file", "f
 CAPTION_COLUMN_CANDIDATES = ("caption", "text", "captions", "title")
 #: Metadata columns that would clash with a shard's own columns are renamed with this prefix.
 RENAME_PREFIX = "source_"
-RESERVED_COLUMNS = frozenset({"id", "path", "width", "height", "captions", "embedding"})
+RESERVED_COLUMNS = frozenset({*IMAGE_COLUMNS, *FILE_COLUMNS, "embedding"})
 
 
 def stable_id(identity: str | bytes) -> int:

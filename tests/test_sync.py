@@ -207,3 +207,10 @@ def test_kill_9_at_each_step_of_a_sync_then_rerun(tmp_path, tiny_encoder, tiny_c
     assert not (coll.path / ".lock").exists()
     on_disk = {p for p in coll.path.rglob("*") if p.is_file()}
     assert on_disk <= final.referenced_files() | {coll.path / "index.faiss"}  # the crash's leftovers are gone
+
+
+def test_metadata_named_like_a_file_column_is_renamed(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(_jpeg(1))
+    pcsv.write_csv(pa.table({"image": ["a.jpg"], "caption": ["x"], "file_size": [3], "record_hash": ["mine"]}),
+                   tmp_path / "m.csv")
+    assert ManifestSource(tmp_path / "m.csv").metadata_schema.names == ["source_file_size", "source_record_hash"]
