@@ -228,3 +228,16 @@ def test_compact_merges_the_small_shards_of_many_small_updates(tmp_path):
     assert [pq.ParquetFile(p).metadata.num_rows for p in coll.shard_paths()] == [100, 100, 100, 100, 30]
     after = Searcher.open(coll.path).knn(_vectors(5, 3), k=20)
     assert np.array_equal(before[1], after[1]) and coll.count() == 430
+
+
+def test_cli_compact(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlsearch.cli import app
+
+    coll = _collection(tmp_path / "c", factory="HNSW8")  # HNSW cannot remove: dead entries until compact
+    coll.remove(coll.read_embeddings()[0][:30])
+    result = CliRunner().invoke(app, ["compact", str(coll.path)])
+    assert result.exit_code == 0, result.output
+    assert f"30 dead rows dropped from 1 shards -> {coll.path} version {coll.manifest.version + 1}" in result.output
+    assert Searcher.open(coll.path).index.ntotal == 370
