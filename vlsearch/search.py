@@ -20,6 +20,10 @@ Design points:
   row; decoded row groups stay in a bounded LRU cache (``metadata_cache_mb``).
 * **The query model is the collection's**: loaded lazily with ``load_model(name, pretrained)``
   from the manifest, or passed in (and checked) as ``encoder``.
+* **One collection version**: a Searcher reads the version it opened (its live shards and
+  tombstones), whatever syncs commit meanwhile. Deleted rows are never returned, in ANN or exact
+  mode, and a list is never short while enough live rows exist: queries whose IVF probe met too
+  few live rows are answered exactly.
 * **Scores are cosine similarities** (query vectors are L2-normalised; an L2 index's squared
   distances are converted with ``1 - d/2``).
 """
