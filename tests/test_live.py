@@ -58,7 +58,7 @@ FACTORIES = ["Flat", "IVF8,Flat", "IVF8,PQ4x4fs", "IVF8,PQ4x4fs,Refine(SQ8)", "H
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
-def test_removed_ids_never_come_back_and_lists_are_never_short(tmp_path, factory):
+def test_removed_ids_never_come_back_and_lists_are_never_short(tmp_path, factory, monkeypatch):
     coll = _collection(tmp_path / "c", factory=factory)
     ids, vectors = coll.read_embeddings()
     gone = ids[::3][:120]  # a third of the rows, spread over every shard and IVF list
@@ -71,9 +71,15 @@ def test_removed_ids_never_come_back_and_lists_are_never_short(tmp_path, factory
         assert (found >= 0).all()  # 10 hits for every query: 280 live rows remain
         live = ~np.isin(ids, gone)
         assert np.array_equal(found[live, 0], ids[live]) or exact is False  # exact finds each live vector itself
-    # k larger than what a probe sees: still full lists (IVF probes few lists, falls back to exact)
+    # k larger than what one probed list holds: more lists are probed, never an exact scan for IVF
+    import vlsearch.search as search_module
+
+    exact_calls = []
+    real_exact = search_module.exact_search
+    monkeypatch.setattr(search_module, "exact_search", lambda *a, **kw: exact_calls.append(1) or real_exact(*a, **kw))
     _, found = searcher.knn(vectors[:5], k=200, nprobe=1)
     assert (found >= 0).all() and not np.isin(found, gone).any()
+    assert not exact_calls or "IVF" not in factory
     _, found = searcher.knn(vectors[:5], k=len(ids), nprobe=1)  # more than the live rows: exactly 280 hits
     assert ((found >= 0).sum(axis=1) == len(ids) - len(gone)).all()
 

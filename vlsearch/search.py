@@ -23,7 +23,7 @@ Design points:
 * **One collection version**: a Searcher reads the version it opened (its live shards and
   tombstones), whatever syncs commit meanwhile. Deleted rows are never returned, in ANN or exact
   mode, and a list is never short while enough live rows exist: queries whose IVF probe met too
-  few live rows are answered exactly.
+  few live rows are redone probing more lists, exactly as the last resort.
 * **Scores are cosine similarities** (query vectors are L2-normalised; an L2 index's squared
   distances are converted with ``1 - d/2``).
 """
@@ -488,9 +488,24 @@ class Searcher:
         if exact:
             return exact_search(q, self.collection, k, chunk_size=self.exact_chunk_size)
         scores, ids = self._ann(q, k, nprobe, k_factor)
-        short = (ids < 0).any(axis=1) & (len(self.row_locator) > (ids >= 0).sum(axis=1))
-        if short.any():  # an IVF probe met too few live rows: the exact top-k of those queries
-            scores[short], ids[short] = exact_search(q[short], self.collection, k, chunk_size=self.exact_chunk_size)
+        return self._fill_short(q, k, nprobe, k_factor, scores, ids)
+
+    def _fill_short(self, q: np.ndarray, k: int, nprobe: int | None, k_factor: float | None, scores: np.ndarray,
+                    ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Redo the queries whose IVF probe met fewer than k live rows (while more exist) with 4x
+        the lists each round, and exactly if every list was probed and they are still short."""
+        def short() -> np.ndarray:
+            return np.flatnonzero((ids < 0).any(axis=1) & (len(self.row_locator) > (ids >= 0).sum(axis=1)))
+
+        nlist = int((self.collection.manifest.index or {}).get("nlist") or 0)
+        probe = nprobe or self.nprobe_default or nlist
+        rows = short()
+        while len(rows) and probe < nlist:
+            probe = min(nlist, 4 * probe)
+            scores[rows], ids[rows] = self._ann(q[rows], k, probe, k_factor)
+            rows = short()
+        if len(rows):
+            scores[rows], ids[rows] = exact_search(q[rows], self.collection, k, chunk_size=self.exact_chunk_size)
         return scores, ids
 
     # ---- embedding queries -----------------------------------------------------------------
