@@ -139,7 +139,8 @@ def test_data_mode_indexes_a_captioned_folder(tmp_path):
 
     data = generate_shapes(tmp_path / "photos", ShapesConfig(n_train=0, n_heldout=20, seed=5))
     config = DemoConfig(k=3, n_image_queries=2, workers=0, model="vlsearch-tiny")
-    report = run_demo(tmp_path / "out", data=data.heldout_manifest, config=config)
+    # the folder holding captions.csv is read as that manifest (captions included), like the file itself
+    report = run_demo(tmp_path / "out", data=data.heldout_manifest.parent, config=config)
     assert report.mode == "data" and report.training is None and "generate" not in report.timings
     assert not (tmp_path / "out" / "data").exists()  # nothing generated, nothing trained
     assert Collection.open(report.collection).count() == 20 and report.index["ntotal"] == 20
