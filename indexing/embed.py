@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,9 @@ from vlsearch.models import DEFAULT_MODEL, Encoder, _default_pretrained, load_mo
 
 from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches
 from .sources import ImageRecord, ImageSource, open_source
+from vlsearch.progress import Progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)

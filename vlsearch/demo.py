@@ -36,10 +36,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .fsutil import write_json
 from .shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
 
 #: Example text queries on the generated shapes (partial descriptions included on purpose).
 SHAPES_TEXT_QUERIES: tuple[str, ...] = (

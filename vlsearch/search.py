@@ -13,7 +13,7 @@ Design points:
 
 * **Per-call parameters never touch the shared index.** ``nprobe`` and the refine factor go
   through a FAISS ``SearchParameters`` tree built for the index's structure
-  (:func:`search_parameters`), so concurrent calls with different settings are independent.
+  (:func:`vlsearch.faiss_index.search_parameters`), so concurrent calls with different settings are independent.
 * **Opening is cheap in memory**: only the ``id`` column of each shard is read, into an
   id -> (shard, row) map (8 bytes per image, 12 if ids are not sorted). Hits get their metadata
   by reading the one Parquet row group that holds them (no embedding column) and picking the
@@ -41,12 +41,12 @@ import pyarrow.parquet as pq
 from .collection import IMAGES_DIR, Collection
 from .errors import (
     CollectionError,
-    CollectionMismatchError,
     DecodeError,
     IndexNotBuiltError,
     InvalidQueryError,
 )
 from .exact import DEFAULT_CHUNK_SIZE, exact_search
+from .faiss_index import is_l2, load_index, search_parameters, stored_nprobe
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -149,84 +149,6 @@ def hits_to_json_lines(hits: Sequence[Hit]) -> str:
     import json
 
     return "\n".join(json.dumps(h.to_dict(), default=str, ensure_ascii=False) for h in hits)
-
-
-# ---- index loading and per-call search parameters ------------------------------------------
-
-def load_index(collection: Collection, mmap: bool = False) -> Any:
-    """Read the collection's FAISS index after checking that ``manifest["index"]`` matches it.
-
-    ``mmap=True`` memory-maps the index file (read-only) instead of reading it into RAM.
-    Raises IndexNotBuiltError when there is none, CollectionMismatchError when it was built
-    for another model or dimension.
-    """
-    import faiss
-
-    entry = collection.manifest.index
-    if entry is None:
-        raise IndexNotBuiltError(
-            f"collection {collection.path} has no ANN index: run `vlsearch build-index {collection.path}` "
-            "or search with exact=True (--exact)"
-        )
-    path = collection.path / entry.get("file", collection.index_path.name)
-    if not path.is_file():
-        raise IndexNotBuiltError(
-            f"manifest of {collection.path} records an index but {path} is missing: rebuild it with "
-            f"`vlsearch build-index {collection.path}` or search with exact=True (--exact)"
-        )
-    model = entry.get("model")
-    mine = collection.manifest.model
-    if model is not None and (model.get("name"), model.get("pretrained"), int(model.get("dim", -1))) != (
-        mine.name, mine.pretrained, mine.dim
-    ):
-        raise CollectionMismatchError(
-            f"index {path} was built for model {model.get('name')} (pretrained={model.get('pretrained')}, "
-            f"dim={model.get('dim')}) but the collection holds {mine.name} (pretrained={mine.pretrained}, "
-            f"dim={mine.dim}) embeddings: rebuild the index"
-        )
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError as exc:
-        raise CollectionError(f"cannot read index {path}: {exc}") from exc
-    if index.d != mine.dim:
-        raise CollectionMismatchError(f"index {path} has dimension {index.d}, the collection {mine.dim}: rebuild it")
-    return index
-
-
-def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None) -> Any:
-    """A FAISS ``SearchParameters`` tree that sets ``nprobe`` / ``k_factor`` for this call only.
-
-    Walks the index structure (IDMap -> PreTransform -> Refine -> IVF); ``None`` values keep the
-    index's own setting, but it is still passed explicitly so the call never depends on (or
-    changes) mutable index state. Returns None for indexes with no tunable parameter (Flat).
-    """
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexIDMap):  # IDMap forwards params to the wrapped index
-        return search_parameters(idx.index, nprobe, k_factor)
-    if isinstance(idx, faiss.IndexPreTransform):
-        inner = search_parameters(idx.index, nprobe, k_factor)
-        return None if inner is None else faiss.SearchParametersPreTransform(index_params=inner)
-    if isinstance(idx, faiss.IndexRefine):
-        base = search_parameters(idx.base_index, nprobe, k_factor)
-        factor = float(idx.k_factor if k_factor is None else k_factor)
-        return faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=base)
-    if isinstance(idx, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=int(idx.nprobe if nprobe is None else nprobe))
-    return None
-
-
-def _ivf_nprobe(index: Any) -> int | None:
-    """The nprobe stored in the index file (its innermost IVF), or None when it has no IVF."""
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    for attr in ("index", "base_index"):
-        if not isinstance(idx, faiss.IndexIVF) and hasattr(idx, attr):
-            return _ivf_nprobe(getattr(idx, attr))
-    return int(idx.nprobe) if isinstance(idx, faiss.IndexIVF) else None
 
 
 # ---- id -> row map and metadata ------------------------------------------------------------
@@ -396,8 +318,8 @@ class Searcher:
         self.metadata_reader = MetadataReader(paths, cache_bytes=int(metadata_cache_mb * (1 << 20)))
         entry = collection.manifest.index or {}
         self.nprobe_default: int | None = entry.get("nprobe_default") or (
-            _ivf_nprobe(index) if index is not None else None)
-        self._l2 = index is not None and _is_l2(index)
+            stored_nprobe(index) if index is not None else None)
+        self._l2 = index is not None and is_l2(index)
         if index is not None and index.ntotal != len(self.row_locator):
             log.warning("index of %s holds %d vectors but the shards %d images: rebuild it to search them all",
                         collection.path, index.ntotal, len(self.row_locator))
@@ -614,9 +536,3 @@ def _describe(img: Any) -> str:
     if isinstance(img, (bytes, bytearray, memoryview)):
         return f"({len(img)} bytes)"
     return str(img) if isinstance(img, (str, os.PathLike)) else type(img).__name__
-
-
-def _is_l2(index: Any) -> bool:
-    import faiss
-
-    return index.metric_type == faiss.METRIC_L2

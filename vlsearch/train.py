@@ -51,6 +51,7 @@ from .errors import TrainingError
 from .fsutil import write_json
 from .train_images import AugmentConfig, ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
 from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ FINAL_CHECKPOINT = "model.pt"
 TEXT_CACHE = "text_features.pt"
 TRAIN_LOG = "train.json"
 MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
-
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
