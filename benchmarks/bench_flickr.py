@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, ensure_index, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 from vlsearch.bench import benchmark_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def embed_collection(args: argparse.Namespace, coll_dir: Path) -> dict:
     from vlsearch.models import load_model
 
     torch.manual_seed(args.seed)  # random-init weights are reproducible
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     start = time.perf_counter()
     encoder = load_model(args.model, args.pretrained, device="cpu")
     config = EmbedConfig(model=args.model, pretrained=args.pretrained, batch_size=args.batch_size,

@@ -178,7 +178,8 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     provenance = {
         "model": args.model,
         "file": SHIPPED,
-        "data": {"manifest": str(Path(args.data)), "images": None, "captions_sha1": captions_digest(args.data),
+        "data": {"manifest": os.path.relpath(Path(args.data).absolute(), ROOT),
+                 "manifest_relative_to": "the project root", "images": None, "captions_sha1": captions_digest(args.data),
                  "split": f"flickr8k-train; {args.val_fraction:.0%} of its images held out for validation (seed {args.seed}); "
                           "the test split is never used in training"},
         "command": reproduce_command(args),

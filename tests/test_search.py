@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, Manifest, embedding_array
 from vlsearch.errors import CollectionMismatchError, IndexNotBuiltError, InvalidQueryError
 from vlsearch.models import ModelInfo

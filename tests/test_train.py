@@ -250,7 +250,7 @@ def test_hf_text_tower_split_keeps_projection_trainable(tmp_path):
 def test_cli_train(shapes, tmp_path):
     from typer.testing import CliRunner
 
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["train", str(shapes), str(out), "--epochs", "1", "--batch-size", "8",

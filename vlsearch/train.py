@@ -38,7 +38,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -50,8 +50,11 @@ from torch import nn
 from .errors import TrainingError
 from .fsutil import write_json
 from .train_images import AugmentConfig, ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
-from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
+from .metrics import retrieval_metrics
+from .models import check_model_name, create_model, image_transform, resolve_device, resolve_precision, save_checkpoint
+from .train_config import CONFIG_FILE, TrainConfig, plain
 from .progress import Progress
+from .threads import cpu_threads, set_process_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,96 +68,6 @@ FINAL_CHECKPOINT = "model.pt"
 TEXT_CACHE = "text_features.pt"
 TRAIN_LOG = "train.json"
 MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
-
-    model: str = TINY_MODEL
-    #: None: fresh initialisation (an HF text tower still loads its own pretrained weights);
-    #: else a tag / file / hf-hub id to fine-tune from, as in ``load_model``.
-    pretrained: Optional[str] = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    #: Max global gradient norm; None disables clipping.
-    grad_clip: Optional[float] = 1.0
-    lock_text: bool = False
-    #: With ``lock_text``: leave the last N text blocks trainable (+ final norm and projection);
-    #: 0 = fully locked (an HF tower's projection stays trainable either way, as in open_clip).
-    lock_text_unlocked_layers: int = 0
-    lock_image: bool = False
-    #: Cache the locked text tower's output once (needs a fully locked text tower). None = auto:
-    #: on whenever the text tower is fully locked.
-    precompute_text: Optional[bool] = None
-    #: None disables augmentation (the model's eval preprocess is used for training too).
-    augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
-    #: Fraction of the *images* held out for validation (0 disables validation).
-    val_fraction: float = 0.05
-    #: Validate every N epochs (0: never); the last epoch is always validated when there is a split.
-    val_every: int = 1
-    #: Write ``last.pt`` every N optimizer steps (0: only at epoch ends).
-    checkpoint_every: int = 500
-    seed: int = 0
-    device: str = "auto"
-    #: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16.
-    precision: str = "auto"
-    #: DataLoader worker processes decoding images (0: decode in the main process).
-    workers: int = 2
-    #: Captions of each image used in every step: the loss is the mean of the CLIP loss over K
-    #: caption draws. With precomputed text features extra captions cost almost nothing and give
-    #: the image tower K times the supervision per image it encodes.
-    captions_per_image: int = 1
-    #: Decode every image once into memory (uint8 squares at twice the model's input side) and
-    #: augment whole batches as tensors (no decoding processes; needs the set to fit in RAM).
-    cache_images: bool = False
-    #: torch CPU threads (None: torch's default).
-    threads: Optional[int] = None
-    #: Stop after this many optimizer steps in total (None: ``epochs`` full epochs).
-    max_steps: Optional[int] = None
-    #: Save the final ``model.pt`` with fp16 weights (half the size; loads back as fp32).
-    half_final: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (contrastive loss needs negatives)"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
-            (self.lock_text_unlocked_layers >= 0, "lock_text_unlocked_layers must be >= 0"),
-            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            (self.val_every >= 0, "val_every must be >= 0"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or None"),
-            (self.precision in ("auto", "fp32", "fp16", "bf16"), "precision must be auto, fp32, fp16 or bf16"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-        if self.cache_images and self.augment is not None and self.augment.hue:
-            raise ValueError("TrainConfig: hue jitter is not supported with cache_images; use hue=0")
-        if self.precompute_text and not self.text_fully_locked:
-            raise ValueError("TrainConfig: precompute_text needs lock_text=True and lock_text_unlocked_layers=0")
-
-    @property
-    def text_fully_locked(self) -> bool:
-        return self.lock_text and self.lock_text_unlocked_layers == 0
-
-    @property
-    def use_precomputed_text(self) -> bool:
-        return self.text_fully_locked if self.precompute_text is None else bool(self.precompute_text)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -298,7 +211,7 @@ def _collate(items):
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
+    set_process_threads(1)
 
 
 def _loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], workers: int, seed: int, pin: bool):
@@ -502,8 +415,8 @@ class _Run:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         if not config.model.startswith("hf-hub:"):
-            _check_name(config.model)
-        self.model, self.pretrained_tag = _create(config.model, config.pretrained)
+            check_model_name(config.model)
+        self.model, self.pretrained_tag = create_model(config.model, config.pretrained, default_weights=False)
         if getattr(self.model, "logit_bias", None) is not None:
             raise TrainingError(f"{config.model} is a SigLIP-style model (logit_bias); only the CLIP loss is supported")
         self.model.to(self.device)
@@ -696,7 +609,7 @@ class _Run:
             "step": self.step,
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
-            "config": _plain(self.config.to_dict()),
+            "config": plain(self.config.to_dict()),
             "pretrained": self.pretrained_tag,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -720,7 +633,7 @@ class _Run:
         saved = state["config"]
         if saved.get("model") != self.config.model:
             raise TrainingError(f"{path} was trained as {saved.get('model')}, not {self.config.model}")
-        changed = sorted(k for k, v in _plain(self.config.to_dict()).items() if saved.get(k) != v)
+        changed = sorted(k for k, v in plain(self.config.to_dict()).items() if saved.get(k) != v)
         if changed:
             log.warning("resuming with changed settings: %s", ", ".join(changed))
         if state["steps_per_epoch"] != self.steps_per_epoch:
@@ -739,7 +652,7 @@ class _Run:
 
     def save_final(self, seconds: float) -> Path:
         extra = {
-            "config": _plain(self.config.to_dict()),
+            "config": plain(self.config.to_dict()),
             "pretrained_init": self.pretrained_tag,
             "steps": self.step,
             "final_loss": self.losses[-1] if self.losses else None,
@@ -752,39 +665,7 @@ class _Run:
 
 def retrieval(sim_t2i: np.ndarray, text_image: np.ndarray) -> dict[str, Any]:
     """t2i / i2t Recall@1/5/10, MRR and median rank (``vlsearch.metrics.retrieval_metrics``)."""
-    try:
-        from .metrics import retrieval_metrics
-    except ImportError:  # pragma: no cover - metrics.py is part of the package
-        return _retrieval_fallback(sim_t2i, text_image)
     return retrieval_metrics(sim_t2i, text_image)
-
-
-def _retrieval_fallback(sim_t2i: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-    own = sim_t2i[np.arange(len(text_image)), text_image]
-    t2i = 1 + (sim_t2i > own[:, None]).sum(axis=1)
-    i2t = np.full(sim_t2i.shape[1], np.inf)
-    for j in range(sim_t2i.shape[1]):
-        mine = text_image == j
-        if mine.any():
-            best = sim_t2i[mine, j].max()
-            i2t[j] = 1 + (sim_t2i[~mine, j] > best).sum()
-    i2t = i2t[np.isfinite(i2t)]
-
-    def summary(ranks: np.ndarray) -> dict[str, float]:
-        out = {f"R@{k}": float((ranks <= k).mean()) for k in ks}
-        out.update(mrr=float((1 / ranks).mean()), median_rank=float(np.median(ranks)), mean_rank=float(ranks.mean()))
-        return out
-
-    return {"t2i": summary(t2i.astype(float)), "i2t": summary(i2t)}
-
-
-def _plain(value: Any) -> Any:
-    """Config dicts with tuples as lists (so a stored and a fresh config compare equal)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def train(
@@ -809,13 +690,9 @@ def train(
     if resume and not (out / LAST_CHECKPOINT).exists():
         raise TrainingError(f"nothing to resume: {out / LAST_CHECKPOINT} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    try:
+    write_json(out / CONFIG_FILE, plain(config.to_dict()))  # reusable: `vlsearch train --config`
+    with cpu_threads(config.threads):
         return _train(data, out, config, resume, progress, started)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool, progress: Optional[Progress],
@@ -844,7 +721,7 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
     seconds = time.perf_counter() - started
     final = run.save_final(seconds)
     done = run.step - first_step
-    write_json(out / TRAIN_LOG, {"config": _plain(config.to_dict()), "steps": run.step, "losses": run.losses,
+    write_json(out / TRAIN_LOG, {"config": plain(config.to_dict()), "steps": run.step, "losses": run.losses,
                                  "val": run.val, "seconds": round(seconds, 2)})
     return TrainResult(
         checkpoint=final,

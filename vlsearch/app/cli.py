@@ -40,7 +40,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .errors import VlsearchError
+        from vlsearch.errors import VlsearchError
 
         try:
             return fn(*args, **kwargs)
@@ -97,10 +97,10 @@ def models_cmd(
     tags: bool = typer.Option(False, "--tags", help="List every model with its pretrained tags."),
 ) -> None:
     """List model architectures (open_clip's and vlsearch's built-in ones) and pretrained tags."""
-    from . import models
+    from vlsearch import models
 
     if name:
-        models._check_name(name)
+        models.check_model_name(name)
         typer.echo("\n".join(models.pretrained_tags(name)) or f"{name}: no published tags (random init or a local file)")
         return
     for model_name in models.available_models():
@@ -117,7 +117,7 @@ def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
     import open_clip
     import torch
 
-    from . import __version__
+    from vlsearch import __version__
 
     info = {
         "vlsearch": __version__,
@@ -147,9 +147,9 @@ def encode_cmd(
     device: str = _DEVICE_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
-    from .models import DEFAULT_MODEL, load_model
+    from vlsearch.models import load_model
 
-    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device)
+    enc = load_model(model, pretrained, device=device)
     rows = []
     if texts:
         rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
@@ -183,8 +183,8 @@ def bench_cmd(
     max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
 ) -> None:
     """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
-    from .bench import BenchConfig, format_table, plot_results, run_benchmark
-    from .fsutil import write_json
+    from vlsearch.bench import BenchConfig, format_table, plot_results, run_benchmark
+    from vlsearch.fsutil import write_json
 
     config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
                          latency_queries=latency_queries, max_queries=max_queries)
@@ -235,7 +235,7 @@ def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any])
     from indexing.embed import EmbedConfig, embed
     from indexing.sources import open_source
 
-    from .models import DEFAULT_MODEL
+    from vlsearch.models import DEFAULT_MODEL
 
     config = EmbedConfig(model=options["model"] or DEFAULT_MODEL, pretrained=options["pretrained"],
                          batch_size=options["batch_size"], workers=options["workers"], device=options["device"],
@@ -353,7 +353,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT_DIR from last.pt."),
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs (symmetric InfoNCE)."""
-    from .train import AugmentConfig, TrainConfig, train
+    from vlsearch.train import AugmentConfig, TrainConfig, train
 
     aug = AugmentConfig(scale=(crop_scale, 1.0), hflip=hflip, brightness=color_jitter, contrast=color_jitter) if augment else None
     try:
@@ -393,14 +393,14 @@ def classify_cmd(
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
     from pathlib import Path
 
-    from .models import DEFAULT_MODEL, load_model
-    from .zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+    from vlsearch.models import load_model
+    from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
 
     if len(templates) == 1 and Path(templates[0]).is_file():
         templates = [t for t in Path(templates[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device)
+    enc = load_model(model, pretrained, device=device)
     try:
         with TqdmProgress("classify", unit="img") as bar:
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
@@ -435,7 +435,7 @@ def search_cmd(
     device: str = _DEVICE_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
-    from .search import Searcher, format_hits, hits_to_json_lines
+    from vlsearch.search import Searcher, format_hits, hits_to_json_lines
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
