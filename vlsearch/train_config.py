@@ -2,7 +2,8 @@
 
 ``load_train_config(path, overrides)`` reads TOML (or the JSON a run writes as
 ``train_config.json`` in its folder), starting from the defaults, then applies ``overrides``
-(``{"epochs": 3, "augment.hflip": 0.5}``; dotted keys reach into ``augment``). Unknown keys and
+(``{"epochs": 3, "augment.hflip": 0.5}``; dotted keys reach into ``augment`` and are
+ignored when augmentation is off). Unknown keys and
 invalid values raise :class:`~vlsearch.errors.TrainingError` naming them.
 
 A TOML file::
@@ -172,15 +173,18 @@ def load_train_config(path: str | os.PathLike | None = None,
     values = plain(asdict(TrainConfig()))
     if path is not None:
         values.update(_read(Path(path).expanduser()))
-    for key, value in (overrides or {}).items():
-        head, _, sub = key.partition(".")
-        if not sub:
-            values[head] = value
+    overrides = dict(overrides or {})
+    values.update({k: v for k, v in overrides.items() if "." not in k})
+    for key, value in overrides.items():  # augment.* after the plain keys: augment=False wins
+        head, dot, sub = key.partition(".")
+        if not dot:
             continue
         if head != "augment":
             raise TrainingError(f"unknown training setting {key}")
-        table = values.get("augment")
-        table = plain(asdict(AugmentConfig())) if table in (None, False, True) else dict(table)
+        if values.get("augment") in (None, False):
+            continue
+        table = values["augment"]
+        table = plain(asdict(AugmentConfig())) if table is True else dict(table)
         table[sub] = value
         values["augment"] = table
     return train_config_from_dict(values)
