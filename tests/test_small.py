@@ -87,7 +87,7 @@ def test_text_backbone_is_minilm_with_mean_pooling(small):
     """The pooled text features equal all-MiniLM-L6-v2's sentence embedding (attention-masked mean)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from vlsearch.train import text_backbone
+    from vlsearch.towers import text_backbone
 
     path = hf_text._package_model_dir(MINILM)
     tok, ref_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)

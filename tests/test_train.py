@@ -14,20 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlsearch.errors import TrainingError
-from vlsearch.train import (
-    MAX_LOGIT_SCALE,
-    TrainConfig,
-    _Run,
-    clip_loss,
-    epoch_order,
-    lock_hf_text,
-    read_pairs,
-    split_images,
-    text_backbone,
-    text_head,
-    train,
-    trim_padding,
-)
+from vlsearch.towers import lock_hf_text, text_backbone, text_head, trim_padding
+from vlsearch.train import MAX_LOGIT_SCALE, _Run, clip_loss, train
+from vlsearch.train_config import TrainConfig
+from vlsearch.train_data import epoch_order, read_pairs, split_images
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 SHAPES = ("circle", "square")

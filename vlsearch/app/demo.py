@@ -213,7 +213,9 @@ def _fresh_out_dir(out: Path) -> Path:
 
 def _prepare_shapes(out: Path, config: DemoConfig, stages: _Stages) -> dict[str, Any]:
     from vlsearch.models import TINY_MODEL
-    from vlsearch.train import AugmentConfig, TrainConfig, train
+    from vlsearch.train import train
+    from vlsearch.train_config import TrainConfig
+    from vlsearch.train_images import AugmentConfig
 
     shapes = ShapesConfig(n_train=config.size, n_heldout=config.heldout, seed=config.seed)
     dataset = stages.run("generate", generate_shapes, out / "data", shapes)
