@@ -18,7 +18,7 @@ _LAZY = {
     "Collection": "vlsearch.collection",
     "Manifest": "vlsearch.collection",
     "Searcher": "vlsearch.search",
-    "Hit": "vlsearch.search",
+    "Hit": "vlsearch.results",
 }
 
 __all__ = ["__version__", *_LAZY]

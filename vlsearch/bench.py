@@ -81,6 +81,18 @@ class _Data:
     text_image: np.ndarray     # (n_texts,) row of each caption's image in ``images``
 
 
+def _sample_queries(data: Any, config: BenchConfig, notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded (text, image, latency) query subsets; a note when metrics cover a subset only."""
+    rng = np.random.default_rng(config.seed)
+    text_q = _subset(len(data.captions), config.max_queries, rng)
+    image_q = _subset(len(data.images), config.max_queries, rng)
+    latency_q = _subset(len(text_q), config.latency_queries, rng)
+    if config.max_queries is not None and (len(text_q) < len(data.captions) or len(image_q) < len(data.images)):
+        notes.append(f"metrics on a random subset of {len(text_q)} captions and {len(image_q)} images "
+                     f"(seed {config.seed}); galleries are complete")
+    return text_q, image_q, latency_q
+
+
 def run_benchmark(
     collection_dir: str | os.PathLike,
     config: BenchConfig = BenchConfig(),
@@ -98,15 +110,9 @@ def run_benchmark(
     data = _load(coll)
     ks = tuple(sorted({int(k) for k in config.ks}))
     k = max(ks)
-    rng = np.random.default_rng(config.seed)
-    text_q = _subset(len(data.captions), config.max_queries, rng)
-    image_q = _subset(len(data.images), config.max_queries, rng)
-    latency_q = _subset(len(text_q), config.latency_queries, rng)
-    queries = data.captions[text_q]
     notes: list[str] = []
-    if config.max_queries is not None and (len(text_q) < len(data.captions) or len(image_q) < len(data.images)):
-        notes.append(f"metrics on a random subset of {len(text_q)} captions and {len(image_q)} images "
-                     f"(seed {config.seed}); galleries are complete")
+    text_q, image_q, latency_q = _sample_queries(data, config, notes)
+    queries = data.captions[text_q]
 
     nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes) if coll.has_index() else []
     total = 1 + len(nprobes)

@@ -117,13 +117,23 @@ def models_cmd(
 @app.command("info")
 def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Print versions, the compute device and how many GPUs FAISS sees."""
+    info = system_info()
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:15} {value}")
+
+
+def system_info() -> dict[str, Any]:
+    """Versions of vlsearch and its engines, the compute device, torch threads and FAISS GPUs."""
     import faiss
     import open_clip
     import torch
 
     from vlsearch import __version__
 
-    info = {
+    return {
         "vlsearch": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -134,11 +144,6 @@ def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
     }
-    if as_json:
-        typer.echo(json.dumps(info))
-    else:
-        for key, value in info.items():
-            typer.echo(f"{key:15} {value}")
 
 
 @app.command("encode")
@@ -303,14 +308,10 @@ def classify_cmd(
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
-    from pathlib import Path
-
     from vlsearch.models import load_model
     from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
 
-    if len(templates) == 1 and Path(templates[0]).is_file():
-        templates = [t for t in Path(templates[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
-    templates = list(templates) or list(DEFAULT_TEMPLATES)
+    templates = _templates(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     enc = load_model(model, pretrained, device=device)
     try:
@@ -318,6 +319,20 @@ def classify_cmd(
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    _echo_classification(result, len(templates), enc.name)
+
+
+def _templates(given: list[str]) -> list[str]:
+    """``--templates``: the prompts given, or the lines of the one file given."""
+    from pathlib import Path
+
+    if len(given) == 1 and Path(given[0]).is_file():
+        return [t for t in Path(given[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
+    return list(given)
+
+
+def _echo_classification(result: Any, n_templates: int, model: str) -> None:
+    """Per image (no labels: path, class, score) or accuracy overall and per class (labels known)."""
     failed = f" ({len(result.failures)} unreadable, skipped)" if result.failures else ""
     if result.top1 is None:
         for path, pred, scores in zip(result.paths, result.predictions, result.scores):
@@ -325,7 +340,7 @@ def classify_cmd(
         typer.echo(f"{len(result.paths)} images{failed}", err=True)
         return
     typer.echo(f"{len(result.paths)} images{failed}, {len(result.classnames)} classes, "
-               f"{len(templates)} templates, model {enc.name}")
+               f"{n_templates} templates, model {model}")
     typer.echo(f"top-1 {result.top1:.3f}  top-{result.topk.shape[1]} {result.top5:.3f}  "
                f"(chance top-1 {1 / len(result.classnames):.3f})")
     for name, acc in result.per_class_accuracy().items():
@@ -347,7 +362,8 @@ def search_cmd(
     device: str = DEVICE_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
-    from vlsearch.search import Searcher, format_hits, hits_to_json_lines
+    from vlsearch.results import format_hits, hits_to_json_lines
+    from vlsearch.search import Searcher
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
