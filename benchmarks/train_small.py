@@ -168,7 +168,8 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     import torch
 
     from vlsearch.fsutil import atomic_path, write_json
-    from vlsearch.train import FINAL_CHECKPOINT, TRAIN_LOG
+    from vlsearch.train import TRAIN_LOG
+    from vlsearch.train_checkpoint import FINAL_CHECKPOINT
 
     log = json.loads((run_dir / TRAIN_LOG).read_text())
     payload = torch.load(run_dir / FINAL_CHECKPOINT, map_location="cpu", weights_only=False)

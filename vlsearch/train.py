@@ -51,8 +51,9 @@ from .errors import TrainingError
 from .fsutil import write_json
 from .train_images import ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
 from .metrics import retrieval_metrics
-from .models import check_model_name, create_model, image_transform, resolve_device, resolve_precision, save_checkpoint
+from .models import check_model_name, create_model, image_transform, resolve_device, resolve_precision
 from .towers import apply_locks, encode_text_tokens, set_train_mode, text_backbone_features, text_head
+from .train_checkpoint import LAST_CHECKPOINT, load_last, save_final, save_last
 from .train_config import CONFIG_FILE, TrainConfig, plain
 from .train_data import PairData, batch_loader, epoch_order, read_pairs, split_images, train_transform
 from .progress import Progress
@@ -65,8 +66,6 @@ INIT_LOGIT_SCALE = math.log(1 / 0.07)
 #: The logit scale is clamped to at most 100 (temperature >= 0.01), as in CLIP / open_clip.
 MAX_LOGIT_SCALE = math.log(100)
 
-LAST_CHECKPOINT = "last.pt"
-FINAL_CHECKPOINT = "model.pt"
 TEXT_CACHE = "text_features.pt"
 TRAIN_LOG = "train.json"
 
@@ -341,69 +340,6 @@ class _Run:
             index = self.memory.readable(torch.from_numpy(batch))
             yield (resize_batch(self.memory.pixels[index], self.image_size, cfg["mean"], cfg["std"]), index) if len(index) else None
 
-    # -- checkpoints --------------------------------------------------------------------------
-
-    def state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "steps_per_epoch": self.steps_per_epoch,
-            "config": plain(self.config.to_dict()),
-            "pretrained": self.pretrained_tag,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-            "losses": list(self.losses),
-            "val": list(self.val),
-        }
-
-    def save_last(self) -> Path:
-        return save_checkpoint(self.model, self.out_dir / LAST_CHECKPOINT, name=self.config.model,
-                               extra={"train_state": self.state()})
-
-    def load_last(self) -> None:
-        path = self.out_dir / LAST_CHECKPOINT
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-            state = payload["vlsearch"]["train_state"]
-        except Exception as exc:
-            raise TrainingError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
-        saved = state["config"]
-        if saved.get("model") != self.config.model:
-            raise TrainingError(f"{path} was trained as {saved.get('model')}, not {self.config.model}")
-        changed = sorted(k for k, v in plain(self.config.to_dict()).items() if saved.get(k) != v)
-        if changed:
-            log.warning("resuming with changed settings: %s", ", ".join(changed))
-        if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise TrainingError(f"{path} had {state['steps_per_epoch']} steps per epoch, this run {self.steps_per_epoch}: "
-                                "resume needs the same data, val_fraction and batch_size")
-        self.model.load_state_dict(payload["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.losses, self.val = int(state["step"]), list(state["losses"]), list(state["val"])
-        log.info("resumed %s at step %d", path, self.step)
-
-    def save_final(self, seconds: float) -> Path:
-        extra = {
-            "config": plain(self.config.to_dict()),
-            "pretrained_init": self.pretrained_tag,
-            "steps": self.step,
-            "final_loss": self.losses[-1] if self.losses else None,
-            "val": self.val[-1] if self.val else None,
-            "train_seconds": round(seconds, 1),
-        }
-        return save_checkpoint(self.model, self.out_dir / FINAL_CHECKPOINT, name=self.config.model,
-                               half=self.config.half_final, extra=extra)
-
 
 def retrieval(sim_t2i: np.ndarray, text_image: np.ndarray) -> dict[str, Any]:
     """t2i / i2t Recall@1/5/10, MRR and median rank (``vlsearch.metrics.retrieval_metrics``)."""
@@ -442,7 +378,7 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
     pairs = read_pairs(data)
     run = _Run(pairs, out, config, progress)
     if resume:
-        run.load_last()
+        load_last(run)
     first_step = run.step
     log.info("training %s: %d train / %d val images, %d captions, batch %d, %d steps (%d/epoch), %s/%s",
              config.model, len(run.train_images), len(run.val_images), len(pairs.captions), run.batch_size,
@@ -459,9 +395,9 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
                 run.val.append({"epoch": epoch + 1, "step": run.step, **metrics})
                 log.info("epoch %d: val t2i R@1/5/10 %.3f/%.3f/%.3f", epoch + 1, metrics["t2i"]["R@1"],
                          metrics["t2i"]["R@5"], metrics["t2i"]["R@10"])
-        run.save_last()
+        save_last(run)
     seconds = time.perf_counter() - started
-    final = run.save_final(seconds)
+    final = save_final(run, seconds)
     done = run.step - first_step
     write_json(out / TRAIN_LOG, {"config": plain(config.to_dict()), "steps": run.step, "losses": run.losses,
                                  "val": run.val, "seconds": round(seconds, 2)})
@@ -497,7 +433,7 @@ def _train_epoch(run: _Run, epoch: int, offset: int, progress: Optional[Progress
             progress(run.step, run.total_steps, loss=round(loss, 4),
                      temperature=round(float(1 / run.model.logit_scale.detach().exp()), 4))
         if run.config.checkpoint_every and run.step % run.config.checkpoint_every == 0:
-            run.save_last()
+            save_last(run)
 
 
 def _epoch_batches(run: _Run, batches: list[np.ndarray], epoch: int):
