@@ -66,3 +66,15 @@ def test_the_checker_sees_every_kind_of_import(tmp_path, monkeypatch):
     assert violations(ROOT / "vlsearch" / "app" / "demo.py") == []  # app may import app
     monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: "from vlsearch.app import cli")
     assert violations(ROOT / "indexing" / "probe.py")
+
+
+def test_readme_module_map_names_every_module():
+    """Every module of the package is in the README's module map (and the map names no ghost)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("**Module map**"):readme.index("### A collection on disk")]
+    missing = [str(p.relative_to(ROOT)) for p in MODULES if f"`{p.relative_to(ROOT)}`" not in table]
+    assert missing == []
+    import re
+
+    named = re.findall(r"`((?:vlsearch|indexing)/[\w/]+\.py)`", table)
+    assert [n for n in named if not (ROOT / n).is_file()] == []
