@@ -104,14 +104,7 @@ class Encoder:
         return self.tokenizer(list(texts))
 
     def _trim(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Drop all-padding trailing columns for a Hugging Face text tower: its attention and mean
-        pooling are masked, so the result is the same, for a fraction of the compute."""
-        text = getattr(self.model, "text", None)
-        pad = getattr(getattr(text, "config", None), "pad_token_id", None)
-        if pad is None or type(text).__name__ != "HFTextEncoder" or tokens.ndim != 2:
-            return tokens
-        used = (tokens != pad).any(dim=0).nonzero()
-        return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+        return trim_padding(self.model, tokens)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Encode strings; returns ``(N, dim)`` float32, L2-normalised."""
@@ -125,6 +118,18 @@ class Encoder:
                 feats = self.model.encode_text(tokens.to(self.device), normalize=True)
             out.append(_normalised_numpy(feats))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def trim_padding(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns for a Hugging Face text tower (its attention and mean
+    pooling are masked, so the output is unchanged, for a fraction of the compute). Built-in
+    open_clip towers need the full context (fixed positional embedding, causal mask): left alone."""
+    text = getattr(model, "text", None)
+    pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+    if pad is None or type(text).__name__ != "HFTextEncoder" or tokens.ndim != 2 or tokens.shape[1] == 0:
+        return tokens
+    used = (tokens != pad).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
 def _normalised_numpy(feats: torch.Tensor) -> np.ndarray:

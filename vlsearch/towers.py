@@ -11,9 +11,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .encoder import trim_padding
 from .errors import TrainingError
 from .progress import Progress
 from .train_config import TrainConfig
+
+__all__ = ["apply_locks", "lock_hf_text", "set_train_mode", "text_backbone", "text_backbone_features", "text_head",
+           "encode_text_tokens", "trim_padding"]
 
 
 def _is_hf_text(model: nn.Module) -> bool:
@@ -53,16 +57,6 @@ def text_backbone_features(model: nn.Module, tokens: torch.Tensor, device: torch
     features = torch.empty((len(order), out[0].shape[1]), dtype=torch.float32)
     features[order] = torch.cat(out)
     return features
-
-
-def trim_padding(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Drop trailing all-padding columns for a Hugging Face tower (attention is masked, so the
-    output is unchanged, and captions are much shorter than the context length). Built-in open_clip
-    towers need the full context (fixed positional embedding and causal mask) and are left alone."""
-    if not _is_hf_text(model) or tokens.ndim != 2 or tokens.shape[1] == 0:
-        return tokens
-    used = (tokens != model.text.config.pad_token_id).any(dim=0).nonzero()
-    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
 def encode_text_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
