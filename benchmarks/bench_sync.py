@@ -118,7 +118,7 @@ def tombstones_vs_remove(work: Path, queries: np.ndarray) -> list:
     import faiss
 
     from vlsearch.collection import Collection
-    from vlsearch.search import load_index, search_parameters
+    from vlsearch.faiss_index import load_index, search_parameters
 
     coll = Collection.open(work)
     ids = coll.read_table(columns=["id"]).column("id").to_numpy()

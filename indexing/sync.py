@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,9 +36,11 @@ import pyarrow.parquet as pq
 from vlsearch.collection import CAPTIONS_DIR, FAILURES_DIR, FILE_COLUMNS, Collection, embedding_array
 from vlsearch.errors import CollectionError
 from vlsearch.models import Encoder, load_model
+from vlsearch.progress import Progress
+from vlsearch.threads import cpu_threads
 from vlsearch.update import Update, retrain_advice
 
-from .embed import EmbedConfig, Progress, _chunks, _same_model_unloaded, _Stats, embed_chunks, file_columns, image_schema
+from .embed import EmbedConfig, _chunks, _same_model_unloaded, _Stats, embed_chunks, file_columns, image_schema
 from .sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,9 @@ def sync(source: ImageSource | str | os.PathLike, collection: Collection | str |
     if not isinstance(source, ImageSource):
         source = open_source(source)
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
+    if config.model is None:  # default: the collection's own model
+        config = replace(config, model=encoder.name if encoder is not None else coll.model.name,
+                         pretrained=config.pretrained if encoder is not None or config.pretrained else coll.model.pretrained)
     if not coll.manifest.complete:
         raise CollectionError(f"collection {coll.path} is not finished; rerun the embedding to resume it first")
     holder = _EncoderHolder(coll, config, encoder)
@@ -100,7 +105,7 @@ def sync(source: ImageSource | str | os.PathLike, collection: Collection | str |
         report = _plan(source, Collection.open(coll.path)).report
         report.dry_run, report.seconds = True, round(time.perf_counter() - start, 3)
         return report
-    with Update(coll) as update:
+    with cpu_threads(config.threads), Update(coll) as update:
         plan = _plan(source, update.base)
         _apply(plan, update, source, holder, config, progress)
     report = plan.report
@@ -126,10 +131,6 @@ class _EncoderHolder:
     def get(self) -> Encoder:
         if self.encoder is None:
             c = self.config
-            if c.threads:
-                import torch
-
-                torch.set_num_threads(c.threads)
             self.encoder = load_model(c.model, c.pretrained, device=c.device, precision=c.precision)
             self.coll.check_model(self.encoder.info)
         return self.encoder

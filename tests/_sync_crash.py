@@ -58,6 +58,6 @@ collection.Collection.collect_garbage = _collect
 _start_version = collection.Collection.open(sys.argv[3]).manifest.version  # argv: embed SOURCE COLLECTION ...
 
 if __name__ == "__main__":
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     app(prog_name="vlsearch")

@@ -105,7 +105,7 @@ def test_changed_row_replaces_its_vector_in_the_index(tmp_path, factory):
 
 def test_add_goes_into_the_trained_index_without_retraining(tmp_path):
     coll = _collection(tmp_path / "c", factory="IVF8,Flat")
-    from vlsearch.search import load_index
+    from vlsearch.faiss_index import load_index
 
     before = load_index(coll)
     centroids = before.quantizer.reconstruct_n(0, 8)
@@ -239,7 +239,7 @@ def test_compact_merges_the_small_shards_of_many_small_updates(tmp_path):
 def test_cli_compact(tmp_path):
     from typer.testing import CliRunner
 
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     coll = _collection(tmp_path / "c", factory="HNSW8")  # HNSW cannot remove: dead entries until compact
     coll.remove(coll.read_embeddings()[0][:30])

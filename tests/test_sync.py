@@ -22,7 +22,7 @@ from indexing.sources import ManifestSource, open_source, stable_id
 from indexing.sync import sync
 from conftest import kill_9_when
 from test_embed import _config, _folder, _jpeg
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection
 from vlsearch.models import TINY_MODEL
 from vlsearch.search import Searcher

@@ -48,6 +48,7 @@ from .collection import (
     version_name,
 )
 from .errors import CollectionError, InvalidQueryError
+from .faiss_index import load_index, supports_ids, write_index
 from .fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -207,14 +208,11 @@ def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, add
     entry = base.manifest.index
     if entry is None:
         return None
-    import faiss
-
-    from .search import load_index
 
     index = load_index(base)
     dead_entries = int(entry.get("dead_entries", 0))
     vectors = np.concatenate(added_vectors) if added_vectors else np.zeros((0, base.dim), np.float32)
-    if not _can_add_ids(index):  # ids were 0..N-1, stored by position: re-add into an IDMap2
+    if not supports_ids(index):  # ids were 0..N-1, stored by position: re-add into an IDMap2
         index = refill(index, staged.iter_embeddings())
         dead_entries = 0
     else:
@@ -222,20 +220,10 @@ def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, add
         if len(added_ids):
             index.add_with_ids(np.ascontiguousarray(vectors), added_ids)
     name = f"index-{version_name(version, '.faiss')}"
-    with atomic_path(base.path / name) as tmp:
-        faiss.write_index(index, str(tmp))
+    write_index(index, base.path / name)
     built = int(entry.get("built_ntotal") or entry.get("ntotal") or index.ntotal)
     return {**entry, "file": name, "ntotal": int(index.ntotal), "dead_entries": dead_entries,
             "built_ntotal": built, "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
-
-
-def _can_add_ids(index: Any) -> bool:
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    while isinstance(idx, faiss.IndexPreTransform):
-        idx = faiss.downcast_index(idx.index)
-    return isinstance(idx, (faiss.IndexIVF, faiss.IndexIDMap, faiss.IndexIDMap2))
 
 
 def drop_ids(index: Any, ids: np.ndarray) -> int:
@@ -271,7 +259,7 @@ def refill(index: Any, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Any:
 
     fresh = faiss.clone_index(index)
     fresh.reset()
-    if not _can_add_ids(fresh):
+    if not supports_ids(fresh):
         fresh = faiss.IndexIDMap2(fresh)
     for ids, vectors in batches:
         fresh.add_with_ids(np.ascontiguousarray(vectors), ids)
@@ -358,14 +346,10 @@ def _compact_index(base: Collection, staged: Collection) -> dict[str, Any] | Non
     entry = base.manifest.index
     if entry is None or not entry.get("dead_entries"):
         return entry
-    import faiss
-
-    from .search import load_index
 
     index = refill(load_index(base), staged.iter_embeddings())
     name = f"index-{version_name(base.manifest.version + 1, '.faiss')}"
-    with atomic_path(base.path / name) as tmp:
-        faiss.write_index(index, str(tmp))
+    write_index(index, base.path / name)
     return {**entry, "file": name, "ntotal": int(index.ntotal), "dead_entries": 0,
             "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
