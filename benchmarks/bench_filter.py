@@ -1,0 +1,320 @@
+"""Filtered search on a 1M x 512 synthetic collection: speed and recall per selectivity.
+
+::
+
+    flock /work/wt/cpu.lock python benchmarks/bench_filter.py --prepare   # data + auto index (cached)
+    flock /work/wt/cpu.lock python benchmarks/bench_filter.py             # measure, write RESULTS.md
+
+The collection is ``benchmarks/synthetic.py``'s 1M x 512 set with two metadata columns derived
+from a hash of the id: ``bucket`` (uniform in 0..9999, so ``bucket < 10 * pct`` passes ``pct`` %
+of the rows, uncorrelated with the vectors) and ``label`` (8 values). The index is the one
+``vlsearch build-index --index-type auto`` builds. Per selectivity (50, 10, 1, 0.1, 0.01 %):
+
+* filter evaluation: DuckDB (:class:`vlsearch.filters.FilterEngine`, the chosen engine) against
+  DuckDB scanning the Arrow table in place and a pyarrow compute expression;
+* filtered search as ``Searcher.knn(where=...)`` runs it (automatic exact / selector switch),
+  and each strategy forced: ANN with an ``IDSelector``, exact over the matching rows;
+* recall@10 against exact filtered search (brute force over the matching rows' stored vectors);
+* single-query p50 / p99 (1 thread) and batched QPS (all cores), against unfiltered ANN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from benchmarks.synthetic import load_dataset  # noqa: E402
+
+LABELS = np.array(["cat", "dog", "bird", "car", "tree", "boat", "house", "person"])
+VARIANT = "-filter"
+SELECTIVITIES = (50.0, 10.0, 1.0, 0.1, 0.01)
+
+
+def columns(ids: np.ndarray) -> dict:
+    """Metadata derived from a 64-bit mix of the id (splitmix64 finaliser): reproducible, uniform."""
+    import pyarrow as pa
+
+    h = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(29)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(32)
+    return {"bucket": pa.array((h % np.uint64(10000)).astype(np.int32)),
+            "label": pa.array(LABELS[((h >> np.uint64(40)) % np.uint64(8)).astype(np.int64)])}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=200, help="held-out queries used (of 1000)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--selectivities", default=",".join(map(str, SELECTIVITIES)), help="percent, comma-separated")
+    ap.add_argument("--exact-queries", type=int, default=5,
+                    help="queries for the forced exact path when the subset's vectors exceed the cache")
+    ap.add_argument("--prepare", action="store_true", help="only generate the data and build the index")
+    ap.add_argument("--sweep", default=None, metavar="EXPONENTS",
+                    help="only sweep SubsetPolicy.nprobe_exponent (comma-separated) on the forced ANN+selector "
+                         "path: recall@10 and batched q/s per selectivity")
+    ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
+    ap.add_argument("--out-dir", default=None)
+    return ap.parse_args()
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare(a: argparse.Namespace):
+    data = load_dataset(a.n, a.dim, 1000, 0, a.out_dir, columns=columns, variant=VARIANT)
+    from vlsearch.collection import Collection
+
+    if Collection.open(data.collection).manifest.index is None:
+        from indexing.build import build_index
+
+        t = time.perf_counter()
+        entry = build_index(data.collection, "auto")
+        print(f"built {entry['factory']} in {time.perf_counter() - t:.0f} s (nprobe {entry['nprobe_default']})")
+    return data
+
+
+def truth_of(base: np.ndarray, allowed: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact filtered top-k ids: brute force over the allowed rows' stored (float16) vectors."""
+    from vlsearch.exact import exact_search
+
+    chunks = ((allowed[i:i + 65536], base[allowed[i:i + 65536]].astype(np.float32))
+              for i in range(0, len(allowed), 65536))
+    return exact_search(queries, chunks, k)[1]
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Share of the exact top-k (of the rows that exist: fewer than k may pass) that was found."""
+    out = []
+    for f, t in zip(found, truth):
+        t = set(t[:k].tolist()) - {-1}
+        out.append(len(set(f[:k].tolist()) & t) / max(len(t), 1))
+    return float(np.mean(out))
+
+
+def latencies(fn, queries: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Single-query p50 / p99 (ms) and the ids found."""
+    times, found = [], []
+    for q in queries:
+        t = time.perf_counter()
+        found.append(fn(q[None])[1][0])
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99)), np.stack(found)
+
+
+def qps(fn, queries: np.ndarray) -> float:
+    t = time.perf_counter()
+    fn(queries)
+    return len(queries) / (time.perf_counter() - t)
+
+
+def engine_figures(coll_path: Path, pcts: list[float]) -> tuple[list[list], dict]:
+    """Time per filter evaluation over the 1M-row metadata: DuckDB table (chosen), DuckDB over
+    the Arrow table in place, pyarrow compute."""
+    import duckdb
+    import pyarrow.compute as pc
+
+    from vlsearch.collection import Collection
+    from vlsearch.filters import FilterEngine, read_metadata
+
+    coll = Collection.open(coll_path)
+    r0, t = rss_mb(), time.perf_counter()
+    table = read_metadata(coll.shard_paths())
+    read_s, r1 = time.perf_counter() - t, rss_mb()
+    t = time.perf_counter()
+    engine = FilterEngine(table)
+    build_s, r2 = time.perf_counter() - t, rss_mb()
+    arrow_con = duckdb.connect(config={"threads": 1})
+    arrow_con.register("images", table)
+    rows = []
+    for pct in pcts:
+        where = f"bucket < {int(round(pct * 100))} AND label <> 'nothing'"
+        compiled = engine.compile(where)
+        t = time.perf_counter()
+        n = len(engine.matching_ids(compiled))
+        duck = time.perf_counter() - t
+        t = time.perf_counter()
+        arrow_con.execute(compiled.sql).fetchnumpy()
+        duck_arrow = time.perf_counter() - t
+        t = time.perf_counter()
+        expr = (pc.field("bucket") < int(round(pct * 100))) & (pc.field("label") != "nothing")
+        table.filter(expr).column("id").to_numpy()
+        arrow = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(20):
+            engine.compile(where)
+        parse_ms = (time.perf_counter() - t) / 20 * 1e3
+        rows.append([f"{pct:g} %", f"{n:,}", round(parse_ms, 2), round(duck * 1e3, 1), round(duck_arrow * 1e3, 1),
+                     round(arrow * 1e3, 1)])
+    info = {"read_s": read_s, "build_s": build_s, "arrow_mb": table.nbytes / 2**20, "read_rss_mb": r1 - r0,
+            "engine_rss_mb": r2 - r1}
+    engine.close()
+    return rows, info
+
+
+def sweep(a: argparse.Namespace, data, base: np.ndarray, pcts: list[float], exponents: list[float]) -> None:
+    """Forced ANN+selector path: nprobe = nprobe_default x selectivity^-e, recall and batched q/s."""
+    from vlsearch.search import Searcher
+    from vlsearch.subset import SubsetPolicy
+
+    queries, k = data.queries[: a.queries], a.k
+    s = Searcher.open(data.collection)
+    base_qps = qps(lambda q: s.knn(q, k), queries)
+    rows = []
+    for pct in pcts:
+        where = f"bucket < {int(round(pct * 100))}"
+        allowed = s.filter_ids(where)
+        truth = truth_of(base, allowed, queries, k)
+        for e in exponents:
+            ann = Searcher(s.collection, s.index, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=e))
+            ann._filter_engine = s.filter_engine
+            ann.knn(queries[:1], k, where=where)
+            t = time.perf_counter()
+            _, found = ann.knn(queries, k, where=where)
+            q = len(queries) / (time.perf_counter() - t)
+            probe = (ann.nprobe_default or 0) * (len(allowed) / len(s.row_locator)) ** -e
+            rows.append([f"{pct:g} %", e, int(np.ceil(probe)), f"{recall(found, truth, k):.4f}", round(q),
+                         f"{q / base_qps:.2f}x"])
+            print(rows[-1], flush=True)
+    text = "\n".join([
+        "### Filtered ANN: nprobe exponent sweep (`bench_filter.py --sweep`)", "",
+        f"Command: `{command_line()}`; unfiltered batched {base_qps:,.0f} q/s; nprobe shown before the nlist cap.", "",
+        markdown_table(["selectivity", "exponent", "nprobe", "recall@10", "batched q/s", "x unfiltered"], rows)])
+    print(text)
+    if not a.no_write:
+        write_section("bench_filter_sweep", text)
+
+
+def main() -> None:
+    a = parse_args()
+    import faiss
+
+    from vlsearch.search import Searcher
+    from vlsearch.subset import SubsetPolicy
+
+    t_all = time.perf_counter()
+    data = prepare(a)
+    if a.prepare:
+        return
+    pcts = [float(x) for x in a.selectivities.split(",")]
+    queries = data.queries[: a.queries]
+    k = a.k
+    base = np.load(data.collection.parent / "base_f16.npy", mmap_mode="r")
+    cores = faiss.omp_get_max_threads()
+    if a.sweep:
+        return sweep(a, data, base, pcts, [float(x) for x in a.sweep.split(",")])
+
+    engine_rows, engine_info = engine_figures(data.collection, pcts)
+    print(markdown_table(["selectivity", "rows", "parse+check ms", "DuckDB table ms", "DuckDB on Arrow ms",
+                          "pyarrow compute ms"], engine_rows))
+
+    t = time.perf_counter()
+    s = Searcher.open(data.collection)
+    open_s = time.perf_counter() - t
+    entry = s.collection.manifest.index
+    policy = s.subset_policy
+    faiss.omp_set_num_threads(1)
+    p50, p99, found = latencies(lambda q: s.knn(q, k), queries)
+    faiss.omp_set_num_threads(cores)
+    base_qps = qps(lambda q: s.knn(q, k), queries)
+    unfiltered = {"p50": p50, "p99": p99, "qps": base_qps, "recall": recall(found, data.gt_ids[: a.queries], k)}
+    print("unfiltered", unfiltered)
+
+    rows, strategy_rows = [], []
+    for pct in pcts:
+        where = f"bucket < {int(round(pct * 100))}"
+        t = time.perf_counter()
+        allowed = s.filter_ids(where)
+        filter_ms = (time.perf_counter() - t) * 1e3
+        truth = truth_of(base, allowed, queries, k)
+        mode = "exact" if len(allowed) <= policy.exact_max_rows else "ANN+selector"
+        faiss.omp_set_num_threads(1)
+        t = time.perf_counter()
+        s.knn(queries[:1], k, where=where)  # first query: gathers the subset's vectors when exact
+        first_ms = (time.perf_counter() - t) * 1e3
+        p50, p99, found = latencies(lambda q: s.knn(q, k, where=where), queries)
+        faiss.omp_set_num_threads(cores)
+        fq = qps(lambda q: s.knn(q, k, where=where), queries)
+        r = recall(found, truth, k)
+        # forced strategies, to place the switch point
+        ann = Searcher(s.collection, s.index, subset_policy=replace(policy, exact_max_rows=0))
+        ann._filter_engine = s.filter_engine
+        faiss.omp_set_num_threads(1)
+        a50, a99, afound = latencies(lambda q: ann.knn(q, k, where=where), queries)
+        faiss.omp_set_num_threads(cores)
+        nq_exact = len(queries) if len(allowed) * a.dim * 4 <= policy.vector_cache_bytes else a.exact_queries
+        ex = Searcher(s.collection, s.index, subset_policy=replace(policy, exact_max_rows=10**12))
+        ex._filter_engine = s.filter_engine
+        faiss.omp_set_num_threads(1)
+        t = time.perf_counter()
+        ex.knn(queries[:1], k, where=where)
+        cold_ms = (time.perf_counter() - t) * 1e3
+        e50, e99, _ = latencies(lambda q: ex.knn(q, k, where=where), queries[:nq_exact])
+        faiss.omp_set_num_threads(cores)
+        eq = qps(lambda q: ex.knn(q, k, where=where), queries[:nq_exact])
+        rows.append([f"{pct:g} %", f"{len(allowed):,}", mode, round(filter_ms, 1), round(first_ms, 1),
+                     round(p50, 2), round(p99, 2), round(fq), f"{fq / base_qps:.2f}x", f"{r:.4f}",
+                     round(eq, 1), f"{fq / eq:.1f}x"])
+        strategy_rows.append([f"{pct:g} %", f"{len(allowed):,}", round(a50, 2), round(a99, 2),
+                              f"{recall(afound, truth, k):.4f}", round(cold_ms, 1), round(e50, 2), round(e99, 2)])
+        print(rows[-1], strategy_rows[-1], flush=True)
+        del ann, ex
+
+    body = [
+        "## Filtered search (1,000,000 x 512 synthetic, `benchmarks/bench_filter.py`)",
+        "",
+        f"Machine: {machine()}; FAISS {faiss.__version__}, {cores} OpenMP threads for batches, 1 for single "
+        f"queries; load average at the end {os.getloadavg()[0]:.1f} (shared machine: other jobs were running).  ",
+        f"Command: `{command_line()}`  ",
+        f"Index: `{entry['factory']}` (auto), nprobe_default {entry['nprobe_default']}, refine k_factor "
+        f"{entry.get('refine_k_factor')}; {len(queries)} held-out queries, k={k}. Filter `bucket < X`: uniform, "
+        "uncorrelated with the vectors. Policy: exact over the subset up to "
+        f"{policy.exact_max_rows:,} rows, else ANN with an IDSelector and nprobe x selectivity^-{policy.nprobe_exponent:g}.",
+        "",
+        f"Unfiltered ANN: p50 / p99 {unfiltered['p50']:.2f} / {unfiltered['p99']:.2f} ms, batched "
+        f"{unfiltered['qps']:,.0f} q/s, recall@10 {unfiltered['recall']:.4f} (vs exact unfiltered).",
+        "",
+        markdown_table(["selectivity", "rows", "strategy", "filter ms (1st)", "1st query ms", "p50 ms", "p99 ms",
+                        "batched q/s", "x unfiltered", "recall@10 vs exact filtered", "exact filtered q/s",
+                        "x exact"], rows),
+        "",
+        "Each strategy forced (single query, 1 thread; exact: first query gathers the rows' vectors from the "
+        "shards, later ones reuse them while they fit the 128 MiB budget):",
+        "",
+        markdown_table(["selectivity", "rows", "ANN+selector p50 ms", "p99 ms", "recall@10", "exact 1st query ms",
+                        "exact p50 ms", "p99 ms"], strategy_rows),
+        "",
+        "Filter engine (1M rows; `bucket < X AND label <> 'nothing'`; first evaluation, not cached): "
+        f"metadata read {engine_info['read_s']:.2f} s ({engine_info['arrow_mb']:.0f} MiB Arrow, "
+        f"+{engine_info['read_rss_mb']:.0f} MiB RSS), DuckDB table built in {engine_info['build_s']:.2f} s "
+        f"(+{engine_info['engine_rss_mb']:.0f} MiB RSS).",
+        "",
+        markdown_table(["selectivity", "rows", "parse+check ms", "DuckDB table ms", "DuckDB on Arrow ms",
+                        "pyarrow compute ms"], engine_rows),
+        "",
+        f"Total benchmark time {time.perf_counter() - t_all:.0f} s; index opened in {open_s:.1f} s.",
+    ]
+    text = "\n".join(body)
+    print(text)
+    if not a.no_write:
+        write_section("bench_filter", text)
+
+
+if __name__ == "__main__":
+    main()
