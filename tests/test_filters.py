@@ -190,6 +190,16 @@ def test_plan_switches_to_exact_for_small_subsets_and_widens_the_probe_for_large
     assert plan(5_000, 10_000, 8, 64, False, False, policy) == ("exact", None)
     assert plan(2_500, 10_000, 8, 64, False, True, policy) == ("ann", 16)  # 8 * 0.25 ** -0.5
     assert plan(101, 10_000, 8, 64, False, True, policy) == ("ann", 64)  # capped at nlist
+    # small but scattered over many row groups and not gathered yet: a cold gather would cost more
+    assert plan(50, 10_000, 8, 64, False, True, policy, cheap_gather=lambda: False) == ("ann", 64)
+
+
+def test_a_subset_counts_the_row_groups_a_gather_reads(coll_path):
+    s = Searcher.open(coll_path)
+    ids = Collection.open(coll_path).read_table(columns=["id"]).column("id").to_numpy()
+    # rows 0 and 1 share shard 0's first row group; row 4100 is in its second; row 4600 in shard 1
+    assert Subset(ids[[0, 1]]).row_groups(s.row_locator) == 1
+    assert Subset(ids[[0, 1, 4100, 4600]]).row_groups(s.row_locator) == 3
 
 
 def test_sparse_ids_use_a_hash_set_selector_and_dense_ids_a_bitmap():

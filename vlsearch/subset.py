@@ -3,10 +3,13 @@
 Two strategies, chosen per call by :func:`plan` (thresholds measured by
 ``benchmarks/bench_filter.py``, figures in ``benchmarks/RESULTS.md``):
 
-* **exact over the subset** when it is small (``<= exact_max_rows`` rows), when the collection
-  has no index, or when ``exact=True``: only the Parquet row groups holding allowed rows are read
-  (embedding column only, one row group at a time), and the gathered vectors are kept with the
-  :class:`Subset` when they fit its budget, so the next query with the same filter reads nothing;
+* **exact over the subset** when the collection has no index, when ``exact=True``, or when the
+  subset is small (``<= exact_max_rows`` rows) and either its vectors are already gathered or
+  gathering them touches few Parquet row groups (``<= cold_row_groups``): decoding one 4096-row
+  group of float16 embeddings costs ~0.1 s, so a cold gather of a few hundred scattered rows
+  would take seconds. Only the row groups holding allowed rows are read (embedding column only,
+  one row group at a time), and the gathered vectors are kept with the :class:`Subset` when they
+  fit its budget, so the next query with the same filter reads nothing;
 * **ANN with a FAISS ``IDSelector``** (a bitmap over ids, or a hash set when ids are sparse)
   passed in the per-call ``SearchParameters``, with ``nprobe`` raised as the subset shrinks
   (``nprobe * selectivity ** -nprobe_exponent``, at most nlist) so that the top-k of the allowed
@@ -20,6 +23,7 @@ before building the :class:`Subset` keeps this module unchanged.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,8 +51,10 @@ class Locator(Protocol):
 class SubsetPolicy:
     """When a restricted search is exact, and how far ANN widens its probe."""
 
-    #: Exact search over the subset up to this many rows (measured switch point).
+    #: Exact search over the subset up to this many rows (measured switch point) ...
     exact_max_rows: int = 20_000
+    #: ... once its vectors are gathered, or when gathering them reads at most this many row groups.
+    cold_row_groups: int = 8
     #: ANN probes ``nprobe * selectivity ** -nprobe_exponent`` IVF lists (capped at nlist).
     nprobe_exponent: float = 0.5
     #: Gathered vectors are kept with the subset up to this many bytes (float32).
@@ -67,6 +73,7 @@ class Subset:
         self._lock = threading.Lock()
         self._selector: Any = None
         self._vectors: np.ndarray | None = None
+        self._row_groups: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,6 +103,23 @@ class Subset:
                 self._selector = sel
             return self._selector
 
+    @property
+    def gathered(self) -> bool:
+        """Whether the subset's vectors are in memory (exact search reads nothing)."""
+        return self._vectors is not None
+
+    def row_groups(self, locator: Locator) -> int:
+        """How many Parquet row groups hold the subset's rows (what a gather would decode)."""
+        if self._row_groups is None:
+            shard, row, found = locator.locate(self.ids)
+            keys = set()
+            for s in np.unique(shard[found]):
+                starts = row_group_starts(locator.paths[int(s)])
+                groups = np.searchsorted(starts, row[found][shard[found] == s], side="right") - 1
+                keys.update((int(s), int(g)) for g in np.unique(groups))
+            self._row_groups = len(keys)
+        return self._row_groups
+
     def vectors(self, locator: Locator, dim: int, cache_bytes: int) -> np.ndarray | Iterator[tuple[np.ndarray, np.ndarray]]:
         """The subset's vectors: a cached ``(len, dim)`` array when it fits ``cache_bytes``, else a
         stream of ``(ids, vectors)`` row-group batches."""
@@ -123,8 +147,7 @@ def iter_embeddings_of(locator: Locator, ids: np.ndarray) -> Iterator[tuple[np.n
     for s in np.unique(shard):
         pick = shard == s
         pf = pq.ParquetFile(locator.paths[int(s)])
-        md = pf.metadata
-        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        starts = row_group_starts(locator.paths[int(s)], pf)
         rows, sids = row[pick], ids[pick]
         groups = np.searchsorted(starts, rows, side="right") - 1
         for g in np.unique(groups):
@@ -133,10 +156,32 @@ def iter_embeddings_of(locator: Locator, ids: np.ndarray) -> Iterator[tuple[np.n
             yield sids[sel], embeddings_to_numpy(column.take(rows[sel] - starts[g]))
 
 
+def row_group_starts(path: Any, pf: pq.ParquetFile | None = None) -> np.ndarray:
+    """First row of each row group of a Parquet file, plus its row count at the end (cached by
+    path, size and modification time)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    starts = _STARTS.get(key)
+    if starts is None:
+        md = (pf or pq.ParquetFile(path)).metadata
+        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        if len(_STARTS) > 4096:
+            _STARTS.clear()
+        _STARTS[key] = starts
+    return starts
+
+
+_STARTS: dict[tuple[str, int, int], np.ndarray] = {}
+
+
 def plan(rows: int, ntotal: int, nprobe: int | None, nlist: int | None, exact: bool, has_index: bool,
-         policy: SubsetPolicy = SubsetPolicy()) -> tuple[str, int | None]:
-    """``("exact", None)`` or ``("ann", nprobe to use)`` for a subset of ``rows`` of ``ntotal``."""
-    if exact or not has_index or rows <= policy.exact_max_rows:
+         policy: SubsetPolicy = SubsetPolicy(), cheap_gather: bool | Callable[[], bool] = True) -> tuple[str, int | None]:
+    """``("exact", None)`` or ``("ann", nprobe to use)`` for a subset of ``rows`` of ``ntotal``.
+    ``cheap_gather`` (or a function computing it): the subset's vectors are gathered already or
+    take at most ``cold_row_groups`` row groups to read."""
+    if exact or not has_index:
+        return "exact", None
+    if rows <= policy.exact_max_rows and (cheap_gather() if callable(cheap_gather) else cheap_gather):
         return "exact", None
     if nprobe is None or nlist is None:
         return "ann", nprobe
@@ -164,7 +209,8 @@ def restricted_knn(
     nq = queries.shape[0]
     if len(subset) == 0:
         return np.full((nq, k), MISSING_SCORE, np.float32), np.full((nq, k), -1, np.int64)
-    mode, probe = plan(len(subset), ntotal, nprobe, nlist, exact, ann is not None, policy)
+    mode, probe = plan(len(subset), ntotal, nprobe, nlist, exact, ann is not None, policy, lambda: (
+        subset.gathered or subset.row_groups(locator) <= policy.cold_row_groups))
     if mode == "exact":
         return _exact(queries, k, subset, locator, dim, policy, chunk_size)
     scores, ids = ann(queries, k, probe, subset.selector())
