@@ -26,12 +26,7 @@ LABELS = np.array(["dog", "cat", "bird"])
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _metadata(n: int, rng: np.random.Generator) -> dict[str, pa.Array]:
