@@ -161,10 +161,15 @@ def test_pq_refine_with_idmap_returns_complete_lists_of_passing_rows(indexed, qu
         assert recall >= 0.9, (where, recall)
 
 
-def test_a_probe_that_finds_too_few_rows_falls_back_to_exact(indexed, queries):
-    """nprobe=1 with ~0.5 % of rows passing: most lists hold none, the ANN lists come back short."""
+@pytest.mark.parametrize("nlist_known", [True, False])
+def test_a_probe_that_finds_too_few_rows_is_redone_so_lists_are_never_short(indexed, queries, nlist_known,
+                                                                            monkeypatch):
+    """nprobe=1 with ~0.5 % of rows passing: most lists hold none, the first ANN lists come back
+    short; they are redone probing every list (or exactly when nlist is unknown)."""
     path = indexed["ivf"]
     s = Searcher.open(path, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=0.0))
+    if not nlist_known:
+        monkeypatch.setattr("vlsearch.search._find_ivf", lambda index: None)
     where = "width BETWEEN 500 AND 520"
     mask = _masks(_table(path))[where]
     scores, ids = s.knn(queries, k=10, nprobe=1, where=where)

@@ -14,7 +14,7 @@ Two strategies, chosen per call by :func:`plan` (thresholds measured by
   passed in the per-call ``SearchParameters``, with ``nprobe`` raised as the subset shrinks
   (``nprobe * selectivity ** -nprobe_exponent``, at most nlist) so that the top-k of the allowed
   rows is still found. Any query that comes back with fewer than ``min(k, rows)`` hits is redone
-  exactly, so results are never short.
+  probing every list (which sees every allowed row), then exactly, so results are never short.
 
 The subset is just a sorted id array: intersecting it with other restrictions (deleted ids)
 before building the :class:`Subset` keeps this module unchanged.
@@ -214,10 +214,15 @@ def restricted_knn(
     if mode == "exact":
         return _exact(queries, k, subset, locator, dim, policy, chunk_size)
     scores, ids = ann(queries, k, probe, subset.selector())
-    short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, len(subset)))
-    if len(short):  # a probe too narrow for this subset: never return a short list
+    # a probe too narrow for this subset: never return a short list. Probing every list sees
+    # every allowed row; exact search is the last resort (an index missing rows)
+    for retry in (nlist if probe is not None and nlist is not None and probe < nlist else None, "exact"):
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, len(subset)))
+        if len(short) == 0 or retry is None:
+            continue
         scores, ids = scores.copy(), ids.copy()
-        scores[short], ids[short] = _exact(queries[short], k, subset, locator, dim, policy, chunk_size)
+        scores[short], ids[short] = (_exact(queries[short], k, subset, locator, dim, policy, chunk_size)
+                                     if retry == "exact" else ann(queries[short], k, retry, subset.selector()))
     return scores, ids
 
 
