@@ -3,7 +3,7 @@
 ::
 
     flock /work/wt/cpu.lock python benchmarks/bench_filter.py --prepare   # data + auto index (cached)
-    flock /work/wt/cpu.lock python benchmarks/bench_filter.py             # measure, write RESULTS.md
+    flock /work/wt/cpu.lock python benchmarks/bench_filter.py --sweep 0.25,0.5,1   # measure, write RESULTS.md
 
 The collection is ``benchmarks/synthetic.py``'s 1M x 512 set with two metadata columns derived
 from a hash of the id: ``bucket`` (uniform in 0..9999, so ``bucket < 10 * pct`` passes ``pct`` %
@@ -13,7 +13,8 @@ of the rows, uncorrelated with the vectors) and ``label`` (8 values). The index 
 * filter evaluation: DuckDB (:class:`vlsearch.filters.FilterEngine`, the chosen engine) against
   DuckDB scanning the Arrow table in place and a pyarrow compute expression;
 * filtered search as ``Searcher.knn(where=...)`` runs it (automatic exact / selector switch),
-  and each strategy forced: ANN with an ``IDSelector``, exact over the matching rows;
+  against exact filtered search (``exact=True``: exact over the matching rows), and ANN with an
+  ``IDSelector`` at several nprobe exponents (``--sweep``);
 * recall@10 against exact filtered search (brute force over the matching rows' stored vectors);
 * single-query p50 / p99 (1 thread) and batched QPS (all cores), against unfiltered ANN.
 """
@@ -59,14 +60,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=200, help="held-out queries used (of 1000)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--selectivities", default=",".join(map(str, SELECTIVITIES)), help="percent, comma-separated")
-    ap.add_argument("--exact-queries", type=int, default=5,
-                    help="queries for the forced exact path when the subset's vectors exceed the cache")
     ap.add_argument("--prepare", action="store_true", help="only generate the data and build the index")
     ap.add_argument("--sweep", default=None, metavar="EXPONENTS",
-                    help="only sweep SubsetPolicy.nprobe_exponent (comma-separated) on the forced ANN+selector "
+                    help="also sweep SubsetPolicy.nprobe_exponent (comma-separated) on the forced ANN+selector "
                          "path: recall@10 and batched q/s per selectivity")
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--note", default="", help="a paragraph appended to the RESULTS.md section")
     return ap.parse_args()
 
 
@@ -131,7 +131,7 @@ def engine_figures(coll_path: Path, pcts: list[float]) -> tuple[list[list], dict
     import pyarrow.compute as pc
 
     from vlsearch.collection import Collection
-    from vlsearch.filters import FilterEngine, read_metadata
+    from vlsearch.filters import FilterEngine, compile_filter, read_metadata
 
     coll = Collection.open(coll_path)
     r0, t = rss_mb(), time.perf_counter()
@@ -158,7 +158,7 @@ def engine_figures(coll_path: Path, pcts: list[float]) -> tuple[list[list], dict
         arrow = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(20):
-            engine.compile(where)
+            compile_filter(where, engine.columns)
         parse_ms = (time.perf_counter() - t) / 20 * 1e3
         rows.append([f"{pct:g} %", f"{n:,}", round(parse_ms, 2), round(duck * 1e3, 1), round(duck_arrow * 1e3, 1),
                      round(arrow * 1e3, 1)])
@@ -168,19 +168,15 @@ def engine_figures(coll_path: Path, pcts: list[float]) -> tuple[list[list], dict
     return rows, info
 
 
-def sweep(a: argparse.Namespace, data, base: np.ndarray, pcts: list[float], exponents: list[float]) -> None:
-    """Forced ANN+selector path: nprobe = nprobe_default x selectivity^-e, recall and batched q/s."""
+def sweep(s, queries: np.ndarray, k: int, truths: dict, base_qps: float, exponents: list[float]) -> list[list]:
+    """Forced ANN+selector path: nprobe = nprobe_default x selectivity^-e (capped at nlist);
+    recall@10 and batched q/s per selectivity and exponent."""
     from vlsearch.search import Searcher
     from vlsearch.subset import SubsetPolicy
 
-    queries, k = data.queries[: a.queries], a.k
-    s = Searcher.open(data.collection)
-    base_qps = qps(lambda q: s.knn(q, k), queries)
+    nlist = int(s.collection.manifest.index.get("nlist") or 0)
     rows = []
-    for pct in pcts:
-        where = f"bucket < {int(round(pct * 100))}"
-        allowed = s.filter_ids(where)
-        truth = truth_of(base, allowed, queries, k)
+    for where, (allowed, truth) in truths.items():
         for e in exponents:
             ann = Searcher(s.collection, s.index, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=e))
             ann._filter_engine = s.filter_engine
@@ -188,17 +184,31 @@ def sweep(a: argparse.Namespace, data, base: np.ndarray, pcts: list[float], expo
             t = time.perf_counter()
             _, found = ann.knn(queries, k, where=where)
             q = len(queries) / (time.perf_counter() - t)
-            probe = (ann.nprobe_default or 0) * (len(allowed) / len(s.row_locator)) ** -e
-            rows.append([f"{pct:g} %", e, int(np.ceil(probe)), f"{recall(found, truth, k):.4f}", round(q),
-                         f"{q / base_qps:.2f}x"])
+            probe = min(nlist, int(np.ceil((s.nprobe_default or 0) * (len(allowed) / len(s.row_locator)) ** -e)))
+            rows.append([f"{100 * len(allowed) / len(s.row_locator):.3g} %", e, probe,
+                         f"{recall(found, truth, k):.4f}", round(q), f"{q / base_qps:.2f}x"])
             print(rows[-1], flush=True)
-    text = "\n".join([
-        "### Filtered ANN: nprobe exponent sweep (`bench_filter.py --sweep`)", "",
-        f"Command: `{command_line()}`; unfiltered batched {base_qps:,.0f} q/s; nprobe shown before the nlist cap.", "",
-        markdown_table(["selectivity", "exponent", "nprobe", "recall@10", "batched q/s", "x unfiltered"], rows)])
-    print(text)
-    if not a.no_write:
-        write_section("bench_filter_sweep", text)
+    return rows
+
+
+def forced_exact(s, queries: np.ndarray, k: int, where: str, allowed: np.ndarray) -> tuple[float, float, float]:
+    """Exact over the subset: (first query ms: gathers the vectors, batched q/s of all queries,
+    warm single-query p50 ms or nan when the vectors do not fit the cache and every query
+    re-reads them)."""
+    from vlsearch.search import Searcher
+
+    ex = Searcher(s.collection, s.index, subset_policy=replace(s.subset_policy, exact_max_rows=10**12))
+    ex._filter_engine = s.filter_engine
+    fits = len(allowed) * s.dim * 4 <= s.subset_policy.vector_cache_bytes
+    t = time.perf_counter()
+    ex.knn(queries[:1], k, where=where)
+    first_ms = (time.perf_counter() - t) * 1e3
+    if not fits:  # one streamed pass answers the whole batch
+        t = time.perf_counter()
+        ex.knn(queries, k, where=where)
+        return first_ms, len(queries) / (time.perf_counter() - t), float("nan")
+    p50, _, _ = latencies(lambda q: ex.knn(q, k, where=where), queries)
+    return first_ms, qps(lambda q: ex.knn(q, k, where=where), queries), p50
 
 
 def main() -> None:
@@ -206,108 +216,88 @@ def main() -> None:
     import faiss
 
     from vlsearch.search import Searcher
-    from vlsearch.subset import SubsetPolicy
 
     t_all = time.perf_counter()
     data = prepare(a)
     if a.prepare:
         return
     pcts = [float(x) for x in a.selectivities.split(",")]
-    queries = data.queries[: a.queries]
-    k = a.k
+    queries, k = data.queries[: a.queries], a.k
     base = np.load(data.collection.parent / "base_f16.npy", mmap_mode="r")
     cores = faiss.omp_get_max_threads()
-    if a.sweep:
-        return sweep(a, data, base, pcts, [float(x) for x in a.sweep.split(",")])
 
     engine_rows, engine_info = engine_figures(data.collection, pcts)
-    print(markdown_table(["selectivity", "rows", "parse+check ms", "DuckDB table ms", "DuckDB on Arrow ms",
-                          "pyarrow compute ms"], engine_rows))
-
     t = time.perf_counter()
     s = Searcher.open(data.collection)
     open_s = time.perf_counter() - t
-    entry = s.collection.manifest.index
-    policy = s.subset_policy
+    entry, policy = s.collection.manifest.index, s.subset_policy
     faiss.omp_set_num_threads(1)
     p50, p99, found = latencies(lambda q: s.knn(q, k), queries)
     faiss.omp_set_num_threads(cores)
     base_qps = qps(lambda q: s.knn(q, k), queries)
     unfiltered = {"p50": p50, "p99": p99, "qps": base_qps, "recall": recall(found, data.gt_ids[: a.queries], k)}
-    print("unfiltered", unfiltered)
+    print("unfiltered", unfiltered, flush=True)
 
-    rows, strategy_rows = [], []
+    rows, truths = [], {}
     for pct in pcts:
         where = f"bucket < {int(round(pct * 100))}"
         t = time.perf_counter()
         allowed = s.filter_ids(where)
         filter_ms = (time.perf_counter() - t) * 1e3
-        truth = truth_of(base, allowed, queries, k)
-        mode = "exact" if len(allowed) <= policy.exact_max_rows else "ANN+selector"
+        truths[where] = allowed, truth_of(base, allowed, queries, k)
         faiss.omp_set_num_threads(1)
         t = time.perf_counter()
-        s.knn(queries[:1], k, where=where)  # first query: gathers the subset's vectors when exact
+        s.knn(queries[:1], k, where=where)
         first_ms = (time.perf_counter() - t) * 1e3
         p50, p99, found = latencies(lambda q: s.knn(q, k, where=where), queries)
         faiss.omp_set_num_threads(cores)
         fq = qps(lambda q: s.knn(q, k, where=where), queries)
-        r = recall(found, truth, k)
-        # forced strategies, to place the switch point
-        ann = Searcher(s.collection, s.index, subset_policy=replace(policy, exact_max_rows=0))
-        ann._filter_engine = s.filter_engine
-        faiss.omp_set_num_threads(1)
-        a50, a99, afound = latencies(lambda q: ann.knn(q, k, where=where), queries)
-        faiss.omp_set_num_threads(cores)
-        nq_exact = len(queries) if len(allowed) * a.dim * 4 <= policy.vector_cache_bytes else a.exact_queries
-        ex = Searcher(s.collection, s.index, subset_policy=replace(policy, exact_max_rows=10**12))
-        ex._filter_engine = s.filter_engine
-        faiss.omp_set_num_threads(1)
-        t = time.perf_counter()
-        ex.knn(queries[:1], k, where=where)
-        cold_ms = (time.perf_counter() - t) * 1e3
-        e50, e99, _ = latencies(lambda q: ex.knn(q, k, where=where), queries[:nq_exact])
-        faiss.omp_set_num_threads(cores)
-        eq = qps(lambda q: ex.knn(q, k, where=where), queries[:nq_exact])
-        rows.append([f"{pct:g} %", f"{len(allowed):,}", mode, round(filter_ms, 1), round(first_ms, 1),
-                     round(p50, 2), round(p99, 2), round(fq), f"{fq / base_qps:.2f}x", f"{r:.4f}",
-                     round(eq, 1), f"{fq / eq:.1f}x"])
-        strategy_rows.append([f"{pct:g} %", f"{len(allowed):,}", round(a50, 2), round(a99, 2),
-                              f"{recall(afound, truth, k):.4f}", round(cold_ms, 1), round(e50, 2), round(e99, 2)])
-        print(rows[-1], strategy_rows[-1], flush=True)
-        del ann, ex
+        e_first, e_qps, e_p50 = forced_exact(s, queries, k, where, allowed)
+        rows.append([f"{pct:g} %", f"{len(allowed):,}", round(filter_ms, 1), round(first_ms, 1), round(p50, 2),
+                     round(p99, 2), round(fq), f"{fq / base_qps:.2f}x", f"{recall(found, truths[where][1], k):.4f}",
+                     round(e_first), "-" if np.isnan(e_p50) else round(e_p50, 2), round(e_qps, 1)])
+        print(rows[-1], flush=True)
+    sweep_rows = sweep(s, queries, k, truths, base_qps, [float(x) for x in a.sweep.split(",")]) if a.sweep else []
 
     body = [
         "## Filtered search (1,000,000 x 512 synthetic, `benchmarks/bench_filter.py`)",
         "",
         f"Machine: {machine()}; FAISS {faiss.__version__}, {cores} OpenMP threads for batches, 1 for single "
-        f"queries; load average at the end {os.getloadavg()[0]:.1f} (shared machine: other jobs were running).  ",
+        f"queries; load average at the end {os.getloadavg()[0]:.1f} (shared machine: other jobs were running, "
+        "so absolute times are pessimistic and noisy; ratios come from one run).  ",
         f"Command: `{command_line()}`  ",
         f"Index: `{entry['factory']}` (auto), nprobe_default {entry['nprobe_default']}, refine k_factor "
         f"{entry.get('refine_k_factor')}; {len(queries)} held-out queries, k={k}. Filter `bucket < X`: uniform, "
-        "uncorrelated with the vectors. Policy: exact over the subset up to "
-        f"{policy.exact_max_rows:,} rows, else ANN with an IDSelector and nprobe x selectivity^-{policy.nprobe_exponent:g}.",
+        f"uncorrelated with the vectors. Policy (`SubsetPolicy`): exact over the subset up to "
+        f"{policy.exact_max_rows:,} rows when its vectors are gathered or the gather reads <= {policy.cold_row_groups} "
+        f"row groups, else ANN with an IDSelector and nprobe x selectivity^-{policy.nprobe_exponent:g}.",
         "",
         f"Unfiltered ANN: p50 / p99 {unfiltered['p50']:.2f} / {unfiltered['p99']:.2f} ms, batched "
         f"{unfiltered['qps']:,.0f} q/s, recall@10 {unfiltered['recall']:.4f} (vs exact unfiltered).",
         "",
-        markdown_table(["selectivity", "rows", "strategy", "filter ms (1st)", "1st query ms", "p50 ms", "p99 ms",
-                        "batched q/s", "x unfiltered", "recall@10 vs exact filtered", "exact filtered q/s",
-                        "x exact"], rows),
+        markdown_table(["selectivity", "rows", "filter ms", "1st query ms", "p50 ms", "p99 ms", "batched q/s",
+                        "x unfiltered", "recall@10 vs exact filtered", "exact: 1st query ms", "exact: warm p50 ms",
+                        "exact: batched q/s"], rows),
         "",
-        "Each strategy forced (single query, 1 thread; exact: first query gathers the rows' vectors from the "
-        "shards, later ones reuse them while they fit the 128 MiB budget):",
+        "`filter ms`: first evaluation of the filter (DuckDB, then cached). `exact`: "
+        "`knn(exact=True, where=...)`, exact over the matching rows; its first query gathers their "
+        "vectors from the shards (every 4096-row group holding one is decoded), later queries reuse them "
+        f"while they fit the {policy.vector_cache_bytes >> 20} MiB budget (`-`: they do not, and each batch re-reads them).",
+    ]
+    if sweep_rows:
+        body += ["", "ANN + IDSelector forced, nprobe exponent sweep (batched, all cores):", "",
+                 markdown_table(["selectivity", "exponent", "nprobe", "recall@10", "batched q/s", "x unfiltered"],
+                                sweep_rows)]
+    body += [
         "",
-        markdown_table(["selectivity", "rows", "ANN+selector p50 ms", "p99 ms", "recall@10", "exact 1st query ms",
-                        "exact p50 ms", "p99 ms"], strategy_rows),
-        "",
-        "Filter engine (1M rows; `bucket < X AND label <> 'nothing'`; first evaluation, not cached): "
-        f"metadata read {engine_info['read_s']:.2f} s ({engine_info['arrow_mb']:.0f} MiB Arrow, "
-        f"+{engine_info['read_rss_mb']:.0f} MiB RSS), DuckDB table built in {engine_info['build_s']:.2f} s "
-        f"(+{engine_info['engine_rss_mb']:.0f} MiB RSS).",
+        "Filter engine (1M rows; `bucket < X AND label <> 'nothing'`; first evaluation): metadata read "
+        f"{engine_info['read_s']:.2f} s ({engine_info['arrow_mb']:.0f} MiB Arrow, +{engine_info['read_rss_mb']:.0f} MiB "
+        f"RSS), DuckDB table built in {engine_info['build_s']:.2f} s (+{engine_info['engine_rss_mb']:.0f} MiB RSS).",
         "",
         markdown_table(["selectivity", "rows", "parse+check ms", "DuckDB table ms", "DuckDB on Arrow ms",
                         "pyarrow compute ms"], engine_rows),
         "",
+        *([a.note, ""] if a.note else []),
         f"Total benchmark time {time.perf_counter() - t_all:.0f} s; index opened in {open_s:.1f} s.",
     ]
     text = "\n".join(body)
