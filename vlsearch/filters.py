@@ -23,6 +23,7 @@ for at least one of its captions (an image without captions is tested once, with
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -239,12 +240,12 @@ class FilterEngine:
     (``nbytes``), ~60 MiB for 1M images with short paths.
     """
 
-    def __init__(self, table: pa.Table, threads: int = 1):
+    def __init__(self, table: pa.Table, threads: int | None = None):
         self.columns = tuple(table.column_names)
         self.num_rows = table.num_rows
         self.nbytes = table.nbytes
         limit = max(1 << 30, 4 * table.nbytes)
-        self._con = _locked_connection(threads, f"{limit >> 20}MB")
+        self._con = _locked_connection(threads or min(4, os.cpu_count() or 1), f"{limit >> 20}MB")
         self._con.register("_source", table)
         self._con.execute(f"CREATE TABLE {TABLE} AS SELECT * FROM _source")
         self._con.unregister("_source")
