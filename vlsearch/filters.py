@@ -22,6 +22,7 @@ for at least one of its captions (an image without captions is tested once, with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -123,6 +124,12 @@ def _deserialize(tree: dict[str, Any]) -> str:
         return _parser.execute("SELECT json_deserialize_sql(?::JSON)", [json.dumps(tree)]).fetchone()[0]
 
 
+@functools.lru_cache(maxsize=1)
+def _template() -> dict[str, Any]:
+    """The parse tree every filter's statement must equal, WHERE clause and positions aside."""
+    return _strip_locations({**_serialize(_TEMPLATE)["statements"][0]["node"], "where_clause": None})
+
+
 def _strip_locations(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _strip_locations(v) for k, v in node.items() if not k.startswith("query_location")}
@@ -158,9 +165,7 @@ def compile_filter(where: str, columns: pa.Schema | Iterable[str]) -> CompiledFi
         raise InvalidQueryError(f"invalid filter {where!r}: it must be one condition, not several statements")
     node = statements[0].get("node") or {}
     where_tree = node.get("where_clause") if node.get("type") == "SELECT_NODE" else None
-    template = _serialize(_TEMPLATE)["statements"][0]["node"]
-    if where_tree is None or _strip_locations({**node, "where_clause": None}) != \
-            _strip_locations({**template, "where_clause": None}):
+    if where_tree is None or _strip_locations({**node, "where_clause": None}) != _template():
         raise InvalidQueryError(
             f"invalid filter {where!r}: only a condition is allowed (no ORDER BY, LIMIT, GROUP BY, UNION...)")
     used: set[str] = set()
