@@ -520,7 +520,12 @@ class Searcher:
 
     def _subset(self, where: str) -> Any:
         compiled = self.filter_engine.compile(where)
-        return self._subsets.get_or_build(compiled.sql, lambda: self.filter_engine.matching_ids(compiled))
+        return self._subsets.get_or_build(compiled.sql, lambda: self._live(self.filter_engine.matching_ids(compiled)))
+
+    def _live(self, ids: np.ndarray) -> np.ndarray:
+        """The ids this searcher's row map holds (rows it cannot return are never allowed)."""
+        found = self.row_locator.locate(ids)[2]
+        return ids if found.all() else ids[found]
 
     def _filtered_knn(self, q: np.ndarray, k: int, where: str, nprobe: int | None, exact: bool,
                       k_factor: float | None) -> tuple[np.ndarray, np.ndarray]:
