@@ -230,6 +230,18 @@ def test_filter_results_and_gathered_vectors_are_cached(coll_path, queries, monk
     assert calls["sql"] == 1
 
 
+def test_filters_only_allow_rows_the_searcher_can_return(coll_path):
+    """Rows missing from the searcher's row map (e.g. deleted in its collection version) never pass."""
+    from vlsearch.search import RowLocator
+
+    s = Searcher.open(coll_path)
+    first_shard = Collection.open(coll_path).shard_paths()[:1]
+    s.row_locator = RowLocator(first_shard)
+    ids = s.filter_ids("label = 'dog'")
+    shard0 = pq.read_table(first_shard[0], columns=["id", "label"]).to_pydict()
+    assert sorted(ids.tolist()) == sorted(i for i, lab in zip(shard0["id"], shard0["label"]) if lab == "dog")
+
+
 def test_filtering_never_reads_the_embedding_column(coll_path, monkeypatch):
     seen = []
     read = pq.ParquetFile.read
