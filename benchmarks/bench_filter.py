@@ -172,13 +172,13 @@ def sweep(s, queries: np.ndarray, k: int, truths: dict, base_qps: float, exponen
     """Forced ANN+selector path: nprobe = nprobe_default x selectivity^-e (capped at nlist);
     recall@10 and batched q/s per selectivity and exponent."""
     from vlsearch.search import Searcher
-    from vlsearch.subset import SubsetPolicy
 
     nlist = int(s.collection.manifest.index.get("nlist") or 0)
     rows = []
     for where, (allowed, truth) in truths.items():
         for e in exponents:
-            ann = Searcher(s.collection, s.index, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=e))
+            ann = Searcher(s.collection, s.index, subset_policy=replace(s.subset_policy, exact_max_rows=0,
+                                                                        nprobe_exponent=e))
             ann._filter_engine = s.filter_engine
             ann.knn(queries[:1], k, where=where)
             t = time.perf_counter()
@@ -197,18 +197,18 @@ def forced_exact(s, queries: np.ndarray, k: int, where: str, allowed: np.ndarray
     (one streamed pass) gives all three: its time, its q/s, and nan."""
     from vlsearch.search import Searcher
 
-    ex = Searcher(s.collection, s.index, subset_policy=replace(s.subset_policy, exact_max_rows=10**12))
+    ex = Searcher(s.collection, s.index)  # its own caches: the first call gathers from the shards
     ex._filter_engine = s.filter_engine
     if len(allowed) * s.dim * 4 > s.subset_policy.vector_cache_bytes:
         t = time.perf_counter()
-        ex.knn(queries, k, where=where)
+        ex.knn(queries, k, where=where, exact=True)
         took = time.perf_counter() - t
         return took * 1e3, len(queries) / took, float("nan")
     t = time.perf_counter()
-    ex.knn(queries[:1], k, where=where)
+    ex.knn(queries[:1], k, where=where, exact=True)
     first_ms = (time.perf_counter() - t) * 1e3
-    p50, _, _ = latencies(lambda q: ex.knn(q, k, where=where), queries)
-    return first_ms, qps(lambda q: ex.knn(q, k, where=where), queries), p50
+    p50, _, _ = latencies(lambda q: ex.knn(q, k, where=where, exact=True), queries)
+    return first_ms, qps(lambda q: ex.knn(q, k, where=where, exact=True), queries), p50
 
 
 def main() -> None:
@@ -279,7 +279,8 @@ def report(a, rows, sweep_rows, unfiltered, entry, policy, engine_rows, engine_i
         f"{entry.get('refine_k_factor')}; {len(queries)} held-out queries, k={k}. Filter `bucket < X`: uniform, "
         f"uncorrelated with the vectors. Policy (`SubsetPolicy`): exact over the subset up to "
         f"{policy.exact_max_rows:,} rows when its vectors are gathered or the gather reads <= {policy.cold_row_groups} "
-        f"row groups, else ANN with an IDSelector and nprobe x selectivity^-{policy.nprobe_exponent:g}.",
+        f"row groups, else ANN with an IDSelector, nprobe x selectivity^-{policy.nprobe_exponent:g} and refine "
+        f"k_factor >= {policy.min_k_factor:g}.",
         "",
         f"Unfiltered ANN: p50 / p99 {unfiltered['p50']:.2f} / {unfiltered['p99']:.2f} ms, batched "
         f"{unfiltered['qps']:,.0f} q/s, recall@10 {unfiltered['recall']:.4f} (vs exact unfiltered).",
@@ -295,7 +296,8 @@ def report(a, rows, sweep_rows, unfiltered, entry, policy, engine_rows, engine_i
         "re-reads them and the first call is the whole batch, one streamed pass).",
     ]
     if sweep_rows:
-        body += ["", "ANN + IDSelector forced, nprobe exponent sweep (batched, all cores):", "",
+        body += ["", f"ANN + IDSelector forced, nprobe exponent sweep (batched, all cores, refine k_factor "
+                 f"{policy.min_k_factor:g}):", "",
                  markdown_table(["selectivity", "exponent", "nprobe", "recall@10", "batched q/s", "x unfiltered"],
                                 sweep_rows)]
     body += [

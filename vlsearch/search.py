@@ -532,6 +532,9 @@ class Searcher:
         self._check_ann_options(nprobe, k_factor)
         subset = self._subset(where)
         ivf = None if self.index is None else _find_ivf(self.index)
+        if k_factor is None:  # a filtered shortlist needs more re-ranking than the index default
+            stored = (self.collection.manifest.index or {}).get("refine_k_factor") or 0
+            k_factor = max(float(stored), self.subset_policy.min_k_factor)
         ann = None if self.index is None else (lambda qq, kk, probe, sel: self._ann(qq, kk, probe, k_factor, sel))
         return restricted_knn(
             q, k, subset, self.row_locator, self.dim, ann=ann,
