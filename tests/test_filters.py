@@ -161,6 +161,17 @@ def test_pq_refine_with_idmap_returns_complete_lists_of_passing_rows(indexed, qu
         assert recall >= 0.9, (where, recall)
 
 
+def test_filtered_ann_reranks_more_candidates_unless_the_call_says(indexed, queries, monkeypatch):
+    s = Searcher.open(indexed["refine"], subset_policy=SubsetPolicy(exact_max_rows=0, min_k_factor=40))
+    seen = []
+    real = Searcher._ann
+    monkeypatch.setattr(Searcher, "_ann", lambda self, q, k, nprobe, k_factor, sel=None: (
+        seen.append(k_factor), real(self, q, k, nprobe, k_factor, sel))[1])
+    s.knn(queries, k=5, where="label = 'dog'")
+    s.knn(queries, k=5, where="label = 'dog'", k_factor=3)
+    assert seen == [40, 3]
+
+
 @pytest.mark.parametrize("nlist_known", [True, False])
 def test_a_probe_that_finds_too_few_rows_is_redone_so_lists_are_never_short(indexed, queries, nlist_known,
                                                                             monkeypatch):
