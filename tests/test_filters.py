@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, Manifest, embedding_array
 from vlsearch.errors import InvalidQueryError
 from vlsearch.filters import FilterEngine, compile_filter
@@ -180,7 +180,7 @@ def test_a_probe_that_finds_too_few_rows_is_redone_so_lists_are_never_short(inde
     path = indexed["ivf"]
     s = Searcher.open(path, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=0.0))
     if not nlist_known:
-        monkeypatch.setattr("vlsearch.search._find_ivf", lambda index: None)
+        monkeypatch.setattr("vlsearch.search.find_ivf", lambda index: None)
     where = "width BETWEEN 500 AND 520"
     mask = _masks(_table(path))[where]
     scores, ids = s.knn(queries, k=10, nprobe=1, where=where)
@@ -243,7 +243,7 @@ def test_filter_results_and_gathered_vectors_are_cached(coll_path, queries, monk
 
 def test_filters_only_allow_rows_the_searcher_can_return(coll_path):
     """Rows missing from the searcher's row map (e.g. deleted in its collection version) never pass."""
-    from vlsearch.search import RowLocator
+    from vlsearch.rows import RowLocator
 
     s = Searcher.open(coll_path)
     first_shard = Collection.open(coll_path).shard_paths()[:1]
