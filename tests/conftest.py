@@ -70,3 +70,14 @@ def kill_9_when(command: list[str], reached, what: str, env: dict | None = None)
         proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Small searches and trainings: OpenMP threads only add spin-waiting on a shared CPU."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

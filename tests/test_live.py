@@ -247,3 +247,18 @@ def test_cli_compact(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"30 dead rows dropped from 1 shards -> {coll.path} version {coll.manifest.version + 1}" in result.output
     assert Searcher.open(coll.path).index.ntotal == 370
+
+
+def test_filters_see_only_live_rows_after_sync_and_compact(tmp_path):
+    coll = _collection(tmp_path / "c", factory="IVF8,Flat")
+    ids, vectors = coll.read_embeddings()
+    with coll.update() as u:  # ids[0] changed (same id, new path), ids[1] deleted
+        u.remove(ids[:2])
+        u.add(pa.table({"id": ids[:1], "path": ["changed.jpg"], "embedding": embedding_array(vectors[:1])}))
+    for _ in range(2):
+        s = Searcher.open(coll.path)
+        assert s.filter_ids(f"path = 'img/{ids[0]}.jpg' OR path = 'img/{ids[1]}.jpg'").tolist() == []
+        assert s.filter_ids("path = 'changed.jpg'").tolist() == [ids[0]]
+        hits = s.search_vector(vectors[1], k=5, where="path LIKE 'img/%'")
+        assert len(hits) == 5 and ids[1] not in [h.id for h in hits]
+        compact(coll)

@@ -211,8 +211,9 @@ def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | N
     Walks the index structure (IDMap -> PreTransform -> Refine -> IVF); ``None`` values keep the
     index's own setting, but it is still passed explicitly so the call never depends on (or
     changes) mutable index state. ``sel`` (a FAISS ``IDSelector`` over collection ids) restricts
-    the search: it goes to the innermost index, translated through an IDMap's id table. Returns
-    None for indexes with no tunable parameter (Flat) and no selector.
+    the search: it goes to the innermost index (a Refine layer ignores its own), translated
+    through an IDMap's id table. Returns None for indexes with no tunable parameter (Flat) and no
+    selector.
     """
     import faiss
 
