@@ -231,9 +231,10 @@ def read_metadata(shard_paths: Sequence["Path"], collection: Any = None) -> pa.T
     with ``collection``, only its live rows (a deleted or replaced row never matches a filter)."""
     tables = []
     for path in shard_paths:
-        columns = [n for n in pq.read_schema(path).names if n != "embedding"]
-        tables.append(pq.read_table(path, columns=columns) if collection is None
-                      else collection.read_shard(path, columns=columns))
+        pf = pq.ParquetFile(path)
+        table = pf.read(columns=[n for n in pf.schema_arrow.names if n != "embedding"])
+        live = None if collection is None else collection.live_mask(path, table.column("id").to_numpy().astype(np.int64))
+        tables.append(table if live is None else table.filter(pa.array(live)))
     if not tables:
         return pa.table({"id": pa.array([], pa.int64())})
     return pa.concat_tables(tables, promote_options="permissive")
