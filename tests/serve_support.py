@@ -1,0 +1,57 @@
+"""Helpers of the serve tests: small real collections (folder, manifest, webdataset) on the tiny
+model, and a real uvicorn server on a free loopback port in a thread."""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+N_IMAGES = 40
+
+
+def make_collections(root: Path, encoder) -> dict[str, Path]:
+    """Generated shapes (captioned) indexed three ways: a folder, a CSV manifest and a tar.
+    Returns {name: collection dir}; the folder collection has an IVF index, the others Flat."""
+    from indexing.build import build_index
+    from indexing.embed import EmbedConfig, embed
+    from vlsearch.shapes import ShapesConfig, generate_shapes
+
+    data = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=N_IMAGES, image_format="jpg"))
+    split = data.split_dir("heldout")
+    tar_dir = root / "tars"
+    tar_dir.mkdir()
+    with tarfile.open(tar_dir / "shard-000.tar", "w") as tf:
+        for i, img in enumerate(sorted((split / "images").iterdir())[:N_IMAGES // 2]):
+            tf.add(img, arcname=f"sub/{i:04d}.jpg")
+    config = EmbedConfig(model=encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
+    sources = {"folder": split / "images", "manifest": data.heldout_manifest, "tar": tar_dir}
+    out = {}
+    for name, source in sources.items():
+        out[name] = embed(source, root / f"coll-{name}", config, encoder=encoder).path
+        build_index(out[name], index_type="IVF4,Flat" if name == "folder" else "Flat", nprobe_default=2)
+    return out
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
