@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,8 +60,9 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form"))
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        body = {"error": "; ".join(parts) or "invalid request", "type": "InvalidQueryError",
-                "detail": jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: f"<{len(b)} bytes>"})}
+        detail = [{"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg")), "type": err.get("type")}
+                  for err in exc.errors()]  # the inputs are not echoed back (size, NaN...)
+        body = {"error": "; ".join(parts) or "invalid request", "type": "InvalidQueryError", "detail": detail}
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
