@@ -10,12 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-N_IMAGES = 40
+N_IMAGES = 24
 
 
 def make_collections(root: Path, encoder) -> dict[str, Path]:
     """Generated shapes (captioned) indexed three ways: a folder, a CSV manifest and a tar.
     Returns {name: collection dir}; the folder collection has an IVF index, the others Flat."""
+    import torch
+
     from indexing.build import build_index
     from indexing.embed import EmbedConfig, embed
     from vlsearch.shapes import ShapesConfig, generate_shapes
@@ -30,9 +32,14 @@ def make_collections(root: Path, encoder) -> dict[str, Path]:
     config = EmbedConfig(model=encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
     sources = {"folder": split / "images", "manifest": data.heldout_manifest, "tar": tar_dir}
     out = {}
-    for name, source in sources.items():
-        out[name] = embed(source, root / f"coll-{name}", config, encoder=encoder).path
-        build_index(out[name], index_type="IVF4,Flat" if name == "folder" else "Flat", nprobe_default=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from more threads on a shared CPU
+    try:
+        for name, source in sources.items():
+            out[name] = embed(source, root / f"coll-{name}", config, encoder=encoder).path
+            build_index(out[name], index_type="IVF2,Flat" if name == "folder" else "Flat", nprobe_default=1)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_support import make_collections, running  # noqa: E402
+from serve_support import N_IMAGES, make_collections, running  # noqa: E402
 from vlsearch import Client  # noqa: E402
 from vlsearch.app.serve import ServeConfig, create_app  # noqa: E402
 from vlsearch.collection import Collection  # noqa: E402
@@ -87,9 +87,9 @@ def test_collections_are_listed_with_counts_model_index_and_share_one_model(http
     body = http.get("/api/collections").json()
     by_name = {c["name"]: c for c in body}
     assert set(by_name) == {"folder", "manifest", "tar"}
-    assert by_name["folder"]["images"] == Collection.open(colls["folder"]).count() == 40
-    assert by_name["tar"]["images"] == 20
-    assert by_name["folder"]["index"]["factory"] == "IVF4,Flat" and by_name["manifest"]["index"]["factory"] == "Flat"
+    assert by_name["folder"]["images"] == Collection.open(colls["folder"]).count() == N_IMAGES
+    assert by_name["tar"]["images"] == N_IMAGES // 2
+    assert by_name["folder"]["index"]["factory"] == "IVF2,Flat" and by_name["manifest"]["index"]["factory"] == "Flat"
     assert {c["source"] for c in body} == {"folder", "manifest", "webdataset"}
     assert all(c["model"]["name"] == "vlsearch-tiny" and c["filters"] is False for c in body)
     encoders = {id(c.searcher.encoder) for c in app.state.served.values()}
@@ -118,8 +118,8 @@ def test_pages_concatenate_to_one_long_ranking(http, searchers):
         pages += page["hits"]
         offset = page["next_offset"]
     assert _ids(pages) == _ids(full["hits"]) and [h["rank"] for h in pages] == list(range(1, 13))
-    last = _search(http, "manifest", vector=vec, k=30, offset=30).json()  # past the 40 items
-    assert len(last["hits"]) == 10 and last["next_offset"] is None and last["hits"][0]["rank"] == 31
+    last = _search(http, "manifest", vector=vec, k=30, offset=N_IMAGES - 4).json()  # past the end
+    assert len(last["hits"]) == 4 and last["next_offset"] is None and last["hits"][0]["rank"] == N_IMAGES - 3
 
 
 def test_more_like_this_searches_by_the_stored_vector_without_the_item_itself(http, searchers, colls):

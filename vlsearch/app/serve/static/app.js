@@ -167,6 +167,7 @@ function render(hits) {
   for (const hit of hits) {
     const li = document.createElement("li");
     li.className = "card";
+    li.dataset.id = hit.id;
     const label = hit.caption || hit.path || hit.id;
     const button = document.createElement("button");
     button.type = "button";
