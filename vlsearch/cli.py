@@ -505,8 +505,11 @@ def serve_cmd(
     device: str = typer.Option("cpu", help="Device of the query models: cpu, cuda or auto."),
 ) -> None:
     """Serve collections over HTTP: a JSON API (docs at /docs), a search page at /, metrics at /metrics."""
-    from .app.serve import ServeConfig, serve
-    from .app.serve.service import parse_specs
+    try:
+        from .app.serve import ServeConfig, serve
+        from .app.serve.service import parse_specs
+    except ImportError as exc:
+        raise typer.BadParameter(f"{exc.name} is missing: install the server with pip install 'vlsearch[serve]'")
 
     config = ServeConfig(host=host, port=port, token=token, no_auth=no_auth, cors_origins=tuple(cors_origin),
                          max_upload_bytes=int(max_upload_mb * 1024 * 1024), mmap=mmap, device=device)

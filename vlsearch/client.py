@@ -35,8 +35,10 @@ class Client:
 
     def __init__(self, url: str, token: str | None = None, collection: str | None = None, timeout: float = 60.0,
                  transport: "httpx.BaseTransport | None" = None):
-        import httpx
-
+        try:
+            import httpx
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError("vlsearch.Client needs httpx: pip install 'vlsearch[client]'") from exc
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)

@@ -103,7 +103,7 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
 
 
 @public.get("/health", response_model=Health, tags=["service"])
-def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> dict[str, Any]:
     """Liveness: always answers while the process serves requests (no token needed)."""
     return {"status": "ok", "collections": len(request.app.state.served)}
 
