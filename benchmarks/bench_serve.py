@@ -14,7 +14,7 @@ before and after, and the same load on a ``Searcher`` in this process (same thre
 so the HTTP overhead is a measured ratio. Loopback only, bounded in time; the server is stopped
 at the end (and if the benchmark fails). Clients and server share the machine's cores.
 
-    flock /work/wt/cpu.lock python benchmarks/bench_serve.py            # 3 x 2 x 30 s x 2
+    flock /work/wt/cpu.lock python benchmarks/bench_serve.py            # 3 x 2 x (30 s HTTP + 10 s local)
     python benchmarks/bench_serve.py --seconds 3 --clients 1,4          # a quick dry run
 """
 
@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000, help="collection size (synthetic vectors)")
     ap.add_argument("--seconds", type=float, default=30.0, help="duration of each load level")
+    ap.add_argument("--local-seconds", type=float, default=10.0,
+                    help="duration of each in-process (Searcher) level, for the HTTP / in-process ratio")
     ap.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
     ap.add_argument("--modes", default="vector,text")
     ap.add_argument("--k", type=int, default=10)
@@ -222,7 +224,7 @@ def main() -> None:
         texts = itertools.islice(unique_texts(), 10**6, None)  # sentences the HTTP run never sent
         local_caller(searcher, mode, queries, texts, a.k)()()
         for c in clients:
-            r = run_load(local_caller(searcher, mode, queries, texts, a.k), c, a.seconds)
+            r = run_load(local_caller(searcher, mode, queries, texts, a.k), c, a.local_seconds)
             rows.append({"mode": mode, "clients": c, "where": "in-process", **r})
             print(rows[-1], flush=True)
     load_avg.append(os.getloadavg()[0])
@@ -244,8 +246,9 @@ def report(a: argparse.Namespace, rows: list[dict], rss: dict, factory: str, loa
         "## HTTP serving (`vlsearch serve`, loopback)", "",
         f"{machine()}. Collection: {a.n:,} synthetic 256-d vectors labelled as {MODEL} (text queries run its "
         f"text tower; every text is new, so none is answered from the text cache), index `{factory}` at its "
-        f"default nprobe, k={a.k}. Each level: {a.seconds:.0f} s of closed-loop load from N client threads (one "
-        "keep-alive connection each), in the benchmark process, on the same 2 cores as the server. "
+        f"default nprobe, k={a.k}. Each HTTP level: {a.seconds:.0f} s of closed-loop load from N client threads (one "
+        "keep-alive connection each) in the benchmark process, on the same 2 cores as the server; each "
+        f"in-process level: {a.local_seconds:.0f} s of the same calls on a `Searcher` in the benchmark process. "
         f"Load average (1 min) {load_avg[0]:.1f} at start, {load_avg[-1]:.1f} at end"
         + (" (the machine was shared with other jobs)." if max(load_avg) > 2.5 else "."), "",
         f"`{command_line()}`", "",

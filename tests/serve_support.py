@@ -1,14 +1,10 @@
 """Helpers of the serve tests: small real collections (folder, manifest, webdataset) on the tiny
-model, and a real uvicorn server on a free loopback port in a thread."""
+model (the server itself runs with vlsearch.app.serve.background_server)."""
 
 from __future__ import annotations
 
 import tarfile
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 N_IMAGES = 24
 
@@ -42,23 +38,3 @@ def make_collections(root: Path, encoder) -> dict[str, Path]:
         torch.set_num_threads(threads)
     return out
 
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

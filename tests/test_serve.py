@@ -29,9 +29,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve_support import N_IMAGES, make_collections, running  # noqa: E402
+from serve_support import N_IMAGES, make_collections  # noqa: E402
 from vlsearch import Client  # noqa: E402
-from vlsearch.app.serve import ServeConfig, create_app  # noqa: E402
+from vlsearch.app.serve import ServeConfig, background_server, create_app  # noqa: E402
 from vlsearch.collection import Collection  # noqa: E402
 from vlsearch.errors import (CollectionNotFoundError, InvalidQueryError, ItemNotFoundError,  # noqa: E402
                              ServeConfigError)
@@ -63,7 +63,7 @@ def searchers(colls, tiny_encoder) -> dict[str, Searcher]:
 
 @pytest.fixture(scope="module")
 def live(app):
-    with running(app) as url:
+    with background_server(app) as url:
         yield url
 
 

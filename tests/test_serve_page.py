@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serve_support import make_collections, running
-from vlsearch.app.serve import ServeConfig, create_app
+from serve_support import make_collections
+from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.collection import Collection
 from vlsearch.search import Searcher
 
@@ -30,7 +30,7 @@ def setup(tmp_path_factory, tiny_encoder):
     colls = make_collections(tmp_path_factory.mktemp("page"), tiny_encoder)
     app = create_app({name: str(path) for name, path in colls.items()}, ServeConfig(log_level="warning"))
     searcher = Searcher.open(colls["manifest"], encoder=tiny_encoder)
-    with running(app) as url:
+    with background_server(app) as url:
         yield url, colls, searcher
 
 
