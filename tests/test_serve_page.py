@@ -31,7 +31,7 @@ def setup(tmp_path_factory, tiny_encoder):
     app = create_app({name: str(path) for name, path in colls.items()}, ServeConfig(log_level="warning"))
     searcher = Searcher.open(colls["manifest"], encoder=tiny_encoder)
     with background_server(app) as url:
-        yield url, colls, searcher
+        yield url, colls, searcher, app
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def _wait_new_results(page, before: list[int]) -> None:
 
 
 def test_search_more_like_this_upload_and_errors_in_a_real_browser(setup, browser):
-    url, colls, searcher = setup
+    url, colls, searcher, _ = setup
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(str(exc)))
@@ -129,3 +129,25 @@ def test_search_more_like_this_upload_and_errors_in_a_real_browser(setup, browse
     assert page.is_hidden("#error")
     assert not problems, problems
     page.close()
+
+
+def test_with_a_token_the_page_asks_for_it_and_then_shows_images(setup, browser, tiny_encoder):
+    _, colls, searcher, _ = setup
+    token = "page-token-0123456789abcdef"
+    app = create_app({"manifest": Searcher.open(colls["manifest"], encoder=tiny_encoder)},
+                     ServeConfig(token=token, log_level="warning"))
+    with background_server(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#token-row:not([hidden])")
+        assert "token" in page.text_content("#error")
+        page.fill("#token", token)
+        page.click("#token-save")
+        page.wait_for_selector("#collection option[value=manifest]", state="attached")
+        page.fill("#k", "4")
+        page.fill("#query", "a yellow triangle")
+        page.press("#query", "Enter")
+        _wait_thumbnails(page)  # fetched with the Authorization header (blob URLs)
+        assert _result_ids(page) == [h.id for h in searcher.search_text("a yellow triangle", k=4)]
+        assert page.eval_on_selector("#results img", "i => i.src").startswith("blob:")
+        page.close()
