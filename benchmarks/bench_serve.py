@@ -242,6 +242,7 @@ def report(a: argparse.Namespace, rows: list[dict], rss: dict, factory: str, loa
                       round(r["p99"], 2), r["errors"], round(inproc["rps"], 1) if inproc else "-",
                       round(inproc["p50"], 2) if inproc else "-",
                       f"{r['rps'] / inproc['rps']:.2f}" if inproc else "-"])
+    shared = " (the machine was shared with other jobs)." if max(load_avg) > 2.5 else "."
     body = "\n".join([
         "## HTTP serving (`vlsearch serve`, loopback)", "",
         f"{machine()}. Collection: {a.n:,} synthetic 256-d vectors labelled as {MODEL} (text queries run its "
@@ -249,8 +250,7 @@ def report(a: argparse.Namespace, rows: list[dict], rss: dict, factory: str, loa
         f"default nprobe, k={a.k}. Each HTTP level: {a.seconds:.0f} s of closed-loop load from N client threads (one "
         "keep-alive connection each) in the benchmark process, on the same 2 cores as the server; each "
         f"in-process level: {a.local_seconds:.0f} s of the same calls on a `Searcher` in the benchmark process. "
-        f"Load average (1 min) {load_avg[0]:.1f} at start, {load_avg[-1]:.1f} at end"
-        + (" (the machine was shared with other jobs)." if max(load_avg) > 2.5 else "."), "",
+        f"Load average (1 min) {load_avg[0]:.1f} at start, {load_avg[-1]:.1f} at end{shared}", "",
         f"`{command_line()}`", "",
         markdown_table(["query", "clients", "requests", "HTTP req/s", "HTTP p50 ms", "HTTP p99 ms", "errors",
                         "in-process req/s", "in-process p50 ms", "HTTP / in-process"], table), "",

@@ -24,18 +24,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
+from serve_support import N_IMAGES, make_collections
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from serve_support import N_IMAGES, make_collections  # noqa: E402
-from vlsearch import Client  # noqa: E402
-from vlsearch.app.serve import ServeConfig, background_server, create_app  # noqa: E402
-from vlsearch.collection import Collection  # noqa: E402
-from vlsearch.errors import (CollectionNotFoundError, InvalidQueryError, ItemNotFoundError,  # noqa: E402
-                             ServeConfigError)
-from vlsearch.search import Searcher  # noqa: E402
+from vlsearch import Client
+from vlsearch.app.serve import ServeConfig, background_server, create_app
+from vlsearch.collection import Collection
+from vlsearch.errors import CollectionNotFoundError, InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.search import Searcher
 
 TOKEN = "test-token-0123456789abcdef"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from serve_support import make_collections
+
 from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.collection import Collection
 from vlsearch.search import Searcher

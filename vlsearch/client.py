@@ -55,7 +55,8 @@ class Client:
         if self._collection is None:
             names = [c["name"] for c in self.collections()]
             if len(names) != 1:
-                raise E.InvalidQueryError(f"the server has collections {names}: choose one with Client(..., collection=)")
+                raise E.InvalidQueryError(
+                    f"the server has collections {names}: choose one with Client(..., collection=)")
             self._collection = names[0]
         return self._collection
 

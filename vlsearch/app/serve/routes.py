@@ -22,8 +22,7 @@ from vlsearch.search import Hit
 
 from .config import MAX_RESULTS
 from .errors import UploadTooLargeError
-from .schemas import (CollectionInfo, ErrorBody, Health, ItemModel, SearchParams, SearchRequest, SearchResponse,
-                      parse_id)
+from .schemas import CollectionInfo, ErrorBody, Health, ItemModel, SearchParams, SearchRequest, SearchResponse, parse_id
 from .service import SearchOptions, ServedCollection
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
@@ -81,7 +80,8 @@ def _hit(h: Hit) -> dict[str, Any]:
 def _decode_upload(data: bytes, request: Request) -> Any:
     config = request.app.state.config
     if len(data) > config.max_upload_bytes:
-        raise UploadTooLargeError(f"the image has {len(data)} bytes; this server takes at most {config.max_upload_bytes}")
+        raise UploadTooLargeError(
+            f"the image has {len(data)} bytes; this server takes at most {config.max_upload_bytes}")
     try:
         return open_image(data, max_pixels=config.max_image_pixels)
     except DecodeError as exc:

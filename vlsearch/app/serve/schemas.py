@@ -38,7 +38,8 @@ class SearchParams(BaseModel):
 
     k: StrictInt = Field(10, ge=1, le=MAX_RESULTS, description="Results to return.")
     offset: StrictInt = Field(0, ge=0, le=MAX_RESULTS, description="Skip this many results (pagination).")
-    nprobe: Optional[StrictInt] = Field(None, ge=1, le=1 << 20, description="IVF lists to probe (default: the index's).")
+    nprobe: Optional[StrictInt] = Field(None, ge=1, le=1 << 20,
+                                        description="IVF lists to probe (default: the index's).")
     k_factor: Optional[Union[StrictInt, StrictFloat]] = Field(None, ge=1, le=1000,
                                                               description="Refine stage: re-rank k*F candidates.")
     exact: StrictBool = Field(False, description="Exact brute-force search over the shards instead of the ANN index.")
