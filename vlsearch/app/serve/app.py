@@ -96,11 +96,11 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_upload_bytes * 4 // 3 + _BODY_SLACK)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if config.cors_origins:  # outermost, so that errors (413...) carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return app
 
 
