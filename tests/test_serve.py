@@ -5,6 +5,7 @@ Python client, concurrency and metrics."""
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import os
@@ -88,7 +89,8 @@ def test_collections_are_listed_with_counts_model_index_and_share_one_model(http
     assert by_name["tar"]["images"] == N_IMAGES // 2
     assert by_name["folder"]["index"]["factory"] == "IVF2,Flat" and by_name["manifest"]["index"]["factory"] == "Flat"
     assert {c["source"] for c in body} == {"folder", "manifest", "webdataset"}
-    assert all(c["model"]["name"] == "vlsearch-tiny" and c["filters"] is False for c in body)
+    native_filters = "where" in inspect.signature(Searcher.search_vector).parameters
+    assert all(c["model"]["name"] == "vlsearch-tiny" and c["filters"] is native_filters for c in body)
     encoders = {id(c.searcher.encoder) for c in app.state.served.values()}
     assert len(encoders) == 1, "collections of the same model must share one loaded model"
     assert http.get("/health").json() == {"status": "ok", "collections": 3}
@@ -141,8 +143,12 @@ def test_image_query_by_upload_and_by_base64_match_the_searcher(http, searchers,
 
 
 def test_filters_are_refused_clearly_until_the_searcher_supports_them(http, colls, tiny_encoder):
-    r = _search(http, text="a circle", where="width > 10")
-    assert r.status_code == 400 and "filters are not supported" in r.json()["error"]
+    r = _search(http, text="a circle", where="width > 1000")
+    if "where" in inspect.signature(Searcher.search_vector).parameters:  # filters have landed: passed through
+        assert r.status_code == 200 and r.json()["hits"] == []
+        assert len(_search(http, text="a circle", where="width = 64", k=3).json()["hits"]) == 3
+    else:
+        assert r.status_code == 400 and "filters are not supported" in r.json()["error"]
     assert _search(http, text="a circle", where="  ").status_code == 200  # blank = no filter
 
     class FilteringSearcher(Searcher):  # a Searcher that takes `where` gets it passed through
