@@ -67,6 +67,7 @@ def test_search_more_like_this_upload_and_errors_in_a_real_browser(setup, browse
     page.on("pageerror", lambda exc: problems.append(str(exc)))
     page.goto(url)
     page.wait_for_selector("#collection option[value=manifest]", state="attached")
+    assert page.is_hidden("#token-row") and page.is_hidden("#error")  # no token needed, no error yet
     page.select_option("#collection", "manifest")
     page.fill("#k", "6")
 
