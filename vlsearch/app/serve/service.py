@@ -91,18 +91,19 @@ class ServedCollection:
         }
 
     # ---- items -----------------------------------------------------------------------------
-    def record(self, item_id: int) -> dict[str, Any]:
-        """The item's row (without its embedding); ItemNotFoundError for an unknown id."""
+    def _locate(self, item_id: int) -> tuple[np.ndarray, np.ndarray]:
         shard, row, found = self.searcher.row_locator.locate(np.array([item_id], np.int64))
         if not found[0]:
             raise ItemNotFoundError(f"collection {self.name!r} has no item {item_id}")
-        return self.searcher.metadata_reader.rows(shard, row)[0]
+        return shard, row
+
+    def record(self, item_id: int) -> dict[str, Any]:
+        """The item's row (without its embedding); ItemNotFoundError for an unknown id."""
+        return self.searcher.metadata_reader.rows(*self._locate(item_id))[0]
 
     def vector(self, item_id: int) -> np.ndarray:
         """The item's stored embedding (float32)."""
-        shard, row, found = self.searcher.row_locator.locate(np.array([item_id], np.int64))
-        if not found[0]:
-            raise ItemNotFoundError(f"collection {self.name!r} has no item {item_id}")
+        shard, row = self._locate(item_id)
         pf = pq.ParquetFile(self.searcher.row_locator.paths[int(shard[0])])
         r = int(row[0])
         for g in range(pf.metadata.num_row_groups):
