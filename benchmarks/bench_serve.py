@@ -104,7 +104,7 @@ def free_port() -> int:
 
 def start_server(view: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "vlsearch.cli", "serve", f"bench={view}", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "vlsearch.app.cli", "serve", f"bench={view}", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 

@@ -413,7 +413,7 @@ def test_binding_rules():
 def test_cli_refuses_an_exposed_address_without_token(colls):
     from typer.testing import CliRunner
 
-    from vlsearch.cli import app as cli
+    from vlsearch.app.cli import app as cli
 
     result = CliRunner().invoke(cli, ["serve", str(colls["manifest"]), "--host", "0.0.0.0"])
     assert result.exit_code == 1
@@ -534,7 +534,7 @@ def _free_port() -> int:
 def test_vlsearch_serve_command_serves_until_stopped(colls):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "vlsearch.cli", "serve", f"shapes={colls['manifest']}",
+    proc = subprocess.Popen([sys.executable, "-m", "vlsearch.app.cli", "serve", f"shapes={colls['manifest']}",
                              str(colls["tar"]), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
