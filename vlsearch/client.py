@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from . import errors as E
-from .search import Hit, Hits, ImageQuery, Results
+from .results import Hit, Hits, Results
+from .search import ImageQuery
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from vlsearch.errors import CollectionNotFoundError, DecodeError, InvalidQueryError
 from vlsearch.images import open_image
-from vlsearch.search import Hit
+from vlsearch.results import Hit
 
 from .config import MAX_RESULTS
 from .errors import UploadTooLargeError

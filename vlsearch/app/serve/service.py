@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from vlsearch.collection import embeddings_to_numpy
 from vlsearch.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
-from vlsearch.search import Hit, Searcher
+from vlsearch.results import Hit
+from vlsearch.search import Searcher
 
 from .config import ServeConfig
 from .images import ByteLRU, ItemImages
