@@ -19,6 +19,7 @@ _LAZY = {
     "Manifest": "vlsearch.collection",
     "Searcher": "vlsearch.search",
     "Hit": "vlsearch.results",
+    "Client": "vlsearch.client",
 }
 
 __all__ = ["__version__", *_LAZY]

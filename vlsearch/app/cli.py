@@ -464,5 +464,32 @@ def demo_cmd(
     typer.echo(format_report(report))
 
 
+@app.command("serve")
+@handle_errors
+def serve_cmd(
+    collections: list[str] = typer.Argument(..., help="Collection directories (named by folder), or NAME=DIR."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token or --no-auth."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="VLSEARCH_TOKEN", help="Bearer token required on API calls."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback address without a token, on purpose."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow browser calls from this origin (repeatable)."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Largest uploaded image (MB)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the indexes instead of reading them into RAM."),
+    device: str = typer.Option("cpu", help="Device of the query models: cpu, cuda or auto."),
+) -> None:
+    """Serve collections over HTTP: a JSON API (docs at /docs), a search page at /, metrics at /metrics."""
+    try:
+        from .serve import ServeConfig, serve
+        from .serve.service import parse_specs
+    except ImportError as exc:
+        raise typer.BadParameter(f"{exc.name} is missing: install the server with pip install 'vlsearch[serve]'")
+
+    config = ServeConfig(host=host, port=port, token=token, no_auth=no_auth, cors_origins=tuple(cors_origin),
+                         max_upload_bytes=int(max_upload_mb * 1024 * 1024), mmap=mmap, device=device)
+    specs = parse_specs(collections)
+    serve(specs, config, on_ready=lambda app, c: typer.echo(
+        f"serving {', '.join(specs)} on http://{c.host}:{c.port}/ (API docs at /docs)", err=True))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
