@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SMALL = "vlsearch-small"
@@ -49,7 +50,7 @@ def text_backbone_features(encoder, captions: list[str], cache: Path | None) -> 
     under the captions and those weights."""
     import hashlib
 
-    from vlsearch.train import text_backbone_features
+    from vlsearch.towers import text_backbone_features
 
     digest = hashlib.sha1("\n".join(captions).encode())
     for value in encoder.model.text.transformer.state_dict().values():
@@ -156,7 +157,7 @@ def main() -> None:
                     help="where MiniLM's test-caption features are cached ('' disables)")
     ap.add_argument("--provenance", action="store_true", help="store the test figures in the weights' provenance JSON")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     from vlsearch.models import WEIGHTS_DIR, load_model
 
     data = Path(args.data)

@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def captions_digest(data: str) -> str:
-    from vlsearch.train import read_pairs
+    from vlsearch.train_data import read_pairs
 
     return hashlib.sha1("\n".join(read_pairs(data).captions).encode("utf-8")).hexdigest()
 
@@ -193,9 +193,9 @@ def trained_parts(model: str, state: dict) -> dict:
     layers / stages) that differ from the pretrained ones ``load_model`` starts from."""
     import torch
 
-    from vlsearch.models import _create
+    from vlsearch.models import create_model
 
-    pretrained = _create(model, None)[0].state_dict()
+    pretrained = create_model(model, None, default_weights=False)[0].state_dict()
     return {k: v for k, v in state.items()
             if not k.startswith(BACKBONES) or k not in pretrained or not torch.equal(pretrained[k], v)}
 
@@ -205,7 +205,8 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     import torch
 
     from vlsearch.fsutil import atomic_path, write_json
-    from vlsearch.train import FINAL_CHECKPOINT, TRAIN_LOG
+    from vlsearch.train import TRAIN_LOG
+    from vlsearch.train_checkpoint import FINAL_CHECKPOINT
 
     log = json.loads((run_dir / TRAIN_LOG).read_text())
     payload = torch.load(run_dir / FINAL_CHECKPOINT, map_location="cpu", weights_only=False)
@@ -216,7 +217,8 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
         "model": args.model,
         "tag": TAG,
         "file": SHIPPED,
-        "data": {"manifest": os.path.relpath(args.data, ROOT), "images": None, "captions_sha1": captions_digest(args.data),
+        "data": {"manifest": os.path.relpath(Path(args.data).absolute(), ROOT),
+                 "manifest_relative_to": "the project root", "images": None, "captions_sha1": captions_digest(args.data),
                  "split": f"flickr8k-train; {args.val_fraction:.0%} of its images held out for validation (seed {args.seed}); "
                           "the test split is never used in training"},
         "command": reproduce_command(args),
@@ -238,7 +240,7 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
                             "prefixes": sorted({".".join(k.split(".")[:4]) for k in state})},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    from vlsearch.train import read_pairs
+    from vlsearch.train_data import read_pairs
 
     provenance["data"]["images"] = len(read_pairs(args.data).images)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
@@ -253,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import open_clip
 
-    from vlsearch.train import AugmentConfig, TrainConfig, train
+    from vlsearch.train import train
+    from vlsearch.train_config import TrainConfig
+    from vlsearch.train_images import AugmentConfig
 
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)

@@ -8,7 +8,8 @@ records and embeddings at a time.
 
 Resume: rerunning on an existing collection removes uncommitted files, skips the records of the
 committed shards and continues, so a run killed at any moment ends with exactly the ids of an
-uninterrupted run. A complete collection is left untouched; another model is refused.
+uninterrupted run. A complete collection is synced with its source (``indexing.sync``); another
+model is refused. The collection is locked (``.lock``) while it is written.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +38,22 @@ from vlsearch.collection import (
 )
 from vlsearch.errors import CollectionError, CollectionMismatchError, SourceError
 from vlsearch.images import MAX_PIXELS
-from vlsearch.models import DEFAULT_MODEL, Encoder, _default_pretrained, load_model
+from vlsearch.models import Encoder, default_model, default_pretrained, load_model
+from vlsearch.progress import Progress
+from vlsearch.threads import cpu_threads
 
 from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches
-from .sources import ImageRecord, ImageSource, open_source
+from .sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     """How to embed a source. ``workers=0`` decodes in the calling process."""
 
-    model: str = DEFAULT_MODEL
+    #: None: :func:`vlsearch.models.default_model` (decided when ``embed`` runs).
+    model: str | None = None
     pretrained: str | None = None
     batch_size: int = 64
     workers: int = 2
@@ -91,6 +93,8 @@ def embed(
     """
     if not isinstance(source, ImageSource):
         source = open_source(source)
+    if config.model is None:
+        config = replace(config, model=encoder.name if encoder is not None else default_model())
     path = Path(collection_dir)
     coll = Collection.open(path) if (path / MANIFEST).exists() else None
     if coll is not None:
@@ -100,31 +104,35 @@ def embed(
                 f"model {config.model} does not match collection {coll.path}, built with {coll.model.name} "
                 f"(pretrained={coll.model.pretrained}); embeddings from different models are not comparable"
             )
-        if coll.manifest.complete and encoder is None and _same_model_unloaded(coll, config):
-            log.info("collection %s is complete; nothing to do", path)
-            return coll
-    if config.threads:
-        import torch
+        if coll.manifest.complete:  # a finished collection follows its source: sync it
+            from .sync import sync
 
-        torch.set_num_threads(config.threads)
+            sync(source, coll, config, encoder=encoder, progress=progress)
+            return Collection.open(path)
+    with cpu_threads(config.threads):
+        return _load_and_run(path, coll, source, encoder, config, progress)
+
+
+def _load_and_run(path: Path, coll: Collection | None, source: ImageSource, encoder: Encoder | None,
+                  config: EmbedConfig, progress: Progress | None) -> Collection:
+    """Load the model (unless given), check it against an existing collection, embed what is missing."""
     if encoder is None:
         encoder = load_model(config.model, config.pretrained, device=config.device, precision=config.precision)
     if coll is not None:
         coll.check_model(encoder.info)
-        if coll.manifest.complete:
-            return coll
     records = iter(source)
     first = next(records)  # SourceError for an empty source, before anything is created
     records = itertools.chain([first], records)
     if coll is None:
         coll = Collection.create(path, Manifest(model=encoder.info, shard_size=config.shard_size,
                                                 source=source.describe()))
-    return _run(coll, source, records, encoder, config, progress)
+    with coll.lock():
+        return _run(coll, source, records, encoder, config, progress)
 
 
 def _same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
     """Whether ``config`` names the collection's model, judged without loading it."""
-    pretrained = _default_pretrained(config.model, config.pretrained)
+    pretrained = default_pretrained(config.model, config.pretrained)
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
     return (config.model, pretrained) == (coll.model.name, coll.model.pretrained)
@@ -153,24 +161,32 @@ def _run(coll: Collection, source: ImageSource, records: Iterator[ImageRecord], 
     skipped = len(done) * shard_size
     counts = _counts_on_disk(coll)
     stats = _Stats(start=time.perf_counter(), skipped=skipped, total=source.size_hint(), failures=counts["failures"])
-    draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
     schema = image_schema(encoder.dim, source.metadata_schema)
-    for number, chunk in enumerate(_chunks(itertools.islice(records, skipped, None), shard_size), start=len(done)):
-        batches = decode_batches(chunk, encoder.preprocess, batch_size=config.batch_size, workers=config.workers,
-                                 timeout=config.decode_timeout, draft_size=draft or None,
-                                 pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
-        images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
+    chunks = _chunks(itertools.islice(records, skipped, None), shard_size)
+    for number, (images, captions, failures) in enumerate(embed_chunks(chunks, encoder, schema, config, stats, progress),
+                                                          start=len(done)):
         coll.write_shard(number, images, captions, failures)
-        if failures.num_rows:
-            log.warning("shard %d: %d of %d images refused (listed in %s/failures)", number, failures.num_rows,
-                        len(chunk), coll.path)
         for key, table in (("images", images), ("captions", captions), ("failures", failures)):
             counts[key] += table.num_rows
         counts["shards"] = number + 1
         coll.update_manifest(counts=dict(counts))
-    coll.update_manifest(counts=dict(counts), complete=True, source=source.describe())
+    coll.commit_version(counts=dict(counts), complete=True, source=source.describe())
     log.info("embedded %s into %s in %.1f s", counts, coll.path, time.perf_counter() - stats.start)
     return coll
+
+
+def embed_chunks(chunks: Iterable[list[ImageRecord]], encoder: Encoder, schema: pa.Schema, config: EmbedConfig,
+                 stats: "_Stats", progress: Progress | None) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
+    """Decode and encode each chunk of records: ``(images, captions, failures)`` tables per chunk."""
+    draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
+    for chunk in chunks:
+        batches = decode_batches(chunk, encoder.preprocess, batch_size=config.batch_size, workers=config.workers,
+                                 timeout=config.decode_timeout, draft_size=draft or None,
+                                 pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
+        images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
+        if failures.num_rows:
+            log.warning("%d of %d images refused (listed in failures/)", failures.num_rows, len(chunk))
+        yield images, captions, failures
 
 
 def _counts_on_disk(coll: Collection) -> dict[str, int]:
@@ -239,9 +255,21 @@ def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
 
 
 def image_schema(dim: int, metadata: pa.Schema = pa.schema([])) -> pa.Schema:
-    """Schema of an image shard: id, path, width, height, captions, <metadata...>, embedding."""
+    """Schema of an image shard: id, path, width, height, captions, <metadata...>, file columns
+    (``vlsearch.collection.FILE_COLUMNS``), embedding."""
     return pa.schema([("id", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                      ("captions", pa.list_(pa.string())), *metadata, ("embedding", embedding_type(dim))])
+                      ("captions", pa.list_(pa.string())), *metadata,
+                      ("file_size", pa.int64()), ("file_mtime_ns", pa.int64()), ("content_hash", pa.string()),
+                      ("record_hash", pa.string()), ("embedding", embedding_type(dim))])
+
+
+def file_columns(records: list[ImageRecord]) -> dict[str, list[Any]]:
+    """The file columns of ``records``: size, mtime, content hash and record hash of each."""
+    stats = [file_stat(r) for r in records]
+    return {"file_size": [None if s is None else s[0] for s in stats],
+            "file_mtime_ns": [None if s is None else s[1] for s in stats],
+            "content_hash": [content_hash(r) for r in records],
+            "record_hash": [record_hash(r) for r in records]}
 
 
 def _image_table(records: list[ImageRecord], sizes: list[tuple[int, int]], vectors: np.ndarray,
@@ -252,6 +280,7 @@ def _image_table(records: list[ImageRecord], sizes: list[tuple[int, int]], vecto
         "width": [w for w, _ in sizes],
         "height": [h for _, h in sizes],
         "captions": [list(r.captions) for r in records],
+        **file_columns(records),
     }
     arrays = []
     for field in schema:

@@ -27,7 +27,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from vlsearch.collection import FILE_COLUMNS, IMAGE_COLUMNS
 from vlsearch.errors import SourceError
+from vlsearch.fsutil import MANIFEST_NAMES, find_manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ IMAGE_COLUMN_CANDIDATES = ("image", "image_path", "path", "filepath", "file", "f
 CAPTION_COLUMN_CANDIDATES = ("caption", "text", "captions", "title")
 #: Metadata columns that would clash with a shard's own columns are renamed with this prefix.
 RENAME_PREFIX = "source_"
-RESERVED_COLUMNS = frozenset({"id", "path", "width", "height", "captions", "embedding"})
+RESERVED_COLUMNS = frozenset({*IMAGE_COLUMNS, *FILE_COLUMNS, "embedding"})
 
 
 def stable_id(identity: str | bytes) -> int:
@@ -64,6 +66,43 @@ class ImageRecord:
     captions: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     tar_range: tuple[int, int] | None = None
+
+
+def file_stat(record: ImageRecord) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a record's image: the file's, or for a tar member its size and the
+    tar's mtime. None when it cannot be read (it is then treated as changed)."""
+    try:
+        st = os.stat(record.location)
+    except OSError:
+        return None
+    size = record.tar_range[1] if record.tar_range is not None else st.st_size
+    return int(size), int(st.st_mtime_ns)
+
+
+def content_hash(record: ImageRecord) -> str | None:
+    """blake2b-128 (hex) of a record's image bytes (read in 1 MiB blocks), or None if unreadable."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(record.location, "rb") as fh:
+            left = None
+            if record.tar_range is not None:
+                fh.seek(record.tar_range[0])
+                left = record.tar_range[1]
+            while left is None or left > 0:
+                block = fh.read(1 << 20 if left is None else min(1 << 20, left))
+                if not block:
+                    break
+                digest.update(block)
+                left = None if left is None else left - len(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def record_hash(record: ImageRecord) -> str:
+    """blake2b-128 (hex) of what a record says besides its image: path, captions and metadata."""
+    text = json.dumps([record.path, list(record.captions), record.metadata], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
 class ImageSource:
@@ -322,9 +361,9 @@ def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: st
                 caption_column: str | None = None) -> ImageSource:
     """Open an image source from a path (or a ``*.tar`` glob).
 
-    ``kind``: ``auto`` (a ``.csv``/``.parquet`` file is a manifest; a ``.tar`` file, a glob, or a
-    folder with ``.tar`` files at its top level is webdataset; any other folder is a folder of
-    images), or one of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`.
+    ``kind``: ``auto`` (a ``.csv``/``.parquet`` file, or a folder holding ``captions.csv`` or
+    another of ``MANIFEST_NAMES``, is a manifest; a ``.tar`` file, a glob, or a folder with
+    ``.tar`` files at its top level is webdataset; any other folder is a folder of images), or one of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`.
     """
     text = os.fspath(spec)
     if kind not in ("auto", "folder", "manifest", "webdataset"):
@@ -344,8 +383,11 @@ def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: st
         if kind in ("auto", "manifest") and suffix in (".csv", ".parquet", ".pq"):
             return ManifestSource(path, image_column, caption_column)
         raise SourceError(f"{path} is not a folder, a .csv/.parquet manifest or a .tar shard")
+    manifest = find_manifest(path) if kind in ("auto", "manifest") else None
+    if manifest is not None:  # a dataset folder: its captions.csv (or ...) lists the images
+        return ManifestSource(manifest, image_column, caption_column)
     if kind == "manifest":
-        raise SourceError(f"{path} is a folder, not a .csv/.parquet manifest")
+        raise SourceError(f"{path} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
     tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
     if kind == "webdataset" or (kind == "auto" and tars):
         if not tars:

@@ -44,9 +44,40 @@ def shared_data() -> Path:
 def one_torch_thread():
     """One torch thread: tiny models gain nothing from more, and on a shared, loaded machine
     multi-threaded kernels spin-wait (10x the CPU time per step measured here)."""
-    import torch
+    from vlsearch.threads import cpu_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with cpu_threads(1, faiss=False):
+        yield
+
+
+def kill_9_when(command: list[str], reached, what: str, env: dict | None = None) -> None:
+    """Run ``command`` in a real process and ``kill -9`` it as soon as ``reached()`` is true."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600  # generous: a starved CPU can take minutes to import torch
+    try:
+        while not reached():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, f"{what} not reached in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Small searches and trainings: OpenMP threads only add spin-waiting on a shared CPU."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    faiss.omp_set_num_threads(before)

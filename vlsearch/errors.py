@@ -49,6 +49,10 @@ class CollectionNotFoundError(CollectionError, FileNotFoundError):
     """No collection (manifest.json) at the given path."""
 
 
+class CollectionLockedError(CollectionError):
+    """Another live process is writing the collection (sync, compact, build-index)."""
+
+
 class CollectionMismatchError(CollectionError):
     """A model, dimension or index does not match the collection it is used with."""
 
@@ -67,3 +71,22 @@ class InvalidQueryError(VlsearchError, ValueError):
 
 class TrainingError(VlsearchError):
     """Training cannot start or continue (bad data, incompatible checkpoint...)."""
+
+
+class ItemNotFoundError(VlsearchError, LookupError):
+    """No item with the given id in the collection (or it has no readable image)."""
+
+
+class ServeConfigError(VlsearchError, ValueError):
+    """The server cannot start with these settings (e.g. an exposed address without a token)."""
+
+
+class RemoteError(VlsearchError):
+    """A vlsearch server answered with an error that has no more specific local type.
+
+    ``status`` is the HTTP status code, ``message`` the server's explanation."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message

@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary name beside the target, fsync, then rename."""
+"""Atomic file writes (write to a temporary name beside the target, fsync, then rename), and
+finding a dataset folder's manifest."""
 
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+#: A folder holding one of these (first match wins) is read as that CSV/Parquet manifest by every
+#: command (train, embed, index, demo --data).
+MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
+
+
+def find_manifest(folder: str | os.PathLike) -> Path | None:
+    """The manifest file a dataset folder holds (see :data:`MANIFEST_NAMES`), or None."""
+    folder = Path(folder)
+    return next((folder / n for n in MANIFEST_NAMES if (folder / n).is_file()), None)

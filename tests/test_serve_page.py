@@ -1,0 +1,154 @@
+"""The search page in a real browser: Debian's chromium driven by Playwright, against a real
+uvicorn server. Skips only when chromium is not installed (CI installs it: see .ci/run)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from serve_support import make_collections
+
+from vlsearch.app.serve import ServeConfig, background_server, create_app
+from vlsearch.collection import Collection
+from vlsearch.search import Searcher
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed here (apt-get install -y chromium), so the "
+                             "page cannot be driven in a browser")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_encoder):
+    colls = make_collections(tmp_path_factory.mktemp("page"), tiny_encoder)
+    app = create_app({name: str(path) for name, path in colls.items()}, ServeConfig(log_level="warning"))
+    searcher = Searcher.open(colls["manifest"], encoder=tiny_encoder)
+    with background_server(app) as url:
+        yield url, colls, searcher, app
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def _result_ids(page) -> list[int]:
+    return [int(x) for x in page.eval_on_selector_all("#results li", "els => els.map(e => e.dataset.id)")]
+
+
+def _wait_thumbnails(page) -> None:
+    page.wait_for_selector("#results li img")
+    page.wait_for_function("Array.from(document.querySelectorAll('#results img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+
+
+def _wait_new_results(page, before: list[int]) -> None:
+    page.wait_for_function("before => { const ids = Array.from(document.querySelectorAll('#results li'))"
+                           ".map(e => e.dataset.id); return ids.length > 0 && ids.join() !== before.join(); }",
+                           arg=[str(i) for i in before])
+
+
+def test_search_more_like_this_upload_and_errors_in_a_real_browser(setup, browser):
+    url, colls, searcher, _ = setup
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#collection option[value=manifest]", state="attached")
+    assert page.is_hidden("#token-row") and page.is_hidden("#error")  # no token needed, no error yet
+    page.select_option("#collection", "manifest")
+    page.fill("#k", "6")
+
+    # 1. type a query (submitted with the keyboard) and wait for thumbnails
+    page.fill("#query", "a large red circle")
+    page.press("#query", "Enter")
+    _wait_thumbnails(page)
+    expected = searcher.search_text("a large red circle", k=6)
+    assert _result_ids(page) == [h.id for h in expected]
+    captions = page.eval_on_selector_all("#results .caption", "els => els.map(e => e.textContent)")
+    assert captions == [h.caption for h in expected]
+    assert " ms" in page.text_content("#status") and "6 results" in page.text_content("#status")
+    href = page.get_attribute("#results li:first-child a", "href")
+    assert page.request.get(url + href).headers["content-type"] == "image/jpeg"  # "open image" works
+
+    # 2. scroll/page for more results: the button appends the next page
+    page.click("#more")
+    page.wait_for_function("document.querySelectorAll('#results li').length >= 12")
+    assert _result_ids(page)[:6] == [h.id for h in expected]
+
+    # 3. click a result: "more like this" (from the keyboard: focus it and press Enter)
+    first = _result_ids(page)[0]
+    before = _result_ids(page)
+    page.focus("#results li:first-child .thumb")
+    page.keyboard.press("Enter")
+    _wait_new_results(page, before)
+    _wait_thumbnails(page)
+    assert "More like" in page.text_content("#query-info") and first not in _result_ids(page)
+
+    # 4. upload a photo (the file picker) and drop one on the page
+    image = Path(Collection.open(colls["manifest"]).manifest.source["path"]).parent / "images" / "000005.jpg"
+    before = _result_ids(page)
+    page.set_input_files("#photo", str(image))
+    _wait_new_results(page, before)
+    assert "your photo" in page.text_content("#query-info")
+    assert _result_ids(page) == [h.id for h in searcher.search_image(image, k=6)]
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 20, 220)).save(out, format="PNG")
+    before = _result_ids(page)
+    transfer = page.evaluate_handle(
+        "b64 => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0)); const dt = new DataTransfer();"
+        " dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'})); return dt; }",
+        base64.b64encode(out.getvalue()).decode())
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+    _wait_new_results(page, before)
+    assert "dropped.png" in page.text_content("#query-info")
+
+    # 5. an error (a text file as the photo) is shown to the person, not swallowed
+    page.set_input_files("#photo", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}])
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not a usable image" in page.text_content("#error")
+    assert page.get_attribute("#error", "role") == "alert" and "failed" in page.text_content("#status")
+
+    # 6. phone width: no sideways scrolling, the search still works
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.fill("#query", "a small blue star")
+    page.click("#search-button")
+    _wait_thumbnails(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert page.is_hidden("#error")
+    assert not problems, problems
+    page.close()
+
+
+def test_with_a_token_the_page_asks_for_it_and_then_shows_images(setup, browser, tiny_encoder):
+    _, colls, searcher, _ = setup
+    token = "page-token-0123456789abcdef"
+    app = create_app({"manifest": Searcher.open(colls["manifest"], encoder=tiny_encoder)},
+                     ServeConfig(token=token, log_level="warning"))
+    with background_server(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#token-row:not([hidden])")
+        assert "token" in page.text_content("#error")
+        page.fill("#token", token)
+        page.click("#token-save")
+        page.wait_for_selector("#collection option[value=manifest]", state="attached")
+        page.fill("#k", "4")
+        page.fill("#query", "a yellow triangle")
+        page.press("#query", "Enter")
+        _wait_thumbnails(page)  # fetched with the Authorization header (blob URLs)
+        assert _result_ids(page) == [h.id for h in searcher.search_text("a yellow triangle", k=4)]
+        assert page.eval_on_selector("#results img", "i => i.src").startswith("blob:")
+        page.close()

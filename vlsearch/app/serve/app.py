@@ -1,0 +1,139 @@
+"""``create_app(collections, config)``: the FastAPI application; ``serve(...)``: run it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+import vlsearch
+
+from .config import ServeConfig
+from .errors import install_error_handlers
+from .metrics import MetricsMiddleware, ServeMetrics
+from .routes import api, public
+from .service import CollectionSpec, open_collections
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+#: JSON bodies carry an image as base64 (4/3 of its size) plus a little else.
+_BODY_SLACK = 64 * 1024
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413 before the app parses them: by the
+    declared Content-Length at once, or by counting while reading a chunked body."""
+
+    def __init__(self, app: Callable, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._refuse(scope, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, send: Callable) -> None:
+        from .errors import error_response
+
+        limit = self.max_bytes
+        response = error_response(413, f"request body larger than this server's limit of {limit} bytes",
+                                  "InvalidQueryError")
+        await response(scope, self._no_body, send)
+
+    @staticmethod
+    async def _no_body() -> dict:
+        return {"type": "http.disconnect"}
+
+
+def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
+               config: ServeConfig = ServeConfig()) -> FastAPI:
+    """The app serving ``collections`` ({name: path or Searcher}, or a list named by folder).
+
+    Opens every collection now (each model loads once); raises ServeConfigError / CollectionError.
+    """
+    served = open_collections(collections, config)
+    app = FastAPI(title="vlsearch", version=vlsearch.__version__,
+                  description="Search image collections by text, image, vector or example item.")
+    app.state.served, app.state.config, app.state.metrics = served, config, ServeMetrics()
+    app.state.metrics.cache_gauges(next(iter(served.values())).images.cache)
+    install_error_handlers(app)
+    app.include_router(public)
+    app.include_router(api)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_upload_bytes * 4 // 3 + _BODY_SLACK)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if config.cors_origins:  # outermost, so that errors (413...) carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+def serve(collections: Mapping[str, CollectionSpec] | list[CollectionSpec], config: ServeConfig = ServeConfig(),
+          on_ready: Callable[[FastAPI, ServeConfig], Any] | None = None) -> None:
+    """Open the collections and serve them until interrupted (uvicorn, one process)."""
+    import uvicorn
+
+    app = create_app(collections, config)
+    if on_ready is not None:
+        on_ready(app, config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
+                server_header=False)
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a daemon thread (port 0: a free one); yields its base URL and
+    stops it on exit. For notebooks, tests and scripts; ``serve`` is the command-line way."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="vlsearch-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

@@ -1,0 +1,71 @@
+"""``ServeConfig``: every knob of the server, checked once before anything starts."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from vlsearch.errors import ServeConfigError
+
+#: Most results one request may ask for (``k + offset``).
+MAX_RESULTS = 1000
+MIN_TOKEN_LENGTH = 16
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How ``vlsearch serve`` runs.
+
+    Binding anywhere but loopback needs ``token`` (checked in constant time on every API call)
+    or an explicit ``no_auth=True``. ``cors_origins`` is empty: browsers on other origins get no
+    CORS headers unless asked for. Uploads above ``max_upload_bytes`` get 413; images above
+    ``max_image_pixels`` are refused as decompression bombs. Thumbnails are at most
+    ``max_thumbnail_size`` pixels a side and cached up to ``thumbnail_cache_bytes``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    no_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_thumbnail_size: int = 512
+    thumbnail_cache_bytes: int = 64 * 1024 * 1024
+    max_results: int = MAX_RESULTS
+    device: str = "cpu"
+    mmap: bool = False
+    #: Uvicorn's log level ("warning" keeps benchmarks and tests quiet).
+    log_level: str = "info"
+    searcher_options: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ServeConfigError(f"port must be in 0..65535, not {self.port}")
+        for name in ("max_upload_bytes", "max_image_pixels", "max_thumbnail_size", "max_results"):
+            if getattr(self, name) < 1:
+                raise ServeConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.token is not None and self.no_auth:
+            raise ServeConfigError("give either --token or --no-auth, not both")
+        if self.token is not None and len(self.token) < MIN_TOKEN_LENGTH:
+            raise ServeConfigError(f"the token must have at least {MIN_TOKEN_LENGTH} characters "
+                                   "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        if not is_loopback(self.host) and self.token is None and not self.no_auth:
+            raise ServeConfigError(
+                f"refusing to serve on {self.host}, which is reachable from other machines, without access "
+                "control: give --token TOKEN (clients send `Authorization: Bearer TOKEN`) or, to serve "
+                "openly on purpose, --no-auth")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ServeConfigError(f"CORS origin {origin!r} must look like https://host[:port] (or be *)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

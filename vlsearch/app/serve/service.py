@@ -1,0 +1,191 @@
+"""The served collections: one Searcher each, models shared, and the search/item operations
+the HTTP routes call (no HTTP here, so the same logic is tested directly)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vlsearch.collection import embeddings_to_numpy
+from vlsearch.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.results import Hit
+from vlsearch.search import Searcher
+
+from .config import ServeConfig
+from .images import ByteLRU, ItemImages
+
+CollectionSpec = Union[str, os.PathLike, Searcher]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Per-request search parameters (validated by the request models)."""
+
+    k: int = 10
+    offset: int = 0
+    nprobe: int | None = None
+    k_factor: float | None = None
+    exact: bool = False
+    where: str | None = None
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    embed_ms: float
+    search_ms: float
+
+
+class ModelPool:
+    """Loads each (model name, pretrained) once and hands the same Encoder to every collection."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._models: dict[tuple[str, str | None], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, pretrained: str | None) -> Any:
+        with self._lock:
+            key = (name, pretrained)
+            if key not in self._models:
+                from vlsearch.models import load_model
+
+                self._models[key] = load_model(name, pretrained, device=self.device)
+            return self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+class ServedCollection:
+    """One collection behind the server: its Searcher, its item images and stored vectors."""
+
+    def __init__(self, name: str, searcher: Searcher, images: ItemImages):
+        self.name = name
+        self.searcher = searcher
+        self.images = images
+
+    def info(self) -> dict[str, Any]:
+        m = self.searcher.collection.manifest
+        index = m.index or None
+        return {
+            "name": self.name, "images": len(self.searcher.row_locator), "dim": self.searcher.dim,
+            "model": {"name": m.model.name, "pretrained": m.model.pretrained, "dim": m.model.dim},
+            "index": None if index is None else {k: index.get(k) for k in ("factory", "metric", "ntotal",
+                                                                          "nprobe_default")},
+            "source": m.source.get("type"), "filters": True,
+        }
+
+    # ---- items -----------------------------------------------------------------------------
+    def _locate(self, item_id: int) -> tuple[np.ndarray, np.ndarray]:
+        shard, row, found = self.searcher.row_locator.locate(np.array([item_id], np.int64))
+        if not found[0]:
+            raise ItemNotFoundError(f"collection {self.name!r} has no item {item_id}")
+        return shard, row
+
+    def record(self, item_id: int) -> dict[str, Any]:
+        """The item's row (without its embedding); ItemNotFoundError for an unknown id."""
+        return self.searcher.metadata_reader.rows(*self._locate(item_id))[0]
+
+    def vector(self, item_id: int) -> np.ndarray:
+        """The item's stored embedding (float32)."""
+        shard, row = self._locate(item_id)
+        pf = pq.ParquetFile(self.searcher.row_locator.paths[int(shard[0])])
+        r = int(row[0])
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if r < n:
+                column = pf.read_row_group(g, columns=["embedding"]).column(0)
+                return embeddings_to_numpy(column.slice(r, 1))[0]
+            r -= n
+        raise ItemNotFoundError(f"item {item_id} of {self.name!r} is past the end of its shard")  # pragma: no cover
+
+    # ---- search ----------------------------------------------------------------------------
+    def search(self, query: str, value: Any, opts: SearchOptions) -> SearchOutcome:
+        """Search by ``query`` kind: ``text`` (str), ``image`` (PIL image), ``vector`` or ``id``.
+        Returns hits ``offset .. offset+k`` of the ranking (ranks stay global)."""
+        start = time.perf_counter()
+        exclude = None
+        if query == "text":
+            vec = self.searcher.embed_texts([value])[0]
+        elif query == "image":
+            vec = self.searcher.embed_images([value])[0]
+        elif query == "id":
+            vec, exclude = self.vector(value), int(value)
+        else:
+            vec = np.asarray(value, dtype=np.float32)
+        embedded = time.perf_counter()
+        wanted = opts.k + opts.offset + (exclude is not None)
+        hits = self.searcher.search_vector(vec, k=wanted, nprobe=opts.nprobe, exact=opts.exact,
+                                           k_factor=opts.k_factor, **self._filter(opts.where))
+        if exclude is not None:  # "more like this" leaves out the item itself
+            kept = [h for h in hits if h.id != exclude][: wanted - 1]
+            hits = [replace(h, rank=i + 1) for i, h in enumerate(kept)]
+        done = time.perf_counter()
+        return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
+                             (done - embedded) * 1e3)
+
+    @staticmethod
+    def _filter(where: str | None) -> dict[str, Any]:
+        return {"where": where} if where is not None and where.strip() else {}
+
+
+def collection_name(spec: CollectionSpec) -> str:
+    """The default name of a collection: its folder's name."""
+    path = spec.collection.path if isinstance(spec, Searcher) else Path(spec)
+    return Path(path).resolve().name
+
+
+def open_collections(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
+                     config: ServeConfig) -> dict[str, ServedCollection]:
+    """Open every collection (paths or ready Searchers), loading each model once for all of them."""
+    items = collections.items() if isinstance(collections, Mapping) else [
+        (collection_name(c), c) for c in collections]
+    pool, cache = ModelPool(config.device), ByteLRU(config.thumbnail_cache_bytes)
+    served: dict[str, ServedCollection] = {}
+    for name, spec in items:
+        if not _NAME_RE.match(name):
+            raise ServeConfigError(f"collection name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if name in served:
+            raise ServeConfigError(f"two collections are named {name!r}: name them with NAME=PATH")
+        searcher = spec if isinstance(spec, Searcher) else _open(spec, pool, config)
+        source = searcher.collection.manifest.source
+        served[name] = ServedCollection(name, searcher, ItemImages(name, source, cache, config.max_image_pixels))
+    if not served:
+        raise ServeConfigError("no collection to serve")
+    return served
+
+
+def _open(path: str | os.PathLike, pool: ModelPool, config: ServeConfig) -> Searcher:
+    from vlsearch.collection import Collection
+
+    model = Collection.open(path).manifest.model
+    encoder = pool.get(model.name, model.pretrained)
+    return Searcher.open(path, mmap=config.mmap, device=config.device, encoder=encoder,
+                         **config.searcher_options)
+
+
+def parse_specs(args: list[str]) -> dict[str, str]:
+    """``["photos=/data/c1", "/data/c2"]`` -> ``{"photos": "/data/c1", "c2": "/data/c2"}``."""
+    specs: dict[str, str] = {}
+    for arg in args:
+        name, sep, path = arg.partition("=")
+        if not sep or os.path.exists(arg):
+            name, path = collection_name(arg), arg
+        if name in specs:
+            raise ServeConfigError(f"two collections are named {name!r}: name them with NAME=PATH")
+        specs[name] = path
+    return specs
+
+
+__all__ = ["ModelPool", "SearchOptions", "ServedCollection", "open_collections",
+           "parse_specs"]
