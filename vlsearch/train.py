@@ -134,6 +134,16 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
     return factor
 
 
+def _load_pretrained_image(model: nn.Module, path: str) -> None:
+    """Load the image tower's timm trunk from ``path`` (``TrainConfig.pretrained_image``)."""
+    from .trunks import load_trunk
+
+    try:
+        load_trunk(model, path)
+    except CheckpointMismatchError as exc:
+        raise TrainingError(f"pretrained_image: {exc}") from exc
+
+
 def _autocast(device: torch.device, precision: str):
     from contextlib import nullcontext
 
@@ -159,12 +169,7 @@ class _Run:
             check_model_name(config.model)
         self.model, self.pretrained_tag = create_model(config.model, config.pretrained, default_weights=False)
         if config.pretrained_image:
-            from .trunks import load_trunk
-
-            try:
-                load_trunk(self.model, config.pretrained_image)
-            except CheckpointMismatchError as exc:
-                raise TrainingError(f"pretrained_image: {exc}") from exc
+            _load_pretrained_image(self.model, config.pretrained_image)
         if getattr(self.model, "logit_bias", None) is not None:
             raise TrainingError(f"{config.model} is a SigLIP-style model (logit_bias); only the CLIP loss is supported")
         self.model.to(self.device)
