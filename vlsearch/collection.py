@@ -343,7 +343,9 @@ class Collection:
                 keep.update(self.path / kind / shard_name(n) for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR))
             if m.tombstones:
                 keep.add(self.path / TOMBSTONES_DIR / m.tombstones)
-            keep.add(self.path / ((m.index or {}).get("file") or INDEX_FILE))
+            entry = m.index or {}
+            keep.add(self.path / (entry.get("file") or INDEX_FILE))
+            keep.update(self.path / entry[f] for f in ("refine_file", "refine_ids_file") if entry.get(f))
         return keep
 
     def collect_garbage(self) -> list[Path]:
@@ -355,7 +357,8 @@ class Collection:
         removed = []
         candidates = [p for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR, TOMBSTONES_DIR, VERSIONS_DIR)
                       if (self.path / kind).is_dir() for p in (self.path / kind).iterdir()]
-        candidates += [p for p in self.path.iterdir() if p.suffix == ".faiss" or p.name.endswith(".tmp")]
+        candidates += [p for p in self.path.iterdir()
+                       if p.suffix == ".faiss" or p.name.endswith(".tmp") or p.name.startswith("vectors-")]
         for p in candidates:
             if p.is_file() and p not in keep:
                 p.unlink()

@@ -116,14 +116,27 @@ def models_cmd(
 
 
 @app.command("info")
-def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Print versions, the compute device and how many GPUs FAISS sees."""
+@handle_errors
+def info_cmd(collection_dir: Optional[str] = typer.Argument(None, help="Also describe this collection's index."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Print versions, the compute device and how many GPUs FAISS sees (and a collection's index)."""
     info = system_info()
+    if collection_dir is not None:
+        info["index"] = _index_info(collection_dir)
     if as_json:
         typer.echo(json.dumps(info))
     else:
         for key, value in info.items():
-            typer.echo(f"{key:15} {value}")
+            typer.echo(f"{key:15} {value}" if key != "index" else "index\n" + "\n".join(f"  {v}" for v in value))
+
+
+def _index_info(collection_dir: str) -> list[str]:
+    """Plain lines on a collection's index: plan, tuned defaults, and whether the recall target is met."""
+    from indexing.build import index_summary
+    from vlsearch.collection import Collection
+
+    entry = Collection.open(collection_dir).manifest.index
+    return index_summary(entry) if entry else [f"no index: run `vlsearch build-index {collection_dir}`"]
 
 
 def system_info() -> dict[str, Any]:
@@ -292,13 +305,12 @@ def _sync_and_report(src: Any, path: Path, config: Any, dry_run: bool) -> None:
 
 
 def _build_and_report(collection_dir: str, options: BuildOptions) -> None:
-    from indexing.build import build_index
+    from indexing.build import build_index, index_summary
 
     with TqdmProgress("build-index", unit="vec") as bar:
         entry = build_index(collection_dir, progress=bar, **options.kwargs())
-    typer.echo(f"{entry['factory']}: {entry['ntotal']} vectors, {entry['bytes_per_vector']} B/vector, "
-               f"nprobe={entry['nprobe_default']} (recall@10 {entry['recall_at_10']:.3f} on held-out vectors), "
-               f"{entry['build_seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB")
+    for line in index_summary(entry):
+        typer.echo(line)
     for reason in entry["reasons"]:
         typer.echo(f"  - {reason}")
 

@@ -69,9 +69,16 @@ class BuildOptions:
     """The options of ``build-index`` and ``index``: which index and how it is tuned."""
 
     index_type: str = _option("auto", "--index-type", "-t",
-                              help="'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32x4fs,Refine(SQ8)' or 'Flat'.")
+                              help="'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32x4fs,Refine(SQ8)' or 'Flat'; "
+                                   "',Refine(disk)' after an IVF index re-scores exactly from an fp16 file on disk.")
     max_memory: str = _option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB).")
+    max_bytes_per_vector: Optional[int] = _option(
+        None, "--max-bytes-per-vector", min=12,
+        help="auto: resident index bytes per vector (e.g. 80); below a full-dimension SQ8 code the shortlist "
+             "is re-scored exactly from an fp16 file on disk.")
     nprobe_default: Optional[int] = _option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it.")
+    k_factor_default: Optional[float] = _option(None, "--k-factor-default", min=1.0,
+                                                help="Fix the refine k_factor instead of tuning it.")
     train_size: Optional[int] = _option(None, "--train-size", min=1, help="Training sample size (default: auto).")
     seed: int = _option(0, "--seed", help="Seed of the training sample and k-means (reproducible builds).")
 
