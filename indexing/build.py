@@ -475,6 +475,33 @@ def _gpu_adder(index: Any, factory: str, dim: int) -> tuple[Any, Callable[[Any],
     return gpu_index, lambda g: faiss.index_gpu_to_cpu(g)
 
 
+Adder = Callable[..., tuple[Any, np.ndarray, dict[str, Any]]]
+"""The add stage: ``adder(trained_index, coll, eval_queries, metric, batch, progress)`` ->
+``(filled index, exact top-10 ids of the eval queries, extra manifest fields)``."""
+
+
+def _add_local(index: Any, coll: Collection, xq: np.ndarray, metric: str, batch: int, progress: Progress, *,
+               gpu: bool, factory: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """Stream every shard into ``index`` (ids from the shards), and the eval queries' exact top-10."""
+    exact = _ExactTopK(xq, 10, metric)
+    target, to_cpu = (_gpu_adder(index, factory, coll.dim) if gpu else (index, lambda i: i))
+    done, n = 0, coll.count()
+    for ids, vecs in coll.iter_embeddings(batch_size=batch):
+        add_vectors(target, ids, vecs)
+        exact.add(ids, vecs)
+        done += len(ids)
+        progress(done, n, stage="add")
+    return to_cpu(target), exact.result(), {}
+
+
+def add_vectors(index: Any, ids: np.ndarray, vecs: np.ndarray) -> None:
+    """``add_with_ids`` where the index stores ids, else plain ``add`` (ids are then positions)."""
+    if supports_ids(index):
+        index.add_with_ids(vecs, ids)
+    else:
+        index.add(vecs)
+
+
 # ---- the builder ---------------------------------------------------------------------------------
 @dataclass
 class _Timer:
@@ -508,6 +535,7 @@ def build_index(
     *,
     policy: AutoPolicy = AutoPolicy(),
     use_gpu: bool | None = None,
+    adder: Adder | None = None,
 ) -> dict[str, Any]:
     """Build ``index.faiss`` for a collection and return the manifest's ``index`` entry.
 
@@ -515,6 +543,8 @@ def build_index(
     ``max_memory``: budget for the index being built, the training sample and add batches.
     ``train_size``: training sample size (default: sized from nlist and PQ codebooks).
     ``use_gpu``: default ``faiss.get_num_gpus() > 0``.
+    ``adder``: the add stage (default: stream every shard into ``index`` here); the Ray engine
+    passes its distributed one (``indexing.ray_engine``).
     """
     import faiss
 
@@ -569,21 +599,12 @@ def build_index(
     del xt
     timer.mark("train")
 
-    exact = _ExactTopK(xq, 10, metric)
-    target, to_cpu = (_gpu_adder(index, factory, dim) if gpu else (index, lambda i: i))
-    done = 0
-    for ids, vecs in coll.iter_embeddings(batch_size=batch):
-        if supports_ids(target):
-            target.add_with_ids(vecs, ids)
-        else:
-            target.add(vecs)
-        exact.add(ids, vecs)
-        done += len(ids)
-        progress(done, n, stage="add")
-    index = to_cpu(target)
+    if adder is None:
+        index, truth, extra = _add_local(index, coll, xq, metric, batch, progress, gpu=gpu, factory=factory)
+    else:
+        index, truth, extra = adder(index, coll, xq, metric, batch, progress)
     timer.mark("add")
 
-    truth = exact.result()
     if nprobe_default is None:
         nprobe, recall, curve = tune_nprobe(index, xq, truth, policy.target_recall)
     else:
@@ -617,6 +638,9 @@ def build_index(
         "reasons": reasons,
         "model": coll.model.to_dict(),
         "file": INDEX_FILE,
+        "layout": "memory",
+        "engine": "local",
+        **extra,
     }
     with atomic_path(coll.index_path) as tmp:
         faiss.write_index(index, str(tmp))
@@ -670,6 +694,8 @@ def load_index(collection: Collection | str | Path, mmap: bool = False) -> Any:
             f"dim={recorded.get('dim')}) but the collection holds {mine['name']} (pretrained={mine['pretrained']}, "
             f"dim={mine['dim']}); rebuild it with `vlsearch build-index`")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    if entry.get("layout") == "ondisk":  # inverted lists in a file beside it, memory-mapped
+        flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
     index = faiss.read_index(str(coll.index_path), flags)
     if index.d != coll.dim:
         raise CollectionMismatchError(

@@ -67,3 +67,11 @@ class InvalidQueryError(VlsearchError, ValueError):
 
 class TrainingError(VlsearchError):
     """Training cannot start or continue (bad data, incompatible checkpoint...)."""
+
+
+class RayNotInstalledError(VlsearchError, ImportError):
+    """The Ray engine was asked for but the ``ray`` package is not installed (``pip install 'vlsearch[ray]'``)."""
+
+
+class DistributedError(VlsearchError):
+    """A distributed (Ray) job could not start, or a part of it failed after its retries."""
