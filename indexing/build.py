@@ -694,8 +694,8 @@ def load_index(collection: Collection | str | Path, mmap: bool = False) -> Any:
             f"dim={recorded.get('dim')}) but the collection holds {mine['name']} (pretrained={mine['pretrained']}, "
             f"dim={mine['dim']}); rebuild it with `vlsearch build-index`")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    if entry.get("layout") == "ondisk":  # inverted lists in a file beside it, memory-mapped
-        flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
+    if entry.get("layout") == "ondisk":  # inverted lists in a file beside it, mapped by OnDiskInvertedLists
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # + IO_FLAG_MMAP crashes searches (faiss 1.15)
     index = faiss.read_index(str(coll.index_path), flags)
     if index.d != coll.dim:
         raise CollectionMismatchError(

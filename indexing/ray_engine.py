@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -66,18 +66,10 @@ from vlsearch.errors import (
 )
 
 from .build import AutoPolicy, Progress, add_vectors, build_index, find_ivf, make_index
-from .embed import (
-    EmbedConfig,
-    ShardStats,
-    chunks,
-    committed_shards,
-    counts_on_disk,
-    embed_shard,
-    image_schema,
-    open_existing,
-    same_model_unloaded,
-)
 from .sources import ImageSource, open_source
+
+if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding functions: index workers never load torch
+    from .embed import EmbedConfig
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +139,15 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
 
 
 # ---- distributed embed -----------------------------------------------------------------------------
-def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: EmbedConfig = EmbedConfig(),
+def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: EmbedConfig | None = None,
               ray_config: RayConfig = RayConfig(), progress: Progress | None = None) -> Collection:
-    """:func:`indexing.embed.embed` on a Ray cluster: same collection, same resume, same errors."""
+    """:func:`indexing.embed.embed` on a Ray cluster: same collection, same resume, same errors.
+
+    ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
+    run inside each actor."""
+    from .embed import EmbedConfig, open_existing, same_model_unloaded
+
+    config = config or EmbedConfig()
     require_ray()
     if not isinstance(source, ImageSource):
         source = open_source(source)
@@ -186,6 +184,8 @@ def _model_info(config: EmbedConfig) -> Any:
 
 def _run_ray(ray: Any, coll: Collection, source: ImageSource, records: Iterator[Any], config: EmbedConfig,
              ray_config: RayConfig, progress: Progress | None) -> Collection:
+    from .embed import chunks, committed_shards, counts_on_disk
+
     done = set(committed_shards(coll))
     size = coll.manifest.shard_size
     items = [{"shard": k, "records": pickle.dumps(chunk)} for k, chunk in enumerate(chunks(records, size))
@@ -227,6 +227,8 @@ class ShardEmbedder:
 
         from vlsearch.models import load_model
 
+        from .embed import image_schema
+
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config, self.hub = config, hub
@@ -236,6 +238,8 @@ class ShardEmbedder:
         self.schema = image_schema(self.encoder.dim, metadata_schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .embed import ShardStats, embed_shard
+
         out: dict[str, list[int]] = {"shard": [], "images": [], "captions": [], "failures": []}
         for number, blob in zip(batch["shard"], batch["records"]):
             number = int(number)
@@ -253,7 +257,7 @@ class ShardEmbedder:
         return {key: np.asarray(values, np.int64) for key, values in out.items()}
 
 
-def _report(hub: Any, number: int, stats: ShardStats, done: int, total: int | None = None, **postfix: Any) -> None:
+def _report(hub: Any, number: int, stats: Any, done: int, total: int | None = None, **postfix: Any) -> None:
     hub.set.remote(number, stats.done, stats.failures)
 
 

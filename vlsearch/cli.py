@@ -203,6 +203,23 @@ _DECODE_TIMEOUT_OPT = typer.Option(30.0, "--decode-timeout", min=0.0, help="Seco
 _SOURCE_TYPE_OPT = typer.Option("auto", "--source-type", help="auto, folder, manifest or webdataset.")
 _IMAGE_COLUMN_OPT = typer.Option(None, "--image-column", help="Manifest column of image paths.")
 _CAPTION_COLUMN_OPT = typer.Option(None, "--caption-column", help="Manifest column of captions.")
+_ENGINE_OPT = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster; pip install 'vlsearch[ray]').")
+_ADDRESS_OPT = typer.Option(None, "--address", help="Ray cluster: auto, ray://head:10001 (default: $RAY_ADDRESS or a new local Ray).")
+_ACTORS_OPT = typer.Option(2, "--actors", min=1, help="Ray engine: parallel actors/tasks (one model per embedding actor).")
+_GPUS_PER_ACTOR_OPT = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="Ray engine: GPUs per actor (e.g. 1, or 0.5 to pack two).")
+_PARTS_OPT = typer.Option(None, "--parts", min=1, help="Ray engine: index parts built in parallel, then merged (default 2 x actors).")
+_ON_DISK_OPT = typer.Option(False, "--on-disk", help="Ray engine: merge the inverted lists into a file beside the index, memory-mapped when searching.")
+
+
+def _ray_config(options: dict[str, Any]) -> Any:
+    """The RayConfig of a command's --engine/--address/--actors/--gpus-per-actor (None: local engine)."""
+    if options["engine"] not in ("local", "ray"):
+        raise typer.BadParameter(f"--engine must be local or ray, not {options['engine']!r}")
+    if options["engine"] == "local":
+        return None
+    from indexing.ray_engine import RayConfig
+
+    return RayConfig(address=options["address"], actors=options["actors"], gpus_per_actor=options["gpus_per_actor"])
 
 
 @app.command("embed")
@@ -221,6 +238,10 @@ def embed_cmd(
     source_type: str = _SOURCE_TYPE_OPT,
     image_column: Optional[str] = _IMAGE_COLUMN_OPT,
     caption_column: Optional[str] = _CAPTION_COLUMN_OPT,
+    engine: str = _ENGINE_OPT,
+    address: Optional[str] = _ADDRESS_OPT,
+    actors: int = _ACTORS_OPT,
+    gpus_per_actor: float = _GPUS_PER_ACTOR_OPT,
 ) -> None:
     """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
     _embed_and_report(source, collection_dir, locals())
@@ -244,23 +265,43 @@ def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any])
     src = open_source(source, kind=options["source_type"], image_column=options["image_column"],
                       caption_column=options["caption_column"])
     start = time.perf_counter()
+    ray_config = _ray_config(options)
     with TqdmProgress("embed", unit="img") as bar:
-        coll = embed(src, collection_dir, config, progress=bar)
+        if ray_config is None:
+            coll = embed(src, collection_dir, config, progress=bar)
+        else:
+            from indexing.ray_engine import embed_ray
+
+            coll = embed_ray(src, collection_dir, config, ray_config, progress=bar)
     c = coll.manifest.counts
     typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
                f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
 
 
 def _build_and_report(collection_dir: str, index_type: str, max_memory: str, nprobe_default: Optional[int],
-                      train_size: Optional[int], seed: int) -> None:
+                      train_size: Optional[int], seed: int, options: dict[str, Any]) -> None:
+    """Run ``build_index`` (or its Ray engine; ``options``: engine ... on_disk) and print the result."""
     from indexing.build import build_index
 
+    ray_config = _ray_config(options)
+    if ray_config is None and (options["on_disk"] or options["parts"]):
+        raise typer.BadParameter("--on-disk and --parts need --engine ray")
+    args = dict(index_type=index_type, max_memory=max_memory, metric="ip", nprobe_default=nprobe_default,
+                train_size=train_size, seed=seed)
     with TqdmProgress("build-index", unit="vec") as bar:
-        entry = build_index(collection_dir, index_type=index_type, max_memory=max_memory, metric="ip",
-                            nprobe_default=nprobe_default, train_size=train_size, seed=seed, progress=bar)
+        if ray_config is None:
+            entry = build_index(collection_dir, progress=bar, **args)
+        else:
+            from indexing.ray_engine import build_index_ray
+
+            entry = build_index_ray(collection_dir, progress=bar, ray_config=ray_config, parts=options["parts"],
+                                    on_disk=options["on_disk"], **args)
     typer.echo(f"{entry['factory']}: {entry['ntotal']} vectors, {entry['bytes_per_vector']} B/vector, "
                f"nprobe={entry['nprobe_default']} (recall@10 {entry['recall_at_10']:.3f} on held-out vectors), "
                f"{entry['build_seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB")
+    if entry.get("engine") == "ray":
+        typer.echo(f"  ray: {entry['parts']} parts merged, inverted lists {entry['layout']}"
+                   + (f" ({entry['ivfdata']})" if entry.get("ivfdata") else ""))
     for reason in entry["reasons"]:
         typer.echo(f"  - {reason}")
 
@@ -282,9 +323,15 @@ def build_index_cmd(
     nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
     train_size: Optional[int] = _TRAIN_SIZE_OPT,
     seed: int = _INDEX_SEED_OPT,
+    engine: str = _ENGINE_OPT,
+    address: Optional[str] = _ADDRESS_OPT,
+    actors: int = _ACTORS_OPT,
+    gpus_per_actor: float = _GPUS_PER_ACTOR_OPT,
+    parts: Optional[int] = _PARTS_OPT,
+    on_disk: bool = _ON_DISK_OPT,
 ) -> None:
     """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
-    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
+    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed, locals())
 
 
 @app.command("index")
@@ -308,10 +355,17 @@ def index_cmd(
     nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
     train_size: Optional[int] = _TRAIN_SIZE_OPT,
     seed: int = _INDEX_SEED_OPT,
+    engine: str = _ENGINE_OPT,
+    address: Optional[str] = _ADDRESS_OPT,
+    actors: int = _ACTORS_OPT,
+    gpus_per_actor: float = _GPUS_PER_ACTOR_OPT,
+    parts: Optional[int] = _PARTS_OPT,
+    on_disk: bool = _ON_DISK_OPT,
 ) -> None:
     """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
-    _embed_and_report(source, collection_dir, locals())
-    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
+    options = locals()
+    _embed_and_report(source, collection_dir, options)
+    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed, options)
 
 
 @app.command("train")

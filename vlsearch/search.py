@@ -185,8 +185,8 @@ def load_index(collection: Collection, mmap: bool = False) -> Any:
             f"dim={mine.dim}) embeddings: rebuild the index"
         )
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    if entry.get("layout") == "ondisk":  # inverted lists in a file beside it, memory-mapped
-        flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
+    if entry.get("layout") == "ondisk":  # inverted lists in a file beside it, mapped by OnDiskInvertedLists
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # + IO_FLAG_MMAP crashes searches (faiss 1.15)
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
