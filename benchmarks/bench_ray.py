@@ -33,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from benchmarks.synthetic import dataset_dir, load_dataset  # noqa: E402
+from benchmarks._results import command_line, machine, markdown_table, write_section
+from benchmarks.synthetic import dataset_dir, load_dataset
+
 
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -35,7 +35,7 @@ from vlsearch.collection import (
     embedding_array,
     embedding_type,
 )
-from vlsearch.errors import CollectionError, CollectionMismatchError, SourceError
+from vlsearch.errors import CollectionMismatchError, SourceError
 from vlsearch.images import MAX_PIXELS
 from vlsearch.models import DEFAULT_MODEL, Encoder, _default_pretrained, load_model
 

@@ -81,7 +81,7 @@ def require_ray() -> Any:
     """The ``ray`` module, or :class:`RayNotInstalledError` saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401  (the extra installs ray[data])
+        import ray.data
     except ImportError as exc:
         raise RayNotInstalledError(
             f"the Ray engine needs the 'ray' package, which is not installed ({exc}); install it with "
@@ -156,12 +156,12 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     if coll is not None and coll.manifest.complete and same_model_unloaded(coll, config):
         log.info("collection %s is complete; nothing to do", path)
         return coll
+    info = _model_info(config)  # here, before any worker starts: a bad model name fails fast
+    if coll is not None:
+        coll.check_model(info)
+        if coll.manifest.complete:
+            return coll
     with ray_session(ray_config) as ray:
-        info = ray.get(ray.remote(_model_info).options(**ray_config.remote_args()).remote(config))
-        if coll is not None:
-            coll.check_model(info)
-            if coll.manifest.complete:
-                return coll
         records = iter(source)
         first = next(records)  # SourceError for an empty source, before anything is created
         if coll is None:
@@ -176,7 +176,8 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 
 def _model_info(config: EmbedConfig) -> Any:
-    """The model's :class:`ModelInfo`, loaded where the actors run (same files, same resolution)."""
+    """The model's :class:`ModelInfo` (name, resolved weights, dim) for the manifest: the driver loads
+    the model once on CPU (the actors check theirs against the manifest)."""
     from vlsearch.models import load_model
 
     return load_model(config.model, config.pretrained, device="cpu", precision="fp32").info
@@ -304,7 +305,7 @@ class _Poller:
     def poll(self) -> None:
         try:
             done, failures = self.ray.get(self.hub.totals.remote(), timeout=10)
-        except Exception as exc:  # progress is best effort; the job's own errors surface elsewhere
+        except self.ray.exceptions.RayError as exc:  # best effort: the job's own errors surface elsewhere
             log.debug("progress poll failed: %s", exc)
             return
         rate = done / max(time.perf_counter() - self.start, 1e-9)

@@ -4,7 +4,6 @@ a killed worker and a killed driver, and a clear error when ray is missing."""
 from __future__ import annotations
 
 import builtins
-import io
 import os
 import signal
 import subprocess
@@ -16,13 +15,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
-from PIL import Image
+from test_embed import _folder, _jpeg
 from typer.testing import CliRunner
 
 from indexing.embed import EmbedConfig, embed
 from vlsearch.cli import app
 from vlsearch.collection import Collection
-from vlsearch.errors import CollectionMismatchError, DistributedError, RayNotInstalledError
+from vlsearch.errors import (
+    CollectionMismatchError,
+    DistributedError,
+    RayNotInstalledError,
+)
 from vlsearch.models import TINY_MODEL
 
 FAULTS = Path(__file__).resolve().parent / "_ray_faults.py"
@@ -41,13 +44,6 @@ def ray_address():
     ray.shutdown()
 
 
-def _jpeg(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (20 + i % 5, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def _manifest_source(root: Path, n: int) -> Path:
     """``n`` images (one truncated: a failure row), 2 captions each, int and string metadata."""
     (root / "img").mkdir(parents=True)
@@ -59,13 +55,6 @@ def _manifest_source(root: Path, n: int) -> Path:
                  for k in range(2)]
     pcsv.write_csv(pa.Table.from_pylist(rows), root / "captions.csv")
     return root / "captions.csv"
-
-
-def _folder(root: Path, n: int) -> Path:
-    root.mkdir(parents=True)
-    for i in range(n):
-        (root / f"img{i:03d}.jpg").write_bytes(_jpeg(i))
-    return root
 
 
 def _config(checkpoint: Path, **kw) -> EmbedConfig:
@@ -147,12 +136,12 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_address, tmp_path, tiny_check
 
     result = CliRunner().invoke(app, args)  # the same command again (this process's Ray): resumes
     assert result.exit_code == 0, result.output
-    assert "24 images, 0 captions, 0 failures" in result.output
+    assert "24 images, 24 captions, 0 failures" in result.output
     want = embed(src, tmp_path / "local", _config(tiny_checkpoint), encoder=tiny_encoder)
     _assert_same_collection(Collection.open(out), want)
 
 
-def _same_top10(a: "Searcher", b: "Searcher", queries: np.ndarray) -> None:  # noqa: F821
+def _same_top10(a: Searcher, b: Searcher, queries: np.ndarray) -> None:  # noqa: F821
     """Same top-10 ids. Tie handling: both are asked for 11 hits; ids scoring strictly above the
     10th score must be the same set, and the ids tied with the 10th score are compared as a set of
     candidates (either index may order equal scores differently or cut the tie elsewhere)."""
