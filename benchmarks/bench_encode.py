@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 from indexing.decode import decode_batches  # noqa: E402
 from indexing.embed import EmbedConfig, embed  # noqa: E402
 from indexing.sources import open_source  # noqa: E402
@@ -102,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"data not found: {args.data}")
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     load_start = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -65,7 +65,11 @@ from vlsearch.errors import (
     RayNotInstalledError,
 )
 
-from .build import AutoPolicy, Progress, add_vectors, build_index, find_ivf, make_index
+from vlsearch.faiss_index import find_ivf, make_index
+from vlsearch.progress import Progress
+
+from .build import add_vectors, build_index
+from .plan import AutoPolicy
 from .sources import ImageSource, open_source
 
 if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding functions: index workers never load torch
@@ -145,9 +149,15 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
 
     ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
     run inside each actor."""
+    from dataclasses import replace
+
+    from vlsearch.models import default_model
+
     from .embed import EmbedConfig, open_existing, same_model_unloaded
 
     config = config or EmbedConfig()
+    if config.model is None:
+        config = replace(config, model=default_model())
     require_ray()
     if not isinstance(source, ImageSource):
         source = open_source(source)
@@ -230,7 +240,7 @@ class ShardEmbedder:
 
         from .embed import image_schema
 
-        if config.threads:
+        if config.threads:  # for the actor's lifetime (set_process_threads would pin FAISS too)
             torch.set_num_threads(config.threads)
         self.config, self.hub = config, hub
         self.coll = Collection.open(collection_dir)
@@ -413,12 +423,12 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds them)."""
     import faiss
 
-    from .build import _ExactTopK
+    from vlsearch.exact import ExactTopK
 
     start = time.perf_counter()
     index = faiss.deserialize_index(blob)
     coll = Collection.open(coll_path)
-    exact = _ExactTopK(xq, 10, metric)
+    exact = ExactTopK(xq, 10, metric)
     ids = []
     for part_ids, vecs in coll.iter_embeddings(batch_size=batch, paths=[Path(p) for p in shard_paths]):
         add_vectors(index, part_ids, vecs)
@@ -427,8 +437,8 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     tmp = out + ".tmp"
     faiss.write_index(index, tmp)
     Path(tmp).replace(out)
-    exact.heap.finalize()
-    return _Part(out, np.concatenate(ids), _trained_digest(index), exact.heap.D.copy(), exact.heap.I.copy(),
+    distances, labels = exact.result()
+    return _Part(out, np.concatenate(ids), _trained_digest(index), distances.copy(), labels.copy(),
                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start)
 
 

@@ -36,7 +36,7 @@ if __name__ == "__main__":  # python tests/_ray_faults.py RAY_ADDRESS DELAY vlse
 
     import ray
 
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     address, delay, *args = sys.argv[1:]
     ray.init(address=address, log_to_driver=False,

@@ -44,9 +44,7 @@ def shared_data() -> Path:
 def one_torch_thread():
     """One torch thread: tiny models gain nothing from more, and on a shared, loaded machine
     multi-threaded kernels spin-wait (10x the CPU time per step measured here)."""
-    import torch
+    from vlsearch.threads import cpu_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with cpu_threads(1, faiss=False):
+        yield

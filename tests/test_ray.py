@@ -19,7 +19,7 @@ from test_embed import _folder, _jpeg
 from typer.testing import CliRunner
 
 from indexing.embed import EmbedConfig, embed
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection
 from vlsearch.errors import (
     CollectionMismatchError,

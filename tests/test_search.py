@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,11 +15,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, Manifest, embedding_array
 from vlsearch.errors import CollectionMismatchError, IndexNotBuiltError, InvalidQueryError
 from vlsearch.models import ModelInfo
-from vlsearch.search import Hit, Hits, Results, Searcher, search_parameters
+from vlsearch.faiss_index import search_parameters
+from vlsearch.search import Hit, Hits, Results, Searcher
 
 TEXTS = ["a red car parked on the street", "two cats sleeping on a sofa", "a dog running on the beach",
          "a bowl of hot soup", "snowy mountains at dawn"]

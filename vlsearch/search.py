@@ -13,7 +13,7 @@ Design points:
 
 * **Per-call parameters never touch the shared index.** ``nprobe`` and the refine factor go
   through a FAISS ``SearchParameters`` tree built for the index's structure
-  (:func:`search_parameters`), so concurrent calls with different settings are independent.
+  (:func:`vlsearch.faiss_index.search_parameters`), so concurrent calls with different settings are independent.
 * **Opening is cheap in memory**: only the ``id`` column of each shard is read, into an
   id -> (shard, row) map (8 bytes per image, 12 if ids are not sorted). Hits get their metadata
   by reading the one Parquet row group that holds them (no embedding column) and picking the
@@ -29,343 +29,33 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .collection import IMAGES_DIR, Collection
 from .errors import (
     CollectionError,
-    CollectionMismatchError,
     DecodeError,
     IndexNotBuiltError,
     InvalidQueryError,
 )
 from .exact import DEFAULT_CHUNK_SIZE, exact_search
+from .faiss_index import is_l2, load_index, search_parameters, stored_nprobe
+from .results import Hit, Hits, Results, format_hits, hits_to_json_lines, make_hit
+from .rows import MetadataReader, RowLocator, TextCache
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
     from PIL import Image
 
     from .models import Encoder
 
+__all__ = ["Searcher", "Hit", "Hits", "Results", "format_hits", "hits_to_json_lines", "ImageQuery"]
+
 log = logging.getLogger(__name__)
 
 ImageQuery = Union["Image.Image", str, os.PathLike, bytes, bytearray, memoryview]
-#: Columns of an image shard that are not copied into ``Hit.metadata``.
-_NOT_METADATA = ("id", "path", "captions", "embedding")
 _MISSING = object()
-
-
-# ---- results -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result. ``rank`` starts at 1; ``score`` is the cosine similarity to the query;
-    ``caption`` is the image's first caption (None if it has none); ``metadata`` holds width,
-    height and any extra columns of the image shard."""
-
-    id: int
-    score: float
-    rank: int
-    path: str
-    caption: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path,
-                "caption": self.caption, "metadata": dict(self.metadata)}
-
-
-_RESERVED = ("query", "rank", "id", "score", "path", "caption")
-
-
-def _rows(batch: Sequence[Sequence[Hit]], with_query: bool) -> list[dict[str, Any]]:
-    rows = []
-    for q, hits in enumerate(batch):
-        for h in hits:
-            row: dict[str, Any] = {"query": q} if with_query else {}
-            row.update(rank=h.rank, id=h.id, score=h.score, path=h.path, caption=h.caption)
-            for key, value in h.metadata.items():
-                row[f"metadata.{key}" if key in _RESERVED else key] = value
-            rows.append(row)
-    return rows
-
-
-def _to_arrow(batch: Sequence[Sequence[Hit]], with_query: bool) -> pa.Table:
-    types = {"query": pa.int64(), "rank": pa.int32(), "id": pa.int64(), "score": pa.float32(),
-             "path": pa.string(), "caption": pa.string()}
-    rows = _rows(batch, with_query)
-    names = list(types) if with_query else list(types)[1:]
-    for row in rows:  # metadata columns: union over all rows, in first-seen order
-        names += [n for n in row if n not in names]
-    return pa.table({n: pa.array([r.get(n) for r in rows], type=types.get(n)) for n in names})
-
-
-class Hits(list):
-    """The ranked hits of one query (a ``list[Hit]``), convertible to a table."""
-
-    def to_arrow(self) -> pa.Table:
-        """One row per hit: rank, id, score, path, caption, then one column per metadata key."""
-        return _to_arrow([self], with_query=False)
-
-    def to_pandas(self) -> "pd.DataFrame":
-        return self.to_arrow().to_pandas()
-
-
-class Results(list):
-    """Hits of a batch of queries (a ``list[list[Hit]]``), convertible to one long table."""
-
-    def to_arrow(self) -> pa.Table:
-        """One row per hit, with a ``query`` column (the query's position in the batch)."""
-        return _to_arrow(self, with_query=True)
-
-    def to_pandas(self) -> "pd.DataFrame":
-        return self.to_arrow().to_pandas()
-
-
-def format_hits(hits: Sequence[Hit], caption_width: int = 70) -> str:
-    """A plain-text table (rank, score, path, caption) of one query's hits."""
-    if not hits:
-        return "no results"
-
-    def cut(text: str | None) -> str:
-        text = (text or "").replace("\n", " ")
-        return text if len(text) <= caption_width else text[: caption_width - 1] + "…"
-
-    rows = [("rank", "score", "path", "caption")]
-    rows += [(str(h.rank), f"{h.score:.4f}", h.path or "", cut(h.caption)) for h in hits]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows)
-
-
-def hits_to_json_lines(hits: Sequence[Hit]) -> str:
-    """One JSON object per hit (rank, id, score, path, caption, metadata), newline-separated."""
-    import json
-
-    return "\n".join(json.dumps(h.to_dict(), default=str, ensure_ascii=False) for h in hits)
-
-
-# ---- index loading and per-call search parameters ------------------------------------------
-
-def load_index(collection: Collection, mmap: bool = False) -> Any:
-    """Read the collection's FAISS index after checking that ``manifest["index"]`` matches it.
-
-    ``mmap=True`` memory-maps the index file (read-only) instead of reading it into RAM.
-    Raises IndexNotBuiltError when there is none, CollectionMismatchError when it was built
-    for another model or dimension.
-    """
-    import faiss
-
-    entry = collection.manifest.index
-    if entry is None:
-        raise IndexNotBuiltError(
-            f"collection {collection.path} has no ANN index: run `vlsearch build-index {collection.path}` "
-            "or search with exact=True (--exact)"
-        )
-    path = collection.path / entry.get("file", collection.index_path.name)
-    if not path.is_file():
-        raise IndexNotBuiltError(
-            f"manifest of {collection.path} records an index but {path} is missing: rebuild it with "
-            f"`vlsearch build-index {collection.path}` or search with exact=True (--exact)"
-        )
-    model = entry.get("model")
-    mine = collection.manifest.model
-    if model is not None and (model.get("name"), model.get("pretrained"), int(model.get("dim", -1))) != (
-        mine.name, mine.pretrained, mine.dim
-    ):
-        raise CollectionMismatchError(
-            f"index {path} was built for model {model.get('name')} (pretrained={model.get('pretrained')}, "
-            f"dim={model.get('dim')}) but the collection holds {mine.name} (pretrained={mine.pretrained}, "
-            f"dim={mine.dim}) embeddings: rebuild the index"
-        )
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    if entry.get("layout") == "ondisk":  # inverted lists in a file beside it, mapped by OnDiskInvertedLists
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # + IO_FLAG_MMAP crashes searches (faiss 1.15)
-    try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError as exc:
-        raise CollectionError(f"cannot read index {path}: {exc}") from exc
-    if index.d != mine.dim:
-        raise CollectionMismatchError(f"index {path} has dimension {index.d}, the collection {mine.dim}: rebuild it")
-    return index
-
-
-def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None) -> Any:
-    """A FAISS ``SearchParameters`` tree that sets ``nprobe`` / ``k_factor`` for this call only.
-
-    Walks the index structure (IDMap -> PreTransform -> Refine -> IVF); ``None`` values keep the
-    index's own setting, but it is still passed explicitly so the call never depends on (or
-    changes) mutable index state. Returns None for indexes with no tunable parameter (Flat).
-    """
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexIDMap):  # IDMap forwards params to the wrapped index
-        return search_parameters(idx.index, nprobe, k_factor)
-    if isinstance(idx, faiss.IndexPreTransform):
-        inner = search_parameters(idx.index, nprobe, k_factor)
-        return None if inner is None else faiss.SearchParametersPreTransform(index_params=inner)
-    if isinstance(idx, faiss.IndexRefine):
-        base = search_parameters(idx.base_index, nprobe, k_factor)
-        factor = float(idx.k_factor if k_factor is None else k_factor)
-        return faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=base)
-    if isinstance(idx, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=int(idx.nprobe if nprobe is None else nprobe))
-    return None
-
-
-def _ivf_nprobe(index: Any) -> int | None:
-    """The nprobe stored in the index file (its innermost IVF), or None when it has no IVF."""
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    for attr in ("index", "base_index"):
-        if not isinstance(idx, faiss.IndexIVF) and hasattr(idx, attr):
-            return _ivf_nprobe(getattr(idx, attr))
-    return int(idx.nprobe) if isinstance(idx, faiss.IndexIVF) else None
-
-
-# ---- id -> row map and metadata ------------------------------------------------------------
-
-class RowLocator:
-    """Maps image ids to ``(shard, row)`` from the ``id`` column of each shard only."""
-
-    def __init__(self, shard_paths: Sequence[Path]):
-        self.paths = list(shard_paths)
-        parts = [pq.read_table(p, columns=["id"]).column("id").to_numpy().astype(np.int64, copy=False)
-                 for p in self.paths]
-        ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        self.offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
-        if len(ids) and not np.all(ids[1:] > ids[:-1]):
-            order = np.argsort(ids, kind="stable")
-            self._order: np.ndarray | None = order.astype(np.int32 if len(ids) < 2**31 else np.int64)
-            ids = ids[order]
-            dup = np.flatnonzero(ids[1:] == ids[:-1])
-            if len(dup):
-                raise CollectionError(f"image id {ids[dup[0]]} appears more than once in the shards")
-        else:
-            self._order = None
-        self._sorted = ids
-
-    def __len__(self) -> int:
-        return len(self._sorted)
-
-    @property
-    def nbytes(self) -> int:
-        return self._sorted.nbytes + (0 if self._order is None else self._order.nbytes)
-
-    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(shard index, row in shard, found)`` for each id (arrays of the same length)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted, ids)
-        pos = np.minimum(pos, max(len(self._sorted) - 1, 0))
-        found = (self._sorted[pos] == ids) if len(self._sorted) else np.zeros(len(ids), bool)
-        glob = pos if self._order is None else self._order[pos].astype(np.int64)
-        shard = np.searchsorted(self.offsets, glob, side="right") - 1
-        return shard, glob - self.offsets[shard], found
-
-
-class MetadataReader:
-    """Reads the non-embedding columns of given rows, one Parquet row group at a time.
-
-    Decoded row groups are kept in an LRU cache bounded by ``cache_bytes`` (0 disables it).
-    Thread-safe: each shard's Parquet reader is used under its own lock.
-    """
-
-    def __init__(self, shard_paths: Sequence[Path], cache_bytes: int = 256 << 20):
-        self.paths = list(shard_paths)
-        self.cache_bytes = int(cache_bytes)
-        self._files: dict[int, tuple[pq.ParquetFile, np.ndarray, list[str], threading.Lock]] = {}
-        self._files_lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._cached = 0
-
-    def _file(self, shard: int) -> tuple[pq.ParquetFile, np.ndarray, list[str], threading.Lock]:
-        with self._files_lock:
-            entry = self._files.get(shard)
-            if entry is None:
-                pf = pq.ParquetFile(self.paths[shard])
-                md = pf.metadata
-                starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-                columns = [n for n in pf.schema_arrow.names if n != "embedding"]
-                entry = self._files[shard] = (pf, starts, columns, threading.Lock())
-            return entry
-
-    def _row_group(self, shard: int, group: int) -> pa.Table:
-        key = (shard, group)
-        with self._cache_lock:
-            table = self._cache.get(key)
-            if table is not None:
-                self._cache.move_to_end(key)
-                return table
-        pf, _, columns, lock = self._file(shard)
-        with lock:
-            table = pf.read_row_group(group, columns=columns).combine_chunks()
-        if self.cache_bytes > 0:
-            with self._cache_lock:
-                if key not in self._cache:
-                    self._cache[key] = table
-                    self._cached += table.nbytes
-                    while self._cached > self.cache_bytes and len(self._cache) > 1:
-                        _, old = self._cache.popitem(last=False)
-                        self._cached -= old.nbytes
-        return table
-
-    def rows(self, shards: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
-        """The records (dicts of column values) at ``(shards[i], rows[i])``, in order.
-
-        Single-row access into the (cached) row group: per row it is ~50x cheaper than an
-        Arrow ``take`` + ``to_pylist``, whose per-call dispatch dominates at k <= 100.
-        """
-        out = []
-        tables: dict[tuple[int, int], pa.Table] = {}
-        for shard, row in zip(shards.tolist(), rows.tolist()):
-            _, starts, _, _ = self._file(shard)
-            g = int(np.searchsorted(starts, row, side="right") - 1)
-            table = tables.get((shard, g))
-            if table is None:
-                table = tables[(shard, g)] = self._row_group(shard, g)
-            r = row - int(starts[g])
-            out.append({name: col[r].as_py() for name, col in zip(table.column_names, table.columns)})
-        return out
-
-
-class _LRU:
-    """A small thread-safe LRU map (text -> embedding) with hit/miss counters."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        value = np.array(value, dtype=np.float32)
-        value.flags.writeable = False
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
 
 
 # ---- the searcher ----------------------------------------------------------------------------
@@ -391,15 +81,15 @@ class Searcher:
             collection.check_model(encoder.info, what="query model")
         self._encoder = encoder
         self._encoder_lock = threading.Lock()
-        self.text_cache = _LRU(text_cache_size)
+        self.text_cache = TextCache(text_cache_size)
         self._params: dict[tuple[Any, Any], Any] = {}
         paths = collection.shard_paths(IMAGES_DIR)
         self.row_locator = RowLocator(paths)
         self.metadata_reader = MetadataReader(paths, cache_bytes=int(metadata_cache_mb * (1 << 20)))
         entry = collection.manifest.index or {}
         self.nprobe_default: int | None = entry.get("nprobe_default") or (
-            _ivf_nprobe(index) if index is not None else None)
-        self._l2 = index is not None and _is_l2(index)
+            stored_nprobe(index) if index is not None else None)
+        self._l2 = index is not None and is_l2(index)
         if index is not None and index.ntotal != len(self.row_locator):
             log.warning("index of %s holds %d vectors but the shards %d images: rebuild it to search them all",
                         collection.path, index.ntotal, len(self.row_locator))
@@ -531,7 +221,7 @@ class Searcher:
             hits = Hits()
             for j in np.flatnonzero(valid[q]):
                 rec = next(records)
-                hits.append(_make_hit(rec, int(ids[q, j]), float(scores[q, j]), len(hits) + 1))
+                hits.append(make_hit(rec, int(ids[q, j]), float(scores[q, j]), len(hits) + 1))
             results.append(hits)
         return results
 
@@ -578,13 +268,6 @@ class Searcher:
         return f"Searcher({str(self.collection.path)!r}, images={len(self.row_locator)}, index={factory})"
 
 
-def _make_hit(record: dict[str, Any], hit_id: int, score: float, rank: int) -> Hit:
-    captions = record.get("captions") or []
-    meta = {key: value for key, value in record.items() if key not in _NOT_METADATA}
-    return Hit(id=hit_id, score=score, rank=rank, path=record.get("path"), caption=captions[0] if captions else None,
-               metadata=meta)
-
-
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise InvalidQueryError(f"k must be a positive integer, got {k!r}")
@@ -616,9 +299,3 @@ def _describe(img: Any) -> str:
     if isinstance(img, (bytes, bytearray, memoryview)):
         return f"({len(img)} bytes)"
     return str(img) if isinstance(img, (str, os.PathLike)) else type(img).__name__
-
-
-def _is_l2(index: Any) -> bool:
-    import faiss
-
-    return index.metric_type == faiss.METRIC_L2

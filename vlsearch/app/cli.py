@@ -1,0 +1,449 @@
+"""The ``vlsearch`` command line: thin typer commands over the Python API.
+
+This module is the only place that prints or exits. Library errors (``VlsearchError``) become a
+one-line message on stderr and exit code 1; progress callbacks become tqdm bars. Heavy imports
+(torch, open_clip, faiss) happen inside commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import platform
+from typing import Any, Callable, Optional
+
+import typer
+
+from .options import (
+    BUILD,
+    COLLECTION_OUT_ARG,
+    DEVICE_OPT,
+    EMBED,
+    ENGINE,
+    MODEL_OPT,
+    PARTS,
+    PRETRAINED_OPT,
+    SOURCE_ARG,
+    COLLECTION_ARG,
+    TRAIN,
+    BuildOptions,
+    EmbedOptions,
+    EngineOptions,
+    PartsOptions,
+    with_groups,
+)
+
+app = typer.Typer(
+    name="vlsearch",
+    help="Image-text retrieval: embed image galleries, build FAISS indexes, search by text or image, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn vlsearch's typed exceptions into a clear message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from vlsearch.errors import VlsearchError
+
+        try:
+            return fn(*args, **kwargs)
+        except VlsearchError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class TqdmProgress:
+    """A progress callback for library functions, shown as a tqdm bar.
+
+    Library functions call ``progress(done, total, **postfix)``; ``total`` may be None.
+    """
+
+    def __init__(self, desc: str, unit: str = "it"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: Optional[int] = None, **postfix: Any) -> None:
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> "TqdmProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details to stderr."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command("models")
+@handle_errors
+def models_cmd(
+    name: Optional[str] = typer.Argument(None, help="Show the pretrained tags of this model only."),
+    tags: bool = typer.Option(False, "--tags", help="List every model with its pretrained tags."),
+) -> None:
+    """List model architectures (open_clip's and vlsearch's built-in ones) and pretrained tags."""
+    from vlsearch import models
+
+    if name:
+        models.check_model_name(name)
+        typer.echo("\n".join(models.pretrained_tags(name)) or f"{name}: no published tags (random init or a local file)")
+        return
+    for model_name in models.available_models():
+        line = model_name
+        if tags:
+            line += "\t" + ",".join(models.pretrained_tags(model_name))
+        typer.echo(line)
+
+
+@app.command("info")
+def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Print versions, the compute device and how many GPUs FAISS sees."""
+    info = system_info()
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:15} {value}")
+
+
+def system_info() -> dict[str, Any]:
+    """Versions of vlsearch and its engines, the compute device, torch threads and FAISS GPUs."""
+    import faiss
+    import open_clip
+    import torch
+
+    from vlsearch import __version__
+
+    return {
+        "vlsearch": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "faiss": faiss.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+    }
+
+
+@app.command("encode")
+@handle_errors
+def encode_cmd(
+    texts: list[str] = typer.Argument(None, help="Texts to encode."),
+    image: list[str] = typer.Option([], "--image", "-i", help="Image file to encode (repeatable)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Encode texts and/or images and print one JSON line per input (its embedding)."""
+    from vlsearch.models import load_model
+
+    enc = load_model(model, pretrained, device=device)
+    rows = []
+    if texts:
+        rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
+    if image:
+        rows += [("image", p, v) for p, v in zip(image, enc.encode_images(image))]
+    if not rows:
+        raise typer.BadParameter("give at least one text or --image")
+    for kind, value, vec in rows:
+        typer.echo(json.dumps({kind: value, "model": enc.name, "dim": enc.dim, "embedding": [round(float(x), 6) for x in vec]}))
+
+
+def _int_list(value: str, option: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        items = ()
+    if not items or any(v < 1 for v in items):
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {value!r}", param_hint=option)
+    return items
+
+
+@app.command("bench")
+@handle_errors
+def bench_cmd(
+    collection_dir: str = typer.Argument(..., help="Collection with caption shards (e.g. built from captions.csv)."),
+    k: str = typer.Option("1,5,10", "--k", help="Recall@K cut-offs, comma-separated; the largest is the ANN depth."),
+    nprobe: str = typer.Option("1,4,16,64,256", "--nprobe", help="IVF lists probed, comma-separated."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write all results to this JSON file."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (needs matplotlib)."),
+    latency_queries: int = typer.Option(1000, "--latency-queries", min=0, help="Single queries timed for p50/p99."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
+) -> None:
+    """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
+    from vlsearch.bench import BenchConfig, format_table, plot_results, run_benchmark
+    from vlsearch.fsutil import write_json
+
+    config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
+                         latency_queries=latency_queries, max_queries=max_queries)
+    with TqdmProgress("bench", unit="setting") as progress:
+        result = run_benchmark(collection_dir, config, progress=progress)
+    typer.echo(format_table(result))
+    if out:
+        write_json(out, result)
+        typer.echo(f"results: {out}")
+    if plot:
+        typer.echo(f"plot: {plot_results(result, plot)}")
+
+
+@app.command("embed")
+@handle_errors
+@with_groups(EMBED, ENGINE)
+def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
+              engine: Any = None) -> None:
+    """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
+    _embed_and_report(source, collection_dir, embed, engine)
+
+
+@app.command("build-index")
+@handle_errors
+@with_groups(BUILD, ENGINE, PARTS)
+def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None, engine: Any = None,
+                    parts: Any = None) -> None:
+    """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
+    _build_and_report(collection_dir, build, engine, parts)
+
+
+@app.command("index")
+@handle_errors
+@with_groups(EMBED, BUILD, ENGINE, PARTS)
+def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
+              build: Any = None, engine: Any = None, parts: Any = None) -> None:
+    """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
+    _embed_and_report(source, collection_dir, embed, engine)
+    _build_and_report(collection_dir, build, engine, parts)
+
+
+def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, engine: EngineOptions) -> None:
+    """Run ``indexing.embed`` (or its Ray engine) with a tqdm bar and print the counts."""
+    import time
+
+    from indexing.embed import embed
+
+    src = options.open_source(source)
+    ray_config = engine.ray_config()
+    start = time.perf_counter()
+    with TqdmProgress("embed", unit="img") as bar:
+        if ray_config is None:
+            coll = embed(src, collection_dir, options.config(), progress=bar)
+        else:
+            from indexing.ray_engine import embed_ray
+
+            coll = embed_ray(src, collection_dir, options.config(), ray_config, progress=bar)
+    c = coll.manifest.counts
+    typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
+               f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
+
+
+def _build_and_report(collection_dir: str, options: BuildOptions, engine: EngineOptions,
+                      parts: PartsOptions) -> None:
+    """Run ``indexing.build`` (or its Ray engine) with a tqdm bar and print the index entry."""
+    from indexing.build import build_index
+
+    ray_config = engine.ray_config()
+    if ray_config is None and (parts.on_disk or parts.parts):
+        raise typer.BadParameter("--on-disk and --parts need --engine ray")
+    with TqdmProgress("build-index", unit="vec") as bar:
+        if ray_config is None:
+            entry = build_index(collection_dir, progress=bar, **options.kwargs())
+        else:
+            from indexing.ray_engine import build_index_ray
+
+            entry = build_index_ray(collection_dir, progress=bar, ray_config=ray_config, parts=parts.parts,
+                                    on_disk=parts.on_disk, **options.kwargs())
+    typer.echo(f"{entry['factory']}: {entry['ntotal']} vectors, {entry['bytes_per_vector']} B/vector, "
+               f"nprobe={entry['nprobe_default']} (recall@10 {entry['recall_at_10']:.3f} on held-out vectors), "
+               f"{entry['build_seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB")
+    if entry.get("engine") == "ray":
+        typer.echo(f"  ray: {entry['parts']} parts merged, inverted lists {entry['layout']}"
+                   + (f" ({entry['ivfdata']})" if entry.get("ivfdata") else ""))
+    for reason in entry["reasons"]:
+        typer.echo(f"  - {reason}")
+
+
+@app.command("train")
+@handle_errors
+@with_groups(TRAIN)
+def train_cmd(
+    data: str = typer.Argument(..., help="CSV/Parquet manifest (columns image, caption) or a folder with captions.csv."),
+    out_dir: str = typer.Argument(..., help="Output folder: last.pt (resumable), model.pt (final), train.json, "
+                                            "train_config.json (the resolved config)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML (or a run's train_config.json) of "
+                                         "TrainConfig settings; the flags below override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT_DIR from last.pt."),
+    overrides: Any = None,
+) -> None:
+    """Train a CLIP model contrastively on image-caption pairs (symmetric InfoNCE)."""
+    from vlsearch.train import train
+    from vlsearch.train_config import load_train_config
+
+    settings = load_train_config(config, overrides)
+    with TqdmProgress("train", unit="step") as bar:
+        result = train(data, out_dir, settings, resume=resume, progress=bar)
+    typer.echo(format_train_result(result))
+
+
+def format_train_result(result: Any) -> str:
+    """Validation recalls per epoch, then steps, speed, final loss and the checkpoint."""
+    lines = []
+    for v in result.val:
+        t2i, i2t = v["t2i"], v["i2t"]
+        lines.append(f"epoch {v['epoch']:3d}  val T->I R@1/5/10 {t2i['R@1']:.3f}/{t2i['R@5']:.3f}/{t2i['R@10']:.3f}"
+                     f"  I->T R@1/5/10 {i2t['R@1']:.3f}/{i2t['R@5']:.3f}/{i2t['R@10']:.3f}")
+    lines.append(f"{result.steps} steps in {result.seconds:.1f} s ({result.steps_per_second:.2f} steps/s), "
+                 f"final loss {result.losses[-1]:.4f} -> {result.checkpoint}")
+    return "\n".join(lines)
+
+
+@app.command("classify")
+@handle_errors
+def classify_cmd(
+    images: str = typer.Argument(..., help="Image, image folder, folder of class sub-folders, or collection."),
+    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names "
+                                          "(default: the sub-folder names)."),
+    templates: list[str] = typer.Option([], "--templates", "-t", help="Prompt with one {} (repeatable), or a "
+                                        "file with one per line (default: 'a photo of a {}.' and 5 more)."),
+    model: Optional[str] = MODEL_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    device: str = DEVICE_OPT,
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+) -> None:
+    """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
+    from vlsearch.models import load_model
+    from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+
+    templates = _templates(templates) or list(DEFAULT_TEMPLATES)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    enc = load_model(model, pretrained, device=device)
+    try:
+        with TqdmProgress("classify", unit="img") as bar:
+            result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _echo_classification(result, len(templates), enc.name)
+
+
+def _templates(given: list[str]) -> list[str]:
+    """``--templates``: the prompts given, or the lines of the one file given."""
+    from pathlib import Path
+
+    if len(given) == 1 and Path(given[0]).is_file():
+        return [t for t in Path(given[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
+    return list(given)
+
+
+def _echo_classification(result: Any, n_templates: int, model: str) -> None:
+    """Per image (no labels: path, class, score) or accuracy overall and per class (labels known)."""
+    failed = f" ({len(result.failures)} unreadable, skipped)" if result.failures else ""
+    if result.top1 is None:
+        for path, pred, scores in zip(result.paths, result.predictions, result.scores):
+            typer.echo(f"{path}\t{result.classnames[pred]}\t{scores[pred]:.4f}")
+        typer.echo(f"{len(result.paths)} images{failed}", err=True)
+        return
+    typer.echo(f"{len(result.paths)} images{failed}, {len(result.classnames)} classes, "
+               f"{n_templates} templates, model {model}")
+    typer.echo(f"top-1 {result.top1:.3f}  top-{result.topk.shape[1]} {result.top5:.3f}  "
+               f"(chance top-1 {1 / len(result.classnames):.3f})")
+    for name, acc in result.per_class_accuracy().items():
+        typer.echo(f"  {name:20} {acc:.3f}")
+
+
+@app.command("search")
+@handle_errors
+def search_cmd(
+    collection_dir: str = typer.Argument(..., help="Collection directory."),
+    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
+    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
+    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
+    device: str = DEVICE_OPT,
+) -> None:
+    """Search a collection by text or by example image; print a table or JSON lines."""
+    from vlsearch.results import format_hits, hits_to_json_lines
+    from vlsearch.search import Searcher
+
+    if (query is None) == (image is None):
+        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
+    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
+
+
+class _StageBars:
+    """Progress of a multi-stage library call (``progress(done, total, stage=...)``): one bar per stage."""
+
+    def __init__(self) -> None:
+        self.stage: Optional[str] = None
+        self.bar: Optional[TqdmProgress] = None
+
+    def __call__(self, done: int, total: Optional[int] = None, stage: str = "", **postfix: Any) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, TqdmProgress(stage)
+        self.bar(done, total, **postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__()
+            self.bar = None
+
+
+@app.command("demo")
+@handle_errors
+def demo_cmd(
+    out: str = typer.Option("vlsearch-demo", "--out", "-o", help="Output folder (new, empty, or an earlier demo's)."),
+    size: Optional[int] = typer.Option(None, "--size", "-n", min=8, help="Generated training pictures [default: 2000]."),
+    data: Optional[str] = typer.Option(None, "--data", help="Index this captioned folder or CSV/Parquet manifest "
+                                       "with vlsearch-small instead of generating and training."),
+    heldout: Optional[int] = typer.Option(None, "--heldout", min=16,
+                                          help="Generated held-out pictures, indexed and benchmarked [default: 500]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
+) -> None:
+    """Generate a captioned dataset, train a tiny CLIP, index, search and benchmark it: offline, on CPU."""
+    from dataclasses import replace
+
+    from .demo import DemoConfig, format_report, run_demo
+
+    changes = {"heldout": heldout, "epochs": epochs}
+    config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
+    bars = _StageBars()
+    try:
+        report = run_demo(out, size=size, seed=seed, data=data, progress=bars, config=config)
+    finally:
+        bars.close()
+    typer.echo(format_report(report))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
