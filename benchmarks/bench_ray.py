@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section
-from benchmarks.synthetic import dataset_dir, load_dataset
+from benchmarks.synthetic import DEFAULT_DIR, SyntheticData, dataset_dir, load_dataset, make_dataset
 
 
 def _args() -> argparse.Namespace:
@@ -42,6 +42,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--factory", default="IVF1024,PQ64")
     ap.add_argument("--parts", type=int, default=8)
+    ap.add_argument("--shard-size", type=int, default=50_000, help="rows per collection shard (parts group shards)")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--nprobes", default="8,16,32,64")
     ap.add_argument("--latency-queries", type=int, default=200)
@@ -49,14 +50,25 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
     return ap.parse_args()
 
+def _out_dir(args: argparse.Namespace) -> Path | None:
+    return None if args.shard_size == 50_000 else DEFAULT_DIR / f"shards{args.shard_size}"
+
+
 def _root(args: argparse.Namespace) -> Path:
-    return dataset_dir(args.n, 512, 1000, 0, None)
+    return dataset_dir(args.n, 512, 1000, 0, _out_dir(args))
+
+
+def _dataset(args: argparse.Namespace, log=lambda *a: print(*a, flush=True)) -> SyntheticData:
+    """The cached synthetic dataset with this run's shard size (generated once)."""
+    make_dataset(args.n, out_dir=_out_dir(args), shard_size=args.shard_size, log=log)
+    return load_dataset(args.n, out_dir=_out_dir(args), log=log)
+
 
 def _collection_copy(args: argparse.Namespace, name: str) -> Path:
     """A collection sharing the synthetic one's shards (symlinked), with its own index files."""
     from vlsearch.collection import Collection
 
-    data = load_dataset(args.n, log=lambda *a: print(*a, flush=True))
+    data = _dataset(args)
     target = _root(args) / name
     if target.exists():
         shutil.rmtree(target)
@@ -121,7 +133,7 @@ def _measure(searcher, queries: np.ndarray, gt: np.ndarray, nprobe: int, n_lat: 
 def stage_eval(args: argparse.Namespace) -> dict:
     from vlsearch.search import Searcher
 
-    data = load_dataset(args.n, log=lambda *a: None)
+    data = _dataset(args, log=lambda *a: None)
     root = _root(args)
     local, ray_built = Searcher.open(root / "local"), Searcher.open(root / "ray")
     ivfdata = root / "ray" / ray_built.collection.manifest.index["ivfdata"]
