@@ -193,20 +193,7 @@ def test_kill_9_of_a_real_embed_process_then_resume(tmp_path, tiny_checkpoint, t
     args = ["embed", str(src), str(out), "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
             "--workers", "0", "--batch-size", "5", "--shard-size", "5", "--device", "cpu"]
     env = {**os.environ, "VLSEARCH_TEST_DECODE_DELAY": "0.1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(HELPER), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600  # generous: a starved CPU can take minutes to import torch
-    try:
-        while not (out / "images" / "part-00000.parquet").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no shard committed in time"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_first_shard([sys.executable, str(HELPER), *args], env, out) == -signal.SIGKILL
     killed = Collection.open(out)
     assert not killed.manifest.complete and 1 <= len(killed.shard_numbers()) < 6
 
@@ -215,6 +202,23 @@ def test_kill_9_of_a_real_embed_process_then_resume(tmp_path, tiny_checkpoint, t
     assert "30 images, 30 captions, 0 failures" in result.output
     reference = embed(src, tmp_path / "ref", _config(batch_size=5), encoder=tiny_encoder)
     _assert_same_collection(Collection.open(out), reference)
+
+
+def kill_after_first_shard(argv: list[str], env: dict[str, str], out: Path) -> int:
+    """Run ``argv``, SIGKILL it as soon as shard 0 of collection ``out`` is committed; its return code."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600  # generous: a starved CPU can take minutes to import torch
+    try:
+        while not (out / "images" / "part-00000.parquet").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return proc.returncode
 
 
 def test_cli_reports_bad_source_clearly(tmp_path):

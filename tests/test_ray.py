@@ -6,16 +6,14 @@ from __future__ import annotations
 import builtins
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
-from test_embed import _folder, _jpeg
+from test_embed import _folder, _jpeg, kill_after_first_shard
 from typer.testing import CliRunner
 
 from indexing.embed import EmbedConfig, embed
@@ -118,19 +116,9 @@ def test_a_killed_driver_is_resumed_by_a_rerun(ray_address, tmp_path, tiny_check
     args = ["embed", str(src), str(out), "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
             "--workers", "0", "--batch-size", "3", "--shard-size", "3", "--device", "cpu", "--threads", "1",
             "--engine", "ray", "--actors", "1"]
-    proc = subprocess.Popen([sys.executable, str(FAULTS), ray_address, "0.15", *args],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    try:
-        while not (out / "images" / "part-00000.parquet").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no shard committed in time"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    code = kill_after_first_shard([sys.executable, str(FAULTS), ray_address, "0.15", *args],
+                                  {**os.environ, "HF_HUB_OFFLINE": "1"}, out)
+    assert code == -signal.SIGKILL
     killed = Collection.open(out)
     assert not killed.manifest.complete and 1 <= len(killed.shard_numbers()) < 8
 
