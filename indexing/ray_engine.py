@@ -40,6 +40,7 @@ codes (same quantizer, codebooks and codes) and the merged lists are converted b
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import pickle
 import resource
@@ -64,7 +65,6 @@ from vlsearch.errors import (
     IndexConfigError,
     RayNotInstalledError,
 )
-
 from vlsearch.faiss_index import find_ivf, make_index
 from vlsearch.progress import Progress
 
@@ -149,6 +149,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
 
     ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
     run inside each actor."""
+    require_ray()
     from dataclasses import replace
 
     from vlsearch.models import default_model
@@ -158,7 +159,6 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     config = config or EmbedConfig()
     if config.model is None:
         config = replace(config, model=default_model())
-    require_ray()
     if not isinstance(source, ImageSource):
         source = open_source(source)
     path = Path(collection_dir)
@@ -177,12 +177,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
         if coll is None:
             coll = Collection.create(path, Manifest(model=info, shard_size=config.shard_size,
                                                     source=source.describe()))
-        return _run_ray(ray, coll, source, _chain(first, records), config, ray_config, progress)
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
+        return _run_ray(ray, coll, source, itertools.chain([first], records), config, ray_config, progress)
 
 
 def _model_info(config: EmbedConfig) -> Any:
