@@ -48,3 +48,14 @@ def one_torch_thread():
 
     with cpu_threads(1, faiss=False):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Small searches and trainings: OpenMP threads only add spin-waiting on a shared CPU."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

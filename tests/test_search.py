@@ -28,13 +28,7 @@ N_DISTRACTORS = 1200
 SHARD = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    """Small searches and trainings: OpenMP threads only add spin-waiting on a shared CPU."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _images(folder: Path) -> list[Path]:

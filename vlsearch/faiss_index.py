@@ -209,28 +209,35 @@ def pq_owners(index: Any) -> list[Any]:
 
 # ---- search parameters -----------------------------------------------------------------------
 
-def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None) -> Any:
+def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None, sel: Any = None) -> Any:
     """A FAISS ``SearchParameters`` tree that sets ``nprobe`` / ``k_factor`` for this call only.
 
     Walks the index structure (IDMap -> PreTransform -> Refine -> IVF); ``None`` values keep the
     index's own setting, but it is still passed explicitly so the call never depends on (or
-    changes) mutable index state. Returns None for indexes with no tunable parameter (Flat).
+    changes) mutable index state. ``sel`` (a FAISS ``IDSelector`` over collection ids) restricts
+    the search: it goes to the innermost index (a Refine layer ignores its own), translated
+    through an IDMap's id table. Returns None for indexes with no tunable parameter (Flat) and no
+    selector.
     """
     import faiss
 
     idx = downcast(index)
-    if isinstance(idx, faiss.IndexIDMap):  # IDMap forwards params to the wrapped index
-        return search_parameters(idx.index, nprobe, k_factor)
+    if isinstance(idx, faiss.IndexIDMap):  # (and IDMap2) the wrapped index numbers rows 0..n-1
+        inner_sel = None if sel is None else faiss.IDSelectorTranslated(idx.id_map, sel)
+        params = search_parameters(idx.index, nprobe, k_factor, inner_sel)
+        if params is not None and sel is not None:
+            params.referenced_objects = [inner_sel, sel]  # SWIG holds raw pointers
+        return params
     if isinstance(idx, faiss.IndexPreTransform):
-        inner = search_parameters(idx.index, nprobe, k_factor)
+        inner = search_parameters(idx.index, nprobe, k_factor, sel)
         return None if inner is None else faiss.SearchParametersPreTransform(index_params=inner)
     if isinstance(idx, faiss.IndexRefine):
-        base = search_parameters(idx.base_index, nprobe, k_factor)
+        base = search_parameters(idx.base_index, nprobe, k_factor, sel)
         factor = float(idx.k_factor if k_factor is None else k_factor)
         return faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=base)
     if isinstance(idx, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=int(idx.nprobe if nprobe is None else nprobe))
-    return None
+        return faiss.SearchParametersIVF(nprobe=int(idx.nprobe if nprobe is None else nprobe), sel=sel)
+    return None if sel is None else faiss.SearchParameters(sel=sel)
 
 
 def stored_nprobe(index: Any) -> int | None:

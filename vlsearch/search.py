@@ -41,9 +41,10 @@ from .errors import (
     InvalidQueryError,
 )
 from .exact import DEFAULT_CHUNK_SIZE, exact_search
-from .faiss_index import is_l2, load_index, search_parameters, stored_nprobe
+from .faiss_index import find_ivf, is_l2, load_index, search_parameters, stored_nprobe
 from .results import Hit, Hits, Results, format_hits, hits_to_json_lines, make_hit
 from .rows import MetadataReader, RowLocator, TextCache
+from .subset import SubsetCache, SubsetPolicy, restricted_knn
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -72,6 +73,8 @@ class Searcher:
         text_cache_size: int = 1024,
         metadata_cache_mb: float = 256,
         exact_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        filter_cache_mb: float = 256,
+        subset_policy: SubsetPolicy = SubsetPolicy(),
     ):
         self.collection = collection
         self.index = index
@@ -86,6 +89,10 @@ class Searcher:
         paths = collection.shard_paths(IMAGES_DIR)
         self.row_locator = RowLocator(paths)
         self.metadata_reader = MetadataReader(paths, cache_bytes=int(metadata_cache_mb * (1 << 20)))
+        self.subset_policy = subset_policy
+        self._subsets = SubsetCache(int(filter_cache_mb * (1 << 20)))
+        self._filter_engine: Any = None
+        self._filter_lock = threading.Lock()
         entry = collection.manifest.index or {}
         self.nprobe_default: int | None = entry.get("nprobe_default") or (
             stored_nprobe(index) if index is not None else None)
@@ -106,7 +113,8 @@ class Searcher:
         """Open a collection for search: manifest, id map and (if built) index; the model loads on
         first text/image query. ``mmap=True`` memory-maps the index. ``encoder`` must be the
         collection's model (else CollectionMismatchError). ``options``: ``text_cache_size``,
-        ``metadata_cache_mb``, ``exact_chunk_size``."""
+        ``metadata_cache_mb``, ``exact_chunk_size``, ``filter_cache_mb`` (filter results and the
+        vectors gathered for selective filters), ``subset_policy``."""
         collection = Collection.open(path)
         index = load_index(collection, mmap=mmap) if collection.manifest.index is not None else None
         return cls(collection, index, encoder=encoder, device=device, **options)
@@ -135,35 +143,80 @@ class Searcher:
 
     # ---- public search calls ---------------------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None,
-                    exact: bool = False, k_factor: float | None = None) -> Hits | Results:
-        """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``."""
+                    exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
+        """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
+        ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.filters`)."""
         single = isinstance(text, str)
         texts = _check_texts([text] if single else text)
-        return self._search(self.embed_texts(texts), single, k, nprobe, exact, k_factor)
+        return self._search(self.embed_texts(texts), single, k, nprobe, exact, k_factor, where)
 
     def search_image(self, image: ImageQuery | Sequence[ImageQuery], k: int = 10, nprobe: int | None = None,
-                     exact: bool = False, k_factor: float | None = None) -> Hits | Results:
+                     exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
         """Search by example image (path, PIL image or encoded bytes, or a list of them)."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise InvalidQueryError("no query image given (empty list)")
-        return self._search(self.embed_images(images), single, k, nprobe, exact, k_factor)
+        return self._search(self.embed_images(images), single, k, nprobe, exact, k_factor, where)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, nprobe: int | None = None,
-                      exact: bool = False, k_factor: float | None = None) -> Hits | Results:
+                      exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
         """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``."""
         arr = np.asarray(vector)
-        return self._search(arr, arr.ndim == 1, k, nprobe, exact, k_factor)
+        return self._search(arr, arr.ndim == 1, k, nprobe, exact, k_factor, where)
 
     def knn(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, exact: bool = False,
-            k_factor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw top-k: ``(scores (Q,k) float32 cosine, ids (Q,k) int64)``, id -1 in empty slots."""
+            k_factor: float | None = None, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw top-k: ``(scores (Q,k) float32 cosine, ids (Q,k) int64)``, id -1 in empty slots.
+        With ``where``, the top-k of the images passing the filter (k hits whenever k pass)."""
         q = self._check_vectors(queries)
         k = _check_k(k)
+        if where is not None:
+            return self._filtered_knn(q, k, where, nprobe, exact, k_factor)
         if exact:
             return exact_search(q, self.collection, k, chunk_size=self.exact_chunk_size)
         return self._ann(q, k, nprobe, k_factor)
+
+    # ---- metadata filters ------------------------------------------------------------------
+    @property
+    def filter_engine(self) -> Any:
+        """The :class:`~vlsearch.filters.FilterEngine` over this searcher's shards (non-embedding
+        columns), built on the first filtered query and kept for this collection version."""
+        if self._filter_engine is None:
+            with self._filter_lock:
+                if self._filter_engine is None:
+                    from .filters import FilterEngine
+
+                    self._filter_engine = FilterEngine.from_shards(self.row_locator.paths)
+        return self._filter_engine
+
+    def filter_ids(self, where: str) -> np.ndarray:
+        """Sorted ids of the images passing ``where`` (cached per filter); InvalidQueryError if bad."""
+        return self._subset(where).ids
+
+    def _subset(self, where: str) -> Any:
+        compiled = self.filter_engine.compile(where)
+        return self._subsets.get_or_build(compiled.sql, lambda: self._live(self.filter_engine.matching_ids(compiled)))
+
+    def _live(self, ids: np.ndarray) -> np.ndarray:
+        """The ids this searcher's row map holds (rows it cannot return are never allowed)."""
+        found = self.row_locator.locate(ids)[2]
+        return ids if found.all() else ids[found]
+
+    def _filtered_knn(self, q: np.ndarray, k: int, where: str, nprobe: int | None, exact: bool,
+                      k_factor: float | None) -> tuple[np.ndarray, np.ndarray]:
+        self._check_ann_options(nprobe, k_factor)
+        subset = self._subset(where)
+        ivf = None if self.index is None else find_ivf(self.index)
+        if k_factor is None:  # a filtered shortlist needs more re-ranking than the index default
+            stored = (self.collection.manifest.index or {}).get("refine_k_factor") or 0
+            k_factor = max(float(stored), self.subset_policy.min_k_factor)
+        ann = None if self.index is None else (lambda qq, kk, probe, sel: self._ann(qq, kk, probe, k_factor, sel))
+        return restricted_knn(
+            q, k, subset, self.row_locator, self.dim, ann=ann,
+            ntotal=len(self.row_locator), nprobe=nprobe if nprobe is not None else self.nprobe_default,
+            nlist=None if ivf is None else int(ivf.nlist), exact=exact, policy=self.subset_policy,
+            chunk_size=self.exact_chunk_size)
 
     # ---- embedding queries -----------------------------------------------------------------
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -201,8 +254,8 @@ class Searcher:
 
     # ---- internals -------------------------------------------------------------------------
     def _search(self, vectors: np.ndarray, single: bool, k: int, nprobe: int | None, exact: bool,
-                k_factor: float | None) -> Hits | Results:
-        scores, ids = self.knn(vectors, k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+                k_factor: float | None, where: str | None = None) -> Hits | Results:
+        scores, ids = self.knn(vectors, k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
         results = self.hits(scores, ids)
         return results[0] if single else results
 
@@ -225,21 +278,29 @@ class Searcher:
             results.append(hits)
         return results
 
-    def _ann(self, q: np.ndarray, k: int, nprobe: int | None, k_factor: float | None) -> tuple[np.ndarray, np.ndarray]:
-        if self.index is None:
-            raise IndexNotBuiltError(
-                f"collection {self.collection.path} has no ANN index: run `vlsearch build-index "
-                f"{self.collection.path}` or search with exact=True (--exact)")
+    def _check_ann_options(self, nprobe: int | None, k_factor: float | None) -> None:
         if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe <= 0):
             raise InvalidQueryError(f"nprobe must be a positive integer, got {nprobe!r}")
         if k_factor is not None and not (isinstance(k_factor, (int, float)) and k_factor >= 1):
             raise InvalidQueryError(f"k_factor must be a number >= 1, got {k_factor!r}")
+
+    def _ann(self, q: np.ndarray, k: int, nprobe: int | None, k_factor: float | None,
+             sel: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """ANN top-k; ``sel`` (a FAISS IDSelector) restricts it to the ids it accepts."""
+        if self.index is None:
+            raise IndexNotBuiltError(
+                f"collection {self.collection.path} has no ANN index: run `vlsearch build-index "
+                f"{self.collection.path}` or search with exact=True (--exact)")
+        self._check_ann_options(nprobe, k_factor)
         key = (nprobe if nprobe is not None else self.nprobe_default, k_factor)
-        params = self._params.get(key, _MISSING)
-        if params is _MISSING:  # built once per setting; FAISS only reads them, so sharing is safe
-            params = search_parameters(self.index, *key)
-            if len(self._params) < 1024:
-                self._params[key] = params
+        if sel is not None:  # a selector belongs to one filter: not cached
+            params = search_parameters(self.index, *key, sel=sel)
+        else:
+            params = self._params.get(key, _MISSING)
+            if params is _MISSING:  # built once per setting; FAISS only reads them, so sharing is safe
+                params = search_parameters(self.index, *key)
+                if len(self._params) < 1024:
+                    self._params[key] = params
         scores, ids = self.index.search(q, k, params=params)
         if self._l2:
             scores = np.where(ids >= 0, 1.0 - scores / 2.0, scores).astype(np.float32)

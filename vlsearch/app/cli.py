@@ -385,6 +385,8 @@ def search_cmd(
     exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
+    where: Optional[str] = typer.Option(
+        None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\"."),
     device: str = DEVICE_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
@@ -394,7 +396,7 @@ def search_cmd(
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
     searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
-    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
     hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
 
