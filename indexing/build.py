@@ -213,6 +213,7 @@ def build_index(
     max_bytes_per_vector: int | None = None,
     policy: AutoPolicy = AutoPolicy(),
     use_gpu: bool | None = None,
+    adder: Adder | None = None,
 ) -> dict[str, Any]:
     """Build ``index.faiss`` for a collection and return the manifest's ``index`` entry.
 
@@ -224,18 +225,20 @@ def build_index(
     ``nprobe_default`` / ``k_factor_default``: fix that search default instead of tuning it.
     ``train_size``: training sample size (default: sized from nlist and PQ codebooks).
     ``use_gpu``: default ``faiss.get_num_gpus() > 0``.
+    ``adder``: the add stage (default: stream every shard into the index here); the Ray engine
+    passes its distributed one (:mod:`indexing.ray_engine`).
     """
     coll = collection_dir if isinstance(collection_dir, Collection) else Collection.open(collection_dir)
     with coll.lock():  # one writer at a time; then build from the newest version
         return _build_index(Collection.open(coll.path), index_type, max_memory, metric, nprobe_default, train_size,
                             seed, progress, policy=policy, use_gpu=use_gpu, k_factor_default=k_factor_default,
-                            max_bytes_per_vector=max_bytes_per_vector)
+                            max_bytes_per_vector=max_bytes_per_vector, adder=adder)
 
 
 def _build_index(coll: Collection, index_type: str, max_memory: str | int, metric: str, nprobe_default: int | None,
                  train_size: int | None, seed: int, progress: Progress | None, *, policy: AutoPolicy,
                  use_gpu: bool | None, k_factor_default: float | None,
-                 max_bytes_per_vector: int | None) -> dict[str, Any]:
+                 max_bytes_per_vector: int | None, adder: Adder | None) -> dict[str, Any]:
     timer = _Timer()
     faiss_metric(metric)
     _check_options(nprobe_default, k_factor_default, max_bytes_per_vector)
@@ -259,10 +262,18 @@ def _build_index(coll: Collection, index_type: str, max_memory: str | int, metri
         _train(index, xt, b.gpu, seed)
     del xt
     b.timer.mark("train")
-    index, truth, disk = _add(b, index, plan, xq)
+    if adder is None:
+        index, truth, disk = _add(b, index, plan, xq)
+        extra: dict[str, Any] = {}
+    else:
+        if plan.disk_refine:
+            raise IndexConfigError("Refine(disk) indexes are built by the local engine only: drop --engine ray")
+        index, truth, extra = adder(index, coll, xq, metric, b.batch, b.progress)
+        b.timer.mark("add")
+        disk = {}
     refine = DiskRefine.from_entry(coll.path, {**disk, "metric": metric}) if disk else None
     tuning = _tune(b, index, refine, xq, eval_ids, truth, nprobe_default, k_factor_default)
-    entry = _record(b, index, plan.factory, len(train_pos), len(xq), tuning, refine, disk)
+    entry = _record(b, index, plan.factory, len(train_pos), len(xq), tuning, refine, {**disk, **extra})
     remove_stale(coll.path, keep=disk.values())
     return entry
 
@@ -313,6 +324,11 @@ def _make(b: _Build, plan: IndexPlan) -> Any:
     return index
 
 
+Adder = Callable[..., tuple[Any, np.ndarray, dict[str, Any]]]
+"""The add stage: ``adder(trained_index, coll, eval_queries, metric, batch, progress)`` ->
+``(filled index, exact top-(TUNE_K + 1) ids of the eval queries, extra manifest fields)``."""
+
+
 def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
     """Stream every shard into the index; in the same pass the exact top-(k+1) of the held-out
     queries and, for ``Refine(disk)``, the fp16 rows file. Returns (index, exact ids, rows-file fields)."""
@@ -321,12 +337,9 @@ def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray) -> tuple[Any, n
     with contextlib.ExitStack() as stack:
         rows, disk = (stack.enter_context(vectors_writer(b.coll.path, new_vectors_stem(), np.sort(b.ids), b.coll.dim))
                       if plan.disk_refine else (None, {}))
-        done, with_ids = 0, supports_ids(target)
+        done = 0
         for ids, vecs in b.coll.iter_embeddings(batch_size=b.batch):
-            if with_ids:
-                target.add_with_ids(vecs, ids)
-            else:
-                target.add(vecs)
+            add_vectors(target, ids, vecs)
             exact.add(ids, vecs)
             if rows is not None:
                 rows(ids, vecs)
@@ -334,6 +347,14 @@ def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray) -> tuple[Any, n
             b.progress(done, b.n, stage="add")
     b.timer.mark("add")
     return to_cpu(target), exact.result()[1], disk
+
+
+def add_vectors(index: Any, ids: np.ndarray, vecs: np.ndarray) -> None:
+    """``add_with_ids`` where the index stores ids, else plain ``add`` (ids are then positions)."""
+    if supports_ids(index):
+        index.add_with_ids(vecs, ids)
+    else:
+        index.add(vecs)
 
 
 def _tune(b: _Build, index: Any, refine: DiskRefine | None, xq: np.ndarray, eval_ids: np.ndarray,
@@ -348,7 +369,7 @@ def _tune(b: _Build, index: Any, refine: DiskRefine | None, xq: np.ndarray, eval
 
     tuning = tune(search, xq, eval_ids, drop_self(exact_top, eval_ids, TUNE_K), target=b.policy.target_recall,
                   nlist=int(ivf.nlist) if ivf is not None else None, refine=has_refine, k=TUNE_K, nprobe=nprobe,
-                  k_factor=k_factor if has_refine else None, k_factors=b.policy.k_factors)
+                  k_factor=k_factor if has_refine else None, k_factors=b.policy.k_factors, ntotal=int(index.ntotal))
     set_search_params(index, nprobe=tuning.nprobe, k_factor=tuning.k_factor)
     b.timer.mark("tune")
     b.reasons.append(tuning.message)
@@ -358,7 +379,7 @@ def _tune(b: _Build, index: Any, refine: DiskRefine | None, xq: np.ndarray, eval
 
 
 def _record(b: _Build, index: Any, factory: str, n_train: int, n_eval: int, tuning: Tuning,
-            refine: DiskRefine | None, disk: dict[str, Any]) -> dict[str, Any]:
+            refine: DiskRefine | None, extra: dict[str, Any]) -> dict[str, Any]:
     """Write the index atomically, then its manifest entry (which is returned)."""
     ivf = find_ivf(index)
     entry: dict[str, Any] = {
@@ -369,7 +390,6 @@ def _record(b: _Build, index: Any, factory: str, n_train: int, n_eval: int, tuni
         "k_factor_default": tuning.k_factor,
         "refine_k_factor": tuning.k_factor,
         "refine": "disk-fp16" if refine is not None else ("ram" if find_refine(index) is not None else None),
-        **disk,
         "code_size": code_size(index),
         "bytes_per_vector": payload_bytes(index),
         "disk_bytes_per_vector": round(refine.nbytes / max(index.ntotal, 1), 1) if refine is not None else None,
@@ -387,6 +407,9 @@ def _record(b: _Build, index: Any, factory: str, n_train: int, n_eval: int, tuni
         "reasons": b.reasons,
         "model": b.coll.model.to_dict(),
         "file": INDEX_FILE,
+        "layout": "memory",
+        "engine": "local",
+        **extra,
     }
     index_path = b.coll.path / INDEX_FILE  # the current version may point at a sync's index-vN file
     write_index(index, index_path)

@@ -7,9 +7,12 @@ per-call ``SearchParameters`` tree; the index's own state is not touched while t
 
 The search grid is powers of two of ``nprobe`` (up to ``nlist``) times ``k_factors`` (indexes
 with a refine stage); for each ``k_factor`` nprobe grows until the target is met, nprobe reaches
-nlist, or recall stops rising. The chosen default is the fastest measured setting that meets the
-target; when none does, the most accurate one (the fastest within 0.005 of the best), and
-:attr:`Tuning.met` is False with a plain :attr:`Tuning.message`.
+nlist, or recall stops rising. The chosen default is the cheapest setting that meets the target;
+when none does, the most accurate one (the cheapest within 0.005 of the best), and
+:attr:`Tuning.met` is False with a plain :attr:`Tuning.message`. "Cheapest" is a cost model, not a
+stopwatch, so the same seed always gives the same defaults (and index bytes): codes scanned
+(``nprobe * ntotal / nlist``) plus ``RESCORE_COST`` per re-scored candidate (``k_factor * k``).
+Each trial's measured ms/query is still recorded.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from vlsearch.metrics import ann_recall
 Search = Callable[[np.ndarray, int, "int | None", "float | None"], np.ndarray]
 #: Refine factors tried (candidates re-ranked = k_factor * k).
 K_FACTORS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+#: One full-precision re-score of a candidate costs about this many fast-scan code comparisons.
+RESCORE_COST = 16.0
 #: nprobe stops doubling when a doubling adds less than this to recall@k.
 PLATEAU = 0.002
 
@@ -111,11 +116,12 @@ def _nprobe_grid(nlist: int | None, fixed: int | None, below: int | None = None)
 
 def tune(search: Search, queries: np.ndarray, own_ids: np.ndarray, truth: np.ndarray, *, target: float,
          nlist: int | None, refine: bool, k: int = 10, nprobe: int | None = None,
-         k_factor: float | None = None, k_factors: Sequence[float] = K_FACTORS) -> Tuning:
+         k_factor: float | None = None, k_factors: Sequence[float] = K_FACTORS, ntotal: int = 0) -> Tuning:
     """Search the (nprobe, k_factor) grid; ``truth`` is the exact top-k with each query's own id removed.
 
     ``search(queries, k, nprobe, k_factor)`` returns the ANN ids with those per-call settings.
     ``nprobe`` / ``k_factor`` given fix that parameter (only the other one is tuned).
+    ``ntotal``: vectors in the index (sizes an IVF list in the cost model).
     """
     kfs: list[float | None] = [k_factor] if (k_factor is not None or not refine) else list(k_factors)
     trials: list[Trial] = []
@@ -136,7 +142,12 @@ def tune(search: Search, queries: np.ndarray, own_ids: np.ndarray, truth: np.nda
             break  # a larger k_factor no longer lets a smaller nprobe meet the target
         if met_at == 1 or (met_at is not None and nprobe is not None):
             break
-    return _choose(trials, target, len(queries), _limits(nlist, nprobe, kfs))
+    list_size = ntotal / nlist if nlist else float(ntotal)
+
+    def cost(t: Trial) -> tuple[float, int, float]:
+        return ((t.nprobe or 1) * list_size + (t.k_factor or 0) * k * RESCORE_COST, t.nprobe or 0, t.k_factor or 0)
+
+    return _choose(trials, target, len(queries), _limits(nlist, nprobe, kfs), cost)
 
 
 def _limits(nlist: int | None, nprobe: int | None, kfs: Sequence[float | None]) -> str:
@@ -148,11 +159,11 @@ def _limits(nlist: int | None, nprobe: int | None, kfs: Sequence[float | None]) 
     return ", ".join(parts) or "this index (no search parameter to tune)"
 
 
-def _choose(trials: list[Trial], target: float, n: int, limits: str) -> Tuning:
+def _choose(trials: list[Trial], target: float, n: int, limits: str, cost: Callable[[Trial], Any]) -> Tuning:
     ok = [t for t in trials if t.recall >= target]
     if ok:
-        best = min(ok, key=lambda t: (t.ms_per_query, t.nprobe or 0, t.k_factor or 0))
+        best = min(ok, key=cost)
     else:
         top = max(t.recall for t in trials)
-        best = min((t for t in trials if t.recall >= top - 0.005), key=lambda t: t.ms_per_query)
+        best = min((t for t in trials if t.recall >= top - 0.005), key=cost)
     return Tuning(best.nprobe, best.k_factor, best.recall, target, bool(ok), n, tuple(trials), limits)

@@ -84,3 +84,31 @@ def test_flat_needs_no_tuning(tmp_path, base_and_fresh):
     entry = B.build_index(coll.path, "Flat", policy=SMALL)
     assert entry["target_met"] and entry["recall_at_10"] == 1.0
     assert entry["nprobe_default"] is None and entry["k_factor_default"] is None
+
+
+def test_defaults_are_chosen_by_cost_not_by_the_clock():
+    """Same trials, wildly different timings: the same (cheapest) setting wins, so builds reproduce."""
+    from indexing.tune import Trial, tune
+
+    recall = {(4, 8.0): 0.96, (8, 4.0): 0.96, (1, 8.0): 0.5, (2, 8.0): 0.7}
+    picks = set()
+    for clock in (1.0, 100.0):
+        def search(q, k, p, kf):
+            return np.zeros((len(q), k), np.int64)
+
+        import indexing.tune as T
+
+        def trial(search, queries, own, truth, k, nprobe, k_factor, clock=clock):
+            slow = clock if nprobe == 4 else 1.0  # the cheap setting measured slow on a busy machine
+            return Trial(nprobe, k_factor, recall.get((nprobe, k_factor), 0.0), slow)
+
+        orig = T._trial
+        T._trial = trial
+        try:
+            t = tune(search, np.zeros((3, 4), np.float32), np.zeros(3, np.int64), np.zeros((3, 10), np.int64),
+                     target=0.95, nlist=64, refine=True, k_factors=(4.0, 8.0), ntotal=64_000)
+        finally:
+            T._trial = orig
+        picks.add((t.nprobe, t.k_factor))
+        assert t.met
+    assert picks == {(4, 8.0)}  # 4 lists of 1,000 codes + 80 re-scores beats 8 lists + 40 re-scores

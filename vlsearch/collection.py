@@ -404,14 +404,16 @@ class Collection:
         return self.read_table(FAILURES_DIR)
 
     def iter_embeddings(
-        self, kind: str = IMAGES_DIR, batch_size: int = 65_536, id_column: str | None = None
+        self, kind: str = IMAGES_DIR, batch_size: int = 65_536, id_column: str | None = None,
+        paths: Sequence[Path] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(ids int64, vectors float32 (B, dim))`` over all shards with bounded memory.
 
-        ``id_column`` defaults to ``id`` for images and ``image_id`` for captions.
+        ``id_column`` defaults to ``id`` for images and ``image_id`` for captions; ``paths``: only
+        these shard files (e.g. one worker's group), in the order given.
         """
         id_column = id_column or ("id" if kind == IMAGES_DIR else "image_id")
-        for path in self.shard_paths(kind):
+        for path in self.shard_paths(kind) if paths is None else paths:
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
                 ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)

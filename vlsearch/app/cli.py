@@ -21,13 +21,17 @@ from .options import (
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
     EMBED,
+    ENGINE,
     MODEL_OPT,
+    PARTS,
     PRETRAINED_OPT,
     SOURCE_ARG,
     COLLECTION_ARG,
     TRAIN,
     BuildOptions,
     EmbedOptions,
+    EngineOptions,
+    PartsOptions,
     with_groups,
 )
 
@@ -223,32 +227,34 @@ def bench_cmd(
 
 @app.command("embed")
 @handle_errors
-@with_groups(EMBED)
-def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None) -> None:
+@with_groups(EMBED, ENGINE)
+def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
+              engine: Any = None) -> None:
     """Encode an image source into a collection of Parquet shards (rerun: resume, or sync when finished)."""
-    _embed_and_report(source, collection_dir, embed)
+    _embed_and_report(source, collection_dir, embed, engine)
 
 
 @app.command("build-index")
 @handle_errors
-@with_groups(BUILD)
-def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None) -> None:
+@with_groups(BUILD, ENGINE, PARTS)
+def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None, engine: Any = None,
+                    parts: Any = None) -> None:
     """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
-    _build_and_report(collection_dir, build)
+    _build_and_report(collection_dir, build, engine, parts)
 
 
 @app.command("index")
 @handle_errors
-@with_groups(EMBED, BUILD)
+@with_groups(EMBED, BUILD, ENGINE, PARTS)
 def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
-              build: Any = None) -> None:
+              build: Any = None, engine: Any = None, parts: Any = None) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
     from ..collection import Collection
 
-    synced = _embed_and_report(source, collection_dir, embed)
+    synced = _embed_and_report(source, collection_dir, embed, engine)
     if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
-        _build_and_report(collection_dir, build)
+        _build_and_report(collection_dir, build, engine, parts)
 
 
 @app.command("compact")
@@ -262,9 +268,9 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG) -> None:
                f"{collection_dir} version {result['version']}")
 
 
-def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions) -> bool:
-    """Run ``indexing.embed`` (or ``indexing.sync`` on a finished collection) with a tqdm bar and
-    print the counts (shared by ``embed`` and ``index``). Returns whether it synced."""
+def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, engine: EngineOptions) -> bool:
+    """Run ``indexing.embed`` (its Ray engine, or ``indexing.sync`` on a finished collection) with a
+    tqdm bar and print the counts (shared by ``embed`` and ``index``). Returns whether it synced."""
     import time
 
     from indexing.embed import embed
@@ -273,14 +279,20 @@ def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions) -
 
     src = options.open_source(source)
     path = Path(collection_dir)
-    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete:
+    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete and engine.ray_config() is None:
         _sync_and_report(src, path, options.config(), options.dry_run)
         return True
     if options.dry_run:
         raise typer.BadParameter("--dry-run needs a finished collection to compare with")
+    ray_config = engine.ray_config()
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
-        coll = embed(src, collection_dir, options.config(), progress=bar)
+        if ray_config is None:
+            coll = embed(src, collection_dir, options.config(), progress=bar)
+        else:
+            from indexing.ray_engine import embed_ray
+
+            coll = embed_ray(src, collection_dir, options.config(), ray_config, progress=bar)
     c = coll.manifest.counts
     typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
                f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
@@ -304,13 +316,27 @@ def _sync_and_report(src: Any, path: Path, config: Any, dry_run: bool) -> None:
         typer.echo(f"note: {advice}")
 
 
-def _build_and_report(collection_dir: str, options: BuildOptions) -> None:
+def _build_and_report(collection_dir: str, options: BuildOptions, engine: EngineOptions,
+                      parts: PartsOptions) -> None:
+    """Run ``indexing.build`` (or its Ray engine) with a tqdm bar and print the index entry."""
     from indexing.build import build_index, index_summary
 
+    ray_config = engine.ray_config()
+    if ray_config is None and (parts.on_disk or parts.parts):
+        raise typer.BadParameter("--on-disk and --parts need --engine ray")
     with TqdmProgress("build-index", unit="vec") as bar:
-        entry = build_index(collection_dir, progress=bar, **options.kwargs())
+        if ray_config is None:
+            entry = build_index(collection_dir, progress=bar, **options.kwargs())
+        else:
+            from indexing.ray_engine import build_index_ray
+
+            entry = build_index_ray(collection_dir, progress=bar, ray_config=ray_config, parts=parts.parts,
+                                    on_disk=parts.on_disk, **options.kwargs())
     for line in index_summary(entry):
         typer.echo(line)
+    if entry.get("engine") == "ray":
+        typer.echo(f"  ray: {entry['parts']} parts merged, inverted lists {entry['layout']}"
+                   + (f" ({entry['ivfdata']})" if entry.get("ivfdata") else ""))
     for reason in entry["reasons"]:
         typer.echo(f"  - {reason}")
 

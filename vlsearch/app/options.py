@@ -87,6 +87,38 @@ class BuildOptions:
         return {**dataclasses.asdict(self), "metric": "ip"}
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where ``embed``, ``build-index`` and ``index`` run: here, or on a Ray cluster."""
+
+    engine: str = _option("local", "--engine",
+                          help="local (this process) or ray (a Ray cluster; pip install 'vlsearch[ray]').")
+    address: Optional[str] = _option(None, "--address",
+                                     help="Ray cluster: auto, ray://head:10001 (default: $RAY_ADDRESS or a new local Ray).")
+    actors: int = _option(2, "--actors", min=1, help="Ray: parallel actors/tasks (one model per embedding actor).")
+    gpus_per_actor: float = _option(0.0, "--gpus-per-actor", min=0.0, help="Ray: GPUs per actor (e.g. 1, or 0.5).")
+
+    def ray_config(self) -> Any:
+        """The :class:`indexing.ray_engine.RayConfig` of ``--engine ray``; None for the local engine."""
+        if self.engine not in ("local", "ray"):
+            raise typer.BadParameter(f"--engine must be local or ray, not {self.engine!r}")
+        if self.engine == "local":
+            return None
+        from indexing.ray_engine import RayConfig
+
+        return RayConfig(address=self.address, actors=self.actors, gpus_per_actor=self.gpus_per_actor)
+
+
+@dataclass(frozen=True)
+class PartsOptions:
+    """How ``--engine ray`` splits and merges an index build."""
+
+    parts: Optional[int] = _option(None, "--parts", min=1,
+                                   help="Ray: index parts built in parallel, then merged (default 2 x actors).")
+    on_disk: bool = _option(False, "--on-disk", help="Ray: merge the inverted lists into a file beside the index "
+                                                     "(memory-mapped by searches; needs a plain IVF code).")
+
+
 # ---- train: every flag is an override of the config file (or of TrainConfig's defaults) -----------
 @dataclass(frozen=True)
 class TrainFlag:
@@ -181,6 +213,8 @@ def group_of(name: str, cls: type) -> OptionGroup:
 
 EMBED = group_of("embed", EmbedOptions)
 BUILD = group_of("build", BuildOptions)
+ENGINE = group_of("engine", EngineOptions)
+PARTS = group_of("parts", PartsOptions)
 TRAIN = OptionGroup("overrides", tuple(
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_train_option(f), annotation=Optional[f.type])
     for f in TRAIN_FLAGS), train_overrides)
