@@ -30,6 +30,8 @@ _PRETRAINED_OPT = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org
 _BATCH_OPT = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
 _WORKERS_OPT = typer.Option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process).")
 _DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
+_PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 where this CPU/GPU runs "
+                              "it fast, else fp32; `vlsearch info` says which), fp32, bf16, fp16 or int8 (CPU).")
 _SHARD_OPT = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
 _SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
 _COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, or resumed).")
@@ -130,6 +132,10 @@ def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
     }
+    from .models import resolve_device
+    from .precision import describe_auto
+
+    info.update(describe_auto(resolve_device("auto")))
     if as_json:
         typer.echo(json.dumps(info))
     else:
@@ -145,11 +151,12 @@ def encode_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
     pretrained: Optional[str] = _PRETRAINED_OPT,
     device: str = _DEVICE_OPT,
+    precision: str = _PRECISION_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
     from .models import DEFAULT_MODEL, load_model
 
-    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device)
+    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device, precision=precision)
     rows = []
     if texts:
         rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
@@ -215,6 +222,7 @@ def embed_cmd(
     batch_size: int = _BATCH_OPT,
     workers: int = _WORKERS_OPT,
     device: str = _DEVICE_OPT,
+    precision: str = _PRECISION_OPT,
     shard_size: int = _SHARD_OPT,
     threads: Optional[int] = _THREADS_OPT,
     decode_timeout: float = _DECODE_TIMEOUT_OPT,
@@ -239,6 +247,7 @@ def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any])
 
     config = EmbedConfig(model=options["model"] or DEFAULT_MODEL, pretrained=options["pretrained"],
                          batch_size=options["batch_size"], workers=options["workers"], device=options["device"],
+                         precision=options["precision"],
                          shard_size=options["shard_size"], threads=options["threads"],
                          decode_timeout=options["decode_timeout"] or None)
     src = open_source(source, kind=options["source_type"], image_column=options["image_column"],
@@ -297,6 +306,7 @@ def index_cmd(
     batch_size: int = _BATCH_OPT,
     workers: int = _WORKERS_OPT,
     device: str = _DEVICE_OPT,
+    precision: str = _PRECISION_OPT,
     shard_size: int = _SHARD_OPT,
     threads: Optional[int] = _THREADS_OPT,
     decode_timeout: float = _DECODE_TIMEOUT_OPT,
@@ -388,6 +398,7 @@ def classify_cmd(
     model: Optional[str] = _MODEL_OPT,
     pretrained: Optional[str] = _PRETRAINED_OPT,
     device: str = _DEVICE_OPT,
+    precision: str = _PRECISION_OPT,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
@@ -400,7 +411,7 @@ def classify_cmd(
         templates = [t for t in Path(templates[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device)
+    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device, precision=precision)
     try:
         with TqdmProgress("classify", unit="img") as bar:
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
@@ -433,13 +444,14 @@ def search_cmd(
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
     device: str = _DEVICE_OPT,
+    precision: str = _PRECISION_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
     from .search import Searcher, format_hits, hits_to_json_lines
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision)
     options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
     hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
@@ -475,13 +487,14 @@ def demo_cmd(
                                           help="Generated held-out pictures, indexed and benchmarked [default: 500]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
+    precision: str = _PRECISION_OPT,
 ) -> None:
     """Generate a captioned dataset, train a tiny CLIP, index, search and benchmark it: offline, on CPU."""
     from dataclasses import replace
 
     from .demo import DemoConfig, format_report, run_demo
 
-    changes = {"heldout": heldout, "epochs": epochs}
+    changes = {"heldout": heldout, "epochs": epochs, "precision": precision}
     config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
     bars = _StageBars()
     try:

@@ -67,3 +67,7 @@ class InvalidQueryError(VlsearchError, ValueError):
 
 class TrainingError(VlsearchError):
     """Training cannot start or continue (bad data, incompatible checkpoint...)."""
+
+
+class PrecisionError(VlsearchError, ValueError):
+    """An unknown inference precision, or one the device cannot run (int8 on CUDA)."""

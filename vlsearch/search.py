@@ -380,10 +380,12 @@ class Searcher:
         text_cache_size: int = 1024,
         metadata_cache_mb: float = 256,
         exact_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        precision: str = "auto",
     ):
         self.collection = collection
         self.index = index
         self.device = device
+        self.precision = precision  #: of the query model (see vlsearch.precision)
         self.exact_chunk_size = int(exact_chunk_size)
         if encoder is not None:
             collection.check_model(encoder.info, what="query model")
@@ -414,7 +416,7 @@ class Searcher:
         """Open a collection for search: manifest, id map and (if built) index; the model loads on
         first text/image query. ``mmap=True`` memory-maps the index. ``encoder`` must be the
         collection's model (else CollectionMismatchError). ``options``: ``text_cache_size``,
-        ``metadata_cache_mb``, ``exact_chunk_size``."""
+        ``metadata_cache_mb``, ``exact_chunk_size``, ``precision`` (of the query model)."""
         collection = Collection.open(path)
         index = load_index(collection, mmap=mmap) if collection.manifest.index is not None else None
         return cls(collection, index, encoder=encoder, device=device, **options)
@@ -436,7 +438,7 @@ class Searcher:
                     from .models import load_model
 
                     m = self.collection.manifest.model
-                    enc = load_model(m.name, m.pretrained, device=self.device)
+                    enc = load_model(m.name, m.pretrained, device=self.device, precision=self.precision)
                     self.collection.check_model(enc.info, what="query model")
                     self._encoder = enc
         return self._encoder
