@@ -49,7 +49,7 @@ def _upscale(job: tuple[Path, Path, bool]) -> None:
 
     src, dest, portrait = job
     size = CAMERA_SIZE[::-1] if portrait else CAMERA_SIZE
-    img = Image.open(src).convert("RGB").resize(size, Image.BICUBIC)
+    img = Image.open(src).convert("RGB").resize(size, Image.BILINEAR)
     img.save(dest.with_suffix(".tmp"), "JPEG", quality=90)
     dest.with_suffix(".tmp").rename(dest)
 

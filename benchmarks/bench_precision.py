@@ -148,8 +148,9 @@ def run_recall(args: argparse.Namespace) -> None:
             row["mean cos"] = round(float(np.concatenate([(images * ref[0]).sum(1), (texts * ref[1]).sum(1)]).mean()), 6)
         print(row, flush=True)
         rows.append(row)
-    save(f"recall-{args.model}-{'-'.join(r['precision'] for r in rows)}", {"kind": "recall", "model": args.model, "rows": rows, "command": command_line(),
-                                  "machine": machine(), "load": os.getloadavg()[0]})
+        save(f"recall-{args.model}-{args.precisions.replace(',', '-')}",  # after each: a timeout keeps the rest
+             {"kind": "recall", "model": args.model, "rows": rows, "command": command_line(), "machine": machine(),
+              "load": os.getloadavg()[0]})
     write_report()
 
 
