@@ -125,8 +125,10 @@ def benchmark_bf16(budget_s: float = 0.25) -> Bf16Benchmark:
     """Time fp32 against bf16 (weights and inputs) on each op kind; a few hundred ms in all."""
     start = time.perf_counter()
     speedup = {}
+    with torch.random.fork_rng(devices=[]):  # seeding the ops must not touch the caller's RNG
+        ops = _ops()
     with torch.inference_mode():
-        for kind, (module, x) in _ops().items():
+        for kind, (module, x) in ops.items():
             fp32 = _seconds_per_call(lambda: module(x), budget_s / 4)
             half, xb = module.to(torch.bfloat16), x.to(torch.bfloat16)
             bf16 = _seconds_per_call(lambda: half(xb), budget_s / 4)
