@@ -67,7 +67,9 @@ def _n_for_budget(fn_one, batch: int, seconds: float) -> int:
 
 
 def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
-    return round(float((a * b).sum(1).min()), 5)
+    """Smallest cosine between matching rows (unit vectors); the rows both encoded."""
+    n = min(len(a), len(b))
+    return round(float((a[:n] * b[:n]).sum(1).min()), 5)
 
 
 def speed_row(name: str, precision: str, pixels: torch.Tensor, captions: list[str], ref: dict | None,
