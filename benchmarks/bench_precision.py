@@ -172,6 +172,15 @@ RECALL_COLUMNS = ["model", "precision", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R
                   "min cos images", "min cos texts", "mean cos", "images s", "texts s"]
 
 
+NOTES = """- `n images` / `n texts`: how many items one timed call encoded (fewer for modes so slow that a batch of 32
+  would not fit the timing window). Speed-ups are against fp32 in the same run; agreement (`min cos`) is on
+  the same real flickr8k-test images and captions, model weights seeded identically (ViT-B-32 is random-init:
+  its pretrained weights cannot be downloaded here, so its retrieval quality under bf16 is judged by this
+  cosine agreement, not by recall).
+- Query latency: one caption per call (`Encoder.encode_texts([q])`, tokenisation included), batch 1.
+- GPU: no GPU was available to this run; the CUDA path (bf16/fp16 autocast) is unchanged and unmeasured here."""
+
+
 def write_report() -> None:
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     parts = ["## Inference precision on CPU (`benchmarks/bench_precision.py`)", ""]
@@ -189,6 +198,7 @@ def write_report() -> None:
     for run in (r for r in runs if r["kind"] == "recall"):
         parts += [f"Flickr8k-test retrieval (%) per precision, {run['machine']}; load average {run['load']:.1f}. "
                   f"`{run['command']}`", "", _table(run["rows"], RECALL_COLUMNS), ""]
+    parts.append(NOTES)
     write_section("precision", "\n".join(parts))
 
 
