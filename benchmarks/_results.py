@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description and RESULTS.md sections.
+"""Helpers shared by the benchmark scripts: machine description, RESULTS.md sections, and the
+index a benchmark measures (built once, reused).
 
 Each script owns one section of ``benchmarks/RESULTS.md`` between ``<!-- NAME:start -->`` and
 ``<!-- NAME:end -->`` markers and rewrites only that section, so scripts can run in any order.
@@ -51,6 +52,17 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def ensure_index(collection_dir: str | os.PathLike, index_type: str = "auto", **build_options: object) -> dict:
+    """The collection's index entry: the existing one, else ``indexing.build.build_index``'s."""
+    from indexing.build import build_index
+    from vlsearch.collection import Collection
+
+    coll = Collection.open(collection_dir)
+    if coll.has_index():
+        return coll.manifest.index
+    return build_index(coll.path, index_type=index_type, **build_options)
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:

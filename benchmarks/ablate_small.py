@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 from benchmarks.bench_small import DATA, flickr_metrics  # noqa: E402
 from benchmarks.train_small import MODEL_CONFIG  # noqa: E402
 
@@ -60,14 +61,13 @@ def describe(config: dict, model_cfg: dict) -> list[object]:
 
 def score(run: Path, model: str, cache: Path, threads: int) -> dict:
     """Flickr8k-test figures of ``run``'s model.pt (``model``'s config must be registered)."""
-    import torch
 
     from vlsearch.models import load_model
 
     cached = run / "test.json"
     if cached.is_file() and cached.stat().st_mtime >= (run / "model.pt").stat().st_mtime:
         return json.loads(cached.read_text())
-    torch.set_num_threads(threads)
+    set_process_threads(threads)
     encoder = load_model(model, pretrained=run / "model.pt", device="cpu")
     metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache)
     cached.write_text(json.dumps(metrics, indent=1))

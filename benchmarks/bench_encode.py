@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 from indexing.decode import decode_batches  # noqa: E402
 from indexing.embed import EmbedConfig, embed  # noqa: E402
 from indexing.sources import open_source  # noqa: E402
@@ -175,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"data not found: {args.data}")
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     source = camera_gallery(args.images) if args.gallery == "camera" else args.data
     load_start = os.getloadavg()
     rows = []

@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from benchmarks._results import command_line, ensure_index, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
+from vlsearch.bench import benchmark_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-test"
@@ -42,27 +44,13 @@ def embed_collection(args: argparse.Namespace, coll_dir: Path) -> dict:
     from vlsearch.models import load_model
 
     torch.manual_seed(args.seed)  # random-init weights are reproducible
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     start = time.perf_counter()
     encoder = load_model(args.model, args.pretrained, device="cpu")
     config = EmbedConfig(model=args.model, pretrained=args.pretrained, batch_size=args.batch_size,
                          workers=1, device="cpu", threads=args.threads, shard_size=args.shard_size)
     coll = embed(DATA / "captions.csv", coll_dir, config, encoder=encoder)
     return {"seconds": round(time.perf_counter() - start, 1), "counts": coll.manifest.counts}
-
-
-def build(coll_dir: Path, factory: str) -> dict | None:
-    from vlsearch.collection import Collection
-
-    coll = Collection.open(coll_dir)
-    if coll.has_index():
-        return coll.manifest.index
-    try:
-        from indexing.build import build_index
-    except ImportError:
-        print("indexing.build is not available: exact search only", file=sys.stderr)
-        return None
-    return build_index(coll_dir, index_type=factory, seed=0)
 
 
 def report() -> str:
@@ -91,7 +79,7 @@ def report() -> str:
                   f"Embedding (1,000 images + 5,000 captions) took {run['embed']['seconds']} s"
                   + (f"; index `{res['index']['factory']}` (nlist {res['index']['nlist']})" if res["index"] else "")
                   + ".", ""]
-        parts += [_table(res), ""]
+        parts += [markdown_table(*benchmark_rows(res)), ""]
         parts += [f"Note: {n}" for n in res["notes"]]
         parts += [""]
     parts += [f"What to expect with real weights: {REFERENCE}. That test split has the same shape as "
@@ -100,30 +88,6 @@ def report() -> str:
               "ways, t2i MRR ~ 0.0075, t2i median rank ~ 500): those rows check the pipeline, not the "
               "model. The ViT-B-32 embedding time is inflated by the shared, niced CPU.", ""]
     return "\n".join(parts)
-
-
-def _table(res: dict) -> str:
-    ks = res["ks"]
-    k = res["k"]
-    headers = (["search", "nprobe", "dir"] + [f"R@{x}" for x in ks]
-               + ["MRR", f"MRR@{k}", "median rank", f"ANN R@{k}", "QPS", "p50 ms", "p99 ms"])
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    def num(v, fmt="{:.3g}"):
-        return "-" if v is None else fmt.format(v)
-
-    def row(name, nprobe, direction, m, ann, t):
-        lat = (t or {}).get("latency_ms") or {}
-        return [name, num(nprobe, "{}"), direction] + [pct(m[f"R@{x}"]) for x in ks] + [
-            num(m["mrr"], "{:.4f}"), num(m[f"mrr@{k}"], "{:.4f}"), num(m["median_rank"], "{:g}"), pct(ann), num((t or {}).get("qps"), "{:,.0f}"),
-            num(lat.get("p50"), "{:.2f}"), num(lat.get("p99"), "{:.2f}")]
-
-    ex = res["exact"]
-    rows = [row("exact", None, "t2i", ex["t2i"], 1.0, ex), row("exact", None, "i2t", ex["i2t"], None, None)]
-    rows += [row("ann", a["nprobe"], "t2i", a["t2i"], a["ann_recall"]["recall"], a) for a in res["ann"]]
-    return markdown_table(headers, rows)
 
 
 def main() -> None:
@@ -155,7 +119,7 @@ def main() -> None:
         if (run_dir / "embed.json").exists() and embed_info["seconds"] < 60:
             embed_info = json.loads((run_dir / "embed.json").read_text())  # keep the first run's time
         (run_dir / "embed.json").write_text(json.dumps(embed_info))
-        build(run_dir / "collection", args.index)
+        ensure_index(run_dir / "collection", args.index, seed=0)
         from vlsearch.bench import BenchConfig, plot_results, run_benchmark
 
         nprobes = tuple(int(n) for n in args.nprobe.split(","))

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.synthetic import load_dataset  # noqa: E402
+from vlsearch.metrics import ann_recall  # noqa: E402
 
 KS = (1, 10, 100)
 
@@ -52,10 +53,6 @@ def build_in_subprocess(view: Path, index_type: str, max_memory: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
-
-
 def measure(index, queries: np.ndarray, gt: np.ndarray, latency_queries: int) -> dict:
     t0 = time.perf_counter()
     _, found = index.search(queries, max(KS))
@@ -65,7 +62,7 @@ def measure(index, queries: np.ndarray, gt: np.ndarray, latency_queries: int) ->
         t = time.perf_counter()
         index.search(q[None], 10)
         lat.append(time.perf_counter() - t)
-    out = {f"R@{k}": recall(found, gt, k) for k in KS}
+    out = {f"R@{k}": ann_recall(found, gt, k) for k in KS}
     out.update(qps=len(queries) / batched, p50_ms=1e3 * float(np.percentile(lat, 50)),
                p99_ms=1e3 * float(np.percentile(lat, 99)))
     return out
@@ -85,7 +82,8 @@ def main() -> None:
 
     import faiss
 
-    from indexing.build import AutoPolicy, auto_nlist, find_ivf, load_index, set_search_params
+    from indexing.plan import AutoPolicy, auto_nlist
+    from vlsearch.faiss_index import find_ivf, load_index, set_search_params
 
     data = load_dataset(args.n, 512, args.queries)
     q, gt = data.queries, data.gt_ids
@@ -106,7 +104,7 @@ def main() -> None:
     exact_p50 = 1e3 * float(np.median(lat))
     del flat
     print(f"exact Flat IP: {exact_qps:.0f} q/s batched, p50 {exact_p50:.1f} ms (R@10 vs cached gt "
-          f"{recall(ex, gt, 10):.3f})", flush=True)
+          f"{ann_recall(ex, gt, 10):.3f})", flush=True)
 
     nlist = auto_nlist(args.n, AutoPolicy())
     nprobes = [int(x) for x in args.nprobes.split(",") if x]

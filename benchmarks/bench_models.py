@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 from vlsearch.models import load_model  # noqa: E402
 
 CAPTION = "a brown dog runs along the beach with a red ball in its mouth"
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0, help="minimum timing window per measurement")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     rows = [measure(m, args.batch_size, args.seconds) for m in args.models.split(",")]
     table = markdown_table(["model", "params", "input px", "dim", "images/s", "texts/s"], rows)
     print(table)

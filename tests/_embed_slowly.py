@@ -19,6 +19,6 @@ def _slow_load_image(*args, **kwargs):
 decode.load_image = _slow_load_image
 
 if __name__ == "__main__":
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     app(prog_name="vlsearch")

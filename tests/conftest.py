@@ -46,9 +46,18 @@ def shared_data() -> Path:
 def one_torch_thread():
     """One torch thread: tiny models gain nothing from more, and on a shared, loaded machine
     multi-threaded kernels spin-wait (10x the CPU time per step measured here)."""
-    import torch
+    from vlsearch.threads import cpu_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with cpu_threads(1, faiss=False):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Small searches and trainings: OpenMP threads only add spin-waiting on a shared CPU."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    faiss.omp_set_num_threads(before)

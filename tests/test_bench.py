@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vlsearch.bench import BenchConfig, format_table, run_benchmark
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, Manifest, embedding_array
 from vlsearch.errors import CollectionError
 from vlsearch.models import TINY_MODEL, ModelInfo

@@ -11,13 +11,15 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from indexing import build as B  # noqa: E402
+from indexing import build  # noqa: E402
+from indexing import plan as P  # noqa: E402
+from vlsearch import faiss_index  # noqa: E402
 from vlsearch.collection import Collection, Manifest, embedding_array  # noqa: E402
 from vlsearch.errors import CollectionMismatchError, IndexConfigError, IndexNotBuiltError  # noqa: E402
 from vlsearch.modelinfo import ModelInfo  # noqa: E402
 
 DIM = 32
-SMALL = B.AutoPolicy(flat_max_n=1000, nlist_factor=1.0, min_nlist=16, fastscan_bytes=8,
+SMALL = P.AutoPolicy(flat_max_n=1000, nlist_factor=1.0, min_nlist=16, fastscan_bytes=8,
                      max_bytes_per_vector=64, train_per_centroid=40, eval_queries=100)
 
 
@@ -57,10 +59,10 @@ KINDS = ["Flat", "IVF32,Flat", "IVF32,PQ16x4fs", "IVF32,PQ16x4fs,RFlat", "IVF32,
 def test_every_kind_maps_ids_to_rows(tmp_path, data, factory):
     ids = np.arange(len(data), dtype=np.int64) * 7 + 1000  # not 0..N-1: ids must come from the shards
     coll = make_collection(tmp_path / "c", data, ids)
-    entry = B.build_index(coll.path, factory, policy=SMALL)
-    index = B.load_index(coll.path)
+    entry = build.build_index(coll.path, factory, policy=SMALL)
+    index = faiss_index.load_index(coll.path)
     assert index.ntotal == len(data) and entry["ntotal"] == len(data)
-    B.set_search_params(index, nprobe=32, k_factor=10)
+    faiss_index.set_search_params(index, nprobe=32, k_factor=10)
     q, own = data[::100], ids[::100]
     _, found = index.search(q, 50)
     assert set(found.ravel()) <= set(ids)
@@ -77,27 +79,27 @@ def test_every_kind_maps_ids_to_rows(tmp_path, data, factory):
 
 def test_auto_flat_for_small_ivf_pq_above_threshold(tmp_path, data):
     small = make_collection(tmp_path / "small", data[:800])
-    assert B.build_index(small.path, policy=SMALL)["factory"] == "Flat"
+    assert build.build_index(small.path, policy=SMALL)["factory"] == "Flat"
     big = make_collection(tmp_path / "big", data)
-    entry = B.build_index(big.path, policy=SMALL)
+    entry = build.build_index(big.path, policy=SMALL)
     assert entry["factory"].startswith("IVF") and "x4fs" in entry["factory"] and "Refine(" in entry["factory"]
     assert entry["nlist"] >= 16 and entry["bytes_per_vector"] <= 64
     assert entry["recall_at_10"] >= 0.95 and entry["nprobe_default"] >= 1
-    index = B.load_index(big.path)
-    assert B.find_ivf(index).nprobe == entry["nprobe_default"]  # stored in the file too
+    index = faiss_index.load_index(big.path)
+    assert faiss_index.find_ivf(index).nprobe == entry["nprobe_default"]  # stored in the file too
     assert any("flat_max_n" in r for r in entry["reasons"])
 
 
 def test_auto_respects_memory_budget():
-    plan = B.choose_index(2_000_000, 512, B.parse_memory("30MB"))
+    plan = P.choose_index(2_000_000, 512, P.parse_memory("30MB"))
     assert "Refine" not in plan.factory  # 30 MB / 2M vectors leaves no room for a refine code
-    assert B.choose_index(1_000_000, 512, B.parse_memory("4GB")).factory == "IVF4096,PQ64x4fs,Refine(SQ8)"
+    assert P.choose_index(1_000_000, 512, P.parse_memory("4GB")).factory == "IVF4096,PQ64x4fs,Refine(SQ8)"
     # a tighter budget trades the refine code down: 80% of 100 MiB over 1M vectors -> 83 bytes each
-    assert B.choose_index(1_000_000, 512, B.parse_memory("100MB")).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
-    assert B.choose_index(10_000_000, 512, B.parse_memory("4GB")).factory == "IVF16384,PQ64x4fs,Refine(SQ4)"
-    compact = B.AutoPolicy(max_bytes_per_vector=80)
-    assert B.choose_index(1_000_000, 512, B.parse_memory("4GB"), policy=compact).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
-    assert B.choose_index(1000, 512, B.parse_memory("1MB")).factory != "Flat"  # Flat would not fit
+    assert P.choose_index(1_000_000, 512, P.parse_memory("100MB")).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
+    assert P.choose_index(10_000_000, 512, P.parse_memory("4GB")).factory == "IVF16384,PQ64x4fs,Refine(SQ4)"
+    compact = P.AutoPolicy(max_bytes_per_vector=80)
+    assert P.choose_index(1_000_000, 512, P.parse_memory("4GB"), policy=compact).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
+    assert P.choose_index(1000, 512, P.parse_memory("1MB")).factory != "Flat"  # Flat would not fit
 
 
 def test_training_sample_is_uniform_not_first_rows(tmp_path):
@@ -106,16 +108,16 @@ def test_training_sample_is_uniform_not_first_rows(tmp_path):
     first = np.tile(clustered(1, seed=5), (1000, 1)) + 0.001 * rng.standard_normal((1000, DIM)).astype(np.float32)
     rest = clustered(3000, seed=2)
     coll = make_collection(tmp_path / "c", np.concatenate([first, rest]))
-    train, held = B.sample_positions(4000, 1200, 100, seed=0)
+    train, held = build.sample_positions(4000, 1200, 100, seed=0)
     assert len(set(train) & set(held)) == 0
     assert 0.15 < (train < 1000).mean() < 0.35  # ~25 % from the first shard, not 100 %
-    xt, xq = B.gather_rows(coll, [train, held], batch_size=512)
+    xt, xq = build.gather_rows(coll, [train, held], batch_size=512)
     assert np.allclose(xt, coll.read_embeddings()[1][train])
-    entry = B.build_index(coll.path, "IVF32,Flat", train_size=1200, policy=SMALL)
+    entry = build.build_index(coll.path, "IVF32,Flat", train_size=1200, policy=SMALL)
     assert entry["train_size"] == 1200
     # centroids cover the spread of the whole collection, so lists are not all in one cell
-    index = B.load_index(coll.path)  # keep a reference: find_ivf returns a view into it
-    ivf = B.find_ivf(index)
+    index = faiss_index.load_index(coll.path)  # keep a reference: find_ivf returns a view into it
+    ivf = faiss_index.find_ivf(index)
     sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
     assert sizes.max() < 0.5 * ivf.ntotal
 
@@ -123,49 +125,49 @@ def test_training_sample_is_uniform_not_first_rows(tmp_path):
 def test_reproducible_with_seed(tmp_path, data):
     coll = make_collection(tmp_path / "c", data)
     factory = "PCA16,IVF32,PQ8x4fs,Refine(SQ8)"
-    B.build_index(coll.path, factory, seed=3, policy=SMALL)
+    build.build_index(coll.path, factory, seed=3, policy=SMALL)
     first = coll.index_path.read_bytes()
-    d1, i1 = B.load_index(coll.path).search(data[:50], 10)
-    B.build_index(coll.path, factory, seed=3, policy=SMALL)
+    d1, i1 = faiss_index.load_index(coll.path).search(data[:50], 10)
+    build.build_index(coll.path, factory, seed=3, policy=SMALL)
     assert coll.index_path.read_bytes() == first
-    d2, i2 = B.load_index(coll.path).search(data[:50], 10)
+    d2, i2 = faiss_index.load_index(coll.path).search(data[:50], 10)
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
-    B.build_index(coll.path, factory, seed=4, policy=SMALL)
+    build.build_index(coll.path, factory, seed=4, policy=SMALL)
     assert coll.index_path.read_bytes() != first
 
 
 def test_refuses_mismatched_model_or_dim(tmp_path, data):
     coll = make_collection(tmp_path / "c", data[:500])
-    B.build_index(coll.path, "Flat")
+    build.build_index(coll.path, "Flat")
     coll = Collection.open(coll.path)
     coll.update_manifest(model=ModelInfo("synthetic", None, 64))
     with pytest.raises(CollectionMismatchError, match="dim=32"):
-        B.load_index(coll.path)
+        faiss_index.load_index(coll.path)
     # manifest says the right model but the file holds another dimension
     coll.update_manifest(model=ModelInfo("synthetic", None, DIM))
     faiss.write_index(faiss.IndexFlatIP(16), str(coll.index_path))
     with pytest.raises(CollectionMismatchError, match="dimension 16"):
-        B.load_index(coll.path)
+        faiss_index.load_index(coll.path)
 
 
 def test_missing_index(tmp_path, data):
     coll = make_collection(tmp_path / "c", data[:100])
     with pytest.raises(IndexNotBuiltError):
-        B.load_index(coll.path)
+        faiss_index.load_index(coll.path)
 
 
 def test_memory_mapped_load(tmp_path, data):
     coll = make_collection(tmp_path / "c", data)
     for factory in ("Flat", "IVF32,PQ16x4fs"):
-        B.build_index(coll.path, factory, policy=SMALL)
-        a = B.load_index(coll.path).search(data[:20], 5)
-        b = B.load_index(coll.path, mmap=True).search(data[:20], 5)
+        build.build_index(coll.path, factory, policy=SMALL)
+        a = faiss_index.load_index(coll.path).search(data[:20], 5)
+        b = faiss_index.load_index(coll.path, mmap=True).search(data[:20], 5)
         assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0])
 
 
 def test_rebuild_is_atomic(tmp_path, data, monkeypatch):
     coll = make_collection(tmp_path / "c", data)
-    old = B.build_index(coll.path, "IVF32,Flat", policy=SMALL)
+    old = build.build_index(coll.path, "IVF32,Flat", policy=SMALL)
     old_bytes = coll.index_path.read_bytes()
     real_write = faiss.write_index
 
@@ -177,62 +179,62 @@ def test_rebuild_is_atomic(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(faiss, "write_index", crash)
     with pytest.raises(KeyboardInterrupt):
-        B.build_index(coll.path, "IVF64,PQ8x4fs", policy=SMALL)
+        build.build_index(coll.path, "IVF64,PQ8x4fs", policy=SMALL)
     monkeypatch.undo()
     assert coll.index_path.read_bytes() == old_bytes
     assert not [p for p in coll.path.iterdir() if p.name.endswith(".tmp")]
     reopened = Collection.open(coll.path)
     assert reopened.manifest.index["factory"] == old["factory"]
-    assert B.load_index(reopened).ntotal == len(data)
+    assert faiss_index.load_index(reopened).ntotal == len(data)
 
 
 def test_bad_inputs(tmp_path, data):
     coll = make_collection(tmp_path / "c", data[:500])
     with pytest.raises(IndexConfigError, match="IVF32,PQ7x4fs"):
-        B.build_index(coll.path, "IVF32,PQ7x4fs")
+        build.build_index(coll.path, "IVF32,PQ7x4fs")
     with pytest.raises(IndexConfigError, match="could not parse"):
-        B.build_index(coll.path, "NotAnIndex")
+        build.build_index(coll.path, "NotAnIndex")
     with pytest.raises(IndexConfigError, match="memory"):
-        B.build_index(coll.path, max_memory="lots")
+        build.build_index(coll.path, max_memory="lots")
     with pytest.raises(IndexConfigError, match="metric"):
-        B.build_index(coll.path, metric="cosine")
+        build.build_index(coll.path, metric="cosine")
     assert not coll.index_path.exists()
-    assert B.parse_memory("4GB") == 4 * 2**30 and B.parse_memory("512MiB") == 512 * 2**20
-    assert B.parse_memory(1000) == 1000
+    assert P.parse_memory("4GB") == 4 * 2**30 and P.parse_memory("512MiB") == 512 * 2**20
+    assert P.parse_memory(1000) == 1000
 
 
 def test_explicit_nprobe_is_recorded(tmp_path, data):
     coll = make_collection(tmp_path / "c", data)
-    entry = B.build_index(coll.path, "IVF32,Flat", nprobe_default=3, policy=SMALL)
-    index = B.load_index(coll.path)
-    assert entry["nprobe_default"] == 3 and B.find_ivf(index).nprobe == 3
+    entry = build.build_index(coll.path, "IVF32,Flat", nprobe_default=3, policy=SMALL)
+    index = faiss_index.load_index(coll.path)
+    assert entry["nprobe_default"] == 3 and faiss_index.find_ivf(index).nprobe == 3
     assert 0 <= entry["recall_at_10"] <= 1
 
 
 def test_progress_reports_add(tmp_path, data):
     coll = make_collection(tmp_path / "c", data[:1500])
     calls = []
-    B.build_index(coll.path, "IVF16,Flat", progress=lambda done, total=None, **kw: calls.append((done, total, kw)))
+    build.build_index(coll.path, "IVF16,Flat", progress=lambda done, total=None, **kw: calls.append((done, total, kw)))
     adds = [c for c in calls if c[2].get("stage") == "add"]
     assert adds[-1][:2] == (1500, 1500)
 
 
 def test_gpu_plan_without_gpu():
-    p = B.gpu_plan("IVF4096,PQ64x4fs,Refine(PQ64)", 512)
+    p = P.gpu_plan("IVF4096,PQ64x4fs,Refine(PQ64)", 512)
     assert p.factory == "IVF4096,PQ32,Refine(PQ64)" and not p.use_float16_lookup_tables
-    p = B.gpu_plan("OPQ64_512,IVF1024,PQ128x4fs", 512)
+    p = P.gpu_plan("OPQ64_512,IVF1024,PQ128x4fs", 512)
     assert p.factory == "OPQ64_512,IVF1024,PQ64" and p.use_float16_lookup_tables
-    p = B.gpu_plan("IVF1024,PQ128", 512)  # 128 bytes is not a GPU code size: largest supported below
+    p = P.gpu_plan("IVF1024,PQ128", 512)  # 128 bytes is not a GPU code size: largest supported below
     assert p.factory == "IVF1024,PQ96" if 512 % 96 == 0 else p.factory == "IVF1024,PQ64"
-    assert B.gpu_plan("IVF256,Flat", 512).factory == "IVF256,Flat"
-    plan = B.choose_index(1_000_000, 512, B.parse_memory("4GB"), gpu=True)
+    assert P.gpu_plan("IVF256,Flat", 512).factory == "IVF256,Flat"
+    plan = P.choose_index(1_000_000, 512, P.parse_memory("4GB"), gpu=True)
     assert "x4fs" not in plan.factory and plan.factory.split(",")[1].startswith("PQ")
-    assert int(plan.factory.split(",")[1][2:]) in B.GPU_PQ_M
+    assert int(plan.factory.split(",")[1][2:]) in P.GPU_PQ_M
 
 
 def test_manifest_entry_fields(tmp_path, data):
     coll = make_collection(tmp_path / "c", data)
-    B.build_index(coll.path, "IVF32,PQ8x4fs", policy=SMALL)
+    build.build_index(coll.path, "IVF32,PQ8x4fs", policy=SMALL)
     entry = json.loads((coll.path / "manifest.json").read_text())["index"]
     for key in ("factory", "metric", "nlist", "nprobe_default", "code_size", "bytes_per_vector", "ntotal",
                 "train_size", "build_seconds", "peak_rss_mb", "reasons", "built_at", "model", "file"):

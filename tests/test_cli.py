@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import json
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection
 
 runner = CliRunner()

@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlsearch.collection import Collection
-from vlsearch.demo import (
+from indexing.plan import small_collection_factory as index_factory
+from vlsearch.app.demo import (
     SHAPES_TEXT_QUERIES,
     DemoConfig,
     _fresh_out_dir,
     format_report,
-    index_factory,
     run_demo,
 )
+from vlsearch.collection import Collection
 from vlsearch.errors import VlsearchError
 from vlsearch.shapes import parse_attributes, read_attributes
 
@@ -120,7 +120,7 @@ def test_bad_config_is_refused():
 
 
 def test_cli_demo(tmp_path):
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     out = tmp_path / "cli-demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--size", "32", "--heldout", "24",
@@ -134,7 +134,7 @@ def test_cli_demo(tmp_path):
 
 
 def test_data_mode_indexes_a_captioned_folder(tmp_path):
-    from vlsearch.demo import PHOTO_TEXT_QUERIES
+    from vlsearch.app.demo import PHOTO_TEXT_QUERIES
     from vlsearch.shapes import ShapesConfig, generate_shapes
 
     data = generate_shapes(tmp_path / "photos", ShapesConfig(n_train=0, n_heldout=20, seed=5))

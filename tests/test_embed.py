@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 import indexing.embed as embed_module
 from indexing.embed import EmbedConfig, embed, image_schema
-from indexing.sources import open_source, stable_id
-from vlsearch.cli import app
+from indexing.sources import stable_id
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, embedding_type
 from vlsearch.errors import CollectionMismatchError, SourceError
 from vlsearch.models import TINY_MODEL

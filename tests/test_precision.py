@@ -214,7 +214,7 @@ def test_a_resume_in_another_precision_is_recorded(tmp_path, tiny_checkpoint, mo
 def test_cli_precision_option_and_info(tiny_checkpoint):
     from typer.testing import CliRunner
 
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     runner = CliRunner()
     bad = runner.invoke(app, ["encode", "a dog", "--model", "vlsearch-tiny", "--pretrained", str(tiny_checkpoint),

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,11 +15,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlsearch.cli import app
+from vlsearch.app.cli import app
 from vlsearch.collection import Collection, Manifest, embedding_array
 from vlsearch.errors import CollectionMismatchError, IndexNotBuiltError, InvalidQueryError
 from vlsearch.models import ModelInfo
-from vlsearch.search import Hit, Hits, Results, Searcher, search_parameters
+from vlsearch.faiss_index import search_parameters
+from vlsearch.search import Hit, Hits, Results, Searcher
 
 TEXTS = ["a red car parked on the street", "two cats sleeping on a sofa", "a dog running on the beach",
          "a bowl of hot soup", "snowy mountains at dawn"]
@@ -29,13 +28,7 @@ N_DISTRACTORS = 1200
 SHARD = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    """Small searches and trainings: OpenMP threads only add spin-waiting on a shared CPU."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _images(folder: Path) -> list[Path]:

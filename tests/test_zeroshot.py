@@ -116,7 +116,7 @@ def test_collection_embeddings_are_classified_without_reencoding(tmp_path):
 def test_cli_classify(colour_folder, tiny_checkpoint):
     from typer.testing import CliRunner
 
-    from vlsearch.cli import app
+    from vlsearch.app.cli import app
 
     args = ["classify", str(colour_folder), "--model", "vlsearch-tiny", "--pretrained", str(tiny_checkpoint)]
     result = CliRunner().invoke(app, args)

@@ -13,12 +13,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "vlsearch.models",
     "save_checkpoint": "vlsearch.models",
-    "Encoder": "vlsearch.models",
+    "Encoder": "vlsearch.encoder",
     "ModelInfo": "vlsearch.modelinfo",
     "Collection": "vlsearch.collection",
     "Manifest": "vlsearch.collection",
     "Searcher": "vlsearch.search",
-    "Hit": "vlsearch.search",
+    "Hit": "vlsearch.results",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -37,10 +37,10 @@ from .collection import CAPTIONS_DIR, IMAGES_DIR, Collection
 from .errors import CollectionError, VlsearchError
 from .exact import exact_search
 from .metrics import DEFAULT_KS, ann_recall, embedding_ranks, metrics_from_ranks, ranks_from_ids
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
 DEFAULT_NPROBES: tuple[int, ...] = (1, 4, 16, 64, 256)
 
 
@@ -81,6 +81,18 @@ class _Data:
     text_image: np.ndarray     # (n_texts,) row of each caption's image in ``images``
 
 
+def _sample_queries(data: Any, config: BenchConfig, notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded (text, image, latency) query subsets; a note when metrics cover a subset only."""
+    rng = np.random.default_rng(config.seed)
+    text_q = _subset(len(data.captions), config.max_queries, rng)
+    image_q = _subset(len(data.images), config.max_queries, rng)
+    latency_q = _subset(len(text_q), config.latency_queries, rng)
+    if config.max_queries is not None and (len(text_q) < len(data.captions) or len(image_q) < len(data.images)):
+        notes.append(f"metrics on a random subset of {len(text_q)} captions and {len(image_q)} images "
+                     f"(seed {config.seed}); galleries are complete")
+    return text_q, image_q, latency_q
+
+
 def run_benchmark(
     collection_dir: str | os.PathLike,
     config: BenchConfig = BenchConfig(),
@@ -98,15 +110,9 @@ def run_benchmark(
     data = _load(coll)
     ks = tuple(sorted({int(k) for k in config.ks}))
     k = max(ks)
-    rng = np.random.default_rng(config.seed)
-    text_q = _subset(len(data.captions), config.max_queries, rng)
-    image_q = _subset(len(data.images), config.max_queries, rng)
-    latency_q = _subset(len(text_q), config.latency_queries, rng)
-    queries = data.captions[text_q]
     notes: list[str] = []
-    if config.max_queries is not None and (len(text_q) < len(data.captions) or len(image_q) < len(data.images)):
-        notes.append(f"metrics on a random subset of {len(text_q)} captions and {len(image_q)} images "
-                     f"(seed {config.seed}); galleries are complete")
+    text_q, image_q, latency_q = _sample_queries(data, config, notes)
+    queries = data.captions[text_q]
 
     nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes) if coll.has_index() else []
     total = 1 + len(nprobes)
@@ -260,13 +266,15 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return str(value)
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """Plain-text tables of a :func:`run_benchmark` result (recalls in %)."""
+def benchmark_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The table of a :func:`run_benchmark` result as ``(headers, rows)`` of strings (recalls in
+    %): exact t2i, exact i2t, then one ANN row per nprobe. :func:`format_table` prints it as
+    text; ``benchmarks/bench_flickr.py`` as markdown."""
     ks = result["ks"]
     k = result["k"]
     head = (["search", "nprobe", "dir"] + [f"R@{x}" for x in ks]
             + ["MRR", f"MRR@{k}", "medR", f"ANN R@{k}", "QPS", "p50 ms", "p99 ms"])
-    rows = []
+    rows: list[list[str]] = []
 
     def row(name: str, nprobe: Any, direction: str, m: dict[str, Any], ann: Any, timing: dict[str, Any] | None) -> None:
         t = timing or {}
@@ -280,6 +288,12 @@ def format_table(result: dict[str, Any]) -> str:
     row("exact", None, "i2t", ex["i2t"], None, None)
     for a in result["ann"]:
         row("ann", a["nprobe"], "t2i", a["t2i"], a["ann_recall"]["recall"], a)
+    return head, rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text tables of a :func:`run_benchmark` result (recalls in %)."""
+    head, rows = benchmark_rows(result)
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = [
         f"{result['collection']}: {result['n_images']} images, {result['n_captions']} captions, "

@@ -5,16 +5,19 @@ The database is scanned in chunks (a numpy array, a :class:`~vlsearch.collection
 embedding shards, or any iterator of ``(ids, vectors)`` batches); each chunk is scored with one
 BLAS matrix product (``faiss.knn``) and merged into per-query top-k heaps
 (``faiss.ResultHeap``), so memory stays at one chunk plus ``Q x k`` results, whatever the size
-of the collection.
+of the collection. (``faiss.contrib.exhaustive_search.knn_ground_truth`` runs the same kernel over
+an iterator but returns row positions, not ids, and reports no progress: :class:`ExactTopK`
+uses its parts, ``faiss.knn`` and ``faiss.ResultHeap``, directly.)
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Union
 
 import numpy as np
 
 from .errors import InvalidQueryError
+from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from .collection import Collection
@@ -25,7 +28,41 @@ DEFAULT_CHUNK_SIZE = 65_536
 MISSING_SCORE = float(np.finfo(np.float32).min)
 
 Database = Union[np.ndarray, "Collection", Iterable[tuple[np.ndarray, np.ndarray]]]
-Progress = Callable[..., None]
+
+
+class ExactTopK:
+    """Exact top-``k`` of fixed queries, accumulated over database batches streamed in any order
+    (``faiss.knn`` per batch merged into ``faiss.ResultHeap``). The one brute-force kernel:
+    :func:`exact_search` drives it over a database; the index builder feeds it the batches it
+    adds, so the ground truth of its held-out queries costs no extra pass.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, metric: str = "ip"):
+        import faiss
+
+        if metric not in ("ip", "l2"):
+            raise ValueError(f"metric must be 'ip' or 'l2', not {metric!r}")
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = int(k)
+        self.metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        self.heap = faiss.ResultHeap(len(self.queries), self.k, keep_max=metric == "ip")
+        self.rows = 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Score one batch (``ids`` int64, ``vectors`` (n, d)) and merge it into the top-k."""
+        import faiss
+
+        if len(self.queries) == 0 or len(vectors) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        scores, rows = faiss.knn(self.queries, vectors, min(self.k, len(vectors)), metric=self.metric)
+        self.heap.add_result(scores, np.where(rows >= 0, np.asarray(ids)[np.maximum(rows, 0)], -1))
+        self.rows += len(vectors)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores (Q,k) float32, ids (Q,k) int64)``, best first; empty slots hold id -1."""
+        self.heap.finalize()
+        return self.heap.D, self.heap.I
 
 
 def exact_search(
@@ -46,19 +83,12 @@ def exact_search(
     Slots beyond the database size hold id -1 and score :data:`MISSING_SCORE` (``+inf`` for l2).
     ``progress(done_rows)`` is called after each chunk.
     """
-    import faiss
-
     queries = _check_queries(queries)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise InvalidQueryError(f"k must be a positive integer, got {k!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', not {metric!r}")
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-    k = int(k)
-    heap = faiss.ResultHeap(queries.shape[0], k, keep_max=metric == "ip")
-    done = 0
+    top = ExactTopK(queries, int(k), metric)
     for chunk_ids, chunk in _chunks(vectors, ids, chunk_size):
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[1] != queries.shape[1]:
@@ -67,13 +97,10 @@ def exact_search(
             )
         if len(chunk) == 0:
             continue
-        scores, rows = faiss.knn(queries, chunk, min(k, len(chunk)), metric=faiss_metric)
-        heap.add_result(scores, np.where(rows >= 0, chunk_ids[np.maximum(rows, 0)], -1))
-        done += len(chunk)
+        top.add(chunk_ids, chunk)
         if progress is not None:
-            progress(done)
-    heap.finalize()
-    return heap.D, heap.I
+            progress(top.rows)
+    return top.result()
 
 
 def _check_queries(queries: np.ndarray) -> np.ndarray:

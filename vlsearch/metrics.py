@@ -225,6 +225,11 @@ def ann_recall_per_query(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> 
     top k does not matter. When the exact k-th and (k+1)-th scores tie, a different but equally
     close id from the ANN index counts as a miss.
     """
+    return _intersections(ann_ids, exact_ids, k) / k
+
+
+def _intersections(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> np.ndarray:
+    """Per query, how many real exact top-k ids the ANN top-k holds (int64, ``(Q,)``)."""
     ann_ids = np.asarray(ann_ids)
     exact_ids = np.asarray(exact_ids)
     if ann_ids.ndim != 2 or exact_ids.ndim != 2 or ann_ids.shape[0] != exact_ids.shape[0]:
@@ -233,16 +238,33 @@ def ann_recall_per_query(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> 
     if k < 1 or ann_ids.shape[1] < k or exact_ids.shape[1] < k:
         raise ValueError(f"k={k} must be in [1, {min(ann_ids.shape[1], exact_ids.shape[1])}]")
     ann, exact = ann_ids[:, :k], exact_ids[:, :k]
-    out = np.empty(ann.shape[0], np.float64)
+    out = np.empty(ann.shape[0], np.int64)
     step = max(1, _CHUNK_ELEMENTS // (k * k))
     for start in range(0, ann.shape[0], step):
         e, a = exact[start:start + step], ann[start:start + step]
         # each exact id counted once if it appears anywhere in the ANN list (duplicates in ANN ignored)
         hit = (e[:, :, None] == a[:, None, :]).any(axis=2) & (e >= 0)
-        out[start:start + step] = hit.sum(axis=1) / k
+        out[start:start + step] = hit.sum(axis=1)
     return out
 
 
-def ann_recall(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """Mean over queries of :func:`ann_recall_per_query` (1.0: ANN returns the exact top-k)."""
-    return float(np.mean(ann_recall_per_query(ann_ids, exact_ids, k)))
+def ann_recall(ann_ids: np.ndarray, exact_ids: np.ndarray, k: int, denominator: str = "k") -> float:
+    """ANN-vs-exact recall@k: the one definition (``vlsearch bench``, the index builder's nprobe
+    tuning and ``benchmarks/bench_search.py`` all use it).
+
+    ``denominator="k"`` (default): mean over queries of :func:`ann_recall_per_query`,
+    ``|ANN top-k ∩ exact top-k| / k`` (faiss.contrib.evaluation's k-NN intersection measure, with
+    ``-1`` padding never counted). ``denominator="exact"``: the total intersection over the total
+    number of real exact ids (``min(k, valid)`` per query), so a database smaller than k does not
+    cap recall below 1; no queries gives 1.0. The two agree whenever every query has k exact ids.
+    """
+    if denominator == "k":
+        return float(np.mean(ann_recall_per_query(ann_ids, exact_ids, k)))
+    if denominator != "exact":
+        raise ValueError(f"denominator must be 'k' or 'exact', not {denominator!r}")
+    exact_ids = np.asarray(exact_ids)
+    if len(exact_ids) == 0:
+        return 1.0
+    hits = _intersections(ann_ids, exact_ids, k)
+    valid = np.minimum(k, (exact_ids[:, :k] >= 0).sum(axis=1))
+    return float(hits.sum() / max(int(valid.sum()), 1))

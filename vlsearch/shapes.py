@@ -28,12 +28,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .fsutil import atomic_path
+from .progress import Progress
 
 #: Saturated colours with well-separated hues, against a low-saturation background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -67,8 +68,6 @@ TEMPLATES: tuple[str, ...] = (
 SPLITS = ("train", "heldout")
 CAPTIONS_FILE = "captions.csv"
 ATTRIBUTES_FILE = "attributes.csv"
-
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,9 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -49,8 +49,15 @@ from torch import nn
 
 from .errors import TrainingError
 from .fsutil import write_json
-from .train_images import AugmentConfig, ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
-from .models import TINY_MODEL, _create, _check_name, image_transform, resolve_device, resolve_precision, save_checkpoint
+from .train_images import ImageDataset, MemoryImages, augment_batch, flip_allowed, resize_batch
+from .metrics import retrieval_metrics
+from .models import check_model_name, create_model, image_transform, resolve_device, resolve_precision
+from .towers import apply_locks, encode_text_tokens, set_train_mode, text_backbone_features, text_head
+from .train_checkpoint import LAST_CHECKPOINT, load_last, save_final, save_last
+from .train_config import CONFIG_FILE, TrainConfig, plain
+from .train_data import PairData, batch_loader, epoch_order, read_pairs, split_images, train_transform
+from .progress import Progress
+from .threads import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -59,103 +66,8 @@ INIT_LOGIT_SCALE = math.log(1 / 0.07)
 #: The logit scale is clamped to at most 100 (temperature >= 0.01), as in CLIP / open_clip.
 MAX_LOGIT_SCALE = math.log(100)
 
-LAST_CHECKPOINT = "last.pt"
-FINAL_CHECKPOINT = "model.pt"
 TEXT_CACHE = "text_features.pt"
 TRAIN_LOG = "train.json"
-MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
-
-Progress = Callable[..., None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
-
-    model: str = TINY_MODEL
-    #: None: fresh initialisation (an HF text tower still loads its own pretrained weights);
-    #: else a tag / file / hf-hub id to fine-tune from, as in ``load_model``.
-    pretrained: Optional[str] = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    #: Max global gradient norm; None disables clipping.
-    grad_clip: Optional[float] = 1.0
-    lock_text: bool = False
-    #: With ``lock_text``: leave the last N text blocks trainable (+ final norm and projection);
-    #: 0 = fully locked (an HF tower's projection stays trainable either way, as in open_clip).
-    lock_text_unlocked_layers: int = 0
-    lock_image: bool = False
-    #: Cache the locked text tower's output once (needs a fully locked text tower). None = auto:
-    #: on whenever the text tower is fully locked.
-    precompute_text: Optional[bool] = None
-    #: None disables augmentation (the model's eval preprocess is used for training too).
-    augment: Optional[AugmentConfig] = field(default_factory=AugmentConfig)
-    #: Fraction of the *images* held out for validation (0 disables validation).
-    val_fraction: float = 0.05
-    #: Validate every N epochs (0: never); the last epoch is always validated when there is a split.
-    val_every: int = 1
-    #: Write ``last.pt`` every N optimizer steps (0: only at epoch ends).
-    checkpoint_every: int = 500
-    seed: int = 0
-    device: str = "auto"
-    #: auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16.
-    precision: str = "auto"
-    #: DataLoader worker processes decoding images (0: decode in the main process).
-    workers: int = 2
-    #: Captions of each image used in every step: the loss is the mean of the CLIP loss over K
-    #: caption draws. With precomputed text features extra captions cost almost nothing and give
-    #: the image tower K times the supervision per image it encodes.
-    captions_per_image: int = 1
-    #: Decode every image once into memory (uint8 squares at twice the model's input side) and
-    #: augment whole batches as tensors (no decoding processes; needs the set to fit in RAM).
-    cache_images: bool = False
-    #: torch CPU threads (None: torch's default).
-    threads: Optional[int] = None
-    #: Stop after this many optimizer steps in total (None: ``epochs`` full epochs).
-    max_steps: Optional[int] = None
-    #: Save the final ``model.pt`` with fp16 weights (half the size; loads back as fp32).
-    half_final: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (contrastive loss needs negatives)"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
-            (self.lock_text_unlocked_layers >= 0, "lock_text_unlocked_layers must be >= 0"),
-            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            (self.val_every >= 0, "val_every must be >= 0"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or None"),
-            (self.precision in ("auto", "fp32", "fp16", "bf16"), "precision must be auto, fp32, fp16 or bf16"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
-        if self.cache_images and self.augment is not None and self.augment.hue:
-            raise ValueError("TrainConfig: hue jitter is not supported with cache_images; use hue=0")
-        if self.precompute_text and not self.text_fully_locked:
-            raise ValueError("TrainConfig: precompute_text needs lock_text=True and lock_text_unlocked_layers=0")
-
-    @property
-    def text_fully_locked(self) -> bool:
-        return self.lock_text and self.lock_text_unlocked_layers == 0
-
-    @property
-    def use_precomputed_text(self) -> bool:
-        return self.text_fully_locked if self.precompute_text is None else bool(self.precompute_text)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -195,265 +107,6 @@ def clamp_logit_scale(model: nn.Module) -> None:
     """Clamp the model's log logit scale to [0, ln 100] in place (after every optimizer step)."""
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass(frozen=True)
-class PairData:
-    """A manifest of image-caption pairs, grouped by image."""
-
-    root: Path  #: directory image paths are relative to
-    images: list[str]  #: unique image paths (as written in the manifest), in first-seen order
-    captions: list[str]  #: every caption, grouped by image (image 0's captions first, ...)
-    caption_image: np.ndarray  #: (n_captions,) image index of each caption
-    starts: np.ndarray  #: (n_images + 1,) caption offsets: image i owns captions[starts[i]:starts[i+1]]
-
-    def path(self, i: int) -> Path:
-        return self.root / self.images[i]
-
-
-def read_pairs(data: str | os.PathLike) -> PairData:
-    """Read a CSV/Parquet manifest (or a folder holding ``captions.csv``) of ``image,caption`` rows."""
-    path = Path(data).expanduser()
-    if path.is_dir():
-        found = [path / n for n in MANIFEST_NAMES if (path / n).is_file()]
-        if not found:
-            raise TrainingError(f"{path} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
-        path = found[0]
-    if not path.is_file():
-        raise TrainingError(f"training manifest not found: {path}")
-    table = _read_table(path)
-    missing = {"image", "caption"} - set(table.column_names)
-    if missing:
-        raise TrainingError(f"{path} lacks column(s) {sorted(missing)}; it needs 'image' and 'caption' "
-                            f"(has {table.column_names})")
-    images_col = [None if v is None else str(v) for v in table.column("image").to_pylist()]
-    captions_col = [None if v is None else str(v) for v in table.column("caption").to_pylist()]
-    by_image: dict[str, list[str]] = {}
-    for image, caption in zip(images_col, captions_col):
-        if image and caption and caption.strip():
-            by_image.setdefault(image, []).append(caption.strip())
-    if len(by_image) < 2:
-        raise TrainingError(f"{path} has {len(by_image)} usable image(s) with a caption; training needs at least 2")
-    images = list(by_image)
-    captions = [c for image in images for c in by_image[image]]
-    counts = np.array([len(by_image[image]) for image in images])
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    caption_image = np.repeat(np.arange(len(images)), counts).astype(np.int64)
-    return PairData(path.parent.resolve(), images, captions, caption_image, starts)
-
-
-def _read_table(path: Path):
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pq.read_table(path)
-        if path.suffix.lower() in (".csv", ".tsv"):
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            convert = pacsv.ConvertOptions(column_types={"image": "string", "caption": "string"})
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                                  convert_options=convert)
-    except Exception as exc:  # pyarrow raises ArrowInvalid & co on malformed files
-        raise TrainingError(f"cannot read manifest {path}: {exc}") from exc
-    raise TrainingError(f"manifest {path} must be .csv, .tsv or .parquet")
-
-
-def split_images(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of image indices into (train, val); val has round(n * fraction) images."""
-    n_val = int(round(n_images * val_fraction))
-    if val_fraction > 0 and n_val == 0 and n_images >= 4:
-        n_val = 1
-    n_val = min(n_val, n_images - 2)
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(n_images)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def epoch_order(train_images: np.ndarray, pairs: PairData, seed: int, epoch: int,
-                captions_per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The epoch's image order and the captions drawn for each: a pure function of (seed, epoch).
-
-    With ``captions_per_image`` 1 the captions come back as one row id per image; with K > 1 as an
-    (n, K) array of distinct captions of each image (cycling when an image has fewer than K)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(train_images)
-    counts = pairs.starts[order + 1] - pairs.starts[order]
-    if captions_per_image == 1:
-        return order, pairs.starts[order] + (rng.random(len(order)) * counts).astype(np.int64)
-    keys = rng.random((len(order), int(counts.max())))
-    keys[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = np.inf  # positions past an image's captions
-    ranked = np.argsort(keys, axis=1)
-    picks = ranked[np.arange(len(order))[:, None], np.arange(captions_per_image)[None, :] % counts[:, None]]
-    return order, pairs.starts[order][:, None] + picks
-
-
-def _collate(items):
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items], dtype=torch.long)
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def _loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], workers: int, seed: int, pin: bool):
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=[list(map(int, b)) for b in batches],
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=pin,
-        prefetch_factor=4 if workers else None,
-    )
-
-
-def train_transform(model: nn.Module, augment: Optional[AugmentConfig]):
-    """The training preprocess: the model's eval transform when ``augment`` is None, else
-    RandomResizedCrop + colour jitter, normalised like the model's inputs (flips are applied per
-    batch, where the captions are known: see :func:`vlsearch.train_images.flip_allowed`)."""
-    if augment is None:
-        return image_transform(model, is_train=False)
-    from torchvision import transforms as T
-
-    cfg = model.visual.preprocess_cfg
-    size = cfg["size"]
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    steps: list[Any] = [T.RandomResizedCrop(size, scale=tuple(augment.scale), ratio=tuple(augment.ratio),
-                                            interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
-    jitter = (augment.brightness, augment.contrast, augment.saturation, augment.hue)
-    if augment.jitter_prob > 0 and any(jitter):
-        steps.append(T.RandomApply([T.ColorJitter(*jitter)], p=augment.jitter_prob))
-    if augment.grayscale_prob > 0:
-        steps.append(T.RandomGrayscale(augment.grayscale_prob))
-    steps += [T.ToTensor(), T.Normalize(mean=cfg["mean"], std=cfg["std"])]
-    return T.Compose(steps)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model pieces
-
-
-def _is_hf_text(model: nn.Module) -> bool:
-    from open_clip.hf_model import HFTextEncoder
-
-    return isinstance(getattr(model, "text", None), HFTextEncoder)
-
-
-def text_backbone(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The part of the text tower that ``lock_text`` freezes, applied to tokens.
-
-    For a Hugging Face tower: the pooled transformer output (before ``text.proj``, which stays
-    trainable). For open_clip's built-in tower (locked including its projection): the unnormalised
-    text embedding. ``text_head(model, text_backbone(model, t)) == model.encode_text(t)``.
-    """
-    if _is_hf_text(model):
-        text = model.text
-        tokens = trim_padding(model, tokens)
-        attn_mask = (tokens != text.config.pad_token_id).long()
-        out = text.transformer(input_ids=tokens, attention_mask=attn_mask)
-        return text.pooler(out, attn_mask)
-    return model.encode_text(tokens)
-
-
-@torch.no_grad()
-def text_backbone_features(model: nn.Module, tokens: torch.Tensor, device: torch.device | str = "cpu",
-                           batch_size: int = 256, progress: Optional[Progress] = None) -> torch.Tensor:
-    """:func:`text_backbone` over all ``tokens`` (float32, on CPU, in input order), in batches of
-    similar length, which waste little compute on padding (HF towers trim it).
-    ``progress(done, total, stage="text")`` is called after each batch."""
-    order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
-    out = []
-    for i in range(0, len(order), batch_size):
-        out.append(text_backbone(model, tokens[order[i : i + batch_size]].to(device)).float().cpu())
-        if progress is not None:
-            progress(min(i + batch_size, len(order)), len(order), stage="text")
-    features = torch.empty((len(order), out[0].shape[1]), dtype=torch.float32)
-    features[order] = torch.cat(out)
-    return features
-
-
-def trim_padding(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Drop trailing all-padding columns for a Hugging Face tower (attention is masked, so the
-    output is unchanged, and captions are much shorter than the context length). Built-in open_clip
-    towers need the full context (fixed positional embedding and causal mask) and are left alone."""
-    if not _is_hf_text(model) or tokens.ndim != 2 or tokens.shape[1] == 0:
-        return tokens
-    used = (tokens != model.text.config.pad_token_id).any(dim=0).nonzero()
-    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
-
-
-def encode_text_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` (unnormalised), with padding trimmed where that is exact."""
-    return model.encode_text(trim_padding(model, tokens))
-
-
-def text_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """The trainable rest of a locked text tower (see :func:`text_backbone`)."""
-    return model.text.proj(features) if _is_hf_text(model) else features
-
-
-def _text_tower(model: nn.Module) -> list[nn.Module]:
-    if hasattr(model, "text"):
-        return [model.text]
-    return [m for m in (getattr(model, "transformer", None), getattr(model, "token_embedding", None),
-                        getattr(model, "ln_final", None)) if isinstance(m, nn.Module)]
-
-
-def apply_locks(model: nn.Module, config: TrainConfig) -> None:
-    """Freeze towers as configured (open_clip's LiT-style lock functions)."""
-    if config.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
-    if config.lock_text:
-        n = config.lock_text_unlocked_layers
-        if _is_hf_text(model):
-            lock_hf_text(model.text, n)
-        else:
-            # open_clip counts a built-in tower's unlocked *groups* from the end (projection, then
-            # last block + ln_final, ...); we mean "the last n blocks (+ ln_final and projection)".
-            model.lock_text_tower(unlocked_layers=n + 1 if n else 0, freeze_layer_norm=True)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise TrainingError("every parameter is frozen; unlock a tower")
-
-
-def lock_hf_text(text: nn.Module, unlocked_layers: int = 0) -> None:
-    """Freeze a Hugging Face text tower's transformer except its last ``unlocked_layers`` layers.
-
-    Same result as open_clip's ``HFTextEncoder.lock`` (embeddings and LayerNorms frozen, the
-    projection ``text.proj`` left trainable), which in open_clip 3.3 fails for partial unlocking of
-    BERT-like models (no ``layer_attr`` in its arch table): the layer list is found here as the
-    transformer's longest ``ModuleList``.
-    """
-    for p in text.transformer.parameters():
-        p.requires_grad = False
-    if not unlocked_layers:
-        return
-    lists = [m for m in text.transformer.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise TrainingError(f"cannot find the layers of {type(text.transformer).__name__} to unlock")
-    layers = max(lists, key=len)
-    if unlocked_layers > len(layers):
-        raise TrainingError(f"lock_text_unlocked_layers={unlocked_layers} but the text tower has {len(layers)} layers")
-    for layer in layers[-unlocked_layers:]:
-        for p in layer.parameters():
-            p.requires_grad = True
-
-
-def set_train_mode(model: nn.Module, config: TrainConfig) -> None:
-    """Train mode, except fully locked towers stay in eval mode (no dropout / BN updates)."""
-    model.train()
-    if config.lock_image:
-        model.visual.eval()
-    if config.text_fully_locked:
-        for module in _text_tower(model):
-            module.eval()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -503,8 +156,8 @@ class _Run:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         if not config.model.startswith("hf-hub:"):
-            _check_name(config.model)
-        self.model, self.pretrained_tag = _create(config.model, config.pretrained)
+            check_model_name(config.model)
+        self.model, self.pretrained_tag = create_model(config.model, config.pretrained, default_weights=False)
         if getattr(self.model, "logit_bias", None) is not None:
             raise TrainingError(f"{config.model} is a SigLIP-style model (logit_bias); only the CLIP loss is supported")
         self.model.to(self.device)
@@ -680,112 +333,17 @@ class _Run:
 
     def _eval_batches(self, batches: list[np.ndarray]):
         if self.memory is None:
-            yield from _loader(self.eval_data, batches, self.config.workers, self.config.seed, False)
+            yield from batch_loader(self.eval_data, batches, self.config.workers, self.config.seed, False)
             return
         cfg = self.model.visual.preprocess_cfg
         for batch in batches:
             index = self.memory.readable(torch.from_numpy(batch))
             yield (resize_batch(self.memory.pixels[index], self.image_size, cfg["mean"], cfg["std"]), index) if len(index) else None
 
-    # -- checkpoints --------------------------------------------------------------------------
-
-    def state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "steps_per_epoch": self.steps_per_epoch,
-            "config": _plain(self.config.to_dict()),
-            "pretrained": self.pretrained_tag,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-            "losses": list(self.losses),
-            "val": list(self.val),
-        }
-
-    def save_last(self) -> Path:
-        return save_checkpoint(self.model, self.out_dir / LAST_CHECKPOINT, name=self.config.model,
-                               extra={"train_state": self.state()})
-
-    def load_last(self) -> None:
-        path = self.out_dir / LAST_CHECKPOINT
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-            state = payload["vlsearch"]["train_state"]
-        except Exception as exc:
-            raise TrainingError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
-        saved = state["config"]
-        if saved.get("model") != self.config.model:
-            raise TrainingError(f"{path} was trained as {saved.get('model')}, not {self.config.model}")
-        changed = sorted(k for k, v in _plain(self.config.to_dict()).items() if saved.get(k) != v)
-        if changed:
-            log.warning("resuming with changed settings: %s", ", ".join(changed))
-        if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise TrainingError(f"{path} had {state['steps_per_epoch']} steps per epoch, this run {self.steps_per_epoch}: "
-                                "resume needs the same data, val_fraction and batch_size")
-        self.model.load_state_dict(payload["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.losses, self.val = int(state["step"]), list(state["losses"]), list(state["val"])
-        log.info("resumed %s at step %d", path, self.step)
-
-    def save_final(self, seconds: float) -> Path:
-        extra = {
-            "config": _plain(self.config.to_dict()),
-            "pretrained_init": self.pretrained_tag,
-            "steps": self.step,
-            "final_loss": self.losses[-1] if self.losses else None,
-            "val": self.val[-1] if self.val else None,
-            "train_seconds": round(seconds, 1),
-        }
-        return save_checkpoint(self.model, self.out_dir / FINAL_CHECKPOINT, name=self.config.model,
-                               half=self.config.half_final, extra=extra)
-
 
 def retrieval(sim_t2i: np.ndarray, text_image: np.ndarray) -> dict[str, Any]:
     """t2i / i2t Recall@1/5/10, MRR and median rank (``vlsearch.metrics.retrieval_metrics``)."""
-    try:
-        from .metrics import retrieval_metrics
-    except ImportError:  # pragma: no cover - metrics.py is part of the package
-        return _retrieval_fallback(sim_t2i, text_image)
     return retrieval_metrics(sim_t2i, text_image)
-
-
-def _retrieval_fallback(sim_t2i: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-    own = sim_t2i[np.arange(len(text_image)), text_image]
-    t2i = 1 + (sim_t2i > own[:, None]).sum(axis=1)
-    i2t = np.full(sim_t2i.shape[1], np.inf)
-    for j in range(sim_t2i.shape[1]):
-        mine = text_image == j
-        if mine.any():
-            best = sim_t2i[mine, j].max()
-            i2t[j] = 1 + (sim_t2i[~mine, j] > best).sum()
-    i2t = i2t[np.isfinite(i2t)]
-
-    def summary(ranks: np.ndarray) -> dict[str, float]:
-        out = {f"R@{k}": float((ranks <= k).mean()) for k in ks}
-        out.update(mrr=float((1 / ranks).mean()), median_rank=float(np.median(ranks)), mean_rank=float(ranks.mean()))
-        return out
-
-    return {"t2i": summary(t2i.astype(float)), "i2t": summary(i2t)}
-
-
-def _plain(value: Any) -> Any:
-    """Config dicts with tuples as lists (so a stored and a fresh config compare equal)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def train(
@@ -810,13 +368,9 @@ def train(
     if resume and not (out / LAST_CHECKPOINT).exists():
         raise TrainingError(f"nothing to resume: {out / LAST_CHECKPOINT} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    try:
+    write_json(out / CONFIG_FILE, plain(config.to_dict()))  # reusable: `vlsearch train --config`
+    with cpu_threads(config.threads):
         return _train(data, out, config, resume, progress, started)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool, progress: Optional[Progress],
@@ -824,7 +378,7 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
     pairs = read_pairs(data)
     run = _Run(pairs, out, config, progress)
     if resume:
-        run.load_last()
+        load_last(run)
     first_step = run.step
     log.info("training %s: %d train / %d val images, %d captions, batch %d, %d steps (%d/epoch), %s/%s",
              config.model, len(run.train_images), len(run.val_images), len(pairs.captions), run.batch_size,
@@ -841,11 +395,11 @@ def _train(data: str | os.PathLike, out: Path, config: TrainConfig, resume: bool
                 run.val.append({"epoch": epoch + 1, "step": run.step, **metrics})
                 log.info("epoch %d: val t2i R@1/5/10 %.3f/%.3f/%.3f", epoch + 1, metrics["t2i"]["R@1"],
                          metrics["t2i"]["R@5"], metrics["t2i"]["R@10"])
-        run.save_last()
+        save_last(run)
     seconds = time.perf_counter() - started
-    final = run.save_final(seconds)
+    final = save_final(run, seconds)
     done = run.step - first_step
-    write_json(out / TRAIN_LOG, {"config": _plain(config.to_dict()), "steps": run.step, "losses": run.losses,
+    write_json(out / TRAIN_LOG, {"config": plain(config.to_dict()), "steps": run.step, "losses": run.losses,
                                  "val": run.val, "seconds": round(seconds, 2)})
     return TrainResult(
         checkpoint=final,
@@ -879,13 +433,13 @@ def _train_epoch(run: _Run, epoch: int, offset: int, progress: Optional[Progress
             progress(run.step, run.total_steps, loss=round(loss, 4),
                      temperature=round(float(1 / run.model.logit_scale.detach().exp()), 4))
         if run.config.checkpoint_every and run.step % run.config.checkpoint_every == 0:
-            run.save_last()
+            save_last(run)
 
 
 def _epoch_batches(run: _Run, batches: list[np.ndarray], epoch: int):
     """(decoded images or None, image indices) per batch; None for a batch with no readable image."""
     if run.memory is None:
-        yield from _loader(run.train_data, batches, run.config.workers, hash((run.config.seed, epoch)) & 0x7FFFFFFF,
+        yield from batch_loader(run.train_data, batches, run.config.workers, hash((run.config.seed, epoch)) & 0x7FFFFFFF,
                            run.device.type == "cuda")
         return
     for batch in batches:

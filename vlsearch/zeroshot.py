@@ -13,12 +13,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .errors import DecodeError, SourceError
 from .images import ImageInput, open_image
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a good photo of a {}.",
 )
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
-
-Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)

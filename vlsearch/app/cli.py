@@ -15,6 +15,22 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from .options import (
+    BUILD,
+    COLLECTION_OUT_ARG,
+    DEVICE_OPT,
+    PRECISION_OPT,
+    EMBED,
+    MODEL_OPT,
+    PRETRAINED_OPT,
+    SOURCE_ARG,
+    COLLECTION_ARG,
+    TRAIN,
+    BuildOptions,
+    EmbedOptions,
+    with_groups,
+)
+
 app = typer.Typer(
     name="vlsearch",
     help="Image-text retrieval: embed image galleries, build FAISS indexes, search by text or image, benchmark.",
@@ -24,25 +40,12 @@ app = typer.Typer(
 )
 
 
-# Options shared by several commands (one definition, same flags and help everywhere).
-_MODEL_OPT = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model).")
-_PRETRAINED_OPT = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file.")
-_BATCH_OPT = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
-_WORKERS_OPT = typer.Option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process).")
-_DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
-_PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 where this CPU/GPU runs "
-                              "it fast, else fp32; `vlsearch info` says which), fp32, bf16, fp16 or int8 (CPU).")
-_SHARD_OPT = typer.Option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
-_SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
-_COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, or resumed).")
-
-
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn vlsearch's typed exceptions into a clear message and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .errors import VlsearchError
+        from vlsearch.errors import VlsearchError
 
         try:
             return fn(*args, **kwargs)
@@ -99,10 +102,10 @@ def models_cmd(
     tags: bool = typer.Option(False, "--tags", help="List every model with its pretrained tags."),
 ) -> None:
     """List model architectures (open_clip's and vlsearch's built-in ones) and pretrained tags."""
-    from . import models
+    from vlsearch import models
 
     if name:
-        models._check_name(name)
+        models.check_model_name(name)
         typer.echo("\n".join(models.pretrained_tags(name)) or f"{name}: no published tags (random init or a local file)")
         return
     for model_name in models.available_models():
@@ -115,13 +118,25 @@ def models_cmd(
 @app.command("info")
 def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Print versions, the compute device and how many GPUs FAISS sees."""
+    info = system_info()
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:15} {value}")
+
+
+def system_info() -> dict[str, Any]:
+    """Versions of vlsearch and its engines, the compute device, torch threads and FAISS GPUs."""
     import faiss
     import open_clip
     import torch
 
-    from . import __version__
+    from vlsearch import __version__
+    from vlsearch.models import resolve_device
+    from vlsearch.precision import describe_auto
 
-    info = {
+    return {
         "vlsearch": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -131,16 +146,8 @@ def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+        **describe_auto(resolve_device("auto")),
     }
-    from .models import resolve_device
-    from .precision import describe_auto
-
-    info.update(describe_auto(resolve_device("auto")))
-    if as_json:
-        typer.echo(json.dumps(info))
-    else:
-        for key, value in info.items():
-            typer.echo(f"{key:15} {value}")
 
 
 @app.command("encode")
@@ -149,14 +156,14 @@ def encode_cmd(
     texts: list[str] = typer.Argument(None, help="Texts to encode."),
     image: list[str] = typer.Option([], "--image", "-i", help="Image file to encode (repeatable)."),
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
-    pretrained: Optional[str] = _PRETRAINED_OPT,
-    device: str = _DEVICE_OPT,
-    precision: str = _PRECISION_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
-    from .models import DEFAULT_MODEL, load_model
+    from vlsearch.models import load_model
 
-    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device, precision=precision)
+    enc = load_model(model, pretrained, device=device, precision=precision)
     rows = []
     if texts:
         rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
@@ -190,8 +197,8 @@ def bench_cmd(
     max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
 ) -> None:
     """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
-    from .bench import BenchConfig, format_table, plot_results, run_benchmark
-    from .fsutil import write_json
+    from vlsearch.bench import BenchConfig, format_table, plot_results, run_benchmark
+    from vlsearch.fsutil import write_json
 
     config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
                          latency_queries=latency_queries, max_queries=max_queries)
@@ -205,68 +212,52 @@ def bench_cmd(
         typer.echo(f"plot: {plot_results(result, plot)}")
 
 
-_THREADS_OPT = typer.Option(None, "--threads", min=1, help="torch threads of the encoding process.")
-_DECODE_TIMEOUT_OPT = typer.Option(30.0, "--decode-timeout", min=0.0, help="Seconds per image before it is refused (0: none).")
-_SOURCE_TYPE_OPT = typer.Option("auto", "--source-type", help="auto, folder, manifest or webdataset.")
-_IMAGE_COLUMN_OPT = typer.Option(None, "--image-column", help="Manifest column of image paths.")
-_CAPTION_COLUMN_OPT = typer.Option(None, "--caption-column", help="Manifest column of captions.")
-
-
 @app.command("embed")
 @handle_errors
-def embed_cmd(
-    source: str = _SOURCE_ARG,
-    collection_dir: str = _COLLECTION_OUT_ARG,
-    model: Optional[str] = _MODEL_OPT,
-    pretrained: Optional[str] = _PRETRAINED_OPT,
-    batch_size: int = _BATCH_OPT,
-    workers: int = _WORKERS_OPT,
-    device: str = _DEVICE_OPT,
-    precision: str = _PRECISION_OPT,
-    shard_size: int = _SHARD_OPT,
-    threads: Optional[int] = _THREADS_OPT,
-    decode_timeout: float = _DECODE_TIMEOUT_OPT,
-    source_type: str = _SOURCE_TYPE_OPT,
-    image_column: Optional[str] = _IMAGE_COLUMN_OPT,
-    caption_column: Optional[str] = _CAPTION_COLUMN_OPT,
-) -> None:
+@with_groups(EMBED)
+def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None) -> None:
     """Encode an image source into a resumable collection of Parquet shards (rerun to resume)."""
-    _embed_and_report(source, collection_dir, locals())
+    _embed_and_report(source, collection_dir, embed)
 
 
-def _embed_and_report(source: str, collection_dir: str, options: dict[str, Any]) -> None:
-    """Run ``indexing.embed`` with a tqdm bar and print the counts (shared by ``embed`` and ``index``).
+@app.command("build-index")
+@handle_errors
+@with_groups(BUILD)
+def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None) -> None:
+    """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
+    _build_and_report(collection_dir, build)
 
-    ``options``: the command's embedding options by parameter name (model ... caption_column)."""
+
+@app.command("index")
+@handle_errors
+@with_groups(EMBED, BUILD)
+def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
+              build: Any = None) -> None:
+    """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
+    _embed_and_report(source, collection_dir, embed)
+    _build_and_report(collection_dir, build)
+
+
+def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions) -> None:
+    """Run ``indexing.embed`` with a tqdm bar and print the counts (shared by ``embed`` and ``index``)."""
     import time
 
-    from indexing.embed import EmbedConfig, embed
-    from indexing.sources import open_source
+    from indexing.embed import embed
 
-    from .models import DEFAULT_MODEL
-
-    config = EmbedConfig(model=options["model"] or DEFAULT_MODEL, pretrained=options["pretrained"],
-                         batch_size=options["batch_size"], workers=options["workers"], device=options["device"],
-                         precision=options["precision"],
-                         shard_size=options["shard_size"], threads=options["threads"],
-                         decode_timeout=options["decode_timeout"] or None)
-    src = open_source(source, kind=options["source_type"], image_column=options["image_column"],
-                      caption_column=options["caption_column"])
+    src = options.open_source(source)
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
-        coll = embed(src, collection_dir, config, progress=bar)
+        coll = embed(src, collection_dir, options.config(), progress=bar)
     c = coll.manifest.counts
     typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
                f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
 
 
-def _build_and_report(collection_dir: str, index_type: str, max_memory: str, nprobe_default: Optional[int],
-                      train_size: Optional[int], seed: int) -> None:
+def _build_and_report(collection_dir: str, options: BuildOptions) -> None:
     from indexing.build import build_index
 
     with TqdmProgress("build-index", unit="vec") as bar:
-        entry = build_index(collection_dir, index_type=index_type, max_memory=max_memory, metric="ip",
-                            nprobe_default=nprobe_default, train_size=train_size, seed=seed, progress=bar)
+        entry = build_index(collection_dir, progress=bar, **options.kwargs())
     typer.echo(f"{entry['factory']}: {entry['ntotal']} vectors, {entry['bytes_per_vector']} B/vector, "
                f"nprobe={entry['nprobe_default']} (recall@10 {entry['recall_at_10']:.3f} on held-out vectors), "
                f"{entry['build_seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB")
@@ -274,117 +265,38 @@ def _build_and_report(collection_dir: str, index_type: str, max_memory: str, npr
         typer.echo(f"  - {reason}")
 
 
-_INDEX_TYPE_HELP = "'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32x4fs,Refine(SQ8)' or 'Flat'."
-
-_INDEX_TYPE_OPT = typer.Option("auto", "--index-type", "-t", help=_INDEX_TYPE_HELP)
-_MAX_MEMORY_OPT = typer.Option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB).")
-_NPROBE_DEFAULT_OPT = typer.Option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it.")
-_TRAIN_SIZE_OPT = typer.Option(None, "--train-size", min=1, help="Training sample size (default: auto).")
-_INDEX_SEED_OPT = typer.Option(0, "--seed", help="Seed of the training sample and k-means (reproducible builds).")
-
-@app.command("build-index")
-@handle_errors
-def build_index_cmd(
-    collection_dir: str = typer.Argument(..., help="Collection directory (from `vlsearch embed`)."),
-    index_type: str = _INDEX_TYPE_OPT,
-    max_memory: str = _MAX_MEMORY_OPT,
-    nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
-    train_size: Optional[int] = _TRAIN_SIZE_OPT,
-    seed: int = _INDEX_SEED_OPT,
-) -> None:
-    """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
-    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
-
-
-@app.command("index")
-@handle_errors
-def index_cmd(
-    source: str = _SOURCE_ARG,
-    collection_dir: str = _COLLECTION_OUT_ARG,
-    model: Optional[str] = _MODEL_OPT,
-    pretrained: Optional[str] = _PRETRAINED_OPT,
-    batch_size: int = _BATCH_OPT,
-    workers: int = _WORKERS_OPT,
-    device: str = _DEVICE_OPT,
-    precision: str = _PRECISION_OPT,
-    shard_size: int = _SHARD_OPT,
-    threads: Optional[int] = _THREADS_OPT,
-    decode_timeout: float = _DECODE_TIMEOUT_OPT,
-    source_type: str = _SOURCE_TYPE_OPT,
-    image_column: Optional[str] = _IMAGE_COLUMN_OPT,
-    caption_column: Optional[str] = _CAPTION_COLUMN_OPT,
-    index_type: str = _INDEX_TYPE_OPT,
-    max_memory: str = _MAX_MEMORY_OPT,
-    nprobe_default: Optional[int] = _NPROBE_DEFAULT_OPT,
-    train_size: Optional[int] = _TRAIN_SIZE_OPT,
-    seed: int = _INDEX_SEED_OPT,
-) -> None:
-    """Embed a source into a collection, then build its index (`embed` + `build-index`; resumable)."""
-    _embed_and_report(source, collection_dir, locals())
-    _build_and_report(collection_dir, index_type, max_memory, nprobe_default, train_size, seed)
-
-
 @app.command("train")
 @handle_errors
+@with_groups(TRAIN)
 def train_cmd(
     data: str = typer.Argument(..., help="CSV/Parquet manifest (columns image, caption) or a folder with captions.csv."),
-    out_dir: str = typer.Argument(..., help="Output folder: last.pt (resumable), model.pt (final), train.json."),
-    model: str = typer.Option("vlsearch-tiny", "--model", "-m", help="open_clip architecture to train."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Start from these weights (tag or file)."),
-    epochs: int = typer.Option(10, "--epochs", min=1),
-    batch_size: int = typer.Option(128, "--batch-size", "-b", min=2),
-    lr: float = typer.Option(5e-4, "--lr"),
-    weight_decay: float = typer.Option(0.2, "--weight-decay", min=0.0),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Max gradient norm (0: no clipping)."),
-    lock_text: bool = typer.Option(False, "--lock-text", help="Freeze the text tower (LiT)."),
-    unlocked_layers: int = typer.Option(0, "--unlocked-text-layers", min=0, help="With --lock-text: train its last N blocks."),
-    lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower."),
-    precompute_text: Optional[bool] = typer.Option(None, "--precompute-text/--no-precompute-text",
-                                                   help="Cache locked-text features once (default: when fully locked)."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resized crop + colour jitter."),
-    crop_scale: float = typer.Option(0.8, "--crop-scale", min=0.05, max=1.0, help="Smallest crop area fraction."),
-    hflip: float = typer.Option(0.0, "--hflip", min=0.0, max=1.0,
-                               help="Horizontal flip probability (never for a caption that says left/right)."),
-    color_jitter: float = typer.Option(0.3, "--color-jitter", min=0.0, help="Brightness/contrast jitter strength."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", min=0.0, max=0.99, help="Images held out for validation."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=0, help="Steps between last.pt saves."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = _DEVICE_OPT,
-    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
-    workers: int = typer.Option(2, "--workers", "-w", min=0, help="Image decoding processes."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
-    captions_per_image: int = typer.Option(1, "--captions-per-image", min=1,
-                                           help="Captions of each image per step (loss averaged over them)."),
-    cache_images: bool = typer.Option(False, "--cache-images",
-                                      help="Decode all images into memory once and augment batches as tensors (fast on CPU)."),
-    half: bool = typer.Option(False, "--half", help="Save model.pt in fp16."),
+    out_dir: str = typer.Argument(..., help="Output folder: last.pt (resumable), model.pt (final), train.json, "
+                                            "train_config.json (the resolved config)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML (or a run's train_config.json) of "
+                                         "TrainConfig settings; the flags below override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT_DIR from last.pt."),
+    overrides: Any = None,
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs (symmetric InfoNCE)."""
-    from .train import AugmentConfig, TrainConfig, train
+    from vlsearch.train import train
+    from vlsearch.train_config import load_train_config
 
-    aug = AugmentConfig(scale=(crop_scale, 1.0), hflip=hflip, brightness=color_jitter, contrast=color_jitter) if augment else None
-    try:
-        config = TrainConfig(model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip or None,
-                             lock_text=lock_text, lock_text_unlocked_layers=unlocked_layers, lock_image=lock_image,
-                             precompute_text=precompute_text, augment=aug, val_fraction=val_fraction,
-                             checkpoint_every=checkpoint_every, max_steps=max_steps, seed=seed, device=device,
-                             precision=precision, workers=workers, threads=threads, cache_images=cache_images,
-                             captions_per_image=captions_per_image,
-                             half_final=half)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    settings = load_train_config(config, overrides)
     with TqdmProgress("train", unit="step") as bar:
-        result = train(data, out_dir, config, resume=resume, progress=bar)
+        result = train(data, out_dir, settings, resume=resume, progress=bar)
+    typer.echo(format_train_result(result))
+
+
+def format_train_result(result: Any) -> str:
+    """Validation recalls per epoch, then steps, speed, final loss and the checkpoint."""
+    lines = []
     for v in result.val:
         t2i, i2t = v["t2i"], v["i2t"]
-        typer.echo(f"epoch {v['epoch']:3d}  val T->I R@1/5/10 {t2i['R@1']:.3f}/{t2i['R@5']:.3f}/{t2i['R@10']:.3f}"
-                   f"  I->T R@1/5/10 {i2t['R@1']:.3f}/{i2t['R@5']:.3f}/{i2t['R@10']:.3f}")
-    typer.echo(f"{result.steps} steps in {result.seconds:.1f} s ({result.steps_per_second:.2f} steps/s), "
-               f"final loss {result.losses[-1]:.4f} -> {result.checkpoint}")
+        lines.append(f"epoch {v['epoch']:3d}  val T->I R@1/5/10 {t2i['R@1']:.3f}/{t2i['R@5']:.3f}/{t2i['R@10']:.3f}"
+                     f"  I->T R@1/5/10 {i2t['R@1']:.3f}/{i2t['R@5']:.3f}/{i2t['R@10']:.3f}")
+    lines.append(f"{result.steps} steps in {result.seconds:.1f} s ({result.steps_per_second:.2f} steps/s), "
+                 f"final loss {result.losses[-1]:.4f} -> {result.checkpoint}")
+    return "\n".join(lines)
 
 
 @app.command("classify")
@@ -395,28 +307,38 @@ def classify_cmd(
                                           "(default: the sub-folder names)."),
     templates: list[str] = typer.Option([], "--templates", "-t", help="Prompt with one {} (repeatable), or a "
                                         "file with one per line (default: 'a photo of a {}.' and 5 more)."),
-    model: Optional[str] = _MODEL_OPT,
-    pretrained: Optional[str] = _PRETRAINED_OPT,
-    device: str = _DEVICE_OPT,
-    precision: str = _PRECISION_OPT,
+    model: Optional[str] = MODEL_OPT,
+    pretrained: Optional[str] = PRETRAINED_OPT,
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
-    from pathlib import Path
+    from vlsearch.models import load_model
+    from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
 
-    from .models import DEFAULT_MODEL, load_model
-    from .zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
-
-    if len(templates) == 1 and Path(templates[0]).is_file():
-        templates = [t for t in Path(templates[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
-    templates = list(templates) or list(DEFAULT_TEMPLATES)
+    templates = _templates(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    enc = load_model(model or DEFAULT_MODEL, pretrained, device=device, precision=precision)
+    enc = load_model(model, pretrained, device=device, precision=precision)
     try:
         with TqdmProgress("classify", unit="img") as bar:
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    _echo_classification(result, len(templates), enc.name)
+
+
+def _templates(given: list[str]) -> list[str]:
+    """``--templates``: the prompts given, or the lines of the one file given."""
+    from pathlib import Path
+
+    if len(given) == 1 and Path(given[0]).is_file():
+        return [t for t in Path(given[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
+    return list(given)
+
+
+def _echo_classification(result: Any, n_templates: int, model: str) -> None:
+    """Per image (no labels: path, class, score) or accuracy overall and per class (labels known)."""
     failed = f" ({len(result.failures)} unreadable, skipped)" if result.failures else ""
     if result.top1 is None:
         for path, pred, scores in zip(result.paths, result.predictions, result.scores):
@@ -424,7 +346,7 @@ def classify_cmd(
         typer.echo(f"{len(result.paths)} images{failed}", err=True)
         return
     typer.echo(f"{len(result.paths)} images{failed}, {len(result.classnames)} classes, "
-               f"{len(templates)} templates, model {enc.name}")
+               f"{n_templates} templates, model {model}")
     typer.echo(f"top-1 {result.top1:.3f}  top-{result.topk.shape[1]} {result.top5:.3f}  "
                f"(chance top-1 {1 / len(result.classnames):.3f})")
     for name, acc in result.per_class_accuracy().items():
@@ -443,16 +365,19 @@ def search_cmd(
     exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
-    device: str = _DEVICE_OPT,
-    precision: str = _PRECISION_OPT,
+    where: Optional[str] = typer.Option(
+        None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\"."),
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
-    from .search import Searcher, format_hits, hits_to_json_lines
+    from vlsearch.results import format_hits, hits_to_json_lines
+    from vlsearch.search import Searcher
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
     searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision)
-    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor)
+    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
     hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
 
@@ -487,7 +412,7 @@ def demo_cmd(
                                           help="Generated held-out pictures, indexed and benchmarked [default: 500]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
-    precision: str = _PRECISION_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Generate a captioned dataset, train a tiny CLIP, index, search and benchmark it: offline, on CPU."""
     from dataclasses import replace

@@ -30,16 +30,23 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from .fsutil import write_json
-from .shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
+from vlsearch.fsutil import write_json
+from vlsearch.models import SMALL_MODEL
+from vlsearch.progress import Progress
+from vlsearch.shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
+from vlsearch.threads import cpu_threads
+
+from .contact_sheet import draw_contact_sheet
+from .demo_report import DemoReport, QueryResult, format_report
+
+__all__ = ["DemoConfig", "DemoReport", "QueryResult", "run_demo", "format_report", "draw_contact_sheet"]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
 
 #: Example text queries on the generated shapes (partial descriptions included on purpose).
 SHAPES_TEXT_QUERIES: tuple[str, ...] = (
@@ -57,7 +64,6 @@ PHOTO_TEXT_QUERIES: tuple[str, ...] = (
     "a group of people standing in the snow",
     "a black and white dog",
 )
-SMALL_MODEL = "vlsearch-small"
 #: The attributes of a generated picture, as named in ``attributes.csv``.
 ATTRIBUTES = ("color", "size", "shape", "position")
 
@@ -76,7 +82,7 @@ class DemoConfig:
     #: Train-time augmentation (crops move shapes across grid cells and change their size, which
     #: captions name; off, the tiny model learns faster in the demo's few steps).
     augment: bool = False
-    #: Index factory for the collection; None picks IVF-PQ sized to the collection (see ``index_factory``).
+    #: Index factory for the collection; None picks IVF-PQ sized to the collection (see :func:`indexing.plan.demo_index_type`).
     index_type: Optional[str] = None
     k: int = 8  #: hits shown per query
     n_image_queries: int = 3
@@ -101,83 +107,6 @@ class DemoConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"DemoConfig: {message}")
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """One example query and its hits.
-
-    Shapes mode: ``attribute_matches[attr][i]`` says whether hit i has the query's value of
-    ``attr`` (the attributes a text query names; all four of a query picture's), and
-    ``matches[i]`` whether it has all of them. Both are None when unknown (e.g. on photos).
-    """
-
-    kind: str  #: "text" or "image"
-    query: str  #: the text, or the query image's path
-    hits: list[Any]  #: ``vlsearch.search.Hit`` s, best first
-    caption: Optional[str] = None  #: an image query's own caption
-    attribute_matches: Optional[dict[str, list[bool]]] = None
-
-    @property
-    def matches(self) -> Optional[list[bool]]:
-        if self.attribute_matches is None:
-            return None
-        return [all(per_attr[i] for per_attr in self.attribute_matches.values()) for i in range(len(self.hits))]
-
-    @property
-    def attribute_precision(self) -> Optional[dict[str, float]]:
-        """Per attribute, the fraction of the hits that have the query's value."""
-        if self.attribute_matches is None or not self.hits:
-            return None
-        return {attr: sum(m) / len(m) for attr, m in self.attribute_matches.items()}
-
-    @property
-    def precision(self) -> Optional[float]:
-        """Fraction of the hits that match the query (None when unknown)."""
-        if not self.matches:
-            return None
-        return sum(self.matches) / len(self.matches)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "query": self.query, "caption": self.caption, "precision": self.precision,
-                "attribute_precision": self.attribute_precision,
-                "hits": [{**h.to_dict(), "match": None if self.matches is None else self.matches[i]}
-                         for i, h in enumerate(self.hits)]}
-
-
-@dataclass(frozen=True)
-class DemoReport:
-    """Everything the demo made and measured (see ``report.json`` in ``out_dir``)."""
-
-    out_dir: Path
-    mode: str  #: "shapes" (generated data, trained model) or "data" (the user's data)
-    model: dict[str, Any]  #: name, pretrained (checkpoint path or tag), dim
-    collection: Path
-    index: dict[str, Any]  #: the collection manifest's index entry
-    text_queries: list[QueryResult]
-    image_queries: list[QueryResult]
-    benchmark: dict[str, Any]  #: :func:`vlsearch.bench.run_benchmark`'s result on the collection
-    chance: dict[str, float]  #: Recall@K of a random ranking of the collection's images
-    contact_sheet: Path
-    timings: dict[str, float]  #: seconds per stage
-    seconds: float
-    dataset: dict[str, Any] = field(default_factory=dict)  #: manifests and counts (shapes mode) or the source
-    training: Optional[dict[str, Any]] = None  #: steps, epochs, seconds, first/last loss (shapes mode)
-    notes: list[str] = field(default_factory=list)  #: caveats worth reading (e.g. an untrained model)
-
-    @property
-    def report_path(self) -> Path:
-        return self.out_dir / "report.json"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "out_dir": str(self.out_dir), "mode": self.mode, "model": self.model, "dataset": self.dataset,
-            "training": self.training, "collection": str(self.collection), "index": self.index,
-            "text_queries": [q.to_dict() for q in self.text_queries],
-            "image_queries": [q.to_dict() for q in self.image_queries],
-            "benchmark": self.benchmark, "chance": self.chance, "contact_sheet": str(self.contact_sheet),
-            "timings": self.timings, "seconds": self.seconds, "notes": self.notes,
-        }
 
 
 class _Stages:
@@ -219,11 +148,15 @@ def run_demo(
     started = time.perf_counter()
     config = replace(config, **{k: v for k, v in (("size", size), ("seed", seed)) if v is not None})
     out = _fresh_out_dir(Path(out_dir).expanduser())
-    stages = _Stages(progress)
-    if config.threads:
-        import torch
+    with cpu_threads(config.threads):
+        report = _run(out, data, config, _Stages(progress), started)
+    write_json(report.report_path, report.to_dict())
+    return report
 
-        torch.set_num_threads(int(config.threads))
+
+def _run(out: Path, data: Optional[str | os.PathLike], config: DemoConfig, stages: _Stages,
+         started: float) -> DemoReport:
+    """The demo's stages (see the module docstring), timed; returns the report."""
     if data is None:
         prepared = _prepare_shapes(out, config, stages)
     else:
@@ -236,7 +169,7 @@ def run_demo(
     bench = stages.run("benchmark", _benchmark, collection)
     sheet = stages.run("contact sheet", draw_contact_sheet, [*text_q, *image_q], out / "contact_sheet.png",
                        roots=prepared["roots"])
-    from .collection import Collection
+    from vlsearch.collection import Collection
 
     coll = Collection.open(collection)
     n_images = coll.count()
@@ -247,7 +180,6 @@ def run_demo(
         contact_sheet=sheet, timings=dict(stages.timings), seconds=round(time.perf_counter() - started, 2),
         dataset=prepared["dataset"], training=prepared.get("training"), notes=_notes(encoder),
     )
-    write_json(report.report_path, report.to_dict())
     return report
 
 
@@ -260,7 +192,7 @@ def _fresh_out_dir(out: Path) -> Path:
     """Create ``out``, or clear an earlier demo's outputs from it; refuse any other non-empty folder."""
     import shutil
 
-    from .errors import VlsearchError
+    from vlsearch.errors import VlsearchError
 
     if out.exists() and not out.is_dir():
         raise VlsearchError(f"demo output {out} exists and is not a folder")
@@ -282,8 +214,10 @@ def _fresh_out_dir(out: Path) -> Path:
 # ---- stages --------------------------------------------------------------------------------
 
 def _prepare_shapes(out: Path, config: DemoConfig, stages: _Stages) -> dict[str, Any]:
-    from .models import TINY_MODEL
-    from .train import AugmentConfig, TrainConfig, train
+    from vlsearch.models import TINY_MODEL
+    from vlsearch.train import train
+    from vlsearch.train_config import TrainConfig
+    from vlsearch.train_images import AugmentConfig
 
     shapes = ShapesConfig(n_train=config.size, n_heldout=config.heldout, seed=config.seed)
     dataset = stages.run("generate", generate_shapes, out / "data", shapes)
@@ -349,21 +283,21 @@ def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
 
 def _data_model(config: DemoConfig) -> str:
     """``config.model``, else vlsearch-small when it is registered, else the default model."""
-    from .models import DEFAULT_MODEL, available_models
+    from vlsearch.models import available_models, default_model
 
     if config.model:
         return config.model
     if SMALL_MODEL in available_models():
         return SMALL_MODEL
-    log.warning("%s is not installed; using %s", SMALL_MODEL, DEFAULT_MODEL)
-    return DEFAULT_MODEL
+    log.warning("%s is not installed; using %s", SMALL_MODEL, default_model())
+    return default_model()
 
 
 def _load_encoder(model: tuple[str, Optional[str]], mode: str, precision: str = "auto") -> Any:
     """Load the model once (for embedding and queries). In data mode an unavailable
     vlsearch-small falls back to the default model, with a warning."""
-    from .errors import WeightsUnavailableError
-    from .models import DEFAULT_MODEL, load_model
+    from vlsearch.errors import WeightsUnavailableError
+    from vlsearch.models import default_model, load_model
 
     name, pretrained = model
     try:
@@ -371,8 +305,8 @@ def _load_encoder(model: tuple[str, Optional[str]], mode: str, precision: str = 
     except WeightsUnavailableError as exc:
         if mode != "data" or name != SMALL_MODEL:
             raise
-        log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, DEFAULT_MODEL)
-        return load_model(DEFAULT_MODEL, precision=precision)
+        log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, default_model())
+        return load_model(default_model(), precision=precision)
 
 
 def _notes(encoder: Any) -> list[str]:
@@ -391,34 +325,22 @@ def _embed(source: Any, collection: Path, encoder: Any, config: DemoConfig,
           progress=progress, encoder=encoder)
 
 
-def index_factory(n: int, dim: int) -> str:
-    """IVF-PQ for a collection too small for the builder's PCA-refined choice (PCA needs more
-    training vectors than dimensions): ~``sqrt(n)/2`` lists (a power of two, at least 4),
-    4-bit fast-scan PQ with about ``dim/4`` sub-quantizers, and exact re-ranking (``RFlat``).
-    """
-    import math
-
-    nlist = max(4, 2 ** round(math.log2(max(1.0, math.sqrt(n) / 2))))
-    m = max(1, dim // 4)
-    while dim % m:
-        m -= 1
-    return f"IVF{nlist},PQ{m}x4fs,RFlat"
-
-
 def _build_index(collection: Path, config: DemoConfig, progress: Optional[Progress] = None) -> dict[str, Any]:
     """IVF-PQ even for the demo's small collection, so the approximate search path is exercised:
     the builder's own ``auto`` choice with its exact-search threshold removed (or, below
-    ``4 * dim`` vectors, :func:`index_factory`), unless ``config.index_type`` names one."""
-    from indexing.build import AutoPolicy, build_index
+    ``4 * dim`` vectors, a small IVF-PQ): :func:`indexing.plan.demo_index_type`, unless
+    ``config.index_type`` names one."""
+    from indexing.build import build_index
+    from indexing.plan import ALWAYS_ANN, demo_index_type
 
-    from .collection import Collection
+    from vlsearch.collection import Collection
 
     coll = Collection.open(collection)
     n, dim = coll.count(), coll.dim
-    index_type = config.index_type or ("auto" if n >= 4 * dim else index_factory(n, dim))
+    index_type = config.index_type or demo_index_type(n, dim)
     with _captured_stderr():  # FAISS warns on stderr that a few hundred points are few for k-means
         return build_index(collection, index_type=index_type, seed=config.seed, progress=progress,
-                           policy=AutoPolicy(flat_max_n=0, min_nlist=1))
+                           policy=ALWAYS_ANN)
 
 
 @contextmanager
@@ -444,7 +366,7 @@ def _captured_stderr() -> Iterator[None]:
 
 def _queries(collection: Path, encoder: Any, prepared: dict[str, Any], config: DemoConfig,
              progress: Optional[Progress] = None) -> tuple[list[QueryResult], list[QueryResult]]:
-    from .search import Searcher
+    from vlsearch.search import Searcher
 
     searcher = Searcher.open(collection, encoder=encoder)
     options = dict(k=config.k, exact=not searcher.has_index)
@@ -477,150 +399,8 @@ def _attribute_matches(hits: Sequence[Any], attributes: dict[str, dict[str, str]
 
 
 def _benchmark(collection: Path, progress: Optional[Progress] = None) -> dict[str, Any]:
-    from .bench import BenchConfig, run_benchmark
+    from vlsearch.bench import BenchConfig, run_benchmark
 
     return run_benchmark(collection, BenchConfig(nprobes=(1, 4, 16), latency_queries=200), progress=progress)
 
 
-# ---- contact sheet -------------------------------------------------------------------------
-
-def draw_contact_sheet(
-    results: Sequence[QueryResult],
-    path: str | os.PathLike,
-    roots: dict[str, str | os.PathLike],
-    thumb: int = 96,
-    progress: Optional[Progress] = None,
-) -> Path:
-    """One row per query: the query (its text, or its picture and caption), then its hits with
-    their captions and scores; a green frame marks a hit that fits the query, red one that does not.
-
-    ``roots["collection"]``/``roots["query"]``: folders the hits' / image queries' paths are
-    relative to. Written atomically as PNG.
-    """
-    from PIL import Image, ImageDraw
-
-    from .fsutil import atomic_path
-    from .images import open_image
-
-    font = _font(12)
-    k = max((len(r.hits) for r in results), default=1)
-    label_w, pad, text_h = 220, 6, 30
-    cell_w, cell_h = thumb + pad, thumb + text_h + pad
-    sheet = Image.new("RGB", (label_w + k * cell_w + pad, max(1, len(results)) * cell_h + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, result in enumerate(results):
-        y = pad + row * cell_h
-        if result.kind == "image":
-            picture = _thumbnail(open_image, Path(roots["query"]) / result.query, thumb)
-            sheet.paste(picture, (pad, y))
-            draw.text((pad + thumb + 4, y), "image query", fill="black", font=font)
-            _wrapped(draw, (pad, y + thumb + 2), result.caption or result.query, label_w - 2 * pad, font, lines=2)
-        else:
-            draw.text((pad, y), "text query", fill="gray", font=font)
-            _wrapped(draw, (pad, y + 16), f'"{result.query}"', label_w - 2 * pad, font, lines=4)
-        if result.matches is not None:
-            fit = f"{sum(result.matches)}/{len(result.matches)} hits fit"
-            fit_xy = (pad, y + cell_h - text_h + 6) if result.kind == "text" else (pad + thumb + 4, y + 16)
-            draw.text(fit_xy, fit, fill="black", font=font)
-        for i, hit in enumerate(result.hits):
-            x = label_w + i * cell_w
-            sheet.paste(_thumbnail(open_image, Path(roots["collection"]) / hit.path, thumb), (x, y))
-            if result.matches is not None:
-                color = (30, 170, 60) if result.matches[i] else (220, 40, 40)
-                draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=color, width=2)
-            _wrapped(draw, (x, y + thumb + 2), f"{hit.score:.2f} {hit.caption or hit.path}", thumb, font, lines=2)
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        sheet.save(tmp, format="PNG")
-    if progress is not None:
-        progress(1, 1)
-    return out
-
-
-def _thumbnail(open_image: Callable[..., Any], path: Path, size: int) -> Any:
-    from PIL import Image
-
-    try:
-        img = open_image(path)
-    except Exception as exc:  # a hit whose file went away: show a grey square, not a crash
-        log.warning("cannot show %s: %s", path, exc)
-        return Image.new("RGB", (size, size), (200, 200, 200))
-    scale = size / max(img.size)
-    resample = Image.NEAREST if scale >= 1.5 else Image.BICUBIC  # keep tiny pictures crisp
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
-    canvas = Image.new("RGB", (size, size), "white")
-    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return canvas
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _wrapped(draw: Any, xy: tuple[int, int], text: str, width: int, font: Any, lines: int) -> None:
-    """Draw ``text`` word-wrapped to ``width`` pixels, at most ``lines`` lines (ellipsis if cut)."""
-    words, out, line = text.split(), [], ""
-    for word in words:
-        candidate = f"{line} {word}".strip()
-        if draw.textlength(candidate, font=font) <= width or not line:
-            line = candidate
-        else:
-            out.append(line)
-            line = word
-    if line:
-        out.append(line)
-    if len(out) > lines:
-        out = out[:lines]
-        out[-1] = out[-1].rstrip(".,") + "..."
-    x, y = xy
-    for i, text_line in enumerate(out):
-        draw.text((x, y + i * 13), text_line, fill="black", font=font)
-
-
-# ---- text report ---------------------------------------------------------------------------
-
-def format_report(report: DemoReport, show: int = 3) -> str:
-    """A plain-text summary of a demo run: queries and their top hits, the benchmark table,
-    chance levels, timings and where everything was written."""
-    from .bench import format_table
-
-    lines: list[str] = []
-    for title, results in (("text queries", report.text_queries), ("image queries", report.image_queries)):
-        if not results:
-            continue
-        lines.append(f"== {title} (top {len(results[0].hits)} of {report.benchmark.get('n_images', '?')} images) ==")
-        for r in results:
-            head = f'"{r.query}"' if r.kind == "text" else f"{r.query} ({r.caption})"
-            fit = ""
-            if r.attribute_matches is not None:
-                parts = ", ".join(f"{a} {sum(m)}/{len(m)}" for a, m in r.attribute_matches.items())
-                fit = f"  -> {sum(r.matches)}/{len(r.matches)} fit all ({parts})"
-            lines.append(f"{head}{fit}")
-            for i, h in enumerate(r.hits[:show]):
-                mark = "" if r.matches is None else ("ok " if r.matches[i] else "no ")
-                lines.append(f"   {h.rank}. {h.score:.3f} {mark}{h.caption or h.path}")
-    lines += ["", "== benchmark (held-out collection; recalls in %) ==", format_table(report.benchmark)]
-    chance = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.chance.items())
-    lines.append(f"chance (random ranking): {chance}")
-    exact = report.benchmark["exact"]
-    lines.append(f"text->image R@10 {100 * exact['t2i']['R@10']:.1f}% vs chance {100 * report.chance.get('R@10', 0):.1f}%;"
-                 f" image->text R@10 {100 * exact['i2t']['R@10']:.1f}%")
-    lines += [f"note: {n}" for n in report.notes]
-    if report.training:
-        t = report.training
-        lines.append(f"training: {t['steps']} steps, {t['epochs']} epochs, {t['seconds']:.0f}s, "
-                     f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}")
-    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.timings.items())
-                 + f"; total {report.seconds:.0f}s")
-    lines += [f"model:         {report.model['name']} ({report.model['pretrained']})",
-              f"collection:    {report.collection}  (index {report.index.get('factory')})",
-              f"contact sheet: {report.contact_sheet}",
-              f"report:        {report.report_path}"]
-    if report.mode == "shapes":
-        lines.append(f"try:           vlsearch search {report.collection} \"a small green star at the top right\"")
-    return "\n".join(lines)
