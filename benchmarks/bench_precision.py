@@ -162,8 +162,13 @@ def save(stem: str, data: dict) -> None:
     write_json(OUT / f"{stem}.json", data)
 
 
+def _cell(row: dict, column: str) -> object:
+    value = row.get(column, "–")
+    return f"{value:.5f}" if "cos" in column and isinstance(value, float) else value
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
-    return markdown_table(columns, [[r.get(c, "–") for c in columns] for r in rows])
+    return markdown_table(columns, [[_cell(r, c) for c in columns] for r in rows])
 
 
 SPEED_COLUMNS = ["model", "precision", "images/s", "n images", "speed-up images", "min cos images", "texts/s",
@@ -194,7 +199,7 @@ def write_report() -> None:
         parts += [f"Model only, {run['machine']}; batch {run['batch_size']}; load average {run['load']:.1f}"
                   + (" (the CPU was shared)" if run["load"] > (os.cpu_count() or 1) else "") + "; "
                   f"`auto` for {run['model']}: {run['auto']['precision']}. `{run['command']}`", "",
-                  _table(run["rows"], SPEED_COLUMNS), ""]
+                  _table(run["rows"], SPEED_COLUMNS), *([run["note"]] if run.get("note") else []), ""]
     for run in (r for r in runs if r["kind"] == "recall"):
         parts += [f"Flickr8k-test retrieval (%) per precision, {run['machine']}; load average {run['load']:.1f}. "
                   f"`{run['command']}`", "", _table(run["rows"], RECALL_COLUMNS), ""]
