@@ -118,7 +118,9 @@ def _load_and_run(path: Path, coll: Collection | None, source: ImageSource, enco
     records = itertools.chain([first], records)
     if coll is None:
         coll = Collection.create(path, Manifest(model=encoder.info, shard_size=config.shard_size,
-                                                source=source.describe()))
+                                                source=source.describe(), precision=encoder.precision))
+    else:
+        _record_precision(coll, encoder.precision)
     with coll.lock():
         return _run(coll, source, records, encoder, config, progress)
 
@@ -145,6 +147,14 @@ def same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser().resolve())
     return (config.model, pretrained) == (coll.model.name, coll.model.pretrained)
+
+
+def _record_precision(coll: Collection, precision: str) -> None:
+    """A resumed run in another precision is recorded as ``old+new`` (vectors agree to cosine ~0.999)."""
+    recorded = coll.manifest.precision
+    if recorded and precision not in recorded.split("+"):
+        log.warning("resuming %s (embedded in %s) in %s", coll.path, recorded, precision)
+        coll.update_manifest(precision=f"{recorded}+{precision}")
 
 
 def check_source(coll: Collection, source: ImageSource) -> None:

@@ -112,6 +112,9 @@ class Manifest:
     counts: dict[str, int] = field(default_factory=lambda: {"images": 0, "captions": 0, "failures": 0, "shards": 0})
     complete: bool = False
     index: dict[str, Any] | None = None
+    #: precision the embeddings were computed in (fp32, bf16, int8...; ``a+b`` when a resumed run
+    #: changed it); None in collections written before it was recorded. Stored vectors are fp16 either way.
+    precision: str | None = None
     created_at: str = field(default_factory=now_iso)
     updated_at: str = field(default_factory=now_iso)
     format_version: int = FORMAT_VERSION
@@ -137,6 +140,7 @@ class Manifest:
             "complete": self.complete,
             "source": self.source,
             "index": self.index,
+            **({"precision": self.precision} if self.precision else {}),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -158,6 +162,7 @@ class Manifest:
             counts=data.get("counts") or {},
             complete=bool(data.get("complete", False)),
             index=data.get("index"),
+            precision=data.get("precision"),
             created_at=data.get("created_at", now_iso()),
             updated_at=data.get("updated_at", now_iso()),
             format_version=version,

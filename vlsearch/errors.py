@@ -98,3 +98,7 @@ class RayNotInstalledError(VlsearchError, ImportError):
 
 class DistributedError(VlsearchError):
     """A distributed (Ray) job could not start, or a part of it failed after its retries."""
+
+
+class PrecisionError(VlsearchError, ValueError):
+    """An unknown inference precision, or one the device cannot run (int8 on CUDA)."""

@@ -80,10 +80,12 @@ class Searcher:
         exact_chunk_size: int = DEFAULT_CHUNK_SIZE,
         filter_cache_mb: float = 256,
         subset_policy: SubsetPolicy = SubsetPolicy(),
+        precision: str = "auto",
     ):
         self.collection = collection
         self.index = index
         self.device = device
+        self.precision = precision  #: of the query model (see vlsearch.precision)
         self.exact_chunk_size = int(exact_chunk_size)
         if encoder is not None:
             collection.check_model(encoder.info, what="query model")
@@ -123,7 +125,7 @@ class Searcher:
         first text/image query. ``mmap=True`` memory-maps the index. ``encoder`` must be the
         collection's model (else CollectionMismatchError). ``options``: ``text_cache_size``,
         ``metadata_cache_mb``, ``exact_chunk_size``, ``filter_cache_mb`` (filter results and the
-        vectors gathered for selective filters), ``subset_policy``."""
+        vectors gathered for selective filters), ``subset_policy``, ``precision`` (of the query model)."""
         collection = Collection.open(path)
         index = load_index(collection, mmap=mmap) if collection.manifest.index is not None else None
         return cls(collection, index, encoder=encoder, device=device, **options)
@@ -145,7 +147,7 @@ class Searcher:
                     from .models import load_model
 
                     m = self.collection.manifest.model
-                    enc = load_model(m.name, m.pretrained, device=self.device)
+                    enc = load_model(m.name, m.pretrained, device=self.device, precision=self.precision)
                     self.collection.check_model(enc.info, what="query model")
                     self._encoder = enc
         return self._encoder

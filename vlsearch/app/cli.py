@@ -20,6 +20,7 @@ from .options import (
     BUILD,
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
+    PRECISION_OPT,
     EMBED,
     ENGINE,
     MODEL_OPT,
@@ -150,6 +151,8 @@ def system_info() -> dict[str, Any]:
     import torch
 
     from vlsearch import __version__
+    from vlsearch.models import resolve_device
+    from vlsearch.precision import describe_auto
 
     return {
         "vlsearch": __version__,
@@ -161,6 +164,7 @@ def system_info() -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+        **describe_auto(resolve_device("auto")),
     }
 
 
@@ -172,11 +176,12 @@ def encode_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
     pretrained: Optional[str] = PRETRAINED_OPT,
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
     from vlsearch.models import load_model
 
-    enc = load_model(model, pretrained, device=device)
+    enc = load_model(model, pretrained, device=device, precision=precision)
     rows = []
     if texts:
         rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
@@ -386,6 +391,7 @@ def classify_cmd(
     model: Optional[str] = MODEL_OPT,
     pretrained: Optional[str] = PRETRAINED_OPT,
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
@@ -394,7 +400,7 @@ def classify_cmd(
 
     templates = _templates(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    enc = load_model(model, pretrained, device=device)
+    enc = load_model(model, pretrained, device=device, precision=precision)
     try:
         with TqdmProgress("classify", unit="img") as bar:
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
@@ -443,6 +449,7 @@ def search_cmd(
     where: Optional[str] = typer.Option(
         None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\"."),
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
     from vlsearch.results import format_hits, hits_to_json_lines
@@ -450,7 +457,7 @@ def search_cmd(
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision)
     options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
     hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
@@ -486,13 +493,14 @@ def demo_cmd(
                                           help="Generated held-out pictures, indexed and benchmarked [default: 500]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Generate a captioned dataset, train a tiny CLIP, index, search and benchmark it: offline, on CPU."""
     from dataclasses import replace
 
     from .demo import DemoConfig, format_report, run_demo
 
-    changes = {"heldout": heldout, "epochs": epochs}
+    changes = {"heldout": heldout, "epochs": epochs, "precision": precision}
     config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
     bars = _StageBars()
     try:

@@ -21,6 +21,8 @@ import typer
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model).")
 PRETRAINED_OPT = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file.")
 DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
+PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 where this CPU/GPU runs "
+                             "it fast, else fp32; `vlsearch info` says which), fp32, bf16, fp16 or int8 (CPU).")
 SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
 COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, resumed, or synced).")
 COLLECTION_ARG = typer.Argument(..., help="Collection directory (from `vlsearch embed`).")
@@ -39,6 +41,7 @@ class EmbedOptions:
     batch_size: int = _option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
     workers: int = _option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process).")
     device: str = dataclasses.field(default="auto", metadata={"option": DEVICE_OPT})
+    precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
     shard_size: int = _option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
     threads: Optional[int] = _option(None, "--threads", min=1, help="torch threads of the encoding process.")
     decode_timeout: float = _option(30.0, "--decode-timeout", min=0.0,
@@ -54,7 +57,8 @@ class EmbedOptions:
         from indexing.embed import EmbedConfig
 
         return EmbedConfig(model=self.model, pretrained=self.pretrained, batch_size=self.batch_size,
-                           workers=self.workers, device=self.device, shard_size=self.shard_size,
+                           workers=self.workers, device=self.device, precision=self.precision,
+                           shard_size=self.shard_size,
                            threads=self.threads, decode_timeout=self.decode_timeout or None)
 
     def open_source(self, source: str) -> Any:
