@@ -78,7 +78,7 @@ def rss_mb() -> float:
 
 
 def prepare(a: argparse.Namespace):
-    data = load_dataset(a.n, a.dim, 1000, 0, a.out_dir, columns=columns, variant=VARIANT)
+    data = load_dataset(a.n, a.dim, 1000, 0, a.out_dir, kind="hard", columns=columns, variant=VARIANT)
     from vlsearch.collection import Collection
 
     if Collection.open(data.collection).manifest.index is None:

@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=1_000_000, help="collection size (synthetic vectors)")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000, help="queries of the synthetic set (ground truth exists for them)")
+    ap.add_argument("--kind", default="real", help="synthetic generator: real (fitted to real embeddings) or hard")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--factory", default=None,
@@ -73,7 +74,7 @@ def parse_args() -> argparse.Namespace:
 
 def wait_for_dataset(a: argparse.Namespace) -> None:
     """make_dataset restarts a half-written dataset; never do that under another process's feet."""
-    root = dataset_dir(a.n, a.dim, a.queries, 0, None)
+    root = dataset_dir(a.n, a.dim, a.queries, 0, None, a.kind)
     deadline = time.time() + 60 * a.wait
     while root.exists() and not (root / "info.json").is_file():
         if time.time() > deadline:
@@ -91,7 +92,7 @@ def make_view(coll_path: Path, factory: str | None, n: int) -> Path:
     from vlsearch.collection import Collection
 
     slug = (factory or "auto").replace(",", "_").replace("(", "").replace(")", "")
-    view = DEFAULT_DIR / f"search-view-n{n}-{slug}"
+    view = DEFAULT_DIR / f"search-view-{coll_path.parent.name}-{slug}"  # per dataset (size, generator)
     if not (view / "manifest.json").is_file():
         src = Collection.open(coll_path)
         view.mkdir(parents=True, exist_ok=True)
@@ -245,7 +246,7 @@ def main() -> None:
 
     wait_for_dataset(a)
     t_start = time.perf_counter()
-    data = load_dataset(a.n, a.dim, a.queries)
+    data = load_dataset(a.n, a.dim, a.queries, kind=a.kind)
     view = make_view(data.collection, a.factory, a.n)
     entry = index_view(view, a.factory, a.k_factor, a.builder)
     load = os.getloadavg()
@@ -298,7 +299,7 @@ def main() -> None:
         f"queries, {all_threads} for the batch; "
         f"load average at start {load[0]:.1f} ({'shared CPU' if load[0] > (os.cpu_count() or 1) else 'idle CPU'}).  ",
         f"Command: `{command_line()}`  ",
-        f"Collection: synthetic {a.n:,} x {a.dim} (benchmarks/synthetic.py), {len(q)} held-out queries, k={k}.  ",
+        f"Collection: synthetic '{a.kind}' {a.n:,} x {a.dim} (benchmarks/synthetic.py), {len(q)} held-out queries, k={k}.  ",
         f"Index: `{entry.get('factory')}` ({idx_bytes / 2**20:,.0f} MiB, built by "
         f"{entry.get('built_by', 'indexing.build.build_index')}), opened in {open_s:.2f} s "
         f"(id map {s.row_locator.nbytes / 2**20:.1f} MiB; no embedding read).\n",

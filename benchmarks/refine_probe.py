@@ -51,8 +51,9 @@ def main() -> None:
     ap.add_argument("--k-factors", default="10,20")
     ap.add_argument("--train-size", type=int, default=65_536)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", default="real", help="synthetic generator: real (fitted) or hard")
     args = ap.parse_args()
-    data = load_dataset(n=args.n)
+    data = load_dataset(n=args.n, kind=args.kind)
     base = np.asarray(data.base_vectors(), dtype=np.float32)
     rows = []
     for factory in args.factories:
@@ -62,7 +63,7 @@ def main() -> None:
     table = markdown_table(["factory", "build s", "nprobe", "k_factor", "recall@10", "batched QPS"], rows)
     print(table)
     write_section("refine_probe", f"## Refine codes vs recall (`benchmarks/refine_probe.py`)\n\n{machine()}; "
-                  f"synthetic {args.n:,} x 512, {len(data.queries)} queries, exact top-10 as truth.\n\n"
+                  f"synthetic '{args.kind}' {args.n:,} x 512, {len(data.queries)} queries, exact top-10 as truth.\n\n"
                   f"`{command_line()}`\n\n{table}\n")
 
 

@@ -1,33 +1,39 @@
-"""Build the FAISS index of a collection: choose, train, stream-add, tune nprobe, write atomically.
+"""Build the FAISS index of a collection: choose, train, stream-add, tune search defaults, write atomically.
 
 ``build_index(collection_dir)`` reads the collection's image embeddings shard by shard and writes
 ``index.faiss`` beside them; FAISS ids are the collection's image ids. The chosen factory string,
 the reasons for it, nlist, code size, training sample size, build time, peak memory and the
-measured default ``nprobe`` go to ``manifest["index"]``. Steps:
+tuned defaults (``nprobe_default``, ``k_factor_default``) go to ``manifest["index"]``. Steps:
 
 1. **Plan** (``index_type="auto"``, see :mod:`indexing.plan`: :class:`AutoPolicy`, :func:`choose_index`): exact
    ``Flat`` for small collections; above ``flat_max_n`` an IVF index with 4-bit fast-scan PQ codes
    (8-bit PQ on GPU) re-ranked by a compact refine code, sized so that codes + id + refine payload
-   stay within ``max_bytes_per_vector`` and the memory budget. Any FAISS factory string can be
-   given instead; it is validated against the collection's dimension first.
+   stay within ``max_bytes_per_vector`` and the memory budget; when a full-dimension SQ8 refine
+   code does not fit, the shortlist is re-scored exactly from fp16 rows on disk (``Refine(disk)``).
+   Any FAISS factory string can be given instead; it is validated against the collection's
+   dimension first.
 2. **Sample**: one uniform random sample of row positions over *all* shards (seeded), split into a
    training set (sized from nlist and the PQ codebooks, capped by the budget) and held-out queries.
 3. **Train** on that sample (on GPU when ``faiss.get_num_gpus() > 0``; the stored index is CPU).
 4. **Add** in batches streamed from the shards with ``add_with_ids`` (IVF) or, for index types
-   without id support, plain ``add`` when ids are ``0..N-1`` in order and an ``IDMap2`` wrapper
-   otherwise. The exact top-k of the held-out queries is accumulated during the same pass.
-5. **Tune**: the smallest ``nprobe`` whose recall@10 against exact search reaches the target
-   (0.95) on the held-out queries; both are recorded and ``nprobe`` is stored in the index.
+   without id support, plain ``add`` when ids are ``0..N-1`` in order and an ``IDMap`` wrapper
+   otherwise. The exact top-k of the held-out queries is accumulated during the same pass, and
+   an on-disk refine's fp16 rows file (:mod:`vlsearch.ondisk`) is written from it too.
+5. **Tune** (:mod:`indexing.tune`): the fastest ``nprobe`` x refine ``k_factor`` whose recall@10
+   against exact search reaches the target (0.95) on *leave-one-out* queries (held-out stored
+   vectors, own id removed from both lists); the settings, the recall and whether the target was
+   met are recorded and the settings stored in the index. ``Searcher`` uses them by default.
 6. **Write** ``index.faiss`` via a temporary file + rename, then the manifest entry. A crash at
    any point before the rename leaves the previous index and its manifest entry untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,19 +49,21 @@ from vlsearch.faiss_index import (
     make_index,
     payload_bytes,
     pq_owners,
+    search_parameters,
     set_search_params,
     supports_ids,
     write_index,
     code_size,
 )
-from vlsearch.metrics import ann_recall
+from vlsearch.ondisk import DiskRefine, new_vectors_stem, remove_stale, vectors_writer
 from vlsearch.progress import Progress, no_progress
 
-from .plan import AutoPolicy, IndexPlan, choose_index, gpu_plan, parse_memory
+from .plan import DISK_REFINE, ID_BYTES, AutoPolicy, IndexPlan, choose_index, gpu_plan, parse_memory, split_disk_refine
+from .tune import Tuning, drop_self, tune
 
 log = logging.getLogger(__name__)
 
-#: Depth of the held-out recall that tunes nprobe.
+#: Depth of the leave-one-out recall that tunes the default search settings.
 TUNE_K = 10
 
 
@@ -89,34 +97,6 @@ def gather_rows(coll: Collection, positions: list[np.ndarray], batch_size: int) 
                 filled[k] += hi - lo
         start = stop
     return out
-
-
-def tune_nprobe(index: Any, queries: np.ndarray, truth: np.ndarray, target: float,
-                k: int = TUNE_K) -> tuple[int | None, float, dict[int, float]]:
-    """Smallest power-of-two nprobe with recall@k >= target; the plateau's start if never reached."""
-    ivf = find_ivf(index)
-    if ivf is None:
-        _, found = index.search(queries, k)
-        return None, _recall(found, truth, k), {}
-    curve: dict[int, float] = {}
-    nprobe = 1
-    while True:
-        ivf.nprobe = nprobe
-        _, found = index.search(queries, k)
-        curve[nprobe] = _recall(found, truth, k)
-        if curve[nprobe] >= target or nprobe >= ivf.nlist:
-            break
-        nprobe *= 2
-    if curve[nprobe] >= target:
-        return nprobe, curve[nprobe], curve
-    best = max(curve.values())
-    chosen = min(p for p, r in curve.items() if r >= best - 0.005)
-    return chosen, curve[chosen], curve
-
-
-def _recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Held-out recall@k over the real exact ids (see :func:`vlsearch.metrics.ann_recall`)."""
-    return ann_recall(found, truth, k, denominator="exact")
 
 
 # ---- training / adding (CPU or GPU) --------------------------------------------------------------
@@ -183,6 +163,17 @@ class _Timer:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident memory (MB): ``VmHWM`` on Linux.
+
+    ``ru_maxrss`` is not used where VmHWM exists: Linux carries it across ``exec``, so a build
+    started from a big parent process (a benchmark holding a Flat index) reports the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -200,6 +191,8 @@ class _Build:
     seed: int
     timer: _Timer
     reasons: list[str] = field(default_factory=list)
+    #: every collection id, in shard order (read once: id support, leave-one-out ids, rows file)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def batch(self) -> int:
@@ -216,38 +209,51 @@ def build_index(
     seed: int = 0,
     progress: Progress | None = None,
     *,
+    k_factor_default: float | None = None,
+    max_bytes_per_vector: int | None = None,
     policy: AutoPolicy = AutoPolicy(),
     use_gpu: bool | None = None,
+    adder: Adder | None = None,
 ) -> dict[str, Any]:
     """Build ``index.faiss`` for a collection and return the manifest's ``index`` entry.
 
-    ``index_type``: ``"auto"`` (see :func:`indexing.plan.choose_index`) or any FAISS factory string.
+    ``index_type``: ``"auto"`` (see :func:`indexing.plan.choose_index`) or any FAISS factory string,
+    optionally ending in ``,Refine(disk)`` (exact re-scoring from fp16 rows on disk, :mod:`vlsearch.ondisk`).
     ``max_memory``: budget for the index being built, the training sample and add batches.
+    ``max_bytes_per_vector``: cap on the index's resident bytes per vector (auto; default
+    ``policy.max_bytes_per_vector``); below a full-dimension SQ8 code auto refines from disk.
+    ``nprobe_default`` / ``k_factor_default``: fix that search default instead of tuning it.
     ``train_size``: training sample size (default: sized from nlist and PQ codebooks).
     ``use_gpu``: default ``faiss.get_num_gpus() > 0``.
+    ``adder``: the add stage (default: stream every shard into the index here); the Ray engine
+    passes its distributed one (:mod:`indexing.ray_engine`).
     """
     coll = collection_dir if isinstance(collection_dir, Collection) else Collection.open(collection_dir)
     with coll.lock():  # one writer at a time; then build from the newest version
         return _build_index(Collection.open(coll.path), index_type, max_memory, metric, nprobe_default, train_size,
-                            seed, progress, policy=policy, use_gpu=use_gpu)
+                            seed, progress, policy=policy, use_gpu=use_gpu, k_factor_default=k_factor_default,
+                            max_bytes_per_vector=max_bytes_per_vector, adder=adder)
 
 
 def _build_index(coll: Collection, index_type: str, max_memory: str | int, metric: str, nprobe_default: int | None,
                  train_size: int | None, seed: int, progress: Progress | None, *, policy: AutoPolicy,
-                 use_gpu: bool | None) -> dict[str, Any]:
+                 use_gpu: bool | None, k_factor_default: float | None,
+                 max_bytes_per_vector: int | None, adder: Adder | None) -> dict[str, Any]:
     timer = _Timer()
     faiss_metric(metric)
-    if nprobe_default is not None and nprobe_default < 1:
-        raise IndexConfigError(f"nprobe_default must be >= 1, got {nprobe_default}")
+    _check_options(nprobe_default, k_factor_default, max_bytes_per_vector)
+    if max_bytes_per_vector is not None:
+        policy = replace(policy, max_bytes_per_vector=int(max_bytes_per_vector))
     if coll.count() == 0:
         raise IndexConfigError(f"collection {coll.path} has no embeddings to index")
     b = _Build(coll, coll.count(), parse_memory(max_memory), metric,
                gpu_count() > 0 if use_gpu is None else use_gpu, policy, progress or no_progress, seed, timer)
     plan = _plan(b, index_type)
     index = _make(b, plan)
-    n_eval = min(policy.eval_queries, b.n // 10)  # held out of training (still indexed)
+    n_eval = min(policy.eval_queries, b.n // 10)  # held out of training; searched leave-one-out
     n_train = min(_train_size(index, b.n, coll.dim, b.budget, train_size, policy), b.n - n_eval)
     train_pos, eval_pos = sample_positions(b.n, n_train if index.is_trained is False else 0, n_eval, seed)
+    eval_ids = b.ids[eval_pos]
     b.progress(0, b.n, stage="sample")
     xt, xq = gather_rows(coll, [train_pos, eval_pos], b.batch)
     b.timer.mark("sample")
@@ -256,9 +262,29 @@ def _build_index(coll: Collection, index_type: str, max_memory: str | int, metri
         _train(index, xt, b.gpu, seed)
     del xt
     b.timer.mark("train")
-    index, truth = _add(b, index, plan.factory, xq)
-    nprobe, recall, curve = _tune(b, index, xq, truth, nprobe_default)
-    return _record(b, index, plan.factory, len(train_pos), len(xq), (nprobe, recall, curve))
+    if adder is None:
+        index, truth, disk = _add(b, index, plan, xq)
+        extra: dict[str, Any] = {}
+    else:
+        if plan.disk_refine:
+            raise IndexConfigError("Refine(disk) indexes are built by the local engine only: drop --engine ray")
+        index, truth, extra = adder(index, coll, xq, metric, b.batch, b.progress)
+        b.timer.mark("add")
+        disk = {}
+    refine = DiskRefine.from_entry(coll.path, {**disk, "metric": metric}) if disk else None
+    tuning = _tune(b, index, refine, xq, eval_ids, truth, nprobe_default, k_factor_default)
+    entry = _record(b, index, plan.factory, len(train_pos), len(xq), tuning, refine, {**disk, **extra})
+    remove_stale(coll.path, keep=disk.values())
+    return entry
+
+
+def _check_options(nprobe: int | None, k_factor: float | None, max_bytes: int | None) -> None:
+    if nprobe is not None and nprobe < 1:
+        raise IndexConfigError(f"nprobe_default must be >= 1, got {nprobe}")
+    if k_factor is not None and not k_factor >= 1:
+        raise IndexConfigError(f"k_factor_default must be >= 1, got {k_factor}")
+    if max_bytes is not None and max_bytes < ID_BYTES + 4:
+        raise IndexConfigError(f"max_bytes_per_vector must be >= {ID_BYTES + 4} (an id and a 4-byte code), got {max_bytes}")
 
 
 def _plan(b: _Build, index_type: str) -> IndexPlan:
@@ -267,7 +293,11 @@ def _plan(b: _Build, index_type: str) -> IndexPlan:
     if index_type == "auto":
         plan = choose_index(b.n, dim, b.budget, gpu=b.gpu, policy=b.policy)
     else:
-        ivf = find_ivf(make_index(index_type, dim, b.metric))
+        factory, disk = split_disk_refine(index_type)
+        probe = make_index(factory, dim, b.metric)
+        ivf = find_ivf(probe)
+        if disk and (find_refine(probe) is not None or ivf is None):
+            raise IndexConfigError(f"{DISK_REFINE} needs an IVF index without another refine stage, got {index_type!r}")
         plan = IndexPlan(index_type.strip(), ivf.nlist if ivf is not None else None, None,
                          ("given explicitly (--index-type)",))
     b.reasons += plan.reasons
@@ -280,84 +310,111 @@ def _plan(b: _Build, index_type: str) -> IndexPlan:
 
 
 def _make(b: _Build, plan: IndexPlan) -> Any:
-    """The empty index of the plan, refine factor set, wrapped in IDMap2 where ids need it."""
+    """The empty index of the plan, refine factor set, wrapped in IDMap where ids need it."""
     import faiss
 
-    index = make_index(plan.factory, b.coll.dim, b.metric)
+    index = make_index(plan.faiss_factory, b.coll.dim, b.metric)
     if find_refine(index) is not None:  # FAISS defaults to k_factor=1: no re-ranking beyond k
         set_search_params(index, k_factor=plan.refine_k_factor or b.policy.refine_k_factor)
-    ids_all = b.coll.read_table(columns=["id"]).column("id").to_numpy().astype(np.int64)
-    contiguous = bool(np.array_equal(ids_all, np.arange(b.n, dtype=np.int64)))
+    b.ids = b.coll.read_table(columns=["id"]).column("id").to_numpy().astype(np.int64)
+    contiguous = bool(np.array_equal(b.ids, np.arange(b.n, dtype=np.int64)))
     if not supports_ids(index) and not contiguous:
-        index = faiss.IndexIDMap2(index)
-        b.reasons.append("wrapped in IDMap2: this index type cannot store ids and the collection ids are not 0..N-1")
+        index = faiss.IndexIDMap(index)
+        b.reasons.append("wrapped in IDMap: this index type cannot store ids and the collection ids are not 0..N-1")
     return index
 
 
-def _add(b: _Build, index: Any, factory: str, xq: np.ndarray) -> tuple[Any, np.ndarray]:
-    """Stream every shard into the index; the exact top-k of the held-out queries in the same pass."""
-    exact = ExactTopK(xq, TUNE_K, b.metric)
-    target, to_cpu = (_gpu_adder(index, factory, b.coll.dim) if b.gpu else (index, lambda i: i))
-    done = 0
-    for ids, vecs in b.coll.iter_embeddings(batch_size=b.batch):
-        if supports_ids(target):
-            target.add_with_ids(vecs, ids)
-        else:
-            target.add(vecs)
-        exact.add(ids, vecs)
-        done += len(ids)
-        b.progress(done, b.n, stage="add")
+Adder = Callable[..., tuple[Any, np.ndarray, dict[str, Any]]]
+"""The add stage: ``adder(trained_index, coll, eval_queries, metric, batch, progress)`` ->
+``(filled index, exact top-(TUNE_K + 1) ids of the eval queries, extra manifest fields)``."""
+
+
+def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """Stream every shard into the index; in the same pass the exact top-(k+1) of the held-out
+    queries and, for ``Refine(disk)``, the fp16 rows file. Returns (index, exact ids, rows-file fields)."""
+    exact = ExactTopK(xq, TUNE_K + 1, b.metric)  # k + 1: each query's own id is dropped
+    target, to_cpu = (_gpu_adder(index, plan.faiss_factory, b.coll.dim) if b.gpu else (index, lambda i: i))
+    with contextlib.ExitStack() as stack:
+        rows, disk = (stack.enter_context(vectors_writer(b.coll.path, new_vectors_stem(), np.sort(b.ids), b.coll.dim))
+                      if plan.disk_refine else (None, {}))
+        done = 0
+        for ids, vecs in b.coll.iter_embeddings(batch_size=b.batch):
+            add_vectors(target, ids, vecs)
+            exact.add(ids, vecs)
+            if rows is not None:
+                rows(ids, vecs)
+            done += len(ids)
+            b.progress(done, b.n, stage="add")
     b.timer.mark("add")
-    return to_cpu(target), exact.result()[1]
+    return to_cpu(target), exact.result()[1], disk
 
 
-def _tune(b: _Build, index: Any, xq: np.ndarray, truth: np.ndarray,
-          nprobe_default: int | None) -> tuple[int | None, float, dict[int, float]]:
-    """nprobe: tuned to the target recall, or the given one measured; stored in the index."""
-    target = b.policy.target_recall
-    if nprobe_default is None:
-        nprobe, recall, curve = tune_nprobe(index, xq, truth, target)
+def add_vectors(index: Any, ids: np.ndarray, vecs: np.ndarray) -> None:
+    """``add_with_ids`` where the index stores ids, else plain ``add`` (ids are then positions)."""
+    if supports_ids(index):
+        index.add_with_ids(vecs, ids)
     else:
-        set_search_params(index, nprobe=nprobe_default)
-        _, found = index.search(xq, TUNE_K) if len(xq) else (None, np.zeros((0, TUNE_K), np.int64))
-        nprobe, recall, curve = nprobe_default, _recall(found, truth, TUNE_K), {}
-    set_search_params(index, nprobe=nprobe)
+        index.add(vecs)
+
+
+def _tune(b: _Build, index: Any, refine: DiskRefine | None, xq: np.ndarray, eval_ids: np.ndarray,
+          exact_top: np.ndarray, nprobe: int | None, k_factor: float | None) -> Tuning:
+    """Default nprobe / k_factor reaching the target on leave-one-out queries (indexing.tune); stored in the index."""
+    ivf, has_refine = find_ivf(index), refine is not None or find_refine(index) is not None
+
+    def search(q: np.ndarray, k: int, p: int | None, kf: float | None) -> np.ndarray:
+        if refine is not None:
+            return refine.search(index, q, k, kf, search_parameters(index, p))[1]
+        return index.search(q, k, params=search_parameters(index, p, kf))[1]
+
+    tuning = tune(search, xq, eval_ids, drop_self(exact_top, eval_ids, TUNE_K), target=b.policy.target_recall,
+                  nlist=int(ivf.nlist) if ivf is not None else None, refine=has_refine, k=TUNE_K, nprobe=nprobe,
+                  k_factor=k_factor if has_refine else None, k_factors=b.policy.k_factors, ntotal=int(index.ntotal))
+    set_search_params(index, nprobe=tuning.nprobe, k_factor=tuning.k_factor)
     b.timer.mark("tune")
-    if curve:
-        b.reasons.append(f"nprobe={nprobe}: smallest power of two with recall@10 >= {target} on "
-                         f"{len(xq)} held-out collection vectors" if recall >= target else
-                         f"nprobe={nprobe}: recall@10 target {target} not reached; start of the plateau "
-                         f"({recall:.3f})")
-    return nprobe, recall, curve
+    b.reasons.append(tuning.message)
+    if not tuning.met:
+        log.warning("%s", tuning.message)
+    return tuning
 
 
-def _record(b: _Build, index: Any, factory: str, n_train: int, n_eval: int,
-            tuned: tuple[int | None, float, dict[int, float]]) -> dict[str, Any]:
+def _record(b: _Build, index: Any, factory: str, n_train: int, n_eval: int, tuning: Tuning,
+            refine: DiskRefine | None, extra: dict[str, Any]) -> dict[str, Any]:
     """Write the index atomically, then its manifest entry (which is returned)."""
-    nprobe, recall, curve = tuned
-    ivf, refine = find_ivf(index), find_refine(index)
+    ivf = find_ivf(index)
     entry: dict[str, Any] = {
         "factory": factory,
         "metric": b.metric,
         "nlist": int(ivf.nlist) if ivf is not None else None,
-        "nprobe_default": nprobe,
-        "refine_k_factor": float(refine.k_factor) if refine is not None else None,
+        "nprobe_default": tuning.nprobe,
+        "k_factor_default": tuning.k_factor,
+        "refine_k_factor": tuning.k_factor,
+        "refine": "disk-fp16" if refine is not None else ("ram" if find_refine(index) is not None else None),
         "code_size": code_size(index),
         "bytes_per_vector": payload_bytes(index),
+        "disk_bytes_per_vector": round(refine.nbytes / max(index.ntotal, 1), 1) if refine is not None else None,
         "ntotal": int(index.ntotal),
         "train_size": int(n_train),
         "seed": b.seed,
-        "recall_at_10": round(float(recall), 4),
-        "recall_curve": {str(k): round(v, 4) for k, v in curve.items()},
+        "recall_at_10": round(float(tuning.recall), 4),
+        "recall_eval": "leave-one-out: stored vectors as queries, own id removed from exact and ANN top-10",
+        "target_recall": tuning.target,
+        "target_met": tuning.met,
+        "tuning_message": tuning.message,
+        "tuning": [t.as_row() for t in tuning.trials],  # [nprobe, k_factor, recall@10, ms/query]
         "eval_queries": int(n_eval),
         "gpu": bool(b.gpu),
         "reasons": b.reasons,
         "model": b.coll.model.to_dict(),
         "file": INDEX_FILE,
+        "layout": "memory",
+        "engine": "local",
+        **extra,
     }
     index_path = b.coll.path / INDEX_FILE  # the current version may point at a sync's index-vN file
     write_index(index, index_path)
     entry["file_bytes"] = index_path.stat().st_size
+    entry["resident_bytes_per_vector"] = round(entry["file_bytes"] / b.n, 1)  # codes, ids, centroids, tables
     b.timer.mark("write")
     entry["build_seconds"] = round(time.perf_counter() - b.timer.t0, 2)
     entry["stage_seconds"] = b.timer.stages
@@ -370,3 +427,17 @@ def _record(b: _Build, index: Any, factory: str, n_train: int, n_eval: int,
         b.coll.update_manifest(index=entry)
     log.info("built %s over %d vectors in %.1fs", factory, b.n, entry["build_seconds"])
     return entry
+
+
+def index_summary(entry: dict[str, Any]) -> list[str]:
+    """Plain lines describing a manifest ``index`` entry: plan, memory, defaults, recall target."""
+    ram = entry.get("resident_bytes_per_vector") or entry["bytes_per_vector"]
+    lines = [f"{entry['factory']}: {entry['ntotal']:,} vectors, {ram} B/vector in RAM"
+             + (f", {entry['disk_bytes_per_vector']} B/vector on disk" if entry.get("disk_bytes_per_vector") else "")
+             + f", built in {entry['build_seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB"]
+    message = entry.get("tuning_message")
+    if message is None:  # an index built before leave-one-out tuning
+        message = (f"defaults nprobe={entry.get('nprobe_default')}: recall@10 {entry.get('recall_at_10', 0):.3f} on "
+                   "held-out vectors that were still indexed (rebuild to tune on fresh queries)")
+    lines.append(("" if entry.get("target_met") is not False else "WARNING: ") + message)
+    return lines

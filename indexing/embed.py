@@ -36,7 +36,7 @@ from vlsearch.collection import (
     embedding_array,
     embedding_type,
 )
-from vlsearch.errors import CollectionError, CollectionMismatchError, SourceError
+from vlsearch.errors import CollectionMismatchError, SourceError
 from vlsearch.images import MAX_PIXELS
 from vlsearch.models import Encoder, default_model, default_pretrained, load_model
 from vlsearch.progress import Progress
@@ -96,19 +96,12 @@ def embed(
     if config.model is None:
         config = replace(config, model=encoder.name if encoder is not None else default_model())
     path = Path(collection_dir)
-    coll = Collection.open(path) if (path / MANIFEST).exists() else None
-    if coll is not None:
-        _check_source(coll, source)
-        if encoder is None and config.model != coll.model.name:  # refuse before loading a big model
-            raise CollectionMismatchError(
-                f"model {config.model} does not match collection {coll.path}, built with {coll.model.name} "
-                f"(pretrained={coll.model.pretrained}); embeddings from different models are not comparable"
-            )
-        if coll.manifest.complete:  # a finished collection follows its source: sync it
-            from .sync import sync
+    coll = open_existing(path, source, config, check_model_name=encoder is None)
+    if coll is not None and coll.manifest.complete:  # a finished collection follows its source: sync it
+        from .sync import sync
 
-            sync(source, coll, config, encoder=encoder, progress=progress)
-            return Collection.open(path)
+        sync(source, coll, config, encoder=encoder, progress=progress)
+        return Collection.open(path)
     with cpu_threads(config.threads):
         return _load_and_run(path, coll, source, encoder, config, progress)
 
@@ -125,12 +118,30 @@ def _load_and_run(path: Path, coll: Collection | None, source: ImageSource, enco
     records = itertools.chain([first], records)
     if coll is None:
         coll = Collection.create(path, Manifest(model=encoder.info, shard_size=config.shard_size,
-                                                source=source.describe()))
+                                                source=source.describe(), precision=encoder.precision))
+    else:
+        _record_precision(coll, encoder.precision)
     with coll.lock():
         return _run(coll, source, records, encoder, config, progress)
 
 
-def _same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
+def open_existing(path: Path, source: ImageSource, config: EmbedConfig, *,
+                  check_model_name: bool = True) -> Collection | None:
+    """The collection already at ``path`` (None if none), refused if made from another source or
+    (judged by name, before loading a big model) with another model."""
+    if not (path / MANIFEST).exists():
+        return None
+    coll = Collection.open(path)
+    check_source(coll, source)
+    if check_model_name and config.model != coll.model.name:
+        raise CollectionMismatchError(
+            f"model {config.model} does not match collection {coll.path}, built with {coll.model.name} "
+            f"(pretrained={coll.model.pretrained}); embeddings from different models are not comparable"
+        )
+    return coll
+
+
+def same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
     """Whether ``config`` names the collection's model, judged without loading it."""
     pretrained = default_pretrained(config.model, config.pretrained)
     if pretrained is not None and Path(pretrained).expanduser().is_file():
@@ -138,7 +149,15 @@ def _same_model_unloaded(coll: Collection, config: EmbedConfig) -> bool:
     return (config.model, pretrained) == (coll.model.name, coll.model.pretrained)
 
 
-def _check_source(coll: Collection, source: ImageSource) -> None:
+def _record_precision(coll: Collection, precision: str) -> None:
+    """A resumed run in another precision is recorded as ``old+new`` (vectors agree to cosine ~0.999)."""
+    recorded = coll.manifest.precision
+    if recorded and precision not in recorded.split("+"):
+        log.warning("resuming %s (embedded in %s) in %s", coll.path, recorded, precision)
+        coll.update_manifest(precision=f"{recorded}+{precision}")
+
+
+def check_source(coll: Collection, source: ImageSource) -> None:
     mine, theirs = coll.manifest.source, source.describe()
     if (mine.get("type"), mine.get("path")) != (theirs["type"], theirs["path"]):
         raise CollectionMismatchError(
@@ -149,59 +168,83 @@ def _check_source(coll: Collection, source: ImageSource) -> None:
 
 def _run(coll: Collection, source: ImageSource, records: Iterator[ImageRecord], encoder: Encoder,
          config: EmbedConfig, progress: Progress | None) -> Collection:
-    removed = coll.remove_uncommitted()
-    if removed:
-        log.info("removed %d uncommitted files from an interrupted run", len(removed))
-    done = coll.shard_numbers(IMAGES_DIR)
-    if done != list(range(len(done))):
-        raise CollectionError(f"collection {coll.path} has non-contiguous image shards {done}; it is damaged")
+    done = set(committed_shards(coll))
     shard_size = coll.manifest.shard_size
     if shard_size != config.shard_size:
         log.warning("resuming with the collection's shard size %d (not %d)", shard_size, config.shard_size)
-    skipped = len(done) * shard_size
-    counts = _counts_on_disk(coll)
-    stats = _Stats(start=time.perf_counter(), skipped=skipped, total=source.size_hint(), failures=counts["failures"])
+    counts = counts_on_disk(coll)
+    stats = ShardStats(start=time.perf_counter(), skipped=len(done) * shard_size, total=source.size_hint(),
+                       failures=counts["failures"])
     schema = image_schema(encoder.dim, source.metadata_schema)
-    chunks = _chunks(itertools.islice(records, skipped, None), shard_size)
-    for number, (images, captions, failures) in enumerate(embed_chunks(chunks, encoder, schema, config, stats, progress),
-                                                          start=len(done)):
-        coll.write_shard(number, images, captions, failures)
-        for key, table in (("images", images), ("captions", captions), ("failures", failures)):
-            counts[key] += table.num_rows
-        counts["shards"] = number + 1
+    for number, chunk in enumerate(chunks(records, shard_size)):
+        if number in done:  # committed by an earlier (possibly distributed) run
+            continue
+        for key, value in embed_shard(coll, number, chunk, encoder, config, schema, stats, progress).items():
+            counts[key] += value
+        counts["shards"] = len(coll.shard_paths(IMAGES_DIR))
         coll.update_manifest(counts=dict(counts))
     coll.commit_version(counts=dict(counts), complete=True, source=source.describe())
     log.info("embedded %s into %s in %.1f s", counts, coll.path, time.perf_counter() - stats.start)
     return coll
 
 
-def embed_chunks(chunks: Iterable[list[ImageRecord]], encoder: Encoder, schema: pa.Schema, config: EmbedConfig,
-                 stats: "_Stats", progress: Progress | None) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
-    """Decode and encode each chunk of records: ``(images, captions, failures)`` tables per chunk."""
+def embed_records(chunk: list[ImageRecord], encoder: Encoder, schema: pa.Schema, config: EmbedConfig,
+                  stats: "ShardStats", progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Decode and encode one chunk of records: its ``(images, captions, failures)`` tables."""
     draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
-    for chunk in chunks:
-        batches = decode_batches(chunk, encoder.preprocess, batch_size=config.batch_size, workers=config.workers,
-                                 timeout=config.decode_timeout, draft_size=draft or None,
-                                 pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
-        images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
-        if failures.num_rows:
-            log.warning("%d of %d images refused (listed in failures/)", failures.num_rows, len(chunk))
-        yield images, captions, failures
+    batches = decode_batches(chunk, encoder.preprocess, batch_size=config.batch_size, workers=config.workers,
+                             timeout=config.decode_timeout, draft_size=draft or None,
+                             pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
+    images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
+    if failures.num_rows:
+        log.warning("%d of %d images refused (listed in failures/)", failures.num_rows, len(chunk))
+    return images, captions, failures
 
 
-def _counts_on_disk(coll: Collection) -> dict[str, int]:
+def embed_chunks(chunk_iter: Iterable[list[ImageRecord]], encoder: Encoder, schema: pa.Schema, config: EmbedConfig,
+                 stats: "ShardStats", progress: Progress | None) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
+    """:func:`embed_records` for each chunk (the sync engine writes the tables itself)."""
+    for chunk in chunk_iter:
+        yield embed_records(chunk, encoder, schema, config, stats, progress)
+
+
+def committed_shards(coll: Collection) -> list[int]:
+    """Remove the files an interrupted run left uncommitted; the committed shard numbers.
+
+    Shards may be missing in the middle (a distributed run commits them out of order): every
+    engine redoes exactly the missing ones."""
+    removed = coll.remove_uncommitted()
+    if removed:
+        log.info("removed %d uncommitted files from an interrupted run", len(removed))
+    return coll.shard_numbers(IMAGES_DIR)
+
+
+def embed_shard(coll: Collection, number: int, chunk: list[ImageRecord], encoder: Encoder, config: EmbedConfig,
+                schema: pa.Schema, stats: "ShardStats", progress: Progress | None) -> dict[str, int]:
+    """Decode, encode and commit shard ``number`` (``chunk``: its records); the rows written per kind.
+
+    The one shard writer of every engine (local loop, Ray actors)."""
+    images, captions, failures = embed_records(chunk, encoder, schema, config, stats, progress)
+    coll.write_shard(number, images, captions, failures)
+    return {"images": images.num_rows, "captions": captions.num_rows, "failures": failures.num_rows}
+
+
+def counts_on_disk(coll: Collection) -> dict[str, int]:
+    """Rows per kind and committed shards, from the Parquet footers."""
     return {"images": coll.count(IMAGES_DIR), "captions": coll.count(CAPTIONS_DIR),
             "failures": coll.count(FAILURES_DIR), "shards": len(coll.shard_paths(IMAGES_DIR))}
 
 
-def _chunks(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
+def chunks(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
     it = iter(records)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
 
 
 @dataclass
-class _Stats:
+class ShardStats:
+    """Images done (and refused) so far, for the progress callback; ``skipped``: committed earlier."""
+
     start: float
     skipped: int
     total: int | None
@@ -216,7 +259,7 @@ class _Stats:
 
 
 def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], encoder: Encoder, schema: pa.Schema,
-                 config: EmbedConfig, stats: _Stats, progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
+                 config: EmbedConfig, stats: ShardStats, progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
     ok: list[int] = []
     sizes: list[tuple[int, int]] = []
     vectors: list[np.ndarray] = []

@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from vlsearch.errors import IndexConfigError
 from vlsearch.faiss_index import ID_BYTES
 
+from .tune import K_FACTORS
+
 #: Code sizes (bytes = M sub-quantizers of 8 bits) that FAISS GPU IVFPQ supports.
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 #: Above this many bytes per code, GPU IVFPQ needs float16 lookup tables (shared-memory limit).
 GPU_FLOAT32_LUT_MAX_M = 48
+#: ``--index-type`` suffix for an on-disk fp16 refine stage (``IVF4096,PQ64x4fs,Refine(disk)``).
+DISK_REFINE = "Refine(disk)"
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,17 @@ class AutoPolicy:
     #: Refine stage: the rest of the per-vector payload holds a full-dimension code (SQ8, SQ4 or
     #: 8-bit PQ); candidates re-ranked = ``refine_k_factor * k``.
     refine_k_factor: float = 10.0
+    #: Largest fast-scan code (bytes) of the on-disk-refine plan, chosen when a full-dimension SQ8
+    #: refine code does not fit in the per-vector budget (e.g. ``--max-bytes-per-vector 80``).
+    disk_fastscan_bytes: int = 64
     #: Training points per IVF centroid (FAISS warns below 39) and cap on the sample.
     train_per_centroid: int = 64
     max_train: int = 500_000
-    #: nprobe tuning: held-out queries and target recall@10 against exact search.
+    #: Default-settings tuning (indexing.tune): leave-one-out queries, target recall@10 against
+    #: exact search, and the refine factors tried (nprobe: powers of two up to nlist).
     eval_queries: int = 500
     target_recall: float = 0.95
+    k_factors: tuple[float, ...] = K_FACTORS
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,24 @@ class IndexPlan:
     nlist: int | None = None
     refine_k_factor: float | None = None
     reasons: tuple[str, ...] = ()
+
+    @property
+    def disk_refine(self) -> bool:
+        """Exact re-scoring from the fp16 vectors file on disk (``,Refine(disk)``, vlsearch.ondisk)."""
+        return split_disk_refine(self.factory)[1]
+
+    @property
+    def faiss_factory(self) -> str:
+        """The part FAISS builds (the factory without ``,Refine(disk)``)."""
+        return split_disk_refine(self.factory)[0]
+
+
+def split_disk_refine(index_type: str) -> tuple[str, bool]:
+    """``"IVF4096,PQ64x4fs,Refine(disk)"`` -> ``("IVF4096,PQ64x4fs", True)``; other strings unchanged."""
+    text = index_type.strip() if isinstance(index_type, str) else index_type
+    if isinstance(text, str) and text.replace(" ", "").endswith("," + DISK_REFINE):
+        return text[: text.rindex(",")].strip(), True
+    return text, False
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,8 @@ def choose_index(n: int, dim: int, budget: int, *, gpu: bool = False,
     reasons.append(f"per-vector payload <= {per_vec} bytes (max_bytes_per_vector={policy.max_bytes_per_vector}, "
                    f"80% of the {budget / 2**30:.2f} GiB budget over N)")
     room = max(1, per_vec - ID_BYTES)
+    if _refine_code(dim, room - policy.fastscan_bytes // 4)[0] != "SQ8":
+        return _disk_plan(n, dim, nlist, per_vec, gpu, policy, reasons)
     if gpu:
         m = max([g for g in GPU_PQ_M if g <= min(policy.fastscan_bytes, room) and dim % g == 0] or [1])
         base, code = f"IVF{nlist},PQ{m}", m
@@ -149,6 +178,24 @@ def choose_index(n: int, dim: int, budget: int, *, gpu: bool = False,
         return IndexPlan(f"{base},Refine({refine})", nlist, policy.refine_k_factor, tuple(reasons))
     reasons.append(f"no refine stage: only {per_vec - ID_BYTES - code} bytes/vector left after codes and ids")
     return IndexPlan(base, nlist, None, tuple(reasons))
+
+
+def _disk_plan(n: int, dim: int, nlist: int, per_vec: int, gpu: bool, policy: AutoPolicy,
+               reasons: list[str]) -> IndexPlan:
+    """Compact fast-scan shortlist in RAM, exact fp16 re-scoring from disk (vlsearch.ondisk)."""
+    centroids = math.ceil(nlist * dim * 4 / n)
+    code = max(1, min(policy.disk_fastscan_bytes, per_vec - ID_BYTES - centroids))
+    if gpu:
+        m = max([g for g in GPU_PQ_M if g <= code and dim % g == 0] or [1])
+        base, nbytes = f"IVF{nlist},PQ{m}", m
+    else:
+        m = _divisor_at_most(dim, 2 * code, multiple=2)
+        base, nbytes = f"IVF{nlist},PQ{m}x4fs", m // 2
+    reasons.append(f"{DISK_REFINE}: a full-dimension SQ8 refine code ({dim} B) does not fit in {per_vec} B/vector, so "
+                   f"the {nbytes}-byte {'PQ' if gpu else 'fast-scan PQ'} shortlist is re-scored exactly from the fp16 "
+                   f"vectors file on disk ({2 * dim} B/vector, memory-mapped); in RAM: codes + {ID_BYTES}-byte ids "
+                   f"+ ~{centroids} B/vector of centroids")
+    return IndexPlan(f"{base},{DISK_REFINE}", nlist, policy.refine_k_factor, tuple(reasons))
 
 
 def _refine_code(dim: int, room: int) -> tuple[str | None, int]:

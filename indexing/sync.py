@@ -40,7 +40,7 @@ from vlsearch.progress import Progress
 from vlsearch.threads import cpu_threads
 from vlsearch.update import Update, retrain_advice
 
-from .embed import EmbedConfig, _chunks, _same_model_unloaded, _Stats, embed_chunks, file_columns, image_schema
+from .embed import EmbedConfig, ShardStats, chunks, embed_chunks, file_columns, image_schema, same_model_unloaded
 from .sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class _EncoderHolder:
 
     def __init__(self, coll: Collection, config: EmbedConfig, encoder: Encoder | None):
         self.coll, self.config, self.encoder = coll, config, encoder
-        if encoder is None and not _same_model_unloaded(coll, config):
+        if encoder is None and not same_model_unloaded(coll, config):
             self.get()  # loads and checks: CollectionMismatchError for another model
         elif encoder is not None:
             coll.check_model(encoder.info)
@@ -221,12 +221,12 @@ def _apply(plan: _Plan, update: Update, source: ImageSource, holder: _EncoderHol
     size = coll.manifest.shard_size
     dim = coll.dim
     schema = image_schema(dim, source.metadata_schema)
-    for chunk in _chunks(plan.reuse, size):
+    for chunk in chunks(plan.reuse, size):
         update.add(*_reused_tables(coll, chunk, schema, holder))
     if plan.encode:
         encoder = holder.get()
-        stats = _Stats(start=time.perf_counter(), skipped=0, total=len(plan.encode), failures=0)
-        for images, captions, failures in embed_chunks(_chunks(plan.encode, size), encoder, schema, config, stats,
+        stats = ShardStats(start=time.perf_counter(), skipped=0, total=len(plan.encode), failures=0)
+        for images, captions, failures in embed_chunks(chunks(plan.encode, size), encoder, schema, config, stats,
                                                        progress):
             update.add(images, captions, failures)
             plan.report.encoded += images.num_rows

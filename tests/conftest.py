@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the precision benchmark cache (vlsearch.precision) goes to a temp dir, never ~/.cache
+os.environ.setdefault("VLSEARCH_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="vlsearch-test-cache-"))
 
 from pathlib import Path
 

@@ -92,13 +92,14 @@ def test_auto_flat_for_small_ivf_pq_above_threshold(tmp_path, data):
 
 def test_auto_respects_memory_budget():
     plan = P.choose_index(2_000_000, 512, P.parse_memory("30MB"))
-    assert "Refine" not in plan.factory  # 30 MB / 2M vectors leaves no room for a refine code
+    # 30 MB / 2M vectors leaves no room for a refine code in RAM: the shortlist is re-scored from disk
+    assert plan.factory == "IVF4096,PQ2x4fs,Refine(disk)" and plan.disk_refine
     assert P.choose_index(1_000_000, 512, P.parse_memory("4GB")).factory == "IVF4096,PQ64x4fs,Refine(SQ8)"
-    # a tighter budget trades the refine code down: 80% of 100 MiB over 1M vectors -> 83 bytes each
-    assert P.choose_index(1_000_000, 512, P.parse_memory("100MB")).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
-    assert P.choose_index(10_000_000, 512, P.parse_memory("4GB")).factory == "IVF16384,PQ64x4fs,Refine(SQ4)"
-    compact = P.AutoPolicy(max_bytes_per_vector=80)
-    assert P.choose_index(1_000_000, 512, P.parse_memory("4GB"), policy=compact).factory == "IVF4096,PQ16x4fs,Refine(PQ64)"
+    # a tighter budget: 80% of 100 MiB over 1M vectors -> 83 bytes each, less ids and centroids -> 64-byte codes
+    assert P.choose_index(1_000_000, 512, P.parse_memory("100MB")).factory == "IVF4096,PQ128x4fs,Refine(disk)"
+    assert P.choose_index(10_000_000, 512, P.parse_memory("4GB")).factory == "IVF16384,PQ128x4fs,Refine(disk)"
+    compact = P.AutoPolicy(max_bytes_per_vector=80)  # 80 - 8 (id) - 9 (centroids): 32-byte codes (d=512 divisors)
+    assert P.choose_index(1_000_000, 512, P.parse_memory("4GB"), policy=compact).factory == "IVF4096,PQ64x4fs,Refine(disk)"
     assert P.choose_index(1000, 512, P.parse_memory("1MB")).factory != "Flat"  # Flat would not fit
 
 

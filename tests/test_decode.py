@@ -135,6 +135,27 @@ def test_large_jpeg_is_drafted_but_records_its_full_size(tmp_path):
     assert pixels.size == (200, 150)  # DCT-scaled by 1/8 while decoding, still >= 128 a side
 
 
+def test_drafted_decode_gives_the_model_the_same_upright_input(tmp_path, tiny_encoder):
+    """A camera-sized, EXIF-rotated JPEG: DCT-domain draft (2x the model input) changes neither the
+    preprocessed tensor's shape nor its orientation, and its pixels only by resampling noise."""
+    h, w = 1500, 2400  # stored landscape, EXIF orientation 6: shown portrait
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "cam.jpg").write_bytes(_save(Image.fromarray(pixels), "JPEG", quality=92, exif=exif.tobytes()))
+    rec = ImageRecord(1, "cam.jpg", str(tmp_path / "cam.jpg"))
+    full, size_full = decode_record(rec, tiny_encoder.preprocess, draft_size=None)
+    drafted, size_drafted = decode_record(rec, tiny_encoder.preprocess, draft_size=2 * tiny_encoder.image_size)
+    assert size_full == size_drafted == (h, w)  # upright original size, recorded before the draft
+    assert drafted.shape == full.shape == (3, tiny_encoder.image_size, tiny_encoder.image_size)
+    assert (drafted - full).abs().mean() < 0.05  # normalised units: resampling noise only
+    # upright: after rotating 90 degrees clockwise, red (the stored x gradient) grows top to bottom
+    assert drafted[0, -1].mean() > drafted[0, 0].mean() + 1 and full[0, -1].mean() > full[0, 0].mean() + 1
+    img = decode.load_image(rec, draft_size=2 * tiny_encoder.image_size)
+    assert min(img.size) < h and min(img.size) >= 2 * tiny_encoder.image_size  # really DCT-scaled
+
+
 def _slow_open_image(*args, **kwargs):
     time.sleep(30)
 

@@ -121,6 +121,28 @@ def test_add_goes_into_the_trained_index_without_retraining(tmp_path):
         coll.add(_rows(extra_ids[:1], extra[:1]))
 
 
+def test_disk_refine_rows_follow_adds_removes_and_compact(tmp_path):
+    coll = _collection(tmp_path / "c", factory="IVF8,PQ4x4fs,Refine(disk)")
+    first = coll.manifest.index["refine_file"]
+    ids, vectors = coll.read_embeddings()
+    extra_ids = np.arange(20, dtype=np.int64) + 5 * 10**12
+    extra = _vectors(20, 7)
+    with coll.update() as u:
+        u.remove(ids[:10])
+        u.add(_rows(extra_ids, extra))
+    coll = Collection.open(coll.path)
+    assert coll.manifest.index["refine_file"] != first and (coll.path / first).is_file()  # old readers keep theirs
+    # every list probed and a wide shortlist: the exact re-score from the rows file decides
+    scores, found = Searcher.open(coll.path).knn(extra, k=3, nprobe=8, k_factor=100)
+    assert np.array_equal(found[:, 0], extra_ids) and np.allclose(scores[:, 0], 1.0, atol=1e-2)
+    compact(coll.path)
+    coll = Collection.open(coll.path)
+    assert not (coll.path / first).exists()  # two versions on: no reader needs it
+    assert len(list(coll.path.glob("vectors-*.npy"))) <= 2 * 2  # rows (+ id map) of the kept versions
+    _, found = Searcher.open(coll.path).knn(np.concatenate([extra, vectors[:10]]), k=3, nprobe=8, k_factor=100)
+    assert np.array_equal(found[:20, 0], extra_ids) and not np.isin(found, ids[:10]).any()
+
+
 def test_compact_drops_dead_rows_from_shards_and_index(tmp_path):
     coll = _collection(tmp_path / "c", factory="IVF8,PQ4x4fs,Refine(SQ8)")  # an index that cannot remove_ids
     ids, vectors = coll.read_embeddings()

@@ -112,6 +112,9 @@ class Manifest:
     counts: dict[str, int] = field(default_factory=lambda: {"images": 0, "captions": 0, "failures": 0, "shards": 0})
     complete: bool = False
     index: dict[str, Any] | None = None
+    #: precision the embeddings were computed in (fp32, bf16, int8...; ``a+b`` when a resumed run
+    #: changed it); None in collections written before it was recorded. Stored vectors are fp16 either way.
+    precision: str | None = None
     created_at: str = field(default_factory=now_iso)
     updated_at: str = field(default_factory=now_iso)
     format_version: int = FORMAT_VERSION
@@ -137,6 +140,7 @@ class Manifest:
             "complete": self.complete,
             "source": self.source,
             "index": self.index,
+            **({"precision": self.precision} if self.precision else {}),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -158,6 +162,7 @@ class Manifest:
             counts=data.get("counts") or {},
             complete=bool(data.get("complete", False)),
             index=data.get("index"),
+            precision=data.get("precision"),
             created_at=data.get("created_at", now_iso()),
             updated_at=data.get("updated_at", now_iso()),
             format_version=version,
@@ -343,7 +348,9 @@ class Collection:
                 keep.update(self.path / kind / shard_name(n) for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR))
             if m.tombstones:
                 keep.add(self.path / TOMBSTONES_DIR / m.tombstones)
-            keep.add(self.path / ((m.index or {}).get("file") or INDEX_FILE))
+            entry = m.index or {}
+            keep.add(self.path / (entry.get("file") or INDEX_FILE))
+            keep.update(self.path / entry[f] for f in ("refine_file", "refine_ids_file") if entry.get(f))
         return keep
 
     def collect_garbage(self) -> list[Path]:
@@ -355,7 +362,8 @@ class Collection:
         removed = []
         candidates = [p for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR, TOMBSTONES_DIR, VERSIONS_DIR)
                       if (self.path / kind).is_dir() for p in (self.path / kind).iterdir()]
-        candidates += [p for p in self.path.iterdir() if p.suffix == ".faiss" or p.name.endswith(".tmp")]
+        candidates += [p for p in self.path.iterdir()
+                       if p.suffix == ".faiss" or p.name.endswith(".tmp") or p.name.startswith("vectors-")]
         for p in candidates:
             if p.is_file() and p not in keep:
                 p.unlink()
@@ -401,14 +409,16 @@ class Collection:
         return self.read_table(FAILURES_DIR)
 
     def iter_embeddings(
-        self, kind: str = IMAGES_DIR, batch_size: int = 65_536, id_column: str | None = None
+        self, kind: str = IMAGES_DIR, batch_size: int = 65_536, id_column: str | None = None,
+        paths: Sequence[Path] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(ids int64, vectors float32 (B, dim))`` over all shards with bounded memory.
 
-        ``id_column`` defaults to ``id`` for images and ``image_id`` for captions.
+        ``id_column`` defaults to ``id`` for images and ``image_id`` for captions; ``paths``: only
+        these shard files (e.g. one worker's group), in the order given.
         """
         id_column = id_column or ("id" if kind == IMAGES_DIR else "image_id")
-        for path in self.shard_paths(kind):
+        for path in self.shard_paths(kind) if paths is None else paths:
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(batch_size=batch_size, columns=[id_column, "embedding"]):
                 ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)

@@ -14,6 +14,7 @@ import torch
 
 from .images import ImageInput, open_image
 from .modelinfo import ModelInfo
+from .precision import PrecisionChoice
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -27,7 +28,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"``: bf16 (or fp16) autocast on CUDA, fp32 on CPU."""
+    """Training's autocast precision. ``"auto"``: bf16 (or fp16) autocast on CUDA, fp32 on CPU.
+
+    Inference (``load_model``) resolves with :func:`vlsearch.precision.resolve_precision` instead."""
     if precision != "auto":
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
@@ -47,14 +50,20 @@ class Encoder:
         tokenizer: Any,
         info: ModelInfo,
         device: torch.device,
-        precision: str,
+        precision: str | PrecisionChoice,
     ):
+        if isinstance(precision, str):
+            mode = "none" if precision == "fp32" else "autocast"
+            precision = PrecisionChoice(precision, mode, f"requested {precision}")
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
-        self.precision = precision
+        #: how the model computes (fp32, bf16, fp16, int8); outputs are float32 whatever it is.
+        self.precision = precision.name
+        self.precision_choice = precision
+        self._input_dtype = torch.bfloat16 if precision.mode == "weights" else None
 
     name = property(lambda self: self.info.name)
     pretrained = property(lambda self: self.info.pretrained)
@@ -70,8 +79,9 @@ class Encoder:
         return int(getattr(self.tokenizer, "context_length", 77))
 
     def autocast(self):
-        """Autocast context for this encoder's device/precision (a no-op in fp32)."""
-        if self.precision == "fp32":
+        """Autocast context for this encoder's device/precision (a no-op unless it computes in
+        autocast mode: fp32, bf16 weights on CPU and int8 need none)."""
+        if self.precision_choice.mode != "autocast":
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -79,7 +89,7 @@ class Encoder:
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode an already preprocessed ``(B, 3, H, W)`` batch."""
         with torch.inference_mode(), self.autocast():
-            pixels = pixels.to(self.device, non_blocking=True)
+            pixels = pixels.to(self.device, dtype=self._input_dtype, non_blocking=True)
             feats = self.model.encode_image(pixels, normalize=True)
         return _normalised_numpy(feats)
 

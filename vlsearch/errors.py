@@ -90,3 +90,15 @@ class RemoteError(VlsearchError):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+
+
+class RayNotInstalledError(VlsearchError, ImportError):
+    """The Ray engine was asked for but the ``ray`` package is not installed (``pip install 'vlsearch[ray]'``)."""
+
+
+class DistributedError(VlsearchError):
+    """A distributed (Ray) job could not start, or a part of it failed after its retries."""
+
+
+class PrecisionError(VlsearchError, ValueError):
+    """An unknown inference precision, or one the device cannot run (int8 on CUDA)."""

@@ -32,12 +32,16 @@ ID_BYTES = 8
 
 # ---- files ---------------------------------------------------------------------------------
 
-def read_index(path: str | os.PathLike, mmap: bool = False) -> Any:
+def read_index(path: str | os.PathLike, mmap: bool = False, ondisk: bool = False) -> Any:
     """``faiss.read_index``; ``mmap=True`` maps the file read-only (pages load on demand).
-    An unreadable file raises :class:`CollectionError` naming it."""
+    ``ondisk``: the index's inverted lists live in an ``.ivfdata`` file beside it
+    (``OnDiskInvertedLists``, always memory-mapped). An unreadable file raises
+    :class:`CollectionError` naming it."""
     import faiss
 
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    if ondisk:  # found beside the index wherever the collection moved; IO_FLAG_MMAP on top crashes searches
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
@@ -72,7 +76,7 @@ def load_index(collection: Collection | str | os.PathLike, mmap: bool = False) -
             f"manifest of {coll.path} records an index but {path} is missing: rebuild it with "
             f"`vlsearch build-index {coll.path}` or search with exact=True (--exact)")
     _check_model(entry.get("model"), coll, path)
-    index = read_index(path, mmap=mmap)
+    index = read_index(path, mmap=mmap, ondisk=entry.get("layout") == "ondisk")
     if index.d != coll.dim:
         raise CollectionMismatchError(f"index {path} has dimension {index.d}, the collection {coll.dim}: rebuild it")
     if entry.get("ntotal") is not None and index.ntotal != entry["ntotal"]:

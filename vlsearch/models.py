@@ -41,6 +41,8 @@ from .hf_text import (
 )
 from .modelinfo import ModelInfo
 from .trunks import load_trunk, resolve_trunk_weights, trunk_preprocess, wants_pretrained_trunk
+from .precision import apply_precision, check_precision
+from .precision import resolve_precision as resolve_inference_precision
 from .threads import set_process_threads
 
 __all__ = ["Encoder", "load_model", "create_model", "save_checkpoint", "available_models", "pretrained_tags",
@@ -94,20 +96,23 @@ def load_model(
     Raises ModelNotFoundError, PretrainedNotFoundError, WeightsUnavailableError or
     CheckpointMismatchError with a message that says what to do. ``name=None`` means
     :func:`default_model`. ``threads`` sets torch's CPU threads for this process (not restored).
+    ``precision``: ``auto`` (bf16 where this CPU/GPU runs it fast, see :mod:`vlsearch.precision`),
+    ``fp32``, ``bf16``, ``fp16`` or ``int8`` (CPU); PrecisionError if unknown.
     """
     name = name or default_model()
     if threads:
         set_process_threads(threads)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    check_precision(precision)  # a bad value fails before the model is built
     pretrained = default_pretrained(name, pretrained)
     model, tag = _create(name, pretrained)
-    model.to(dev)
+    dim = int(_embed_dim(model))
+    prec = resolve_inference_precision(precision, dev, model)
+    model = apply_precision(model.to(dev), prec)
     preprocess = image_transform(model, is_train=False)
     tokenizer = get_tokenizer(name)
-    dim = int(_embed_dim(model))
     info = ModelInfo(name=name, pretrained=tag, dim=dim)
-    log.info("loaded %s (pretrained=%s, dim=%d) on %s/%s", name, tag, dim, dev, prec)
+    log.info("loaded %s (pretrained=%s, dim=%d) on %s, precision %s: %s", name, tag, dim, dev, prec.name, prec.reason)
     return Encoder(model, preprocess, tokenizer, info, dev, prec)
 
 

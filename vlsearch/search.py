@@ -46,6 +46,7 @@ from .errors import (
 )
 from .exact import DEFAULT_CHUNK_SIZE, exact_search
 from .faiss_index import find_ivf, is_l2, load_index, search_parameters, stored_nprobe
+from .ondisk import DEFAULT_K_FACTOR, DiskRefine
 from .results import Hit, Hits, Results, format_hits, hits_to_json_lines, make_hit
 from .rows import MetadataReader, RowLocator, TextCache
 from .subset import SubsetCache, SubsetPolicy, restricted_knn
@@ -79,10 +80,12 @@ class Searcher:
         exact_chunk_size: int = DEFAULT_CHUNK_SIZE,
         filter_cache_mb: float = 256,
         subset_policy: SubsetPolicy = SubsetPolicy(),
+        precision: str = "auto",
     ):
         self.collection = collection
         self.index = index
         self.device = device
+        self.precision = precision  #: of the query model (see vlsearch.precision)
         self.exact_chunk_size = int(exact_chunk_size)
         if encoder is not None:
             collection.check_model(encoder.info, what="query model")
@@ -100,6 +103,10 @@ class Searcher:
         entry = collection.manifest.index or {}
         self.nprobe_default: int | None = entry.get("nprobe_default") or (
             stored_nprobe(index) if index is not None else None)
+        #: refine factor tuned at build time (None: the index file's own, or no refine stage)
+        self.k_factor_default: float | None = entry.get("k_factor_default")
+        #: exact re-scoring from the memory-mapped fp16 vectors file (``Refine(disk)`` indexes)
+        self.disk_refine = DiskRefine.from_entry(collection.path, entry) if index is not None else None
         self._l2 = index is not None and is_l2(index)
         if index is not None and index.ntotal - int(entry.get("dead_entries", 0)) != len(self.row_locator):
             log.warning("index of %s holds %d vectors but the shards %d images: rebuild it to search them all",
@@ -118,7 +125,7 @@ class Searcher:
         first text/image query. ``mmap=True`` memory-maps the index. ``encoder`` must be the
         collection's model (else CollectionMismatchError). ``options``: ``text_cache_size``,
         ``metadata_cache_mb``, ``exact_chunk_size``, ``filter_cache_mb`` (filter results and the
-        vectors gathered for selective filters), ``subset_policy``."""
+        vectors gathered for selective filters), ``subset_policy``, ``precision`` (of the query model)."""
         collection = Collection.open(path)
         index = load_index(collection, mmap=mmap) if collection.manifest.index is not None else None
         return cls(collection, index, encoder=encoder, device=device, **options)
@@ -140,7 +147,7 @@ class Searcher:
                     from .models import load_model
 
                     m = self.collection.manifest.model
-                    enc = load_model(m.name, m.pretrained, device=self.device)
+                    enc = load_model(m.name, m.pretrained, device=self.device, precision=self.precision)
                     self.collection.check_model(enc.info, what="query model")
                     self._encoder = enc
         return self._encoder
@@ -315,7 +322,8 @@ class Searcher:
                 f"collection {self.collection.path} has no ANN index: run `vlsearch build-index "
                 f"{self.collection.path}` or search with exact=True (--exact)")
         self._check_ann_options(nprobe, k_factor)
-        key = (nprobe if nprobe is not None else self.nprobe_default, k_factor)
+        key = (nprobe if nprobe is not None else self.nprobe_default,
+               k_factor if k_factor is not None else self.k_factor_default)
         live = self._live_selector()
         if sel is not None:  # a selector belongs to one filter: not cached
             import faiss
@@ -330,7 +338,10 @@ class Searcher:
                 params = search_parameters(self.index, *key, sel=live)
                 if len(self._params) < 1024:
                     self._params[key] = params
-        scores, ids = self.index.search(q, k, params=params)
+        if self.disk_refine is not None:
+            scores, ids = self.disk_refine.search(self.index, q, k, key[1] or DEFAULT_K_FACTOR, params)
+        else:
+            scores, ids = self.index.search(q, k, params=params)
         if self._l2:
             scores = np.where(ids >= 0, 1.0 - scores / 2.0, scores).astype(np.float32)
         return scores, ids

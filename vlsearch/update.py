@@ -49,6 +49,7 @@ from .collection import (
 )
 from .errors import CollectionError, InvalidQueryError
 from .faiss_index import load_index, supports_ids, write_index
+from .ondisk import new_vectors_stem, vectors_writer
 from .fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,20 @@ def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, add
     name = f"index-{version_name(version, '.faiss')}"
     write_index(index, base.path / name)
     built = int(entry.get("built_ntotal") or entry.get("ntotal") or index.ntotal)
-    return {**entry, "file": name, "ntotal": int(index.ntotal), "dead_entries": dead_entries,
+    return {**entry, **_disk_refine_rows(base, staged, entry), "file": name, "ntotal": int(index.ntotal), "dead_entries": dead_entries,
             "built_ntotal": built, "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
+
+
+def _disk_refine_rows(base: Collection, staged: Collection, entry: dict[str, Any]) -> dict[str, Any]:
+    """For a ``Refine(disk)`` index, a new fp16 rows file holding the new version's live rows (the
+    previous version's file stays for its readers); the entry fields naming it. Else nothing."""
+    if not entry.get("refine_file"):
+        return {}
+    ids = np.sort(staged.read_table(columns=["id"]).column("id").to_numpy().astype(np.int64))
+    with vectors_writer(base.path, new_vectors_stem(), ids, staged.dim) as (add, fields):
+        for batch_ids, vectors in staged.iter_embeddings():
+            add(batch_ids, vectors)
+    return fields
 
 
 def drop_ids(index: Any, ids: np.ndarray) -> int:
@@ -350,7 +363,7 @@ def _compact_index(base: Collection, staged: Collection) -> dict[str, Any] | Non
     index = refill(load_index(base), staged.iter_embeddings())
     name = f"index-{version_name(base.manifest.version + 1, '.faiss')}"
     write_index(index, base.path / name)
-    return {**entry, "file": name, "ntotal": int(index.ntotal), "dead_entries": 0,
+    return {**entry, **_disk_refine_rows(base, staged, entry), "file": name, "ntotal": int(index.ntotal), "dead_entries": 0,
             "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
 

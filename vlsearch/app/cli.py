@@ -20,14 +20,19 @@ from .options import (
     BUILD,
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
+    PRECISION_OPT,
     EMBED,
+    ENGINE,
     MODEL_OPT,
+    PARTS,
     PRETRAINED_OPT,
     SOURCE_ARG,
     COLLECTION_ARG,
     TRAIN,
     BuildOptions,
     EmbedOptions,
+    EngineOptions,
+    PartsOptions,
     with_groups,
 )
 
@@ -116,14 +121,27 @@ def models_cmd(
 
 
 @app.command("info")
-def info_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Print versions, the compute device and how many GPUs FAISS sees."""
+@handle_errors
+def info_cmd(collection_dir: Optional[str] = typer.Argument(None, help="Also describe this collection's index."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Print versions, the compute device and how many GPUs FAISS sees (and a collection's index)."""
     info = system_info()
+    if collection_dir is not None:
+        info["index"] = _index_info(collection_dir)
     if as_json:
         typer.echo(json.dumps(info))
     else:
         for key, value in info.items():
-            typer.echo(f"{key:15} {value}")
+            typer.echo(f"{key:15} {value}" if key != "index" else "index\n" + "\n".join(f"  {v}" for v in value))
+
+
+def _index_info(collection_dir: str) -> list[str]:
+    """Plain lines on a collection's index: plan, tuned defaults, and whether the recall target is met."""
+    from indexing.build import index_summary
+    from vlsearch.collection import Collection
+
+    entry = Collection.open(collection_dir).manifest.index
+    return index_summary(entry) if entry else [f"no index: run `vlsearch build-index {collection_dir}`"]
 
 
 def system_info() -> dict[str, Any]:
@@ -133,6 +151,8 @@ def system_info() -> dict[str, Any]:
     import torch
 
     from vlsearch import __version__
+    from vlsearch.models import resolve_device
+    from vlsearch.precision import describe_auto
 
     return {
         "vlsearch": __version__,
@@ -144,6 +164,7 @@ def system_info() -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+        **describe_auto(resolve_device("auto")),
     }
 
 
@@ -155,11 +176,12 @@ def encode_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
     pretrained: Optional[str] = PRETRAINED_OPT,
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
     from vlsearch.models import load_model
 
-    enc = load_model(model, pretrained, device=device)
+    enc = load_model(model, pretrained, device=device, precision=precision)
     rows = []
     if texts:
         rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
@@ -210,32 +232,34 @@ def bench_cmd(
 
 @app.command("embed")
 @handle_errors
-@with_groups(EMBED)
-def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None) -> None:
+@with_groups(EMBED, ENGINE)
+def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
+              engine: Any = None) -> None:
     """Encode an image source into a collection of Parquet shards (rerun: resume, or sync when finished)."""
-    _embed_and_report(source, collection_dir, embed)
+    _embed_and_report(source, collection_dir, embed, engine)
 
 
 @app.command("build-index")
 @handle_errors
-@with_groups(BUILD)
-def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None) -> None:
+@with_groups(BUILD, ENGINE, PARTS)
+def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None, engine: Any = None,
+                    parts: Any = None) -> None:
     """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
-    _build_and_report(collection_dir, build)
+    _build_and_report(collection_dir, build, engine, parts)
 
 
 @app.command("index")
 @handle_errors
-@with_groups(EMBED, BUILD)
+@with_groups(EMBED, BUILD, ENGINE, PARTS)
 def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
-              build: Any = None) -> None:
+              build: Any = None, engine: Any = None, parts: Any = None) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
     from ..collection import Collection
 
-    synced = _embed_and_report(source, collection_dir, embed)
+    synced = _embed_and_report(source, collection_dir, embed, engine)
     if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
-        _build_and_report(collection_dir, build)
+        _build_and_report(collection_dir, build, engine, parts)
 
 
 @app.command("compact")
@@ -249,9 +273,9 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG) -> None:
                f"{collection_dir} version {result['version']}")
 
 
-def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions) -> bool:
-    """Run ``indexing.embed`` (or ``indexing.sync`` on a finished collection) with a tqdm bar and
-    print the counts (shared by ``embed`` and ``index``). Returns whether it synced."""
+def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, engine: EngineOptions) -> bool:
+    """Run ``indexing.embed`` (its Ray engine, or ``indexing.sync`` on a finished collection) with a
+    tqdm bar and print the counts (shared by ``embed`` and ``index``). Returns whether it synced."""
     import time
 
     from indexing.embed import embed
@@ -260,14 +284,20 @@ def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions) -
 
     src = options.open_source(source)
     path = Path(collection_dir)
-    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete:
+    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete and engine.ray_config() is None:
         _sync_and_report(src, path, options.config(), options.dry_run)
         return True
     if options.dry_run:
         raise typer.BadParameter("--dry-run needs a finished collection to compare with")
+    ray_config = engine.ray_config()
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
-        coll = embed(src, collection_dir, options.config(), progress=bar)
+        if ray_config is None:
+            coll = embed(src, collection_dir, options.config(), progress=bar)
+        else:
+            from indexing.ray_engine import embed_ray
+
+            coll = embed_ray(src, collection_dir, options.config(), ray_config, progress=bar)
     c = coll.manifest.counts
     typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
                f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
@@ -291,14 +321,27 @@ def _sync_and_report(src: Any, path: Path, config: Any, dry_run: bool) -> None:
         typer.echo(f"note: {advice}")
 
 
-def _build_and_report(collection_dir: str, options: BuildOptions) -> None:
-    from indexing.build import build_index
+def _build_and_report(collection_dir: str, options: BuildOptions, engine: EngineOptions,
+                      parts: PartsOptions) -> None:
+    """Run ``indexing.build`` (or its Ray engine) with a tqdm bar and print the index entry."""
+    from indexing.build import build_index, index_summary
 
+    ray_config = engine.ray_config()
+    if ray_config is None and (parts.on_disk or parts.parts):
+        raise typer.BadParameter("--on-disk and --parts need --engine ray")
     with TqdmProgress("build-index", unit="vec") as bar:
-        entry = build_index(collection_dir, progress=bar, **options.kwargs())
-    typer.echo(f"{entry['factory']}: {entry['ntotal']} vectors, {entry['bytes_per_vector']} B/vector, "
-               f"nprobe={entry['nprobe_default']} (recall@10 {entry['recall_at_10']:.3f} on held-out vectors), "
-               f"{entry['build_seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB")
+        if ray_config is None:
+            entry = build_index(collection_dir, progress=bar, **options.kwargs())
+        else:
+            from indexing.ray_engine import build_index_ray
+
+            entry = build_index_ray(collection_dir, progress=bar, ray_config=ray_config, parts=parts.parts,
+                                    on_disk=parts.on_disk, **options.kwargs())
+    for line in index_summary(entry):
+        typer.echo(line)
+    if entry.get("engine") == "ray":
+        typer.echo(f"  ray: {entry['parts']} parts merged, inverted lists {entry['layout']}"
+                   + (f" ({entry['ivfdata']})" if entry.get("ivfdata") else ""))
     for reason in entry["reasons"]:
         typer.echo(f"  - {reason}")
 
@@ -348,6 +391,7 @@ def classify_cmd(
     model: Optional[str] = MODEL_OPT,
     pretrained: Optional[str] = PRETRAINED_OPT,
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
@@ -356,7 +400,7 @@ def classify_cmd(
 
     templates = _templates(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    enc = load_model(model, pretrained, device=device)
+    enc = load_model(model, pretrained, device=device, precision=precision)
     try:
         with TqdmProgress("classify", unit="img") as bar:
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
@@ -405,6 +449,7 @@ def search_cmd(
     where: Optional[str] = typer.Option(
         None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\"."),
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
     from vlsearch.results import format_hits, hits_to_json_lines
@@ -412,7 +457,7 @@ def search_cmd(
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device)
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision)
     options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
     hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
@@ -448,13 +493,14 @@ def demo_cmd(
                                           help="Generated held-out pictures, indexed and benchmarked [default: 500]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, training and index."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the demo's)."),
+    precision: str = PRECISION_OPT,
 ) -> None:
     """Generate captioned shapes, fit vlsearch-small's head to them (LiT), index, search and benchmark: offline, on CPU."""
     from dataclasses import replace
 
     from .demo import DemoConfig, format_report, run_demo
 
-    changes = {"heldout": heldout, "epochs": epochs}
+    changes = {"heldout": heldout, "epochs": epochs, "precision": precision}
     config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
     bars = _StageBars()
     try:

@@ -100,6 +100,8 @@ class DemoConfig:
     #: In shapes mode: the model fitted to the generated pictures (None: vlsearch-small, LiT-style,
     #: when available, else vlsearch-tiny from scratch with ``epochs``/``lr``).
     shapes_model: Optional[str] = None
+    #: Inference precision of embedding and queries (see vlsearch.precision); training stays fp32 on CPU.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -168,7 +170,7 @@ def _run(out: Path, data: Optional[str | os.PathLike], config: DemoConfig, stage
     else:
         prepared = _prepare_data(Path(data).expanduser(), config)
     collection = out / "collection"
-    encoder = _load_encoder(prepared["model"], prepared["mode"])
+    encoder = _load_encoder(prepared["model"], prepared["mode"], config.precision)
     stages.run("embed", _embed, prepared["source"], collection, encoder, config)
     index = stages.run("index", _build_index, collection, config)
     text_q, image_q = stages.run("queries", _queries, collection, encoder, prepared, config)
@@ -308,7 +310,7 @@ def _data_model(config: DemoConfig) -> str:
     return default_model()
 
 
-def _load_encoder(model: tuple[str, Optional[str]], mode: str) -> Any:
+def _load_encoder(model: tuple[str, Optional[str]], mode: str, precision: str = "auto") -> Any:
     """Load the model once (for embedding and queries). In data mode an unavailable
     vlsearch-small falls back to the default model, with a warning."""
     from vlsearch.errors import WeightsUnavailableError
@@ -316,12 +318,12 @@ def _load_encoder(model: tuple[str, Optional[str]], mode: str) -> Any:
 
     name, pretrained = model
     try:
-        return load_model(name, pretrained)
+        return load_model(name, pretrained, precision=precision)
     except WeightsUnavailableError as exc:
         if mode != "data" or name != SMALL_MODEL:
             raise
         log.warning("%s is unavailable (%s); using %s", SMALL_MODEL, exc, default_model())
-        return load_model(default_model())
+        return load_model(default_model(), precision=precision)
 
 
 def _notes(encoder: Any) -> list[str]:

@@ -21,6 +21,8 @@ import typer
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model).")
 PRETRAINED_OPT = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/repo, or checkpoint file.")
 DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
+PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 where this CPU/GPU runs "
+                             "it fast, else fp32; `vlsearch info` says which), fp32, bf16, fp16 or int8 (CPU).")
 SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
 COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, resumed, or synced).")
 COLLECTION_ARG = typer.Argument(..., help="Collection directory (from `vlsearch embed`).")
@@ -39,6 +41,7 @@ class EmbedOptions:
     batch_size: int = _option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
     workers: int = _option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process).")
     device: str = dataclasses.field(default="auto", metadata={"option": DEVICE_OPT})
+    precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
     shard_size: int = _option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
     threads: Optional[int] = _option(None, "--threads", min=1, help="torch threads of the encoding process.")
     decode_timeout: float = _option(30.0, "--decode-timeout", min=0.0,
@@ -54,7 +57,8 @@ class EmbedOptions:
         from indexing.embed import EmbedConfig
 
         return EmbedConfig(model=self.model, pretrained=self.pretrained, batch_size=self.batch_size,
-                           workers=self.workers, device=self.device, shard_size=self.shard_size,
+                           workers=self.workers, device=self.device, precision=self.precision,
+                           shard_size=self.shard_size,
                            threads=self.threads, decode_timeout=self.decode_timeout or None)
 
     def open_source(self, source: str) -> Any:
@@ -69,15 +73,54 @@ class BuildOptions:
     """The options of ``build-index`` and ``index``: which index and how it is tuned."""
 
     index_type: str = _option("auto", "--index-type", "-t",
-                              help="'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32x4fs,Refine(SQ8)' or 'Flat'.")
+                              help="'auto' or a FAISS factory string, e.g. 'IVF4096,PQ32x4fs,Refine(SQ8)' or 'Flat'; "
+                                   "',Refine(disk)' after an IVF index re-scores exactly from an fp16 file on disk.")
     max_memory: str = _option("4GB", "--max-memory", help="Memory budget of the index and the build (e.g. 4GB).")
+    max_bytes_per_vector: Optional[int] = _option(
+        None, "--max-bytes-per-vector", min=12,
+        help="auto: resident index bytes per vector (e.g. 80); below a full-dimension SQ8 code the shortlist "
+             "is re-scored exactly from an fp16 file on disk.")
     nprobe_default: Optional[int] = _option(None, "--nprobe-default", min=1, help="Fix nprobe instead of tuning it.")
+    k_factor_default: Optional[float] = _option(None, "--k-factor-default", min=1.0,
+                                                help="Fix the refine k_factor instead of tuning it.")
     train_size: Optional[int] = _option(None, "--train-size", min=1, help="Training sample size (default: auto).")
     seed: int = _option(0, "--seed", help="Seed of the training sample and k-means (reproducible builds).")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`indexing.build.build_index`."""
         return {**dataclasses.asdict(self), "metric": "ip"}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where ``embed``, ``build-index`` and ``index`` run: here, or on a Ray cluster."""
+
+    engine: str = _option("local", "--engine",
+                          help="local (this process) or ray (a Ray cluster; pip install 'vlsearch[ray]').")
+    address: Optional[str] = _option(None, "--address",
+                                     help="Ray cluster: auto, ray://head:10001 (default: $RAY_ADDRESS or a new local Ray).")
+    actors: int = _option(2, "--actors", min=1, help="Ray: parallel actors/tasks (one model per embedding actor).")
+    gpus_per_actor: float = _option(0.0, "--gpus-per-actor", min=0.0, help="Ray: GPUs per actor (e.g. 1, or 0.5).")
+
+    def ray_config(self) -> Any:
+        """The :class:`indexing.ray_engine.RayConfig` of ``--engine ray``; None for the local engine."""
+        if self.engine not in ("local", "ray"):
+            raise typer.BadParameter(f"--engine must be local or ray, not {self.engine!r}")
+        if self.engine == "local":
+            return None
+        from indexing.ray_engine import RayConfig
+
+        return RayConfig(address=self.address, actors=self.actors, gpus_per_actor=self.gpus_per_actor)
+
+
+@dataclass(frozen=True)
+class PartsOptions:
+    """How ``--engine ray`` splits and merges an index build."""
+
+    parts: Optional[int] = _option(None, "--parts", min=1,
+                                   help="Ray: index parts built in parallel, then merged (default 2 x actors).")
+    on_disk: bool = _option(False, "--on-disk", help="Ray: merge the inverted lists into a file beside the index "
+                                                     "(memory-mapped by searches; needs a plain IVF code).")
 
 
 # ---- train: every flag is an override of the config file (or of TrainConfig's defaults) -----------
@@ -186,6 +229,8 @@ def group_of(name: str, cls: type) -> OptionGroup:
 
 EMBED = group_of("embed", EmbedOptions)
 BUILD = group_of("build", BuildOptions)
+ENGINE = group_of("engine", EngineOptions)
+PARTS = group_of("parts", PartsOptions)
 TRAIN = OptionGroup("overrides", tuple(
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_train_option(f), annotation=Optional[f.type])
     for f in TRAIN_FLAGS), train_overrides)

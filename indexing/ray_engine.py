@@ -1,0 +1,591 @@
+"""The Ray engine: embed a source and build its index on a Ray cluster, writing the same collection.
+
+Install with ``pip install 'vlsearch[ray]'``. Nothing here schedules work itself: Ray does.
+
+**Embed** (:func:`embed_ray`). The driver lists the source's records (the same deterministic order
+as the local engine) and cuts them into shards of ``shard_size``; a Ray Data ``map_batches`` over
+those shards runs a callable class, :class:`ShardEmbedder`, on ``actors`` actors, so each actor
+loads the model once (``num_gpus=gpus_per_actor`` places it on a GPU). Task ``k`` writes shard
+``k`` — records ``[k*S, (k+1)*S)`` — through the local engine's own shard writer
+(:func:`indexing.embed.embed_shard`: same schema, failures table, images file written last =
+commit). So resume is the local engine's: a rerun keeps every committed shard and redoes the
+missing ones, whichever engine ran before. A worker that dies mid-shard is restarted by Ray Data
+and the shard redone (a shard already committed by a task that died before returning is not
+rewritten). Progress: actors report per-shard counts to one small actor that the driver polls into
+the caller's ``progress`` callback.
+
+Workers read images from the record locations the driver listed, so the source must be on a
+path every node sees (a shared filesystem such as NFS/Lustre/EFS mounted at the same path).
+
+**Index** (:func:`build_index_ray`): the autofaiss recipe, on :func:`indexing.build.build_index`
+(same plan, same seeded training sample, same nprobe tuning and manifest entry):
+
+1. train the IVF quantizer and codebooks once, on the driver;
+2. hand the trained empty index to ``parts`` Ray tasks, each adding the vectors of a contiguous
+   group of shards with their ids exactly as the local build does;
+3. merge the parts in shard order, after checking that no id occurs in two parts (``merge_from``
+   with overlapping ids corrupts silently, faiss #3651) and that every part carries the trained
+   quantizer and codebooks (faiss #2970). The merged index is the one the local build makes.
+
+``on_disk=True`` merges the inverted lists into ``index-<build>.ivfdata`` beside ``index.faiss``
+(``faiss.contrib.ondisk.merge_ondisk``, ``OnDiskInvertedLists``): the driver never holds the
+codes, and ``Searcher`` memory-maps them (manifest ``index.layout = "ondisk"``).
+
+FAISS fast-scan IVF lists (``PQ..x4fs``) cannot be merged by FAISS (``merge_from`` on block
+inverted lists corrupts memory in faiss 1.15): parts hold the equivalent plain 4-bit ``IVFPQ``
+codes (same quantizer, codebooks and codes) and the merged lists are converted back with
+``IndexIVFPQFastScan(ivfpq)``, giving the same index as adding directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import pickle
+import resource
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from vlsearch.collection import IMAGES_DIR, Collection, Manifest, shard_name
+from vlsearch.errors import (
+    CollectionMismatchError,
+    DistributedError,
+    IndexConfigError,
+    RayNotInstalledError,
+)
+from vlsearch.faiss_index import find_ivf, make_index
+from vlsearch.progress import Progress
+
+from .build import TUNE_K, add_vectors, build_index
+from .plan import AutoPolicy
+from .sources import ImageSource, open_source
+
+if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding functions: index workers never load torch
+    from .embed import EmbedConfig
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'vlsearch[ray]'"
+ENGINES = ("local", "ray")
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or :class:`RayNotInstalledError` saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise RayNotInstalledError(
+            f"the Ray engine needs the 'ray' package, which is not installed ({exc}); install it with "
+            f"{INSTALL_HINT}, or use the local engine (--engine local)") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide a Ray job runs.
+
+    ``address``: None (``$RAY_ADDRESS`` if set, else a new local Ray instance), ``"auto"`` (the
+    cluster this node belongs to) or ``"ray://head:10001"`` (Ray Client). A driver that is already
+    connected (``ray.is_initialized()``) is used as is and not shut down.
+    """
+
+    address: str | None = None
+    actors: int = 2
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    #: passed to Ray for the job's workers (pip packages, env_vars, worker_process_setup_hook...).
+    runtime_env: dict[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"RayConfig.actors must be >= 1, not {self.actors}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise ValueError("RayConfig.gpus_per_actor must be >= 0 and cpus_per_actor > 0")
+
+    def remote_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
+        if self.gpus_per_actor:
+            args["num_gpus"] = self.gpus_per_actor
+        if self.runtime_env:
+            args["runtime_env"] = self.runtime_env
+        return args
+
+
+@contextmanager
+def ray_session(config: RayConfig) -> Iterator[Any]:
+    """Connect to (or start) Ray for one job; disconnect afterwards if this call connected."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        ray.init(address=config.address, include_dashboard=False, runtime_env=config.runtime_env,
+                 log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise DistributedError(f"cannot start or reach Ray at address={config.address!r}: {exc}") from exc
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# ---- distributed embed -----------------------------------------------------------------------------
+def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: EmbedConfig | None = None,
+              ray_config: RayConfig = RayConfig(), progress: Progress | None = None) -> Collection:
+    """:func:`indexing.embed.embed` on a Ray cluster: same collection, same resume, same errors.
+
+    ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
+    run inside each actor."""
+    require_ray()
+    from dataclasses import replace
+
+    from vlsearch.models import default_model
+
+    from .embed import EmbedConfig, open_existing, same_model_unloaded
+
+    config = config or EmbedConfig()
+    if config.model is None:
+        config = replace(config, model=default_model())
+    if not isinstance(source, ImageSource):
+        source = open_source(source)
+    path = Path(collection_dir)
+    coll = open_existing(path, source, config)
+    if coll is not None and coll.manifest.complete and same_model_unloaded(coll, config):
+        log.info("collection %s is complete; nothing to do", path)
+        return coll
+    info = _model_info(config)  # here, before any worker starts: a bad model name fails fast
+    if coll is not None:
+        coll.check_model(info)
+        if coll.manifest.complete:
+            return coll
+    with ray_session(ray_config) as ray:
+        records = iter(source)
+        first = next(records)  # SourceError for an empty source, before anything is created
+        if coll is None:
+            coll = Collection.create(path, Manifest(model=info, shard_size=config.shard_size,
+                                                    source=source.describe()))
+        with coll.lock():  # one writer at a time, as for the local engine
+            return _run_ray(ray, coll, source, itertools.chain([first], records), config, ray_config, progress)
+
+
+def _model_info(config: EmbedConfig) -> Any:
+    """The model's :class:`ModelInfo` (name, resolved weights, dim) for the manifest: the driver loads
+    the model once on CPU (the actors check theirs against the manifest)."""
+    from vlsearch.models import load_model
+
+    return load_model(config.model, config.pretrained, device="cpu", precision="fp32").info
+
+
+def _run_ray(ray: Any, coll: Collection, source: ImageSource, records: Iterator[Any], config: EmbedConfig,
+             ray_config: RayConfig, progress: Progress | None) -> Collection:
+    from .embed import chunks, committed_shards, counts_on_disk
+
+    done = set(committed_shards(coll))
+    size = coll.manifest.shard_size
+    items = [{"shard": k, "records": pickle.dumps(chunk)} for k, chunk in enumerate(chunks(records, size))
+             if k not in done]
+    counts = counts_on_disk(coll)
+    start = time.perf_counter()
+    if items:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        hub = ray.remote(num_cpus=0)(_ProgressHub).remote()
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardEmbedder, batch_size=1, concurrency=ray_config.actors,
+            fn_constructor_kwargs={"collection_dir": str(coll.path), "config": config, "hub": hub,
+                                   "metadata_schema": source.metadata_schema}, **ray_config.remote_args())
+        poller = _Poller(ray, hub, progress, skipped=len(done) * size, total=source.size_hint(),
+                         failures=counts["failures"])
+        try:
+            for row in ds.iter_rows():
+                for key in ("images", "captions", "failures"):
+                    counts[key] += int(row[key])
+                counts["shards"] += 1
+                coll.update_manifest(counts=dict(counts))
+        except ray.exceptions.RayError as exc:
+            raise DistributedError(f"distributed embed into {coll.path} failed: {exc}; rerun the same "
+                                   "command to resume from the committed shards") from exc
+        finally:
+            poller.stop()
+            ray.kill(hub)
+    coll.commit_version(counts=counts_on_disk(coll), complete=True, source=source.describe())
+    log.info("embedded %s into %s with Ray in %.1f s", coll.manifest.counts, coll.path, time.perf_counter() - start)
+    return coll
+
+
+class ShardEmbedder:
+    """Ray Data callable class: one model per actor; each call embeds and commits whole shards."""
+
+    def __init__(self, collection_dir: str, config: EmbedConfig, hub: Any, metadata_schema: pa.Schema):
+        import torch
+
+        from vlsearch.models import load_model
+
+        from .embed import image_schema
+
+        if config.threads:  # for the actor's lifetime (set_process_threads would pin FAISS too)
+            torch.set_num_threads(config.threads)
+        self.config, self.hub = config, hub
+        self.coll = Collection.open(collection_dir)
+        self.encoder = load_model(config.model, config.pretrained, device=config.device, precision=config.precision)
+        self.coll.check_model(self.encoder.info)
+        self.schema = image_schema(self.encoder.dim, metadata_schema)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .embed import ShardStats, embed_shard
+
+        out: dict[str, list[int]] = {"shard": [], "images": [], "captions": [], "failures": []}
+        for number, blob in zip(batch["shard"], batch["records"]):
+            number = int(number)
+            if (self.coll.path / IMAGES_DIR / shard_name(number)).exists():
+                counts = _shard_counts(self.coll, number)  # committed by an attempt that died before returning
+            else:
+                chunk = pickle.loads(blob)
+                stats = ShardStats(start=time.perf_counter(), skipped=0, total=None, failures=0)
+                report = partial(_report, self.hub, number, stats)
+                counts = embed_shard(self.coll, number, chunk, self.encoder, self.config, self.schema, stats, report)
+            self.hub.set.remote(number, counts["images"] + counts["failures"], counts["failures"])
+            out["shard"].append(number)
+            for key in ("images", "captions", "failures"):
+                out[key].append(counts[key])
+        return {key: np.asarray(values, np.int64) for key, values in out.items()}
+
+
+def _report(hub: Any, number: int, stats: Any, done: int, total: int | None = None, **postfix: Any) -> None:
+    hub.set.remote(number, stats.done, stats.failures)
+
+
+def _shard_counts(coll: Collection, number: int) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    counts = {}
+    for kind in ("images", "captions", "failures"):
+        path = coll.path / kind / shard_name(number)
+        counts[kind] = pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+    return counts
+
+
+class _ProgressHub:
+    """Ray actor: images done and refused per shard (a retried shard overwrites its own entry)."""
+
+    def __init__(self) -> None:
+        self.shards: dict[int, tuple[int, int]] = {}
+
+    def set(self, shard: int, done: int, failures: int) -> None:
+        self.shards[shard] = (done, failures)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(d for d, _ in self.shards.values()), sum(f for _, f in self.shards.values())
+
+
+class _Poller:
+    """Driver thread feeding the hub's totals to the progress callback every half second."""
+
+    def __init__(self, ray: Any, hub: Any, progress: Progress | None, *, skipped: int, total: int | None,
+                 failures: int, every: float = 0.5):
+        self.ray, self.hub, self.progress = ray, hub, progress
+        self.skipped, self.total, self.failures, self.every = skipped, total, failures, every
+        self.start = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vlsearch-ray-progress", daemon=True)
+        if progress is not None:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            done, failures = self.ray.get(self.hub.totals.remote(), timeout=10)
+        except self.ray.exceptions.RayError as exc:  # best effort: the job's own errors surface elsewhere
+            log.debug("progress poll failed: %s", exc)
+            return
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        self.progress(self.skipped + done, self.total, **{"img/s": f"{rate:.1f}", "failures": self.failures + failures})
+
+    def stop(self) -> None:
+        if self.progress is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+
+# ---- distributed index build -----------------------------------------------------------------------
+def build_index_ray(collection_dir: str | Path | Collection, index_type: str = "auto", max_memory: str | int = "4GB",
+                    metric: str = "ip", nprobe_default: int | None = None, train_size: int | None = None,
+                    seed: int = 0, progress: Progress | None = None, *, ray_config: RayConfig = RayConfig(),
+                    parts: int | None = None, on_disk: bool = False, k_factor_default: float | None = None,
+                    max_bytes_per_vector: int | None = None, policy: AutoPolicy = AutoPolicy()) -> dict[str, Any]:
+    """:func:`indexing.build.build_index` with the add stage split over ``parts`` Ray tasks (default:
+    2 per actor, at most one per shard), then merged; ``on_disk`` merges into on-disk inverted lists."""
+    require_ray()
+    coll = collection_dir if isinstance(collection_dir, Collection) else Collection.open(collection_dir)
+    if parts is not None and parts < 1:
+        raise IndexConfigError(f"parts must be >= 1, not {parts}")
+    if on_disk:
+        _check_on_disk_factory(index_type, coll.dim, metric)
+    with ray_session(ray_config) as ray:
+        adder = partial(_add_distributed, ray=ray, ray_config=ray_config,
+                        parts=parts or 2 * ray_config.actors, on_disk=on_disk)
+        entry = build_index(coll, index_type, max_memory, metric, nprobe_default, train_size, seed, progress,
+                            k_factor_default=k_factor_default, max_bytes_per_vector=max_bytes_per_vector,
+                            policy=policy, use_gpu=False, adder=adder)
+    for stale in coll.path.glob("index-*.ivfdata"):  # from earlier builds, or one that crashed
+        if stale.name != entry.get("ivfdata"):
+            stale.unlink()
+    return entry
+
+
+def _check_on_disk_factory(index_type: str, dim: int, metric: str) -> None:
+    import faiss
+
+    if index_type == "auto":
+        raise IndexConfigError("on-disk inverted lists need an explicit IVF index type whose lists hold the ids, "
+                               "e.g. --index-type 'IVF65536,PQ64' (auto plans use fast-scan + refine codes)")
+    index = make_index(index_type, dim, metric)
+    ivf = find_ivf(index)
+    top = faiss.downcast_index(index)
+    while isinstance(top, faiss.IndexPreTransform):
+        top = faiss.downcast_index(top.index)
+    if ivf is None or isinstance(ivf, faiss.IndexIVFFastScan) or not isinstance(top, faiss.IndexIVF):
+        raise IndexConfigError(
+            f"{index_type!r} cannot use on-disk inverted lists: they need a plain IVF code (e.g. 'IVF4096,PQ64', "
+            "'IVF4096,SQ8'), not fast-scan (x4fs), Refine stages or index types without inverted lists")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What a part task returns: its file, ids, trained-state digest and the eval queries' exact top-(TUNE_K + 1)."""
+
+    path: str
+    ids: np.ndarray
+    digest: str
+    distances: np.ndarray
+    labels: np.ndarray
+    peak_rss_mb: float
+    seconds: float
+
+
+def _add_distributed(index: Any, coll: Collection, xq: np.ndarray, metric: str, batch: int, progress: Progress, *,
+                     ray: Any, ray_config: RayConfig, parts: int, on_disk: bool) -> tuple[Any, np.ndarray, dict]:
+    import faiss
+
+    shards = coll.shard_paths(IMAGES_DIR)
+    groups = [g for g in np.array_split(np.arange(len(shards)), min(parts, len(shards))) if len(g)]
+    workdir = coll.path / f".build-{uuid.uuid4().hex[:12]}"
+    workdir.mkdir()
+    try:
+        fast = _fastscan_ivf(index) is not None
+        template = _swap_fastscan(index, to_plain=True) if fast else index
+        digest = _trained_digest(template)
+        blob = ray.put(faiss.serialize_index(template))
+        task = ray.remote(max_retries=3)(_add_part).options(**ray_config.remote_args())
+        futures = [task.remote(blob, str(coll.path), [str(shards[i]) for i in g], str(workdir / f"part-{p:05d}.faiss"),
+                               xq, metric, batch) for p, g in enumerate(groups)]
+        results = _gather(ray, futures, progress, coll.manifest.counts.get("images"))
+        _check_parts(results, digest)
+        truth = _merge_truth(results, len(xq), metric)
+        ivfdata = f"index-{workdir.name[len('.build-'):]}.ivfdata" if on_disk else None
+        merged = _merge_on_disk(template, results, coll.path / ivfdata) if on_disk else _merge_in_memory(results)
+        if fast:
+            merged = _swap_fastscan(merged, to_plain=False)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    extra = {"engine": "ray", "parts": len(groups), "layout": "ondisk" if on_disk else "memory",
+             "part_peak_rss_mb": max(r.peak_rss_mb for r in results),
+             "part_seconds": round(max(r.seconds for r in results), 2)}
+    if on_disk:
+        extra["ivfdata"] = ivfdata
+        extra["ivfdata_bytes"] = (coll.path / ivfdata).stat().st_size
+    return merged, truth, extra
+
+
+def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str, xq: np.ndarray, metric: str,
+              batch: int) -> _Part:
+    """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds them)."""
+    import faiss
+
+    from vlsearch.exact import ExactTopK
+
+    start = time.perf_counter()
+    index = faiss.deserialize_index(blob)
+    coll = Collection.open(coll_path)
+    exact = ExactTopK(xq, TUNE_K + 1, metric)  # + 1: the tuner drops each query's own id
+    ids = []
+    for part_ids, vecs in coll.iter_embeddings(batch_size=batch, paths=[Path(p) for p in shard_paths]):
+        add_vectors(index, part_ids, vecs)
+        exact.add(part_ids, vecs)
+        ids.append(part_ids)
+    tmp = out + ".tmp"
+    faiss.write_index(index, tmp)
+    Path(tmp).replace(out)
+    distances, labels = exact.result()
+    return _Part(out, np.concatenate(ids), _trained_digest(index), distances.copy(), labels.copy(),
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start)
+
+
+def _gather(ray: Any, futures: list[Any], progress: Progress, total: int | None) -> list[_Part]:
+    order = {f: i for i, f in enumerate(futures)}
+    results: list[_Part | None] = [None] * len(futures)
+    pending, done = list(futures), 0
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(ready[0])
+            results[order[ready[0]]] = part
+            done += len(part.ids)
+            progress(done, total, stage="add")
+    except ray.exceptions.RayError as exc:
+        for f in pending:
+            ray.cancel(f)
+        raise DistributedError(f"a part of the distributed index build failed after its retries: {exc}") from exc
+    return results  # type: ignore[return-value]
+
+
+def _check_parts(results: list[_Part], digest: str) -> None:
+    """Refuse parts that would merge into a corrupt index (faiss #3651, #2970)."""
+    ids = np.concatenate([r.ids for r in results])
+    if len(np.unique(ids)) != len(ids):
+        raise CollectionMismatchError("the same id occurs in two index parts; merging them would corrupt the index "
+                                      "(faiss #3651): the collection's shards overlap")
+    for r in results:
+        if r.digest != digest:
+            raise DistributedError(f"index part {r.path} does not carry the trained quantizer/codebooks of this "
+                                   "build (faiss #2970); refusing to merge it")
+
+
+def _merge_truth(results: list[_Part], nq: int, metric: str) -> np.ndarray:
+    import faiss
+
+    heap = faiss.ResultHeap(nq, TUNE_K + 1, keep_max=(metric == "ip"))
+    for r in results:
+        heap.add_result(np.ascontiguousarray(r.distances), np.ascontiguousarray(r.labels))
+    heap.finalize()
+    return heap.I
+
+
+def _merge_in_memory(results: list[_Part]) -> Any:
+    import faiss
+
+    merged = faiss.read_index(results[0].path)
+    for r in results[1:]:
+        merge_index(merged, faiss.read_index(r.path))
+    return merged
+
+
+def _merge_on_disk(template: Any, results: list[_Part], ivfdata: Path) -> Any:
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.clone_index(template)
+    merge_ondisk(index, [r.path for r in results], str(ivfdata))
+    return index
+
+
+def merge_index(dst: Any, src: Any, add_id: int = 0) -> None:
+    """Append ``src``'s vectors to ``dst`` (same trained structure), keeping the local build's order.
+
+    Handles IDMap/IDMap2 and Refine wrappers (whose inner labels are positions, so the inner IVF
+    lists get ``add_id`` = the positions already in ``dst``), PreTransform, IVF and flat codes.
+    """
+    import faiss
+
+    d, s = faiss.downcast_index(dst), faiss.downcast_index(src)
+    if isinstance(d, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        merge_index(d.index, s.index, add_id=d.index.ntotal)  # inner labels are positions
+        ids = np.concatenate([faiss.vector_to_array(d.id_map), faiss.vector_to_array(s.id_map)])
+        faiss.copy_array_to_vector(ids, d.id_map)
+        if isinstance(d, faiss.IndexIDMap2):
+            d.construct_rev_map()
+    elif isinstance(d, faiss.IndexRefine):
+        merge_index(d.base_index, s.base_index, add_id=d.base_index.ntotal)
+        d.refine_index.merge_from(s.refine_index, 0)
+    elif isinstance(d, faiss.IndexPreTransform):
+        merge_index(d.index, s.index, add_id=add_id)
+    elif isinstance(d, faiss.IndexIVF):
+        d.merge_from(s, add_id)
+        return
+    elif isinstance(d, faiss.IndexFlatCodes):
+        d.merge_from(s, 0)
+        return
+    else:
+        raise IndexConfigError(f"FAISS cannot merge {type(d).__name__} indexes; build this index type with the "
+                               "local engine")
+    d.ntotal = d.ntotal + s.ntotal
+
+
+# ---- fast-scan <-> plain 4-bit IVFPQ ---------------------------------------------------------------
+def _fastscan_ivf(index: Any) -> Any | None:
+    import faiss
+
+    ivf = find_ivf(index)
+    return ivf if isinstance(ivf, faiss.IndexIVFPQFastScan) else None
+
+
+def _swap_fastscan(index: Any, *, to_plain: bool) -> Any:
+    """The index with its IVF replaced: fast-scan -> the same codes as plain 4-bit IVFPQ, or back."""
+    import faiss
+
+    ivf = find_ivf(index)
+    if to_plain:
+        fs = faiss.downcast_index(ivf)
+        new = faiss.IndexIVFPQ(fs.quantizer, fs.d, fs.nlist, fs.pq.M, fs.pq.nbits, fs.metric_type)
+        new.pq, new.by_residual, new.is_trained = fs.pq, fs.by_residual, True
+        new.nprobe = fs.nprobe
+    else:
+        plain = faiss.downcast_index(ivf)
+        new = faiss.IndexIVFPQFastScan(plain)  # copies the codes into 32-vector blocks
+        new.nprobe = plain.nprobe
+        plain.reset()  # frees the plain copy of the codes; the object stays (it owns the quantizer)
+    parent = _ivf_parent(index)
+    if parent is None:
+        new.referenced_objects = [index]  # shares its quantizer
+        return new
+    new.this.disown()  # the wrapper deletes it; the replaced IVF stays alive: it owns the shared quantizer
+    setattr(parent, "base_index" if isinstance(parent, faiss.IndexRefine) else "index", new)
+    return index
+
+
+def _ivf_parent(index: Any) -> Any | None:
+    """The wrapper (Refine, IDMap, PreTransform) whose sub-index is the IVF; None if ``index`` is it."""
+    import faiss
+
+    node = faiss.downcast_index(index)
+    while not isinstance(node, faiss.IndexIVF):
+        sub = node.base_index if isinstance(node, faiss.IndexRefine) else getattr(node, "index", None)
+        if sub is None:
+            return None
+        child = faiss.downcast_index(sub)
+        if isinstance(child, faiss.IndexIVF):
+            return node
+        node = child
+    return None
+
+
+def _trained_digest(index: Any) -> str:
+    """Hash of the trained state every part must share: coarse centroids and PQ codebooks."""
+    import faiss
+
+    h = hashlib.blake2b(digest_size=16)
+    ivf = find_ivf(index)
+    if ivf is not None:
+        h.update(faiss.serialize_index(ivf.quantizer).tobytes())
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            h.update(faiss.vector_to_array(pq.centroids).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,200 @@
+"""The Ray engine on a local Ray instance: same collection and index as the local engine, survives
+a killed worker and a killed driver, and a clear error when ray is missing."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pytest
+from conftest import kill_9_when
+from test_embed import _folder, _jpeg
+from typer.testing import CliRunner
+
+from indexing.embed import EmbedConfig, embed
+from vlsearch.app.cli import app
+from vlsearch.collection import Collection
+from vlsearch.errors import (
+    CollectionMismatchError,
+    DistributedError,
+    RayNotInstalledError,
+)
+from vlsearch.models import TINY_MODEL
+
+FAULTS = Path(__file__).resolve().parent / "_ray_faults.py"
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole session (2 CPUs); its GCS address."""
+    ray = pytest.importorskip("ray")
+    import _ray_faults
+
+    ray.cloudpickle.register_pickle_by_value(_ray_faults)  # workers import it before they see sys.path
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"worker_process_setup_hook": _ray_faults.install})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _manifest_source(root: Path, n: int) -> Path:
+    """``n`` images (one truncated: a failure row), 2 captions each, int and string metadata."""
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        data = _jpeg(i)
+        (root / "img" / f"{i}.jpg").write_bytes(data[: len(data) // 3] if i == 4 else data)
+        rows += [{"image": f"img/{i}.jpg", "caption": f"caption {k} of {i}", "label": i, "site": f"s{i % 3}"}
+                 for k in range(2)]
+    pcsv.write_csv(pa.Table.from_pylist(rows), root / "captions.csv")
+    return root / "captions.csv"
+
+
+def _config(checkpoint: Path, **kw) -> EmbedConfig:
+    return EmbedConfig(**{"model": TINY_MODEL, "pretrained": str(checkpoint), "workers": 0, "batch_size": 2,
+                          "shard_size": 3, "device": "cpu", "threads": 1, **kw})
+
+
+def _assert_same_collection(got: Collection, want: Collection) -> None:
+    """Same ids, paths, metadata, captions and failures; embeddings equal within fp16 rounding."""
+    assert got.shard_numbers() == want.shard_numbers()
+    a, b = got.read_table(), want.read_table()
+    assert a.schema == b.schema
+    for name in a.column_names:
+        if name != "embedding":
+            assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
+    for kind in ("images", "captions"):
+        (ids_a, va), (ids_b, vb) = got.read_embeddings(kind), want.read_embeddings(kind)
+        assert ids_a.tolist() == ids_b.tolist()
+        np.testing.assert_allclose(va, vb, atol=2e-3)  # fp16 storage: ~5e-4 relative on unit vectors
+    assert got.read_table("captions", ["image_id", "caption"]).equals(want.read_table("captions", ["image_id", "caption"]))
+    assert got.failures().equals(want.failures())
+    assert got.manifest.counts == want.manifest.counts and got.manifest.complete
+    assert got.model == want.model and got.manifest.source == want.manifest.source
+
+
+def test_embed_matches_the_local_engine(ray_address, tmp_path, tiny_checkpoint, tiny_encoder):
+    from indexing.ray_engine import RayConfig, embed_ray
+
+    src = _manifest_source(tmp_path / "src", 10)
+    calls = []
+    got = embed_ray(src, tmp_path / "ray", _config(tiny_checkpoint), RayConfig(actors=2),
+                    progress=lambda done, total=None, **kw: calls.append((done, total, kw["failures"])))
+    want = embed(src, tmp_path / "local", _config(tiny_checkpoint), encoder=tiny_encoder)
+    _assert_same_collection(got, want)
+    assert want.manifest.counts["failures"] == 1 and want.manifest.counts["shards"] == 4
+    assert calls and calls[-1] == (10, 10, 1)  # one progress feed, fed from the actors
+    assert embed_ray(src, tmp_path / "ray", _config(tiny_checkpoint)).manifest.complete  # complete: a no-op
+    with pytest.raises(CollectionMismatchError):
+        embed_ray(_folder(tmp_path / "other", 2), tmp_path / "ray", _config(tiny_checkpoint))
+
+
+def test_a_worker_killed_mid_shard_is_retried_without_lost_or_duplicated_ids(ray_address, tmp_path,
+                                                                              tiny_checkpoint, tiny_encoder):
+    from indexing.ray_engine import RayConfig, embed_ray
+
+    src = _folder(tmp_path / "src", 12)
+    marker = tmp_path / "crashed"
+    env = {"VLSEARCH_TEST_CRASH_MARKER": str(marker), "VLSEARCH_TEST_CRASH_AFTER": "4"}
+    got = embed_ray(src, tmp_path / "ray", _config(tiny_checkpoint),
+                    RayConfig(actors=1, runtime_env={"env_vars": env}))
+    assert marker.exists(), "the fault was not injected: the test would prove nothing"
+    want = embed(src, tmp_path / "local", _config(tiny_checkpoint), encoder=tiny_encoder)
+    _assert_same_collection(got, want)
+    ids = got.read_table(columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 12
+
+
+def test_a_killed_driver_is_resumed_by_a_rerun(ray_address, tmp_path, tiny_checkpoint, tiny_encoder):
+    src = _folder(tmp_path / "src", 24)
+    out = tmp_path / "killed"
+    args = ["embed", str(src), str(out), "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint),
+            "--workers", "0", "--batch-size", "3", "--shard-size", "3", "--device", "cpu", "--threads", "1",
+            "--engine", "ray", "--actors", "1"]
+    kill_9_when([sys.executable, str(FAULTS), ray_address, "0.15", *args],
+                (out / "images" / "part-00000.parquet").exists, "a committed shard")
+    killed = Collection.open(out)
+    assert not killed.manifest.complete and 1 <= len(killed.shard_numbers()) < 8
+
+    result = CliRunner().invoke(app, args)  # the same command again (this process's Ray): resumes
+    assert result.exit_code == 0, result.output
+    assert "24 images, 24 captions, 0 failures" in result.output
+    want = embed(src, tmp_path / "local", _config(tiny_checkpoint), encoder=tiny_encoder)
+    _assert_same_collection(Collection.open(out), want)
+
+
+def _same_top10(a: Searcher, b: Searcher, queries: np.ndarray) -> None:  # noqa: F821
+    """Same top-10 ids. Tie handling: both are asked for 11 hits; ids scoring strictly above the
+    10th score must be the same set, and the ids tied with the 10th score are compared as a set of
+    candidates (either index may order equal scores differently or cut the tie elsewhere)."""
+    sa, ia = a.knn(queries, 11)
+    sb, ib = b.knn(queries, 11)
+    np.testing.assert_allclose(sa[:, :10], sb[:, :10], atol=1e-6)
+    for q in range(len(queries)):
+        tenth = sa[q, 9]
+        above_a, above_b = set(ia[q][sa[q] > tenth + 1e-6]), set(ib[q][sb[q] > tenth + 1e-6])
+        assert above_a == above_b, q
+        tied_a = set(ia[q][np.abs(sa[q] - tenth) <= 1e-6])
+        tied_b = set(ib[q][np.abs(sb[q] - tenth) <= 1e-6])
+        assert tied_a & tied_b, q
+
+
+@pytest.mark.parametrize("index_type,on_disk", [("auto", False), ("IVF32,SQ8", True)])
+def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_disk):
+    from test_build import SMALL, clustered, make_collection
+
+    from indexing.build import build_index
+    from indexing.ray_engine import RayConfig, build_index_ray
+    from vlsearch.search import Searcher
+
+    x = clustered(4000)
+    ids = np.arange(len(x), dtype=np.int64) * 7 + 1000
+    local, ray_built = make_collection(tmp_path / "l", x, ids, 500), make_collection(tmp_path / "r", x, ids, 500)
+    want = build_index(local.path, index_type, policy=SMALL, seed=3)
+    got = build_index_ray(ray_built.path, index_type, policy=SMALL, seed=3, ray_config=RayConfig(actors=2),
+                          parts=3, on_disk=on_disk)
+    assert (got["factory"], got["nprobe_default"], got["ntotal"]) == (want["factory"], want["nprobe_default"], 4000)
+    assert got["recall_at_10"] == want["recall_at_10"] and got["parts"] == 3 and got["engine"] == "ray"
+    assert got["layout"] == ("ondisk" if on_disk else "memory")
+    if on_disk:
+        assert (ray_built.path / got["ivfdata"]).stat().st_size > 0
+        assert sorted(p.name for p in ray_built.path.iterdir()) == sorted(["images", "index.faiss", "manifest.json",
+                                                                           "versions", got["ivfdata"]])
+    queries = x[::97] + 0.01
+    _same_top10(Searcher.open(ray_built.path, mmap=on_disk), Searcher.open(local.path), queries)
+
+
+def test_merge_refuses_overlapping_ids_and_foreign_quantizers():
+    from indexing.ray_engine import _check_parts, _Part
+
+    def part(ids, digest="d"):
+        return _Part("p", np.asarray(ids, np.int64), digest, np.zeros((0, 10)), np.zeros((0, 10)), 0.0, 0.0)
+
+    _check_parts([part([1, 2]), part([3])], "d")
+    with pytest.raises(CollectionMismatchError, match="3651"):
+        _check_parts([part([1, 2]), part([2, 5])], "d")
+    with pytest.raises(DistributedError, match="2970"):
+        _check_parts([part([1]), part([2], digest="other")], "d")
+
+
+def test_a_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
+    from indexing.ray_engine import build_index_ray, require_ray
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(RayNotInstalledError, match=r"pip install 'vlsearch\[ray\]'"):
+        require_ray()
+    with pytest.raises(RayNotInstalledError):
+        build_index_ray(tmp_path)
+    result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--engine", "ray"])
+    assert result.exit_code == 1 and "pip install 'vlsearch[ray]'" in result.output
