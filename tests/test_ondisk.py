@@ -8,7 +8,6 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from indexing import build as B  # noqa: E402
-from vlsearch import faiss_index as F  # noqa: E402
 from tests.test_build import SMALL, clustered, make_collection  # noqa: E402
 from vlsearch.collection import Collection  # noqa: E402
 from vlsearch.errors import IndexConfigError  # noqa: E402

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vlsearch.collection import embeddings_to_numpy
-from vlsearch.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.errors import ItemNotFoundError, ServeConfigError
 from vlsearch.results import Hit
 from vlsearch.search import Searcher
 
