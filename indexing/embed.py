@@ -119,9 +119,8 @@ def _load_and_run(path: Path, coll: Collection | None, source: ImageSource, enco
     if coll is None:
         coll = Collection.create(path, Manifest(model=encoder.info, shard_size=config.shard_size,
                                                 source=source.describe(), precision=encoder.precision))
-    else:
+    with coll.lock():  # the precision record is a manifest write too: inside the writer lock
         _record_precision(coll, encoder.precision)
-    with coll.lock():
         return _run(coll, source, records, encoder, config, progress)
 
 

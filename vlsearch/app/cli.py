@@ -283,13 +283,13 @@ def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, e
     from ..collection import MANIFEST, Collection
 
     src = options.open_source(source)
+    ray_config = engine.ray_config()
     path = Path(collection_dir)
-    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete and engine.ray_config() is None:
+    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete and ray_config is None:
         _sync_and_report(src, path, options.config(), options.dry_run)
         return True
     if options.dry_run:
         raise typer.BadParameter("--dry-run needs a finished collection to compare with")
-    ray_config = engine.ray_config()
     start = time.perf_counter()
     with TqdmProgress("embed", unit="img") as bar:
         if ray_config is None:
