@@ -272,7 +272,7 @@ def main() -> None:
     t_ids, t_hits, cpu_ids, cpu_hits = map(percentiles, (w_ids, w_hits, c_ids, c_hits))
     cold = Searcher.open(view, metadata_cache_mb=0)
     t_cold = percentiles(time_each(lambda v: cold.search_vector(v, k=k, nprobe=nprobe, k_factor=kf), lq[:200]))
-    del cold
+    cold = None  # release the view before the next stage
 
     faiss.omp_set_num_threads(all_threads)
     t0 = time.perf_counter()
