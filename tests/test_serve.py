@@ -502,7 +502,11 @@ def test_metrics_count_requests_latency_and_errors(http):
 
 
 def test_docs_page_and_openapi(http):
-    assert http.get("/docs").status_code == 200
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "cdn." not in docs.text  # served locally: works offline
+    assert "/docs-static/swagger-ui-bundle.js" in docs.text
+    bundle = http.get("/docs-static/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and "SwaggerUIBundle" in bundle.text
     spec = http.get("/openapi.json").json()
     assert "/api/collections/{name}/search" in spec["paths"] and "/api/collections/{name}/search/image" in spec["paths"]
     page = http.get("/")

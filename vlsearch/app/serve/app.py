@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 import vlsearch
@@ -83,7 +84,7 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
     Opens every collection now (each model loads once); raises ServeConfigError / CollectionError.
     """
     served = open_collections(collections, config)
-    app = FastAPI(title="vlsearch", version=vlsearch.__version__,
+    app = FastAPI(title="vlsearch", version=vlsearch.__version__, docs_url=None, redoc_url=None,
                   description="Search image collections by text, image, vector or example item.")
     app.state.served, app.state.config, app.state.metrics = served, config, ServeMetrics()
     app.state.metrics.cache_gauges(next(iter(served.values())).images.cache)
@@ -96,12 +97,28 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_upload_bytes * 4 // 3 + _BODY_SLACK)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if config.cors_origins:  # outermost, so that errors (413...) carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs, served from the ``swagger-ui-bundle`` package rather than FastAPI's
+    default CDN, so the page works on machines without internet (as a team server often is)."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="vlsearch API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon-32x32.png")
 
 
 def serve(collections: Mapping[str, CollectionSpec] | list[CollectionSpec], config: ServeConfig = ServeConfig(),
