@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from test_embed import _config, _jpeg
 from test_sources import _folder, _tar
+from typer.testing import CliRunner
 
 from indexing.embed import embed
 from indexing.sources import FolderSource, ManifestSource, TarSource, file_stat, open_source, read_record
 from indexing.sync import sync
+from vlsearch.app.cli import app
 from vlsearch.errors import FilesystemNotInstalledError, SourceError
 
 fsspec = pytest.importorskip("fsspec")
@@ -96,6 +98,8 @@ def test_a_missing_protocol_package_says_what_to_pip_install(monkeypatch):
     with pytest.raises(FilesystemNotInstalledError, match="pip install vlsfake_pkg") as info:
         open_source("vlsfake://bucket/photos")
     assert isinstance(info.value, SourceError) and isinstance(info.value, ImportError)
+    result = CliRunner().invoke(app, ["embed", "vlsfake://bucket/photos", "coll"])
+    assert result.exit_code == 1 and "pip install vlsfake_pkg" in result.output
     if importlib.util.find_spec("s3fs") is None:
         with pytest.raises(FilesystemNotInstalledError, match="pip install s3fs"):
             open_source("s3://bucket/photos")
