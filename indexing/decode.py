@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlsearch.errors import DecodeError, DecodeHangError
+from vlsearch.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
 from vlsearch.images import MAX_PIXELS, open_image, original_size
 
-from .sources import ImageRecord
+from .sources import ImageRecord, is_url, read_record
 
 #: Seconds one image may take to read + decode + preprocess before it is given up.
 DEFAULT_TIMEOUT = 30.0
@@ -63,12 +63,15 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 
 def load_image(record: ImageRecord, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
-    """Open one record as an upright RGB PIL image (reads tar members from their offset)."""
-    if record.tar_range is not None:
-        offset, size = record.tar_range
-        with open(record.location, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+    """Open one record as an upright RGB PIL image (reads tar members from their offset, and URLs
+    through fsspec)."""
+    if record.tar_range is not None or is_url(record.location):
+        try:
+            data = read_record(record)
+        except FileNotFoundError as exc:
+            raise DecodeError("missing", f"no such file: {record.location}") from exc
+        except OSError as exc:
+            raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
         return open_image(data, draft_size=draft_size, max_pixels=max_pixels)
     try:
         mode = os.stat(record.location).st_mode
@@ -99,7 +102,7 @@ def decode_record(
             return transform(img), original_size(img)
     except _Timeout:  # the alarm fired just after the body finished
         raise DecodeError("timeout", f"not decoded within {timeout:g} s") from None
-    except DecodeError:
+    except (DecodeError, FilesystemNotInstalledError):  # a missing fsspec package is the job's error, not the image's
         raise
     except Exception as exc:  # an unexpected library error must cost one image, not the run
         raise DecodeError("error", f"{type(exc).__name__}: {exc}") from exc

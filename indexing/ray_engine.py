@@ -146,6 +146,7 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
 def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: EmbedConfig | None = None,
               ray_config: RayConfig = RayConfig(), progress: Progress | None = None) -> Collection:
     """:func:`indexing.embed.embed` on a Ray cluster: same collection, same resume, same errors.
+    A finished collection is synced with its source on the driver, as :func:`indexing.embed.embed` does.
 
     ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
     run inside each actor."""
@@ -154,7 +155,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
 
     from vlsearch.models import default_model
 
-    from .embed import EmbedConfig, open_existing, same_model_unloaded
+    from .embed import EmbedConfig, open_existing
 
     config = config or EmbedConfig()
     if config.model is None:
@@ -163,14 +164,13 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
         source = open_source(source)
     path = Path(collection_dir)
     coll = open_existing(path, source, config)
-    if coll is not None and coll.manifest.complete and same_model_unloaded(coll, config):
-        log.info("collection %s is complete; nothing to do", path)
-        return coll
+    if coll is not None and coll.manifest.complete:  # a finished collection follows its source, as locally:
+        from .embed import embed  # synced on the driver (only new and changed images are encoded)
+
+        return embed(source, path, config, progress)
     info = _model_info(config)  # here, before any worker starts: a bad model name fails fast
     if coll is not None:
         coll.check_model(info)
-        if coll.manifest.complete:
-            return coll
     with ray_session(ray_config) as ray:
         records = iter(source)
         first = next(records)  # SourceError for an empty source, before anything is created

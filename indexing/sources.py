@@ -10,17 +10,29 @@ It is the same on every run and on every machine, survives moving the source roo
 central counter (so it is safe with parallel or resumed runs), is non-negative (FAISS reserves
 -1) and is used as the FAISS id. Two records with the same id (a hash collision, ~1e-7 for 1M
 images, or a duplicate webdataset key) raise :class:`SourceError` instead of silently merging.
+
+**Remote sources.** A source may be an fsspec URL (``s3://bucket/photos``, ``gs://...``,
+``file:///mnt/shared/x.csv``, ``memory://...``): folders, manifests and ``.tar`` shards (and
+``*.tar`` globs) are then listed and read through fsspec, and each record's ``location`` is a URL
+that any worker (a DataLoader process, a Ray actor on another node) opens itself. The protocol's
+package must be installed where the records are read (``pip install s3fs`` for ``s3://``); if it
+is not, :class:`FilesystemNotInstalledError` says which. A manifest's image column may also hold
+URLs. Ids come from the same relative paths, so a tree read through ``file://`` gets the ids it
+gets as a local path.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from vlsearch.collection import FILE_COLUMNS, IMAGE_COLUMNS
-from vlsearch.errors import SourceError
+from vlsearch.errors import FilesystemNotInstalledError, SourceError
 from vlsearch.fsutil import MANIFEST_NAMES, find_manifest
 
 log = logging.getLogger(__name__)
@@ -52,12 +64,94 @@ def display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*(://|::)")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether a source or record location is an fsspec URL (``s3://b/x``, ``file:///x``), not a local path."""
+    return isinstance(location, str) and _URL.match(location) is not None
+
+
+def url_fs(url: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path inside it)`` of a URL. :class:`FilesystemNotInstalledError` names
+    the package to install when the protocol's implementation is missing; :class:`SourceError` for
+    an unknown protocol."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        protocol = (re.findall(r"([A-Za-z][A-Za-z0-9+.\-]*)://", url) or [url.split("::")[0]])[-1]
+        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+        raise FilesystemNotInstalledError(
+            f"reading {protocol}:// URLs needs the {package or 'fsspec implementation'} package, which is not "
+            f"installed ({exc})" + (f": pip install {package}" if package else "")) from None
+    except ValueError as exc:
+        raise SourceError(f"cannot read {url}: {exc} (not a protocol fsspec knows)") from None
+
+
+def open_location(location: str | os.PathLike, mode: str = "rb") -> Any:
+    """Open a local path or an fsspec URL for binary reading."""
+    if is_url(location):
+        fs, path = url_fs(location)
+        return fs.open(path, mode)
+    return open(location, mode)
+
+
+def read_record(record: ImageRecord) -> bytes:
+    """A record's encoded image bytes (a tar member's from its offset)."""
+    with open_location(record.location) as fh:
+        if record.tar_range is None:
+            return fh.read()
+        fh.seek(record.tar_range[0])
+        return fh.read(record.tar_range[1])
+
+
+def _url_stat(url: str) -> tuple[int, int] | None:
+    """``(size, modified ns)`` of a URL; None when its filesystem reports no modification time."""
+    import datetime
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = url_fs(url)
+    if isinstance(fs, LocalFileSystem):  # file://: the nanosecond mtime a local path gets
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    size = int(fs.info(path)["size"])
+    try:
+        modified = fs.modified(path)
+    except (NotImplementedError, KeyError):
+        return None
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=datetime.timezone.utc)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    return size, (modified - epoch) // datetime.timedelta(microseconds=1) * 1000
+
+
+def _fs_path(location: str | os.PathLike) -> str:
+    """A location's path: inside its filesystem for a URL, as given for a local path."""
+    return url_fs(location)[1] if is_url(location) else os.fspath(location)
+
+
+def _is_dir(location: str | os.PathLike) -> bool:
+    if is_url(location):
+        fs, path = url_fs(location)
+        return fs.isdir(path)
+    return os.path.isdir(location)
+
+
+def _suffix(location: str | os.PathLike) -> str:
+    return os.path.splitext(os.fspath(location))[1].lower()
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image of a source.
 
     ``path`` is what the shards store (relative to the source root); ``location`` is the file to
-    read (for a tar, the tar file, with the member's ``tar_range = (offset, size)``).
+    read, a local path or an fsspec URL (for a tar, the tar file, with the member's
+    ``tar_range = (offset, size)``).
     """
 
     id: int
@@ -72,18 +166,25 @@ def file_stat(record: ImageRecord) -> tuple[int, int] | None:
     """``(size, mtime_ns)`` of a record's image: the file's, or for a tar member its size and the
     tar's mtime. None when it cannot be read (it is then treated as changed)."""
     try:
-        st = os.stat(record.location)
+        if is_url(record.location):
+            stat = _url_stat(record.location)
+            if stat is None:
+                return None
+            size, mtime = stat
+        else:
+            st = os.stat(record.location)
+            size, mtime = st.st_size, st.st_mtime_ns
     except OSError:
         return None
-    size = record.tar_range[1] if record.tar_range is not None else st.st_size
-    return int(size), int(st.st_mtime_ns)
+    size = record.tar_range[1] if record.tar_range is not None else size
+    return int(size), int(mtime)
 
 
 def content_hash(record: ImageRecord) -> str | None:
     """blake2b-128 (hex) of a record's image bytes (read in 1 MiB blocks), or None if unreadable."""
     digest = hashlib.blake2b(digest_size=16)
     try:
-        with open(record.location, "rb") as fh:
+        with open_location(record.location) as fh:
             left = None
             if record.tar_range is not None:
                 fh.seek(record.tar_range[0])
@@ -112,8 +213,8 @@ class ImageSource:
     #: Arrow schema of the metadata columns every record carries (same types in every shard).
     metadata_schema: pa.Schema = pa.schema([])
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path | str):
+        self.root = root  # a local Path, or an fsspec URL (str)
 
     def __iter__(self) -> Iterator[ImageRecord]:
         seen: set[int] = set()  # ~70 bytes per image: 700 MB for 10M images
@@ -134,7 +235,7 @@ class ImageSource:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the source (``type`` and ``path`` identify it)."""
-        return {"type": self.kind, "path": os.path.abspath(self.root)}
+        return {"type": self.kind, "path": self.root.rstrip("/") if is_url(self.root) else os.path.abspath(self.root)}
 
     def _records(self) -> Iterator[ImageRecord]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -158,15 +259,17 @@ class FolderSource(ImageSource):
     kind = "folder"
 
     def _records(self) -> Iterator[ImageRecord]:
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = _fs_sorted(dirnames)
+        fs, top = url_fs(self.root) if is_url(self.root) else (None, self.root)
+        where = fs.unstrip_protocol if fs is not None else os.fspath  # a record's location: a URL or a path
+        for dirpath, dirnames, filenames in (fs.walk(top) if fs is not None else os.walk(top)):
+            dirnames[:] = _fs_sorted(dirnames)  # both walks recurse into dirnames as left here
             names = set(filenames)
             for name in _fs_sorted([n for n in filenames if _is_image_name(n)]):
                 location = os.path.join(dirpath, name)
-                rel = os.path.relpath(location, self.root)
+                rel = os.path.relpath(location, top)
                 sidecar = os.path.splitext(name)[0] + ".txt"
-                captions = _read_sidecar(os.path.join(dirpath, sidecar)) if sidecar in names else ()
-                yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), location, captions)
+                captions = _read_sidecar(where(os.path.join(dirpath, sidecar))) if sidecar in names else ()
+                yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), where(location), captions)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "extensions": sorted(IMAGE_EXTENSIONS), "sidecar_captions": ".txt"}
@@ -177,7 +280,7 @@ class FolderSource(ImageSource):
 
 def _read_sidecar(path: str) -> tuple[str, ...]:
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with io.TextIOWrapper(open_location(path), encoding="utf-8", errors="replace") as f:
             return tuple(line.strip() for line in f if line.strip())
     except OSError as exc:
         log.warning("cannot read captions %s: %s", path, exc)
@@ -194,7 +297,7 @@ class ManifestSource(ImageSource):
 
     kind = "manifest"
 
-    def __init__(self, root: Path, image_column: str | None = None, caption_column: str | None = None):
+    def __init__(self, root: Path | str, image_column: str | None = None, caption_column: str | None = None):
         super().__init__(root)
         self.table = _read_table(root)
         names = self.table.column_names
@@ -221,7 +324,7 @@ class ManifestSource(ImageSource):
         return len(pc.unique(self.table.column(self.image_column)))
 
     def _records(self) -> Iterator[ImageRecord]:
-        base = self.root.parent
+        base = self.root.rsplit("/", 1)[0] if is_url(self.root) else self.root.parent
         order = self._order.to_pylist()
         paths = self.table.column(self.image_column).to_pylist()
         captions = self.table.column(self.caption_column).to_pylist() if self.caption_column else None
@@ -234,7 +337,7 @@ class ManifestSource(ImageSource):
                 j += 1
             caps = () if captions is None else tuple(str(captions[r]) for r in order[i:j] if captions[r] is not None)
             meta = {name: values[first] for name, values in meta_columns.items()}
-            yield ImageRecord(stable_id(path), path, str(base / path), caps, meta)
+            yield ImageRecord(stable_id(path), path, _join(base, path), caps, meta)
             i = j
 
     def describe(self) -> dict[str, Any]:
@@ -249,14 +352,20 @@ def _metadata_name(name: str) -> str:
     return RENAME_PREFIX + name if name in RESERVED_COLUMNS else name
 
 
-def _read_table(path: Path) -> pa.Table:
+def _join(base: Path | str, name: str) -> str:
+    """``name`` under ``base`` (a local folder or a URL); a ``name`` that is itself a URL stays as is."""
+    if is_url(name):
+        return name
+    return f"{base.rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name)
+
+
+def _read_table(path: Path | str) -> pa.Table:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     try:
-        if path.suffix.lower() == ".csv":
-            return pcsv.read_csv(path)
-        return pq.read_table(path)
+        with open_location(path) if is_url(path) else nullcontext(path) as src:
+            return pcsv.read_csv(src) if _suffix(path) == ".csv" else pq.read_table(src)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SourceError(f"cannot read manifest {path}: {exc}") from exc
 
@@ -288,13 +397,14 @@ class TarSource(ImageSource):
     kind = "webdataset"
     metadata_schema = pa.schema([("key", pa.string()), ("json", pa.string())])
 
-    def __init__(self, root: Path, tars: list[Path]):
+    def __init__(self, root: Path | str, tars: list[Path] | list[str]):
         super().__init__(root)
         self.tars = tars
 
     def _records(self) -> Iterator[ImageRecord]:
+        top, root_is_dir = _fs_path(self.root), _is_dir(self.root)
         for tar in self.tars:
-            rel = os.path.relpath(tar, self.root) if self.root.is_dir() else tar.name
+            rel = os.path.relpath(_fs_path(tar), top) if root_is_dir else os.path.basename(_fs_path(tar))
             for key, members in _tar_groups(tar):
                 image = next(((name, off, size) for name, off, size, _ in members if _is_image_name(name)), None)
                 if image is None:
@@ -314,10 +424,10 @@ class TarSource(ImageSource):
         return "no image members in the tars"
 
 
-def _tar_groups(tar: Path) -> Iterator[tuple[str, list[tuple[str, int, int, bytes | None]]]]:
+def _tar_groups(tar: Path | str) -> Iterator[tuple[str, list[tuple[str, int, int, bytes | None]]]]:
     """Stream a tar: ``(key, [(name, offset, size, text bytes or None)])`` per run of same-key members."""
     try:
-        with tarfile.open(tar, mode="r|") as tf:
+        with open_location(tar) as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
             key, group = None, []
             for member in tf:
                 tf.members = []  # stream mode keeps every TarInfo otherwise
@@ -359,15 +469,20 @@ def _tar_captions(texts: dict[str, bytes]) -> tuple[tuple[str, ...], str | None]
 
 def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: str | None = None,
                 caption_column: str | None = None) -> ImageSource:
-    """Open an image source from a path (or a ``*.tar`` glob).
+    """Open an image source from a path, an fsspec URL (``s3://...``, see the module doc), or a
+    ``*.tar`` glob of either.
 
     ``kind``: ``auto`` (a ``.csv``/``.parquet`` file, or a folder holding ``captions.csv`` or
     another of ``MANIFEST_NAMES``, is a manifest; a ``.tar`` file, a glob, or a folder with
-    ``.tar`` files at its top level is webdataset; any other folder is a folder of images), or one of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`.
+    ``.tar`` files at its top level is webdataset; any other folder is a folder of images), or one
+    of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`
+    (:class:`FilesystemNotInstalledError` when a URL's protocol needs a package that is missing).
     """
     text = os.fspath(spec)
     if kind not in ("auto", "folder", "manifest", "webdataset"):
         raise SourceError(f"unknown source kind {kind!r}: use auto, folder, manifest or webdataset")
+    if is_url(text):
+        return _open_url(text, kind, image_column, caption_column)
     if glob.has_magic(text):
         tars = [Path(p) for p in sorted(glob.glob(text)) if p.endswith(".tar")]
         if not tars:
@@ -377,20 +492,48 @@ def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: st
     if not path.exists():
         raise SourceError(f"image source {path} does not exist")
     if path.is_file():
-        suffix = path.suffix.lower()
-        if kind in ("auto", "webdataset") and suffix == ".tar":
-            return TarSource(path, [path])
-        if kind in ("auto", "manifest") and suffix in (".csv", ".parquet", ".pq"):
-            return ManifestSource(path, image_column, caption_column)
-        raise SourceError(f"{path} is not a folder, a .csv/.parquet manifest or a .tar shard")
+        return _open_file(path, kind, image_column, caption_column)
     manifest = find_manifest(path) if kind in ("auto", "manifest") else None
+    tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+    return _open_folder(path, kind, manifest, tars, image_column, caption_column)
+
+
+def _open_url(url: str, kind: str, image_column: str | None, caption_column: str | None) -> ImageSource:
+    """:func:`open_source` of an fsspec URL: the same rules, listed through its filesystem."""
+    fs, path = url_fs(url)
+    if glob.has_magic(path):
+        tars = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
+        if not tars:
+            raise SourceError(f"no .tar files match {url}")
+        return TarSource(url.rsplit("/", 1)[0], tars)
+    if not fs.exists(path):
+        raise SourceError(f"image source {url} does not exist")
+    if fs.isfile(path):
+        return _open_file(url, kind, image_column, caption_column)
+    url, path = url.rstrip("/"), path.rstrip("/")
+    manifest = next((f"{url}/{n}" for n in MANIFEST_NAMES if fs.isfile(f"{path}/{n}")), None) \
+        if kind in ("auto", "manifest") else None
+    tars = [fs.unstrip_protocol(p) for p in sorted(fs.ls(path, detail=False)) if p.endswith(".tar") and fs.isfile(p)]
+    return _open_folder(url, kind, manifest, tars, image_column, caption_column)
+
+
+def _open_file(location: Path | str, kind: str, image_column: str | None, caption_column: str | None) -> ImageSource:
+    suffix = _suffix(location)
+    if kind in ("auto", "webdataset") and suffix == ".tar":
+        return TarSource(location, [location])
+    if kind in ("auto", "manifest") and suffix in (".csv", ".parquet", ".pq"):
+        return ManifestSource(location, image_column, caption_column)
+    raise SourceError(f"{location} is not a folder, a .csv/.parquet manifest or a .tar shard")
+
+
+def _open_folder(root: Path | str, kind: str, manifest: Path | str | None, tars: list, image_column: str | None,
+                 caption_column: str | None) -> ImageSource:
     if manifest is not None:  # a dataset folder: its captions.csv (or ...) lists the images
         return ManifestSource(manifest, image_column, caption_column)
     if kind == "manifest":
-        raise SourceError(f"{path} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
-    tars = sorted(p for p in path.iterdir() if p.suffix == ".tar" and p.is_file())
+        raise SourceError(f"{root} is a folder without a manifest ({', '.join(MANIFEST_NAMES)})")
     if kind == "webdataset" or (kind == "auto" and tars):
         if not tars:
-            raise SourceError(f"no .tar files in {path}")
-        return TarSource(path, tars)
-    return FolderSource(path)
+            raise SourceError(f"no .tar files in {root}")
+        return TarSource(root, tars)
+    return FolderSource(root)

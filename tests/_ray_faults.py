@@ -12,6 +12,8 @@ import os
 import time
 
 def install() -> None:
+    if not (os.environ.get("VLSEARCH_TEST_DECODE_DELAY") or os.environ.get("VLSEARCH_TEST_CRASH_MARKER")):
+        return  # no fault asked: import nothing (indexing.decode imports torch, ~3 s in every worker)
     from indexing import decode
 
     original = decode.load_image

@@ -59,8 +59,9 @@ def _config(checkpoint: Path, **kw) -> EmbedConfig:
                           "shard_size": 3, "device": "cpu", "threads": 1, **kw})
 
 
-def _assert_same_collection(got: Collection, want: Collection) -> None:
-    """Same ids, paths, metadata, captions and failures; embeddings equal within fp16 rounding."""
+def _assert_same_collection(got: Collection, want: Collection, source_path: str | None = None) -> None:
+    """Same ids, paths, metadata, captions and failures; embeddings equal within fp16 rounding
+    (and the same source description, but for its ``path`` when ``source_path`` is given)."""
     assert got.shard_numbers() == want.shard_numbers()
     a, b = got.read_table(), want.read_table()
     assert a.schema == b.schema
@@ -74,39 +75,42 @@ def _assert_same_collection(got: Collection, want: Collection) -> None:
     assert got.read_table("captions", ["image_id", "caption"]).equals(want.read_table("captions", ["image_id", "caption"]))
     assert got.failures().equals(want.failures())
     assert got.manifest.counts == want.manifest.counts and got.manifest.complete
-    assert got.model == want.model and got.manifest.source == want.manifest.source
+    assert got.model == want.model
+    assert got.manifest.source == {**want.manifest.source, **({"path": source_path} if source_path else {})}
 
 
-def test_embed_matches_the_local_engine(ray_address, tmp_path, tiny_checkpoint, tiny_encoder):
+def test_embed_matches_the_local_engine_even_with_a_worker_killed_mid_shard(ray_address, tmp_path, tiny_checkpoint,
+                                                                           tiny_encoder):
+    """One job checks both (each Ray Data job and actor costs seconds of imports): the Ray engine,
+    reading through fsspec, writes the local engine's collection, though an actor dies mid-shard
+    (``os._exit``, like a lost node) and its shard is redone: no lost and no duplicated ids."""
     from indexing.ray_engine import RayConfig, embed_ray
 
     src = _manifest_source(tmp_path / "src", 10)
-    calls = []
-    got = embed_ray(src, tmp_path / "ray", _config(tiny_checkpoint), RayConfig(actors=2),
-                    progress=lambda done, total=None, **kw: calls.append((done, total, kw["failures"])))
-    want = embed(src, tmp_path / "local", _config(tiny_checkpoint), encoder=tiny_encoder)
-    _assert_same_collection(got, want)
-    assert want.manifest.counts["failures"] == 1 and want.manifest.counts["shards"] == 4
-    assert calls and calls[-1] == (10, 10, 1)  # one progress feed, fed from the actors
-    assert embed_ray(src, tmp_path / "ray", _config(tiny_checkpoint)).manifest.complete  # complete: a no-op
-    with pytest.raises(CollectionMismatchError):
-        embed_ray(_folder(tmp_path / "other", 2), tmp_path / "ray", _config(tiny_checkpoint))
-
-
-def test_a_worker_killed_mid_shard_is_retried_without_lost_or_duplicated_ids(ray_address, tmp_path,
-                                                                              tiny_checkpoint, tiny_encoder):
-    from indexing.ray_engine import RayConfig, embed_ray
-
-    src = _folder(tmp_path / "src", 12)
-    marker = tmp_path / "crashed"
+    url = f"file://{src}"  # the actors read the images through fsspec, as from s3:// on a cluster
+    marker = tmp_path / "crashed"  # 4 shards (3, 3, 3, 1 images) on 2 actors: one decodes >= 6 images
     env = {"VLSEARCH_TEST_CRASH_MARKER": str(marker), "VLSEARCH_TEST_CRASH_AFTER": "4"}
-    got = embed_ray(src, tmp_path / "ray", _config(tiny_checkpoint),
-                    RayConfig(actors=1, runtime_env={"env_vars": env}))
+    calls = []
+    got = embed_ray(url, tmp_path / "ray", _config(tiny_checkpoint), RayConfig(actors=2, runtime_env={"env_vars": env}),
+                    progress=lambda done, total=None, **kw: calls.append((done, total, kw["failures"])))
     assert marker.exists(), "the fault was not injected: the test would prove nothing"
     want = embed(src, tmp_path / "local", _config(tiny_checkpoint), encoder=tiny_encoder)
-    _assert_same_collection(got, want)
+    _assert_same_collection(got, want, source_path=url)
+    assert want.manifest.counts["failures"] == 1 and want.manifest.counts["shards"] == 4
     ids = got.read_table(columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 9
+    assert calls and calls[-1] == (10, 10, 1)  # one progress feed, fed from the actors (the retry overwrote its shard)
+
+    again = embed_ray(url, tmp_path / "ray", _config(tiny_checkpoint))  # complete: synced, nothing changed
+    assert again.manifest.version == got.manifest.version
+    (src.parent / "img" / "10.jpg").write_bytes(_jpeg(10))
+    with open(src, "a") as f:
+        f.write("img/10.jpg,new caption,10,s1\n")
+    synced = embed_ray(url, tmp_path / "ray", _config(tiny_checkpoint))  # one new image: a new version
+    assert synced.manifest.counts["images"] == got.manifest.counts["images"] + 1
+    assert synced.manifest.version == got.manifest.version + 1
+    with pytest.raises(CollectionMismatchError):
+        embed_ray(_folder(tmp_path / "other", 2), tmp_path / "ray", _config(tiny_checkpoint))
 
 
 def test_a_killed_driver_is_resumed_by_a_rerun(ray_address, tmp_path, tiny_checkpoint, tiny_encoder):
@@ -166,6 +170,42 @@ def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_dis
                                                                            "versions", got["ivfdata"]])
     queries = x[::97] + 0.01
     _same_top10(Searcher.open(ray_built.path, mmap=on_disk), Searcher.open(local.path), queries)
+    if on_disk:
+        _updates_follow_the_on_disk_index(local, ray_built, ids, queries)
+
+
+def _updates_follow_the_on_disk_index(local: Collection, ray_built: Collection, ids: np.ndarray,
+                                      queries: np.ndarray) -> None:
+    """Removing and adding rows (what `vlsearch index`'s sync does) updates an on-disk index by
+    copy on write: version N+1 gets its own .ivfdata, version N's stays for its readers until GC."""
+    from test_build import clustered
+
+    from vlsearch.collection import embedding_array
+    from vlsearch.search import Searcher
+
+    first = Collection.open(ray_built.path).manifest.index["ivfdata"]
+    before = Searcher.open(ray_built.path, mmap=True)  # a reader of version N during the update
+    new = clustered(300, seed=5)
+    new_ids = np.arange(300, dtype=np.int64) * 7 + 3  # never one of the build's ids (x 7 + 1000)
+    removed = ids[::40]
+    for coll in (local, ray_built):
+        with coll.update() as update:
+            update.remove(removed)
+            update.add(pa.table({"id": new_ids, "path": [f"new/{i}.jpg" for i in new_ids],
+                                 "embedding": embedding_array(new)}))
+    entry = Collection.open(ray_built.path).manifest.index
+    assert entry["ivfdata"] != first and entry["layout"] == "ondisk" and entry["ntotal"] == 4000 - 100 + 300
+    assert (ray_built.path / first).exists()
+    probe = np.concatenate([queries, new[::30] + 0.01])
+    got = Searcher.open(ray_built.path, mmap=True)
+    _same_top10(got, Searcher.open(local.path), probe)
+    assert not np.isin(got.knn(probe, 20)[1], removed).any()
+    assert before.knn(queries, 10)[1].shape == (len(queries), 10)  # version N still answers
+    with ray_built.update() as update:  # one more version: version N's lists are collected
+        update.remove(new_ids[:5])
+    assert not (ray_built.path / first).exists()
+    assert sorted(p.name for p in ray_built.path.glob("*.ivfdata")) == sorted(
+        {entry["ivfdata"], Collection.open(ray_built.path).manifest.index["ivfdata"]})
 
 
 def test_merge_refuses_overlapping_ids_and_foreign_quantizers():

@@ -350,7 +350,7 @@ class Collection:
                 keep.add(self.path / TOMBSTONES_DIR / m.tombstones)
             entry = m.index or {}
             keep.add(self.path / (entry.get("file") or INDEX_FILE))
-            keep.update(self.path / entry[f] for f in ("refine_file", "refine_ids_file") if entry.get(f))
+            keep.update(self.path / entry[f] for f in ("refine_file", "refine_ids_file", "ivfdata") if entry.get(f))
         return keep
 
     def collect_garbage(self) -> list[Path]:
@@ -363,7 +363,7 @@ class Collection:
         candidates = [p for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR, TOMBSTONES_DIR, VERSIONS_DIR)
                       if (self.path / kind).is_dir() for p in (self.path / kind).iterdir()]
         candidates += [p for p in self.path.iterdir()
-                       if p.suffix == ".faiss" or p.name.endswith(".tmp") or p.name.startswith("vectors-")]
+                       if p.suffix in (".faiss", ".ivfdata") or p.name.endswith(".tmp") or p.name.startswith("vectors-")]
         for p in candidates:
             if p.is_file() and p not in keep:
                 p.unlink()

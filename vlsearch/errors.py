@@ -27,6 +27,11 @@ class SourceError(VlsearchError):
     """An image source is missing, empty or malformed."""
 
 
+class FilesystemNotInstalledError(SourceError, ImportError):
+    """A source URL names an fsspec protocol whose package is not installed (e.g. ``s3://`` without
+    ``s3fs``); the message says what to ``pip install``."""
+
+
 class DecodeError(VlsearchError):
     """One image could not be decoded; ``kind`` names the reason (e.g. 'truncated', 'bomb')."""
 

@@ -57,6 +57,30 @@ def write_index(index: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def copy_ondisk_lists(index: Any, ivfdata: str | os.PathLike) -> None:
+    """Give an index read with (read-only) on-disk inverted lists a writable copy of them in a new
+    ``ivfdata`` file, copied list by list (never all in RAM), so ids can be removed and vectors
+    added while the old file stays intact for readers of the previous version. Write the index
+    beside ``ivfdata`` afterwards: readers find it by name.
+
+    Not ``OnDiskInvertedLists.merge_from_multiple``: in faiss 1.15 it leaves the whole file on
+    the free-slot list, so a later add overwrites other lists' codes."""
+    import faiss
+
+    ivf = find_ivf(index)
+    old = ivf.invlists
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+    for list_no in range(ivf.nlist):
+        n = old.list_size(list_no)
+        if n:
+            ids, codes = old.get_ids(list_no), old.get_codes(list_no)
+            lists.add_entries(list_no, n, ids, codes)
+            old.release_ids(list_no, ids)
+            old.release_codes(list_no, codes)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+
+
 def load_index(collection: Collection | str | os.PathLike, mmap: bool = False) -> Any:
     """Read the collection's FAISS index after checking that ``manifest["index"]`` matches it.
 

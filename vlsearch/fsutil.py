@@ -42,6 +42,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def fsync_file(path: str | os.PathLike) -> int:
+    """fsync a file written in place (e.g. through a shared memory map); returns its size."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+        return os.fstat(fh.fileno()).st_size
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

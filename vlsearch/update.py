@@ -48,9 +48,9 @@ from .collection import (
     version_name,
 )
 from .errors import CollectionError, InvalidQueryError
-from .faiss_index import load_index, supports_ids, write_index
+from .faiss_index import copy_ondisk_lists, load_index, supports_ids, write_index
+from .fsutil import atomic_path, fsync_file
 from .ondisk import new_vectors_stem, vectors_writer
-from .fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,10 @@ def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, add
         return None
 
     index = load_index(base)
+    ondisk: dict[str, Any] = {}
+    if entry.get("layout") == "ondisk":  # copy on write: version N's lists stay intact for its readers
+        ondisk["ivfdata"] = f"index-{version_name(version, '.ivfdata')}"
+        copy_ondisk_lists(index, base.path / ondisk["ivfdata"])
     dead_entries = int(entry.get("dead_entries", 0))
     vectors = np.concatenate(added_vectors) if added_vectors else np.zeros((0, base.dim), np.float32)
     if not supports_ids(index):  # ids were 0..N-1, stored by position: re-add into an IDMap2
@@ -222,8 +226,12 @@ def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, add
             index.add_with_ids(np.ascontiguousarray(vectors), added_ids)
     name = f"index-{version_name(version, '.faiss')}"
     write_index(index, base.path / name)
-    built = int(entry.get("built_ntotal") or entry.get("ntotal") or index.ntotal)
-    return {**entry, **_disk_refine_rows(base, staged, entry), "file": name, "ntotal": int(index.ntotal), "dead_entries": dead_entries,
+    ntotal = int(index.ntotal)
+    if ondisk:
+        del index  # unmaps the lists
+        ondisk["ivfdata_bytes"] = fsync_file(base.path / ondisk["ivfdata"])
+    built = int(entry.get("built_ntotal") or entry.get("ntotal") or ntotal)
+    return {**entry, **_disk_refine_rows(base, staged, entry), **ondisk, "file": name, "ntotal": ntotal, "dead_entries": dead_entries,
             "built_ntotal": built, "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
 

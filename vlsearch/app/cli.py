@@ -285,7 +285,7 @@ def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, e
     src = options.open_source(source)
     ray_config = engine.ray_config()
     path = Path(collection_dir)
-    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete and ray_config is None:
+    if (path / MANIFEST).is_file() and Collection.open(path).manifest.complete:  # synced here, whatever the engine
         _sync_and_report(src, path, options.config(), options.dry_run)
         return True
     if options.dry_run:
