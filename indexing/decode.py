@@ -18,7 +18,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlsearch.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
 from vlsearch.images import MAX_PIXELS, open_image, original_size
 
-from .sources import ImageRecord, is_url, read_record
+from .sources import ImageRecord, content_hash, file_stat, is_url, read_record
 
 #: Seconds one image may take to read + decode + preprocess before it is given up.
 DEFAULT_TIMEOUT = 30.0
@@ -114,20 +114,24 @@ class DecodedBatch:
 
     ``ok[i]`` is the position (in the record list given to :func:`decode_batches`) of
     ``pixels[i]``, whose upright original size is ``sizes[i]``; ``failures`` holds
-    ``(position, kind, message)``.
+    ``(position, kind, message)``. ``files[i]``: ``(file_stat, content_hash)`` of ``ok[i]``'s
+    file, computed in the worker that decoded it (the page cache still holds the bytes), so the
+    encoding process does not read and hash every file again (``indexing.embed.file_columns``).
     """
 
     pixels: torch.Tensor
     ok: list[int]
     sizes: list[tuple[int, int]]
     failures: list[tuple[int, str, str]]
+    files: list[tuple[tuple[int, int] | None, str | None]] = field(default_factory=list)
 
     def pin_memory(self) -> "DecodedBatch":  # called by DataLoader(pin_memory=True)
         return replace(self, pixels=self.pixels.pin_memory())
 
 
 class RecordDataset(Dataset):
-    """Map-style dataset over records: item ``i`` is ``(i, pixels or None, size or None, failure or None)``."""
+    """Map-style dataset over records: item ``i`` is ``(i, pixels or None, size or None, failure or None,
+    (file_stat, content_hash) or None)``."""
 
     def __init__(self, records: Sequence[ImageRecord], transform: Callable[[Any], torch.Tensor], *,
                  draft_size: int | None, timeout: float | None, max_pixels: int):
@@ -142,9 +146,10 @@ class RecordDataset(Dataset):
         try:
             pixels, size = decode_record(self.records[i], self.transform, draft_size=self.draft_size,
                                          timeout=self.timeout, max_pixels=self.max_pixels)
-            return i, pixels, size, None
         except DecodeError as exc:
-            return i, None, None, (exc.kind, exc.message)
+            return i, None, None, (exc.kind, exc.message), None
+        record = self.records[i]
+        return i, pixels, size, None, (file_stat(record), content_hash(record))
 
 
 def collate(items: list[tuple]) -> DecodedBatch:
@@ -152,7 +157,7 @@ def collate(items: list[tuple]) -> DecodedBatch:
     good = [it for it in items if it[3] is None]
     pixels = torch.stack([it[1] for it in good]) if good else torch.empty(0)
     return DecodedBatch(pixels, [it[0] for it in good], [it[2] for it in good],
-                        [(it[0], *it[3]) for it in items if it[3] is not None])
+                        [(it[0], *it[3]) for it in items if it[3] is not None], [it[4] for it in good])
 
 
 def _mp_context():

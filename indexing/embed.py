@@ -261,6 +261,7 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
                  config: EmbedConfig, stats: ShardStats, progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
     ok: list[int] = []
     sizes: list[tuple[int, int]] = []
+    files: list[tuple[tuple[int, int] | None, str | None]] = []
     vectors: list[np.ndarray] = []
     cap_ids: list[int] = []
     cap_texts: list[str] = []
@@ -276,6 +277,7 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
                 cap_texts += [t for _, t in texts]
         ok += batch.ok
         sizes += batch.sizes
+        files += batch.files
         for i, kind, message in batch.failures:
             log.info("refused %s: %s: %s", chunk[i].path, kind, message)
         failed += batch.failures
@@ -283,7 +285,7 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
         stats.failures += len(batch.failures)
         stats.report(progress)
     dim = encoder.dim
-    images = _image_table([chunk[i] for i in ok], sizes, _stack(vectors, dim), schema)
+    images = _image_table([chunk[i] for i in ok], sizes, _stack(vectors, dim), schema, files)
     captions = pa.table({"image_id": pa.array(cap_ids, pa.int64()), "caption": pa.array(cap_texts, pa.string()),
                          "embedding": embedding_array(_stack(cap_vectors, dim))})
     failures = pa.table({"path": pa.array([chunk[i].path for i, _, _ in failed], pa.string()),
@@ -305,24 +307,27 @@ def image_schema(dim: int, metadata: pa.Schema = pa.schema([])) -> pa.Schema:
                       ("record_hash", pa.string()), ("embedding", embedding_type(dim))])
 
 
-def file_columns(records: list[ImageRecord]) -> dict[str, list[Any]]:
-    """The file columns of ``records``: size, mtime, content hash and record hash of each."""
-    stats = [file_stat(r) for r in records]
-    return {"file_size": [None if s is None else s[0] for s in stats],
-            "file_mtime_ns": [None if s is None else s[1] for s in stats],
-            "content_hash": [content_hash(r) for r in records],
+def file_columns(records: list[ImageRecord],
+                 files: list[tuple[tuple[int, int] | None, str | None]] | None = None) -> dict[str, list[Any]]:
+    """The file columns of ``records``: size, mtime, content hash and record hash of each.
+    ``files``: ``(file_stat, content_hash)`` per record when the decode workers computed them."""
+    if not files or len(files) != len(records):
+        files = [(file_stat(r), content_hash(r)) for r in records]
+    return {"file_size": [None if s is None else s[0] for s, _ in files],
+            "file_mtime_ns": [None if s is None else s[1] for s, _ in files],
+            "content_hash": [h for _, h in files],
             "record_hash": [record_hash(r) for r in records]}
 
 
 def _image_table(records: list[ImageRecord], sizes: list[tuple[int, int]], vectors: np.ndarray,
-                 schema: pa.Schema) -> pa.Table:
+                 schema: pa.Schema, files: list | None = None) -> pa.Table:
     columns: dict[str, Any] = {
         "id": [r.id for r in records],
         "path": [r.path for r in records],
         "width": [w for w, _ in sizes],
         "height": [h for _, h in sizes],
         "captions": [list(r.captions) for r in records],
-        **file_columns(records),
+        **file_columns(records, files),
     }
     arrays = []
     for field in schema:

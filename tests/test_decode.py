@@ -18,7 +18,7 @@ from PIL import Image
 from indexing import decode
 from indexing.decode import decode_batches, decode_record
 from indexing.embed import EmbedConfig, embed
-from indexing.sources import ImageRecord, open_source
+from indexing.sources import ImageRecord, content_hash, file_stat, open_source
 from vlsearch.errors import DecodeError, DecodeHangError
 
 
@@ -213,3 +213,15 @@ def test_decode_batches_keeps_order_and_failures(tmp_path):
     assert [b.ok for b in batches] == [[1, 2], [4, 5], []]
     assert [[i for i, _, _ in b.failures] for b in batches] == [[0], [3], [6]]
     assert batches[0].pixels.shape == (2, 3, 2, 2) and batches[0].sizes == [(24, 16)] * 2
+
+
+def test_decode_workers_return_each_decoded_files_stat_and_hash(tmp_path):
+    """The encoding process gets (file_stat, content_hash) from the workers instead of re-reading files."""
+    recs = []
+    for i in range(5):
+        (tmp_path / f"{i}.jpg").write_bytes(_save(_rgb(), "JPEG") if i != 2 else b"broken")
+        recs.append(ImageRecord(i, f"{i}.jpg", str(tmp_path / f"{i}.jpg")))
+    batches = list(decode_batches(recs, lambda img: torch.ones(3, 2, 2), batch_size=3, workers=1))
+    assert [b.ok for b in batches] == [[0, 1], [3, 4]]
+    for b in batches:
+        assert b.files == [(file_stat(recs[i]), content_hash(recs[i])) for i in b.ok]

@@ -205,3 +205,21 @@ def test_kill_9_of_a_real_embed_process_then_resume(tmp_path, tiny_checkpoint, t
 def test_cli_reports_bad_source_clearly(tmp_path):
     result = CliRunner().invoke(app, ["embed", str(tmp_path / "nope"), str(tmp_path / "c")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_file_columns_come_from_the_decode_workers(tmp_path, tiny_encoder, monkeypatch, workers):
+    """embed stores the workers' stat + content hash; the encoding process hashes no file itself."""
+    from indexing.sources import content_hash, open_source
+
+    folder = _folder(tmp_path / "img", 6)
+    expected = {r.path: content_hash(r) for r in open_source(folder)}
+
+    def no_hashing_here(record):
+        raise AssertionError("the encoding process re-hashed a file")
+
+    monkeypatch.setattr(embed_module, "content_hash", no_hashing_here)
+    coll = embed(folder, tmp_path / "c", _config(workers=workers), encoder=tiny_encoder)
+    rows = coll.read_table("images", ["path", "content_hash", "file_size"]).to_pylist()
+    assert {r["path"]: r["content_hash"] for r in rows} == expected
+    assert all(r["file_size"] == (folder / r["path"]).stat().st_size for r in rows)
