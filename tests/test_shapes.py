@@ -139,3 +139,33 @@ def test_parse_attributes_reads_back_every_caption_phrasing():
             assert found == dict(zip(("shape", "color", "size", "position"), spec.attributes)), spec.caption(t)
     assert parse_attributes("a purple cross") == {"shape": "cross", "color": "purple"}
     assert parse_attributes("a red or blue thing at the top") == {"position": "top"}  # ambiguous colour dropped
+
+
+def test_partial_captions_only_for_training_pictures(tmp_path):
+    """Training pictures get ``partial_captions`` extra, shorter captions (colour and shape, some of
+    size and place, what the picture shows); the held-out split keeps full captions only."""
+    from vlsearch.shapes import PARTIAL_TEMPLATES, parse_attributes
+
+    config = ShapesConfig(n_train=30, n_heldout=10, captions_per_image=2, partial_captions=2, seed=4)
+    ds = generate_shapes(tmp_path, config)
+    plain = generate_shapes(tmp_path / "plain", ShapesConfig(n_train=30, n_heldout=10, captions_per_image=2, seed=4))
+    attrs = read_attributes(ds.split_dir("train"))
+    by_image: dict[str, list[str]] = {}
+    for row in _rows(ds.train_manifest):
+        by_image.setdefault(row["image"], []).append(row["caption"])
+    full = {}
+    for row in _rows(plain.train_manifest):
+        full.setdefault(row["image"], []).append(row["caption"])
+    kinds = set()
+    for rel, captions in by_image.items():
+        assert len(captions) == 4 and captions[:2] == full[rel]  # the full captions first, unchanged
+        for cap in captions[2:]:
+            found = parse_attributes(cap)
+            assert found["color"] == attrs[rel]["color"] and found["shape"] == attrs[rel]["shape"]
+            assert all(attrs[rel][k] == v for k, v in found.items())
+            assert len(found) < 4  # it leaves something out
+            kinds.add(frozenset(found))
+    assert len(kinds) >= 3  # the partial phrasings vary
+    assert _rows(ds.heldout_manifest) == _rows(plain.heldout_manifest)
+    with pytest.raises(ValueError, match="partial_captions"):
+        ShapesConfig(partial_captions=len(PARTIAL_TEMPLATES) + 1)

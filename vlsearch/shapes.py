@@ -2,14 +2,15 @@
 
 Each picture holds one shape with four visible attributes — kind, colour, size and position on a
 3x3 grid — drawn on a noisy, low-saturation background, and is described by captions such as
-"a small red circle at the top left". Everything is deterministic by seed and needs no network
+"a small red circle at the top left" (training pictures optionally also get shorter ones such as
+"a red circle"). Everything is deterministic by seed and needs no network
 or data, so the demo, the tests and the trainer have a dataset whose answers are known.
 
 Layout written by :func:`generate_shapes` (each split is a "captioned folder" in the same format
 as the Flickr8k splits: ``captions.csv`` with columns ``image,caption``, paths relative to it)::
 
     out/
-      train/captions.csv     image,caption (``captions_per_image`` rows per image)
+      train/captions.csv     image,caption (``captions_per_image`` + ``partial_captions`` rows per image)
       train/attributes.csv   image,shape,color,size,position,x,y,radius,angle
       train/images/000000.png
       heldout/...            the same, for the held-out split
@@ -65,6 +66,16 @@ TEMPLATES: tuple[str, ...] = (
     "a {color} {shape}, {size}, {where}",
     "a picture of a {size} {shape} in {color} {where}",
 )
+#: Shorter descriptions that name the shape and its colour and leave out the size and/or the place,
+#: as people describing a picture often do. Training pictures get ``partial_captions`` of them
+#: besides their full captions: they teach a model that colour and shape are what the pictures
+#: are about, while position and size refine. The held-out split keeps full captions only.
+PARTIAL_TEMPLATES: tuple[str, ...] = (
+    "a {color} {shape}",
+    "a {size} {color} {shape}",
+    "a {color} {shape} {where}",
+    "a {shape} in {color}",
+)
 SPLITS = ("train", "heldout")
 CAPTIONS_FILE = "captions.csv"
 ATTRIBUTES_FILE = "attributes.csv"
@@ -87,9 +98,10 @@ class ShapeSpec:
     def attributes(self) -> tuple[str, str, str, str]:
         return (self.shape, self.color, self.size, self.position)
 
-    def caption(self, template: int = 0) -> str:
-        """The caption of this picture in phrasing ``template`` (an index into ``TEMPLATES``)."""
-        return TEMPLATES[template].format(
+    def caption(self, template: int = 0, partial: bool = False) -> str:
+        """The caption of this picture in phrasing ``template``: an index into ``TEMPLATES``, or
+        into ``PARTIAL_TEMPLATES`` when ``partial``."""
+        return (PARTIAL_TEMPLATES if partial else TEMPLATES)[template].format(
             size=self.size, color=self.color, shape=self.shape, where=_POSITION_PHRASES[self.position]
         )
 
@@ -102,6 +114,8 @@ class ShapesConfig:
     n_heldout: int = 500
     image_size: int = 64
     captions_per_image: int = 2
+    #: Extra captions per *training* picture from ``PARTIAL_TEMPLATES`` (seeded choice, after its full ones).
+    partial_captions: int = 0
     seed: int = 0
     image_format: str = "png"
 
@@ -112,6 +126,8 @@ class ShapesConfig:
             raise ValueError(f"image_size must be >= 32 pixels, not {self.image_size}")
         if not 1 <= self.captions_per_image <= len(TEMPLATES):
             raise ValueError(f"captions_per_image must be in 1..{len(TEMPLATES)}")
+        if not 0 <= self.partial_captions <= len(PARTIAL_TEMPLATES):
+            raise ValueError(f"partial_captions must be in 0..{len(PARTIAL_TEMPLATES)}")
         if self.image_format not in ("png", "jpg"):
             raise ValueError(f"image_format must be png or jpg, not {self.image_format!r}")
 
@@ -251,6 +267,15 @@ def caption_templates(split: str, index: int, seed: int, k: int) -> list[int]:
     return [0, *[int(t) for t in others[: k - 1]]]
 
 
+def split_captions(spec: ShapeSpec, split: str, index: int, config: ShapesConfig) -> list[str]:
+    """Picture ``index``'s captions: its full ones, then (training split) ``partial_captions`` partial ones."""
+    captions = [spec.caption(t) for t in caption_templates(split, index, config.seed, config.captions_per_image)]
+    if split == "train" and config.partial_captions:
+        partial = _image_rng(config.seed, split, index, 3).permutation(len(PARTIAL_TEMPLATES))
+        captions += [spec.caption(int(t), partial=True) for t in partial[: config.partial_captions]]
+    return captions
+
+
 def generate_shapes(
     out_dir: str | Path,
     config: ShapesConfig = ShapesConfig(),
@@ -273,7 +298,7 @@ def generate_shapes(
             image = render(spec, config.image_size, _image_rng(config.seed, split, i, 1))
             rel = f"images/{i:06d}.{config.image_format}"
             _save_image(image, split_dir / rel, config.image_format)
-            rows += [(rel, spec.caption(t)) for t in caption_templates(split, i, config.seed, config.captions_per_image)]
+            rows += [(rel, caption) for caption in split_captions(spec, split, i, config)]
             attrs.append({"image": rel, "shape": spec.shape, "color": spec.color, "size": spec.size,
                           "position": spec.position, "x": round(spec.x, 2), "y": round(spec.y, 2),
                           "radius": round(spec.radius, 2), "angle": round(spec.angle, 2)})

@@ -106,7 +106,7 @@ def _check_split(visual: nn.Module, frozen: nn.Module, rest: nn.Module, size: in
 @torch.no_grad()
 def precompute_views(frozen: nn.Module, memory: MemoryImages, size: int, mean: Sequence[float],
                      std: Sequence[float], views: int, augment: Optional[AugmentConfig], seed: int,
-                     flip_ok: Optional[torch.Tensor] = None, batch_size: int = 128,
+                     flip_ok: Optional[torch.Tensor] = None, batch_size: int = 32,
                      device: torch.device | str = "cpu",
                      progress: Optional[Callable[..., None]] = None) -> torch.Tensor:
     """``frozen`` over every image of ``memory``: (N, views, *feature shape) fp16 on CPU.
@@ -116,8 +116,12 @@ def precompute_views(frozen: nn.Module, memory: MemoryImages, size: int, mean: S
     ``progress(done, total, stage="image features")`` after each batch."""
     if views > 1 and augment is None:
         raise TrainingError("image_views > 1 needs augmentation (augment is None)")
+    from .encoder import prefers_channels_last
+
     n = memory.pixels.shape[0]
     frozen.eval()
+    layout = torch.channels_last if prefers_channels_last(frozen, device) else torch.contiguous_format
+    frozen.to(memory_format=layout)
     out: Optional[torch.Tensor] = None
     total, done = n * views, 0
     for view in range(views):
@@ -131,7 +135,7 @@ def precompute_views(frozen: nn.Module, memory: MemoryImages, size: int, mean: S
                 if augment.hflip and flip_ok is not None:
                     flip = (torch.rand(len(pixels), generator=gen) < augment.hflip) & flip_ok[start : start + batch_size]
                 x = augment_batch(pixels, size, augment, mean, std, gen, flip)
-            feats = frozen(x.to(device)).to("cpu", torch.float16)
+            feats = frozen(x.to(device, memory_format=layout)).to("cpu", torch.float16)
             if out is None:
                 out = torch.zeros((n, views, *feats.shape[1:]), dtype=torch.float16)
             out[start : start + len(pixels), view] = feats

@@ -486,7 +486,7 @@ class _StageBars:
 @handle_errors
 def demo_cmd(
     out: str = typer.Option("vlsearch-demo", "--out", "-o", help="Output folder (new, empty, or an earlier demo's)."),
-    size: Optional[int] = typer.Option(None, "--size", "-n", min=8, help="Generated training pictures [default: 2000]."),
+    size: Optional[int] = typer.Option(None, "--size", "-n", min=8, help="Generated training pictures [default: 600 for vlsearch-small, 2000 for vlsearch-tiny]."),
     data: Optional[str] = typer.Option(None, "--data", help="Index this captioned folder or CSV/Parquet manifest "
                                        "with vlsearch-small instead of generating and training."),
     heldout: Optional[int] = typer.Option(None, "--heldout", min=16,

@@ -68,6 +68,9 @@ PHOTO_TEXT_QUERIES: tuple[str, ...] = (
 )
 #: Demo training epochs: the tiny model from scratch; vlsearch-small's head on cached features (cheap).
 TINY_EPOCHS, SMALL_LIT_EPOCHS = 10, 30
+#: Demo training pictures: the tiny model learns its whole image tower from them; vlsearch-small's
+#: head fits on 600 (more cost feature extraction time and, at the same steps, gave no better hits).
+TINY_SIZE, SMALL_LIT_SIZE = 2000, 600
 #: The attributes of a generated picture, as named in ``attributes.csv``.
 ATTRIBUTES = ("color", "size", "shape", "position")
 
@@ -76,7 +79,8 @@ ATTRIBUTES = ("color", "size", "shape", "position")
 class DemoConfig:
     """Knobs of the demo. The defaults finish in a few minutes on 2 CPU cores."""
 
-    size: int = 2000  #: training pictures generated (the held-out split is ``heldout``)
+    #: Training pictures generated (None: the fitted model's demo default, TINY_SIZE or SMALL_LIT_SIZE).
+    size: Optional[int] = None
     heldout: int = 500  #: held-out pictures: the collection that is indexed, searched and benchmarked
     seed: int = 0
     #: Training epochs (None: the model's demo default, TINY_EPOCHS or SMALL_LIT_EPOCHS).
@@ -87,6 +91,10 @@ class DemoConfig:
     #: Train-time augmentation (crops move shapes across grid cells and change their size, which
     #: captions name; off, the tiny model learns faster in the demo's few steps).
     augment: bool = False
+    #: Shorter captions per training picture ("a red circle", ``vlsearch.shapes.PARTIAL_TEMPLATES``)
+    #: besides its full ones: with full captions only, a fitted model weighs the place and size of a
+    #: shape as much as its colour and kind, and most hits of "a red circle" are other shapes.
+    partial_captions: int = 4
     #: Index factory for the collection; None picks IVF-PQ sized to the collection (see :func:`indexing.plan.demo_index_type`).
     index_type: Optional[str] = None
     k: int = 8  #: hits shown per query
@@ -105,12 +113,13 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.size >= 8, "size must be >= 8 training pictures"),
+            (self.size is None or self.size >= 8, "size must be >= 8 training pictures"),
             (self.heldout >= 16, "heldout must be >= 16 pictures"),
             (self.epochs is None or self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
             (self.k >= 1, "k must be >= 1"),
             (self.n_image_queries >= 0, "n_image_queries must be >= 0"),
+            (self.partial_captions >= 0, "partial_captions must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -221,14 +230,19 @@ def _fresh_out_dir(out: Path) -> Path:
 
 # ---- stages --------------------------------------------------------------------------------
 
-def _shapes_train_config(config: DemoConfig) -> Any:
-    """vlsearch-small fitted LiT-style (locked, precomputed towers; the image head trains) when it
-    can load, else vlsearch-tiny from scratch."""
+def _shapes_model(config: DemoConfig) -> str:
+    """The model fitted to the shapes: ``config.shapes_model``, else vlsearch-small when it can load, else vlsearch-tiny."""
     from vlsearch.models import TINY_MODEL, small_model_available
+
+    return config.shapes_model or (SMALL_MODEL if small_model_available() else TINY_MODEL)
+
+
+def _shapes_train_config(config: DemoConfig, model: str) -> Any:
+    """vlsearch-small fitted LiT-style (locked, precomputed towers; the image head trains), or
+    vlsearch-tiny from scratch. ``config.size`` is set."""
     from vlsearch.train_config import TrainConfig
     from vlsearch.train_images import AugmentConfig
 
-    model = config.shapes_model or (SMALL_MODEL if small_model_available() else TINY_MODEL)
     common = dict(model=model, batch_size=min(config.batch_size, config.size), val_fraction=0.0, checkpoint_every=0,
                   augment=AugmentConfig() if config.augment else None, seed=config.seed, workers=config.workers,
                   threads=config.threads)
@@ -241,16 +255,21 @@ def _shapes_train_config(config: DemoConfig) -> Any:
 def _prepare_shapes(out: Path, config: DemoConfig, stages: _Stages) -> dict[str, Any]:
     from vlsearch.train import train
 
-    shapes = ShapesConfig(n_train=config.size, n_heldout=config.heldout, seed=config.seed)
+    model = _shapes_model(config)
+    if config.size is None:
+        config = replace(config, size=SMALL_LIT_SIZE if model == SMALL_MODEL else TINY_SIZE)
+    shapes = ShapesConfig(n_train=config.size, n_heldout=config.heldout, seed=config.seed,
+                          partial_captions=config.partial_captions)
     dataset = stages.run("generate", generate_shapes, out / "data", shapes)
-    tconfig = _shapes_train_config(config)
+    tconfig = _shapes_train_config(config, model)
     result = stages.run("train", train, dataset.train_manifest, out / "model", tconfig)
     return {
         "mode": "shapes",
         "source": dataset.heldout_manifest,
         "model": (tconfig.model, str(result.checkpoint)),
         "dataset": {"train_manifest": str(dataset.train_manifest), "heldout_manifest": str(dataset.heldout_manifest),
-                    "counts": dataset.counts, "captions_per_image": shapes.captions_per_image},
+                    "counts": dataset.counts, "captions_per_image": shapes.captions_per_image,
+                    "partial_captions": shapes.partial_captions},
         "training": {"checkpoint": str(result.checkpoint), "steps": result.steps, "epochs": result.epochs,
                      "seconds": round(result.seconds, 2), "first_loss": result.losses[0] if result.losses else None,
                      "last_loss": result.losses[-1] if result.losses else None},
