@@ -233,3 +233,22 @@ def test_stored_features_round_trip_and_are_required_when_asked(rr_collection, t
     auto = Searcher.open(dest, encoder=tiny_encoder, reranker=other)
     auto.search_text("a cat", k=5, exact=True, rerank=10)
     assert auto.rerank_features.stored_shards == 0
+
+
+def test_server_search_takes_rerank_for_text_queries(rr_collection, tiny_encoder):
+    from fastapi.testclient import TestClient
+
+    from vlsearch.app.serve import ServeConfig, create_app
+
+    path, _, rr = rr_collection
+    searcher = Searcher.open(path, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+    expected = searcher.search_text("a cat", k=4, exact=True, rerank=12)
+    with TestClient(create_app({"c": searcher}, ServeConfig(log_level="warning"))) as http:
+        body = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True, "rerank": 12}).json()
+        assert [int(h["id"]) for h in body["hits"]] == [h.id for h in expected]
+        assert [h["first_stage_score"] for h in body["hits"]] == pytest.approx([h.first_stage_score for h in expected])
+        plain = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True}).json()
+        assert all(h["first_stage_score"] is None for h in plain["hits"])
+        for bad in ({"rerank": 3}, {"rerank": -1}, {"rerank": 12, "vector": [0.1] * 64, "text": None}):
+            r = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True, **bad})
+            assert r.status_code in (400, 422) and "rerank" in r.text

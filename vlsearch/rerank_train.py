@@ -351,3 +351,19 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def provenance(result: RerankTrainResult, out: str | os.PathLike, data: str | os.PathLike, command: str,
+               git_commit: str | None, machine: str | None = None) -> dict[str, Any]:
+    """The JSON written beside a trained re-ranker: what it is for, data (path relative to the
+    re-ranker file's project root when inside it), command, seed, commit, config, validation metrics."""
+    rr, out = result.reranker, Path(out)
+    size = out.stat().st_size if out.is_file() else None
+    return {"file": out.name, "bytes": size, "dtype": "float16", "towers": rr.towers,
+            "model_pretrained_when_trained": rr.info.get("model_pretrained"), "weight": rr.weight,
+            "grid": rr.grid, "tokens_per_image": rr.tokens, "width": rr.width, "digest": rr.digest,
+            "data": os.path.relpath(Path(data).absolute()), "data_relative_to": "the directory the command ran in",
+            "command": command, "seed": rr.info.get("config", {}).get("seed"), "git_commit": git_commit,
+            "machine": machine, "config": rr.info.get("config"), "metrics": result.metrics,
+            "split": "validation images are a seeded fraction of the training manifest's images; the weight "
+                     "was tuned on them, never on a test split"}
