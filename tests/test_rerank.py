@@ -138,13 +138,16 @@ def rr_collection(tmp_path_factory, tiny_encoder):
     coll = Collection.create(root / "coll", Manifest(model=tiny_encoder.info, shard_size=16,
                                                      source={"type": "folder", "path": str(src)}))
     ids = np.arange(N_IMAGES, dtype=np.int64) * 7 + 3
+    captions = [f"picture {i} of shade {i % 4}" for i in range(N_IMAGES)]
+    cap_vecs = tiny_encoder.encode_texts(captions)
     for s, start in enumerate(range(0, N_IMAGES, 16)):
         sl = slice(start, start + 16)
         coll.write_shard(s, pa.table({
             "id": ids[sl], "path": names[sl], "width": pa.array(np.full(len(ids[sl]), 48, np.int32)),
             "height": pa.array(np.full(len(ids[sl]), 48, np.int32)),
-            "captions": pa.array([[n] for n in names[sl]], type=pa.list_(pa.string())),
-            "embedding": embedding_array(vectors[sl])}))
+            "captions": pa.array([[c] for c in captions[sl]], type=pa.list_(pa.string())),
+            "embedding": embedding_array(vectors[sl])}),
+            captions=pa.table({"image_id": ids[sl], "caption": captions[sl], "embedding": embedding_array(cap_vecs[sl])}))
     coll.update_manifest(counts={"images": N_IMAGES, "captions": 0, "failures": 0, "shards": 2}, complete=True)
     torch.manual_seed(0)
     rr = Reranker(FusionITM(TINY_FUSION), tower_identity("vlsearch-tiny"), 0.5)
@@ -252,3 +255,26 @@ def test_server_search_takes_rerank_for_text_queries(rr_collection, tiny_encoder
         for bad in ({"rerank": 3}, {"rerank": -1}, {"rerank": 12, "vector": [0.1] * 64, "text": None}):
             r = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True, **bad})
             assert r.status_code in (400, 422) and "rerank" in r.text
+
+
+def test_bench_reports_metrics_with_and_without_rerank_from_one_run(rr_collection, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+    from vlsearch.bench import BenchConfig, format_table, run_benchmark
+
+    path, _, rr = rr_collection
+    file = rr.save(tmp_path / "rr.pt")
+    result = run_benchmark(path, BenchConfig(ks=(1, 5, 10), nprobes=(1,), latency_queries=3, rerank=10,
+                                             reranker=str(file)))
+    exact, reranked = result["exact"]["t2i"], result["rerank"]["t2i"]
+    assert result["rerank"]["k"] == 10 and result["rerank"]["latency_ms"]["n"] == 3
+    assert reranked["R@10"] == exact["R@10"]  # re-ranking the top 10 keeps its set
+    assert reranked["n_queries"] == exact["n_queries"] == N_IMAGES
+    assert "exact+rerank@10" in format_table(result)
+    with pytest.raises(ValueError, match="rerank"):
+        BenchConfig(ks=(1, 5, 10), rerank=5)
+    out = CliRunner().invoke(app, ["bench", str(path), "--k", "1,5", "--rerank", "8", "--reranker", str(file),
+                                   "--latency-queries", "2"])
+    assert out.exit_code == 0, out.output
+    assert "exact+rerank@8" in out.output

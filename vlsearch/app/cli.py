@@ -213,13 +213,19 @@ def bench_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (needs matplotlib)."),
     latency_queries: int = typer.Option(1000, "--latency-queries", min=0, help="Single queries timed for p50/p99."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
+    rerank: int = typer.Option(0, "--rerank", min=0, help="Also report t2i with the exact top K re-ranked (0 = off)."),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
 ) -> None:
     """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
     from vlsearch.bench import BenchConfig, format_table, plot_results, run_benchmark
     from vlsearch.fsutil import write_json
 
-    config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
-                         latency_queries=latency_queries, max_queries=max_queries)
+    try:
+        config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
+                             latency_queries=latency_queries, max_queries=max_queries, rerank=rerank,
+                             reranker=reranker)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     with TqdmProgress("bench", unit="setting") as progress:
         result = run_benchmark(collection_dir, config, progress=progress)
     typer.echo(format_table(result))
