@@ -83,6 +83,19 @@ def test_hard_negatives_never_pick_the_positive():
     assert (picks[:, [0, 1, 3]] == 2).float().mean() > 0.95
 
 
+def test_hard_epochs_batch_neighbourhoods_of_similar_images():
+    from vlsearch.rerank_train import _neighbourhood_order
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((6, 16))
+    emb = np.repeat(centres, 4, axis=0) + 0.01 * rng.standard_normal((24, 16))  # 6 tight clusters of 4
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    order = rng.permutation(24)
+    images, caps = _neighbourhood_order(emb, order, order * 10, group=4, batch_size=8)
+    assert sorted(images.tolist()) == list(range(24)) and (caps == images * 10).all()
+    assert all(len(set(images[g: g + 4] // 4)) == 1 for g in range(0, 24, 4))  # each group is one cluster
+
+
 def test_rerank_ranks_and_weight_tuning():
     sim = np.array([[0.9, 0.8, 0.1], [0.5, 0.7, 0.6]], np.float32)
     top = np.array([[0, 1, 2], [1, 2, 0]])

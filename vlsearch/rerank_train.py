@@ -132,6 +132,9 @@ class RerankTrainConfig:
     weight_decay: float = 0.05
     warmup: float = 0.1  #: fraction of steps of linear warm-up (then cosine decay)
     temperature: float = 0.05  #: of the dual encoder's similarities when sampling hard negatives
+    #: hard epochs build each batch from neighbourhoods of this many images (similar under the
+    #: dual encoder), so in-batch hard negatives resemble the top-K a re-ranker sees; 0: random batches
+    group_size: int = 8
     val_fraction: float = 0.1
     tune_k: tuple[int, ...] = (10, 20, 50)  #: re-rank depths the weight is tuned for (mean R@1)
     weights: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -188,6 +191,8 @@ def train_itm(feats: PairFeatures, config: RerankTrainConfig, progress: Optional
     for epoch in range(config.epochs):
         model.train()
         order, caps = epoch_order(np.arange(len(pairs.images)), pairs, config.seed, epoch)
+        if epoch >= config.random_epochs and config.group_size > 1:
+            order, caps = _neighbourhood_order(feats.image_emb, order, caps, config.group_size, config.batch_size)
         for start in range(0, len(order), config.batch_size):
             imgs, cap = order[start: start + config.batch_size], caps[start: start + config.batch_size]
             if len(imgs) < 2:
@@ -198,6 +203,36 @@ def train_itm(feats: PairFeatures, config: RerankTrainConfig, progress: Optional
             if progress is not None:
                 progress(step, total, stage="train", loss=round(loss, 4), epoch=epoch + 1)
     return model.eval()
+
+
+def _neighbourhood_order(image_emb: np.ndarray, order: np.ndarray, caps: np.ndarray, group: int,
+                         batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder an epoch (images ``order``, their ``caps``) into groups of ``group`` mutually similar
+    images: each group is a seed (in ``order``'s random order) and its nearest not yet used
+    images; groups are then shuffled into batches (deterministic given ``order``)."""
+    n = len(order)
+    emb = image_emb[order]
+    used = np.zeros(n, bool)
+    groups = []
+    for seed in range(n):
+        if used[seed]:
+            continue
+        sim = emb @ emb[seed]
+        sim[used] = -np.inf
+        members = np.argsort(-sim, kind="stable")[:group]
+        members = members[np.isfinite(sim[members])]
+        used[members] = True
+        groups.append(members)
+    rng = np.random.default_rng(int(order[0]) if n else 0)
+    picked = np.concatenate([groups[g] for g in rng.permutation(len(groups))]) if groups else np.zeros(0, np.int64)
+    return order[picked], caps[picked]
+
+
+def first_captions(feats: PairFeatures) -> PairFeatures:
+    """``feats`` with only the first caption of each image (a cheaper validation query set)."""
+    first = np.flatnonzero(np.r_[True, np.diff(feats.caption_image) != 0])
+    return PairFeatures(feats.image_tokens, feats.image_emb, feats.text_states[first], feats.text_mask[first],
+                        feats.text_emb[first], feats.caption_image[first])
 
 
 def _pairs_of(feats: PairFeatures) -> PairData:
@@ -326,7 +361,7 @@ def train_reranker(encoder: Any, data: str | os.PathLike, config: RerankTrainCon
     model = train_itm(feats.subset(train_idx), config, progress)
     t_train = time.perf_counter() - t0 - t_feats
     reranker = Reranker(model, tower_identity(encoder.name), 0.0, _grid(config))
-    val = feats.subset(val_idx)
+    val = first_captions(feats.subset(val_idx))
     sim, top, itm = candidate_itm(reranker, val, max(config.tune_k))
     reranker.weight, table = tune_weight(sim, top, itm, val.caption_image, config.tune_k, config.weights)
     metrics = {"val": rerank_metrics(sim, top, itm, val.caption_image, config.tune_k, reranker.weight),

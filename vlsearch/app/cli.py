@@ -408,6 +408,8 @@ def train_rerank_cmd(
     random_epochs: int = typer.Option(1, "--random-epochs", min=0, help="First epochs with random negatives."),
     batch_size: int = typer.Option(128, "--batch-size", min=2),
     lr: float = typer.Option(3e-4, "--lr"),
+    group_size: int = typer.Option(8, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
+                                   "similar images (0: random batches)."),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache the towers' features here (.npz)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
@@ -425,7 +427,7 @@ def train_rerank_cmd(
 
         set_process_threads(threads)
     config = RerankTrainConfig(epochs=epochs, random_epochs=min(random_epochs, epochs), batch_size=batch_size,
-                               lr=lr, seed=seed)
+                               lr=lr, group_size=group_size, seed=seed)
     encoder = load_model(model, pretrained, device="cpu", precision="fp32")
     bars = _StageBars()
     try:
