@@ -174,9 +174,11 @@ class Searcher:
         depth = check_rerank_k(rerank, _check_k(k))
         if not depth:
             return self._search(self.embed_texts(texts), single, k, nprobe, exact, k_factor, where)
-        scores, ids = self.knn(self.embed_texts(texts), k=depth, nprobe=nprobe, exact=exact, k_factor=k_factor,
-                               where=where)
-        results = self.hits(*self.rerank(texts, scores, ids, k))
+        from .rerank import text_tokens
+
+        states, mask, vectors = text_tokens(self.encoder, texts, with_embeddings=True)  # one text-tower pass
+        scores, ids = self.knn(vectors, k=depth, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
+        results = self.hits(*self.rerank(texts, scores, ids, k, tokens=(states, mask)))
         return results[0] if single else results
 
     # ---- re-ranking ------------------------------------------------------------------------
@@ -209,14 +211,15 @@ class Searcher:
                         self.row_locator.locate, self.metadata_reader.rows, self.rerank_features_mode)
         return self._rerank_features
 
-    def rerank(self, texts: Sequence[str], scores: np.ndarray, ids: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rerank(self, texts: Sequence[str], scores: np.ndarray, ids: np.ndarray, k: int,
+               tokens: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Re-score each query's candidates ``(scores, ids)`` (Q, K) with the re-ranker; returns the
-        best ``k`` as ``(final scores, ids, first-stage scores)`` (Q, k), id -1 in empty slots."""
+        best ``k`` as ``(final scores, ids, first-stage scores)`` (Q, k), id -1 in empty slots.
+        ``tokens``: the texts' ``text_tokens`` (states, mask) when already computed."""
         from .rerank import text_tokens
 
         reranker, features = self.reranker, self.rerank_features
-        states, mask = text_tokens(self.encoder, list(texts))
+        states, mask = tokens if tokens is not None else text_tokens(self.encoder, list(texts))
         out = (np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64),
                np.full((len(ids), k), -np.inf, np.float32))
         for q in range(len(ids)):
