@@ -199,6 +199,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100, help="queries timed per setting")
     ap.add_argument("--cache-dir", default=str(ROOT / "bench-data" / "rr"), help="frozen-tower feature cache")
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
+    ap.add_argument("--part", choices=("all", "quality", "cost"), default="all",
+                    help="run only part of it (each fits a 10-minute slot of a shared machine); the parts are "
+                         "merged in bench-data/rerank/bench_rerank.json and RESULTS.md is written once both exist")
     args = ap.parse_args()
 
     import torch
@@ -214,21 +217,31 @@ def main() -> None:
     pairs = read_pairs(TEST)
     feats = extract_features(encoder, pairs, reranker.grid, cache_dir=args.cache_dir)
     file = Path(args.reranker) if args.reranker else builtin_reranker_path(encoder.name)
-    fig = {"machine": machine(), "command": command_line(), "reranker": str(file.relative_to(ROOT) if
-           file.resolve().is_relative_to(ROOT) else file), "reranker_bytes": file.stat().st_size,
-           "towers": reranker.towers, "weight": reranker.weight}
-    fig["quality"] = quality(reranker, feats)
-    print(json.dumps(fig["quality"], indent=1), flush=True)
-    fig["word_order"] = word_order(encoder, reranker, feats, pairs.captions, probe_pairs(pairs.captions, feats.caption_image))
-    print(json.dumps(fig["word_order"], indent=1), flush=True)
-    fig["cost"] = cost(ensure_collection(encoder, reranker), encoder, reranker, pairs.captions, args.queries)
-    print(json.dumps(fig["cost"], indent=1), flush=True)
+    saved = OUT / "bench_rerank.json"
+    fig = json.loads(saved.read_text()) if saved.is_file() and args.part != "all" else {}
+    if fig.get("digest") not in (None, reranker.digest):
+        fig = {}  # figures of another re-ranker: start again
+    fig.update({"machine": machine(), "reranker": str(file.resolve().relative_to(ROOT) if
+                file.resolve().is_relative_to(ROOT) else file), "reranker_bytes": file.stat().st_size,
+                "towers": reranker.towers, "weight": reranker.weight, "digest": reranker.digest})
+    fig.setdefault("commands", {})[args.part] = command_line()
+    if args.part in ("all", "quality"):
+        fig["quality"] = quality(reranker, feats)
+        print(json.dumps(fig["quality"], indent=1), flush=True)
+        fig["word_order"] = word_order(encoder, reranker, feats, pairs.captions,
+                                       probe_pairs(pairs.captions, feats.caption_image))
+        print(json.dumps(fig["word_order"], indent=1), flush=True)
+    if args.part in ("all", "cost"):
+        fig["cost"] = cost(ensure_collection(encoder, reranker), encoder, reranker, pairs.captions, args.queries)
+        print(json.dumps(fig["cost"], indent=1), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench_rerank.json").write_text(json.dumps(fig, indent=1))
-    text = report(fig)
-    print(text)
-    if not args.no_write:
-        write_section("rerank", text)
+    saved.write_text(json.dumps(fig, indent=1))
+    if "quality" in fig and "cost" in fig:
+        fig["command"] = " ; ".join(fig["commands"].values())
+        text = report(fig)
+        print(text)
+        if not args.no_write:
+            write_section("rerank", text)
 
 
 if __name__ == "__main__":

@@ -137,11 +137,12 @@ class FusionConfig:
     layers: int = 2
     image_tokens: int = GRID * GRID
     dropout: float = 0.1
+    pool: str = "mean"  #: what the match head reads: "mean" (masked mean of the text positions) or "cls"
 
 
 class FusionITM(nn.Module):
     """Text token states (queries) cross-attend to projected image tokens (keys/values); a 2-way
-    match head reads the first ([CLS]) text position.
+    match head reads the masked mean of the text positions (or the first, [CLS], position).
 
     Each block is a pre-norm ``nn.TransformerDecoderLayer``: text self-attention, cross-attention
     to the image tokens, FFN, each with a residual connection and LayerNorm.
@@ -168,7 +169,10 @@ class FusionITM(nn.Module):
         """Match logits ``(B, 2)`` for ``(B, T, text_dim)`` states and ``(B, N, width)`` keys/values."""
         x = self.text_proj(text_states)
         x = self.blocks(x, image_kv, tgt_key_padding_mask=~text_mask.bool())
-        return self.head(x[:, 0])
+        if self.config.pool == "cls":
+            return self.head(x[:, 0])
+        m = text_mask.to(x.dtype).unsqueeze(-1)
+        return self.head((x * m).sum(1) / m.sum(1).clamp_min(1))
 
 
 def match_logit(logits: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ from .rerank import GRID, FusionConfig, FusionITM, Reranker, image_tokens, match
 from .train_data import PairData, epoch_order, read_pairs, split_images
 
 __all__ = ["PairFeatures", "RerankTrainConfig", "RerankTrainResult", "extract_features", "train_itm",
-           "tune_weight", "rerank_metrics", "train_reranker", "hard_negatives"]
+           "tune_weight", "rerank_metrics", "rerank_ranks", "rank_metrics", "candidate_itm", "first_captions",
+           "train_reranker", "hard_negatives", "provenance"]
 
 
 @dataclass
@@ -125,10 +126,10 @@ class RerankTrainConfig:
     """How a re-ranker is trained: fusion shape, ALBEF ITM schedule, validation and tuning."""
 
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    epochs: int = 8  #: passes over the training images (one caption of each image per pass)
+    epochs: int = 10  #: passes over the training images (one caption of each image per pass)
     random_epochs: int = 1  #: first epochs with uniform negatives (curriculum), then hard ones
     batch_size: int = 128
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: float = 0.1  #: fraction of steps of linear warm-up (then cosine decay)
     temperature: float = 0.05  #: of the dual encoder's similarities when sampling hard negatives

@@ -404,10 +404,10 @@ def train_rerank_cmd(
                             "it as .json."),
     model: str = typer.Option("vlsearch-small", "--model", "-m", help="Model whose frozen towers feed the re-ranker."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its weights (default: built-in)."),
-    epochs: int = typer.Option(8, "--epochs", min=1, help="Passes over the training images."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training images."),
     random_epochs: int = typer.Option(1, "--random-epochs", min=0, help="First epochs with random negatives."),
     batch_size: int = typer.Option(128, "--batch-size", min=2),
-    lr: float = typer.Option(3e-4, "--lr"),
+    lr: float = typer.Option(1e-3, "--lr"),
     group_size: int = typer.Option(8, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
                                    "similar images (0: random batches)."),
     seed: int = typer.Option(0, "--seed"),
