@@ -291,3 +291,35 @@ def test_bench_reports_metrics_with_and_without_rerank_from_one_run(rr_collectio
                                    "--latency-queries", "2"])
     assert out.exit_code == 0, out.output
     assert "exact+rerank@8" in out.output
+
+
+def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_checkpoint, monkeypatch):
+    import dataclasses
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+
+    path, _, rr = rr_collection
+    dest = tmp_path / "coll"
+    shutil.copytree(path, dest)
+    coll = Collection.open(dest)  # the CLI loads the collection's model by name and pretrained: the tiny checkpoint
+    coll.update_manifest(model=dataclasses.replace(coll.model, pretrained=str(tiny_checkpoint)))
+    file = str(rr.save(tmp_path / "rr.pt"))
+    runner = CliRunner()
+    out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "10", "--reranker", file,
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    hits = [json.loads(line) for line in out.output.strip().splitlines()]
+    assert len(hits) == 3 and all("first_stage_score" in h for h in hits)
+    out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "2", "--reranker", file])
+    assert out.exit_code != 0 and "rerank" in out.output
+    out = runner.invoke(app, ["rerank-features", str(dest), "--reranker", file, "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert f"{2 * 25 * 32} bytes per image" in out.output
+    out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "10", "--reranker", file,
+                              "--rerank-features", "stored", "--json"])
+    assert out.exit_code == 0, out.output
+    assert [json.loads(line)["id"] for line in out.output.strip().splitlines()] == [h["id"] for h in hits]
