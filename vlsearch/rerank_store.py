@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .collection import IMAGES_DIR, Collection, shard_name, shard_number
+from .collection import IMAGES_DIR, Collection, shard_number
 from .errors import DecodeError, RerankFeaturesError, RerankerMismatchError
 from .fsutil import atomic_path, write_json
 from .progress import Progress

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from .errors import TrainingError
 from .progress import Progress
-from .rerank import GRID, FusionConfig, FusionITM, Reranker, image_tokens, match_logit, text_tokens, tower_identity
+from .rerank import GRID, FusionConfig, FusionITM, Reranker, image_tokens, text_tokens, tower_identity
 from .train_data import PairData, epoch_order, read_pairs, split_images
 
 __all__ = ["PairFeatures", "RerankTrainConfig", "RerankTrainResult", "extract_features", "train_itm",
