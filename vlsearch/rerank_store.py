@@ -68,12 +68,17 @@ def _ids_sha1(ids: np.ndarray) -> str:
 
 
 def image_file(source: dict[str, Any], rel: str) -> str:
-    """The file of a record's ``path`` under the collection's source (folder or manifest source)."""
+    """The file of a record's ``path`` under the collection's source (folder or manifest source);
+    a path that resolves outside the source root is refused."""
     kind, root = source.get("type"), source.get("path")
     if kind not in ("folder", "manifest") or not root or not rel:
         raise RerankFeaturesError(
             f"the collection's source ({kind or 'unknown'}) gives no image files to recompute re-rank features from")
-    return os.path.join(root if kind == "folder" else os.path.dirname(root), rel)
+    base = os.path.realpath(root if kind == "folder" else os.path.dirname(root))
+    path = os.path.realpath(os.path.join(base, rel))
+    if os.path.commonpath([path, base]) != base:
+        raise RerankFeaturesError(f"image {rel!r} lies outside the collection's source {base}")
+    return path
 
 
 def store_rerank_features(collection: Collection, reranker: Reranker, encoder: Any, batch_size: int = 64,
