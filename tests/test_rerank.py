@@ -219,6 +219,16 @@ def test_a_reranker_for_another_model_is_refused(rr_collection, tiny_encoder, tm
         s.search_text("a cat", k=5, exact=True, rerank=10)
 
 
+def test_recomputed_features_read_only_files_inside_the_source(tmp_path):
+    from vlsearch.rerank_store import image_file
+
+    assert image_file({"type": "folder", "path": str(tmp_path)}, "a/b.jpg") == str((tmp_path / "a/b.jpg").resolve())
+    with pytest.raises(RerankFeaturesError, match="outside"):
+        image_file({"type": "folder", "path": str(tmp_path)}, "../elsewhere.jpg")
+    with pytest.raises(RerankFeaturesError, match="webdataset"):
+        image_file({"type": "webdataset", "path": str(tmp_path)}, "x.tar/0001.jpg")
+
+
 def test_stored_features_round_trip_and_are_required_when_asked(rr_collection, tiny_encoder, tmp_path):
     import shutil
 
@@ -323,3 +333,23 @@ def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_che
                               "--rerank-features", "stored", "--json"])
     assert out.exit_code == 0, out.output
     assert [json.loads(line)["id"] for line in out.output.strip().splitlines()] == [h["id"] for h in hits]
+
+
+def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenance():
+    import json
+
+    from vlsearch.rerank import builtin_reranker_path
+
+    path = builtin_reranker_path("vlsearch-small")
+    rr = load_reranker("vlsearch-small")  # offline: the file is in the package
+    assert rr.towers == tower_identity("vlsearch-small")
+    assert rr.towers["image_tower"] == "tf_efficientnet_lite0"
+    assert 0 <= rr.weight <= 1 and rr.tokens == 25
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["bytes"] == path.stat().st_size and info["dtype"] == "float16" and info["weight"] == rr.weight
+    assert info["digest"] == rr.digest and info["seed"] == 0 and info["data"] == "../shared/data/flickr8k-train"
+    assert info["command"].startswith("vlsearch train-rerank") and info["git_commit"]
+    assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["state_dict"].values()
+               if v.is_floating_point())
+    with pytest.raises(RerankerMismatchError):
+        rr.check_model("vlsearch-tiny")
