@@ -405,10 +405,10 @@ def train_rerank_cmd(
     model: str = typer.Option("vlsearch-small", "--model", "-m", help="Model whose frozen towers feed the re-ranker."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its weights (default: built-in)."),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training images."),
-    random_epochs: int = typer.Option(1, "--random-epochs", min=0, help="First epochs with random negatives."),
+    random_epochs: int = typer.Option(2, "--random-epochs", min=0, help="First epochs with random negatives."),
     batch_size: int = typer.Option(128, "--batch-size", min=2),
-    lr: float = typer.Option(1e-3, "--lr"),
-    group_size: int = typer.Option(8, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
+    lr: float = typer.Option(5e-4, "--lr"),
+    group_size: int = typer.Option(0, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
                                    "similar images (0: random batches)."),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache the towers' features here (.npz)."),
