@@ -61,6 +61,10 @@ class BenchConfig:
     latency_queries: int = 1000
     max_queries: int | None = None
     seed: int = 0
+    #: re-rank depth K (0: off): also report t2i metrics with the top K re-scored by the
+    #: collection model's re-ranker (``Searcher.search_text(rerank=K)``), from the same run
+    rerank: int = 0
+    reranker: str | None = None  #: re-ranker file (None: the one shipped for the collection's model)
 
     def __post_init__(self) -> None:
         if not self.ks or any(int(k) < 1 for k in self.ks):
@@ -71,6 +75,8 @@ class BenchConfig:
             raise ValueError(f"latency_queries must be >= 0, got {self.latency_queries}")
         if self.max_queries is not None and self.max_queries < 1:
             raise ValueError(f"max_queries must be positive, got {self.max_queries}")
+        if self.rerank and self.rerank < max(self.ks):
+            raise ValueError(f"rerank={self.rerank} must be 0 or at least the largest K ({max(self.ks)})")
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ def run_benchmark(
     }
     if progress is not None:
         progress(1, total, stage="exact")
+    if config.rerank:
+        result["rerank"] = _rerank_row(coll, data, text_q, latency_q, config, ks)
     if not nprobes:
         notes.append("no index: exact search only (build an index to benchmark ANN search)")
         return result
@@ -169,6 +177,33 @@ def _ann_row(searcher: Any, nprobe: int | None, queries: np.ndarray, latency_q: 
         "ann_recall": {"k": k, "recall": ann_recall(ann_ids, exact_ids, k)},
         **timing,
     }
+
+
+def _rerank_row(coll: Collection, data: _Data, text_q: np.ndarray, latency_q: np.ndarray, config: BenchConfig,
+                ks: tuple[int, ...]) -> dict[str, Any]:
+    """t2i metrics after re-ranking the exact top ``depth`` of each caption, and ms per query
+    (re-ranking only: text token states + candidate features + ITM; not the first stage)."""
+    from .search import Searcher
+
+    texts = coll.read_table(CAPTIONS_DIR, ["caption"]).column("caption").to_pylist()
+    depth = config.rerank
+    searcher = Searcher.open(coll.path, reranker=config.reranker)
+    scores, ids = exact_search(data.captions[text_q], data.images, depth, ids=data.image_ids)
+    out = np.empty((len(text_q), depth), np.int64)
+    for start in range(0, len(text_q), 64):
+        part = slice(start, start + 64)
+        out[part] = searcher.rerank([texts[i] for i in text_q[part]], scores[part], ids[part], depth)[1]
+    lat = []
+    for i in latency_q:
+        t0 = time.perf_counter()
+        searcher.rerank([texts[text_q[i]]], scores[i:i + 1], ids[i:i + 1], depth)
+        lat.append((time.perf_counter() - t0) * 1e3)
+    ranks = ranks_from_ids(out, data.image_ids[data.text_image[text_q]])
+    return {"k": depth, "t2i": _depth_limited(metrics_from_ranks(ranks, ks, depth=max(ks))),
+            "features": f"{searcher.rerank_features.stored_shards} stored shard(s), the rest recomputed",
+            "weight": searcher.reranker.weight,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat else None,
+                           "p99": float(np.percentile(lat, 99)) if lat else None, "n": len(lat)}}
 
 
 def _depth_limited(m: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +321,9 @@ def benchmark_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ex = result["exact"]
     row("exact", None, "t2i", ex["t2i"], 1.0, ex)
     row("exact", None, "i2t", ex["i2t"], None, None)
+    if result.get("rerank"):
+        rr = result["rerank"]
+        row(f"exact+rerank@{rr['k']}", None, "t2i", rr["t2i"], None, rr)
     for a in result["ann"]:
         row("ann", a["nprobe"], "t2i", a["t2i"], a["ann_recall"]["recall"], a)
     return head, rows

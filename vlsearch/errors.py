@@ -107,3 +107,15 @@ class DistributedError(VlsearchError):
 
 class PrecisionError(VlsearchError, ValueError):
     """An unknown inference precision, or one the device cannot run (int8 on CUDA)."""
+
+
+class RerankerNotFoundError(VlsearchError, LookupError):
+    """No re-ranker for this model (none ships and none was given), or the file is not one."""
+
+
+class RerankerMismatchError(VlsearchError):
+    """A re-ranker, or re-rank features stored in a collection, made for another model or re-ranker."""
+
+
+class RerankFeaturesError(VlsearchError):
+    """A candidate's re-rank features are neither stored in the collection nor recomputable."""

@@ -22,7 +22,8 @@ NOT_METADATA = ("id", "path", "captions", "embedding", *FILE_COLUMNS)
 class Hit:
     """One search result. ``rank`` starts at 1; ``score`` is the cosine similarity to the query;
     ``caption`` is the image's first caption (None if it has none); ``metadata`` holds width,
-    height and any extra columns of the image shard."""
+    height and any extra columns of the image shard. With re-ranking (``rerank=K``), ``score`` is the
+    re-rank score and ``first_stage_score`` the first stage's cosine (else None)."""
 
     id: int
     score: float
@@ -30,13 +31,17 @@ class Hit:
     path: str
     caption: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    first_stage_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path,
-                "caption": self.caption, "metadata": dict(self.metadata)}
+        out = {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path,
+               "caption": self.caption, "metadata": dict(self.metadata)}
+        if self.first_stage_score is not None:
+            out["first_stage_score"] = self.first_stage_score
+        return out
 
 
-_RESERVED = ("query", "rank", "id", "score", "path", "caption")
+_RESERVED = ("query", "rank", "id", "score", "path", "caption", "first_stage_score")
 
 
 def _rows(batch: Sequence[Sequence[Hit]], with_query: bool) -> list[dict[str, Any]]:
@@ -45,6 +50,8 @@ def _rows(batch: Sequence[Sequence[Hit]], with_query: bool) -> list[dict[str, An
         for h in hits:
             row: dict[str, Any] = {"query": q} if with_query else {}
             row.update(rank=h.rank, id=h.id, score=h.score, path=h.path, caption=h.caption)
+            if h.first_stage_score is not None:
+                row["first_stage_score"] = h.first_stage_score
             for key, value in h.metadata.items():
                 row[f"metadata.{key}" if key in _RESERVED else key] = value
             rows.append(row)
@@ -53,9 +60,9 @@ def _rows(batch: Sequence[Sequence[Hit]], with_query: bool) -> list[dict[str, An
 
 def _to_arrow(batch: Sequence[Sequence[Hit]], with_query: bool) -> pa.Table:
     types = {"query": pa.int64(), "rank": pa.int32(), "id": pa.int64(), "score": pa.float32(),
-             "path": pa.string(), "caption": pa.string()}
+             "path": pa.string(), "caption": pa.string(), "first_stage_score": pa.float32()}
     rows = _rows(batch, with_query)
-    names = list(types) if with_query else list(types)[1:]
+    names = list(types)[:-1] if with_query else list(types)[1:-1]
     for row in rows:  # metadata columns: union over all rows, in first-seen order
         names += [n for n in row if n not in names]
     return pa.table({n: pa.array([r.get(n) for r in rows], type=types.get(n)) for n in names})
@@ -103,9 +110,10 @@ def hits_to_json_lines(hits: Sequence[Hit]) -> str:
     return "\n".join(json.dumps(h.to_dict(), default=str, ensure_ascii=False) for h in hits)
 
 
-def make_hit(record: dict[str, Any], hit_id: int, score: float, rank: int) -> Hit:
+def make_hit(record: dict[str, Any], hit_id: int, score: float, rank: int,
+             first_stage_score: float | None = None) -> Hit:
     """A Hit from a shard record (path, captions, metadata columns)."""
     captions = record.get("captions") or []
     meta = {key: value for key, value in record.items() if key not in NOT_METADATA}
     return Hit(id=hit_id, score=score, rank=rank, path=record.get("path"), caption=captions[0] if captions else None,
-               metadata=meta)
+               metadata=meta, first_stage_score=first_stage_score)

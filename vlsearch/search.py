@@ -47,6 +47,7 @@ from .errors import (
 from .exact import DEFAULT_CHUNK_SIZE, exact_search
 from .faiss_index import find_ivf, is_l2, load_index, search_parameters, stored_nprobe
 from .ondisk import DEFAULT_K_FACTOR, DiskRefine
+from .rerank import check_rerank_k
 from .results import Hit, Hits, Results, format_hits, hits_to_json_lines, make_hit
 from .rows import MetadataReader, RowLocator, TextCache
 from .subset import SubsetCache, SubsetPolicy, restricted_knn
@@ -81,6 +82,8 @@ class Searcher:
         filter_cache_mb: float = 256,
         subset_policy: SubsetPolicy = SubsetPolicy(),
         precision: str = "auto",
+        reranker: Any = None,
+        rerank_features: str = "auto",
     ):
         self.collection = collection
         self.index = index
@@ -97,6 +100,11 @@ class Searcher:
         self.row_locator = RowLocator(paths, collection)
         self.metadata_reader = MetadataReader(paths, cache_bytes=int(metadata_cache_mb * (1 << 20)))
         self.subset_policy = subset_policy
+        #: the re-ranker (a Reranker or a path; None: the one shipped for the collection's model),
+        #: loaded on the first ``rerank=K`` query; ``rerank_features``: auto, stored or recompute
+        self._reranker, self.rerank_features_mode = reranker, rerank_features
+        self._rerank_features: Any = None
+        self._reranker_checked = False
         self._subsets = SubsetCache(int(filter_cache_mb * (1 << 20)))
         self._filter_engine: Any = None
         self._filter_lock = threading.Lock()
@@ -154,12 +162,76 @@ class Searcher:
 
     # ---- public search calls ---------------------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None,
-                    exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
+                    exact: bool = False, k_factor: float | None = None, where: str | None = None,
+                    rerank: int = 0) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
-        ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.filters`)."""
+        ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.filters`).
+        ``rerank=K`` (K >= k; 0 = off): re-score the first stage's top K with the cross-attention
+        re-ranker (:mod:`vlsearch.rerank`) and return its best k; ``Hit.score`` is then the
+        re-rank score and ``Hit.first_stage_score`` the cosine."""
         single = isinstance(text, str)
         texts = _check_texts([text] if single else text)
-        return self._search(self.embed_texts(texts), single, k, nprobe, exact, k_factor, where)
+        depth = check_rerank_k(rerank, _check_k(k))
+        if not depth:
+            return self._search(self.embed_texts(texts), single, k, nprobe, exact, k_factor, where)
+        from .rerank import text_tokens
+
+        states, mask, vectors = text_tokens(self.encoder, texts, with_embeddings=True)  # one text-tower pass
+        scores, ids = self.knn(vectors, k=depth, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
+        results = self.hits(*self.rerank(texts, scores, ids, k, tokens=(states, mask)))
+        return results[0] if single else results
+
+    # ---- re-ranking ------------------------------------------------------------------------
+    @property
+    def reranker(self) -> Any:
+        """The collection model's :class:`~vlsearch.rerank.Reranker` (loaded and checked on first use)."""
+        from .rerank import Reranker, load_reranker
+
+        if not self._reranker_checked:
+            with self._encoder_lock:
+                if not self._reranker_checked:
+                    given = self._reranker
+                    if not isinstance(given, Reranker):
+                        given = load_reranker(self.collection.model, given)
+                    given.check_model(self.collection.model)
+                    self._reranker, self._reranker_checked = given, True
+        return self._reranker
+
+    @property
+    def rerank_features(self) -> Any:
+        """Where candidates' re-rank features come from (:class:`~vlsearch.rerank_store.CandidateFeatures`)."""
+        if self._rerank_features is None:
+            from .rerank_store import CandidateFeatures
+
+            reranker = self.reranker
+            with self._filter_lock:
+                if self._rerank_features is None:
+                    self._rerank_features = CandidateFeatures(
+                        self.collection, reranker, lambda: self.encoder, self.row_locator.paths,
+                        self.row_locator.locate, self.metadata_reader.rows, self.rerank_features_mode)
+        return self._rerank_features
+
+    def rerank(self, texts: Sequence[str], scores: np.ndarray, ids: np.ndarray, k: int,
+               tokens: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Re-score each query's candidates ``(scores, ids)`` (Q, K) with the re-ranker; returns the
+        best ``k`` as ``(final scores, ids, first-stage scores)`` (Q, k), id -1 in empty slots.
+        ``tokens``: the texts' ``text_tokens`` (states, mask) when already computed."""
+        from .rerank import text_tokens
+
+        reranker, features = self.reranker, self.rerank_features
+        states, mask = tokens if tokens is not None else text_tokens(self.encoder, list(texts))
+        out = (np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64),
+               np.full((len(ids), k), -np.inf, np.float32))
+        for q in range(len(ids)):
+            valid = ids[q] >= 0
+            if not valid.any():
+                continue
+            itm = reranker.itm_logits(states[q], mask[q], features.kv(ids[q][valid]))
+            final = reranker.combine(scores[q][valid], itm)
+            best = np.argsort(-final, kind="stable")[:k]
+            n = len(best)
+            out[0][q, :n], out[1][q, :n], out[2][q, :n] = final[best], ids[q][valid][best], scores[q][valid][best]
+        return out
 
     def search_image(self, image: ImageQuery | Sequence[ImageQuery], k: int = 10, nprobe: int | None = None,
                      exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
@@ -289,8 +361,9 @@ class Searcher:
         results = self.hits(scores, ids)
         return results[0] if single else results
 
-    def hits(self, scores: np.ndarray, ids: np.ndarray) -> Results:
-        """Turn ``knn`` arrays into Hits with paths, captions and metadata from the shards."""
+    def hits(self, scores: np.ndarray, ids: np.ndarray, first_stage: np.ndarray | None = None) -> Results:
+        """Turn ``knn`` arrays into Hits with paths, captions and metadata from the shards
+        (``first_stage``: the first-stage scores of re-ranked hits)."""
         valid = ids >= 0
         flat_ids = ids[valid]
         shard, row, found = self.row_locator.locate(flat_ids)
@@ -304,7 +377,8 @@ class Searcher:
             hits = Hits()
             for j in np.flatnonzero(valid[q]):
                 rec = next(records)
-                hits.append(make_hit(rec, int(ids[q, j]), float(scores[q, j]), len(hits) + 1))
+                first = None if first_stage is None else float(first_stage[q, j])
+                hits.append(make_hit(rec, int(ids[q, j]), float(scores[q, j]), len(hits) + 1, first))
             results.append(hits)
         return results
 

@@ -213,13 +213,19 @@ def bench_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (needs matplotlib)."),
     latency_queries: int = typer.Option(1000, "--latency-queries", min=0, help="Single queries timed for p50/p99."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
+    rerank: int = typer.Option(0, "--rerank", min=0, help="Also report t2i with the exact top K re-ranked (0 = off)."),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
 ) -> None:
     """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
     from vlsearch.bench import BenchConfig, format_table, plot_results, run_benchmark
     from vlsearch.fsutil import write_json
 
-    config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
-                         latency_queries=latency_queries, max_queries=max_queries)
+    try:
+        config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
+                             latency_queries=latency_queries, max_queries=max_queries, rerank=rerank,
+                             reranker=reranker)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     with TqdmProgress("bench", unit="setting") as progress:
         result = run_benchmark(collection_dir, config, progress=progress)
     typer.echo(format_table(result))
@@ -230,13 +236,20 @@ def bench_cmd(
         typer.echo(f"plot: {plot_results(result, plot)}")
 
 
+RERANK_FEATURES_OPT = typer.Option(
+    False, "--rerank-features", help="Also store the shipped re-ranker's candidate features (rerank/, "
+    "fp16, 12.8 KB per image for vlsearch-small) so `search --rerank K` need not decode images.")
+
+
 @app.command("embed")
 @handle_errors
 @with_groups(EMBED, ENGINE)
 def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
-              engine: Any = None) -> None:
+              engine: Any = None, rerank_features: bool = RERANK_FEATURES_OPT) -> None:
     """Encode an image source into a collection of Parquet shards (rerun: resume, or sync when finished)."""
     _embed_and_report(source, collection_dir, embed, engine)
+    if rerank_features and not embed.dry_run:
+        _store_rerank_features(collection_dir, None, "auto")
 
 
 @app.command("build-index")
@@ -252,7 +265,8 @@ def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None, eng
 @handle_errors
 @with_groups(EMBED, BUILD, ENGINE, PARTS)
 def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
-              build: Any = None, engine: Any = None, parts: Any = None) -> None:
+              build: Any = None, engine: Any = None, parts: Any = None,
+              rerank_features: bool = RERANK_FEATURES_OPT) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
     from ..collection import Collection
@@ -260,6 +274,8 @@ def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG
     synced = _embed_and_report(source, collection_dir, embed, engine)
     if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
         _build_and_report(collection_dir, build, engine, parts)
+    if rerank_features and not embed.dry_run:
+        _store_rerank_features(collection_dir, None, "auto")
 
 
 @app.command("compact")
@@ -380,6 +396,88 @@ def format_train_result(result: Any) -> str:
     return "\n".join(lines)
 
 
+@app.command("train-rerank")
+@handle_errors
+def train_rerank_cmd(
+    data: str = typer.Argument(..., help="CSV/Parquet manifest (columns image, caption) or a folder with captions.csv."),
+    out: str = typer.Option(..., "--out", "-o", help="Re-ranker file to write (fp16); its provenance goes beside "
+                            "it as .json."),
+    model: str = typer.Option("vlsearch-small", "--model", "-m", help="Model whose frozen towers feed the re-ranker."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its weights (default: built-in)."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training images."),
+    random_epochs: int = typer.Option(2, "--random-epochs", min=0, help="First epochs with random negatives."),
+    batch_size: int = typer.Option(128, "--batch-size", min=2),
+    lr: float = typer.Option(5e-4, "--lr"),
+    group_size: int = typer.Option(0, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
+                                   "similar images (0: random batches)."),
+    seed: int = typer.Option(0, "--seed"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache the towers' features here (.npz)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
+) -> None:
+    """Train a cross-attention (ITM) re-ranker on frozen tower features; tune its weight on validation."""
+    import shlex
+    import sys
+
+    from vlsearch.fsutil import write_json
+    from vlsearch.models import load_model
+    from vlsearch.rerank_train import RerankTrainConfig, provenance, train_reranker
+
+    if threads:
+        from vlsearch.threads import set_process_threads
+
+        set_process_threads(threads)
+    config = RerankTrainConfig(epochs=epochs, random_epochs=min(random_epochs, epochs), batch_size=batch_size,
+                               lr=lr, group_size=group_size, seed=seed)
+    encoder = load_model(model, pretrained, device="cpu", precision="fp32")
+    bars = _StageBars()
+    try:
+        result = train_reranker(encoder, data, config, cache_dir=cache_dir, progress=bars)
+    finally:
+        bars.close()
+    path = result.reranker.save(out)
+    command = shlex.join(["vlsearch", *sys.argv[1:]])
+    write_json(path.with_suffix(".json"), provenance(result, path, data, command, _git_commit()))
+    val = result.metrics["val"]
+    for name, row in val.items():
+        typer.echo(f"val {name:12s} R@1/5/10 {row['R@1']:.1f}/{row['R@5']:.1f}/{row['R@10']:.1f}  MRR {row['MRR']:.4f}")
+    typer.echo(f"weight {result.reranker.weight} -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command("rerank-features")
+@handle_errors
+def rerank_features_cmd(
+    collection_dir: str = COLLECTION_ARG,
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
+    device: str = DEVICE_OPT,
+) -> None:
+    """Store the re-ranker's candidate features in a collection (rerank/), for fast --rerank."""
+    _store_rerank_features(collection_dir, reranker, device)
+
+
+def _store_rerank_features(collection_dir: str, reranker: Optional[str], device: str) -> None:
+    from vlsearch.collection import Collection
+    from vlsearch.models import load_model
+    from vlsearch.rerank import load_reranker
+    from vlsearch.rerank_store import store_rerank_features
+
+    coll = Collection.open(collection_dir)
+    rr = load_reranker(coll.model, reranker)
+    encoder = load_model(coll.model.name, coll.model.pretrained, device=device)
+    with TqdmProgress("rerank-features", unit="shard") as bar:
+        info = store_rerank_features(coll, rr, encoder, progress=bar)
+    typer.echo(f"re-rank features of {len(info['shards'])} shard(s) stored in {coll.path / 'rerank'} "
+               f"({2 * rr.tokens * rr.width} bytes per image)")
+
+
+def _git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 @app.command("classify")
 @handle_errors
 def classify_cmd(
@@ -450,6 +548,11 @@ def search_cmd(
         None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\"."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
+    rerank: int = typer.Option(0, "--rerank", min=0, help="Re-score the top K (>= k) with the cross-attention "
+                               "re-ranker (text queries; 0 = off)."),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
+    rerank_features: str = typer.Option("auto", "--rerank-features", help="Candidate features: auto (stored where "
+                                        "present, else recomputed from the image files), stored or recompute."),
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
     from vlsearch.results import format_hits, hits_to_json_lines
@@ -457,9 +560,12 @@ def search_cmd(
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision)
+    if image and rerank:
+        raise typer.BadParameter("--rerank re-scores text queries only", param_hint="--rerank")
+    searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision, reranker=reranker,
+                             rerank_features=rerank_features)
     options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
-    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, **options)
+    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, rerank=rerank, **options)
     typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
 
 

@@ -74,7 +74,7 @@ def _json_value(value: Any) -> Any:
 
 def _hit(h: Hit) -> dict[str, Any]:
     return {"rank": h.rank, "id": str(h.id), "score": h.score, "path": h.path, "caption": h.caption,
-            "metadata": _json_value(h.metadata)}
+            "metadata": _json_value(h.metadata), "first_stage_score": h.first_stage_score}
 
 
 def _decode_upload(data: bytes, request: Request) -> Any:
@@ -92,7 +92,7 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
     start = time.perf_counter()
     coll = _collection(request, name)
     opts = SearchOptions(k=params.k, offset=params.offset, nprobe=params.nprobe, k_factor=params.k_factor,
-                         exact=params.exact, where=params.where)
+                         exact=params.exact, where=params.where, rerank=params.rerank)
     if kind == "image":
         value = _decode_upload(value, request)
     out = coll.search(kind, value, opts)

@@ -45,6 +45,8 @@ class SearchParams(BaseModel):
     exact: StrictBool = Field(False, description="Exact brute-force search over the shards instead of the ANN index.")
     where: Optional[str] = Field(None, max_length=2000,
                                  description="Metadata filter (only on collections that support filters).")
+    rerank: StrictInt = Field(0, ge=0, le=4096, description="Text queries: re-score the top K (>= k + offset) "
+                              "with the cross-attention re-ranker (0 = off).")
 
     @model_validator(mode="after")
     def _bounded(self) -> "SearchParams":
@@ -100,6 +102,8 @@ class HitModel(BaseModel):
     path: Optional[str]
     caption: Optional[str]
     metadata: dict[str, Any]
+    first_stage_score: Optional[float] = Field(None, description="With rerank: the first stage's cosine "
+                                               "(score is then the re-rank score).")
 
 
 class SearchResponse(BaseModel):

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vlsearch.collection import embeddings_to_numpy
-from vlsearch.errors import ItemNotFoundError, ServeConfigError
+from vlsearch.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.rerank import check_rerank_k
 from vlsearch.results import Hit
 from vlsearch.search import Searcher
 
@@ -36,6 +37,7 @@ class SearchOptions:
     k_factor: float | None = None
     exact: bool = False
     where: str | None = None
+    rerank: int = 0  #: text queries: re-score the top ``rerank`` (see Searcher.search_text)
 
 
 @dataclass
@@ -125,8 +127,16 @@ class ServedCollection:
             vec = np.asarray(value, dtype=np.float32)
         embedded = time.perf_counter()
         wanted = opts.k + opts.offset + (exclude is not None)
-        hits = self.searcher.search_vector(vec, k=wanted, nprobe=opts.nprobe, exact=opts.exact,
-                                           k_factor=opts.k_factor, **self._filter(opts.where))
+        if opts.rerank and query != "text":
+            raise InvalidQueryError("rerank re-scores text queries only")
+        if opts.rerank:
+            depth = check_rerank_k(opts.rerank, wanted)
+            scores, ids = self.searcher.knn(vec, k=depth, nprobe=opts.nprobe, exact=opts.exact,
+                                            k_factor=opts.k_factor, **self._filter(opts.where))
+            hits = self.searcher.hits(*self.searcher.rerank([value], scores, ids, wanted))[0]
+        else:
+            hits = self.searcher.search_vector(vec, k=wanted, nprobe=opts.nprobe, exact=opts.exact,
+                                               k_factor=opts.k_factor, **self._filter(opts.where))
         if exclude is not None:  # "more like this" leaves out the item itself
             kept = [h for h in hits if h.id != exclude][: wanted - 1]
             hits = [replace(h, rank=i + 1) for i, h in enumerate(kept)]

@@ -1,0 +1,355 @@
+"""Cross-attention re-ranking: ITM training on synthetic features, the re-ranker file, and
+``Searcher.search_text(rerank=K)`` with recomputed and stored candidate features (tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from vlsearch.collection import Collection, Manifest, embedding_array
+from vlsearch.errors import (InvalidQueryError, RerankFeaturesError, RerankerMismatchError,
+                             RerankerNotFoundError)
+from vlsearch.rerank import FusionConfig, FusionITM, Reranker, image_tokens, load_reranker, tower_identity
+from vlsearch.rerank_store import store_rerank_features, stored_info
+from vlsearch.rerank_train import (PairFeatures, RerankTrainConfig, hard_negatives, rerank_ranks, train_itm,
+                                   tune_weight)
+from vlsearch.search import Searcher
+
+TINY_FUSION = FusionConfig(text_dim=64, image_dim=128, width=32, heads=2, layers=1, dropout=0.0)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+def _synthetic(n_images: int = 64, n_classes: int = 16, seed: int = 0) -> PairFeatures:
+    """Images and captions of n_classes "concepts": an image's tokens carry its class pattern
+    in a few positions, each of its 2 captions carries the class code in its first tokens."""
+    rng = np.random.default_rng(seed)
+    cls = np.arange(n_images) % n_classes
+    img_code, txt_code = rng.standard_normal((n_classes, 16)), rng.standard_normal((n_classes, 12))
+    tokens = rng.standard_normal((n_images, 9, 16)) * 0.3
+    tokens[:, :3] += img_code[cls][:, None]
+    caption_image = np.repeat(np.arange(n_images), 2)
+    states = rng.standard_normal((len(caption_image), 6, 12)) * 0.3
+    states += txt_code[cls[caption_image]][:, None]
+    emb = rng.standard_normal((n_images, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    temb = emb[caption_image] + 0.1 * rng.standard_normal((len(caption_image), 8)).astype(np.float32)
+    return PairFeatures(tokens.astype(np.float16), emb, states.astype(np.float16), np.ones((len(caption_image), 6), bool),
+                        temb / np.linalg.norm(temb, axis=1, keepdims=True), caption_image)
+
+
+def test_itm_scores_matched_pairs_above_shuffled_after_a_few_steps(one_torch_thread):
+    feats = _synthetic()
+    config = RerankTrainConfig(fusion=FusionConfig(width=32, heads=2, layers=1, dropout=0.0), epochs=30,
+                               random_epochs=10, batch_size=16, lr=3e-3, val_fraction=0.1)
+    model = train_itm(feats, config)
+    rr = Reranker(model, {"model": "synthetic"}, 0.0)
+    kv = rr.image_kv(feats.image_tokens)
+    matched, shuffled = [], []
+    rng = np.random.default_rng(1)
+    for c in range(len(feats.caption_image)):
+        img = feats.caption_image[c]
+        other = (img + rng.integers(1, 16)) % 64  # another class: a true non-match
+        logits = rr.itm_logits(torch.from_numpy(feats.text_states[c]).float(), torch.from_numpy(feats.text_mask[c]),
+                               kv[[img, other]])
+        matched.append(logits[0])
+        shuffled.append(logits[1])
+    matched, shuffled = np.array(matched), np.array(shuffled)
+    assert (matched > shuffled).mean() > 0.9
+    assert matched.mean() > 0 > shuffled.mean()
+
+
+def test_training_is_seeded():
+    feats = _synthetic(n_images=32)
+    config = RerankTrainConfig(fusion=FusionConfig(width=16, heads=2, layers=1), epochs=2, batch_size=8)
+    a, b = train_itm(feats, config), train_itm(feats, config)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_hard_negatives_never_pick_the_positive():
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.eye(6) * 50  # the positive is by far the most similar
+    same = torch.eye(6, dtype=torch.bool)
+    for _ in range(20):
+        picks = hard_negatives(sim, same, gen)
+        assert (picks != torch.arange(6)).all()
+    sim = torch.zeros(4, 4)
+    sim[:, 2] = 30.0  # column 2 is the hard negative of every other row
+    picks = torch.stack([hard_negatives(sim, torch.eye(4, dtype=torch.bool), gen) for _ in range(50)])
+    assert (picks[:, [0, 1, 3]] == 2).float().mean() > 0.95
+
+
+def test_hard_epochs_batch_neighbourhoods_of_similar_images():
+    from vlsearch.rerank_train import _neighbourhood_order
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((6, 16))
+    emb = np.repeat(centres, 4, axis=0) + 0.01 * rng.standard_normal((24, 16))  # 6 tight clusters of 4
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    order = rng.permutation(24)
+    images, caps = _neighbourhood_order(emb, order, order * 10, group=4, batch_size=8)
+    assert sorted(images.tolist()) == list(range(24)) and (caps == images * 10).all()
+    assert all(len(set(images[g: g + 4] // 4)) == 1 for g in range(0, 24, 4))  # each group is one cluster
+
+
+def test_rerank_ranks_and_weight_tuning():
+    sim = np.array([[0.9, 0.8, 0.1], [0.5, 0.7, 0.6]], np.float32)
+    top = np.array([[0, 1, 2], [1, 2, 0]])
+    itm = np.array([[-5.0, 5.0, 0.0], [0.0, 0.0, 9.0]], np.float32)  # ITM prefers the targets
+    target = np.array([1, 0])
+    assert rerank_ranks(sim, top, itm, target, 1, 0.0).tolist() == [2, 3]  # dual alone
+    assert rerank_ranks(sim, top, itm, target, 3, None).tolist() == [1, 1]  # ITM alone
+    assert rerank_ranks(sim, top, itm, target, 2, None).tolist() == [1, 3]  # target 0 outside top 2
+    weight, table = tune_weight(sim, top, itm, target, (3,), (0.0, 0.001, 1.0))
+    assert weight == 1.0 and table["0.0"][0] == 0.0 and table["1.0"][0] == 100.0
+
+
+# ---- the re-ranker file -----------------------------------------------------------------------
+
+def test_reranker_round_trips_in_fp16_and_refuses_another_model(tmp_path):
+    torch.manual_seed(0)
+    rr = Reranker(FusionITM(TINY_FUSION), tower_identity("vlsearch-tiny"), 0.25, info={"seed": 0})
+    path = rr.save(tmp_path / "rr.pt")
+    back = load_reranker("vlsearch-tiny", path)
+    assert back.weight == 0.25 and back.info == {"seed": 0} and back.digest == rr.digest
+    kv = torch.randn(3, 25, 32).half()
+    states, mask = torch.randn(5, 64), torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool)
+    assert np.allclose(back.itm_logits(states, mask, kv), rr.itm_logits(states, mask, kv), atol=0.05)
+    # padding does not change a score
+    assert np.allclose(rr.itm_logits(states[:3], mask[:3], kv), rr.itm_logits(states, mask, kv), atol=1e-5)
+    with pytest.raises(RerankerMismatchError, match="vlsearch-small"):
+        load_reranker("vlsearch-small", path)
+    with pytest.raises(RerankerNotFoundError, match="train-rerank"):
+        load_reranker("vlsearch-tiny")  # nothing ships for the tiny model
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RerankerNotFoundError, match="not a vlsearch re-ranker"):
+        Reranker.load(tmp_path / "junk.pt")
+
+
+# ---- search -----------------------------------------------------------------------------------
+
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def rr_collection(tmp_path_factory, tiny_encoder):
+    """A folder-source collection of N_IMAGES small images (2 shards) and a tiny re-ranker."""
+    root = tmp_path_factory.mktemp("rerank")
+    src = root / "images"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(N_IMAGES):
+        arr = (rng.random((48, 48, 3)) * 255 * (0.2 + 0.8 * (i % 4) / 3)).astype(np.uint8)
+        names.append(f"img-{i:02d}.png")
+        Image.fromarray(arr).save(src / names[-1])
+    vectors = tiny_encoder.encode_images([src / n for n in names])
+    coll = Collection.create(root / "coll", Manifest(model=tiny_encoder.info, shard_size=16,
+                                                     source={"type": "folder", "path": str(src)}))
+    ids = np.arange(N_IMAGES, dtype=np.int64) * 7 + 3
+    captions = [f"picture {i} of shade {i % 4}" for i in range(N_IMAGES)]
+    cap_vecs = tiny_encoder.encode_texts(captions)
+    for s, start in enumerate(range(0, N_IMAGES, 16)):
+        sl = slice(start, start + 16)
+        coll.write_shard(s, pa.table({
+            "id": ids[sl], "path": names[sl], "width": pa.array(np.full(len(ids[sl]), 48, np.int32)),
+            "height": pa.array(np.full(len(ids[sl]), 48, np.int32)),
+            "captions": pa.array([[c] for c in captions[sl]], type=pa.list_(pa.string())),
+            "embedding": embedding_array(vectors[sl])}),
+            captions=pa.table({"image_id": ids[sl], "caption": captions[sl], "embedding": embedding_array(cap_vecs[sl])}))
+    coll.update_manifest(counts={"images": N_IMAGES, "captions": 0, "failures": 0, "shards": 2}, complete=True)
+    torch.manual_seed(0)
+    rr = Reranker(FusionITM(TINY_FUSION), tower_identity("vlsearch-tiny"), 0.5)
+    return coll.path, src, rr
+
+
+def test_reranked_hits_are_the_top_k_candidates_in_rescored_order(rr_collection, tiny_encoder):
+    path, src, rr = rr_collection
+    s = Searcher.open(path, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+    query = "a dark noisy square"
+    first = s.search_text(query, k=10, exact=True)
+    hits = s.search_text(query, k=10, exact=True, rerank=10)
+    assert {h.id for h in hits} == {h.id for h in first}
+    # expected order: cosine + weight * ITM logit, computed here from the image files
+    tokens = image_tokens(tiny_encoder, [src / h.path for h in first])
+    from vlsearch.rerank import text_tokens
+
+    states, mask = text_tokens(tiny_encoder, [query])
+    itm = rr.itm_logits(states[0], mask[0], rr.image_kv(tokens))
+    expected = np.array([h.score for h in first]) + 0.5 * itm
+    order = np.argsort(-expected, kind="stable")
+    assert [h.id for h in hits] == [first[i].id for i in order]
+    assert [h.rank for h in hits] == list(range(1, 11))
+    assert np.allclose([h.score for h in hits], expected[order], atol=1e-4)
+    assert [h.first_stage_score for h in hits] == pytest.approx([first[i].score for i in order])
+    assert all(h.first_stage_score is None for h in first)
+    # K > k: the best k of the top K
+    deeper = s.search_text([query, "x"], k=3, exact=True, rerank=N_IMAGES)
+    assert len(deeper) == 2 and all(len(h) == 3 for h in deeper)
+    assert all(a.score >= b.score for a, b in zip(deeper[0], deeper[0][1:]))
+    assert "first_stage_score" in deeper[0][0].to_dict()
+    assert "first_stage_score" in deeper.to_arrow().column_names
+
+
+def test_rerank_zero_is_no_rerank_and_bad_k_is_refused(rr_collection, tiny_encoder):
+    path, _, rr = rr_collection
+    s = Searcher.open(path, encoder=tiny_encoder, reranker=rr)
+    assert s.search_text("a cat", k=5, exact=True, rerank=0) == s.search_text("a cat", k=5, exact=True)
+    assert s._rerank_features is None  # nothing loaded for rerank=0
+    for bad in (-1, 4, 2.5, True, "10"):
+        with pytest.raises(InvalidQueryError, match="rerank"):
+            s.search_text("a cat", k=5, exact=True, rerank=bad)
+
+
+def test_a_reranker_for_another_model_is_refused(rr_collection, tiny_encoder, tmp_path):
+    path, _, rr = rr_collection
+    other = Reranker(rr.model, tower_identity("vlsearch-small"), 0.5)
+    s = Searcher.open(path, encoder=tiny_encoder, reranker=other)
+    with pytest.raises(RerankerMismatchError, match="train-rerank"):
+        s.search_text("a cat", k=5, exact=True, rerank=10)
+    s = Searcher.open(path, encoder=tiny_encoder, reranker=other.save(tmp_path / "other.pt"))
+    with pytest.raises(RerankerMismatchError):
+        s.search_text("a cat", k=5, exact=True, rerank=10)
+    s = Searcher.open(path, encoder=tiny_encoder)  # none given, none ships for the tiny model
+    with pytest.raises(RerankerNotFoundError, match="vlsearch train-rerank"):
+        s.search_text("a cat", k=5, exact=True, rerank=10)
+
+
+def test_recomputed_features_read_only_files_inside_the_source(tmp_path):
+    from vlsearch.rerank_store import image_file
+
+    assert image_file({"type": "folder", "path": str(tmp_path)}, "a/b.jpg") == str((tmp_path / "a/b.jpg").resolve())
+    with pytest.raises(RerankFeaturesError, match="outside"):
+        image_file({"type": "folder", "path": str(tmp_path)}, "../elsewhere.jpg")
+    with pytest.raises(RerankFeaturesError, match="webdataset"):
+        image_file({"type": "webdataset", "path": str(tmp_path)}, "x.tar/0001.jpg")
+
+
+def test_stored_features_round_trip_and_are_required_when_asked(rr_collection, tiny_encoder, tmp_path):
+    import shutil
+
+    path, _, rr = rr_collection
+    dest = tmp_path / "coll"
+    shutil.copytree(path, dest)
+    with pytest.raises(RerankFeaturesError, match="vlsearch rerank-features"):
+        Searcher.open(dest, encoder=tiny_encoder, reranker=rr, rerank_features="stored").search_text(
+            "a cat", k=5, exact=True, rerank=10)
+    info = store_rerank_features(Collection.open(dest), rr, tiny_encoder)
+    assert info == stored_info(Collection.open(dest)) and sorted(info["shards"]) == ["0", "1"]
+    stored = np.load(dest / "rerank" / "part-00000.npy")
+    assert stored.dtype == np.float16 and stored.shape == (16, 25, 32)
+    queries = ["a cat", "bright squares", "noise"]
+    a = Searcher.open(dest, encoder=tiny_encoder, reranker=rr, rerank_features="stored")
+    b = Searcher.open(dest, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+    for hits_a, hits_b in zip(a.search_text(queries, k=8, exact=True, rerank=16),
+                              b.search_text(queries, k=8, exact=True, rerank=16)):
+        assert [h.id for h in hits_a] == [h.id for h in hits_b]
+        assert np.allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-4)
+    assert a.rerank_features.stored_shards == 2
+    # features made by another re-ranker are not used (and refused when required)
+    torch.manual_seed(1)
+    other = Reranker(FusionITM(TINY_FUSION), rr.towers, 0.5)
+    with pytest.raises(RerankerMismatchError, match="another re-ranker"):
+        Searcher.open(dest, encoder=tiny_encoder, reranker=other, rerank_features="stored").search_text(
+            "a cat", k=5, exact=True, rerank=10)
+    auto = Searcher.open(dest, encoder=tiny_encoder, reranker=other)
+    auto.search_text("a cat", k=5, exact=True, rerank=10)
+    assert auto.rerank_features.stored_shards == 0
+
+
+def test_server_search_takes_rerank_for_text_queries(rr_collection, tiny_encoder):
+    from fastapi.testclient import TestClient
+
+    from vlsearch.app.serve import ServeConfig, create_app
+
+    path, _, rr = rr_collection
+    searcher = Searcher.open(path, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+    expected = searcher.search_text("a cat", k=4, exact=True, rerank=12)
+    with TestClient(create_app({"c": searcher}, ServeConfig(log_level="warning"))) as http:
+        body = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True, "rerank": 12}).json()
+        assert [int(h["id"]) for h in body["hits"]] == [h.id for h in expected]
+        assert [h["first_stage_score"] for h in body["hits"]] == pytest.approx([h.first_stage_score for h in expected])
+        plain = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True}).json()
+        assert all(h["first_stage_score"] is None for h in plain["hits"])
+        for bad in ({"rerank": 3}, {"rerank": -1}, {"rerank": 12, "vector": [0.1] * 64, "text": None}):
+            r = http.post("/api/collections/c/search", json={"text": "a cat", "k": 4, "exact": True, **bad})
+            assert r.status_code in (400, 422) and "rerank" in r.text
+
+
+def test_bench_reports_metrics_with_and_without_rerank_from_one_run(rr_collection, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+    from vlsearch.bench import BenchConfig, format_table, run_benchmark
+
+    path, _, rr = rr_collection
+    file = rr.save(tmp_path / "rr.pt")
+    result = run_benchmark(path, BenchConfig(ks=(1, 5, 10), nprobes=(1,), latency_queries=3, rerank=10,
+                                             reranker=str(file)))
+    exact, reranked = result["exact"]["t2i"], result["rerank"]["t2i"]
+    assert result["rerank"]["k"] == 10 and result["rerank"]["latency_ms"]["n"] == 3
+    assert reranked["R@10"] == exact["R@10"]  # re-ranking the top 10 keeps its set
+    assert reranked["n_queries"] == exact["n_queries"] == N_IMAGES
+    assert "exact+rerank@10" in format_table(result)
+    with pytest.raises(ValueError, match="rerank"):
+        BenchConfig(ks=(1, 5, 10), rerank=5)
+    out = CliRunner().invoke(app, ["bench", str(path), "--k", "1,5", "--rerank", "8", "--reranker", str(file),
+                                   "--latency-queries", "2"])
+    assert out.exit_code == 0, out.output
+    assert "exact+rerank@8" in out.output
+
+
+def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_checkpoint, monkeypatch):
+    import dataclasses
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+
+    path, _, rr = rr_collection
+    dest = tmp_path / "coll"
+    shutil.copytree(path, dest)
+    coll = Collection.open(dest)  # the CLI loads the collection's model by name and pretrained: the tiny checkpoint
+    coll.update_manifest(model=dataclasses.replace(coll.model, pretrained=str(tiny_checkpoint)))
+    file = str(rr.save(tmp_path / "rr.pt"))
+    runner = CliRunner()
+    out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "10", "--reranker", file,
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    hits = [json.loads(line) for line in out.output.strip().splitlines()]
+    assert len(hits) == 3 and all("first_stage_score" in h for h in hits)
+    out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "2", "--reranker", file])
+    assert out.exit_code != 0 and "rerank" in out.output
+    out = runner.invoke(app, ["rerank-features", str(dest), "--reranker", file, "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert f"{2 * 25 * 32} bytes per image" in out.output
+    out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "10", "--reranker", file,
+                              "--rerank-features", "stored", "--json"])
+    assert out.exit_code == 0, out.output
+    assert [json.loads(line)["id"] for line in out.output.strip().splitlines()] == [h["id"] for h in hits]
+
+
+def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenance():
+    import json
+
+    from vlsearch.rerank import builtin_reranker_path
+
+    path = builtin_reranker_path("vlsearch-small")
+    rr = load_reranker("vlsearch-small")  # offline: the file is in the package
+    assert rr.towers == tower_identity("vlsearch-small")
+    assert rr.towers["image_tower"] == "tf_efficientnet_lite0"
+    assert 0 <= rr.weight <= 1 and rr.tokens == 25
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["bytes"] == path.stat().st_size and info["dtype"] == "float16" and info["weight"] == rr.weight
+    assert info["digest"] == rr.digest and info["seed"] == 0 and info["data"] == "../shared/data/flickr8k-train"
+    assert info["command"].startswith("vlsearch train-rerank") and info["git_commit"]
+    assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["state_dict"].values()
+               if v.is_floating_point())
+    with pytest.raises(RerankerMismatchError):
+        rr.check_model("vlsearch-tiny")

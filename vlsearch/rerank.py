@@ -1,0 +1,315 @@
+"""Cross-attention re-ranking (ITM): a small fusion model that re-scores a dual encoder's top K.
+
+The dual encoder embeds images and texts separately, so it cannot compare fine detail ("a dog
+chasing a man" and "a man chasing a dog" embed alike). As in ALBEF and BLIP, a fusion module lets
+the query's text token states cross-attend to a candidate image's spatial features, and a 2-way
+image-text matching (ITM) head scores the pair. Retrieval is two-stage: the dual encoder proposes
+the top K, the ITM head re-scores them, and the final score combines both::
+
+    score = first_stage_cosine + weight * itm_logit   # weight tuned on a validation split
+
+    rr = load_reranker("vlsearch-small")               # the shipped re-ranker of a model
+    rr.check_model(encoder.info)                       # RerankerMismatchError for another model
+    kv = rr.image_kv(image_tokens(encoder, paths))     # (K, 25, width): what a collection may store
+    states, mask = text_tokens(encoder, ["a dog"])
+    itm = rr.itm_logits(states[0], mask[0], kv)        # (K,) match log-odds
+
+Inputs come from the model's own **frozen** towers, so a re-ranker belongs to a model name and its
+frozen towers (not to the trained head, which only sets the first-stage score):
+
+* **image tokens**: the image trunk's final feature map before pooling, for the model's own
+  preprocessing (224 px for vlsearch-small; smaller training images are resized to it, exactly as
+  at query time), average-pooled to a fixed ``GRID x GRID`` grid (5 x 5 = 25 tokens);
+* **text tokens**: the text tower's last-layer token states with their attention mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import InvalidQueryError, RerankerMismatchError, RerankerNotFoundError
+from .fsutil import atomic_path
+from .images import ImageInput
+from .modelinfo import ModelInfo
+
+__all__ = ["GRID", "FusionConfig", "FusionITM", "Reranker", "image_tokens", "text_tokens", "tower_identity",
+           "load_reranker", "builtin_reranker_path", "check_rerank_k", "match_logit"]
+
+#: Side of the pooled grid of image tokens (``GRID * GRID`` tokens per image).
+GRID = 5
+RERANKER_FORMAT = 1
+_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Re-rankers shipped inside the package: model name -> file under vlsearch/weights (provenance:
+#: the JSON of the same stem beside it).
+BUILTIN_RERANKERS: dict[str, str] = {"vlsearch-small": "vlsearch-small-rerank.pt"}
+
+
+# ---- the towers' inner outputs --------------------------------------------------------------
+
+def image_tokens(encoder: Any, images: Iterable[ImageInput], grid: int = GRID,
+                 with_embeddings: bool = False) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
+    """``(B, grid*grid, C)`` float32 image tokens: the image tower's final spatial map (a timm
+    trunk's feature map before pooling, or a ViT's patch tokens), average-pooled to
+    ``grid x grid``. ``with_embeddings`` also returns the dual encoder's unit image vectors (for a
+    timm trunk from the same pass)."""
+    from .images import open_image
+    from .towers import image_feature_map
+
+    visual = encoder.model.visual
+    trunk = getattr(visual, "trunk", None)
+    emb = None
+    if trunk is not None and hasattr(trunk, "forward_features"):
+        fmap = image_feature_map(encoder, images)
+        if with_embeddings:
+            with torch.inference_mode():
+                emb = F.normalize(visual.head(trunk.forward_head(fmap.to(encoder.device))).float(), dim=-1)
+    elif hasattr(visual, "_embeds") and hasattr(visual, "_pool"):  # open_clip's VisionTransformer
+        pics = [open_image(img, draft_size=2 * encoder.image_size) for img in images]
+        pixels = torch.stack([encoder.preprocess(p) for p in pics]).to(encoder.device)
+        with torch.inference_mode(), encoder.autocast():
+            tokens = visual._pool(visual.transformer(visual._embeds(pixels)))[1].float()
+        side = int(round(tokens.shape[1] ** 0.5))
+        fmap = tokens.transpose(1, 2).reshape(len(tokens), -1, side, side).cpu()
+        emb = torch.from_numpy(encoder.encode_images(pics)) if with_embeddings else None
+    else:
+        raise TypeError(f"{encoder.name}'s image tower has no spatial feature map to re-rank with")
+    out = F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2).contiguous()
+    return (out, emb.cpu().numpy()) if with_embeddings else out
+
+
+def text_tokens(encoder: Any, texts: Sequence[str], with_embeddings: bool = False):
+    """``(states (B, T, width) float32, mask (B, T) bool)``: the text tower's last-layer token
+    states (a Hugging Face tower's, or open_clip's built-in tower's after ``ln_final``), padding
+    trimmed to the longest text; ``with_embeddings`` also returns the unit text vectors."""
+    from .encoder import trim_padding
+
+    model, texts = encoder.model, list(texts)
+    tokens = trim_padding(model, encoder.tokenize(texts)).to(encoder.device)
+    text = getattr(model, "text", None)
+    with torch.inference_mode(), encoder.autocast():
+        if text is not None and hasattr(text, "transformer") and hasattr(text, "config"):
+            mask = tokens != text.config.pad_token_id
+            out = text.transformer(input_ids=tokens, attention_mask=mask.long())
+            states = out.last_hidden_state
+            emb = text.proj(text.pooler(out, mask.long())) if with_embeddings else None
+        elif hasattr(model, "token_embedding") and hasattr(model, "ln_final"):  # open_clip's built-in tower
+            mask = tokens != 0
+            x = model.token_embedding(tokens) + model.positional_embedding
+            states = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+            emb = model.encode_text(tokens) if with_embeddings else None
+        else:
+            raise TypeError(f"{encoder.name}'s text tower has no token states to re-rank with")
+    states, mask = states.float().cpu(), mask.cpu()
+    if not with_embeddings:
+        return states, mask
+    return states, mask, F.normalize(emb.float(), dim=-1).cpu().numpy()
+
+
+def tower_identity(name: str) -> dict[str, Any]:
+    """What a re-ranker's inputs depend on: the model name and its frozen towers (the image trunk
+    and the text tower named by its config), not its trained head."""
+    from .hf_text import model_config
+
+    config = model_config(name) or {}
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    return {"model": name, "image_tower": vision.get("timm_model_name"), "text_tower": text.get("hf_model_name")}
+
+
+# ---- the fusion model -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Shape of the fusion module. ``image_tokens`` sizes the learned position embedding."""
+
+    text_dim: int = 384
+    image_dim: int = 1280
+    width: int = 256
+    heads: int = 4
+    layers: int = 2
+    image_tokens: int = GRID * GRID
+    dropout: float = 0.1
+    pool: str = "mean"  #: what the match head reads: "mean" (masked mean of the text positions) or "cls"
+
+
+class FusionITM(nn.Module):
+    """Text token states (queries) cross-attend to projected image tokens (keys/values); a 2-way
+    match head reads the masked mean of the text positions (or the first, [CLS], position).
+
+    Each block is a pre-norm ``nn.TransformerDecoderLayer``: text self-attention, cross-attention
+    to the image tokens, FFN, each with a residual connection and LayerNorm.
+    """
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.text_proj = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, w))
+        self.image_proj = nn.Sequential(nn.LayerNorm(config.image_dim), nn.Linear(config.image_dim, w))
+        self.image_pos = nn.Parameter(torch.randn(config.image_tokens, w) * 0.02)
+        layer = nn.TransformerDecoderLayer(w, config.heads, 4 * w, config.dropout, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerDecoder(layer, config.layers, norm=nn.LayerNorm(w))
+        self.head = nn.Linear(w, 2)
+
+    def project_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, N, image_dim)`` -> ``(B, N, width)`` keys/values (what a collection may store)."""
+        if image_tokens.shape[1] != self.config.image_tokens:
+            raise ValueError(f"expected {self.config.image_tokens} image tokens, got {image_tokens.shape[1]}")
+        return self.image_proj(image_tokens) + self.image_pos
+
+    def forward(self, text_states: torch.Tensor, text_mask: torch.Tensor, image_kv: torch.Tensor) -> torch.Tensor:
+        """Match logits ``(B, 2)`` for ``(B, T, text_dim)`` states and ``(B, N, width)`` keys/values."""
+        x = self.text_proj(text_states)
+        x = self.blocks(x, image_kv, tgt_key_padding_mask=~text_mask.bool())
+        if self.config.pool == "cls":
+            return self.head(x[:, 0])
+        m = text_mask.to(x.dtype).unsqueeze(-1)
+        return self.head((x * m).sum(1) / m.sum(1).clamp_min(1))
+
+
+def match_logit(logits: torch.Tensor) -> torch.Tensor:
+    """The ITM score of a pair: log-odds of "match" from the 2-way head."""
+    return logits[:, 1] - logits[:, 0]
+
+
+# ---- a trained re-ranker --------------------------------------------------------------------
+
+@dataclass
+class Reranker:
+    """A trained fusion model plus what it is for (``towers``, see :func:`tower_identity`) and how
+    its logit is combined with the first-stage cosine (``weight``, tuned on a validation split)."""
+
+    model: FusionITM
+    towers: dict[str, Any]
+    weight: float
+    grid: int = GRID
+    info: dict[str, Any] = field(default_factory=dict)  #: provenance: data, metrics, seed, ...
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.digest = _state_digest(self.model)  #: identifies stored keys/values made by this re-ranker
+
+    @property
+    def width(self) -> int:
+        return self.model.config.width
+
+    @property
+    def tokens(self) -> int:
+        return self.model.config.image_tokens
+
+    def check_model(self, model: ModelInfo | str) -> None:
+        """Raise :class:`RerankerMismatchError` unless this re-ranker was trained for ``model``'s
+        name and frozen towers."""
+        name = model if isinstance(model, str) else model.name
+        if tower_identity(name) != self.towers:
+            raise RerankerMismatchError(
+                f"this re-ranker was trained for {self.towers} but the model is {tower_identity(name)}; "
+                f"train one for {name} with `vlsearch train-rerank --model {name}`")
+
+    @torch.inference_mode()
+    def image_kv(self, tokens: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Projected keys/values ``(B, N, width)`` float16 of ``(B, N, image_dim)`` image tokens."""
+        tokens = torch.as_tensor(tokens)
+        out = [self.model.project_image(tokens[i: i + batch_size].float()).half()
+               for i in range(0, len(tokens), batch_size)]
+        return torch.cat(out) if out else torch.zeros((0, self.tokens, self.width), dtype=torch.float16)
+
+    @torch.inference_mode()
+    def itm_logits(self, states: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | np.ndarray,
+                   batch_size: int = 128) -> np.ndarray:
+        """ITM log-odds ``(K,)`` of one query's ``(T, D)`` token states against ``(K, N, width)``
+        candidate keys/values."""
+        kv = torch.as_tensor(kv)
+        keep = mask.bool()
+        states, mask = states[keep][None].float(), torch.ones((1, int(keep.sum())), dtype=torch.bool)
+        out = []
+        for start in range(0, len(kv), batch_size):
+            part = kv[start: start + batch_size].float()
+            n = len(part)
+            out.append(match_logit(self.model(states.expand(n, -1, -1), mask.expand(n, -1), part)))
+        return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+    def combine(self, first_stage: np.ndarray, itm: np.ndarray) -> np.ndarray:
+        """The re-rank score: ``first_stage + weight * itm``."""
+        return (np.asarray(first_stage, np.float32) + np.float32(self.weight) * np.asarray(itm, np.float32))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the re-ranker (fp16 weights + its metadata) atomically."""
+        path = Path(path)
+        state = {k: v.half() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+        payload = {"format": RERANKER_FORMAT, "fusion": asdict(self.model.config), "towers": self.towers,
+                   "weight": float(self.weight), "grid": self.grid, "info": self.info, "state_dict": state}
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Reranker":
+        """Read a re-ranker written by :meth:`save` (RerankerNotFoundError if missing or unreadable)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RerankerNotFoundError(f"no re-ranker at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            model = FusionITM(FusionConfig(**payload["fusion"]))
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in payload["state_dict"].items()})
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise RerankerNotFoundError(f"{path} is not a vlsearch re-ranker: {exc}") from exc
+        return cls(model, payload["towers"], float(payload["weight"]), int(payload.get("grid", GRID)),
+                   payload.get("info", {}))
+
+
+def _state_digest(model: nn.Module) -> str:
+    """sha1 (16 hex) of the fp16 weights of the image projection (what stored keys/values depend on)."""
+    h = hashlib.sha1()
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith(("image_proj", "image_pos")):
+            h.update(key.encode())
+            h.update(value.detach().half().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def builtin_reranker_path(model_name: str) -> Path | None:
+    """The re-ranker shipped for ``model_name`` (None if there is none)."""
+    name = BUILTIN_RERANKERS.get(model_name)
+    return None if name is None else _WEIGHTS_DIR / name
+
+
+def load_reranker(model: ModelInfo | str, path: str | os.PathLike | None = None) -> Reranker:
+    """The re-ranker at ``path``, else the one shipped for ``model``; checked against ``model``.
+
+    Raises :class:`RerankerNotFoundError` (saying how to train one) when there is none, and
+    :class:`RerankerMismatchError` when it was trained for another model."""
+    name = model if isinstance(model, str) else model.name
+    if path is None:
+        path = builtin_reranker_path(name)
+        if path is None or not path.is_file():
+            raise RerankerNotFoundError(
+                f"no re-ranker ships for model {name}: train one with `vlsearch train-rerank --model {name} "
+                f"--data DATA --out RERANKER.pt` and pass it with --reranker")
+    reranker = Reranker.load(path)
+    reranker.check_model(name)
+    return reranker
+
+
+def check_rerank_k(rerank: Any, k: int) -> int:
+    """Validate a ``rerank=K`` argument: 0/None (off) or an int >= k; returns K (0 = off)."""
+    if rerank is None:
+        return 0
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
+        raise InvalidQueryError(f"rerank must be a non-negative integer (0 = off), got {rerank!r}")
+    if 0 < rerank < k:
+        raise InvalidQueryError(f"rerank={rerank} re-scores fewer candidates than k={k}: use rerank >= k (or 0)")
+    if rerank > 4096:
+        raise InvalidQueryError(f"rerank={rerank} is too many candidates to re-score (at most 4096)")
+    return int(rerank)
+
