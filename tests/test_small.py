@@ -39,7 +39,8 @@ def small(monkeypatch_module):
     # The hub is unreachable (offline + a dead endpoint): everything must come from the packages.
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch_module.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    return load_model(SMALL_MODEL, device="cpu")
+    # fp32: these tests check the weight mapping to 1e-5 (auto may pick bf16 on a CPU with bf16 units).
+    return load_model(SMALL_MODEL, device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +237,26 @@ def test_feature_map_and_token_states_for_rerankers(small):
     with torch.no_grad():
         projected = torch.nn.functional.normalize(small.model.text.proj(mean), dim=-1).numpy()
     np.testing.assert_allclose(projected, small.encode_texts(texts), atol=1e-5)
+
+
+def test_tower_internals_run_with_bf16_weights(small):
+    """A bf16-weight encoder (what auto picks on a CPU with bf16 units) gives the re-ranker's
+    feature map, image tokens and token states in float32, close to fp32's."""
+    from vlsearch.rerank import image_tokens, text_tokens
+    from vlsearch.towers import image_feature_map
+
+    from vlsearch.shapes import render, specs_for_split
+
+    bf16 = load_model(SMALL_MODEL, device="cpu", precision="bf16")
+    assert next(bf16.model.visual.parameters()).dtype == torch.bfloat16
+    rng = np.random.default_rng(0)
+    images = [render(spec, 224, rng) for spec in specs_for_split(3, "heldout", image_size=224)]
+    fmap = image_feature_map(bf16, images)
+    assert fmap.dtype == torch.float32 and fmap.shape == (3, 1280, 7, 7)
+    tokens, emb = image_tokens(bf16, images, with_embeddings=True)
+    ref_tokens, ref_emb = image_tokens(small, images, with_embeddings=True)
+    assert tokens.dtype == torch.float32 and emb.dtype == np.float32
+    assert torch.nn.functional.cosine_similarity(tokens.flatten(1), ref_tokens.flatten(1)).min() > 0.99
+    assert float((emb * ref_emb).sum(1).min()) > 0.99
+    states, mask = text_tokens(bf16, ["a dog runs on the beach"])
+    assert states.dtype == torch.float32 and bool(mask.all())

@@ -100,11 +100,15 @@ class Encoder:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def image_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch (or an image tower's float32 feature map) moved to the device, in
+        the dtype and memory format the image tower's weights take (bf16 weights take bf16)."""
+        return pixels.to(self.device, dtype=self._input_dtype, non_blocking=True, memory_format=self._memory_format)
+
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode an already preprocessed ``(B, 3, H, W)`` batch."""
         with torch.inference_mode(), self.autocast():
-            pixels = pixels.to(self.device, dtype=self._input_dtype, non_blocking=True, memory_format=self._memory_format)
-            feats = self.model.encode_image(pixels, normalize=True)
+            feats = self.model.encode_image(self.image_input(pixels), normalize=True)
         return _normalised_numpy(feats)
 
     def encode_images(self, images: Iterable[ImageInput], batch_size: int = 64) -> np.ndarray:

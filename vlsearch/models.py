@@ -292,13 +292,14 @@ def save_checkpoint(
 ) -> Path:
     """Write the model's weights atomically in a form ``load_model(name, pretrained=path)`` reads.
 
-    ``half`` stores floating tensors as fp16 (half the size; loaded back as fp32).
+    ``half`` stores floating tensors as fp16 (half the size; loaded back as fp32); otherwise they are
+    stored as fp32, whatever precision the model runs in (bf16 weights on a CPU with bf16 units).
     ``extra`` is stored beside the weights (e.g. training step, metrics, provenance).
     """
     if isinstance(model, Encoder):
         name = name or model.name
         model = model.model
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
+    state = {k: ((v.half() if half else v.float()) if v.is_floating_point() else v).detach().cpu().clone()
              for k, v in model.state_dict().items()}
     payload = {"state_dict": state, "vlsearch": {"model": name, **(extra or {})}}
     with atomic_path(path) as tmp:

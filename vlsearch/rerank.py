@@ -71,10 +71,10 @@ def image_tokens(encoder: Any, images: Iterable[ImageInput], grid: int = GRID,
         fmap = image_feature_map(encoder, images)
         if with_embeddings:
             with torch.inference_mode():
-                emb = F.normalize(visual.head(trunk.forward_head(fmap.to(encoder.device))).float(), dim=-1)
+                emb = F.normalize(visual.head(trunk.forward_head(encoder.image_input(fmap))).float(), dim=-1)
     elif hasattr(visual, "_embeds") and hasattr(visual, "_pool"):  # open_clip's VisionTransformer
         pics = [open_image(img, draft_size=2 * encoder.image_size) for img in images]
-        pixels = torch.stack([encoder.preprocess(p) for p in pics]).to(encoder.device)
+        pixels = encoder.image_input(torch.stack([encoder.preprocess(p) for p in pics]))
         with torch.inference_mode(), encoder.autocast():
             tokens = visual._pool(visual.transformer(visual._embeds(pixels)))[1].float()
         side = int(round(tokens.shape[1] ** 0.5))

@@ -148,7 +148,7 @@ def image_feature_map(encoder, images: Iterable[ImageInput]) -> torch.Tensor:
         raise TypeError(f"{encoder.name} has no timm image trunk with a spatial feature map")
     pixels = torch.stack([encoder.preprocess(open_image(img, draft_size=2 * encoder.image_size)) for img in images])
     with torch.inference_mode(), encoder.autocast():
-        return trunk.forward_features(pixels.to(encoder.device)).float().cpu().contiguous()
+        return trunk.forward_features(encoder.image_input(pixels)).float().cpu().contiguous()
 
 
 def text_token_states(encoder, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
