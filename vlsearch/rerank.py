@@ -117,11 +117,13 @@ def text_tokens(encoder: Any, texts: Sequence[str], with_embeddings: bool = Fals
 def tower_identity(name: str) -> dict[str, Any]:
     """What a re-ranker's inputs depend on: the model name and its frozen towers (the image trunk
     and the text tower named by its config), not its trained head."""
-    from .hf_text import model_config
+    from .hf_text import hf_text_ids, model_config
 
     config = model_config(name) or {}
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
-    return {"model": name, "image_tower": vision.get("timm_model_name"), "text_tower": text.get("hf_model_name")}
+    hf = hf_text_ids(name)  # the hub id the config names, not the local folder it resolved to
+    return {"model": name, "image_tower": vision.get("timm_model_name"),
+            "text_tower": hf[0] if hf else text.get("hf_model_name")}
 
 
 # ---- the fusion model -----------------------------------------------------------------------
