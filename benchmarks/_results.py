@@ -30,7 +30,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__} "
+    from vlsearch.precision import cpu_capability
+
+    return (f"{cpu} ({cpu_capability().describe()}), {os.cpu_count()} cores, {gpu}; torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 

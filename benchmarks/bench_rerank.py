@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -166,7 +167,8 @@ def report(fig: dict) -> str:
     return "\n".join([
         "## Cross-attention re-ranking (ITM) on flickr8k-test (`benchmarks/bench_rerank.py`)",
         "",
-        f"Machine: {fig['machine']} (shared with other jobs while it ran). Command: `{fig['command']}`. "
+        f"Machine: {fig['machine']}; load average {fig.get('load_avg', '?')} when it finished. "
+        f"Command: `{fig['command']}`. Towers in fp32. "
         f"Re-ranker: `{fig['reranker']}` ({fig['reranker_bytes'] / 1e6:.2f} MB fp16) for "
         f"{fig['towers']['model']}; weight {fig['weight']} tuned on the flickr8k-train validation split.",
         "",
@@ -234,6 +236,7 @@ def main() -> None:
     if args.part in ("all", "cost"):
         fig["cost"] = cost(ensure_collection(encoder, reranker), encoder, reranker, pairs.captions, args.queries)
         print(json.dumps(fig["cost"], indent=1), flush=True)
+    fig["load_avg"] = round(os.getloadavg()[0], 1)
     OUT.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(fig, indent=1))
     if "quality" in fig and "cost" in fig:
