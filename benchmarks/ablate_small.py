@@ -78,7 +78,7 @@ def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | No
     if cached.is_file() and cached.stat().st_mtime >= (run / "model.pt").stat().st_mtime:
         return json.loads(cached.read_text())
     set_process_threads(threads)
-    encoder = load_model(model, pretrained=run / "model.pt", device="cpu")
+    encoder = load_model(model, pretrained=run / "model.pt", device="cpu", precision="fp32")
     metrics = flickr_metrics(encoder, DATA / "flickr8k-test", cache=cache, locked_trunk=locked_trunk)
     cached.write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -104,7 +104,8 @@ def trunk_features(encoder, paths: list[Path], cache: Path | None, batch_size: i
     for i in range(0, len(paths), batch_size):
         pixels = torch.stack([encoder.preprocess(open_image(p, draft_size=2 * encoder.image_size))
                               for p in paths[i : i + batch_size]])
-        out.append(visual.trunk(pixels).float())
+        with torch.inference_mode():
+            out.append(visual.trunk(encoder.image_input(pixels)).float())
     out = torch.cat(out)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def main() -> None:
 
     data = Path(args.data)
     cache = Path(args.cache) if args.cache else None
-    small, v2 = load_model(SMALL, device="cpu"), load_model(SMALL, pretrained=V2, device="cpu")
+    small, v2 = (load_model(SMALL, pretrained=p, device="cpu", precision="fp32") for p in (None, V2))
     figures = {
         f"vlsearch-small {small.pretrained} (shipped)": flickr_metrics(small, data / "flickr8k-test", cache),
         f"vlsearch-small {V2} (previous)": flickr_metrics(v2, data / "flickr8k-test", cache),
