@@ -236,8 +236,9 @@ def report(args, n_queries: int, exact_qps: float, exact_p50: float, build_rows:
     return "\n".join([
         f"## Index build and ANN search ({args.n:,} x 512 synthetic '{args.kind}', {n_queries} held-out queries)",
         "",
-        f"Machine: {machine()}. Load average at the end: {load[0]:.1f} (shared machine: other jobs were running, "
-        "so times are noisy; search ratios are from this one run).",
+        f"Machine: {machine()}. Load average at the end: {load[0]:.1f}"
+        + (" (above the 2 cores: other jobs were running, so times are noisy)" if load[0] > 2.5 else "")
+        + "; search ratios are from this one run.",
         f"Command: `{command_line()}`" + (f" {args.note}" if args.note else ""),
         "",
         f"Exact search (`IndexFlatIP`, batched {n_queries} queries, k=10): **{exact_qps:.0f} q/s**, single-query p50 "
