@@ -32,9 +32,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_encoder(tiny_checkpoint):
     from vlsearch.models import TINY_MODEL, load_model
 
-    # fp32: tests compare scores across code paths to 1e-4; auto picks bf16 weights on a CPU with
-    # bf16 units, whose results shift with batch shape (bf16 is covered by test_precision).
-    return load_model(TINY_MODEL, pretrained=tiny_checkpoint, device="cpu", precision="fp32")
+    # auto, like the subprocesses, servers and Ray workers that tests compare it with (bf16 weights
+    # on a CPU with bf16 units).
+    return load_model(TINY_MODEL, pretrained=tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="session")

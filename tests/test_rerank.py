@@ -132,6 +132,15 @@ def test_reranker_round_trips_in_fp16_and_refuses_another_model(tmp_path):
 
 # ---- search -----------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_checkpoint):
+    """fp32 here: these tests recompute re-rank scores through other code paths and compare them to
+    1e-4, and bf16 results (auto on a CPU with bf16 units) shift with the batch's shape."""
+    from vlsearch.models import TINY_MODEL, load_model
+
+    return load_model(TINY_MODEL, pretrained=tiny_checkpoint, device="cpu", precision="fp32")
+
+
 N_IMAGES = 24
 
 
