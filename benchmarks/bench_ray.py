@@ -200,8 +200,9 @@ def report(args: argparse.Namespace, evaluation: dict) -> str:
             ".ivfdata file unmapped and evicted from the page cache (`posix_fadvise DONTNEED`) before each of 50 "
             "queries (this VM's virtual disk may still be cached by its host).\n\n"
             f"{build}\n\n{search}\n\n"
-            f"Machine: {machine()}. Load average at the end: {load[0]:.1f} (shared machine: other helpers' jobs "
-            "ran alongside; ratios measured in one run).\n"
+            f"Machine: {machine()}. Load average at the end: {load[0]:.1f}"
+            + (" (above the 2 cores: other jobs ran alongside)" if load[0] > 2.5 else "")
+            + "; ratios measured in one run.\n"
             f"Command: `{command_line()}` (without `--stage`: local, ray, eval in that order, each in its own "
             "process; `--stage` reruns one).")
 
