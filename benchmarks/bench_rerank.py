@@ -100,18 +100,13 @@ def word_order(encoder, reranker, feats, captions: list[str], pairs: list[tuple[
 
 
 def quality(reranker, feats) -> dict:
-    from vlsearch.rerank_train import candidate_itm, rank_metrics, rerank_ranks
+    from vlsearch.rerank_train import candidate_itm, rerank_metrics
 
     t0 = time.perf_counter()
     sim, top, itm = candidate_itm(reranker, feats, max(KS))
     seconds = time.perf_counter() - t0
-    target = feats.caption_image
-    out = {"dual": rank_metrics(rerank_ranks(sim, top, itm, target, 1, 0.0)),
-           "score_seconds_all_queries_k50": round(seconds, 1)}
-    for k in KS:
-        out[f"itm@{k}"] = rank_metrics(rerank_ranks(sim, top, itm, target, k, None))
-        out[f"combined@{k}"] = rank_metrics(rerank_ranks(sim, top, itm, target, k, reranker.weight))
-    return out
+    out = rerank_metrics(sim, top, itm, feats.caption_image, KS, reranker.weight)
+    return {**out, "score_seconds_all_queries_k50": round(seconds, 1)}
 
 
 def ensure_collection(encoder, reranker) -> Path:

@@ -32,8 +32,10 @@ import torch
 from torch.nn import functional as F
 
 from .errors import TrainingError
+from .metrics import metrics_from_ranks
 from .progress import Progress
 from .rerank import GRID, FusionConfig, FusionITM, Reranker, image_tokens, text_tokens, tower_identity
+from .train_config import plain
 from .train_data import PairData, epoch_order, read_pairs, split_images
 
 __all__ = ["PairFeatures", "RerankTrainConfig", "RerankTrainResult", "extract_features", "train_itm",
@@ -308,9 +310,11 @@ def rerank_ranks(sim: np.ndarray, top: np.ndarray, itm: np.ndarray, target: np.n
 
 
 def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
-    """Recall@1/5/10 (percent) and MRR of 1-based ranks."""
-    out = {f"R@{k}": round(100 * float((ranks <= k).mean()), 2) for k in (1, 5, 10)}
-    out["MRR"] = round(float((1.0 / ranks).mean()), 4)
+    """Recall@1/5/10 (percent, 2 decimals) and MRR (4 decimals) of 1-based ranks
+    (:func:`vlsearch.metrics.metrics_from_ranks`, rounded for reports)."""
+    m = metrics_from_ranks(ranks, (1, 5, 10))
+    out = {f"R@{k}": round(100 * m[f"R@{k}"], 2) for k in (1, 5, 10)}
+    out["MRR"] = round(m["mrr"], 4)
     return out
 
 
@@ -370,7 +374,7 @@ def train_reranker(encoder: Any, data: str | os.PathLike, config: RerankTrainCon
                "weight_table": table, "images": {"train": len(train_idx), "val": len(val_idx)},
                "seconds": {"features": round(t_feats, 1), "train": round(t_train, 1),
                            "tune": round(time.perf_counter() - t0 - t_feats - t_train, 1)}}
-    reranker.info = {"config": _jsonable(asdict(config)), "model_pretrained": encoder.pretrained,
+    reranker.info = {"config": plain(asdict(config)), "model_pretrained": encoder.pretrained,
                      "metrics": metrics}
     return RerankTrainResult(reranker, metrics)
 
@@ -380,14 +384,6 @@ def _grid(config: RerankTrainConfig) -> int:
     if side * side != config.fusion.image_tokens:
         raise TrainingError(f"fusion.image_tokens must be a square (a grid of tokens), got {config.fusion.image_tokens}")
     return side
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def provenance(result: RerankTrainResult, out: str | os.PathLike, data: str | os.PathLike, command: str,
