@@ -42,10 +42,12 @@ from .images import ImageInput
 from .modelinfo import ModelInfo
 
 __all__ = ["GRID", "FusionConfig", "FusionITM", "Reranker", "image_tokens", "text_tokens", "tower_identity",
-           "load_reranker", "builtin_reranker_path", "check_rerank_k", "match_logit"]
+           "load_reranker", "builtin_reranker_path", "check_rerank_k", "match_logit", "MAX_RERANK"]
 
 #: Side of the pooled grid of image tokens (``GRID * GRID`` tokens per image).
 GRID = 5
+#: The most candidates one query may re-rank (``rerank=K``): beyond it a query would take seconds.
+MAX_RERANK = 4096
 RERANKER_FORMAT = 1
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Re-rankers shipped inside the package: model name -> file under vlsearch/weights (provenance:
@@ -214,7 +216,7 @@ class Reranker:
         if tower_identity(name) != self.towers:
             raise RerankerMismatchError(
                 f"this re-ranker was trained for {self.towers} but the model is {tower_identity(name)}; "
-                f"train one for {name} with `vlsearch train-rerank --model {name}`")
+                f"train one for {name} with `vlsearch train-rerank DATA --model {name} --out RERANKER.pt`")
 
     @torch.inference_mode()
     def image_kv(self, tokens: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
@@ -296,8 +298,8 @@ def load_reranker(model: ModelInfo | str, path: str | os.PathLike | None = None)
         path = builtin_reranker_path(name)
         if path is None or not path.is_file():
             raise RerankerNotFoundError(
-                f"no re-ranker ships for model {name}: train one with `vlsearch train-rerank --model {name} "
-                f"--data DATA --out RERANKER.pt` and pass it with --reranker")
+                f"no re-ranker ships for model {name}: train one with `vlsearch train-rerank DATA --model {name} "
+                f"--out RERANKER.pt` and pass it with --reranker")
     reranker = Reranker.load(path)
     reranker.check_model(name)
     return reranker
@@ -311,7 +313,7 @@ def check_rerank_k(rerank: Any, k: int) -> int:
         raise InvalidQueryError(f"rerank must be a non-negative integer (0 = off), got {rerank!r}")
     if 0 < rerank < k:
         raise InvalidQueryError(f"rerank={rerank} re-scores fewer candidates than k={k}: use rerank >= k (or 0)")
-    if rerank > 4096:
-        raise InvalidQueryError(f"rerank={rerank} is too many candidates to re-score (at most 4096)")
+    if rerank > MAX_RERANK:
+        raise InvalidQueryError(f"rerank={rerank} is too many candidates to re-score (at most {MAX_RERANK})")
     return int(rerank)
 

@@ -84,9 +84,9 @@ def image_file(source: dict[str, Any], rel: str) -> str:
 def store_rerank_features(collection: Collection, reranker: Reranker, encoder: Any, batch_size: int = 64,
                           progress: Optional[Progress] = None) -> dict[str, Any]:
     """Compute and store the projected image tokens of every live image shard lacking them (for
-    this re-ranker), decoding the images from the source. Rows whose image cannot be read get
-    zeros (they are then recomputed, and fail, only if they ever become candidates). Returns the
-    written ``features.json``. Holds the collection's writer lock."""
+    this re-ranker), decoding the images from the source. Rows whose image cannot be read now
+    (it was readable when embedded) are stored as zeros, and re-ranked from those zeros if they
+    become candidates. Returns the written ``features.json``. Holds the collection's writer lock."""
     reranker.check_model(collection.model)
     folder = collection.path / RERANK_DIR
     with collection.lock():

@@ -11,6 +11,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
+from vlsearch.rerank import MAX_RERANK
+
 from .config import MAX_RESULTS
 
 MAX_TEXT_CHARS = 1000
@@ -45,7 +47,7 @@ class SearchParams(BaseModel):
     exact: StrictBool = Field(False, description="Exact brute-force search over the shards instead of the ANN index.")
     where: Optional[str] = Field(None, max_length=2000,
                                  description="Metadata filter (only on collections that support filters).")
-    rerank: StrictInt = Field(0, ge=0, le=4096, description="Text queries: re-score the top K (>= k + offset) "
+    rerank: StrictInt = Field(0, ge=0, le=MAX_RERANK, description="Text queries: re-score the top K (>= k + offset) "
                               "with the cross-attention re-ranker (0 = off).")
 
     @model_validator(mode="after")
