@@ -193,6 +193,25 @@ def test_ann_on_flat_and_full_probe_ivf_agree_with_exact(planted, indexed):
         np.testing.assert_allclose([h.score for h in a], [h.score for h in e], atol=2e-3)
 
 
+def test_exact_search_reads_the_shards_once_when_they_fit_the_cache(planted, monkeypatch):
+    """A small collection's vectors are read on the first exact query and kept (same results as
+    streaming the shards per query); over ``exact_cache_mb`` every query streams them."""
+    from vlsearch.collection import Collection
+
+    reads = []
+    real = Collection.iter_embeddings
+    monkeypatch.setattr(Collection, "iter_embeddings", lambda self, *a, **kw: reads.append(1) or real(self, *a, **kw))
+    queries = _unit(np.random.default_rng(3), 5, 64)
+    cached, streamed = Searcher.open(planted[0]), Searcher.open(planted[0], exact_cache_mb=0)
+    first = cached.search_vector(queries, k=10, exact=True)
+    assert cached.search_vector(queries, k=10, exact=True) == first and len(reads) == 1
+    reads.clear()
+    for _ in range(2):
+        assert [[h.id for h in q] for q in streamed.search_vector(queries, k=10, exact=True)] == \
+            [[h.id for h in q] for q in first]
+    assert len(reads) == 2
+
+
 def test_search_parameters_reach_through_idmap_pretransform_and_refine():
     """Per-call params give what a clone of the index with those settings set gives."""
     rng = np.random.default_rng(6)

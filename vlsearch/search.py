@@ -84,6 +84,7 @@ class Searcher:
         precision: str = "auto",
         reranker: Any = None,
         rerank_features: str = "auto",
+        exact_cache_mb: float = 256,
     ):
         self.collection = collection
         self.index = index
@@ -106,6 +107,10 @@ class Searcher:
         self._rerank_features: Any = None
         self._reranker_checked = False
         self._subsets = SubsetCache(int(filter_cache_mb * (1 << 20)))
+        #: exact search reads this version's vectors once into memory when they fit (else streams them)
+        self._exact_cache_bytes = int(exact_cache_mb * (1 << 20))
+        self._exact_db: tuple[np.ndarray, np.ndarray] | None = None
+        self._exact_lock = threading.Lock()
         self._filter_engine: Any = None
         self._filter_lock = threading.Lock()
         entry = collection.manifest.index or {}
@@ -133,7 +138,9 @@ class Searcher:
         first text/image query. ``mmap=True`` memory-maps the index. ``encoder`` must be the
         collection's model (else CollectionMismatchError). ``options``: ``text_cache_size``,
         ``metadata_cache_mb``, ``exact_chunk_size``, ``filter_cache_mb`` (filter results and the
-        vectors gathered for selective filters), ``subset_policy``, ``precision`` (of the query model)."""
+        vectors gathered for selective filters), ``exact_cache_mb`` (exact search holds the image
+        vectors in memory, read once, when they take at most this much; else it streams the shards
+        at every query), ``subset_policy``, ``precision`` (of the query model)."""
         collection = Collection.open(path)
         index = load_index(collection, mmap=mmap) if collection.manifest.index is not None else None
         return cls(collection, index, encoder=encoder, device=device, **options)
@@ -257,7 +264,7 @@ class Searcher:
         if where is not None:
             return self._filtered_knn(q, k, where, nprobe, exact, k_factor)
         if exact:
-            return exact_search(q, self.collection, k, chunk_size=self.exact_chunk_size)
+            return self._exact(q, k)
         scores, ids = self._ann(q, k, nprobe, k_factor)
         return self._fill_short(q, k, nprobe, k_factor, scores, ids)
 
@@ -276,8 +283,20 @@ class Searcher:
             scores[rows], ids[rows] = self._ann(q[rows], k, probe, k_factor)
             rows = short()
         if len(rows):
-            scores[rows], ids[rows] = exact_search(q[rows], self.collection, k, chunk_size=self.exact_chunk_size)
+            scores[rows], ids[rows] = self._exact(q[rows], k)
         return scores, ids
+
+    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over this version's images: from memory when they fit ``exact_cache_mb``
+        (read on the first exact query), else streamed from the shards."""
+        if self._exact_db is None and len(self.row_locator) * self.dim * 4 <= self._exact_cache_bytes:
+            with self._exact_lock:
+                if self._exact_db is None:
+                    self._exact_db = self.collection.read_embeddings()
+        if self._exact_db is None:
+            return exact_search(q, self.collection, k, chunk_size=self.exact_chunk_size)
+        ids, vectors = self._exact_db
+        return exact_search(q, vectors, k, ids=ids, chunk_size=self.exact_chunk_size)
 
     # ---- metadata filters ------------------------------------------------------------------
     @property
