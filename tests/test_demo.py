@@ -154,8 +154,9 @@ def test_data_mode_indexes_a_captioned_folder(tmp_path):
 
 
 def test_default_demo_fits_vlsearch_small_lit_style(tmp_path):
-    """Without data the demo fits vlsearch-small's head to the shapes (pretrained towers locked and
-    precomputed; training pictures also described by partial captions such as "a red circle") and
+    """Without data the demo fits vlsearch-small's heads and the trunk's last 2 stage groups to the
+    shapes (the rest of the pretrained towers locked and precomputed; training pictures also
+    described by partial captions such as "a red circle") and
     scores the hits' colour and shape against each query. A small fit already finds them far above
     chance (1 in 30 pictures has a given colour and shape); the full-size figure is in the README."""
     from vlsearch import models
@@ -167,7 +168,8 @@ def test_default_demo_fits_vlsearch_small_lit_style(tmp_path):
     report = run_demo(tmp_path / "out", config=config)
     coll = Collection.open(report.collection)
     assert coll.manifest.model.name == "vlsearch-small" and coll.manifest.model.dim == 384
-    assert report.training["epochs"] == 30 and report.dataset["partial_captions"] == len(PARTIAL_TEMPLATES)
+    assert report.training["image_groups_tuned"] == 2
+    assert report.training["epochs"] == 15 and report.dataset["partial_captions"] == len(PARTIAL_TEMPLATES)
     train_captions = (report.collection.parent / "data" / "train" / "captions.csv").read_text()
     assert train_captions.count("\n") == 1 + 200 * (2 + len(PARTIAL_TEMPLATES))
     fits = [c and s for q in report.text_queries + report.image_queries
