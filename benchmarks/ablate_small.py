@@ -64,8 +64,9 @@ def describe(config: dict, model_cfg: dict) -> list[object]:
     if config.get("lock_image") and views == 1:
         augment = "none (plain view)"
     train_px = config.get("image_size") or vision["image_size"]
+    autocast = {"auto": "fp32"}.get(config.get("precision", "auto"), config.get("precision"))  # auto: fp32 on CPU
     return [vision["timm_model_name"], image, vision.get("timm_proj", "linear"), f"{train_px}/{vision['image_size']}",
-            config["epochs"], config.get("captions_per_image", 1), views, augment, text, projection]
+            config["epochs"], config.get("captions_per_image", 1), views, augment, text, projection, autocast]
 
 
 def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | None = None,
@@ -130,7 +131,7 @@ def main() -> None:
         rows.append(row)
         print(" | ".join(map(str, row)), flush=True)
     table = markdown_table(["run", "image trunk", "image tower", "head", "px train/test", "epochs", "captions/step",
-                            "views", "augmentation", "text tower", "text projection", "train min",
+                            "views", "augmentation", "text tower", "text projection", "training autocast", "train min",
                             "of which feature caches s", "val T->I R@10 %", "test T->I R@1 %", "R@5 %", "R@10 %", "median rank",
                             "test I->T R@10 %"], rows)
     body = "\n".join(filter(lambda line: line is not None, [

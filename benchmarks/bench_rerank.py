@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,8 @@ def ensure_collection(encoder, reranker) -> Path:
     from vlsearch.rerank_store import store_rerank_features
 
     path = OUT / "flickr8k-test-coll"
+    if (path / "manifest.json").is_file() and Collection.open(path).manifest.model != encoder.info:
+        shutil.rmtree(path)  # embedded with other weights (an earlier shipped model)
     if not (path / "manifest.json").is_file() or not Collection.open(path).manifest.complete:
         embed(str(TEST / "captions.csv"), path, EmbedConfig(workers=0, device="cpu", precision="fp32"), encoder=encoder)
     store_rerank_features(Collection.open(path), reranker, encoder)
@@ -177,7 +180,8 @@ def report(fig: dict) -> str:
         f"encoder, {w['combined']} % combined. E.g. \"{w['examples'][0][0]}\" vs \"{w['examples'][0][1]}\".",
         "",
         f"Cost per query (`search_text(k=10, exact=True, rerank=K)`, median of {c['queries']} queries, "
-        f"2 torch threads; the first stage alone takes {c['first_stage_ms']} ms): stored features "
+        f"2 torch threads, query model in {c.get('query_precision', 'fp32')} (what `precision=auto` picks here); "
+        f"the first stage alone takes {c['first_stage_ms']} ms): stored features "
         f"{c['stored_bytes_per_image']} bytes per image (25 x 256 fp16 in `rerank/part-*.npy`); "
         f"recomputed features store nothing but decode each candidate's image (JPEGs average "
         f"{c['jpeg_bytes_per_image']} bytes) and run the image trunk.",
@@ -213,7 +217,7 @@ def main() -> None:
     reranker = load_reranker(encoder.info, args.reranker)
     pairs = read_pairs(TEST)
     feats = extract_features(encoder, pairs, reranker.grid, cache_dir=args.cache_dir)
-    file = Path(args.reranker) if args.reranker else builtin_reranker_path(encoder.name)
+    file = Path(args.reranker) if args.reranker else builtin_reranker_path(encoder.name, encoder.info.pretrained)
     saved = OUT / "bench_rerank.json"
     fig = json.loads(saved.read_text()) if saved.is_file() and args.part != "all" else {}
     if fig.get("digest") not in (None, reranker.digest):
@@ -229,7 +233,10 @@ def main() -> None:
                                        probe_pairs(pairs.captions, feats.caption_image))
         print(json.dumps(fig["word_order"], indent=1), flush=True)
     if args.part in ("all", "cost"):
-        fig["cost"] = cost(ensure_collection(encoder, reranker), encoder, reranker, pairs.captions, args.queries)
+        # timed with the query model a user gets (precision auto: bf16 weights on a CPU with bf16 units)
+        user = load_model("vlsearch-small", device="cpu")
+        fig["cost"] = cost(ensure_collection(encoder, reranker), user, reranker, pairs.captions, args.queries)
+        fig["cost"]["query_precision"] = user.precision
         print(json.dumps(fig["cost"], indent=1), flush=True)
     fig["load_avg"] = round(os.getloadavg()[0], 1)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,12 @@
     nice -n 10 python benchmarks/bench_small.py            # all three, writes RESULTS.md "small"
 
 * Flickr8k-test (1,000 images, 5,000 captions): text->image and image->text Recall@1/5/10, MRR,
-  median rank for the shipped vlsearch-small (flickr8k-v3), the previous weights (flickr8k-v2,
-  still loadable) and chance, from one run.
+  median rank for the shipped vlsearch-small (flickr8k-v4), the previous weights (flickr8k-v3 and
+  flickr8k-v2, still loadable) and chance, from one run.
 * Zero-shot top-1 on flowers-test (5 classes, chance 20 %) with ``vlsearch.zeroshot``'s default
   prompt templates.
-* Model-only encode speed (``bench_models.measure``) of vlsearch-small v3 and v2, vlsearch-tiny
-  and ViT-B-32 (random init) at one batch size and thread count.
+* Model-only encode speed (``bench_models.measure``) of vlsearch-small v4 (v3's architecture too)
+  and v2, vlsearch-tiny and ViT-B-32 (random init) at one batch size and thread count.
 
 With ``--provenance`` the test figures are also stored in ``vlsearch/weights/vlsearch-small.json``.
 """
@@ -128,7 +128,8 @@ def chance_metrics(n_images: int = 1000, per_image: int = 5) -> dict:
     return {"t2i": t2i, "i2t": i2t}
 
 
-V2 = "flickr8k-v2"  #: the previous shipped weights, compared in the same run
+PREVIOUS = ("flickr8k-v3", "flickr8k-v2")  #: earlier shipped weights, compared in the same run
+V2 = "flickr8k-v2"  #: the last other architecture (speed row)
 
 
 def zero_shot(encoder, folder: Path) -> tuple[float, list[str]]:
@@ -163,20 +164,19 @@ def main() -> None:
 
     data = Path(args.data)
     cache = Path(args.cache) if args.cache else None
-    small, v2 = (load_model(SMALL, pretrained=p, device="cpu", precision="fp32") for p in (None, V2))
-    figures = {
-        f"vlsearch-small {small.pretrained} (shipped)": flickr_metrics(small, data / "flickr8k-test", cache),
-        f"vlsearch-small {V2} (previous)": flickr_metrics(v2, data / "flickr8k-test", cache),
-        "chance": chance_metrics(),
-    }
+    small = load_model(SMALL, device="cpu", precision="fp32")
+    earlier = {tag: load_model(SMALL, pretrained=tag, device="cpu", precision="fp32") for tag in PREVIOUS}
+    figures = {f"vlsearch-small {small.pretrained} (shipped)": flickr_metrics(small, data / "flickr8k-test", cache)}
+    figures.update({f"vlsearch-small {tag} (previous)": flickr_metrics(enc, data / "flickr8k-test", cache)
+                    for tag, enc in earlier.items()})
+    figures["chance"] = chance_metrics()
     headers = ["model", "T->I R@1", "R@5", "R@10", "MRR", "median rank", "I->T R@1", "R@5", "R@10", "MRR", "median rank"]
     retrieval = markdown_table(headers, retrieval_rows(figures))
     print(retrieval)
     top1, templates = zero_shot(small, data / "flowers-test")
-    top1_v2, _ = zero_shot(v2, data / "flowers-test")
+    others = ", ".join(f"{tag} {100 * zero_shot(enc, data / 'flowers-test')[0]:.1f} %" for tag, enc in earlier.items())
     zs = (f"Zero-shot top-1 on flowers-test (500 images, 5 classes, chance 20 %): vlsearch-small {small.pretrained} "
-          f"**{100 * top1:.1f} %**, {V2} {100 * top1_v2:.1f} %. Templates: "
-          + "; ".join(f"`{t}`" for t in templates) + ".")
+          f"**{100 * top1:.1f} %**, {others}. Templates: " + "; ".join(f"`{t}`" for t in templates) + ".")
     print(zs)
     speed = ""
     if not args.skip_speed:
@@ -185,7 +185,10 @@ def main() -> None:
         rows = [measure(m, args.batch_size, args.seconds, p)
                 for m, p in ((SMALL, None), (SMALL, V2), ("vlsearch-tiny", None), ("ViT-B-32", None))]
         speed = markdown_table(["model", "params", "input px", "dim", "images/s", "texts/s"], rows)
-        speed = (f"Model-only encode speed, batch {args.batch_size}, {args.threads} torch threads, fp32 CPU "
+        from vlsearch.precision import describe_auto
+
+        speed = (f"Model-only encode speed, batch {args.batch_size}, {args.threads} torch threads, precision auto "
+                 f"({describe_auto()['precision_auto']} here) "
                  f"(tiny and ViT-B-32 random init; speed does not depend on the weights):\n\n{speed}\n")
         print(speed)
     provenance = json.loads((WEIGHTS_DIR / f"{SMALL}.json").read_text())

@@ -172,7 +172,7 @@ def rr_collection(tmp_path_factory, tiny_encoder):
             captions=pa.table({"image_id": ids[sl], "caption": captions[sl], "embedding": embedding_array(cap_vecs[sl])}))
     coll.update_manifest(counts={"images": N_IMAGES, "captions": 0, "failures": 0, "shards": 2}, complete=True)
     torch.manual_seed(0)
-    rr = Reranker(FusionITM(TINY_FUSION), tower_identity("vlsearch-tiny"), 0.5)
+    rr = Reranker(FusionITM(TINY_FUSION), tower_identity(tiny_encoder.info), 0.5)
     return coll.path, src, rr
 
 
@@ -362,3 +362,20 @@ def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenanc
                if v.is_floating_point())
     with pytest.raises(RerankerMismatchError):
         rr.check_model("vlsearch-tiny")
+
+
+def test_a_reranker_belongs_to_the_weights_that_set_its_towers():
+    """vlsearch-small v4 tunes MiniLM's last two layers: a re-ranker trained on its token states is
+    refused for v3 (same tower names, other weights), and nothing ships for v3."""
+    from vlsearch.modelinfo import ModelInfo
+
+    v4, v3 = ModelInfo("vlsearch-small", "flickr8k-v4", 384), ModelInfo("vlsearch-small", "flickr8k-v3", 384)
+    assert tower_identity(v4) == tower_identity("vlsearch-small") != tower_identity(v3)
+    assert tower_identity(v3) == tower_identity("vlsearch-small", "flickr8k-v3")
+    assert tower_identity(ModelInfo("vlsearch-tiny", "/runs/a/model.pt", 64))["weights"] == "checkpoint"
+    rr = Reranker(FusionITM(TINY_FUSION), tower_identity(v4), 0.5)
+    rr.check_model(v4)
+    with pytest.raises(RerankerMismatchError, match="flickr8k-v3"):
+        rr.check_model(v3)
+    with pytest.raises(RerankerNotFoundError, match="weights flickr8k-v3.*train-rerank"):
+        load_reranker(v3)

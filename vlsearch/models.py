@@ -66,7 +66,8 @@ WEIGHTS_DIR = _PACKAGE_DIR / "weights"
 #: is the default. Each file's provenance is the JSON of the same stem beside it.
 BUILTIN_WEIGHTS: dict[str, dict[str, str]] = {
     # Trained by benchmarks/train_small.py.
-    SMALL_MODEL: {"flickr8k-v3": "vlsearch-small.pt", "flickr8k-v2": "vlsearch-small-v2.pt"},
+    SMALL_MODEL: {"flickr8k-v4": "vlsearch-small.pt", "flickr8k-v3": "vlsearch-small-v3.pt",
+                  "flickr8k-v2": "vlsearch-small-v2.pt"},
 }
 #: Built-in weights whose architecture is not the model's current config: (model, tag) -> config name.
 BUILTIN_ARCH: dict[tuple[str, str], str] = {(SMALL_MODEL, "flickr8k-v2"): "vlsearch-small-v2"}

@@ -14,8 +14,9 @@ the top K, the ITM head re-scores them, and the final score combines both::
     states, mask = text_tokens(encoder, ["a dog"])
     itm = rr.itm_logits(states[0], mask[0], kv)        # (K,) match log-odds
 
-Inputs come from the model's own **frozen** towers, so a re-ranker belongs to a model name and its
-frozen towers (not to the trained head, which only sets the first-stage score):
+Inputs come from the model's own towers, frozen while the re-ranker trains, so a re-ranker belongs
+to a model name, its towers and the weights tag that set them (:func:`tower_identity`; not to the
+trained head, which only sets the first-stage score):
 
 * **image tokens**: the image trunk's final feature map before pooling, for the model's own
   preprocessing (224 px for vlsearch-small; smaller training images are resized to it, exactly as
@@ -50,9 +51,9 @@ GRID = 5
 MAX_RERANK = 4096
 RERANKER_FORMAT = 1
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-#: Re-rankers shipped inside the package: model name -> file under vlsearch/weights (provenance:
-#: the JSON of the same stem beside it).
-BUILTIN_RERANKERS: dict[str, str] = {"vlsearch-small": "vlsearch-small-rerank.pt"}
+#: Re-rankers shipped inside the package: (model name, weights tag) -> file under vlsearch/weights
+#: (provenance: the JSON of the same stem beside it).
+BUILTIN_RERANKERS: dict[tuple[str, str], str] = {("vlsearch-small", "flickr8k-v4"): "vlsearch-small-rerank.pt"}
 
 
 # ---- the towers' inner outputs --------------------------------------------------------------
@@ -116,16 +117,37 @@ def text_tokens(encoder: Any, texts: Sequence[str], with_embeddings: bool = Fals
     return states, mask, F.normalize(emb.float(), dim=-1).cpu().numpy()
 
 
-def tower_identity(name: str) -> dict[str, Any]:
-    """What a re-ranker's inputs depend on: the model name and its frozen towers (the image trunk
-    and the text tower named by its config), not its trained head."""
+def tower_identity(model: ModelInfo | str, pretrained: str | None = None) -> dict[str, Any]:
+    """What a re-ranker's inputs depend on: the model name, its image trunk and text tower (named by
+    its config) and the weights it loads (``model.pretrained``, or for a bare name ``pretrained``,
+    else its default tag): built-in weights may tune tower layers (vlsearch-small's ``flickr8k-v4``
+    tunes MiniLM's last two, so its token states differ from ``flickr8k-v3``'s). A checkpoint file
+    is recorded as ``"checkpoint"``: its path says nothing about its contents."""
     from .hf_text import hf_text_ids, model_config
+    from .models import default_pretrained
 
+    if isinstance(model, str):
+        name, weights = model, default_pretrained(model, pretrained)
+    else:
+        name, weights = model.name, model.pretrained
+    if weights is not None and _is_checkpoint_path(weights):
+        weights = "checkpoint"
     config = model_config(name) or {}
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
     hf = hf_text_ids(name)  # the hub id the config names, not the local folder it resolved to
-    return {"model": name, "image_tower": vision.get("timm_model_name"),
+    return {"model": name, "weights": weights, "image_tower": vision.get("timm_model_name"),
             "text_tower": hf[0] if hf else text.get("hf_model_name")}
+
+
+def _train_hint(identity: dict[str, Any]) -> str:
+    """The train-rerank command line for a model identity (its weights when they are a tag)."""
+    weights = identity.get("weights")
+    tag = f" --pretrained {weights}" if weights not in (None, "checkpoint") else " --pretrained CHECKPOINT" if weights else ""
+    return f"`vlsearch train-rerank DATA --model {identity['model']}{tag} --out RERANKER.pt`"
+
+
+def _is_checkpoint_path(weights: str) -> bool:
+    return os.sep in weights or "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
 # ---- the fusion model -----------------------------------------------------------------------
@@ -211,12 +233,12 @@ class Reranker:
 
     def check_model(self, model: ModelInfo | str) -> None:
         """Raise :class:`RerankerMismatchError` unless this re-ranker was trained for ``model``'s
-        name and frozen towers."""
-        name = model if isinstance(model, str) else model.name
-        if tower_identity(name) != self.towers:
+        name, towers and weights (a bare name: its default weights)."""
+        identity = tower_identity(model)
+        if identity != self.towers:
             raise RerankerMismatchError(
-                f"this re-ranker was trained for {self.towers} but the model is {tower_identity(name)}; "
-                f"train one for {name} with `vlsearch train-rerank DATA --model {name} --out RERANKER.pt`")
+                f"this re-ranker was trained for {self.towers} but the model is {identity}; train one for it "
+                f"with {_train_hint(identity)}")
 
     @torch.inference_mode()
     def image_kv(self, tokens: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
@@ -282,26 +304,32 @@ def _state_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def builtin_reranker_path(model_name: str) -> Path | None:
-    """The re-ranker shipped for ``model_name`` (None if there is none)."""
-    name = BUILTIN_RERANKERS.get(model_name)
+def builtin_reranker_path(model_name: str, pretrained: str | None = None) -> Path | None:
+    """The re-ranker shipped for ``model_name`` with weights ``pretrained`` (None: the model's
+    default weights), or None if there is none."""
+    from .models import default_pretrained
+
+    name = BUILTIN_RERANKERS.get((model_name, default_pretrained(model_name, pretrained) or ""))
     return None if name is None else _WEIGHTS_DIR / name
 
 
 def load_reranker(model: ModelInfo | str, path: str | os.PathLike | None = None) -> Reranker:
-    """The re-ranker at ``path``, else the one shipped for ``model``; checked against ``model``.
+    """The re-ranker at ``path``, else the one shipped for ``model`` (its name and weights);
+    checked against ``model``.
 
     Raises :class:`RerankerNotFoundError` (saying how to train one) when there is none, and
-    :class:`RerankerMismatchError` when it was trained for another model."""
-    name = model if isinstance(model, str) else model.name
+    :class:`RerankerMismatchError` when it was trained for another model or other weights."""
+    identity = tower_identity(model)
+    name = identity["model"]
     if path is None:
-        path = builtin_reranker_path(name)
+        path = builtin_reranker_path(name, identity["weights"])
         if path is None or not path.is_file():
             raise RerankerNotFoundError(
-                f"no re-ranker ships for model {name}: train one with `vlsearch train-rerank DATA --model {name} "
-                f"--out RERANKER.pt` and pass it with --reranker")
+                f"no re-ranker ships for model {name}"
+                + (f" with weights {identity['weights']}" if identity["weights"] else "")
+                + f": train one with {_train_hint(identity)} and pass it with --reranker")
     reranker = Reranker.load(path)
-    reranker.check_model(name)
+    reranker.check_model(model)
     return reranker
 
 

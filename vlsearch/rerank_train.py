@@ -366,7 +366,7 @@ def train_reranker(encoder: Any, data: str | os.PathLike, config: RerankTrainCon
     train_idx, val_idx = split_images(len(pairs.images), config.val_fraction, config.seed)
     model = train_itm(feats.subset(train_idx), config, progress)
     t_train = time.perf_counter() - t0 - t_feats
-    reranker = Reranker(model, tower_identity(encoder.name), 0.0, _grid(config))
+    reranker = Reranker(model, tower_identity(encoder.info), 0.0, _grid(config))
     val = first_captions(feats.subset(val_idx))
     sim, top, itm = candidate_itm(reranker, val, max(config.tune_k))
     reranker.weight, table = tune_weight(sim, top, itm, val.caption_image, config.tune_k, config.weights)
