@@ -218,7 +218,7 @@ def main() -> None:
     body = report(args, stage_eval(args))
     print(body)
     if not args.no_write:
-        write_section("bench_ray", body)
+        write_section("bench_ray" if args.n == 1_000_000 else f"bench_ray_n{args.n}", body)  # keeps each size
 
 if __name__ == "__main__":
     main()
