@@ -9,8 +9,9 @@ which on-disk inverted lists can hold) with the same seed twice:
 - ``ray``: :func:`indexing.ray_engine.build_index_ray` with ``--parts`` parts on a local Ray
   instance (``--actors`` CPUs), merged into ``index-*.ivfdata`` (on-disk lists).
 
-Each stage runs in its own process (``--stage local|ray|eval``; ``--stage all`` runs them in
-order) so every peak RSS belongs to that stage alone. ``eval`` measures recall@10 against the
+Each stage runs in its own process (``--stage data|local|ray|eval``; ``--stage all`` runs them
+in order) so every peak RSS belongs to that stage alone (``data`` generates the set once: its
+memory-mapped writes would otherwise count in the first build's peak). ``eval`` measures recall@10 against the
 exact top-10 and QPS (1000-query batches; single-query p50 latency) for both indexes at the same
 nprobe values, with the on-disk lists warm (page cache) and cold (evicted with
 ``posix_fadvise(DONTNEED)`` before each query), and writes the ``bench_ray`` section of
@@ -46,7 +47,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--nprobes", default="8,16,32,64")
     ap.add_argument("--latency-queries", type=int, default=200)
-    ap.add_argument("--stage", choices=["all", "local", "ray", "eval"], default="all")
+    ap.add_argument("--stage", choices=["all", "data", "local", "ray", "eval"], default="all")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
     return ap.parse_args()
 
@@ -201,16 +202,20 @@ def report(args: argparse.Namespace, evaluation: dict) -> str:
             "queries (this VM's virtual disk may still be cached by its host).\n\n"
             f"{build}\n\n{search}\n\n"
             f"Machine: {machine()}. Load average at the end: {load[0]:.1f}"
-            + (" (above the 2 cores: other jobs ran alongside)" if load[0] > 2.5 else "")
+            + (" (above the 2 cores: the 1-minute average still counts the stage before this one, or other jobs)"
+               if load[0] > 2.5 else "")
             + "; ratios measured in one run.\n"
-            f"Command: `{command_line()}` (without `--stage`: local, ray, eval in that order, each in its own "
+            f"Command: `{command_line()}` (without `--stage`: data, local, ray, eval in that order, each in its own "
             "process; `--stage` reruns one).")
 
 def main() -> None:
     args = _args()
     if args.stage == "all":
-        for stage in ("local", "ray", "eval"):
+        for stage in ("data", "local", "ray", "eval"):
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--stage", stage], check=True)
+        return
+    if args.stage == "data":  # its own process: writing the memory-mapped set would count in a build's peak RSS
+        _dataset(args)
         return
     if args.stage in ("local", "ray"):
         stage_build(args, args.stage)
