@@ -8,7 +8,6 @@ Each script owns one section of ``benchmarks/RESULTS.md`` between ``<!-- NAME:st
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 from pathlib import Path
@@ -18,22 +17,10 @@ HEADER = "# vlsearch benchmark results\n\nEach section is written by the script 
 
 
 def machine() -> str:
-    """One line describing the machine, torch threads and device."""
-    import torch
+    """One line describing the machine, torch threads and device (:func:`vlsearch.precision.describe_machine`)."""
+    from vlsearch.precision import describe_machine
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    from vlsearch.precision import cpu_capability
-
-    return (f"{cpu} ({cpu_capability().describe()}), {os.cpu_count()} cores, {gpu}; torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return describe_machine()
 
 
 def command_line() -> str:

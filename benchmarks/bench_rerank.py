@@ -234,7 +234,7 @@ def main() -> None:
         print(json.dumps(fig["word_order"], indent=1), flush=True)
     if args.part in ("all", "cost"):
         # timed with the query model a user gets (precision auto: bf16 weights on a CPU with bf16 units)
-        user = load_model("vlsearch-small", device="cpu")
+        user = load_model(encoder.name, encoder.pretrained, device="cpu")
         fig["cost"] = cost(ensure_collection(encoder, reranker), user, reranker, pairs.captions, args.queries)
         fig["cost"]["query_precision"] = user.precision
         print(json.dumps(fig["cost"], indent=1), flush=True)

@@ -72,6 +72,22 @@ class CpuCapability:
         return f"{self.torch_capability} ({flags})"
 
 
+def describe_machine() -> str:
+    """One line describing this machine for provenance and benchmark reports: CPU model and bf16
+    support, cores, GPU, torch and its threads, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu} ({cpu_capability().describe()}), {os.cpu_count()} cores, {gpu}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
 def cpu_capability(cpuinfo: str | None = None) -> CpuCapability:
     """Read the CPU's bf16 support from ``/proc/cpuinfo`` (or the given text) and torch."""
     if cpuinfo is None:

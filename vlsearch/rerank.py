@@ -142,8 +142,8 @@ def tower_identity(model: ModelInfo | str, pretrained: str | None = None) -> dic
 def _train_hint(identity: dict[str, Any]) -> str:
     """The train-rerank command line for a model identity (its weights when they are a tag)."""
     weights = identity.get("weights")
-    tag = f" --pretrained {weights}" if weights not in (None, "checkpoint") else " --pretrained CHECKPOINT" if weights else ""
-    return f"`vlsearch train-rerank DATA --model {identity['model']}{tag} --out RERANKER.pt`"
+    pretrained = "" if weights is None else f" --pretrained {'CHECKPOINT' if weights == 'checkpoint' else weights}"
+    return f"`vlsearch train-rerank DATA --model {identity['model']}{pretrained} --out RERANKER.pt`"
 
 
 def _is_checkpoint_path(weights: str) -> bool:

@@ -420,6 +420,7 @@ def train_rerank_cmd(
 
     from vlsearch.fsutil import write_json
     from vlsearch.models import load_model
+    from vlsearch.precision import describe_machine
     from vlsearch.rerank_train import RerankTrainConfig, provenance, train_reranker
 
     if threads:
@@ -436,25 +437,11 @@ def train_rerank_cmd(
         bars.close()
     path = result.reranker.save(out)
     command = shlex.join(["vlsearch", *sys.argv[1:]])
-    write_json(path.with_suffix(".json"), provenance(result, path, data, command, _git_commit(), _machine()))
+    write_json(path.with_suffix(".json"), provenance(result, path, data, command, _git_commit(), describe_machine()))
     val = result.metrics["val"]
     for name, row in val.items():
         typer.echo(f"val {name:12s} R@1/5/10 {row['R@1']:.1f}/{row['R@5']:.1f}/{row['R@10']:.1f}  MRR {row['MRR']:.4f}")
     typer.echo(f"weight {result.reranker.weight} -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
-
-
-def _machine() -> str:
-    """This machine in a provenance line: CPU, cores, bf16 support, torch and its threads."""
-    import os
-    import platform
-
-    import torch
-
-    from vlsearch.precision import cpu_capability
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {cpu_capability().describe()}, {gpu}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 @app.command("rerank-features")
