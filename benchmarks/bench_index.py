@@ -109,6 +109,8 @@ def measure(searcher, q: np.ndarray, gt: np.ndarray, exact_qps: float, args, **s
     import faiss
 
     threads = faiss.omp_get_max_threads()
+    if searcher.disk_refine is not None:
+        searcher.disk_refine.warm()  # warm = the rows file in the page cache and mapped, as in a running server
     searcher.knn(q[:50], k=10, **settings)  # warm-up
     t0 = time.perf_counter()
     _, found = searcher.knn(q, k=10, **settings)

@@ -59,7 +59,7 @@ from vlsearch.ondisk import DiskRefine, new_vectors_stem, remove_stale, vectors_
 from vlsearch.progress import Progress, no_progress
 
 from .plan import DISK_REFINE, ID_BYTES, AutoPolicy, IndexPlan, choose_index, gpu_plan, parse_memory, split_disk_refine
-from .tune import Tuning, drop_self, tune
+from .tune import DISK_RESCORE_COST, RESCORE_COST, Tuning, drop_self, tune
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,8 @@ def _tune(b: _Build, index: Any, refine: DiskRefine | None, xq: np.ndarray, eval
 
     tuning = tune(search, xq, eval_ids, drop_self(exact_top, eval_ids, TUNE_K), target=b.policy.target_recall,
                   nlist=int(ivf.nlist) if ivf is not None else None, refine=has_refine, k=TUNE_K, nprobe=nprobe,
-                  k_factor=k_factor if has_refine else None, k_factors=b.policy.k_factors, ntotal=int(index.ntotal))
+                  k_factor=k_factor if has_refine else None, k_factors=b.policy.k_factors, ntotal=int(index.ntotal),
+                  rescore_cost=DISK_RESCORE_COST if refine is not None else RESCORE_COST)
     set_search_params(index, nprobe=tuning.nprobe, k_factor=tuning.k_factor)
     b.timer.mark("tune")
     b.reasons.append(tuning.message)

@@ -11,7 +11,7 @@ nlist, or recall stops rising. The chosen default is the cheapest setting that m
 when none does, the most accurate one (the cheapest within 0.005 of the best), and
 :attr:`Tuning.met` is False with a plain :attr:`Tuning.message`. "Cheapest" is a cost model, not a
 stopwatch, so the same seed always gives the same defaults (and index bytes): codes scanned
-(``nprobe * ntotal / nlist``) plus ``RESCORE_COST`` per re-scored candidate (``k_factor * k``).
+(``nprobe * ntotal / nlist``) plus ``rescore_cost`` per re-scored candidate (``k_factor * k``).
 Each trial's measured ms/query is still recorded.
 """
 
@@ -29,8 +29,12 @@ from vlsearch.metrics import ann_recall
 Search = Callable[[np.ndarray, int, "int | None", "float | None"], np.ndarray]
 #: Refine factors tried (candidates re-ranked = k_factor * k).
 K_FACTORS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
-#: One full-precision re-score of a candidate costs about this many fast-scan code comparisons.
+#: One full-precision re-score of a candidate costs about this many fast-scan code comparisons
+#: (an in-RAM refine code) ...
 RESCORE_COST = 16.0
+#: ... or this many when the candidate's fp16 row is gathered from the on-disk vectors file
+#: (vlsearch.ondisk; measured at 1M x 512 on 2 cores: ~0.47 us per candidate vs ~6 ns per code).
+DISK_RESCORE_COST = 80.0
 #: nprobe stops doubling when a doubling adds less than this to recall@k.
 PLATEAU = 0.002
 
@@ -116,12 +120,14 @@ def _nprobe_grid(nlist: int | None, fixed: int | None, below: int | None = None)
 
 def tune(search: Search, queries: np.ndarray, own_ids: np.ndarray, truth: np.ndarray, *, target: float,
          nlist: int | None, refine: bool, k: int = 10, nprobe: int | None = None,
-         k_factor: float | None = None, k_factors: Sequence[float] = K_FACTORS, ntotal: int = 0) -> Tuning:
+         k_factor: float | None = None, k_factors: Sequence[float] = K_FACTORS, ntotal: int = 0,
+         rescore_cost: float = RESCORE_COST) -> Tuning:
     """Search the (nprobe, k_factor) grid; ``truth`` is the exact top-k with each query's own id removed.
 
     ``search(queries, k, nprobe, k_factor)`` returns the ANN ids with those per-call settings.
     ``nprobe`` / ``k_factor`` given fix that parameter (only the other one is tuned).
-    ``ntotal``: vectors in the index (sizes an IVF list in the cost model).
+    ``ntotal``: vectors in the index (sizes an IVF list in the cost model); ``rescore_cost``: one
+    re-scored candidate's cost in code comparisons.
     """
     kfs: list[float | None] = [k_factor] if (k_factor is not None or not refine) else list(k_factors)
     trials: list[Trial] = []
@@ -145,7 +151,7 @@ def tune(search: Search, queries: np.ndarray, own_ids: np.ndarray, truth: np.nda
     list_size = ntotal / nlist if nlist else float(ntotal)
 
     def cost(t: Trial) -> tuple[float, int, float]:
-        return ((t.nprobe or 1) * list_size + (t.k_factor or 0) * k * RESCORE_COST, t.nprobe or 0, t.k_factor or 0)
+        return ((t.nprobe or 1) * list_size + (t.k_factor or 0) * k * rescore_cost, t.nprobe or 0, t.k_factor or 0)
 
     return _choose(trials, target, len(queries), _limits(nlist, nprobe, kfs), cost)
 

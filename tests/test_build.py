@@ -98,8 +98,12 @@ def test_auto_respects_memory_budget():
     # a tighter budget: 80% of 100 MiB over 1M vectors -> 83 bytes each, less ids and centroids -> 64-byte codes
     assert P.choose_index(1_000_000, 512, P.parse_memory("100MB")).factory == "IVF4096,PQ128x4fs,Refine(disk)"
     assert P.choose_index(10_000_000, 512, P.parse_memory("4GB")).factory == "IVF16384,PQ128x4fs,Refine(disk)"
-    compact = P.AutoPolicy(max_bytes_per_vector=80)  # 80 - 8 (id) - 9 (centroids): 32-byte codes (d=512 divisors)
-    assert P.choose_index(1_000_000, 512, P.parse_memory("4GB"), policy=compact).factory == "IVF4096,PQ64x4fs,Refine(disk)"
+    # 80 - 8 (id) - 9 (centroids of 4096 lists) leaves 63 bytes: 32-byte codes (d=512 divisors); 2048 lists
+    # (5 bytes of centroids) leave room for 64-byte codes, which shortlist far better: half the lists
+    compact = P.AutoPolicy(max_bytes_per_vector=80)
+    plan = P.choose_index(1_000_000, 512, P.parse_memory("4GB"), policy=compact)
+    assert plan.factory == "IVF2048,PQ128x4fs,Refine(disk)" and plan.nlist == 2048
+    assert any("nlist=2048: half the lists" in r for r in plan.reasons)
     assert P.choose_index(1000, 512, P.parse_memory("1MB")).factory != "Flat"  # Flat would not fit
 
 

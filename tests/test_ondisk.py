@@ -121,3 +121,22 @@ def test_cli_max_bytes_per_vector_builds_the_disk_plan_and_searches(tmp_path, da
     assert "Refine(disk)" in out.output and "B/vector on disk" in out.output
     out = runner.invoke(app, ["info", str(coll.path), "--json"])
     assert out.exit_code == 0 and "Refine(disk)" in out.output
+
+
+def test_rescore_l2_ranks_by_exact_squared_distance(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50, 8)).astype(np.float16).astype(np.float32)
+    coll = make_collection(tmp_path / "c", vecs, shard_size=50)
+    from vlsearch.ondisk import new_vectors_stem, vectors_writer
+
+    with vectors_writer(coll.path, new_vectors_stem(), np.arange(50), 8) as (add, fields):
+        for ids, v in Collection.open(coll.path).iter_embeddings():
+            add(ids, v)
+    r = DiskRefine.from_entry(coll.path, {**fields, "metric": "l2"})
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    cand = rng.permutation(50)[None, :20].repeat(3, 0)
+    d, i = r.rescore(q, cand, 5)
+    want = ((vecs[cand] - q[:, None, :]) ** 2).sum(-1)
+    order = np.argsort(want, axis=1)[:, :5]
+    assert np.array_equal(i, np.take_along_axis(cand, order, 1))
+    assert np.allclose(d, np.take_along_axis(want, order, 1), rtol=1e-5)

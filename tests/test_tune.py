@@ -86,29 +86,25 @@ def test_flat_needs_no_tuning(tmp_path, base_and_fresh):
     assert entry["nprobe_default"] is None and entry["k_factor_default"] is None
 
 
-def test_defaults_are_chosen_by_cost_not_by_the_clock():
+def _tune_with_fixed_recalls(monkeypatch, recall, clock=1.0, **kwargs):
+    """indexing.tune over canned trials: ``recall[(nprobe, k_factor)]``; nprobe 4 measures ``clock`` ms."""
+    import indexing.tune as T
+
+    def trial(search, queries, own, truth, k, nprobe, k_factor):
+        return T.Trial(nprobe, k_factor, recall.get((nprobe, k_factor), 0.0), clock if nprobe == 4 else 1.0)
+
+    monkeypatch.setattr(T, "_trial", trial)
+    return T.tune(lambda q, k, p, kf: np.zeros((len(q), k), np.int64), np.zeros((3, 4), np.float32),
+                  np.zeros(3, np.int64), np.zeros((3, 10), np.int64), target=0.95, nlist=64, refine=True,
+                  k_factors=(4.0, 8.0), ntotal=64_000, **kwargs)
+
+
+def test_defaults_are_chosen_by_cost_not_by_the_clock(monkeypatch):
     """Same trials, wildly different timings: the same (cheapest) setting wins, so builds reproduce."""
-    from indexing.tune import Trial, tune
-
     recall = {(4, 8.0): 0.96, (8, 4.0): 0.96, (1, 8.0): 0.5, (2, 8.0): 0.7}
-    picks = set()
-    for clock in (1.0, 100.0):
-        def search(q, k, p, kf):
-            return np.zeros((len(q), k), np.int64)
-
-        import indexing.tune as T
-
-        def trial(search, queries, own, truth, k, nprobe, k_factor, clock=clock):
-            slow = clock if nprobe == 4 else 1.0  # the cheap setting measured slow on a busy machine
-            return Trial(nprobe, k_factor, recall.get((nprobe, k_factor), 0.0), slow)
-
-        orig = T._trial
-        T._trial = trial
-        try:
-            t = tune(search, np.zeros((3, 4), np.float32), np.zeros(3, np.int64), np.zeros((3, 10), np.int64),
-                     target=0.95, nlist=64, refine=True, k_factors=(4.0, 8.0), ntotal=64_000)
-        finally:
-            T._trial = orig
-        picks.add((t.nprobe, t.k_factor))
-        assert t.met
+    picks = {(t.nprobe, t.k_factor) for t in (_tune_with_fixed_recalls(monkeypatch, recall, clock)
+                                              for clock in (1.0, 100.0)) if t.met}
     assert picks == {(4, 8.0)}  # 4 lists of 1,000 codes + 80 re-scores beats 8 lists + 40 re-scores
+    # re-scores that cost 200 code comparisons each (a slow refine) make the 40-candidate setting cheaper
+    dear = _tune_with_fixed_recalls(monkeypatch, recall, rescore_cost=200.0)
+    assert (dear.nprobe, dear.k_factor) == (8, 4.0) and dear.met

@@ -1,6 +1,6 @@
 """On-disk refine: exact re-scoring of an ANN shortlist from a memory-mapped fp16 vectors file.
 
-The in-RAM index is a compact fast-scan shortlist (e.g. ``IVF4096,PQ64x4fs``: ~48 bytes per
+The in-RAM index is a compact fast-scan shortlist (e.g. ``IVF2048,PQ128x4fs``: ~78 bytes per
 vector with ids and centroids); the final ranking is an exact inner product (or L2) against the
 collection's own fp16 embeddings, read from ``vectors-<token>.f16.npy`` beside the shards:
 
@@ -9,15 +9,18 @@ collection's own fp16 embeddings, read from ``vectors-<token>.f16.npy`` beside t
   absent when the ids are exactly ``0..N-1`` (row = id);
 * both are memory-mapped read-only with ``MADV_RANDOM`` (a query touches ``k * k_factor``
   scattered rows; the kernel's default read-around would fetch megabytes per row on a cold
-  cache); the page cache keeps hot rows, the process's own memory holds none of them.
+  cache); the page cache keeps hot rows, the process's own memory holds none of them
+  (:meth:`DiskRefine.warm` maps them all up front where RAM allows).
 
 The stored embeddings *are* fp16, so the re-score is exact with respect to the collection: the
-result equals a full-precision re-score of the same shortlist.
+result equals a full-precision re-score of the same shortlist. The gather and the dot products run
+in torch, one query at a time (multi-threaded ``index_select``; ~10x numpy fancy indexing).
 
 Why not FAISS's ``IndexRefine`` over an ``IO_FLAG_MMAP_IFC``-mapped ``SQfp16`` refine index
 (checked, faiss 1.15): it works, but the mapping cannot be given ``MADV_RANDOM`` from Python
 (a cold query then reads ~8 MB per candidate with this machine's 8 MB read-ahead) and
-``IndexRefine`` needs ids ``0..N-1`` (an ``IDMap`` in RAM otherwise).
+``IndexRefine`` needs ids ``0..N-1`` (an ``IDMap`` in RAM otherwise); ``search_subset``, which
+would score given rows, is not implemented for ``IndexScalarQuantizer``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from .errors import CollectionError
 from .fsutil import atomic_path
 
 VECTORS_SUFFIX, IDS_SUFFIX = ".f16.npy", ".ids.npy"
-#: Candidate rows re-scored per step (x dim x 6 bytes of fp16 + fp32 copies: ~6 MB at 512-d).
-_CHUNK_ROWS = 2048
 #: Shortlist factor when neither the call nor the manifest gives one.
 DEFAULT_K_FACTOR = 10.0
 
@@ -96,13 +97,6 @@ def _map(path: Path) -> np.ndarray:
     return arr
 
 
-def _to_float32(half: np.ndarray) -> np.ndarray:
-    """fp16 -> fp32 with torch's vectorised kernel (~10x numpy's ``astype`` on this CPU)."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(half)).float().numpy()
-
-
 class DiskRefine:
     """Exact re-scoring of shortlists from the memory-mapped fp16 rows file (thread-safe, read-only)."""
 
@@ -113,6 +107,7 @@ class DiskRefine:
         self.vectors = _map(vectors_path)
         self.ids = _map(ids_path) if ids_path is not None else None
         self.metric = metric
+        self._torch_rows: Any = None
         if self.ids is not None and len(self.ids) != len(self.vectors):
             raise CollectionError(f"{ids_path} holds {len(self.ids)} ids but {vectors_path} {len(self.vectors)} rows")
 
@@ -123,6 +118,13 @@ class DiskRefine:
             return None
         ids = entry.get("refine_ids_file")
         return cls(folder / entry["refine_file"], folder / ids if ids else None, entry.get("metric", "ip"))
+
+    def warm(self) -> None:
+        """Bring the whole rows file into the page cache and this process's mapping (one read per
+        page), so the first queries do not pay a page fault per candidate row. For a server whose
+        RAM holds the file; under memory pressure the kernel drops the pages again, and that is fine."""
+        pages = self.vectors.reshape(-1).view(np.uint8)[:: mmap.PAGESIZE]
+        pages.max(initial=0)
 
     @property
     def nbytes(self) -> int:
@@ -143,16 +145,9 @@ class DiskRefine:
         (inner product descending, or squared L2 ascending), -1 / -inf|inf in empty slots."""
         nq, kk = cand.shape
         rows, valid = self.rows(cand.ravel())
-        rows, valid = rows.reshape(nq, kk), valid.reshape(nq, kk)
-        score = np.empty((nq, kk), np.float32)
-        step = max(1, _CHUNK_ROWS // max(kk, 1))  # a few MB of rows at a time: stays in cache
-        for s in range(0, nq, step):
-            vecs = _to_float32(self.vectors[rows[s:s + step].ravel()]).reshape(-1, kk, self.vectors.shape[1])
-            ip = np.matmul(vecs, queries[s:s + step, :, None])[..., 0]
-            score[s:s + step] = ip if self.metric == "ip" else (
-                np.einsum("qkd,qkd->qk", vecs, vecs) - 2 * ip + (queries[s:s + step] ** 2).sum(-1)[:, None])
+        score = self._scores(np.ascontiguousarray(queries, dtype=np.float32), rows.reshape(nq, kk))
         sign, fill = (-1.0, -np.inf) if self.metric == "ip" else (1.0, np.inf)  # sort ascending on sign * score
-        score = np.where(valid, score, fill)
+        score = np.where(valid.reshape(nq, kk), score, fill)
         order = np.argsort(sign * score, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(score, order, axis=1)
         ids = np.where(np.isfinite(top), np.take_along_axis(cand, order, axis=1), -1)
@@ -161,6 +156,35 @@ class DiskRefine:
             top = np.pad(top, pad, constant_values=fill)
             ids = np.pad(ids, pad, constant_values=-1)
         return top.astype(np.float32), ids.astype(np.int64)
+
+    def _scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact fp32 score of each query against its candidate rows, (Q, K').
+
+        torch, one query at a time: ``index_select`` gathers the rows from the mapping with torch's
+        threads, and a query's rows (~1 MB) stay in cache for the fp16->fp32 cast and the dot
+        product; ~10x a numpy fancy-index gather (benchmarks/RESULTS.md, issue 21).
+        """
+        import torch
+
+        table, q, rows_t = self._table(), torch.from_numpy(queries), torch.from_numpy(rows)
+        out = torch.empty(rows.shape, dtype=torch.float32)
+        with torch.inference_mode():
+            for i in range(len(rows)):
+                v = table.index_select(0, rows_t[i]).float()
+                out[i] = v @ q[i] if self.metric == "ip" else (v - q[i]).square().sum(1)
+        return out.numpy()
+
+    def _table(self) -> Any:
+        """The fp16 rows as a (read-only, shared-memory) torch tensor over the mapping."""
+        if self._torch_rows is None:
+            import warnings
+
+            import torch
+
+            with warnings.catch_warnings():  # torch warns that the mapping is read-only; nothing writes it
+                warnings.simplefilter("ignore", UserWarning)
+                self._torch_rows = torch.from_numpy(self.vectors)
+        return self._torch_rows
 
     def search(self, index: Any, queries: np.ndarray, k: int, k_factor: float,
                params: Any = None) -> tuple[np.ndarray, np.ndarray]:
