@@ -13,8 +13,9 @@ For each model, with the same batch size and torch threads:
 * end-to-end: ``embed(folder, collection)`` with decode workers: listing, decoding in worker
   processes overlapped with encoding, Parquet shard writes.
 
-The goal is end-to-end >= 0.9 x model-only on the small gallery. Model-only is measured before
-and after the end-to-end runs, so CPU contention from other processes shows up as a spread.
+The goal is end-to-end >= 0.9 x model-only on the small gallery. Model-only and end-to-end runs
+alternate ``--repeats`` times and the ratio is of their medians; the model-only range shows how
+much the machine's speed drifted during the run.
 
     flock /work/wt/cpu.lock python benchmarks/bench_encode.py --images 1000 --threads 2
     flock /work/wt/cpu.lock python benchmarks/bench_encode.py --gallery camera --images 2000
@@ -24,14 +25,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vlsearch  # noqa: E402,F401  (first: it turns on huge pages for torch's allocator, see vlsearch/__init__.py)
+import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from vlsearch.threads import set_process_threads  # noqa: E402
 from indexing.decode import decode_batches  # noqa: E402
@@ -89,7 +91,7 @@ def model_only(enc: Encoder, pixels: torch.Tensor, batch_size: int) -> float:
 def decode_only(enc: Encoder, folder: Path, batch_size: int, workers: int) -> float:
     records = list(open_source(folder))
     start = time.perf_counter()
-    n = sum(len(b.ok) for b in decode_batches(records, enc.preprocess, batch_size=batch_size, workers=workers,
+    n = sum(len(b.ok) for b in decode_batches(records, enc.decode_transform, batch_size=batch_size, workers=workers,
                                              draft_size=2 * enc.image_size))
     return n / (time.perf_counter() - start)
 
@@ -121,9 +123,9 @@ def end_to_end(enc: Encoder, folder: Path, out: Path, batch_size: int, workers: 
 
 
 def stage_ms(enc: Encoder, folder: Path, n: int = 64) -> dict[str, float]:
-    """Single-process ms per image for decode (open + draft + EXIF + RGB), preprocess (resize,
-    crop, normalise) and the file columns ``embed`` records (stat + content hash of the bytes), on
-    the first ``n`` images."""
+    """Single-process ms per image for decode (open + draft + EXIF + RGB), preprocess (what the
+    pipeline does: resize + crop to uint8 in the worker, then normalise in the encoding process)
+    and the file columns ``embed`` records (stat + content hash of the bytes), on the first ``n`` images."""
     from indexing.embed import file_columns
 
     paths = sorted(folder.iterdir())[:n]
@@ -131,8 +133,9 @@ def stage_ms(enc: Encoder, folder: Path, n: int = 64) -> dict[str, float]:
     images = [open_image(p, draft_size=2 * enc.image_size) for p in paths]
     decode = time.perf_counter() - start
     start = time.perf_counter()
-    for img in images:
-        enc.preprocess(img)
+    pixels = torch.stack([enc.decode_transform(img) for img in images])
+    if pixels.dtype == torch.uint8:
+        enc.image_input(pixels)
     preprocess = time.perf_counter() - start
     start = time.perf_counter()
     file_columns(list(open_source(folder))[:n])
@@ -141,20 +144,27 @@ def stage_ms(enc: Encoder, folder: Path, n: int = 64) -> dict[str, float]:
 
 
 def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, workers_list: list[int]) -> list[list]:
+    """Model-only and end-to-end runs interleaved ``--repeats`` times; medians (a shared VM's speed drifts
+    by 20 % between runs, so a single before/after pair can flip the ratio)."""
     enc = load_model(name, device=args.device, precision=args.precision)
     paths = sorted(folder.iterdir())
     pixels = torch.stack([enc.preprocess(open_image(p, draft_size=2 * enc.image_size))
-                          for p in paths[: args.model_images]])
-    before = model_only(enc, pixels, args.batch_size)
+                          for p in paths[: args.model_images or len(paths)]])
     stages = stage_ms(enc, folder) if args.gallery == "camera" else {}
     decode_1 = decode_only(enc, folder, args.batch_size, 1)  # as in the pipeline: a 1-thread worker process
-    e2e = {w: end_to_end(enc, folder, tmp / f"{name}-w{w}", args.batch_size, w) for w in workers_list}
-    after = model_only(enc, pixels, args.batch_size)
-    mean = (before + after) / 2
+    model: list[float] = []
+    e2e: dict[int, list[tuple[float, float]]] = {w: [] for w in workers_list}
+    for rep in range(args.repeats):
+        model.append(model_only(enc, pixels, args.batch_size))
+        for w in workers_list:
+            e2e[w].append(end_to_end(enc, folder, tmp / f"{name}-w{w}-{rep}", args.batch_size, w))
+    model.append(model_only(enc, pixels, args.batch_size))
+    mean = statistics.median(model)
     rows = []
-    for w, (rate, write_s) in e2e.items():
-        rows.append([name, enc.precision, len(paths), w, round(before, 1), round(after, 1), round(decode_1, 1),
-                     round(rate, 1), round(rate / mean, 3)])
+    for w, runs in e2e.items():
+        rate, write_s = statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs)
+        rows.append([name, enc.precision, len(paths), w, f"{min(model):.1f}-{max(model):.1f}", round(mean, 1),
+                     round(decode_1, 1), round(rate, 1), round(rate / mean, 3)])
         if stages:
             rows[-1] += [round(stages["decode"], 1), round(stages["preprocess"], 1), round(1000 / mean, 1),
                          round(stages["hash"], 2), round(1000 * write_s / len(paths), 2)]
@@ -162,8 +172,8 @@ def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, wo
     return rows
 
 
-HEADERS = ["model", "precision", "images", "decode workers", "model-only img/s (before)", "model-only img/s (after)",
-           "decode-only img/s (1 worker)", "end-to-end img/s", "end-to-end / model-only"]
+HEADERS = ["model", "precision", "images", "decode workers", "model-only img/s (range)", "model-only img/s (median)",
+           "decode-only img/s (1 worker)", "end-to-end img/s (median)", "end-to-end / model-only"]
 STAGE_HEADERS = ["decode ms/img", "resize+normalise ms/img", "model ms/img", "stat+hash ms/img", "write ms/img"]
 
 
@@ -179,7 +189,10 @@ def main() -> None:
     ap.add_argument("--gallery", choices=("small", "camera"), default="small")
     ap.add_argument("--workers", default=None, help="decode worker counts to try, comma-separated (default: 1,2)")
     ap.add_argument("--precision", default="auto", help="inference precision (see vlsearch.precision)")
-    ap.add_argument("--model-images", type=int, default=256, help="images held as tensors for model-only timing")
+    ap.add_argument("--model-images", type=int, default=None,
+                    help="images held as tensors for model-only timing (default: the whole gallery, the same work "
+                         "as an end-to-end run)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved model-only / end-to-end rounds (medians)")
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"data not found: {args.data}")
@@ -220,7 +233,7 @@ def analysis(rows: list[list]) -> str:
     for name in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == name]
         best = max(mine, key=lambda r: r[7])
-        model_ms = 1000 / ((best[4] + best[5]) / 2)
+        model_ms = 1000 / best[5]
         decode_ms = 1000 / best[6]
         share = decode_ms / (decode_ms + model_ms)
         by_workers = ", ".join(f"{r[3]} worker(s): {r[8]:.2f}" for r in mine)
@@ -234,7 +247,8 @@ def analysis(rows: list[list]) -> str:
     lines.append(
         "- On 2 busy cores decoding and the forward pass compete for the same CPU: decode workers hide decode "
         "latency, not its CPU cost, so the best ratio is about 1 - decode share; more workers only help when "
-        "cores are idle (or the model runs on a GPU). Decode cost = JPEG decode + resize + normalise; `draft()` "
+        "cores are idle (or the model runs on a GPU). Decode cost = JPEG decode + resize + crop (workers ship uint8 "
+        "pixels; the encoding process normalises a whole batch at once, `vlsearch.images.split_preprocess`); `draft()` "
         "(DCT-domain downscaling by 2/4/8 while decoding, to no less than twice the model input) only reduces "
         "JPEGs at least twice that size: the 224 px flickr8k files are decoded whole, a 3000x2000 camera JPEG "
         "at 1/4 (750x500) for a 224 px model input (ViT-B-32 and vlsearch-small)."

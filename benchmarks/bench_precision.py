@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
+import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
+import torch  # noqa: E402
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from vlsearch.threads import set_process_threads  # noqa: E402

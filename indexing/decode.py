@@ -17,7 +17,7 @@ import signal
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,10 @@ from .sources import ImageRecord, content_hash, file_stat, is_url, read_record
 
 #: Seconds one image may take to read + decode + preprocess before it is given up.
 DEFAULT_TIMEOUT = 30.0
+#: Decode workers run this much nicer than the encoding process: on a CPU the model is the
+#: bottleneck, and a worker that preempts one of its threads stalls the other at the next barrier;
+#: at lower priority decoding fills the time the model leaves idle (benchmarks/RESULTS.md, issue 21).
+DECODE_NICE = 10
 
 
 class _Timeout(BaseException):
@@ -160,6 +164,11 @@ def collate(items: list[tuple]) -> DecodedBatch:
                         [(it[0], *it[3]) for it in items if it[3] is not None], [it[4] for it in good])
 
 
+def _lower_priority(worker_id: int) -> None:
+    with suppress(AttributeError, OSError):  # no os.nice (Windows), or not permitted
+        os.nice(DECODE_NICE)
+
+
 def _mp_context():
     # fork starts workers in milliseconds and shares the parent's records and transform; spawn
     # elsewhere (macOS/Windows), where both are pickled.
@@ -187,7 +196,7 @@ def decode_batches(
     dataset = RecordDataset(records, transform, draft_size=draft_size, timeout=timeout, max_pixels=max_pixels)
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context()}
+        kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context(), "worker_init_fn": _lower_priority}
         if timeout:
             kwargs["timeout"] = hang_timeout or batch_size * timeout + 60
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,

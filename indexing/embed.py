@@ -191,7 +191,7 @@ def embed_records(chunk: list[ImageRecord], encoder: Encoder, schema: pa.Schema,
                   stats: "ShardStats", progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Decode and encode one chunk of records: its ``(images, captions, failures)`` tables."""
     draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
-    batches = decode_batches(chunk, encoder.preprocess, batch_size=config.batch_size, workers=config.workers,
+    batches = decode_batches(chunk, encoder.decode_transform, batch_size=config.batch_size, workers=config.workers,
                              timeout=config.decode_timeout, draft_size=draft or None,
                              pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
     images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)

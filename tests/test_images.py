@@ -77,3 +77,50 @@ def test_missing_and_broken_symlink(tmp_path):
     with pytest.raises(DecodeError) as info:
         open_image(tmp_path / "link.jpg")
     assert info.value.kind == "broken-symlink"
+
+
+def test_split_preprocess_gives_the_whole_preprocess_bit_for_bit(tiny_encoder):
+    import torch
+
+    from vlsearch.images import split_preprocess
+
+    split = split_preprocess(tiny_encoder.preprocess)
+    assert split is not None and tiny_encoder.decode_transform.__class__ is split.pil.__class__
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 80), (97, 31))]
+    images.append(Image.new("L", (40, 40), 77))  # not RGB: converted like the preprocess does
+    raw = torch.stack([tiny_encoder.decode_transform(img) for img in images])
+    assert raw.dtype == torch.uint8 and raw.shape[1] == 3
+    assert torch.equal(split.normalise(raw), torch.stack([tiny_encoder.preprocess(img) for img in images]))
+    # the encoder takes either: uint8 pixels are normalised where the model runs
+    np.testing.assert_allclose(tiny_encoder.encode_image_tensors(raw),
+                               tiny_encoder.encode_image_tensors(split.normalise(raw)), atol=1e-6)
+
+
+def test_a_preprocess_that_does_not_split_runs_whole(tiny_encoder):
+    import torch
+    from torchvision import transforms as T
+
+    from vlsearch.encoder import Encoder
+    from vlsearch.images import split_preprocess
+
+    custom = T.Compose([T.Resize(8), T.Grayscale(3), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    assert split_preprocess(custom) is None  # Grayscale is not a known PIL-only step
+    assert split_preprocess(lambda img: torch.zeros(3, 8, 8)) is None
+    assert split_preprocess(T.Compose([T.Resize(8), T.ToTensor()])) is None  # no Normalize to move
+    enc = Encoder(tiny_encoder.model, custom, tiny_encoder.tokenizer, tiny_encoder.info, tiny_encoder.device, "fp32")
+    assert enc.decode_transform is custom
+    with pytest.raises(TypeError, match="does not split"):
+        enc.image_input(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_importing_vlsearch_turns_on_huge_pages_for_torch_unless_the_user_chose(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import vlsearch, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .images import ImageInput, open_image
+from .images import ImageInput, open_image, split_preprocess
 from .modelinfo import ModelInfo
 from .precision import PrecisionChoice
 
@@ -67,6 +67,7 @@ class Encoder:
             precision = PrecisionChoice(precision, mode, f"requested {precision}")
         self.model = model.eval()
         self.preprocess = preprocess
+        self._split = split_preprocess(preprocess)
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
@@ -100,9 +101,20 @@ class Encoder:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    @property
+    def decode_transform(self) -> Any:
+        """What decode workers run on each image: the PIL half of the preprocess (uint8 pixels, which
+        :meth:`image_input` normalises a batch at a time) when it splits, else the whole preprocess."""
+        return self._split.pil if self._split is not None else self.preprocess
+
     def image_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        """A preprocessed batch (or an image tower's float32 feature map) moved to the device, in
-        the dtype and memory format the image tower's weights take (bf16 weights take bf16)."""
+        """A preprocessed batch (or an image tower's float32 feature map, or uint8 pixels from
+        :attr:`decode_transform`) moved to the device, in the dtype and memory format the image
+        tower's weights take (bf16 weights take bf16)."""
+        if pixels.dtype == torch.uint8:
+            if self._split is None:
+                raise TypeError(f"{self.name}'s preprocess does not split: it cannot take uint8 pixels")
+            pixels = self._split.normalise(pixels.to(self.device, non_blocking=True))
         return pixels.to(self.device, dtype=self._input_dtype, non_blocking=True, memory_format=self._memory_format)
 
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
