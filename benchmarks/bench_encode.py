@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import vlsearch  # noqa: E402,F401  (first: it turns on huge pages for torch's a
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from vlsearch.threads import set_process_threads  # noqa: E402
-from indexing.decode import decode_batches  # noqa: E402
+from indexing.decode import DECODE_NICE, decode_batches  # noqa: E402
 from indexing.embed import EmbedConfig, embed  # noqa: E402
 from indexing.sources import open_source  # noqa: E402
 from vlsearch.images import open_image  # noqa: E402
@@ -158,13 +159,15 @@ def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, wo
         model.append(model_only(enc, pixels, args.batch_size))
         for w in workers_list:
             e2e[w].append(end_to_end(enc, folder, tmp / f"{name}-w{w}-{rep}", args.batch_size, w))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model.append(model_only(enc, pixels, args.batch_size))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(pixels)
     mean = statistics.median(model)
     rows = []
     for w, runs in e2e.items():
         rate, write_s = statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs)
         rows.append([name, enc.precision, len(paths), w, f"{min(model):.1f}-{max(model):.1f}", round(mean, 1),
-                     round(decode_1, 1), round(rate, 1), round(rate / mean, 3)])
+                     round(decode_1, 1), round(rate, 1), round(rate / mean, 3), round(faults)])
         if stages:
             rows[-1] += [round(stages["decode"], 1), round(stages["preprocess"], 1), round(1000 / mean, 1),
                          round(stages["hash"], 2), round(1000 * write_s / len(paths), 2)]
@@ -173,7 +176,8 @@ def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, wo
 
 
 HEADERS = ["model", "precision", "images", "decode workers", "model-only img/s (range)", "model-only img/s (median)",
-           "decode-only img/s (1 worker)", "end-to-end img/s (median)", "end-to-end / model-only"]
+           "decode-only img/s (1 worker)", "end-to-end img/s (median)", "end-to-end / model-only",
+           "model-only page faults/img"]
 STAGE_HEADERS = ["decode ms/img", "resize+normalise ms/img", "model ms/img", "stat+hash ms/img", "write ms/img"]
 
 
@@ -216,7 +220,8 @@ def main() -> None:
     body = "\n\n".join([
         "## Indexing throughput: end-to-end `embed` vs model-only" + (" (camera-sized JPEGs)" if camera else ""),
         f"{machine()}; batch size {args.batch_size}, {args.threads} torch threads in the encoding process, "
-        f"decode workers are separate processes (1 thread each). Data: {data}. "
+        f"decode workers are separate processes (1 thread each, nice +{DECODE_NICE}). Data: {data}. "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (torch's allocator on huge pages). "
         f"Load average (1 min) {load_start[0]:.1f} at start, {load_end[0]:.1f} at end"
         + (": the CPU was shared." if max(load_start[0], load_end[0]) > (os.cpu_count() or 1) else "."),
         f"`{command_line()}`",
@@ -241,8 +246,11 @@ def analysis(rows: list[list]) -> str:
             f"- **{name}**: forward {model_ms:.1f} ms/img, decode+preprocess {decode_ms:.1f} ms/img (one worker process), "
             f"so decoding is {share:.0%} of the CPU work per image. End-to-end / model-only by decode workers: "
             f"{by_workers}. "
-            + ("Model-bound: the pipeline keeps the model fed." if share < 0.1 else
-               f"Limited by decoding: its CPU cost alone caps the ratio near {1 - share:.2f} on a saturated CPU.")
+            + (f"Limited by decoding: its CPU cost alone caps the ratio near {1 - share:.2f} on a saturated CPU. "
+               if share >= 0.1 else "")
+            + ("The pipeline keeps the model fed." if best[8] >= 0.9 else
+               "The rest of the gap is contention: a worker that preempts one of the model's threads stalls the "
+               "other at the next barrier, so decoding costs the model more than its own CPU time.")
         )
     lines.append(
         "- On 2 busy cores decoding and the forward pass compete for the same CPU: decode workers hide decode "

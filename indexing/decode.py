@@ -31,10 +31,12 @@ from .sources import ImageRecord, content_hash, file_stat, is_url, read_record
 
 #: Seconds one image may take to read + decode + preprocess before it is given up.
 DEFAULT_TIMEOUT = 30.0
-#: Decode workers run this much nicer than the encoding process: on a CPU the model is the
+#: Decode workers run this much nicer than the encoding process (``$VLSEARCH_DECODE_NICE``
+#: overrides it, e.g. 0 on a machine shared with other CPU-bound jobs): on a CPU the model is the
 #: bottleneck, and a worker that preempts one of its threads stalls the other at the next barrier;
-#: at lower priority decoding fills the time the model leaves idle (benchmarks/RESULTS.md, issue 21).
-DECODE_NICE = 10
+#: at the lowest priority decoding fills the time the model leaves idle. vlsearch-small on 2 cores,
+#: end-to-end / model-only, one run: nice 0: 0.73, 10: 0.80, 19: 0.89 (benchmarks/RESULTS.md, issue 21).
+DECODE_NICE = 19
 
 
 class _Timeout(BaseException):
@@ -165,8 +167,8 @@ def collate(items: list[tuple]) -> DecodedBatch:
 
 
 def _lower_priority(worker_id: int) -> None:
-    with suppress(AttributeError, OSError):  # no os.nice (Windows), or not permitted
-        os.nice(DECODE_NICE)
+    with suppress(AttributeError, OSError, ValueError):  # no os.nice (Windows), not permitted, bad value
+        os.nice(int(os.environ.get("VLSEARCH_DECODE_NICE", DECODE_NICE)))
 
 
 def _mp_context():

@@ -227,7 +227,8 @@ def test_decode_workers_return_each_decoded_files_stat_and_hash(tmp_path):
         assert b.files == [(file_stat(recs[i]), content_hash(recs[i])) for i in b.ok]
 
 
-def test_decode_workers_run_at_lower_priority_than_the_encoder(tmp_path):
+def test_decode_workers_run_at_lower_priority_than_the_encoder(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLSEARCH_DECODE_NICE", raising=False)
     (tmp_path / "ok.jpg").write_bytes(_save(_rgb(), "JPEG"))
     recs = [ImageRecord(i, f"ok{i}.jpg", str(tmp_path / "ok.jpg")) for i in range(2)]
     mine = os.nice(0)
@@ -236,3 +237,6 @@ def test_decode_workers_run_at_lower_priority_than_the_encoder(tmp_path):
     assert os.nice(0) == mine  # the encoding process keeps its priority
     (batch,) = list(decode_batches(recs, lambda img: torch.full((1,), float(os.nice(0))), batch_size=2, workers=0))
     assert batch.pixels.ravel().tolist() == [float(mine)] * 2  # in-process decoding is not reniced
+    monkeypatch.setenv("VLSEARCH_DECODE_NICE", "0")  # a shared machine: decode at the encoder's priority
+    (batch,) = list(decode_batches(recs, lambda img: torch.full((1,), float(os.nice(0))), batch_size=2, workers=1))
+    assert batch.pixels.ravel().tolist() == [float(mine)] * 2
