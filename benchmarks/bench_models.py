@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
 import torch  # noqa: E402
