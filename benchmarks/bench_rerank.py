@@ -128,7 +128,7 @@ def cost(path: Path, encoder, reranker, captions: list[str], n_queries: int) -> 
     from vlsearch.search import Searcher
 
     queries = [captions[i] for i in np.random.default_rng(0).choice(len(captions), n_queries, replace=False)]
-    out: dict = {"queries": n_queries}
+    out: dict = {"queries": n_queries, "tokens": reranker.tokens, "width": reranker.width}
     npy = sorted((path / "rerank").glob("part-*.npy"))
     n_images = sum(np.load(p, mmap_mode="r").shape[0] for p in npy)
     out["stored_bytes_per_image"] = round(sum(p.stat().st_size for p in npy) / n_images)
@@ -182,7 +182,8 @@ def report(fig: dict) -> str:
         f"Cost per query (`search_text(k=10, exact=True, rerank=K)`, median of {c['queries']} queries, "
         f"2 torch threads, query model in {c.get('query_precision', 'fp32')} (what `precision=auto` picks here); "
         f"the first stage alone takes {c['first_stage_ms']} ms): stored features "
-        f"{c['stored_bytes_per_image']} bytes per image (25 x 256 fp16 in `rerank/part-*.npy`); "
+        f"{c['stored_bytes_per_image']} bytes per image "
+        f"({c['tokens']} x {c['width']} fp16 in `rerank/part-*.npy`); "
         f"recomputed features store nothing but decode each candidate's image (JPEGs average "
         f"{c['jpeg_bytes_per_image']} bytes) and run the image trunk.",
         "",

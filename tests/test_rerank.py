@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlsearch.collection import Collection, Manifest, embedding_array
 from vlsearch.errors import (InvalidQueryError, RerankFeaturesError, RerankerMismatchError,
-                             RerankerNotFoundError)
+                             RerankerNotFoundError, TrainingError)
 from vlsearch.rerank import FusionConfig, FusionITM, Reranker, image_tokens, load_reranker, tower_identity
 from vlsearch.rerank_store import store_rerank_features, stored_info
 from vlsearch.rerank_train import (PairFeatures, RerankTrainConfig, hard_negatives, rerank_ranks, train_itm,
@@ -41,10 +41,11 @@ def _synthetic(n_images: int = 64, n_classes: int = 16, seed: int = 0) -> PairFe
                         temb / np.linalg.norm(temb, axis=1, keepdims=True), caption_image)
 
 
-def test_itm_scores_matched_pairs_above_shuffled_after_a_few_steps(one_torch_thread):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_itm_scores_matched_pairs_above_shuffled_after_a_few_steps(one_torch_thread, precision):
     feats = _synthetic()
     config = RerankTrainConfig(fusion=FusionConfig(width=32, heads=2, layers=1, dropout=0.0), epochs=30,
-                               random_epochs=10, batch_size=16, lr=3e-3, val_fraction=0.1)
+                               random_epochs=10, batch_size=16, lr=3e-3, val_fraction=0.1, precision=precision)
     model = train_itm(feats, config)
     rr = Reranker(model, {"model": "synthetic"}, 0.0)
     kv = rr.image_kv(feats.image_tokens)
@@ -68,6 +69,24 @@ def test_training_is_seeded():
     a, b = train_itm(feats, config), train_itm(feats, config)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_training_precision_must_be_fp32_or_bf16():
+    with pytest.raises(TrainingError, match="precision must be fp32 or bf16"):
+        RerankTrainConfig(precision="fp16")
+
+
+def test_cli_train_rerank_refuses_a_bad_precision_or_grid_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+
+    out = CliRunner().invoke(app, ["train-rerank", str(tmp_path), "--out", str(tmp_path / "rr.pt"),
+                                   "--precision", "fp16"])
+    assert out.exit_code != 0 and "precision must be fp32 or bf16" in out.output
+    out = CliRunner().invoke(app, ["train-rerank", str(tmp_path), "--out", str(tmp_path / "rr.pt"), "--grid", "0"])
+    assert out.exit_code != 0 and "--grid" in out.output
+    assert not (tmp_path / "rr.pt").exists()
 
 
 def test_hard_negatives_never_pick_the_positive():
@@ -116,7 +135,7 @@ def test_reranker_round_trips_in_fp16_and_refuses_another_model(tmp_path):
     path = rr.save(tmp_path / "rr.pt")
     back = load_reranker("vlsearch-tiny", path)
     assert back.weight == 0.25 and back.info == {"seed": 0} and back.digest == rr.digest
-    kv = torch.randn(3, 25, 32).half()
+    kv = torch.randn(3, TINY_FUSION.image_tokens, 32).half()
     states, mask = torch.randn(5, 64), torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool)
     assert np.allclose(back.itm_logits(states, mask, kv), rr.itm_logits(states, mask, kv), atol=0.05)
     # padding does not change a score
@@ -250,7 +269,7 @@ def test_stored_features_round_trip_and_are_required_when_asked(rr_collection, t
     info = store_rerank_features(Collection.open(dest), rr, tiny_encoder)
     assert info == stored_info(Collection.open(dest)) and sorted(info["shards"]) == ["0", "1"]
     stored = np.load(dest / "rerank" / "part-00000.npy")
-    assert stored.dtype == np.float16 and stored.shape == (16, 25, 32)
+    assert stored.dtype == np.float16 and stored.shape == (16, TINY_FUSION.image_tokens, 32)
     queries = ["a cat", "bright squares", "noise"]
     a = Searcher.open(dest, encoder=tiny_encoder, reranker=rr, rerank_features="stored")
     b = Searcher.open(dest, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
@@ -337,7 +356,7 @@ def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_che
     assert out.exit_code != 0 and "rerank" in out.output
     out = runner.invoke(app, ["rerank-features", str(dest), "--reranker", file, "--device", "cpu"])
     assert out.exit_code == 0, out.output
-    assert f"{2 * 25 * 32} bytes per image" in out.output
+    assert f"{2 * TINY_FUSION.image_tokens * 32} bytes per image" in out.output
     out = runner.invoke(app, ["search", str(dest), "a cat", "--exact", "-k", "3", "--rerank", "10", "--reranker", file,
                               "--rerank-features", "stored", "--json"])
     assert out.exit_code == 0, out.output
@@ -353,7 +372,7 @@ def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenanc
     rr = load_reranker("vlsearch-small")  # offline: the file is in the package
     assert rr.towers == tower_identity("vlsearch-small")
     assert rr.towers["image_tower"] == "tf_efficientnet_lite0"
-    assert 0 <= rr.weight <= 1 and rr.tokens == 25
+    assert 0 <= rr.weight <= 1 and rr.tokens == 49
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["bytes"] == path.stat().st_size and info["dtype"] == "float16" and info["weight"] == rr.weight
     assert info["digest"] == rr.digest and info["seed"] == 0 and info["data"] == "../shared/data/flickr8k-train"

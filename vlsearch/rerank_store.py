@@ -6,12 +6,13 @@ The ITM head (:mod:`vlsearch.rerank`) needs each candidate's projected image tok
 * **stored** (opt-in, ``vlsearch embed --rerank-features`` or ``vlsearch rerank-features``):
   written once per image shard, in the collection's own ``rerank/`` folder::
 
-      rerank/features.json     {"format": 1, "reranker": digest, "towers": {...}, "tokens": 25,
+      rerank/features.json     {"format": 1, "reranker": digest, "towers": {...}, "tokens": 49,
                                 "width": 256, "dtype": "float16",
                                 "shards": {"3": {"rows": 10000, "ids_sha1": "..."}}}
       rerank/part-00003.npy    (rows, tokens, width) float16, row i = row i of images/part-00003.parquet
 
-  12.8 KB per image at 25 x 256 fp16; memory-mapped, so a query reads only its K candidates.
+  25.1 KB per image at 49 x 256 fp16 (vlsearch-small's shipped re-ranker; 12.8 KB at a 5 x 5
+  grid); memory-mapped, so a query reads only its K candidates.
   The manifest and the image shards are untouched (readers that know nothing of re-ranking work
   as before). A shard whose ids no longer match (rewritten by a sync) counts as missing.
 * **recomputed**: the candidate images are decoded from their source files (the source root

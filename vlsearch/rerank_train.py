@@ -6,15 +6,15 @@
     result = train_reranker(enc, "../shared/data/flickr8k-train", RerankTrainConfig(), cache_dir="bench-data/rr")
     result.reranker.save("rr.pt")          # weight tuned on the validation split, metrics in .info
 
-1. **Features, once** (:func:`extract_features`, cached as ``.npz``): each image's pooled 5 x 5
+1. **Features, once** (:func:`extract_features`, cached as ``.npz``): each image's pooled grid of
    trunk tokens and dual-encoder vector, each caption's token states and dual-encoder vector.
 2. **ITM training** (:func:`train_itm`): ALBEF's loss over 3 B pairs per batch: B positives, for
    each caption a negative image and for each image a negative caption. The first
    ``random_epochs`` draw negatives uniformly (a curriculum); later ones draw *hard* negatives in
    proportion to ``softmax(sim / temperature)`` of the dual encoder's in-batch similarities.
 3. **Weight tuning** (:func:`tune_weight`) on a seeded validation split of the images: the
-   ``weight`` of ``cosine + weight * itm_logit`` maximising validation R@1 (then MRR) when
-   re-ranking the dual encoder's top ``tune_k``.
+   ``weight`` of ``cosine + weight * itm_logit`` maximising validation R@1 (then MRR) over
+   every caption of those images, re-ranking the dual encoder's top ``tune_k``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .train_config import plain
 from .train_data import PairData, epoch_order, read_pairs, split_images
 
 __all__ = ["PairFeatures", "RerankTrainConfig", "RerankTrainResult", "extract_features", "train_itm",
-           "tune_weight", "rerank_metrics", "rerank_ranks", "rank_metrics", "candidate_itm", "first_captions",
+           "tune_weight", "rerank_metrics", "rerank_ranks", "rank_metrics", "candidate_itm",
            "train_reranker", "hard_negatives", "provenance"]
 
 
@@ -128,7 +128,7 @@ class RerankTrainConfig:
     """How a re-ranker is trained: fusion shape, ALBEF ITM schedule, validation and tuning."""
 
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    epochs: int = 10  #: passes over the training images (one caption of each image per pass)
+    epochs: int = 20  #: passes over the training images (one caption of each image per pass)
     random_epochs: int = 2  #: first epochs with uniform negatives (curriculum), then hard ones
     batch_size: int = 128
     lr: float = 5e-4
@@ -144,12 +144,17 @@ class RerankTrainConfig:
     weights: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
     seed: int = 0
     threads: int | None = None  #: torch threads while training (None: leave as is)
+    #: "fp32", or "bf16": the forward under CPU bf16 autocast (weights and optimizer stay fp32),
+    #: ~2x faster on CPUs with bf16 units (:mod:`vlsearch.precision`)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or not 0 <= self.random_epochs <= self.epochs:
             raise TrainingError("rerank training needs epochs >= 1, batch_size >= 2, 0 <= random_epochs <= epochs")
         if not 0 < self.val_fraction < 1:
             raise TrainingError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.precision not in ("fp32", "bf16"):
+            raise TrainingError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
 
 def hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -173,7 +178,7 @@ def itm_batch_loss(model: FusionITM, text: torch.Tensor, mask: torch.Tensor, ima
     logits = model(torch.cat([text, text, text[neg_txt]]), torch.cat([mask, mask, mask[neg_txt]]),
                    torch.cat([image_kv, image_kv[neg_img], image_kv]))
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def train_itm(feats: PairFeatures, config: RerankTrainConfig, progress: Optional[Progress] = None) -> FusionITM:
@@ -232,13 +237,6 @@ def _neighbourhood_order(image_emb: np.ndarray, order: np.ndarray, caps: np.ndar
     return order[picked], caps[picked]
 
 
-def first_captions(feats: PairFeatures) -> PairFeatures:
-    """``feats`` with only the first caption of each image (a cheaper validation query set)."""
-    first = np.flatnonzero(np.r_[True, np.diff(feats.caption_image) != 0])
-    return PairFeatures(feats.image_tokens, feats.image_emb, feats.text_states[first], feats.text_mask[first],
-                        feats.text_emb[first], feats.caption_image[first])
-
-
 def _pairs_of(feats: PairFeatures) -> PairData:
     """A caption-grouped view of ``feats`` (captions must be grouped by image, as read_pairs gives)."""
     ci = feats.caption_image
@@ -264,11 +262,12 @@ def _train_step(model: FusionITM, opt: torch.optim.Optimizer, feats: PairFeature
     text = torch.from_numpy(feats.text_states[caps]).float()
     mask = torch.from_numpy(feats.text_mask[caps])
     used = int(mask.any(0).nonzero().max()) + 1  # trim common padding
-    kv = model.project_image(torch.from_numpy(feats.image_tokens[imgs]).float())
     sim = torch.from_numpy(feats.text_emb[caps] @ feats.image_emb[imgs].T) / config.temperature
     if not hard:
         sim = torch.zeros_like(sim)
-    loss = itm_batch_loss(model, text[:, :used], mask[:, :used], kv, sim, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        kv = model.project_image(torch.from_numpy(feats.image_tokens[imgs]).float())
+        loss = itm_batch_loss(model, text[:, :used], mask[:, :used], kv, sim, gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -367,7 +366,7 @@ def train_reranker(encoder: Any, data: str | os.PathLike, config: RerankTrainCon
     model = train_itm(feats.subset(train_idx), config, progress)
     t_train = time.perf_counter() - t0 - t_feats
     reranker = Reranker(model, tower_identity(encoder.info), 0.0, _grid(config))
-    val = first_captions(feats.subset(val_idx))
+    val = feats.subset(val_idx)  # every caption: 5x the queries of first captions alone, a steadier choice
     sim, top, itm = candidate_itm(reranker, val, max(config.tune_k))
     reranker.weight, table = tune_weight(sim, top, itm, val.caption_image, config.tune_k, config.weights)
     metrics = {"val": rerank_metrics(sim, top, itm, val.caption_image, config.tune_k, reranker.weight),
