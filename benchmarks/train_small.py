@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,16 +171,6 @@ def save_model_config(model: str, out: Path) -> Path:
     return out / MODEL_CONFIG
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vlsearch", "benchmarks/train_small.py"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+uncommitted-changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def reproduce_command(args: argparse.Namespace) -> str:
     """The command line that trains and ships these weights from scratch (what provenance records)."""
     skip = {"--ship-only", "--resume"}
@@ -217,6 +206,7 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     """fp16 trained parts (not the pretrained backbones) + provenance JSON, both written atomically."""
     import torch
 
+    from vlsearch.app.cli import git_commit
     from vlsearch.fsutil import atomic_path, write_json
     from vlsearch.train import TRAIN_LOG
     from vlsearch.train_checkpoint import FINAL_CHECKPOINT
@@ -236,7 +226,7 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
                           "the test split is never used in training"},
         "command": reproduce_command(args),
         "seed": args.seed,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(ROOT, ["vlsearch", "benchmarks/train_small.py"]) or "unknown",
         "machine": machine(),
         "train_config": info.get("config"),
         "steps": log["steps"],

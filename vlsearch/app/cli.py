@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 
@@ -442,7 +443,7 @@ def train_rerank_cmd(
         bars.close()
     path = result.reranker.save(out)
     command = shlex.join(["vlsearch", *sys.argv[1:]])
-    write_json(path.with_suffix(".json"), provenance(result, path, data, command, _git_commit(), describe_machine()))
+    write_json(path.with_suffix(".json"), provenance(result, path, data, command, git_commit(), describe_machine()))
     val = result.metrics["val"]
     for name, row in val.items():
         typer.echo(f"val {name:12s} R@1/5/10 {row['R@1']:.1f}/{row['R@5']:.1f}/{row['R@10']:.1f}  MRR {row['MRR']:.4f}")
@@ -475,12 +476,15 @@ def _store_rerank_features(collection_dir: str, reranker: Optional[str], device:
                f"({2 * rr.tokens * rr.width} bytes per image)")
 
 
-def _git_commit() -> Optional[str]:
+def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) -> Optional[str]:
+    """HEAD of the git checkout at ``cwd`` (default: here), with ``+uncommitted-changes`` when any
+    file (under ``paths``) differs from it; None outside a checkout. Provenance of trained weights."""
     import subprocess
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=cwd, capture_output=True,
                                text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
