@@ -123,8 +123,44 @@ def test_rerank_ranks_and_weight_tuning():
     assert rerank_ranks(sim, top, itm, target, 1, 0.0).tolist() == [2, 3]  # dual alone
     assert rerank_ranks(sim, top, itm, target, 3, None).tolist() == [1, 1]  # ITM alone
     assert rerank_ranks(sim, top, itm, target, 2, None).tolist() == [1, 3]  # target 0 outside top 2
-    weight, table = tune_weight(sim, top, itm, target, (3,), (0.0, 0.001, 1.0))
-    assert weight == 1.0 and table["0.0"][0] == 0.0 and table["1.0"][0] == 100.0
+    weight, hub_weight, table = tune_weight(sim, top, itm, target, (3,), (0.0, 0.001, 1.0))
+    assert (weight, hub_weight) == (1.0, 0.0) and table["0.0"][0] == 0.0 and table["1.0"][0] == 100.0
+    # a hubness penalty on image 0 (the "hub" each query wrongly prefers) fixes both without the ITM
+    sim = np.array([[0.9, 0.8, 0.1], [0.9, 0.1, 0.6]], np.float32)
+    top, target, itm = np.array([[0, 1, 2], [0, 2, 1]]), np.array([1, 2]), np.zeros((2, 3), np.float32)
+    hub = np.array([0.5, 0.0, 0.0], np.float32)
+    assert rerank_ranks(sim, top, itm, target, 3, 0.0, 0.5 * hub).tolist() == [1, 2]
+    assert rerank_ranks(sim, top, itm, target, 3, 0.0, 1.0 * hub).tolist() == [1, 1]
+    assert rerank_ranks(sim, top, itm, target, 1, 0.0, 1.0 * hub).tolist() == [2, 2]  # only the top K re-scored
+    weight, hub_weight, table = tune_weight(sim, top, itm, target, (3,), (0.0, 1.0), hub, (0.0, 0.5, 1.0, 2.0))
+    assert (weight, hub_weight) == (0.0, 1.0)  # ties at R@1 100: the smaller hub weight, then weight
+    assert table["0.0/1.0"][0] == 100.0 and table["0.0/0.0"][0] == 0.0 and len(table) == 8
+
+
+def test_hub_offsets_are_mean_cosines_to_the_nearest_bank_captions():
+    from vlsearch.rerank_train import hub_bank
+
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((50, 8)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    images = bank[:5] + 0.1 * rng.standard_normal((5, 8)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    rr = Reranker(FusionITM(TINY_FUSION), tower_identity("vlsearch-tiny"), 0.5, bank=bank, hub_k=3, hub_weight=0.5)
+    sims = images @ rr.bank.astype(np.float32).T
+    expected = np.sort(sims, axis=1)[:, -3:].mean(1)
+    assert np.allclose(rr.hub_offsets(images), expected, atol=1e-6)
+    assert np.allclose(rr.hub_offsets(images, batch_size=2), expected, atol=1e-6)
+    assert rr.combine([1.0], [2.0], [0.4]) == pytest.approx([1.0 + 0.5 * 2.0 - 0.5 * 0.4])
+    with pytest.raises(ValueError, match="hub offsets"):
+        rr.combine([1.0], [2.0])
+    plain = Reranker(rr.model, rr.towers, 0.5)
+    assert not plain.has_hub and (plain.hub_offsets(images) == 0).all()
+    assert plain.combine([1.0], [2.0]) == pytest.approx([2.0])
+    with pytest.raises(ValueError, match="hub_k"):
+        Reranker(rr.model, rr.towers, 0.5, bank=bank[:2], hub_k=3)
+    sample = hub_bank(bank, 20, seed=0)
+    assert sample.dtype == np.float16 and sample.shape == (20, 8) and np.array_equal(sample, hub_bank(bank, 20, 0))
+    assert hub_bank(bank, 0, 0) is None and len(hub_bank(bank, 500, 0)) == 50
 
 
 # ---- the re-ranker file -----------------------------------------------------------------------
@@ -147,6 +183,18 @@ def test_reranker_round_trips_in_fp16_and_refuses_another_model(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RerankerNotFoundError, match="not a vlsearch re-ranker"):
         Reranker.load(tmp_path / "junk.pt")
+    # a hubness bank, its k and weight travel with the file and change the digest
+    bank = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+    banked = Reranker(rr.model, rr.towers, 0.25, bank=bank, hub_k=2, hub_weight=0.75)
+    back = Reranker.load(banked.save(tmp_path / "banked.pt"))
+    assert (back.hub_k, back.hub_weight) == (2, 0.75) and np.array_equal(back.bank, bank.astype(np.float16))
+    assert back.digest == banked.digest != rr.digest
+    payload = torch.load(path, weights_only=True)  # a file written before banks existed
+    for key in ("bank", "hub_k", "hub_weight"):
+        del payload[key]
+    torch.save(payload, tmp_path / "old.pt")
+    old = Reranker.load(tmp_path / "old.pt")
+    assert old.bank is None and old.hub_weight == 0.0 and not old.has_hub and old.digest == rr.digest
 
 
 # ---- search -----------------------------------------------------------------------------------
@@ -193,6 +241,15 @@ def rr_collection(tmp_path_factory, tiny_encoder):
     torch.manual_seed(0)
     rr = Reranker(FusionITM(TINY_FUSION), tower_identity(tiny_encoder.info), 0.5)
     return coll.path, src, rr
+
+
+@pytest.fixture(scope="module")
+def hub_reranker(rr_collection, tiny_encoder):
+    """The collection's re-ranker with a hubness bank of caption vectors and a large hub weight."""
+    _, _, rr = rr_collection
+    bank = tiny_encoder.encode_texts([f"a {c} {t} picture" for c in ("dark", "bright", "grey", "noisy")
+                                      for t in ("square", "photo", "texture")])
+    return Reranker(rr.model, rr.towers, 0.5, bank=bank, hub_k=3, hub_weight=2.0)
 
 
 def test_reranked_hits_are_the_top_k_candidates_in_rescored_order(rr_collection, tiny_encoder):
@@ -289,6 +346,46 @@ def test_stored_features_round_trip_and_are_required_when_asked(rr_collection, t
     assert auto.rerank_features.stored_shards == 0
 
 
+def test_hubness_offsets_are_stored_and_recomputed_alike(rr_collection, hub_reranker, tiny_encoder, tmp_path):
+    import shutil
+
+    path, src, _ = rr_collection
+    dest = tmp_path / "coll"
+    shutil.copytree(path, dest)
+    info = store_rerank_features(Collection.open(dest), hub_reranker, tiny_encoder)
+    assert info["hub"] is True and info["reranker"] == hub_reranker.digest
+    coll = Collection.open(dest)
+    ids, vectors = coll.read_embeddings()
+    offsets = np.concatenate([np.load(dest / "rerank" / f"hub.part-0000{s}.npy") for s in (0, 1)])
+    assert offsets.dtype == np.float32 and np.allclose(offsets, hub_reranker.hub_offsets(vectors), atol=1e-3)
+    stored = Searcher.open(dest, encoder=tiny_encoder, reranker=hub_reranker, rerank_features="stored")
+    fresh = Searcher.open(dest, encoder=tiny_encoder, reranker=hub_reranker, rerank_features="recompute")
+    query = "a bright square"
+    first = fresh.search_text(query, k=12, exact=True)
+    hits = stored.search_text(query, k=12, exact=True, rerank=12)
+    assert [h.id for h in hits] == [h.id for h in fresh.search_text(query, k=12, exact=True, rerank=12)]
+    # the order is cosine + weight * ITM - hub_weight * offset
+    from vlsearch.rerank import text_tokens
+
+    states, mask = text_tokens(tiny_encoder, [query])
+    itm = hub_reranker.itm_logits(states[0], mask[0], hub_reranker.image_kv(image_tokens(tiny_encoder,
+                                                                                        [src / h.path for h in first])))
+    row = {int(i): r for r, i in enumerate(ids)}
+    hub = offsets[[row[h.id] for h in first]]
+    expected = np.array([h.score for h in first]) + 0.5 * itm - 2.0 * hub
+    order = np.argsort(-expected, kind="stable")
+    assert [h.id for h in hits] == [first[i].id for i in order]
+    assert np.allclose([h.score for h in hits], expected[order], atol=1e-3)
+    # a store made without a bank (another digest) is not used by the banked re-ranker
+    shutil.rmtree(dest / "rerank")
+    _, _, plain = rr_collection
+    store_rerank_features(Collection.open(dest), plain, tiny_encoder)
+    assert not (dest / "rerank" / "hub.part-00000.npy").exists()
+    auto = Searcher.open(dest, encoder=tiny_encoder, reranker=hub_reranker)
+    auto.search_text(query, k=5, exact=True, rerank=10)
+    assert auto.rerank_features.stored_shards == 0
+
+
 def test_server_search_takes_rerank_for_text_queries(rr_collection, tiny_encoder):
     from fastapi.testclient import TestClient
 
@@ -361,6 +458,35 @@ def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_che
                               "--rerank-features", "stored", "--json"])
     assert out.exit_code == 0, out.output
     assert [json.loads(line)["id"] for line in out.output.strip().splitlines()] == [h["id"] for h in hits]
+
+
+def test_train_reranker_end_to_end_tunes_both_weights_and_keeps_a_bank(rr_collection, tiny_encoder, tmp_path):
+    import csv
+
+    from vlsearch.rerank_train import train_reranker
+
+    _, src, _ = rr_collection
+    with open(tmp_path / "captions.csv", "w", newline="") as fh:
+        rows = csv.writer(fh)
+        rows.writerow(["image", "caption"])
+        for i in range(N_IMAGES):
+            for words in (f"shade {i % 4} picture", f"a square of shade {i % 4}"):
+                rows.writerow([str(src / f"img-{i:02d}.png"), words])
+    config = RerankTrainConfig(fusion=FusionConfig(width=16, heads=2, layers=1, image_tokens=4), epochs=2,
+                               batch_size=8, val_fraction=0.25, tune_k=(3,), weights=(0.0, 0.1),
+                               bank_size=12, hub_k=2, hub_weights=(0.0, 0.5))
+    result = train_reranker(tiny_encoder, tmp_path, config)
+    rr = result.reranker
+    assert rr.bank.shape == (12, tiny_encoder.info.dim) and rr.hub_k == 2 and rr.grid == 2
+    assert rr.weight in (0.0, 0.1) and rr.hub_weight in (0.0, 0.5)
+    assert sorted(result.metrics["weight_table"]) == ["0.0/0.0", "0.0/0.5", "0.1/0.0", "0.1/0.5"]
+    assert {"dual", "itm@3", "combined@3", "hub@3"} <= set(result.metrics["val"])
+    back = Reranker.load(rr.save(tmp_path / "rr.pt"))
+    assert back.digest == rr.digest and back.hub_weight == rr.hub_weight
+    without = train_reranker(tiny_encoder, tmp_path, RerankTrainConfig(**{**config.__dict__, "bank_size": 0}))
+    assert without.reranker.bank is None and "hub@3" not in without.metrics["val"]
+    with pytest.raises(TrainingError, match="hub_k"):
+        RerankTrainConfig(bank_size=4, hub_k=5)
 
 
 def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenance():

@@ -214,17 +214,32 @@ def match_logit(logits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Reranker:
     """A trained fusion model plus what it is for (``towers``, see :func:`tower_identity`) and how
-    its logit is combined with the first-stage cosine (``weight``, tuned on a validation split)."""
+    its logit is combined with the first-stage cosine (``weight``, tuned on a validation split).
+
+    A re-ranker may also carry a **hubness correction** (CSLS, as in cross-lingual retrieval and
+    QB-Norm): ``bank`` holds the dual encoder's unit vectors of training captions, and a candidate
+    image's ``hub_offset`` is its mean cosine to its ``hub_k`` nearest bank captions. Images close to
+    many captions ("hubs") win first-stage rankings they should not; the combined score subtracts
+    ``hub_weight * hub_offset`` (tuned with ``weight``; 0 or no bank: no correction)."""
 
     model: FusionITM
     towers: dict[str, Any]
     weight: float
     grid: int = GRID
     info: dict[str, Any] = field(default_factory=dict)  #: provenance: data, metrics, seed, ...
+    bank: np.ndarray | None = None  #: (B, d) float16 unit text vectors of training captions
+    hub_k: int = 10
+    hub_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.model.eval()
-        self.digest = _state_digest(self.model)  #: identifies stored keys/values made by this re-ranker
+        if self.bank is not None:
+            self.bank = np.ascontiguousarray(self.bank, dtype=np.float16)
+            if self.bank.ndim != 2 or not 1 <= self.hub_k <= len(self.bank):
+                raise ValueError(f"a hubness bank must be (B, d) with 1 <= hub_k <= B, got {self.bank.shape} "
+                                 f"and hub_k={self.hub_k}")
+        #: identifies stored keys/values and hubness offsets made by this re-ranker
+        self.digest = _state_digest(self.model, self.bank, self.hub_k)
 
     @property
     def width(self) -> int:
@@ -233,6 +248,11 @@ class Reranker:
     @property
     def tokens(self) -> int:
         return self.model.config.image_tokens
+
+    @property
+    def has_hub(self) -> bool:
+        """Whether candidates need hubness offsets (a bank, and a nonzero weight on them)."""
+        return self.bank is not None and self.hub_weight != 0.0
 
     def check_model(self, model: ModelInfo | str) -> None:
         """Raise :class:`RerankerMismatchError` unless this re-ranker was trained for ``model``'s
@@ -266,16 +286,38 @@ class Reranker:
             out.append(match_logit(self.model(states.expand(n, -1, -1), mask.expand(n, -1), part)))
         return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
-    def combine(self, first_stage: np.ndarray, itm: np.ndarray) -> np.ndarray:
-        """The re-rank score: ``first_stage + weight * itm``."""
-        return (np.asarray(first_stage, np.float32) + np.float32(self.weight) * np.asarray(itm, np.float32))
+    def hub_offsets(self, image_emb: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """``(N,)`` float32 hubness offsets of ``(N, d)`` unit image vectors: each one's mean cosine
+        to its ``hub_k`` nearest bank captions (zeros without a bank)."""
+        image_emb = np.asarray(image_emb, np.float32)
+        if self.bank is None:
+            return np.zeros(len(image_emb), np.float32)
+        if image_emb.ndim != 2 or image_emb.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"expected (N, {self.bank.shape[1]}) image vectors, got {image_emb.shape}")
+        bank, out = self.bank.astype(np.float32), np.empty(len(image_emb), np.float32)
+        for start in range(0, len(image_emb), batch_size):
+            sim = image_emb[start: start + batch_size] @ bank.T
+            out[start: start + len(sim)] = -np.partition(-sim, self.hub_k - 1, axis=1)[:, : self.hub_k].mean(1)
+        return out
+
+    def combine(self, first_stage: np.ndarray, itm: np.ndarray, hub: np.ndarray | None = None) -> np.ndarray:
+        """The re-rank score: ``first_stage + weight * itm - hub_weight * hub`` (``hub``: the
+        candidates' :meth:`hub_offsets`; needed when :attr:`has_hub`)."""
+        score = np.asarray(first_stage, np.float32) + np.float32(self.weight) * np.asarray(itm, np.float32)
+        if self.has_hub:
+            if hub is None:
+                raise ValueError("this re-ranker corrects hubness: pass the candidates' hub offsets")
+            score = score - np.float32(self.hub_weight) * np.asarray(hub, np.float32)
+        return score
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the re-ranker (fp16 weights + its metadata) atomically."""
         path = Path(path)
         state = {k: v.half() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
         payload = {"format": RERANKER_FORMAT, "fusion": asdict(self.model.config), "towers": self.towers,
-                   "weight": float(self.weight), "grid": self.grid, "info": self.info, "state_dict": state}
+                   "weight": float(self.weight), "grid": self.grid, "info": self.info, "state_dict": state,
+                   "hub_k": self.hub_k, "hub_weight": float(self.hub_weight),
+                   "bank": None if self.bank is None else torch.from_numpy(self.bank)}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return path
@@ -291,15 +333,22 @@ class Reranker:
             model = FusionITM(FusionConfig(**payload["fusion"]))
             model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                    for k, v in payload["state_dict"].items()})
+            bank = payload.get("bank")  # absent in re-rankers written before hubness correction
+            return cls(model, payload["towers"], float(payload["weight"]), int(payload.get("grid", GRID)),
+                       payload.get("info", {}), None if bank is None else bank.numpy(),
+                       int(payload.get("hub_k", 10)), float(payload.get("hub_weight", 0.0)))
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
             raise RerankerNotFoundError(f"{path} is not a vlsearch re-ranker: {exc}") from exc
-        return cls(model, payload["towers"], float(payload["weight"]), int(payload.get("grid", GRID)),
-                   payload.get("info", {}))
 
 
-def _state_digest(model: nn.Module) -> str:
-    """sha1 (16 hex) of the fp16 weights of the image projection (what stored keys/values depend on)."""
+def _state_digest(model: nn.Module, bank: np.ndarray | None = None, hub_k: int = 10) -> str:
+    """sha1 (16 hex) of what stored features depend on: the fp16 weights of the image projection
+    (keys/values) and the hubness bank and ``hub_k`` (offsets; a re-ranker without a bank hashes as
+    before banks existed)."""
     h = hashlib.sha1()
+    if bank is not None:
+        h.update(f"hub_k={hub_k}".encode())
+        h.update(np.ascontiguousarray(bank, np.float16).tobytes())
     for key, value in sorted(model.state_dict().items()):
         if key.startswith(("image_proj", "image_pos")):
             h.update(key.encode())

@@ -1,22 +1,25 @@
 """Candidate image features for re-ranking: stored in the collection, or recomputed from the files.
 
 The ITM head (:mod:`vlsearch.rerank`) needs each candidate's projected image tokens (keys/values,
-``GRID*GRID x width``). Two ways to get them, chosen per :class:`CandidateFeatures` ``mode``:
+``GRID*GRID x width``), and a re-ranker with a hubness bank each candidate's hubness offset (one
+float). Two ways to get them, chosen per :class:`CandidateFeatures` ``mode``:
 
 * **stored** (opt-in, ``vlsearch embed --rerank-features`` or ``vlsearch rerank-features``):
   written once per image shard, in the collection's own ``rerank/`` folder::
 
       rerank/features.json     {"format": 1, "reranker": digest, "towers": {...}, "tokens": 49,
-                                "width": 256, "dtype": "float16",
+                                "width": 256, "dtype": "float16", "hub": true,
                                 "shards": {"3": {"rows": 10000, "ids_sha1": "..."}}}
       rerank/part-00003.npy    (rows, tokens, width) float16, row i = row i of images/part-00003.parquet
+      rerank/hub.part-00003.npy  (rows,) float32 hubness offsets, from the shard's own embeddings
 
   25.1 KB per image at 49 x 256 fp16 (vlsearch-small's shipped re-ranker; 12.8 KB at a 5 x 5
   grid); memory-mapped, so a query reads only its K candidates.
   The manifest and the image shards are untouched (readers that know nothing of re-ranking work
   as before). A shard whose ids no longer match (rewritten by a sync) counts as missing.
 * **recomputed**: the candidate images are decoded from their source files (the source root
-  recorded in the manifest) and run through the image trunk at query time.
+  recorded in the manifest) and run through the image trunk at query time (which also gives the
+  image vectors the hubness offsets come from).
 
 ``mode="auto"`` uses stored features where they exist and recomputes the rest.
 """
@@ -34,7 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .collection import IMAGES_DIR, Collection, shard_number
+from .collection import IMAGES_DIR, Collection, embeddings_to_numpy, shard_number
 from .errors import DecodeError, RerankFeaturesError, RerankerMismatchError
 from .fsutil import atomic_path, write_json
 from .progress import Progress
@@ -92,26 +95,37 @@ def store_rerank_features(collection: Collection, reranker: Reranker, encoder: A
     folder = collection.path / RERANK_DIR
     with collection.lock():
         info = stored_info(collection)
+        hub = reranker.bank is not None
         if info is None or info.get("reranker") != reranker.digest:
             info = {"format": FEATURES_FORMAT, "reranker": reranker.digest, "towers": reranker.towers,
-                    "tokens": reranker.tokens, "width": reranker.width, "dtype": "float16", "shards": {}}
+                    "tokens": reranker.tokens, "width": reranker.width, "dtype": "float16", "hub": hub,
+                    "shards": {}}
         paths = collection.shard_paths(IMAGES_DIR)
         for done, path in enumerate(paths):
-            table = pq.read_table(path, columns=["id", "path"])
+            table = pq.read_table(path, columns=["id", "path", "embedding"] if hub else ["id", "path"])
             ids = table.column("id").to_numpy().astype(np.int64)
             entry = {"rows": len(ids), "ids_sha1": _ids_sha1(ids)}
             key = str(shard_number(path))
-            if info["shards"].get(key) != entry or not (folder / f"{path.stem}.npy").is_file():
+            if info["shards"].get(key) != entry or not all(f.is_file() for f in _shard_files(folder, path, hub)):
                 kv = _project_files(collection, reranker, encoder, table.column("path").to_pylist(), batch_size)
-                with atomic_path(folder / f"{path.stem}.npy") as tmp:
-                    with open(tmp, "wb") as fh:
-                        np.save(fh, kv)
+                arrays = [kv]
+                if hub:
+                    arrays.append(reranker.hub_offsets(embeddings_to_numpy(table.column("embedding"))))
+                for file, array in zip(_shard_files(folder, path, hub), arrays):
+                    with atomic_path(file) as tmp:
+                        with open(tmp, "wb") as fh:
+                            np.save(fh, array)
                 info["shards"][key] = entry
                 write_json(folder / FEATURES_FILE, info)
             if progress is not None:
                 progress(done + 1, len(paths), stage="rerank-features")
         write_json(folder / FEATURES_FILE, info)
     return info
+
+
+def _shard_files(folder: Path, shard: Path, hub: bool) -> list[Path]:
+    """The stored files of an image shard: keys/values, and hubness offsets when ``hub``."""
+    return [folder / f"{shard.stem}.npy"] + ([folder / f"hub.{shard.stem}.npy"] if hub else [])
 
 
 def _project_files(collection: Collection, reranker: Reranker, encoder: Any, rels: Sequence[str],
@@ -145,6 +159,7 @@ class CandidateFeatures:
         self._locate, self._records, self.mode = locate, records, mode
         self._lock = threading.Lock()
         self._stored: list[np.ndarray | None] = [None] * len(paths)
+        self._hub: list[np.ndarray | None] = [None] * len(paths)
         if mode != "recompute":
             self._open_stored(paths)
         if mode == "stored" and any(s is None for s in self._stored):
@@ -163,25 +178,29 @@ class CandidateFeatures:
                     f"the re-rank features stored in {self.collection.path} were made by another re-ranker "
                     f"({info.get('reranker')}, not {self.reranker.digest}): " + _HOW.format(path=self.collection.path))
             return
+        hub = self.reranker.bank is not None
         for i, path in enumerate(paths):
             entry = info["shards"].get(str(shard_number(path)))
-            npy = self.collection.path / RERANK_DIR / f"{path.stem}.npy"
-            if entry is None or not npy.is_file():
+            files = _shard_files(self.collection.path / RERANK_DIR, path, hub)
+            if entry is None or not all(f.is_file() for f in files):
                 continue
             ids = pq.read_table(path, columns=["id"]).column("id").to_numpy().astype(np.int64)
             if entry == {"rows": len(ids), "ids_sha1": _ids_sha1(ids)}:
-                self._stored[i] = np.load(npy, mmap_mode="r")
+                self._stored[i] = np.load(files[0], mmap_mode="r")
+                self._hub[i] = np.load(files[1]) if hub else None
 
     @property
     def stored_shards(self) -> int:
         return sum(s is not None for s in self._stored)
 
-    def kv(self, ids: np.ndarray) -> torch.Tensor:
-        """``(len(ids), tokens, width)`` float16 keys/values of these (live) image ids."""
+    def candidates(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Keys/values ``(len(ids), tokens, width)`` float16 and hubness offsets ``(len(ids),)``
+        float32 (zeros when the re-ranker has no bank) of these (live) image ids."""
         shard, row, found = self._locate(np.asarray(ids, np.int64))
         if not found.all():
             raise RerankFeaturesError(f"image id {int(np.asarray(ids)[~found][0])} is not in the collection")
         out = np.empty((len(ids), self.reranker.tokens, self.reranker.width), np.float16)
+        hub = np.zeros(len(ids), np.float32)
         todo = []
         for j, (s, r) in enumerate(zip(shard, row)):
             stored = self._stored[s]
@@ -189,17 +208,20 @@ class CandidateFeatures:
                 todo.append(j)
             else:
                 out[j] = stored[r]
+                if self._hub[s] is not None:
+                    hub[j] = self._hub[s][r]
         if todo:
-            out[todo] = self._recompute(shard[todo], row[todo], np.asarray(ids)[todo])
-        return torch.from_numpy(out)
+            out[todo], hub[todo] = self._recompute(shard[todo], row[todo], np.asarray(ids)[todo])
+        return torch.from_numpy(out), hub
 
-    def _recompute(self, shard: np.ndarray, row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def _recompute(self, shard: np.ndarray, row: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "stored":  # pragma: no cover - refused at construction
             raise RerankFeaturesError("stored re-rank features are missing: " + _HOW.format(path=self.collection.path))
         records = self._records(shard, row)
         try:
             files = [image_file(self.collection.manifest.source, rec.get("path")) for rec in records]
-            return self.reranker.image_kv(image_tokens(self._encoder(), files, self.reranker.grid)).numpy()
+            tokens, emb = image_tokens(self._encoder(), files, self.reranker.grid, with_embeddings=True)
+            return self.reranker.image_kv(tokens).numpy(), self.reranker.hub_offsets(emb)
         except (DecodeError, OSError) as exc:
             raise RerankFeaturesError(
                 f"cannot recompute re-rank features of image {int(ids[0])}.. from its source file ({exc}): "

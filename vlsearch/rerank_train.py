@@ -12,9 +12,13 @@
    each caption a negative image and for each image a negative caption. The first
    ``random_epochs`` draw negatives uniformly (a curriculum); later ones draw *hard* negatives in
    proportion to ``softmax(sim / temperature)`` of the dual encoder's in-batch similarities.
-3. **Weight tuning** (:func:`tune_weight`) on a seeded validation split of the images: the
-   ``weight`` of ``cosine + weight * itm_logit`` maximising validation R@1 (then MRR) over
-   every caption of those images, re-ranking the dual encoder's top ``tune_k``.
+3. **Hubness bank**: a seeded sample of ``bank_size`` training captions' dual-encoder vectors
+   (:class:`~vlsearch.rerank.Reranker` ``bank``; a candidate's offset is its mean cosine to its
+   ``hub_k`` nearest bank captions).
+4. **Weight tuning** (:func:`tune_weight`) on a seeded validation split of the images: the
+   ``weight`` and ``hub_weight`` of ``cosine + weight * itm_logit - hub_weight * hub_offset``
+   maximising validation R@1 (then MRR) over every caption of those images, re-ranking the dual
+   encoder's top ``tune_k``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .train_config import plain
 from .train_data import PairData, epoch_order, read_pairs, split_images
 
 __all__ = ["PairFeatures", "RerankTrainConfig", "RerankTrainResult", "extract_features", "train_itm",
-           "tune_weight", "rerank_metrics", "rerank_ranks", "rank_metrics", "candidate_itm",
+           "tune_weight", "hub_bank", "rerank_metrics", "rerank_ranks", "rank_metrics", "candidate_itm",
            "train_reranker", "hard_negatives", "provenance"]
 
 
@@ -142,6 +146,10 @@ class RerankTrainConfig:
     val_fraction: float = 0.1
     tune_k: tuple[int, ...] = (10, 20, 50)  #: re-rank depths the weight is tuned for (mean R@1)
     weights: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+    #: training captions whose dual-encoder vectors form the hubness bank (0: no hubness correction)
+    bank_size: int = 4096
+    hub_k: int = 10  #: a candidate's hubness offset: mean cosine to its hub_k nearest bank captions
+    hub_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  #: tuned jointly with ``weights``
     seed: int = 0
     threads: int | None = None  #: torch threads while training (None: leave as is)
     #: "fp32", or "bf16": the forward under CPU bf16 autocast (weights and optimizer stay fp32),
@@ -155,6 +163,9 @@ class RerankTrainConfig:
             raise TrainingError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.precision not in ("fp32", "bf16"):
             raise TrainingError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.bank_size < 0 or (self.bank_size and not 1 <= self.hub_k <= self.bank_size):
+            raise TrainingError(f"bank_size must be >= 0 and hub_k in [1, bank_size], got {self.bank_size} "
+                                f"and {self.hub_k}")
 
 
 def hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -295,12 +306,15 @@ def candidate_itm(reranker: Reranker, feats: PairFeatures, k: int,
 
 
 def rerank_ranks(sim: np.ndarray, top: np.ndarray, itm: np.ndarray, target: np.ndarray, k: int,
-                 weight: float | None) -> np.ndarray:
+                 weight: float | None, penalty: np.ndarray | None = None) -> np.ndarray:
     """1-based rank of each query's ``target`` image after re-ranking the top ``k`` with
-    ``cosine + weight * itm`` (``weight=None``: ITM alone; 0: the dual encoder alone). A target
-    outside the top ``k`` keeps its first-stage rank."""
+    ``cosine + weight * itm - penalty`` (``weight=None``: ITM alone; 0 and no penalty: the dual
+    encoder alone; ``penalty``: per image, e.g. ``hub_weight * hub_offsets``). A target outside
+    the top ``k`` keeps its first-stage rank."""
     rows = np.arange(len(top))[:, None]
     first = sim[rows, top[:, :k]]
+    if penalty is not None:
+        first = first - np.asarray(penalty, np.float32)[top[:, :k]]
     score = itm[:, :k] if weight is None else first + np.float32(weight) * itm[:, :k]
     reordered = top[:, :k][rows, np.argsort(-score, axis=1, kind="stable")]
     base = (sim > sim[np.arange(len(sim)), target][:, None]).sum(1) + 1
@@ -318,26 +332,46 @@ def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
 
 
 def rerank_metrics(sim: np.ndarray, top: np.ndarray, itm: np.ndarray, target: np.ndarray,
-                   ks: Sequence[int], weight: float) -> dict[str, dict[str, float]]:
-    """Metrics of the dual encoder alone, and per K of ITM alone and the combined score."""
+                   ks: Sequence[int], weight: float, penalty: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of the dual encoder alone, and per K of ITM alone, the combined score and (with a
+    ``penalty``) the hubness correction alone (``hub@K``: ``cosine - penalty``, no ITM)."""
     out = {"dual": rank_metrics(rerank_ranks(sim, top, itm, target, 1, 0.0))}
     for k in ks:
         out[f"itm@{k}"] = rank_metrics(rerank_ranks(sim, top, itm, target, k, None))
-        out[f"combined@{k}"] = rank_metrics(rerank_ranks(sim, top, itm, target, k, weight))
+        out[f"combined@{k}"] = rank_metrics(rerank_ranks(sim, top, itm, target, k, weight, penalty))
+        if penalty is not None:
+            out[f"hub@{k}"] = rank_metrics(rerank_ranks(sim, top, itm, target, k, 0.0, penalty))
     return out
 
 
 def tune_weight(sim: np.ndarray, top: np.ndarray, itm: np.ndarray, target: np.ndarray,
-                ks: Sequence[int], weights: Sequence[float]) -> tuple[float, dict[str, list[float]]]:
-    """The weight with the best mean R@1 over ``ks`` (ties: mean MRR, then the smaller weight), and
-    the table of every candidate weight's mean (R@1, MRR)."""
-    table = {}
-    for w in weights:
-        ranks = [rerank_ranks(sim, top, itm, target, k, w) for k in ks]
-        table[str(w)] = [round(float(np.mean([100 * (r <= 1).mean() for r in ranks])), 3),
-                         round(float(np.mean([(1.0 / r).mean() for r in ranks])), 5)]
-    best = max(weights, key=lambda w: (table[str(w)][0], table[str(w)][1], -w))
-    return float(best), table
+                ks: Sequence[int], weights: Sequence[float], hub: np.ndarray | None = None,
+                hub_weights: Sequence[float] = (0.0,)) -> tuple[float, float, dict[str, list[float]]]:
+    """The ``(weight, hub_weight)`` with the best mean R@1 over ``ks`` (ties: mean MRR, then the
+    smaller weights) of ``cosine + weight * itm - hub_weight * hub`` (``hub``: per image offsets;
+    None: no correction), and the table of every pair's mean (R@1, MRR), keyed ``"weight"`` or,
+    with ``hub``, ``"weight/hub_weight"``."""
+    table, pairs = {}, [(w, h) for h in (hub_weights if hub is not None else (0.0,)) for w in weights]
+    for w, h in pairs:
+        penalty = None if hub is None else np.float32(h) * hub
+        ranks = [rerank_ranks(sim, top, itm, target, k, w, penalty) for k in ks]
+        table[_key(w, h, hub is not None)] = [round(float(np.mean([100 * (r <= 1).mean() for r in ranks])), 3),
+                                              round(float(np.mean([(1.0 / r).mean() for r in ranks])), 5)]
+    best = max(pairs, key=lambda p: (*table[_key(*p, hub is not None)], -p[1], -p[0]))
+    return float(best[0]), float(best[1]), table
+
+
+def _key(weight: float, hub_weight: float, with_hub: bool) -> str:
+    return f"{weight}/{hub_weight}" if with_hub else str(weight)
+
+
+def hub_bank(text_emb: np.ndarray, size: int, seed: int) -> np.ndarray | None:
+    """A seeded sample of ``size`` rows of ``text_emb`` (all of them when fewer) as float16, or
+    None for ``size`` 0."""
+    if size == 0:
+        return None
+    rows = np.random.default_rng(seed).permutation(len(text_emb))[:size]
+    return np.ascontiguousarray(text_emb[np.sort(rows)], dtype=np.float16)
 
 
 # ---- the whole recipe ---------------------------------------------------------------------------
@@ -363,13 +397,18 @@ def train_reranker(encoder: Any, data: str | os.PathLike, config: RerankTrainCon
                              progress=progress)
     t_feats = time.perf_counter() - t0
     train_idx, val_idx = split_images(len(pairs.images), config.val_fraction, config.seed)
-    model = train_itm(feats.subset(train_idx), config, progress)
+    train = feats.subset(train_idx)
+    model = train_itm(train, config, progress)
     t_train = time.perf_counter() - t0 - t_feats
-    reranker = Reranker(model, tower_identity(encoder.info), 0.0, _grid(config))
+    bank = hub_bank(train.text_emb, config.bank_size, config.seed)
+    reranker = Reranker(model, tower_identity(encoder.info), 0.0, _grid(config), bank=bank, hub_k=config.hub_k)
     val = feats.subset(val_idx)  # every caption: 5x the queries of first captions alone, a steadier choice
     sim, top, itm = candidate_itm(reranker, val, max(config.tune_k))
-    reranker.weight, table = tune_weight(sim, top, itm, val.caption_image, config.tune_k, config.weights)
-    metrics = {"val": rerank_metrics(sim, top, itm, val.caption_image, config.tune_k, reranker.weight),
+    hub = None if bank is None else reranker.hub_offsets(val.image_emb)
+    reranker.weight, reranker.hub_weight, table = tune_weight(sim, top, itm, val.caption_image, config.tune_k,
+                                                              config.weights, hub, config.hub_weights)
+    penalty = None if hub is None else np.float32(reranker.hub_weight) * hub
+    metrics = {"val": rerank_metrics(sim, top, itm, val.caption_image, config.tune_k, reranker.weight, penalty),
                "weight_table": table, "images": {"train": len(train_idx), "val": len(val_idx)},
                "seconds": {"features": round(t_feats, 1), "train": round(t_train, 1),
                            "tune": round(time.perf_counter() - t0 - t_feats - t_train, 1)}}
@@ -393,6 +432,7 @@ def provenance(result: RerankTrainResult, out: str | os.PathLike, data: str | os
     size = out.stat().st_size if out.is_file() else None
     return {"file": out.name, "bytes": size, "dtype": "float16", "towers": rr.towers,
             "model_pretrained_when_trained": rr.info.get("model_pretrained"), "weight": rr.weight,
+            "hub_weight": rr.hub_weight, "hub_k": rr.hub_k, "bank_captions": 0 if rr.bank is None else len(rr.bank),
             "grid": rr.grid, "tokens_per_image": rr.tokens, "width": rr.width, "digest": rr.digest,
             "data": os.path.relpath(Path(data).absolute()), "data_relative_to": "the directory the command ran in",
             "command": command, "seed": rr.info.get("config", {}).get("seed"), "git_commit": git_commit,

@@ -233,8 +233,8 @@ class Searcher:
             valid = ids[q] >= 0
             if not valid.any():
                 continue
-            itm = reranker.itm_logits(states[q], mask[q], features.kv(ids[q][valid]))
-            final = reranker.combine(scores[q][valid], itm)
+            kv, hub = features.candidates(ids[q][valid])
+            final = reranker.combine(scores[q][valid], reranker.itm_logits(states[q], mask[q], kv), hub)
             best = np.argsort(-final, kind="stable")[:k]
             n = len(best)
             out[0][q, :n], out[1][q, :n], out[2][q, :n] = final[best], ids[q][valid][best], scores[q][valid][best]

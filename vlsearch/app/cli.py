@@ -417,8 +417,10 @@ def train_rerank_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; ~2x faster where the "
                                   "CPU has bf16 units)."),
     grid: int = typer.Option(7, "--grid", min=1, help="Image tokens: the trunk's map pooled to GRID x GRID."),
+    bank_size: int = typer.Option(4096, "--bank-size", min=0, help="Training captions in the hubness bank "
+                                  "(0: no hubness correction)."),
 ) -> None:
-    """Train a cross-attention (ITM) re-ranker on frozen tower features; tune its weight on validation."""
+    """Train a cross-attention (ITM) re-ranker on frozen tower features; tune its weights on validation."""
     import shlex
     import sys
 
@@ -434,7 +436,7 @@ def train_rerank_cmd(
         set_process_threads(threads)
     config = RerankTrainConfig(FusionConfig(image_tokens=grid * grid), epochs=epochs,
                                random_epochs=min(random_epochs, epochs), batch_size=batch_size, lr=lr,
-                               group_size=group_size, seed=seed, precision=precision)
+                               group_size=group_size, seed=seed, precision=precision, bank_size=bank_size)
     encoder = load_model(model, pretrained, device="cpu", precision="fp32")
     bars = _StageBars()
     try:
@@ -447,7 +449,8 @@ def train_rerank_cmd(
     val = result.metrics["val"]
     for name, row in val.items():
         typer.echo(f"val {name:12s} R@1/5/10 {row['R@1']:.1f}/{row['R@5']:.1f}/{row['R@10']:.1f}  MRR {row['MRR']:.4f}")
-    typer.echo(f"weight {result.reranker.weight} -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    rr = result.reranker
+    typer.echo(f"weight {rr.weight}, hub weight {rr.hub_weight} -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 @app.command("rerank-features")
