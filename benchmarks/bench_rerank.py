@@ -3,10 +3,11 @@
     python benchmarks/bench_rerank.py            # the shipped re-ranker of vlsearch-small
 
 1. **Quality** (one run): text->image R@1/5/10 and MRR over the 1,000 test images (5,000
-   captions), for the dual encoder alone, ITM alone and the combined score
-   (``cosine + weight * itm``, the weight recorded with the re-ranker, tuned on validation), re-ranking
-   the dual encoder's top K = 10, 20, 50. Features come from the frozen towers (the same
-   functions ``Searcher.search_text(rerank=K)`` uses).
+   captions), for the dual encoder alone, ITM alone, the hubness correction alone
+   (``cosine - hub_weight * hub_offset``) and the combined score
+   (``cosine + weight * itm - hub_weight * hub_offset``, the weights recorded with the re-ranker,
+   tuned on validation), re-ranking the dual encoder's top K = 10, 20, 50. Features come from the
+   frozen towers (the same functions ``Searcher.search_text(rerank=K)`` uses).
 2. **Word-order probe**: test captions with an automatic minimal edit that keeps the words and
    changes the meaning (swap the two nouns of "a DOG chasing a MAN"-like captions, else swap two
    colour words); how often each scorer prefers the true caption for the true image.
@@ -91,7 +92,8 @@ def word_order(encoder, reranker, feats, captions: list[str], pairs: list[tuple[
     itm_true = np.array([reranker.itm_logits(true_states[j], true_mask[j], kv[j:j + 1])[0] for j in range(len(rows))])
     itm_edit = np.array([reranker.itm_logits(edited_states[j], edited_mask[j], kv[j:j + 1])[0]
                          for j in range(len(rows))])
-    comb_true, comb_edit = reranker.combine(dual_true, itm_true), reranker.combine(dual_edit, itm_edit)
+    hub = reranker.hub_offsets(feats.image_emb[images])  # the same image: the same offset for both captions
+    comb_true, comb_edit = reranker.combine(dual_true, itm_true, hub), reranker.combine(dual_edit, itm_edit, hub)
     del torch
     return {"pairs": len(rows),
             "dual": round(100 * float((dual_true > dual_edit).mean()), 1),
@@ -106,7 +108,8 @@ def quality(reranker, feats) -> dict:
     t0 = time.perf_counter()
     sim, top, itm = candidate_itm(reranker, feats, max(KS))
     seconds = time.perf_counter() - t0
-    out = rerank_metrics(sim, top, itm, feats.caption_image, KS, reranker.weight)
+    penalty = None if reranker.bank is None else reranker.hub_weight * reranker.hub_offsets(feats.image_emb)
+    out = rerank_metrics(sim, top, itm, feats.caption_image, KS, reranker.weight, penalty)
     return {**out, "score_seconds_all_queries_k50": round(seconds, 1)}
 
 
@@ -129,9 +132,10 @@ def cost(path: Path, encoder, reranker, captions: list[str], n_queries: int) -> 
 
     queries = [captions[i] for i in np.random.default_rng(0).choice(len(captions), n_queries, replace=False)]
     out: dict = {"queries": n_queries, "tokens": reranker.tokens, "width": reranker.width}
-    npy = sorted((path / "rerank").glob("part-*.npy"))
+    npy = sorted((path / "rerank").glob("part-*.npy"))  # keys/values; hub.part-*.npy: hubness offsets
     n_images = sum(np.load(p, mmap_mode="r").shape[0] for p in npy)
-    out["stored_bytes_per_image"] = round(sum(p.stat().st_size for p in npy) / n_images)
+    stored = list((path / "rerank").glob("*.npy"))
+    out["stored_bytes_per_image"] = round(sum(p.stat().st_size for p in stored) / n_images)
     jpegs = list((TEST / "images").glob("*.jpg"))
     out["jpeg_bytes_per_image"] = round(sum(p.stat().st_size for p in jpegs) / len(jpegs))
     base = Searcher.open(path, encoder=encoder, reranker=reranker)
@@ -157,10 +161,14 @@ def _ms(fn, queries: list[str]) -> float:
 
 def report(fig: dict) -> str:
     q, c, w = fig["quality"], fig["cost"], fig["word_order"]
+    hub = fig.get("hub_weight") or 0.0
     rows = [["dual encoder alone", "-", *_m(q["dual"])]]
     for k in KS:
         rows.append(["ITM alone", k, *_m(q[f"itm@{k}"])])
-        rows.append([f"combined (cosine + {fig['weight']} x ITM)", k, *_m(q[f"combined@{k}"])])
+        if f"hub@{k}" in q:
+            rows.append([f"hubness correction alone (cosine - {hub} x offset)", k, *_m(q[f"hub@{k}"])])
+        combined = f"cosine + {fig['weight']} x ITM" + (f" - {hub} x offset" if hub else "")
+        rows.append([f"combined ({combined})", k, *_m(q[f"combined@{k}"])])
     timing = [[k, c[f"stored@{k}_ms"], c[f"recompute@{k}_ms"]] for k in KS]
     return "\n".join([
         "## Cross-attention re-ranking (ITM) on flickr8k-test (`benchmarks/bench_rerank.py`)",
@@ -168,7 +176,10 @@ def report(fig: dict) -> str:
         f"Machine: {fig['machine']}; load average {fig.get('load_avg', '?')} when it finished. "
         f"Command: `{fig['command']}`. Towers in fp32. "
         f"Re-ranker: `{fig['reranker']}` ({fig['reranker_bytes'] / 1e6:.2f} MB fp16) for "
-        f"{fig['towers']['model']}; weight {fig['weight']} tuned on the flickr8k-train validation split.",
+        f"{fig['towers']['model']}; weight {fig['weight']} and hub weight {hub} tuned on the flickr8k-train "
+        f"validation split. A candidate's hubness offset is its mean cosine to its {fig.get('hub_k')} nearest of "
+        f"the {fig.get('bank_captions', 0)} training captions the re-ranker carries (CSLS): it lowers images that are "
+        f"near many captions.",
         "",
         "Text->image over the 1,000 test images (5,000 captions), re-ranking the dual encoder's top K:",
         "",
@@ -183,7 +194,8 @@ def report(fig: dict) -> str:
         f"2 torch threads, query model in {c.get('query_precision', 'fp32')} (what `precision=auto` picks here); "
         f"the first stage alone takes {c['first_stage_ms']} ms): stored features "
         f"{c['stored_bytes_per_image']} bytes per image "
-        f"({c['tokens']} x {c['width']} fp16 in `rerank/part-*.npy`); "
+        f"({c['tokens']} x {c['width']} fp16 in `rerank/part-*.npy`, plus a float32 hubness offset in "
+        f"`rerank/hub.part-*.npy`); "
         f"recomputed features store nothing but decode each candidate's image (JPEGs average "
         f"{c['jpeg_bytes_per_image']} bytes) and run the image trunk.",
         "",
@@ -225,7 +237,9 @@ def main() -> None:
         fig = {}  # figures of another re-ranker: start again
     fig.update({"machine": machine(), "reranker": str(file.resolve().relative_to(ROOT) if
                 file.resolve().is_relative_to(ROOT) else file), "reranker_bytes": file.stat().st_size,
-                "towers": reranker.towers, "weight": reranker.weight, "digest": reranker.digest})
+                "towers": reranker.towers, "weight": reranker.weight, "digest": reranker.digest,
+                "hub_weight": reranker.hub_weight, "hub_k": reranker.hub_k,
+                "bank_captions": 0 if reranker.bank is None else len(reranker.bank)})
     fig.setdefault("commands", {})[args.part] = command_line()
     if args.part in ("all", "quality"):
         fig["quality"] = quality(reranker, feats)

@@ -501,6 +501,8 @@ def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenanc
     assert 0 <= rr.weight <= 1 and rr.tokens == 49
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["bytes"] == path.stat().st_size and info["dtype"] == "float16" and info["weight"] == rr.weight
+    assert rr.has_hub and info["hub_weight"] == rr.hub_weight and info["bank_captions"] == len(rr.bank)
+    assert rr.bank.shape[1] == 384 and rr.bank.dtype == np.float16  # vlsearch-small's dual-encoder vectors
     assert info["digest"] == rr.digest and info["seed"] == 0 and info["data"] == "../shared/data/flickr8k-train"
     assert info["command"].startswith("vlsearch train-rerank") and info["git_commit"]
     assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["state_dict"].values()

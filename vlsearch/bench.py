@@ -201,7 +201,7 @@ def _rerank_row(coll: Collection, data: _Data, text_q: np.ndarray, latency_q: np
     ranks = ranks_from_ids(out, data.image_ids[data.text_image[text_q]])
     return {"k": depth, "t2i": _depth_limited(metrics_from_ranks(ranks, ks, depth=max(ks))),
             "features": f"{searcher.rerank_features.stored_shards} stored shard(s), the rest recomputed",
-            "weight": searcher.reranker.weight,
+            "weight": searcher.reranker.weight, "hub_weight": searcher.reranker.hub_weight,
             "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat else None,
                            "p99": float(np.percentile(lat, 99)) if lat else None, "n": len(lat)}}
 

@@ -4,15 +4,17 @@ The dual encoder embeds images and texts separately, so it cannot compare fine d
 chasing a man" and "a man chasing a dog" embed alike). As in ALBEF and BLIP, a fusion module lets
 the query's text token states cross-attend to a candidate image's spatial features, and a 2-way
 image-text matching (ITM) head scores the pair. Retrieval is two-stage: the dual encoder proposes
-the top K, the ITM head re-scores them, and the final score combines both::
+the top K, the ITM head re-scores them, and the final score combines both (with a hubness
+correction when the re-ranker carries a bank of training captions, see :class:`Reranker`)::
 
-    score = first_stage_cosine + weight * itm_logit   # weight tuned on a validation split
+    score = first_stage_cosine + weight * itm_logit - hub_weight * hub_offset   # weights tuned on validation
 
     rr = load_reranker("vlsearch-small")               # the shipped re-ranker of a model
     rr.check_model(encoder.info)                       # RerankerMismatchError for another model
-    kv = rr.image_kv(image_tokens(encoder, paths))     # (K, 25, width): what a collection may store
+    kv = rr.image_kv(image_tokens(encoder, paths))     # (K, 49, width): what a collection may store
     states, mask = text_tokens(encoder, ["a dog"])
     itm = rr.itm_logits(states[0], mask[0], kv)        # (K,) match log-odds
+    score = rr.combine(cosines, itm, rr.hub_offsets(image_vectors))  # minus hub_weight x hubness offset
 
 Inputs come from the model's own towers, frozen while the re-ranker trains, so a re-ranker belongs
 to a model name, its towers and the weights tag that set them (:func:`tower_identity`; not to the
