@@ -476,7 +476,7 @@ def _store_rerank_features(collection_dir: str, reranker: Optional[str], device:
     with TqdmProgress("rerank-features", unit="shard") as bar:
         info = store_rerank_features(coll, rr, encoder, progress=bar)
     typer.echo(f"re-rank features of {len(info['shards'])} shard(s) stored in {coll.path / 'rerank'} "
-               f"({2 * rr.tokens * rr.width} bytes per image)")
+               f"({2 * rr.tokens * rr.width + (4 if rr.bank is not None else 0)} bytes per image)")
 
 
 def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) -> Optional[str]:
