@@ -45,7 +45,7 @@ from .fsutil import atomic_path
 from .images import ImageInput
 from .modelinfo import ModelInfo
 
-__all__ = ["GRID", "FusionConfig", "FusionITM", "Reranker", "image_tokens", "text_tokens", "tower_identity",
+__all__ = ["GRID", "HUB_K", "FusionConfig", "FusionITM", "Reranker", "image_tokens", "text_tokens", "tower_identity",
            "load_reranker", "builtin_reranker_path", "check_rerank_k", "match_logit", "MAX_RERANK"]
 
 #: Side of the pooled grid of image tokens (``GRID * GRID`` tokens per image) of a new re-ranker;
@@ -55,6 +55,8 @@ GRID = 7
 #: The most candidates one query may re-rank (``rerank=K``): beyond it a query would take seconds.
 MAX_RERANK = 4096
 RERANKER_FORMAT = 1
+#: Bank captions a candidate's hubness offset averages over (:meth:`Reranker.hub_offsets`), by default.
+HUB_K = 10
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Re-rankers shipped inside the package: (model name, weights tag) -> file under vlsearch/weights
 #: (provenance: the JSON of the same stem beside it).
@@ -230,7 +232,7 @@ class Reranker:
     grid: int = GRID
     info: dict[str, Any] = field(default_factory=dict)  #: provenance: data, metrics, seed, ...
     bank: np.ndarray | None = None  #: (B, d) float16 unit text vectors of training captions
-    hub_k: int = 10
+    hub_k: int = HUB_K
     hub_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -338,12 +340,12 @@ class Reranker:
             bank = payload.get("bank")  # absent in re-rankers written before hubness correction
             return cls(model, payload["towers"], float(payload["weight"]), int(payload.get("grid", GRID)),
                        payload.get("info", {}), None if bank is None else bank.numpy(),
-                       int(payload.get("hub_k", 10)), float(payload.get("hub_weight", 0.0)))
+                       int(payload.get("hub_k", HUB_K)), float(payload.get("hub_weight", 0.0)))
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
             raise RerankerNotFoundError(f"{path} is not a vlsearch re-ranker: {exc}") from exc
 
 
-def _state_digest(model: nn.Module, bank: np.ndarray | None = None, hub_k: int = 10) -> str:
+def _state_digest(model: nn.Module, bank: np.ndarray | None, hub_k: int) -> str:
     """sha1 (16 hex) of what stored features depend on: the fp16 weights of the image projection
     (keys/values) and the hubness bank and ``hub_k`` (offsets; a re-ranker without a bank hashes as
     before banks existed)."""

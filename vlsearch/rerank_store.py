@@ -102,7 +102,7 @@ def store_rerank_features(collection: Collection, reranker: Reranker, encoder: A
                     "shards": {}}
         paths = collection.shard_paths(IMAGES_DIR)
         for done, path in enumerate(paths):
-            table = pq.read_table(path, columns=["id", "path", "embedding"] if hub else ["id", "path"])
+            table = pq.read_table(path, columns=["id", "path"])
             ids = table.column("id").to_numpy().astype(np.int64)
             entry = {"rows": len(ids), "ids_sha1": _ids_sha1(ids)}
             key = str(shard_number(path))
@@ -110,7 +110,9 @@ def store_rerank_features(collection: Collection, reranker: Reranker, encoder: A
                 kv = _project_files(collection, reranker, encoder, table.column("path").to_pylist(), batch_size)
                 arrays = [kv]
                 if hub:
-                    arrays.append(reranker.hub_offsets(embeddings_to_numpy(table.column("embedding"))))
+                    # read only for shards being (re)written: embeddings are most of a shard's bytes
+                    vectors = embeddings_to_numpy(pq.read_table(path, columns=["embedding"]).column(0))
+                    arrays.append(reranker.hub_offsets(vectors))
                 for file, array in zip(_shard_files(folder, path, hub), arrays):
                     with atomic_path(file) as tmp:
                         with open(tmp, "wb") as fh:

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from .errors import TrainingError
 from .metrics import metrics_from_ranks
 from .progress import Progress
-from .rerank import GRID, FusionConfig, FusionITM, Reranker, image_tokens, text_tokens, tower_identity
+from .rerank import GRID, HUB_K, FusionConfig, FusionITM, Reranker, image_tokens, text_tokens, tower_identity
 from .train_config import plain
 from .train_data import PairData, epoch_order, read_pairs, split_images
 
@@ -148,7 +148,7 @@ class RerankTrainConfig:
     weights: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
     #: training captions whose dual-encoder vectors form the hubness bank (0: no hubness correction)
     bank_size: int = 4096
-    hub_k: int = 10  #: a candidate's hubness offset: mean cosine to its hub_k nearest bank captions
+    hub_k: int = HUB_K  #: a candidate's hubness offset: mean cosine to its hub_k nearest bank captions
     hub_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  #: tuned jointly with ``weights``
     seed: int = 0
     threads: int | None = None  #: torch threads while training (None: leave as is)
