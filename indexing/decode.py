@@ -11,6 +11,7 @@ becomes a ``timeout`` failure. Non-regular files (FIFOs, devices, directories) a
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -177,6 +178,40 @@ def _mp_context():
     return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
+#: Most decode processes :func:`default_workers` starts.
+MAX_AUTO_WORKERS = 32
+
+
+def default_workers(device_type: str, cores: int | None = None, threads: int | None = None) -> int:
+    """Decode processes for an encoder on ``device_type``. On a GPU the model needs no CPU: every
+    core but one (the encoding process's), up to :data:`MAX_AUTO_WORKERS`. On a CPU the cores
+    torch's ``threads`` leave free, at least 2 (at nice +19 they fill the model's idle time)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device_type == "cuda":
+        return max(1, min(cores - 1, MAX_AUTO_WORKERS))
+    free = cores - (threads if threads is not None else torch.get_num_threads())
+    return max(2, min(free, MAX_AUTO_WORKERS))
+
+
+#: Smallest decode task (images one worker decodes at a time) worth splitting a batch into.
+MIN_TASK = 4
+
+
+def decode_task_size(batch_size: int, workers: int, n_records: int) -> int:
+    """Images per worker task. A DataLoader hands each worker whole tasks, so a chunk of fewer
+    batches than ``workers`` would leave workers idle (a GPU embedding a few hundred camera
+    photos): then tasks are the largest divisor of ``batch_size`` that gives every worker one.
+    Otherwise whole batches, since joining tasks costs the encoding process a copy of every batch
+    (30-50 ms per 256 images, issue 21's GPU run). Never under :data:`MIN_TASK` images."""
+    n_batches = -(-n_records // batch_size)
+    if workers <= 1 or n_batches >= workers:
+        return batch_size
+    bound = batch_size * n_batches // workers
+    size = max([d for d in range(1, bound + 1) if batch_size % d == 0] or [1])
+    return size if size >= MIN_TASK else batch_size
+
+
 def decode_batches(
     records: Sequence[ImageRecord],
     transform: Callable[[Any], torch.Tensor],
@@ -191,19 +226,36 @@ def decode_batches(
 ) -> Iterator[DecodedBatch]:
     """Decode ``records`` in order, in ``workers`` processes (0: in this process), batch by batch.
 
-    With workers and a per-image ``timeout``, a batch that takes longer than ``hang_timeout``
-    (default: ``batch_size * timeout`` + 60 s, what a batch of images that all time out can take)
-    raises :class:`DecodeHangError` naming its images, instead of waiting forever on a decoder
-    stuck inside C code where the alarm cannot reach it."""
+    Workers decode tasks of :func:`decode_task_size` images (whole batches unless there are fewer
+    batches than workers), joined here into batches of ``batch_size``. With workers and a per-image ``timeout``, a task that takes longer than
+    ``hang_timeout`` (default: task size * ``timeout`` + 60 s, what a task of images that all time
+    out can take) raises :class:`DecodeHangError` naming its images, instead of waiting forever on
+    a decoder stuck inside C code where the alarm cannot reach it."""
     dataset = RecordDataset(records, transform, draft_size=draft_size, timeout=timeout, max_pixels=max_pixels)
+    task = decode_task_size(batch_size, workers, len(records))
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context(), "worker_init_fn": _lower_priority}
         if timeout:
-            kwargs["timeout"] = hang_timeout or batch_size * timeout + 60
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate, pin_memory=pin_memory, **kwargs)
-    return _name_hangs(iter(loader), records, batch_size, kwargs.get("timeout"))
+            kwargs["timeout"] = hang_timeout or task * timeout + 60
+    loader = DataLoader(dataset, batch_size=task, shuffle=False, num_workers=workers,
+                        collate_fn=collate, pin_memory=pin_memory and task == batch_size, **kwargs)
+    tasks = _name_hangs(iter(loader), records, task, kwargs.get("timeout"))
+    return tasks if task == batch_size else _join(tasks, batch_size // task, pin_memory)
+
+
+def _join(tasks: Iterator[DecodedBatch], per_batch: int, pin_memory: bool) -> Iterator[DecodedBatch]:
+    """Consecutive tasks, ``per_batch`` at a time, as one batch (copied once, into pinned memory
+    when asked: torch's host allocator caches those blocks)."""
+    while group := list(itertools.islice(tasks, per_batch)):
+        parts = [t.pixels for t in group if t.ok]
+        pixels = torch.empty(0)
+        if parts:
+            shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+            pixels = torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin_memory))
+        yield DecodedBatch(pixels,
+                           [i for t in group for i in t.ok], [s for t in group for s in t.sizes],
+                           [f for t in group for f in t.failures], [f for t in group for f in t.files])
 
 
 def _name_hangs(batches: Iterator[DecodedBatch], records: Sequence[ImageRecord], batch_size: int,
@@ -219,7 +271,8 @@ def _name_hangs(batches: Iterator[DecodedBatch], records: Sequence[ImageRecord],
                 raise
             stuck = [r.path for r in records[done * batch_size : (done + 1) * batch_size]]
             raise DecodeHangError(
-                f"batch {done} was not decoded within {hang_timeout:g} s (a decoder hung where the per-image "
+                f"decode batch {done} (images {done * batch_size}-{done * batch_size + len(stuck) - 1}) was not "
+                f"decoded within {hang_timeout:g} s (a decoder hung where the per-image "
                 f"timeout cannot interrupt it); move these {len(stuck)} images aside and rerun to resume: "
                 + ", ".join(stuck[:8]) + (" ..." if len(stuck) > 8 else "")) from None
         done += 1

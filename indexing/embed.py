@@ -42,7 +42,7 @@ from vlsearch.models import Encoder, default_model, default_pretrained, load_mod
 from vlsearch.progress import Progress
 from vlsearch.threads import cpu_threads
 
-from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches
+from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches, default_workers
 from .sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """How to embed a source. ``workers=0`` decodes in the calling process."""
+    """How to embed a source. ``workers``: decode processes (0: decode in the calling process;
+    None: :func:`indexing.decode.default_workers` for the encoder's device)."""
 
     #: None: :func:`vlsearch.models.default_model` (decided when ``embed`` runs).
     model: str | None = None
     pretrained: str | None = None
     batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
     shard_size: int = 10_000
@@ -74,7 +75,7 @@ class EmbedConfig:
         for name in ("batch_size", "shard_size", "text_batch_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EmbedConfig.{name} must be >= 1, not {getattr(self, name)}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"EmbedConfig.workers must be >= 0, not {self.workers}")
 
 
@@ -191,7 +192,8 @@ def embed_records(chunk: list[ImageRecord], encoder: Encoder, schema: pa.Schema,
                   stats: "ShardStats", progress: Progress | None) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Decode and encode one chunk of records: its ``(images, captions, failures)`` tables."""
     draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
-    batches = decode_batches(chunk, encoder.decode_transform, batch_size=config.batch_size, workers=config.workers,
+    workers = default_workers(encoder.device.type) if config.workers is None else config.workers
+    batches = decode_batches(chunk, encoder.decode_transform, batch_size=config.batch_size, workers=workers,
                              timeout=config.decode_timeout, draft_size=draft or None,
                              pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
     images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from indexing import decode
-from indexing.decode import decode_batches, decode_record
+from indexing.decode import MAX_AUTO_WORKERS, decode_batches, decode_record, decode_task_size, default_workers
 from indexing.embed import EmbedConfig, embed
 from indexing.sources import ImageRecord, content_hash, file_stat, open_source
 from vlsearch.errors import DecodeError, DecodeHangError
@@ -240,3 +240,40 @@ def test_decode_workers_run_at_lower_priority_than_the_encoder(tmp_path, monkeyp
     monkeypatch.setenv("VLSEARCH_DECODE_NICE", "0")  # a shared machine: decode at the encoder's priority
     (batch,) = list(decode_batches(recs, lambda img: torch.full((1,), float(os.nice(0))), batch_size=2, workers=1))
     assert batch.pixels.ravel().tolist() == [float(mine)] * 2
+
+
+def test_decode_tasks_split_batches_only_when_there_are_fewer_batches_than_workers():
+    assert decode_task_size(256, 15, 100_000) == 256  # enough batches for every worker: whole batches
+    assert decode_task_size(256, 15, 1000) == 64  # 4 batches, 15 workers: 16 tasks of 64
+    assert decode_task_size(64, 2, 64) == 32
+    assert decode_task_size(100, 8, 200) == 25  # largest divisor of 100 <= 100 * 2 // 8
+    assert decode_task_size(64, 1, 10) == 64 and decode_task_size(64, 0, 10) == 64  # one worker / in-process
+    assert decode_task_size(61, 8, 61) == 61  # a prime batch would split into single images: kept whole
+    assert decode_task_size(6, 8, 6) == 6  # tasks under MIN_TASK images are not worth it
+
+
+def test_split_decode_tasks_rejoin_into_whole_batches_in_order(tmp_path):
+    """With more workers than a batch needs, workers decode slices of a batch; the caller still gets
+    batches of batch_size records, in order, with each failure at its own position."""
+    good = _save(_rgb(), "JPEG")
+    recs = []
+    for i in range(21):
+        (tmp_path / f"{i}.jpg").write_bytes(b"" if i in (5, 13) else good)
+        recs.append(ImageRecord(i, f"{i}.jpg", str(tmp_path / f"{i}.jpg")))
+    assert decode_task_size(8, 4, len(recs)) == 4  # 3 batches, 4 workers
+    batches = list(decode_batches(recs, lambda img: torch.full((1, 2, 2), 7, dtype=torch.uint8), batch_size=8,
+                                  workers=4))
+    assert [b.ok for b in batches] == [[0, 1, 2, 3, 4, 6, 7], [8, 9, 10, 11, 12, 14, 15], [16, 17, 18, 19, 20]]
+    assert [[i for i, _, _ in b.failures] for b in batches] == [[5], [13], []]
+    assert [tuple(b.pixels.shape) for b in batches] == [(7, 1, 2, 2), (7, 1, 2, 2), (5, 1, 2, 2)]
+    assert all(b.pixels.dtype == torch.uint8 and int(b.pixels.min()) == 7 for b in batches)
+    assert [len(b.sizes) for b in batches] == [7, 7, 5] and [len(b.files) for b in batches] == [7, 7, 5]
+    assert batches[0].files[5] == (file_stat(recs[6]), content_hash(recs[6]))
+
+
+def test_default_workers_use_the_cores_the_model_leaves():
+    assert default_workers("cuda", cores=16) == 15  # the GPU runs the model: every core but the encoder's
+    assert default_workers("cuda", cores=128) == MAX_AUTO_WORKERS
+    assert default_workers("cuda", cores=1) == 1
+    assert default_workers("cpu", cores=16, threads=8) == 8
+    assert default_workers("cpu", cores=2, threads=2) == 2  # a saturated CPU still gets 2 (nice +19) workers

@@ -39,7 +39,9 @@ class EmbedOptions:
     model: Optional[str] = dataclasses.field(default=None, metadata={"option": MODEL_OPT})
     pretrained: Optional[str] = dataclasses.field(default=None, metadata={"option": PRETRAINED_OPT})
     batch_size: int = _option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
-    workers: int = _option(2, "--workers", "-w", min=0, help="Decoding processes (0: decode in the main process).")
+    workers: Optional[int] = _option(None, "--workers", "-w", min=0,
+                                     help="Decoding processes (0: decode in the main process; default: every core "
+                                          "but one with a GPU, else the cores torch leaves free, at least 2).")
     device: str = dataclasses.field(default="auto", metadata={"option": DEVICE_OPT})
     precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
     shard_size: int = _option(10_000, "--shard-size", min=1, help="Source records per Parquet shard.")
