@@ -39,8 +39,9 @@ def small(monkeypatch_module):
     # The hub is unreachable (offline + a dead endpoint): everything must come from the packages.
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch_module.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    # fp32: these tests check the weight mapping to 1e-5 (auto may pick bf16 on a CPU with bf16 units).
-    return load_model(SMALL_MODEL, device="cpu", precision="fp32")
+    # fp32: these tests check the weight mapping to 1e-5 (auto may pick bf16 on a CPU with bf16 units);
+    # unfolded, so the state dict is the shipped one (test_batchnorm_folding_keeps_the_embeddings checks folding).
+    return load_model(SMALL_MODEL, device="cpu", precision="fp32", fold=False)
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +268,24 @@ def test_tower_internals_run_with_bf16_weights(small):
     assert float((emb * ref_emb).sum(1).min()) > 0.99
     states, mask = text_tokens(bf16, ["a dog runs on the beach"])
     assert states.dtype == torch.float32 and bool(mask.all())
+
+
+def test_batchnorm_folding_keeps_the_embeddings(small, tmp_path):
+    """load_model folds the Lite0 trunk's BatchNorm layers into its convolutions by default: no
+    BatchNorm is left in the image tower, every activation stays, and embeddings are unchanged."""
+    from PIL import Image
+
+    from vlsearch.errors import CheckpointMismatchError
+    from vlsearch.models import save_checkpoint
+
+    folded = load_model(SMALL_MODEL, device="cpu", precision="fp32")
+    assert small.folded_batchnorms == 0 and folded.folded_batchnorms == 49  # stem + head + 47 in the blocks
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.visual.modules())
+    acts = [type(m).__name__ for m in small.model.visual.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert len(acts) == len([m for m in folded.model.visual.modules() if isinstance(m, torch.nn.ReLU6)]) > 0
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (200 + 10 * i, 240, 3), dtype=np.uint8)) for i in range(4)]
+    np.testing.assert_allclose(folded.encode_images(images), small.encode_images(images), atol=1e-5)
+    with pytest.raises(CheckpointMismatchError, match="fold=False"):
+        save_checkpoint(folded, tmp_path / "folded.pt")
+    assert save_checkpoint(small, tmp_path / "plain.pt").is_file()

@@ -74,6 +74,8 @@ class Encoder:
         #: how the model computes (fp32, bf16, fp16, int8); outputs are float32 whatever it is.
         self.precision = precision.name
         self.precision_choice = precision
+        #: BatchNorm layers of the image tower folded into its convolutions (``load_model(fold=True)``).
+        self.folded_batchnorms = 0
         self._input_dtype = torch.bfloat16 if precision.mode == "weights" else None
         self._memory_format = torch.preserve_format
         if prefers_channels_last(model.visual, device):

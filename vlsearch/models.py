@@ -31,6 +31,7 @@ from .errors import (
     WeightsUnavailableError,
 )
 from .fsutil import atomic_path
+from .fuse import fold_batchnorm
 from .hf_text import (
     hf_text_ids,
     is_hf_text_model,
@@ -91,6 +92,7 @@ def load_model(
     device: str | torch.device = "auto",
     precision: str = "auto",
     threads: int | None = None,
+    fold: bool = True,
 ) -> Encoder:
     """Create an :class:`Encoder` for an open_clip architecture with the given weights.
 
@@ -98,7 +100,9 @@ def load_model(
     CheckpointMismatchError with a message that says what to do. ``name=None`` means
     :func:`default_model`. ``threads`` sets torch's CPU threads for this process (not restored).
     ``precision``: ``auto`` (bf16 where this CPU/GPU runs it fast, see :mod:`vlsearch.precision`),
-    ``fp32``, ``bf16``, ``fp16`` or ``int8`` (CPU); PrecisionError if unknown.
+    ``fp32``, ``bf16``, ``fp16`` or ``int8`` (CPU); PrecisionError if unknown. ``fold``: fold the
+    image tower's BatchNorm layers into its convolutions (:mod:`vlsearch.fuse`; same outputs,
+    faster; such an encoder is for inference, and :func:`save_checkpoint` refuses it).
     """
     name = name or default_model()
     if threads:
@@ -108,13 +112,25 @@ def load_model(
     pretrained = default_pretrained(name, pretrained)
     model, tag = _create(name, pretrained)
     dim = int(_embed_dim(model))
+    folded = _fold_image_tower(model.eval()) if fold else 0
     prec = resolve_inference_precision(precision, dev, model)
     model = apply_precision(model.to(dev), prec)
     preprocess = image_transform(model, is_train=False)
     tokenizer = get_tokenizer(name)
     info = ModelInfo(name=name, pretrained=tag, dim=dim)
     log.info("loaded %s (pretrained=%s, dim=%d) on %s, precision %s: %s", name, tag, dim, dev, prec.name, prec.reason)
-    return Encoder(model, preprocess, tokenizer, info, dev, prec)
+    encoder = Encoder(model, preprocess, tokenizer, info, dev, prec)
+    encoder.folded_batchnorms = folded
+    return encoder
+
+
+def _fold_image_tower(model: torch.nn.Module) -> int:
+    """Fold ``model.visual``'s BatchNorm layers in place of it; how many (checked on one probe image)."""
+    size = getattr(model.visual, "image_size", 224)
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    probe = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    model.visual, folded = fold_batchnorm(model.visual, lambda m: m(probe))
+    return folded
 
 
 def image_transform(model: torch.nn.Module, is_train: bool = False, aug_cfg: Any = None, size: int | None = None):
@@ -298,6 +314,10 @@ def save_checkpoint(
     ``extra`` is stored beside the weights (e.g. training step, metrics, provenance).
     """
     if isinstance(model, Encoder):
+        if model.folded_batchnorms:
+            raise CheckpointMismatchError(
+                f"this {model.name} encoder's BatchNorm layers are folded into its convolutions for inference, so "
+                f"its weights no longer fit the architecture; load it with load_model(..., fold=False) to save it")
         name = name or model.name
         model = model.model
     state = {k: ((v.half() if half else v.float()) if v.is_floating_point() else v).detach().cpu().clone()
