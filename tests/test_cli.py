@@ -55,6 +55,9 @@ def test_info_json():
     info = json.loads(result.output)
     assert info["faiss_gpus"] == 0 or info["cuda_available"]
     assert {"torch", "open_clip", "faiss", "device"} <= set(info)
+    from indexing.decode import default_workers
+
+    assert info["decode_workers"] == default_workers("cuda" if info["cuda_available"] else "cpu") >= 1
 
 
 def test_encode_text_and_image(tmp_path, tiny_checkpoint):

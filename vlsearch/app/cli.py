@@ -146,15 +146,18 @@ def _index_info(collection_dir: str) -> list[str]:
 
 
 def system_info() -> dict[str, Any]:
-    """Versions of vlsearch and its engines, the compute device, torch threads and FAISS GPUs."""
+    """Versions of vlsearch and its engines, the compute device, torch threads, FAISS GPUs and the
+    default number of decode workers."""
     import faiss
     import open_clip
     import torch
 
+    from indexing.decode import default_workers
     from vlsearch import __version__
     from vlsearch.models import resolve_device
     from vlsearch.precision import describe_auto
 
+    device = resolve_device("auto")
     return {
         "vlsearch": __version__,
         "python": platform.python_version(),
@@ -165,7 +168,8 @@ def system_info() -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
-        **describe_auto(resolve_device("auto")),
+        "decode_workers": default_workers(device.type),  # what embed/index start without --workers
+        **describe_auto(device),
     }
 
 
