@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"machine": machine(), "command": command_line(), "gpu": torch.cuda.get_device_name(0)
                     if torch.cuda.is_available() else "none", "torch": torch.__version__, "cpus": os.cpu_count(),
                     "faiss": faiss_status(), "encode": [], "camera": [], "text": [], "quality": None, "errors": []}
-    bench = argparse.Namespace(device=args.device, precision="auto", model_images=args.model_images, batch_size=args.batch_size,
-                               gallery="small", repeats=args.repeats)
+    bench = argparse.Namespace(device=args.device, precision="auto", model_images=args.model_images,
+                               batch_size=args.batch_size, gallery="small", repeats=args.repeats)
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -218,7 +218,8 @@ def main() -> None:
     ap.add_argument("--models", default=f"{SMALL_MODEL},ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", default="4,8,15", help="decode worker counts (the last one for the camera gallery)")
-    ap.add_argument("--model-images", type=int, default=2048, help="gallery images held as tensors for model-only timing")
+    ap.add_argument("--model-images", type=int, default=2048,
+                    help="gallery images held as tensors for model-only timing")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reference", type=Path, default=None, help="CPU fp32 reference (--make-reference)")

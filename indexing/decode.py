@@ -227,10 +227,11 @@ def decode_batches(
     """Decode ``records`` in order, in ``workers`` processes (0: in this process), batch by batch.
 
     Workers decode tasks of :func:`decode_task_size` images (whole batches unless there are fewer
-    batches than workers), joined here into batches of ``batch_size``. With workers and a per-image ``timeout``, a task that takes longer than
-    ``hang_timeout`` (default: task size * ``timeout`` + 60 s, what a task of images that all time
-    out can take) raises :class:`DecodeHangError` naming its images, instead of waiting forever on
-    a decoder stuck inside C code where the alarm cannot reach it."""
+    batches than workers), joined here into batches of ``batch_size``. With workers and a
+    per-image ``timeout``, a task that takes longer than ``hang_timeout`` (default: task size *
+    ``timeout`` + 60 s, what a task of images that all time out can take) raises
+    :class:`DecodeHangError` naming its images, instead of waiting forever on a decoder stuck
+    inside C code where the alarm cannot reach it."""
     dataset = RecordDataset(records, transform, draft_size=draft_size, timeout=timeout, max_pixels=max_pixels)
     task = decode_task_size(batch_size, workers, len(records))
     kwargs: dict[str, Any] = {}
