@@ -58,11 +58,13 @@ def _upscale(job: tuple[Path, Path, bool]) -> None:
     dest.with_suffix(".tmp").rename(dest)
 
 
-def camera_gallery(n: int, dest: Path = CAMERA, workers: int = 2) -> Path:
-    """``n`` camera-sized JPEGs (3000x2000, every 4th portrait) upscaled from flickr8k photos; made once."""
+def camera_gallery(n: int, dest: Path = CAMERA, workers: int = 2, sources: list[Path] | None = None) -> Path:
+    """``n`` camera-sized JPEGs (3000x2000, every 4th portrait) upscaled from ``sources`` (default:
+    the flickr8k photos), cycling over them; made once."""
     import multiprocessing
 
-    sources = sorted(DATA.glob("*.jpg")) + sorted((DATA.parents[1] / "flickr8k-train" / "images").glob("*.jpg"))
+    if sources is None:
+        sources = sorted(DATA.glob("*.jpg")) + sorted((DATA.parents[1] / "flickr8k-train" / "images").glob("*.jpg"))
     dest.mkdir(parents=True, exist_ok=True)
     jobs = [(sources[i % len(sources)], dest / f"cam{i:05d}.jpg", i % 4 == 3) for i in range(n)]
     todo = [j for j in jobs if not j[1].exists()]

@@ -39,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlsearch  # noqa: E402,F401  (first: huge pages for torch's allocator)
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from benchmarks.bench_encode import HEADERS, STAGE_HEADERS, _upscale, bench_model  # noqa: E402
+from benchmarks.bench_encode import HEADERS, STAGE_HEADERS, bench_model, camera_gallery  # noqa: E402
 from benchmarks.bench_small import read_split  # noqa: E402
-from vlsearch.images import open_image  # noqa: E402
 from vlsearch.metrics import retrieval_metrics  # noqa: E402
 from vlsearch.models import SMALL_MODEL, load_model  # noqa: E402
 
@@ -57,32 +56,12 @@ def repeated_gallery(sources: list[Path], n: int, dest: Path) -> Path:
     return dest
 
 
-def camera_copies(sources: list[Path], n: int, dest: Path, workers: int) -> Path:
-    """``n`` 3000x2000 JPEGs (every 4th portrait) upscaled from ``sources``."""
-    import multiprocessing
-
-    dest.mkdir(parents=True)
-    jobs = [(sources[i % len(sources)], dest / f"cam{i:05d}.jpg", i % 4 == 3) for i in range(n)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pool.map(_upscale, jobs, chunksize=8)
-    return dest
-
-
-def encode_files(enc, paths: list[Path], batch_size: int = 128) -> np.ndarray:
-    """Unit image embeddings of ``paths`` through the model's own preprocess, in order."""
-    out = []
-    for i in range(0, len(paths), batch_size):
-        pixels = torch.stack([enc.preprocess(open_image(p)) for p in paths[i : i + batch_size]])
-        out.append(enc.encode_image_tensors(pixels))
-    return np.concatenate(out)
-
-
 def make_reference(out: Path, n_images: int, data: Path = FLICKR) -> None:
     """CPU fp32 vlsearch-small embeddings of the first ``n_images`` flickr8k-test images and their captions."""
     paths, captions, text_image = read_split(data)
     keep = text_image < n_images
     enc = load_model(SMALL_MODEL, device="cpu", precision="fp32")
-    images = encode_files(enc, paths[:n_images])
+    images = enc.encode_images(paths[:n_images])
     texts = enc.encode_texts([c for c, k in zip(captions, keep) if k])
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, names=np.array([p.name for p in paths[:n_images]]), image_emb=images, text_emb=texts,
@@ -92,7 +71,7 @@ def make_reference(out: Path, n_images: int, data: Path = FLICKR) -> None:
 def quality(enc, folder: Path, reference: Path) -> dict:
     """This device's image embeddings against the CPU fp32 reference: min cosine and t2i recall."""
     ref = np.load(reference)
-    mine = encode_files(enc, [folder / str(name) for name in ref["names"]])
+    mine = enc.encode_images([folder / str(name) for name in ref["names"]])
     cpu = retrieval_metrics(ref["text_emb"] @ ref["image_emb"].T, ref["text_image"], KS)["t2i"]
     dev = retrieval_metrics(ref["text_emb"] @ mine.T, ref["text_image"], KS)["t2i"]
     return {"images": int(len(mine)), "captions": int(len(ref["text_emb"])),
@@ -139,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         small = repeated_gallery(sources, args.n, tmp / "small")
-        camera = camera_copies(sources, args.camera, tmp / "camera", os.cpu_count() or 2) if args.camera else None
+        camera = (camera_gallery(args.camera, tmp / "camera", os.cpu_count() or 2, sources)
+                  if args.camera else None)
         for name in args.models.split(","):
             _attempt(result, f"{name} small", lambda: result["encode"].extend(
                 bench_model(name, small, _fresh(tmp, name), bench, workers)))

@@ -61,6 +61,7 @@ class Encoder:
         info: ModelInfo,
         device: torch.device,
         precision: str | PrecisionChoice,
+        folded_batchnorms: int = 0,
     ):
         if isinstance(precision, str):
             mode = "none" if precision == "fp32" else "autocast"
@@ -75,7 +76,7 @@ class Encoder:
         self.precision = precision.name
         self.precision_choice = precision
         #: BatchNorm layers of the image tower folded into its convolutions (``load_model(fold=True)``).
-        self.folded_batchnorms = 0
+        self.folded_batchnorms = folded_batchnorms
         self._input_dtype = torch.bfloat16 if precision.mode == "weights" else None
         self._memory_format = torch.preserve_format
         if prefers_channels_last(model.visual, device):

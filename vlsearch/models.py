@@ -119,9 +119,7 @@ def load_model(
     tokenizer = get_tokenizer(name)
     info = ModelInfo(name=name, pretrained=tag, dim=dim)
     log.info("loaded %s (pretrained=%s, dim=%d) on %s, precision %s: %s", name, tag, dim, dev, prec.name, prec.reason)
-    encoder = Encoder(model, preprocess, tokenizer, info, dev, prec)
-    encoder.folded_batchnorms = folded
-    return encoder
+    return Encoder(model, preprocess, tokenizer, info, dev, prec, folded_batchnorms=folded)
 
 
 def _fold_image_tower(model: torch.nn.Module) -> int:
