@@ -30,12 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlsearch  # noqa: E402,F401  (first: it turns on huge pages for torch's allocator, see vlsearch/__init__.py)
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from vlsearch.allocator import reusing_freed_memory  # noqa: E402
 from vlsearch.threads import set_process_threads  # noqa: E402
 from indexing.decode import DECODE_NICE, decode_batches  # noqa: E402
 from indexing.embed import EmbedConfig, embed  # noqa: E402
@@ -83,12 +85,15 @@ def gallery(images: Path, n: int, tmp: Path) -> Path:
     return folder
 
 
-def model_only(enc: Encoder, pixels: torch.Tensor, batch_size: int) -> float:
-    enc.encode_image_tensors(pixels[:batch_size])  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(pixels), batch_size):
-        enc.encode_image_tensors(pixels[i : i + batch_size])
-    return len(pixels) / (time.perf_counter() - start)
+def model_only(enc: Encoder, pixels: torch.Tensor, batch_size: int, reuse: bool = True) -> float:
+    """Images/s of forward passes alone; ``reuse``: inside ``reusing_freed_memory`` as ``embed`` runs
+    them (False: glibc's own malloc settings)."""
+    with reusing_freed_memory() if reuse else nullcontext():
+        enc.encode_image_tensors(pixels[:batch_size])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(pixels), batch_size):
+            enc.encode_image_tensors(pixels[i : i + batch_size])
+        return len(pixels) / (time.perf_counter() - start)
 
 
 def decode_only(enc: Encoder, folder: Path, batch_size: int, workers: int) -> float:
@@ -156,20 +161,26 @@ def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, wo
     stages = stage_ms(enc, folder) if args.gallery == "camera" else {}
     decode_1 = decode_only(enc, folder, args.batch_size, 1)  # as in the pipeline: a 1-thread worker process
     model: list[float] = []
+    system: list[float] = []
     e2e: dict[int, list[tuple[float, float]]] = {w: [] for w in workers_list}
     for rep in range(args.repeats):
         model.append(model_only(enc, pixels, args.batch_size))
+        system.append(model_only(enc, pixels, args.batch_size, reuse=False))
         for w in workers_list:
             e2e[w].append(end_to_end(enc, folder, tmp / f"{name}-w{w}-{rep}", args.batch_size, w))
+        print(f"round {rep}: model-only {model[-1]:.1f} img/s ({system[-1]:.1f} with glibc's malloc settings), "
+              "end-to-end " + ", ".join(f"{e2e[w][-1][0]:.1f} ({w} workers)" for w in workers_list), flush=True)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model.append(model_only(enc, pixels, args.batch_size))
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(pixels)
     mean = statistics.median(model)
+    plain = statistics.median(system)
     rows = []
     for w, runs in e2e.items():
         rate, write_s = statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs)
         rows.append([name, enc.precision, len(paths), w, f"{min(model):.1f}-{max(model):.1f}", round(mean, 1),
-                     round(decode_1, 1), round(rate, 1), round(rate / mean, 3), round(faults)])
+                     round(decode_1, 1), round(rate, 1), round(rate / mean, 3), round(faults), round(plain, 1),
+                     round(mean / plain, 2)])
         if stages:
             rows[-1] += [round(stages["decode"], 1), round(stages["preprocess"], 1), round(1000 / mean, 1),
                          round(stages["hash"], 2), round(1000 * write_s / len(paths), 2)]
@@ -179,7 +190,8 @@ def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, wo
 
 HEADERS = ["model", "precision", "images", "decode workers", "model-only img/s (range)", "model-only img/s (median)",
            "decode-only img/s (1 worker)", "end-to-end img/s (median)", "end-to-end / model-only",
-           "model-only page faults/img"]
+           "model-only page faults/img", "model-only img/s, glibc malloc settings (median)",
+           "reusing freed memory: speed-up"]
 STAGE_HEADERS = ["decode ms/img", "resize+normalise ms/img", "model ms/img", "stat+hash ms/img", "write ms/img"]
 
 
@@ -258,7 +270,8 @@ def analysis(rows: list[list]) -> str:
         "- On 2 busy cores decoding and the forward pass compete for the same CPU: decode workers hide decode "
         "latency, not its CPU cost, so the best ratio is about 1 - decode share; more workers only help when "
         "cores are idle (or the model runs on a GPU). Decode cost = JPEG decode + resize + crop (workers ship uint8 "
-        "pixels; the encoding process normalises a whole batch at once, `vlsearch.images.split_preprocess`); `draft()` "
+        "pixels, stacked channels-last; the encoding process normalises them a few images at a time straight into "
+        "the model's dtype and layout, `vlsearch.images.split_preprocess`); `draft()` "
         "(DCT-domain downscaling by 2/4/8 while decoding, to no less than twice the model input) only reduces "
         "JPEGs at least twice that size: the 224 px flickr8k files are decoded whole, a 3000x2000 camera JPEG "
         "at 1/4 (750x500) for a 224 px model input (ViT-B-32 and vlsearch-small)."

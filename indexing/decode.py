@@ -162,9 +162,19 @@ class RecordDataset(Dataset):
 def collate(items: list[tuple]) -> DecodedBatch:
     """Stack the decoded items and keep the failures (the default collate would choke on None)."""
     good = [it for it in items if it[3] is None]
-    pixels = torch.stack([it[1] for it in good]) if good else torch.empty(0)
+    pixels = stack_pixels([it[1] for it in good]) if good else torch.empty(0)
     return DecodedBatch(pixels, [it[0] for it in good], [it[2] for it in good],
                         [(it[0], *it[3]) for it in items if it[3] is not None], [it[4] for it in good])
+
+
+def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(3, H, W)`` images into a batch. Channels-last views of HWC pixels (what the split
+    preprocess's workers make) stay channels-last: a plain copy, where a contiguous NCHW stack
+    would transpose every image (3.0 vs 0.4 ms per 64 images at 224 px), and channels-last is what
+    convolutional towers take anyway."""
+    if all(p.dim() == 3 and p.permute(1, 2, 0).is_contiguous() for p in pixels):
+        return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
+    return torch.stack(pixels)
 
 
 def _lower_priority(worker_id: int) -> None:
@@ -253,7 +263,9 @@ def _join(tasks: Iterator[DecodedBatch], per_batch: int, pin_memory: bool) -> It
         pixels = torch.empty(0)
         if parts:
             shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
-            pixels = torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin_memory))
+            layout = torch.contiguous_format if parts[0].is_contiguous() else torch.channels_last  # as stack_pixels made them
+            pixels = torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin_memory,
+                                                      memory_format=layout))
         yield DecodedBatch(pixels,
                            [i for t in group for i in t.ok], [s for t in group for s in t.sizes],
                            [f for t in group for f in t.failures], [f for t in group for f in t.files])

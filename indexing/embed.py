@@ -40,6 +40,7 @@ from vlsearch.errors import CollectionMismatchError, SourceError
 from vlsearch.images import MAX_PIXELS
 from vlsearch.models import Encoder, default_model, default_pretrained, load_model
 from vlsearch.progress import Progress
+from vlsearch.allocator import reusing_freed_memory
 from vlsearch.threads import cpu_threads
 
 from .decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches, default_workers
@@ -103,7 +104,7 @@ def embed(
 
         sync(source, coll, config, encoder=encoder, progress=progress)
         return Collection.open(path)
-    with cpu_threads(config.threads):
+    with cpu_threads(config.threads), reusing_freed_memory():
         return _load_and_run(path, coll, source, encoder, config, progress)
 
 

@@ -245,6 +245,12 @@ class ShardEmbedder:
         self.schema = image_schema(self.encoder.dim, metadata_schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vlsearch.allocator import reusing_freed_memory
+
+        with reusing_freed_memory():
+            return self._embed(batch)
+
+    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .embed import ShardStats, embed_shard
 
         out: dict[str, list[int]] = {"shard": [], "images": [], "captions": [], "failures": []}

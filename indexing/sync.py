@@ -37,6 +37,7 @@ from vlsearch.collection import CAPTIONS_DIR, FAILURES_DIR, FILE_COLUMNS, Collec
 from vlsearch.errors import CollectionError
 from vlsearch.models import Encoder, load_model
 from vlsearch.progress import Progress
+from vlsearch.allocator import reusing_freed_memory
 from vlsearch.threads import cpu_threads
 from vlsearch.update import Update, retrain_advice
 
@@ -105,7 +106,7 @@ def sync(source: ImageSource | str | os.PathLike, collection: Collection | str |
         report = _plan(source, Collection.open(coll.path)).report
         report.dry_run, report.seconds = True, round(time.perf_counter() - start, 3)
         return report
-    with cpu_threads(config.threads), Update(coll) as update:
+    with cpu_threads(config.threads), reusing_freed_memory(), Update(coll) as update:
         plan = _plan(source, update.base)
         _apply(plan, update, source, holder, config, progress)
     report = plan.report

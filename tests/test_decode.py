@@ -277,3 +277,17 @@ def test_default_workers_use_the_cores_the_model_leaves():
     assert default_workers("cuda", cores=1) == 1
     assert default_workers("cpu", cores=16, threads=8) == 8
     assert default_workers("cpu", cores=2, threads=2) == 2  # a saturated CPU still gets 2 (nice +19) workers
+
+
+def test_stack_pixels_keeps_hwc_pixels_channels_last_and_equal():
+    from indexing.decode import stack_pixels
+
+    hwc = [torch.randint(0, 256, (5, 6, 3), dtype=torch.uint8) for _ in range(3)]
+    views = [p.permute(2, 0, 1) for p in hwc]  # what the split preprocess's workers make
+    batch = stack_pixels(views)
+    assert batch.shape == (3, 3, 5, 6) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(views))
+    chw = [p.contiguous() for p in views]  # a whole preprocess's float/CHW output: a plain stack
+    assert stack_pixels(chw).is_contiguous() and torch.equal(stack_pixels(chw), torch.stack(chw))
+    flat = [torch.arange(4.0), torch.arange(4.0)]  # any other shape: a plain stack
+    assert torch.equal(stack_pixels(flat), torch.stack(flat))

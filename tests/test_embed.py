@@ -223,3 +223,15 @@ def test_file_columns_come_from_the_decode_workers(tmp_path, tiny_encoder, monke
     rows = coll.read_table("images", ["path", "content_hash", "file_size"]).to_pylist()
     assert {r["path"]: r["content_hash"] for r in rows} == expected
     assert all(r["file_size"] == (folder / r["path"]).stat().st_size for r in rows)
+
+
+def test_embedding_runs_with_freed_memory_kept_for_reuse(manifest, tmp_path, tiny_encoder, monkeypatch):
+    from vlsearch import allocator
+
+    monkeypatch.delenv("VLSEARCH_MALLOC", raising=False)
+    depths = []
+    real = tiny_encoder.encode_image_tensors
+    monkeypatch.setattr(tiny_encoder, "encode_image_tensors", lambda px: depths.append(allocator._depth) or real(px))
+    embed(manifest, tmp_path / "c", _config(shard_size=3), encoder=tiny_encoder)
+    expected = 1 if allocator.enabled() else 0
+    assert depths and set(depths) == {expected} and allocator._depth == 0  # inside the block, left afterwards

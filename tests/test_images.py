@@ -97,6 +97,27 @@ def test_split_preprocess_gives_the_whole_preprocess_bit_for_bit(tiny_encoder):
                                tiny_encoder.encode_image_tensors(split.normalise(raw)), atol=1e-6)
 
 
+def test_normalise_tiles_into_the_models_dtype_and_layout_with_one_rounding(tiny_encoder):
+    import torch
+
+    from indexing.decode import stack_pixels
+    from vlsearch.images import split_preprocess
+
+    split = split_preprocess(tiny_encoder.preprocess)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)) for _ in range(7)]
+    raw = stack_pixels([tiny_encoder.decode_transform(img) for img in images])
+    assert raw.is_contiguous(memory_format=torch.channels_last)  # the workers' stack: no transposing copy
+    whole = torch.stack([tiny_encoder.preprocess(img) for img in images])
+    for tile in (1, 3, None):  # 7 images: a last, partial tile
+        out = split.normalise(raw, torch.bfloat16, torch.contiguous_format, tile=tile)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert torch.equal(out, whole.to(torch.bfloat16))  # float32 arithmetic, then one rounding
+        cl = split.normalise(raw, tile=tile)
+        assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, whole)
+    assert split.normalise(raw[:0]).shape == (0, *raw.shape[1:])
+
+
 def test_a_preprocess_that_does_not_split_runs_whole(tiny_encoder):
     import torch
     from torchvision import transforms as T

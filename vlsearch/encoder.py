@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .images import ImageInput, open_image, split_preprocess
+from .images import NORMALISE_TILE, ImageInput, open_image, split_preprocess
 from .modelinfo import ModelInfo
 from .precision import PrecisionChoice
 
@@ -117,7 +117,8 @@ class Encoder:
         if pixels.dtype == torch.uint8:
             if self._split is None:
                 raise TypeError(f"{self.name}'s preprocess does not split: it cannot take uint8 pixels")
-            pixels = self._split.normalise(pixels.to(self.device, non_blocking=True))
+            return self._split.normalise(pixels.to(self.device, non_blocking=True), self._input_dtype,
+                                         self._memory_format, tile=NORMALISE_TILE if self.device.type == "cpu" else None)
         return pixels.to(self.device, dtype=self._input_dtype, non_blocking=True, memory_format=self._memory_format)
 
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:

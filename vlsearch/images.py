@@ -124,6 +124,10 @@ _PIL_STEPS = {"Resize", "CenterCrop", "ResizeKeepRatio", "CenterCropOrPad"}
 _RGB_STEPS = {"MaybeConvertMode", "_convert_to_rgb"}
 
 
+#: Images per step of :meth:`SplitPreprocess.normalise` on a CPU.
+NORMALISE_TILE = 4
+
+
 class _ToUint8:
     """PIL image -> uint8 ``(3, H, W)`` tensor (a channels-last view of the HWC pixels)."""
 
@@ -148,13 +152,25 @@ class SplitPreprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, 3, H, W)`` -> float32, with the same operations as ``ToTensor`` + ``Normalize``."""
+    def normalise(self, pixels: torch.Tensor, dtype: torch.dtype | None = None, memory_format: Any = None,
+                  tile: int | None = NORMALISE_TILE) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` -> ``dtype`` (float32 by default) in ``memory_format`` (the input's by
+        default), with the same float32 operations as ``ToTensor`` + ``Normalize`` and one rounding to
+        ``dtype`` at the end, so a bf16 batch equals the float32 one cast to bf16.
+
+        ``tile`` images at a time, written straight into the output: the float32 intermediate of a
+        few images stays in cache, which halves a CPU batch's cost against whole-batch passes
+        (``benchmarks/bench_encode.py``). None: the whole batch at once (a GPU runs one kernel per op).
+        """
         import torch
 
         mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-        return pixels.float().div_(255).sub_(mean).div_(std)
+        out = torch.empty_like(pixels, dtype=dtype or torch.float32, memory_format=memory_format or torch.preserve_format)
+        step = tile or max(len(pixels), 1)
+        for start in range(0, len(pixels), step):
+            out[start : start + step] = pixels[start : start + step].float().div_(255).sub_(mean).div_(std)
+        return out
 
 
 def split_preprocess(preprocess: Any) -> SplitPreprocess | None:

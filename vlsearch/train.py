@@ -57,6 +57,7 @@ from .train_checkpoint import LAST_CHECKPOINT, load_last, save_final, save_last
 from .train_config import CONFIG_FILE, TrainConfig, plain
 from .train_data import PairData, batch_loader, epoch_order, read_pairs, split_images, train_transform
 from .progress import Progress
+from .allocator import reusing_freed_memory
 from .threads import cpu_threads
 
 log = logging.getLogger(__name__)
@@ -505,7 +506,7 @@ def train(
         raise TrainingError(f"nothing to resume: {out / LAST_CHECKPOINT} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, plain(config.to_dict()))  # reusable: `vlsearch train --config`
-    with cpu_threads(config.threads):
+    with cpu_threads(config.threads), reusing_freed_memory():
         return _train(data, out, config, resume, progress, started)
 
 

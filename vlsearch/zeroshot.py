@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .allocator import reusing_freed_memory
 from .errors import DecodeError, SourceError
 from .images import ImageInput, open_image
 from .progress import Progress
@@ -108,7 +109,8 @@ def zero_shot_classify(
         failures: list[tuple[str, str]] = []
         keep = np.arange(len(paths))
     else:
-        feats, keep, failures = _encode(encoder, items, paths, batch_size, progress)
+        with reusing_freed_memory():
+            feats, keep, failures = _encode(encoder, items, paths, batch_size, progress)
         paths = [paths[i] for i in keep]
     label_source = labels if labels is not None else folder_labels
     true = None
