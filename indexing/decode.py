@@ -177,7 +177,11 @@ def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(pixels)
 
 
-def _lower_priority(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    """Lower the worker's priority, and give it glibc's own malloc settings (see vlsearch/allocator.py)."""
+    from vlsearch.allocator import restore_defaults
+
+    restore_defaults()
     with suppress(AttributeError, OSError, ValueError):  # no os.nice (Windows), not permitted, bad value
         os.nice(int(os.environ.get("VLSEARCH_DECODE_NICE", DECODE_NICE)))
 
@@ -246,7 +250,7 @@ def decode_batches(
     task = decode_task_size(batch_size, workers, len(records))
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context(), "worker_init_fn": _lower_priority}
+        kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context(), "worker_init_fn": _init_worker}
         if timeout:
             kwargs["timeout"] = hang_timeout or task * timeout + 60
     loader = DataLoader(dataset, batch_size=task, shuffle=False, num_workers=workers,

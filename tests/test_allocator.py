@@ -64,3 +64,25 @@ def test_system_malloc_can_be_kept(monkeypatch):
     assert not allocator.enabled()
     with allocator.reusing_freed_memory() as active:
         assert not active
+
+
+def test_decode_workers_forked_inside_the_block_get_glibcs_settings(tmp_path, monkeypatch):
+    import torch
+    from PIL import Image
+
+    from indexing.decode import decode_batches
+    from indexing.sources import ImageRecord
+
+    monkeypatch.delenv("VLSEARCH_MALLOC", raising=False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    recs = [ImageRecord(0, "a.png", str(tmp_path / "a.png"))]
+
+    def faults_of_a_second_buffer(img):
+        _faults_of_a_fresh_buffer()
+        return torch.tensor([float(_faults_of_a_fresh_buffer())])
+
+    with allocator.reusing_freed_memory():
+        (here,) = decode_batches(recs, faults_of_a_second_buffer, batch_size=1, workers=0)
+        (worker,) = decode_batches(recs, faults_of_a_second_buffer, batch_size=1, workers=1)
+    assert here.pixels.item() * 4 < worker.pixels.item()  # reused in this process, fresh pages in the worker
+    assert worker.pixels.item() >= SIZE // (2 << 20)

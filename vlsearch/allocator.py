@@ -74,6 +74,15 @@ def reusing_freed_memory() -> Iterator[bool]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
+                restore_defaults()
+
+
+def restore_defaults() -> None:
+    """glibc's settings back, and free heap pages handed to the system. Decode workers call it
+    first: they are forked inside the block, and a worker holding up to 1 GiB of freed camera-sized
+    images would be memory wasted, not time saved."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
