@@ -58,6 +58,11 @@ def test_info_json():
     from indexing.decode import default_workers
 
     assert info["decode_workers"] == default_workers("cuda" if info["cuda_available"] else "cpu") >= 1
+    from vlsearch import allocator
+
+    assert info["encoding_malloc"] == ("reuse freed memory (glibc)" if allocator._glibc() else "system")
+    opted_out = json.loads(runner.invoke(app, ["info", "--json"], env={"VLSEARCH_MALLOC": "system"}).output)
+    assert opted_out["encoding_malloc"] == "system"
 
 
 def test_encode_text_and_image(tmp_path, tiny_checkpoint):

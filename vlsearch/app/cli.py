@@ -153,7 +153,7 @@ def system_info() -> dict[str, Any]:
     import torch
 
     from indexing.decode import default_workers
-    from vlsearch import __version__
+    from vlsearch import __version__, allocator
     from vlsearch.models import resolve_device
     from vlsearch.precision import describe_auto
 
@@ -169,6 +169,7 @@ def system_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
         "decode_workers": default_workers(device.type),  # what embed/index start without --workers
+        "encoding_malloc": "reuse freed memory (glibc)" if allocator.enabled() else "system",
         **describe_auto(device),
     }
 
