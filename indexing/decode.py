@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from vlsearch.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
 from vlsearch.images import MAX_PIXELS, open_image, original_size
 
-from .sources import ImageRecord, content_hash, file_stat, is_url, read_record
+from .sources import ImageRecord, bytes_hash, content_hash, file_stat, is_url, read_record
+
+#: ``(file_stat, content_hash)`` of a record's file, as ``embed`` stores them.
+FileFacts = tuple[tuple[int, int] | None, str | None]
+#: Local files up to this size are read once, through one descriptor: decoded from memory, with
+#: their stat and content hash taken from the same bytes (larger ones are decoded from their path).
+READ_ONCE_BYTES = 256 << 20
 
 #: Seconds one image may take to read + decode + preprocess before it is given up.
 DEFAULT_TIMEOUT = 30.0
@@ -72,6 +78,13 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 def load_image(record: ImageRecord, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
     """Open one record as an upright RGB PIL image (reads tar members from their offset, and URLs
     through fsspec)."""
+    return open_record(record, draft_size=draft_size, max_pixels=max_pixels)[0]
+
+
+def open_record(record: ImageRecord, *, draft_size: int | None = None,
+                max_pixels: int = MAX_PIXELS) -> tuple[Any, FileFacts | None]:
+    """:func:`load_image`, and the :data:`FileFacts` of the bytes it decoded when it read them
+    itself (a local file up to :data:`READ_ONCE_BYTES`); None otherwise."""
     if record.tar_range is not None or is_url(record.location):
         try:
             data = read_record(record)
@@ -79,19 +92,49 @@ def load_image(record: ImageRecord, *, draft_size: int | None = None, max_pixels
             raise DecodeError("missing", f"no such file: {record.location}") from exc
         except OSError as exc:
             raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
-        return open_image(data, draft_size=draft_size, max_pixels=max_pixels)
+        return open_image(data, draft_size=draft_size, max_pixels=max_pixels), None
+    read = _read_local(record)
+    if read is not None:
+        data, facts = read
+        return open_image(data, draft_size=draft_size, max_pixels=max_pixels), facts
     try:
-        mode = os.stat(record.location).st_mode
-    except FileNotFoundError:
-        mode = None  # open_image names it: missing or broken-symlink
-    except OSError as exc:
-        raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
-    if mode is not None and not stat.S_ISREG(mode):
-        raise DecodeError("not-a-file", f"{record.path} is not a regular file (FIFO, device or directory)")
-    try:
-        return open_image(record.location, draft_size=draft_size, max_pixels=max_pixels)
+        return open_image(record.location, draft_size=draft_size, max_pixels=max_pixels), None
     except PermissionError as exc:
         raise DecodeError("unreadable", str(exc)) from exc
+
+
+def _read_local(record: ImageRecord) -> tuple[bytes, FileFacts] | None:
+    """A local file's bytes and facts through one descriptor (None: too big to hold). Opened
+    non-blocking so a FIFO is refused instead of waiting for a writer."""
+    path = record.location
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        kind = "broken-symlink" if os.path.islink(path) else "missing"
+        raise DecodeError(kind, f"no such file: {path}") from None
+    except PermissionError as exc:
+        raise DecodeError("unreadable", str(exc)) from exc
+    except OSError as exc:
+        raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError("not-a-file", f"{record.path} is not a regular file (FIFO, device or directory)")
+        if st.st_size == 0:
+            raise DecodeError("empty", f"zero-byte file: {path}")
+        if st.st_size > READ_ONCE_BYTES:
+            return None
+        data = fh.read()
+    return data, ((int(st.st_size), int(st.st_mtime_ns)), bytes_hash(data))
+
+
+class Decoded(NamedTuple):
+    """One decoded record: ``pixels`` (3, H, W), its upright original ``size`` (width, height), and
+    the :data:`FileFacts` of the bytes decoded when they were read in one go (else None)."""
+
+    pixels: torch.Tensor
+    size: tuple[int, int]
+    file: FileFacts | None
 
 
 def decode_record(
@@ -101,12 +144,12 @@ def decode_record(
     draft_size: int | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     max_pixels: int = MAX_PIXELS,
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``(pixels (3, H, W), upright original (width, height))``; raises :class:`DecodeError`."""
+) -> Decoded:
+    """Read, decode and preprocess one record; raises :class:`DecodeError`."""
     try:
         with time_limit(timeout):
-            img = load_image(record, draft_size=draft_size, max_pixels=max_pixels)
-            return transform(img), original_size(img)
+            img, facts = open_record(record, draft_size=draft_size, max_pixels=max_pixels)
+            return Decoded(transform(img), original_size(img), facts)
     except _Timeout:  # the alarm fired just after the body finished
         raise DecodeError("timeout", f"not decoded within {timeout:g} s") from None
     except (DecodeError, FilesystemNotInstalledError):  # a missing fsspec package is the job's error, not the image's
@@ -150,13 +193,13 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int):
+        record = self.records[i]
         try:
-            pixels, size = decode_record(self.records[i], self.transform, draft_size=self.draft_size,
-                                         timeout=self.timeout, max_pixels=self.max_pixels)
+            pixels, size, facts = decode_record(record, self.transform, draft_size=self.draft_size,
+                                                timeout=self.timeout, max_pixels=self.max_pixels)
         except DecodeError as exc:
             return i, None, None, (exc.kind, exc.message), None
-        record = self.records[i]
-        return i, pixels, size, None, (file_stat(record), content_hash(record))
+        return i, pixels, size, None, facts or (file_stat(record), content_hash(record))
 
 
 def collate(items: list[tuple]) -> DecodedBatch:

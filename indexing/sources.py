@@ -180,6 +180,11 @@ def file_stat(record: ImageRecord) -> tuple[int, int] | None:
     return int(size), int(mtime)
 
 
+def bytes_hash(data: bytes) -> str:
+    """blake2b-128 (hex) of image bytes already in memory: what :func:`content_hash` gives for them."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def content_hash(record: ImageRecord) -> str | None:
     """blake2b-128 (hex) of a record's image bytes (read in 1 MiB blocks), or None if unreadable."""
     digest = hashlib.blake2b(digest_size=16)

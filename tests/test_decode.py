@@ -130,7 +130,7 @@ def test_decompression_bomb_is_refused_before_allocating(tmp_path):
 def test_large_jpeg_is_drafted_but_records_its_full_size(tmp_path):
     (tmp_path / "big.jpg").write_bytes(_save(_rgb((1600, 1200)), "JPEG"))
     rec = ImageRecord(1, "big.jpg", str(tmp_path / "big.jpg"))
-    pixels, size = decode_record(rec, lambda img: img, draft_size=128)
+    pixels, size, _ = decode_record(rec, lambda img: img, draft_size=128)
     assert size == (1600, 1200)
     assert pixels.size == (200, 150)  # DCT-scaled by 1/8 while decoding, still >= 128 a side
 
@@ -145,8 +145,8 @@ def test_drafted_decode_gives_the_model_the_same_upright_input(tmp_path, tiny_en
     exif[0x0112] = 6
     (tmp_path / "cam.jpg").write_bytes(_save(Image.fromarray(pixels), "JPEG", quality=92, exif=exif.tobytes()))
     rec = ImageRecord(1, "cam.jpg", str(tmp_path / "cam.jpg"))
-    full, size_full = decode_record(rec, tiny_encoder.preprocess, draft_size=None)
-    drafted, size_drafted = decode_record(rec, tiny_encoder.preprocess, draft_size=2 * tiny_encoder.image_size)
+    full, size_full, _ = decode_record(rec, tiny_encoder.preprocess, draft_size=None)
+    drafted, size_drafted, _ = decode_record(rec, tiny_encoder.preprocess, draft_size=2 * tiny_encoder.image_size)
     assert size_full == size_drafted == (h, w)  # upright original size, recorded before the draft
     assert drafted.shape == full.shape == (3, tiny_encoder.image_size, tiny_encoder.image_size)
     assert (drafted - full).abs().mean() < 0.05  # normalised units: resampling noise only
@@ -291,3 +291,28 @@ def test_stack_pixels_keeps_hwc_pixels_channels_last_and_equal():
     assert stack_pixels(chw).is_contiguous() and torch.equal(stack_pixels(chw), torch.stack(chw))
     flat = [torch.arange(4.0), torch.arange(4.0)]  # any other shape: a plain stack
     assert torch.equal(stack_pixels(flat), torch.stack(flat))
+
+
+def test_a_local_file_is_read_once_for_pixels_stat_and_hash(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(_save(_rgb(), "JPEG"))
+    rec = ImageRecord(0, "a.jpg", str(tmp_path / "a.jpg"))
+    expected = (file_stat(rec), content_hash(rec))
+    assert decode_record(rec, lambda img: torch.zeros(1)).file == expected
+
+    def second_read(record):
+        raise AssertionError("the file was read a second time")
+
+    monkeypatch.setattr(decode, "file_stat", second_read)
+    monkeypatch.setattr(decode, "content_hash", second_read)
+    (batch,) = decode_batches([rec], lambda img: torch.zeros(1), batch_size=1, workers=0)
+    assert batch.files == [expected]
+
+
+def test_files_too_big_to_hold_are_decoded_from_their_path_and_hashed_in_blocks(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(_save(_rgb(), "PNG"))
+    rec = ImageRecord(0, "a.png", str(tmp_path / "a.png"))
+    monkeypatch.setattr(decode, "READ_ONCE_BYTES", 10)
+    decoded = decode_record(rec, lambda img: torch.zeros(1))
+    assert decoded.file is None and decoded.size == _rgb().size
+    (batch,) = decode_batches([rec], lambda img: torch.zeros(1), batch_size=1, workers=0)
+    assert batch.files == [(file_stat(rec), content_hash(rec))]
