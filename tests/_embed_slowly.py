@@ -8,15 +8,15 @@ import time
 
 from indexing import decode
 
-_load_image = decode.load_image
+_open_record = decode.open_record  # what decode_record calls for each image
 
 
-def _slow_load_image(*args, **kwargs):
+def _slow_open_record(*args, **kwargs):
     time.sleep(float(os.environ.get("VLSEARCH_TEST_DECODE_DELAY", "0.1")))
-    return _load_image(*args, **kwargs)
+    return _open_record(*args, **kwargs)
 
 
-decode.load_image = _slow_load_image
+decode.open_record = _slow_open_record
 
 if __name__ == "__main__":
     from vlsearch.app.cli import app

@@ -16,10 +16,10 @@ def install() -> None:
         return  # no fault asked: import nothing (indexing.decode imports torch, ~3 s in every worker)
     from indexing import decode
 
-    original = decode.load_image
+    original = decode.open_record  # what decode_record calls for each image
     calls = [0]
 
-    def load_image(*args, **kwargs):
+    def open_record(*args, **kwargs):
         delay = os.environ.get("VLSEARCH_TEST_DECODE_DELAY")
         if delay:
             time.sleep(float(delay))
@@ -30,7 +30,7 @@ def install() -> None:
             os._exit(1)
         return original(*args, **kwargs)
 
-    decode.load_image = load_image
+    decode.open_record = open_record
 
 
 if __name__ == "__main__":  # python tests/_ray_faults.py RAY_ADDRESS DELAY vlsearch-args...: a slow CLI driver
