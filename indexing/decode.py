@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlsearch.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
-from vlsearch.images import MAX_PIXELS, open_image, original_size
+from vlsearch.images import MAX_PIXELS, missing_file, open_image, original_size
 
 from .sources import ImageRecord, bytes_hash, content_hash, file_stat, is_url, read_record
 
@@ -75,16 +75,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def load_image(record: ImageRecord, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
-    """Open one record as an upright RGB PIL image (reads tar members from their offset, and URLs
-    through fsspec)."""
-    return open_record(record, draft_size=draft_size, max_pixels=max_pixels)[0]
-
-
 def open_record(record: ImageRecord, *, draft_size: int | None = None,
                 max_pixels: int = MAX_PIXELS) -> tuple[Any, FileFacts | None]:
-    """:func:`load_image`, and the :data:`FileFacts` of the bytes it decoded when it read them
-    itself (a local file up to :data:`READ_ONCE_BYTES`); None otherwise."""
+    """One record as an upright RGB PIL image (tar members read from their offset, URLs through
+    fsspec), and the :data:`FileFacts` of the bytes it decoded when it read them itself (a local
+    file up to :data:`READ_ONCE_BYTES`); None otherwise."""
     if record.tar_range is not None or is_url(record.location):
         try:
             data = read_record(record)
@@ -110,8 +105,7 @@ def _read_local(record: ImageRecord) -> tuple[bytes, FileFacts] | None:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        kind = "broken-symlink" if os.path.islink(path) else "missing"
-        raise DecodeError(kind, f"no such file: {path}") from None
+        raise missing_file(path) from None
     except PermissionError as exc:
         raise DecodeError("unreadable", str(exc)) from exc
     except OSError as exc:

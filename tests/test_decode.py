@@ -152,7 +152,7 @@ def test_drafted_decode_gives_the_model_the_same_upright_input(tmp_path, tiny_en
     assert (drafted - full).abs().mean() < 0.05  # normalised units: resampling noise only
     # upright: after rotating 90 degrees clockwise, red (the stored x gradient) grows top to bottom
     assert drafted[0, -1].mean() > drafted[0, 0].mean() + 1 and full[0, -1].mean() > full[0, 0].mean() + 1
-    img = decode.load_image(rec, draft_size=2 * tiny_encoder.image_size)
+    img, _ = decode.open_record(rec, draft_size=2 * tiny_encoder.image_size)
     assert min(img.size) < h and min(img.size) >= 2 * tiny_encoder.image_size  # really DCT-scaled
 
 

@@ -104,6 +104,12 @@ def original_size(img: Image.Image) -> tuple[int, int]:
     return tuple(img.info.get(ORIGINAL_SIZE_KEY, img.size))
 
 
+def missing_file(path: str | os.PathLike) -> DecodeError:
+    """The error for a path that does not exist: ``broken-symlink`` when it is a dangling link."""
+    kind = "broken-symlink" if os.path.islink(path) else "missing"
+    return DecodeError(kind, f"no such file: {path}")
+
+
 def _as_file(src: ImageInput):
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
@@ -111,8 +117,7 @@ def _as_file(src: ImageInput):
         return io.BytesIO(bytes(src))
     path = Path(os.fsdecode(src)) if not isinstance(src, Path) else src
     if not path.exists():
-        kind = "broken-symlink" if path.is_symlink() else "missing"
-        raise DecodeError(kind, f"no such file: {path}")
+        raise missing_file(path)
     if path.stat().st_size == 0:
         raise DecodeError("empty", f"zero-byte file: {path}")
     return path
