@@ -17,8 +17,8 @@ HEADER = "# vlsearch benchmark results\n\nEach section is written by the script 
 
 
 def machine() -> str:
-    """One line describing the machine, torch threads and device (:func:`vlsearch.precision.describe_machine`)."""
-    from vlsearch.precision import describe_machine
+    """One line describing the machine, torch threads and device (:func:`vlsearch.models.precision.describe_machine`)."""
+    from vlsearch.models.precision import describe_machine
 
     return describe_machine()
 
@@ -46,7 +46,7 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
 def ensure_index(collection_dir: str | os.PathLike, index_type: str = "auto", **build_options: object) -> dict:
     """The collection's index entry: the existing one, else ``indexing.build.build_index``'s."""
     from indexing.build import build_index
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     coll = Collection.open(collection_dir)
     if coll.has_index():

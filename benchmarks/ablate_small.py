@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.threads import set_process_threads  # noqa: E402
+from vlsearch.core.threads import set_process_threads  # noqa: E402
 from benchmarks.bench_small import DATA, flickr_metrics  # noqa: E402
 from benchmarks.train_small import MODEL_CONFIG  # noqa: E402
 
@@ -73,7 +73,7 @@ def score(run: Path, model: str, cache: Path, threads: int, infer_size: int | No
           locked_trunk: bool = False) -> dict:
     """Flickr8k-test figures of ``run``'s model.pt (``model``'s config must be registered)."""
 
-    from vlsearch.models import load_model
+    from vlsearch.models.factory import load_model
 
     cached = run / (f"test-{infer_size}px.json" if infer_size else "test.json")
     if cached.is_file() and cached.stat().st_mtime >= (run / "model.pt").stat().st_mtime:

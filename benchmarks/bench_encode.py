@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlsearch  # noqa: E402,F401  (first: it turns on huge pages for torch's allocator, see vlsearch/__init__.py)
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.allocator import reusing_freed_memory  # noqa: E402
-from vlsearch.threads import set_process_threads  # noqa: E402
+from vlsearch.core.allocator import reusing_freed_memory  # noqa: E402
+from vlsearch.core.threads import set_process_threads  # noqa: E402
 from indexing.decode import DECODE_NICE, decode_batches  # noqa: E402
 from indexing.embed import EmbedConfig, embed  # noqa: E402
-from indexing.sources import open_source  # noqa: E402
-from vlsearch.images import open_image  # noqa: E402
-from vlsearch.models import SMALL_MODEL, Encoder, load_model  # noqa: E402
+from vlsearch.data.sources import open_source  # noqa: E402
+from vlsearch.data.images import open_image  # noqa: E402
+from vlsearch.models.factory import SMALL_MODEL, Encoder, load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-test" / "images"
 CAMERA = Path(__file__).resolve().parents[1] / "bench-data" / "camera-gallery"
@@ -106,7 +106,7 @@ def decode_only(enc: Encoder, folder: Path, batch_size: int, workers: int) -> fl
 
 def end_to_end(enc: Encoder, folder: Path, out: Path, batch_size: int, workers: int) -> tuple[float, float]:
     """(images/s of a whole ``embed`` run, seconds of it spent writing shards and manifests)."""
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     config = EmbedConfig(model=enc.name, batch_size=batch_size, workers=workers, device=str(enc.device))
     write_s = [0.0]
@@ -134,7 +134,7 @@ def stage_ms(enc: Encoder, folder: Path, n: int = 64) -> dict[str, float]:
     """Single-process ms per image for decode (open + draft + EXIF + RGB), preprocess (what the
     pipeline does: resize + crop to uint8 in the worker, then normalise in the encoding process)
     and the file columns ``embed`` records (stat + content hash of the bytes), on the first ``n`` images."""
-    from indexing.embed import file_columns
+    from indexing.shards import file_columns
 
     paths = sorted(folder.iterdir())[:n]
     start = time.perf_counter()
@@ -206,7 +206,7 @@ def main() -> None:
     ap.add_argument("--models", default=f"ViT-B-32,{SMALL_MODEL}")
     ap.add_argument("--gallery", choices=("small", "camera"), default="small")
     ap.add_argument("--workers", default=None, help="decode worker counts to try, comma-separated (default: 1,2)")
-    ap.add_argument("--precision", default="auto", help="inference precision (see vlsearch.precision)")
+    ap.add_argument("--precision", default="auto", help="inference precision (see vlsearch.models.precision)")
     ap.add_argument("--model-images", type=int, default=None,
                     help="images held as tensors for model-only timing (default: the whole gallery, the same work "
                          "as an end-to-end run)")
@@ -271,7 +271,7 @@ def analysis(rows: list[list]) -> str:
         "latency, not its CPU cost, so the best ratio is about 1 - decode share; more workers only help when "
         "cores are idle (or the model runs on a GPU). Decode cost = JPEG decode + resize + crop (workers ship uint8 "
         "pixels, stacked channels-last; the encoding process normalises them a few images at a time straight into "
-        "the model's dtype and layout, `vlsearch.images.split_preprocess`); `draft()` "
+        "the model's dtype and layout, `vlsearch.data.images.split_preprocess`); `draft()` "
         "(DCT-domain downscaling by 2/4/8 while decoding, to no less than twice the model input) only reduces "
         "JPEGs at least twice that size: the 224 px flickr8k files are decoded whole, a 3000x2000 camera JPEG "
         "at 1/4 (750x500) for a 224 px model input (ViT-B-32 and vlsearch-small)."

@@ -10,7 +10,7 @@ from a hash of the id: ``bucket`` (uniform in 0..9999, so ``bucket < 10 * pct`` 
 of the rows, uncorrelated with the vectors) and ``label`` (8 values). The index is the one
 ``vlsearch build-index --index-type auto`` builds. Per selectivity (50, 10, 1, 0.1, 0.01 %):
 
-* filter evaluation: DuckDB (:class:`vlsearch.filters.FilterEngine`, the chosen engine) against
+* filter evaluation: DuckDB (:class:`vlsearch.query.filters.FilterEngine`, the chosen engine) against
   DuckDB scanning the Arrow table in place and a pyarrow compute expression;
 * filtered search as ``Searcher.knn(where=...)`` runs it (automatic exact / selector switch),
   against exact filtered search (``exact=True``: exact over the matching rows), and ANN with an
@@ -79,7 +79,7 @@ def rss_mb() -> float:
 
 def prepare(a: argparse.Namespace):
     data = load_dataset(a.n, a.dim, 1000, 0, a.out_dir, kind="hard", columns=columns, variant=VARIANT)
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     if Collection.open(data.collection).manifest.index is None:
         from indexing.build import build_index
@@ -92,7 +92,7 @@ def prepare(a: argparse.Namespace):
 
 def truth_of(base: np.ndarray, allowed: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact filtered top-k ids: brute force over the allowed rows' stored (float16) vectors."""
-    from vlsearch.exact import exact_search
+    from vlsearch.query.exact import exact_search
 
     chunks = ((allowed[i:i + 65536], base[allowed[i:i + 65536]].astype(np.float32))
               for i in range(0, len(allowed), 65536))
@@ -130,8 +130,8 @@ def engine_figures(coll_path: Path, pcts: list[float]) -> tuple[list[list], dict
     import duckdb
     import pyarrow.compute as pc
 
-    from vlsearch.collection import Collection
-    from vlsearch.filters import FilterEngine, compile_filter, read_metadata
+    from vlsearch.store.collection import Collection
+    from vlsearch.query.filters import FilterEngine, compile_filter, read_metadata
 
     coll = Collection.open(coll_path)
     r0, t = rss_mb(), time.perf_counter()
@@ -171,7 +171,7 @@ def engine_figures(coll_path: Path, pcts: list[float]) -> tuple[list[list], dict
 def sweep(s, queries: np.ndarray, k: int, truths: dict, base_qps: float, exponents: list[float]) -> list[list]:
     """Forced ANN+selector path: nprobe = nprobe_default x selectivity^-e (capped at nlist);
     recall@10 and batched q/s per selectivity and exponent."""
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     nlist = int(s.collection.manifest.index.get("nlist") or 0)
     rows = []
@@ -195,7 +195,7 @@ def forced_exact(s, queries: np.ndarray, k: int, where: str, allowed: np.ndarray
     """Exact over the subset: (first call ms: it gathers the vectors, batched q/s, warm single-query
     p50 ms). When the vectors do not fit the cache every call re-reads them, so one batched call
     (one streamed pass) gives all three: its time, its q/s, and nan."""
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     ex = Searcher(s.collection, s.index)  # its own caches: the first call gathers from the shards
     ex._filter_engine = s.filter_engine
@@ -215,7 +215,7 @@ def main() -> None:
     a = parse_args()
     import faiss
 
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     t_all = time.perf_counter()
     data = prepare(a)

@@ -2,7 +2,7 @@
 
 Each run embeds ``flickr8k-test`` (1,000 images, 5,000 captions) with one model into
 ``bench-data/flickr8k-test/<label>/collection`` (skipped when already complete), builds an IVF
-index there (skipped when present), runs :func:`vlsearch.bench.run_benchmark` and saves
+index there (skipped when present), runs :func:`vlsearch.eval.bench.run_benchmark` and saves
 ``results.json`` and ``recall_qps.png`` beside it. Then it rewrites the ``flickr8k`` section of
 ``benchmarks/RESULTS.md`` from every ``results.json`` found, so models can be run one at a time:
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, ensure_index, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.threads import set_process_threads  # noqa: E402
-from vlsearch.bench import benchmark_rows  # noqa: E402
+from vlsearch.core.threads import set_process_threads  # noqa: E402
+from vlsearch.eval.bench import benchmark_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-test"
@@ -41,7 +41,7 @@ def embed_collection(args: argparse.Namespace, coll_dir: Path) -> dict:
     import torch
 
     from indexing.embed import EmbedConfig, embed
-    from vlsearch.models import load_model
+    from vlsearch.models.factory import load_model
 
     torch.manual_seed(args.seed)  # random-init weights are reproducible
     set_process_threads(args.threads)
@@ -120,7 +120,7 @@ def main() -> None:
             embed_info = json.loads((run_dir / "embed.json").read_text())  # keep the first run's time
         (run_dir / "embed.json").write_text(json.dumps(embed_info))
         ensure_index(run_dir / "collection", args.index, seed=0)
-        from vlsearch.bench import BenchConfig, plot_results, run_benchmark
+        from vlsearch.eval.bench import BenchConfig, plot_results, run_benchmark
 
         nprobes = tuple(int(n) for n in args.nprobe.split(","))
         result = run_benchmark(run_dir / "collection", BenchConfig(nprobes=nprobes))
@@ -130,7 +130,7 @@ def main() -> None:
         run = {"label": args.label, "command": command, "machine": machine(), "embed": embed_info,
                "load_average": [round(x, 1) for x in os.getloadavg()], "comment": args.comment, "result": result}
         (run_dir / "results.json").write_text(json.dumps(run, indent=2))
-        from vlsearch.bench import format_table
+        from vlsearch.eval.bench import format_table
 
         print(format_table(result))
     write_section("flickr8k", report())

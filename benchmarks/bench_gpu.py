@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.bench_encode import HEADERS, STAGE_HEADERS, bench_model, camera_gallery  # noqa: E402
 from benchmarks.bench_small import read_split  # noqa: E402
-from vlsearch.metrics import retrieval_metrics  # noqa: E402
-from vlsearch.models import SMALL_MODEL, load_model  # noqa: E402
+from vlsearch.core.metrics import retrieval_metrics  # noqa: E402
+from vlsearch.models.factory import SMALL_MODEL, load_model  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-test"
 KS = (1, 5, 10)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.synthetic import load_dataset  # noqa: E402
-from vlsearch.metrics import ann_recall  # noqa: E402
+from vlsearch.core.metrics import ann_recall  # noqa: E402
 
 
 ENTRY = "bench-entry.json"
@@ -174,7 +174,7 @@ def build_row(index_type: str, e: dict) -> list:
 
 def eval_stage(data, types: list[str], args) -> tuple[float, float, list, list]:
     """Exact Flat once, then every kept view with its defaults and the ``--settings`` rows."""
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     q, gt = data.queries, data.gt_ids
     views = [view_path(data.collection, t) for t in types]
@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
     args = ap.parse_args()
 
-    from indexing.plan import AutoPolicy, auto_nlist
+    from vlsearch.ann.plan import AutoPolicy, auto_nlist
 
     data = load_dataset(args.n, 512, args.queries, kind=args.kind)
     print(f"dataset {data.collection}: {args.n:,} x 512, {len(data.queries)} held-out queries", flush=True)

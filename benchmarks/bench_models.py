@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.threads import set_process_threads  # noqa: E402
-from vlsearch.models import load_model  # noqa: E402
+from vlsearch.core.threads import set_process_threads  # noqa: E402
+from vlsearch.models.factory import load_model  # noqa: E402
 
 CAPTION = "a brown dog runs along the beach with a red ball in its mouth"
 

@@ -1,5 +1,5 @@
 """Inference precision on this machine: speed, agreement with fp32, retrieval quality, and what
-``precision="auto"`` picks (``vlsearch.precision``).
+``precision="auto"`` picks (``vlsearch.models.precision``).
 
 Two sub-commands, each saving JSON under ``bench-data/precision/`` and then rewriting the
 ``precision`` section of RESULTS.md from every saved result (so they can run one at a time):
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.allocator import reusing_freed_memory  # noqa: E402
+from vlsearch.core.allocator import reusing_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-test"
@@ -48,7 +48,7 @@ def read_split(folder: Path = DATA) -> tuple[list[Path], list[str], np.ndarray]:
 
 
 def load(name: str, precision: str, seed: int = 0):
-    from vlsearch.models import load_model
+    from vlsearch.models.factory import load_model
 
     torch.manual_seed(seed)  # the same random-init weights for every precision
     return load_model(name, device="cpu", precision=precision)
@@ -109,8 +109,8 @@ def speed_row(name: str, precision: str, pixels: torch.Tensor, captions: list[st
 
 
 def run_speed(args: argparse.Namespace) -> None:
-    from vlsearch.images import open_image
-    from vlsearch.precision import benchmark_bf16, describe_auto
+    from vlsearch.data.images import open_image
+    from vlsearch.models.precision import benchmark_bf16, describe_auto
 
     paths, captions, _ = read_split()
     for name in args.models.split(","):
@@ -179,7 +179,7 @@ def run_recall(args: argparse.Namespace) -> None:
     """Per-precision retrieval on flickr8k-test. Embeddings are saved in blocks of images (with their
     captions), so slow precisions finish over several time-limited runs; the metrics use the first
     blocks every precision has finished (the whole split once all are done)."""
-    from vlsearch.metrics import retrieval_metrics
+    from vlsearch.core.metrics import retrieval_metrics
 
     paths, captions, text_image = read_split()
     precisions = ["fp32", *[p for p in args.precisions.split(",") if p != "fp32"]]
@@ -213,7 +213,7 @@ def run_recall(args: argparse.Namespace) -> None:
 
 
 def save(stem: str, data: dict) -> None:
-    from vlsearch.fsutil import write_json
+    from vlsearch.core.fsutil import write_json
 
     write_json(OUT / f"{stem}.json", data)
 

@@ -67,7 +67,7 @@ def _dataset(args: argparse.Namespace, log=lambda *a: print(*a, flush=True)) -> 
 
 def _collection_copy(args: argparse.Namespace, name: str) -> Path:
     """A collection sharing the synthetic one's shards (symlinked), with its own index files."""
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     data = _dataset(args)
     target = _root(args) / name
@@ -132,12 +132,12 @@ def _measure(searcher, queries: np.ndarray, gt: np.ndarray, nprobe: int, n_lat: 
 def _cold_p50_ms(coll: Path, ivfdata: Path, queries: np.ndarray, nprobe: int) -> float:
     """Single-query latency with the on-disk lists out of the page cache: the index is unmapped,
     the file evicted (``posix_fadvise DONTNEED``), mapped again (not timed), then one query timed."""
-    from vlsearch.faiss_index import load_index, search_parameters
+    from vlsearch.ann.faiss_index import search_parameters
 
     lat = []
     for q in queries:
         _evict(ivfdata)
-        index = load_index(coll)
+        index = coll.load_index()
         params = search_parameters(index, nprobe=nprobe)
         t = time.perf_counter()
         index.search(q[None], 10, params=params)
@@ -147,7 +147,7 @@ def _cold_p50_ms(coll: Path, ivfdata: Path, queries: np.ndarray, nprobe: int) ->
 
 
 def stage_eval(args: argparse.Namespace) -> dict:
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     data = _dataset(args, log=lambda *a: None)
     root = _root(args)

@@ -80,7 +80,7 @@ def probe_pairs(captions: list[str], caption_image: np.ndarray, n: int = 100) ->
 def word_order(encoder, reranker, feats, captions: list[str], pairs: list[tuple[int, str]]) -> dict:
     import torch
 
-    from vlsearch.rerank import text_tokens
+    from vlsearch.rerank.model import text_tokens
 
     rows = [i for i, _ in pairs]
     images = feats.caption_image[rows]
@@ -103,7 +103,7 @@ def word_order(encoder, reranker, feats, captions: list[str], pairs: list[tuple[
 
 
 def quality(reranker, feats) -> dict:
-    from vlsearch.rerank_train import candidate_itm, rerank_metrics
+    from vlsearch.rerank.training import candidate_itm, rerank_metrics
 
     t0 = time.perf_counter()
     sim, top, itm = candidate_itm(reranker, feats, max(KS))
@@ -115,8 +115,8 @@ def quality(reranker, feats) -> dict:
 
 def ensure_collection(encoder, reranker) -> Path:
     from indexing.embed import EmbedConfig, embed
-    from vlsearch.collection import Collection
-    from vlsearch.rerank_store import store_rerank_features
+    from vlsearch.store.collection import Collection
+    from vlsearch.rerank.features import store_rerank_features
 
     path = OUT / "flickr8k-test-coll"
     if (path / "manifest.json").is_file() and Collection.open(path).manifest.model != encoder.info:
@@ -128,7 +128,7 @@ def ensure_collection(encoder, reranker) -> Path:
 
 
 def cost(path: Path, encoder, reranker, captions: list[str], n_queries: int) -> dict:
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     queries = [captions[i] for i in np.random.default_rng(0).choice(len(captions), n_queries, replace=False)]
     out: dict = {"queries": n_queries, "tokens": reranker.tokens, "width": reranker.width}
@@ -220,10 +220,10 @@ def main() -> None:
 
     import torch
 
-    from vlsearch.models import load_model
-    from vlsearch.rerank import builtin_reranker_path, load_reranker
-    from vlsearch.rerank_train import extract_features
-    from vlsearch.train_data import read_pairs
+    from vlsearch.models.factory import load_model
+    from vlsearch.rerank.model import builtin_reranker_path, load_reranker
+    from vlsearch.rerank.training import extract_features
+    from vlsearch.train.data import read_pairs
 
     torch.set_num_threads(2)
     encoder = load_model("vlsearch-small", device="cpu", precision="fp32")

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import command_line, ensure_index, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.synthetic import DEFAULT_DIR, dataset_dir, load_dataset  # noqa: E402
-from vlsearch.faiss_index import find_refine  # noqa: E402
-from vlsearch.metrics import ann_recall  # noqa: E402
+from vlsearch.ann.faiss_index import find_refine  # noqa: E402
+from vlsearch.core.metrics import ann_recall  # noqa: E402
 
 TEXTS = ["a dog running on the beach", "two cats sleeping on a red sofa", "a bowl of soup",
          "snowy mountains at dawn", "a man riding a bicycle down a busy city street at night"]
@@ -89,7 +89,7 @@ def default_factory(n: int, dim: int) -> str:
 
 def make_view(coll_path: Path, factory: str | None, n: int) -> Path:
     """A collection directory sharing the synthetic shards (symlink) with its own index file."""
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     slug = (factory or "auto").replace(",", "_").replace("(", "").replace(")", "")
     view = DEFAULT_DIR / f"search-view-{coll_path.parent.name}-{slug}"  # per dataset (size, generator)
@@ -104,7 +104,7 @@ def make_view(coll_path: Path, factory: str | None, n: int) -> Path:
 
 def index_view(view: Path, factory: str | None, k_factor: float, builder: str = "build_index", log=print) -> dict:
     """The view's index entry: built by ``build_index`` (or, with ``--builder local``, :func:`build_local`) once."""
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     coll = Collection.open(view)
     if coll.has_index():
@@ -124,7 +124,7 @@ def build_local(coll, factory: str, k_factor: float, log=print) -> dict:
     RESULTS.md rows measured with it can be reproduced."""
     import faiss
 
-    from vlsearch.fsutil import atomic_path
+    from vlsearch.core.fsutil import atomic_path
 
     n = coll.count()
     t0 = time.perf_counter()
@@ -216,7 +216,7 @@ def text_latency(model_name: str, searcher, queries, n: int, k: int, nprobe, kf,
     """Tokenise + text tower (batch 1, no cache) and end-to-end with the search."""
     import torch
 
-    from vlsearch.models import load_model
+    from vlsearch.models.factory import load_model
 
     enc = load_model(model_name, None, device="cpu", threads=torch_threads)
     texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(n)]  # distinct: no cache hits
@@ -242,7 +242,7 @@ def main() -> None:
     a = parse_args()
     import faiss
 
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     wait_for_dataset(a)
     t_start = time.perf_counter()

@@ -69,8 +69,8 @@ def unique_texts() -> "itertools.count":
 def make_collection(n: int, index_type: str, log=print) -> tuple[Path, np.ndarray]:
     """The synthetic collection re-labelled as vlsearch-small (a view sharing its shards) + queries."""
     from indexing.build import build_index
-    from vlsearch.collection import Collection
-    from vlsearch.models import load_model
+    from vlsearch.store.collection import Collection
+    from vlsearch.models.factory import load_model
 
     dim = load_model(MODEL, device="cpu").info.dim
     data = load_dataset(n=n, dim=dim, n_queries=1000, log=log)
@@ -194,7 +194,7 @@ def main() -> None:
     clients = [int(c) for c in a.clients.split(",")]
     modes = a.modes.split(",")
     view, queries = make_collection(a.n, a.index_type)
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     factory = Collection.open(view).manifest.index["factory"]
     port = free_port()
@@ -216,8 +216,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    from vlsearch.models import load_model
-    from vlsearch.search import Searcher
+    from vlsearch.models.factory import load_model
+    from vlsearch.query.searcher import Searcher
 
     searcher = Searcher.open(view, encoder=load_model(MODEL, device="cpu"))
     for mode in modes:

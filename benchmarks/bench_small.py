@@ -5,12 +5,12 @@
 * Flickr8k-test (1,000 images, 5,000 captions): text->image and image->text Recall@1/5/10, MRR,
   median rank for the shipped vlsearch-small (flickr8k-v4), the previous weights (flickr8k-v3 and
   flickr8k-v2, still loadable) and chance, from one run.
-* Zero-shot top-1 on flowers-test (5 classes, chance 20 %) with ``vlsearch.zeroshot``'s default
+* Zero-shot top-1 on flowers-test (5 classes, chance 20 %) with ``vlsearch.eval.zeroshot``'s default
   prompt templates.
 * Model-only encode speed (``bench_models.measure``) of vlsearch-small v4 (v3's architecture too)
   and v2, vlsearch-tiny and ViT-B-32 (random init) at one batch size and thread count.
 
-With ``--provenance`` the test figures are also stored in ``vlsearch/weights/vlsearch-small.json``.
+With ``--provenance`` the test figures are also stored in ``vlsearch/models/weights/vlsearch-small.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for to
 import torch  # noqa: E402
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.threads import set_process_threads  # noqa: E402
+from vlsearch.core.threads import set_process_threads  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SMALL = "vlsearch-small"
@@ -51,7 +51,7 @@ def text_backbone_features(encoder, captions: list[str], cache: Path | None) -> 
     under the captions and those weights."""
     import hashlib
 
-    from vlsearch.towers import text_backbone_features
+    from vlsearch.models.towers import text_backbone_features
 
     digest = hashlib.sha1("\n".join(captions).encode())
     for value in encoder.model.text.transformer.state_dict().values():
@@ -75,7 +75,7 @@ def flickr_metrics(encoder, folder: Path, cache: Path | None = None, batch_size:
     pooled trunk features, cached per input size, then this model's head."""
     import torch.nn.functional as F
 
-    from vlsearch.metrics import retrieval_metrics
+    from vlsearch.core.metrics import retrieval_metrics
 
     paths, captions, text_image = read_split(folder)
     if locked_trunk:
@@ -93,7 +93,7 @@ def trunk_features(encoder, paths: list[Path], cache: Path | None, batch_size: i
     """Pooled pretrained-trunk features of ``paths`` at the encoder's input size (cached in ``cache``)."""
     import hashlib
 
-    from vlsearch.images import open_image
+    from vlsearch.data.images import open_image
 
     visual = encoder.model.visual
     key = hashlib.sha1(("\n".join(map(str, paths)) + f"|{encoder.image_size}|"
@@ -134,7 +134,7 @@ V2 = "flickr8k-v2"  #: the last other architecture (speed row)
 
 
 def zero_shot(encoder, folder: Path) -> tuple[float, list[str]]:
-    from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+    from vlsearch.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
 
     result = zero_shot_classify(encoder, folder, templates=DEFAULT_TEMPLATES)
     return float((result.predictions == result.labels).mean()), list(DEFAULT_TEMPLATES)
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--provenance", action="store_true", help="store the test figures in the weights' provenance JSON")
     args = ap.parse_args()
     set_process_threads(args.threads)
-    from vlsearch.models import WEIGHTS_DIR, load_model
+    from vlsearch.models.factory import WEIGHTS_DIR, load_model
 
     data = Path(args.data)
     cache = Path(args.cache) if args.cache else None
@@ -186,14 +186,14 @@ def main() -> None:
         rows = [measure(m, args.batch_size, args.seconds, p)
                 for m, p in ((SMALL, None), (SMALL, V2), ("vlsearch-tiny", None), ("ViT-B-32", None))]
         speed = markdown_table(["model", "params", "input px", "dim", "images/s", "texts/s"], rows)
-        from vlsearch.precision import describe_auto
+        from vlsearch.models.precision import describe_auto
 
         speed = (f"Model-only encode speed, batch {args.batch_size}, {args.threads} torch threads, precision auto "
                  f"({describe_auto()['precision_auto']} here) "
                  f"(tiny and ViT-B-32 random init; speed does not depend on the weights):\n\n{speed}\n")
         print(speed)
     provenance = json.loads((WEIGHTS_DIR / f"{SMALL}.json").read_text())
-    train_note = (f"Weights: `vlsearch/weights/{SMALL}.pt`, trained by `{provenance.get('command')}` "
+    train_note = (f"Weights: `vlsearch/models/weights/{SMALL}.pt`, trained by `{provenance.get('command')}` "
                   f"({provenance.get('steps')} steps, {provenance.get('train_seconds')} s, commit "
                   f"{provenance.get('git_commit')}).")
     write_section("small", f"## vlsearch-small (MiniLM text tower + ImageNet EfficientNet-Lite0 trunk + head trained "
@@ -201,7 +201,7 @@ def main() -> None:
                            f"{machine()}\n\n`{command_line()}`\n\n{train_note}\n\nFlickr8k-test (1,000 images, "
                            f"5,000 captions), recall in %:\n\n{retrieval}\n\n{zs}\n\n{speed}")
     if args.provenance:
-        from vlsearch.fsutil import write_json
+        from vlsearch.core.fsutil import write_json
 
         provenance["test"] = {"flickr8k-test": figures[f"vlsearch-small {small.pretrained} (shipped)"],
                               "flowers-test zero-shot top-1": top1, "zero-shot templates": templates,

@@ -43,9 +43,11 @@ def make_collection(root: Path, n: int, extra: int, dim: int, seed: int = 0):
     """A finished collection of ``n`` vectors with path-hash ids; returns (path, extra rows, queries)."""
     import pyarrow as pa
 
-    from indexing.sources import stable_id
-    from vlsearch.collection import Collection, Manifest, embedding_array
-    from vlsearch.modelinfo import ModelInfo
+    from vlsearch.data.sources import stable_id
+    from vlsearch.store.collection import Collection
+    from vlsearch.store.manifest import Manifest
+    from vlsearch.store.arrays import embedding_array
+    from vlsearch.core.modelinfo import ModelInfo
 
     model = _Model(SyntheticSpec(dim=dim), seed)
     x = model.sample(np.random.default_rng([seed, 1]), n + extra).astype(np.float16)
@@ -67,7 +69,7 @@ def make_collection(root: Path, n: int, extra: int, dim: int, seed: int = 0):
 
 def recall_vs_exact(path: Path, queries: np.ndarray) -> tuple[float, float]:
     """(recall@10 of the index against exact search over the live rows, batched ANN QPS)."""
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     s = Searcher.open(path)
     _, truth = s.knn(queries, k=10, exact=True)
@@ -80,7 +82,7 @@ def recall_vs_exact(path: Path, queries: np.ndarray) -> tuple[float, float]:
 
 def run_type(base: Path, work: Path, factory: str, extra_rows, queries: np.ndarray, frac: float) -> list:
     from indexing.build import build_index
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     if work.exists():
         shutil.rmtree(work)
@@ -117,8 +119,8 @@ def tombstones_vs_remove(work: Path, queries: np.ndarray) -> list:
     the TOMB_FACTORY index ``run_type`` built in ``work``."""
     import faiss
 
-    from vlsearch.collection import Collection
-    from vlsearch.faiss_index import load_index, search_parameters
+    from vlsearch.store.collection import Collection
+    from vlsearch.ann.faiss_index import search_parameters
 
     coll = Collection.open(work)
     ids = coll.read_table(columns=["id"]).column("id").to_numpy()
@@ -133,12 +135,12 @@ def tombstones_vs_remove(work: Path, queries: np.ndarray) -> list:
             best = max(best, len(queries) / (time.perf_counter() - t))
         return best
 
-    plain = load_index(coll)
+    plain = coll.load_index()
     qps(plain, search_parameters(plain, nprobe))  # warm-up
     for frac in (0.01, 0.10):
         base_qps = qps(plain, search_parameters(plain, nprobe))
         gone = np.random.default_rng(4).choice(ids, int(frac * len(ids)), replace=False)
-        index = load_index(coll)
+        index = coll.load_index()
         t = time.perf_counter()
         index.remove_ids(faiss.IDSelectorBatch(gone))
         remove_s = time.perf_counter() - t

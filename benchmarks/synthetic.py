@@ -156,8 +156,10 @@ def make_dataset(
     import faiss
     import pyarrow as pa
 
-    from vlsearch.collection import Collection, Manifest, embedding_array
-    from vlsearch.modelinfo import ModelInfo
+    from vlsearch.store.collection import Collection
+    from vlsearch.store.manifest import Manifest
+    from vlsearch.store.arrays import embedding_array
+    from vlsearch.core.modelinfo import ModelInfo
 
     if root.exists():  # an interrupted generation: start over
         import shutil
@@ -282,7 +284,7 @@ def _report_fit(collection: str, seed: int) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks._results import command_line, markdown_table, write_section
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     coll = Collection.open(collection)
     real = coll.read_embeddings()[1][:1000]

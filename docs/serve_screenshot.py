@@ -29,7 +29,7 @@ def main(query: str = "a dog running on the grass") -> None:
     from indexing.build import build_index
     from indexing.embed import EmbedConfig, embed
     from vlsearch.app.serve import ServeConfig, background_server, create_app
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     coll = embed(DATA, COLLECTION, EmbedConfig(workers=1))
     if not coll.has_index():

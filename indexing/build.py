@@ -5,7 +5,7 @@
 the reasons for it, nlist, code size, training sample size, build time, peak memory and the
 tuned defaults (``nprobe_default``, ``k_factor_default``) go to ``manifest["index"]``. Steps:
 
-1. **Plan** (``index_type="auto"``, see :mod:`indexing.plan`: :class:`AutoPolicy`, :func:`choose_index`): exact
+1. **Plan** (``index_type="auto"``, see :mod:`vlsearch.ann.plan`: :class:`AutoPolicy`, :func:`choose_index`): exact
    ``Flat`` for small collections; above ``flat_max_n`` an IVF index with 4-bit fast-scan PQ codes
    (8-bit PQ on GPU) re-ranked by a compact refine code, sized so that codes + id + refine payload
    stay within ``max_bytes_per_vector`` and the memory budget; when a full-dimension SQ8 refine
@@ -18,8 +18,8 @@ tuned defaults (``nprobe_default``, ``k_factor_default``) go to ``manifest["inde
 4. **Add** in batches streamed from the shards with ``add_with_ids`` (IVF) or, for index types
    without id support, plain ``add`` when ids are ``0..N-1`` in order and an ``IDMap`` wrapper
    otherwise. The exact top-k of the held-out queries is accumulated during the same pass, and
-   an on-disk refine's fp16 rows file (:mod:`vlsearch.ondisk`) is written from it too.
-5. **Tune** (:mod:`indexing.tune`): the fastest ``nprobe`` x refine ``k_factor`` whose recall@10
+   an on-disk refine's fp16 rows file (:mod:`vlsearch.ann.refine`) is written from it too.
+5. **Tune** (:mod:`vlsearch.ann.tune`): the fastest ``nprobe`` x refine ``k_factor`` whose recall@10
    against exact search reaches the target (0.95) on *leave-one-out* queries (held-out stored
    vectors, own id removed from both lists); the settings, the recall and whether the target was
    met are recorded and the settings stored in the index. ``Searcher`` uses them by default.
@@ -39,10 +39,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vlsearch.collection import INDEX_FILE, Collection, now_iso
-from vlsearch.errors import IndexConfigError
-from vlsearch.exact import ExactTopK
-from vlsearch.faiss_index import (
+from vlsearch.store.layout import INDEX_FILE
+from vlsearch.store.collection import Collection
+from vlsearch.store.layout import now_iso
+from vlsearch.core.errors import IndexConfigError
+from vlsearch.query.exact import ExactTopK
+from vlsearch.ann.faiss_index import (
     faiss_metric,
     find_ivf,
     find_refine,
@@ -55,11 +57,20 @@ from vlsearch.faiss_index import (
     write_index,
     code_size,
 )
-from vlsearch.ondisk import DiskRefine, new_vectors_stem, remove_stale, vectors_writer
-from vlsearch.progress import Progress, no_progress
+from vlsearch.ann.refine import DiskRefine, new_vectors_stem, remove_stale, vectors_writer
+from vlsearch.core.progress import Progress, no_progress
 
-from .plan import DISK_REFINE, ID_BYTES, AutoPolicy, IndexPlan, choose_index, gpu_plan, parse_memory, split_disk_refine
-from .tune import DISK_RESCORE_COST, RESCORE_COST, Tuning, drop_self, tune
+from vlsearch.ann.plan import (
+    DISK_REFINE,
+    ID_BYTES,
+    AutoPolicy,
+    IndexPlan,
+    choose_index,
+    gpu_plan,
+    parse_memory,
+    split_disk_refine,
+)
+from vlsearch.ann.tune import DISK_RESCORE_COST, RESCORE_COST, Tuning, drop_self, tune
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +228,8 @@ def build_index(
 ) -> dict[str, Any]:
     """Build ``index.faiss`` for a collection and return the manifest's ``index`` entry.
 
-    ``index_type``: ``"auto"`` (see :func:`indexing.plan.choose_index`) or any FAISS factory string,
-    optionally ending in ``,Refine(disk)`` (exact re-scoring from fp16 rows on disk, :mod:`vlsearch.ondisk`).
+    ``index_type``: ``"auto"`` (see :func:`vlsearch.ann.plan.choose_index`) or any FAISS factory string,
+    optionally ending in ``,Refine(disk)`` (exact re-scoring from fp16 rows on disk, :mod:`vlsearch.ann.refine`).
     ``max_memory``: budget for the index being built, the training sample and add batches.
     ``max_bytes_per_vector``: cap on the index's resident bytes per vector (auto; default
     ``policy.max_bytes_per_vector``); below a full-dimension SQ8 code auto refines from disk.
@@ -359,7 +370,7 @@ def add_vectors(index: Any, ids: np.ndarray, vecs: np.ndarray) -> None:
 
 def _tune(b: _Build, index: Any, refine: DiskRefine | None, xq: np.ndarray, eval_ids: np.ndarray,
           exact_top: np.ndarray, nprobe: int | None, k_factor: float | None) -> Tuning:
-    """Default nprobe / k_factor reaching the target on leave-one-out queries (indexing.tune); stored in the index."""
+    """Default nprobe / k_factor reaching the target on leave-one-out queries (vlsearch.ann.tune); stored in the index."""
     ivf, has_refine = find_ivf(index), refine is not None or find_refine(index) is not None
 
     def search(q: np.ndarray, k: int, p: int | None, kf: float | None) -> np.ndarray:

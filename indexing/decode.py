@@ -1,6 +1,6 @@
 """Decode records into model-ready pixels in parallel worker processes, never crashing or hanging.
 
-Each record is opened with :func:`vlsearch.images.open_image` (JPEG ``draft``, EXIF orientation,
+Each record is opened with :func:`vlsearch.data.images.open_image` (JPEG ``draft``, EXIF orientation,
 every mode to RGB, decompression-bomb refusal) and run through the model's own preprocess, in
 ``torch.utils.data.DataLoader`` worker processes, so decoding batch ``n+1`` overlaps encoding
 batch ``n`` in the main process. A file that cannot be decoded becomes a failure row
@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlsearch.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
-from vlsearch.images import MAX_PIXELS, missing_file, open_image, original_size
+from vlsearch.core.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
+from vlsearch.data.images import MAX_PIXELS, missing_file, open_image, original_size
 
-from .sources import ImageRecord, bytes_hash, content_hash, file_stat, is_url, read_record
+from vlsearch.data.sources import ImageRecord, bytes_hash, content_hash, file_stat, is_url, read_record
 
 #: ``(file_stat, content_hash)`` of a record's file, as ``embed`` stores them.
 FileFacts = tuple[tuple[int, int] | None, str | None]
@@ -160,7 +160,7 @@ class DecodedBatch:
     ``pixels[i]``, whose upright original size is ``sizes[i]``; ``failures`` holds
     ``(position, kind, message)``. ``files[i]``: ``(file_stat, content_hash)`` of ``ok[i]``'s
     file, computed in the worker that decoded it (the page cache still holds the bytes), so the
-    encoding process does not read and hash every file again (``indexing.embed.file_columns``).
+    encoding process does not read and hash every file again (``indexing.shards.file_columns``).
     """
 
     pixels: torch.Tensor
@@ -216,7 +216,7 @@ def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
 
 def _init_worker(worker_id: int) -> None:
     """Lower the worker's priority, and give it glibc's own malloc settings (see vlsearch/allocator.py)."""
-    from vlsearch.allocator import restore_defaults
+    from vlsearch.core.allocator import restore_defaults
 
     restore_defaults()
     with suppress(AttributeError, OSError, ValueError):  # no os.nice (Windows), not permitted, bad value

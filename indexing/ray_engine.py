@@ -7,7 +7,7 @@ as the local engine) and cuts them into shards of ``shard_size``; a Ray Data ``m
 those shards runs a callable class, :class:`ShardEmbedder`, on ``actors`` actors, so each actor
 loads the model once (``num_gpus=gpus_per_actor`` places it on a GPU). Task ``k`` writes shard
 ``k`` — records ``[k*S, (k+1)*S)`` — through the local engine's own shard writer
-(:func:`indexing.embed.embed_shard`: same schema, failures table, images file written last =
+(:func:`indexing.shards.embed_shard`: same schema, failures table, images file written last =
 commit). So resume is the local engine's: a rerun keeps every committed shard and redoes the
 missing ones, whichever engine ran before. A worker that dies mid-shard is restarted by Ray Data
 and the shard redone (a shard already committed by a task that died before returning is not
@@ -58,22 +58,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from vlsearch.collection import IMAGES_DIR, Collection, Manifest, shard_name
-from vlsearch.errors import (
-    CollectionMismatchError,
-    DistributedError,
-    IndexConfigError,
-    RayNotInstalledError,
-)
-from vlsearch.faiss_index import find_ivf, make_index
-from vlsearch.progress import Progress
+from vlsearch.store.layout import IMAGES_DIR, shard_name
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.core.errors import CollectionMismatchError, DistributedError, IndexConfigError, RayNotInstalledError
+from vlsearch.ann.faiss_index import find_ivf, make_index
+from vlsearch.core.progress import Progress
 
-from .build import TUNE_K, add_vectors, build_index
-from .plan import AutoPolicy
-from .sources import ImageSource, open_source
+from indexing.build import TUNE_K, add_vectors, build_index
+from vlsearch.ann.plan import AutoPolicy
+from vlsearch.data.sources import ImageSource, open_source
 
 if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding functions: index workers never load torch
-    from .embed import EmbedConfig
+    from indexing.shards import EmbedConfig
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +150,9 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     require_ray()
     from dataclasses import replace
 
-    from vlsearch.models import default_model
+    from vlsearch.models.factory import default_model
 
-    from .embed import EmbedConfig, open_existing
+    from indexing.embed import EmbedConfig, open_existing
 
     config = config or EmbedConfig()
     if config.model is None:
@@ -165,7 +162,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     path = Path(collection_dir)
     coll = open_existing(path, source, config)
     if coll is not None and coll.manifest.complete:  # a finished collection follows its source, as locally:
-        from .embed import embed  # synced on the driver (only new and changed images are encoded)
+        from indexing.embed import embed  # synced on the driver (only new and changed images are encoded)
 
         return embed(source, path, config, progress)
     info = _model_info(config)  # here, before any worker starts: a bad model name fails fast
@@ -184,14 +181,14 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
 def _model_info(config: EmbedConfig) -> Any:
     """The model's :class:`ModelInfo` (name, resolved weights, dim) for the manifest: the driver loads
     the model once on CPU (the actors check theirs against the manifest)."""
-    from vlsearch.models import load_model
+    from vlsearch.models.factory import load_model
 
     return load_model(config.model, config.pretrained, device="cpu", precision="fp32").info
 
 
 def _run_ray(ray: Any, coll: Collection, source: ImageSource, records: Iterator[Any], config: EmbedConfig,
              ray_config: RayConfig, progress: Progress | None) -> Collection:
-    from .embed import chunks, committed_shards, counts_on_disk
+    from indexing.shards import chunks, committed_shards, counts_on_disk
 
     done = set(committed_shards(coll))
     size = coll.manifest.shard_size
@@ -232,9 +229,9 @@ class ShardEmbedder:
     def __init__(self, collection_dir: str, config: EmbedConfig, hub: Any, metadata_schema: pa.Schema):
         import torch
 
-        from vlsearch.models import load_model
+        from vlsearch.models.factory import load_model
 
-        from .embed import image_schema
+        from indexing.shards import image_schema
 
         if config.threads:  # for the actor's lifetime (set_process_threads would pin FAISS too)
             torch.set_num_threads(config.threads)
@@ -245,13 +242,13 @@ class ShardEmbedder:
         self.schema = image_schema(self.encoder.dim, metadata_schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from vlsearch.allocator import reusing_freed_memory
+        from vlsearch.core.allocator import reusing_freed_memory
 
         with reusing_freed_memory():
             return self._embed(batch)
 
     def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .embed import ShardStats, embed_shard
+        from indexing.shards import ShardStats, embed_shard
 
         out: dict[str, list[int]] = {"shard": [], "images": [], "captions": [], "failures": []}
         for number, blob in zip(batch["shard"], batch["records"]):
@@ -426,7 +423,7 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds them)."""
     import faiss
 
-    from vlsearch.exact import ExactTopK
+    from vlsearch.query.exact import ExactTopK
 
     start = time.perf_counter()
     index = faiss.deserialize_index(blob)

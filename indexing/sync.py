@@ -16,7 +16,7 @@ is stable across runs):
 Rows written by vlsearch before collection format 2 carry no file columns; they count as
 unchanged while their path exists (their edits cannot be seen until the collection is rebuilt).
 
-Writing goes through :class:`vlsearch.update.Update` (lock, new shards, tombstones, the index
+Writing goes through :class:`vlsearch.store.update.Update` (lock, new shards, tombstones, the index
 follows, manifest rename last), so ``kill -9`` at any moment leaves the old or the new version
 and the next run redoes the sync. The model is loaded only when something must be encoded.
 """
@@ -33,16 +33,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlsearch.collection import CAPTIONS_DIR, FAILURES_DIR, FILE_COLUMNS, Collection, embedding_array
-from vlsearch.errors import CollectionError
-from vlsearch.models import Encoder, load_model
-from vlsearch.progress import Progress
-from vlsearch.allocator import reusing_freed_memory
-from vlsearch.threads import cpu_threads
-from vlsearch.update import Update, retrain_advice
+from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, FILE_COLUMNS
+from vlsearch.store.collection import Collection
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import CollectionError
+from vlsearch.models.factory import Encoder, load_model
+from vlsearch.core.progress import Progress
+from vlsearch.core.allocator import reusing_freed_memory
+from vlsearch.core.threads import cpu_threads
+from vlsearch.store.update import Update
+from vlsearch.ann.live import retrain_advice
 
-from .embed import EmbedConfig, ShardStats, chunks, embed_chunks, file_columns, image_schema, same_model_unloaded
-from .sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
+from indexing.shards import (
+    EmbedConfig,
+    ShardStats,
+    chunks,
+    embed_chunks,
+    file_columns,
+    image_schema,
+    same_model_unloaded,
+)
+from vlsearch.data.sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +277,7 @@ def _reused_tables(coll: Collection, chunk: list[tuple[ImageRecord, int]], schem
 def _rows_by_id(coll: Collection, ids: np.ndarray, columns: list[str], id_column: str,
                 kind: str = "images") -> dict[str, Any]:
     """Columns of the live rows whose ``id_column`` is in ``ids`` (embeddings as ``vectors``)."""
-    from vlsearch.collection import embeddings_to_numpy
+    from vlsearch.store.arrays import embeddings_to_numpy
 
     parts = []
     for path in coll.shard_paths(kind):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import faiss
 
-import vlsearch.collection as collection
-import vlsearch.update as update
+import vlsearch.store.collection as collection
+import vlsearch.store.manifest as manifest
+import vlsearch.store.update as update
 
 POINT, MARKER = sys.argv[1], Path(sys.argv[2])
 del sys.argv[1:3]
@@ -44,7 +45,7 @@ def after(owner, name, point, when=lambda *a, **k: True):
 after(collection.Collection, "write_shard", "shard")
 after(update, "_write_tombstones", "tombstones")
 after(faiss, "write_index", "index")
-after(collection, "write_json", "versions", when=lambda path, data: Path(path).parent.name == "versions")
+after(manifest, "write_json", "versions", when=lambda path, data: Path(path).parent.name == "versions")
 _gc = collection.Collection.collect_garbage
 
 

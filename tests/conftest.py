@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# the precision benchmark cache (vlsearch.precision) goes to a temp dir, never ~/.cache
+# the precision benchmark cache (vlsearch.models.precision) goes to a temp dir, never ~/.cache
 os.environ.setdefault("VLSEARCH_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="vlsearch-test-cache-"))
 
 from pathlib import Path
@@ -21,7 +21,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A seeded random-init checkpoint of the tiny model, saved with save_checkpoint."""
     import torch
 
-    from vlsearch.models import TINY_MODEL, create_model, save_checkpoint
+    from vlsearch.models.factory import TINY_MODEL, create_model, save_checkpoint
 
     torch.manual_seed(0)
     model, _ = create_model(TINY_MODEL)
@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_checkpoint):
-    from vlsearch.models import TINY_MODEL, load_model
+    from vlsearch.models.factory import TINY_MODEL, load_model
 
     # auto, like the subprocesses, servers and Ray workers that tests compare it with (bf16 weights
     # on a CPU with bf16 units).
@@ -48,7 +48,7 @@ def shared_data() -> Path:
 def one_torch_thread():
     """One torch thread: tiny models gain nothing from more, and on a shared, loaded machine
     multi-threaded kernels spin-wait (10x the CPU time per step measured here)."""
-    from vlsearch.threads import cpu_threads
+    from vlsearch.core.threads import cpu_threads
 
     with cpu_threads(1, faiss=False):
         yield

@@ -16,7 +16,7 @@ def make_collections(root: Path, encoder) -> dict[str, Path]:
 
     from indexing.build import build_index
     from indexing.embed import EmbedConfig, embed
-    from vlsearch.shapes import ShapesConfig, generate_shapes
+    from vlsearch.data.shapes import ShapesConfig, generate_shapes
 
     data = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=N_IMAGES, image_format="jpg"))
     split = data.split_dir("heldout")

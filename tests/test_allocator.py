@@ -1,4 +1,4 @@
-"""vlsearch.allocator: freed memory is reused inside the block, and given back outside it."""
+"""vlsearch.core.allocator: freed memory is reused inside the block, and given back outside it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import resource
 import numpy as np
 import pytest
 
-from vlsearch import allocator
+from vlsearch.core import allocator
 
 pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="glibc malloc only")
 
@@ -71,7 +71,7 @@ def test_decode_workers_forked_inside_the_block_get_glibcs_settings(tmp_path, mo
     from PIL import Image
 
     from indexing.decode import decode_batches
-    from indexing.sources import ImageRecord
+    from vlsearch.data.sources import ImageRecord
 
     monkeypatch.delenv("VLSEARCH_MALLOC", raising=False)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")

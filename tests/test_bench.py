@@ -9,11 +9,13 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from vlsearch.bench import BenchConfig, format_table, run_benchmark
+from vlsearch.eval.bench import BenchConfig, format_table, run_benchmark
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection, Manifest, embedding_array
-from vlsearch.errors import CollectionError
-from vlsearch.models import TINY_MODEL, ModelInfo
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import CollectionError
+from vlsearch.models.factory import TINY_MODEL, ModelInfo
 
 DIM = 64
 N_IMAGES, N_GOOD = 40, 30  # images 0..29: captions equal their image; 30..39: captions opposite to it
@@ -146,7 +148,6 @@ def test_max_queries_subsets_queries_not_galleries(tmp_path):
 
 
 def test_cli_bench_table_json_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     coll = _make_collection(tmp_path / "c")
     _add_index(coll, "IVF4,Flat", nlist=4)
     out, plot = tmp_path / "r.json", tmp_path / "r.png"

@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import os
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
 
-faiss = pytest.importorskip("faiss")
-
 from indexing import build  # noqa: E402
-from indexing import plan as P  # noqa: E402
-from vlsearch import faiss_index  # noqa: E402
-from vlsearch.collection import Collection, Manifest, embedding_array  # noqa: E402
-from vlsearch.errors import CollectionMismatchError, IndexConfigError, IndexNotBuiltError  # noqa: E402
-from vlsearch.modelinfo import ModelInfo  # noqa: E402
+from vlsearch.ann import faiss_index  # noqa: E402
+from vlsearch.ann import plan as P  # noqa: E402
+from vlsearch.core.errors import CollectionMismatchError, IndexConfigError, IndexNotBuiltError  # noqa: E402
+from vlsearch.core.modelinfo import ModelInfo  # noqa: E402
+from vlsearch.store.arrays import embedding_array
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
 
 DIM = 32
 SMALL = P.AutoPolicy(flat_max_n=1000, nlist_factor=1.0, min_nlist=16, fastscan_bytes=8,
@@ -60,7 +61,7 @@ def test_every_kind_maps_ids_to_rows(tmp_path, data, factory):
     ids = np.arange(len(data), dtype=np.int64) * 7 + 1000  # not 0..N-1: ids must come from the shards
     coll = make_collection(tmp_path / "c", data, ids)
     entry = build.build_index(coll.path, factory, policy=SMALL)
-    index = faiss_index.load_index(coll.path)
+    index = Collection.open(coll.path).load_index()
     assert index.ntotal == len(data) and entry["ntotal"] == len(data)
     faiss_index.set_search_params(index, nprobe=32, k_factor=10)
     q, own = data[::100], ids[::100]
@@ -85,7 +86,7 @@ def test_auto_flat_for_small_ivf_pq_above_threshold(tmp_path, data):
     assert entry["factory"].startswith("IVF") and "x4fs" in entry["factory"] and "Refine(" in entry["factory"]
     assert entry["nlist"] >= 16 and entry["bytes_per_vector"] <= 64
     assert entry["recall_at_10"] >= 0.95 and entry["nprobe_default"] >= 1
-    index = faiss_index.load_index(big.path)
+    index = Collection.open(big.path).load_index()
     assert faiss_index.find_ivf(index).nprobe == entry["nprobe_default"]  # stored in the file too
     assert any("flat_max_n" in r for r in entry["reasons"])
 
@@ -121,7 +122,7 @@ def test_training_sample_is_uniform_not_first_rows(tmp_path):
     entry = build.build_index(coll.path, "IVF32,Flat", train_size=1200, policy=SMALL)
     assert entry["train_size"] == 1200
     # centroids cover the spread of the whole collection, so lists are not all in one cell
-    index = faiss_index.load_index(coll.path)  # keep a reference: find_ivf returns a view into it
+    index = Collection.open(coll.path).load_index()  # keep a reference: find_ivf returns a view into it
     ivf = faiss_index.find_ivf(index)
     sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
     assert sizes.max() < 0.5 * ivf.ntotal
@@ -132,10 +133,10 @@ def test_reproducible_with_seed(tmp_path, data):
     factory = "PCA16,IVF32,PQ8x4fs,Refine(SQ8)"
     build.build_index(coll.path, factory, seed=3, policy=SMALL)
     first = coll.index_path.read_bytes()
-    d1, i1 = faiss_index.load_index(coll.path).search(data[:50], 10)
+    d1, i1 = Collection.open(coll.path).load_index().search(data[:50], 10)
     build.build_index(coll.path, factory, seed=3, policy=SMALL)
     assert coll.index_path.read_bytes() == first
-    d2, i2 = faiss_index.load_index(coll.path).search(data[:50], 10)
+    d2, i2 = Collection.open(coll.path).load_index().search(data[:50], 10)
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
     build.build_index(coll.path, factory, seed=4, policy=SMALL)
     assert coll.index_path.read_bytes() != first
@@ -147,26 +148,26 @@ def test_refuses_mismatched_model_or_dim(tmp_path, data):
     coll = Collection.open(coll.path)
     coll.update_manifest(model=ModelInfo("synthetic", None, 64))
     with pytest.raises(CollectionMismatchError, match="dim=32"):
-        faiss_index.load_index(coll.path)
+        Collection.open(coll.path).load_index()
     # manifest says the right model but the file holds another dimension
     coll.update_manifest(model=ModelInfo("synthetic", None, DIM))
     faiss.write_index(faiss.IndexFlatIP(16), str(coll.index_path))
     with pytest.raises(CollectionMismatchError, match="dimension 16"):
-        faiss_index.load_index(coll.path)
+        Collection.open(coll.path).load_index()
 
 
 def test_missing_index(tmp_path, data):
     coll = make_collection(tmp_path / "c", data[:100])
     with pytest.raises(IndexNotBuiltError):
-        faiss_index.load_index(coll.path)
+        Collection.open(coll.path).load_index()
 
 
 def test_memory_mapped_load(tmp_path, data):
     coll = make_collection(tmp_path / "c", data)
     for factory in ("Flat", "IVF32,PQ16x4fs"):
         build.build_index(coll.path, factory, policy=SMALL)
-        a = faiss_index.load_index(coll.path).search(data[:20], 5)
-        b = faiss_index.load_index(coll.path, mmap=True).search(data[:20], 5)
+        a = Collection.open(coll.path).load_index().search(data[:20], 5)
+        b = Collection.open(coll.path).load_index(mmap=True).search(data[:20], 5)
         assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0])
 
 
@@ -190,7 +191,7 @@ def test_rebuild_is_atomic(tmp_path, data, monkeypatch):
     assert not [p for p in coll.path.iterdir() if p.name.endswith(".tmp")]
     reopened = Collection.open(coll.path)
     assert reopened.manifest.index["factory"] == old["factory"]
-    assert faiss_index.load_index(reopened).ntotal == len(data)
+    assert reopened.load_index().ntotal == len(data)
 
 
 def test_bad_inputs(tmp_path, data):
@@ -211,7 +212,7 @@ def test_bad_inputs(tmp_path, data):
 def test_explicit_nprobe_is_recorded(tmp_path, data):
     coll = make_collection(tmp_path / "c", data)
     entry = build.build_index(coll.path, "IVF32,Flat", nprobe_default=3, policy=SMALL)
-    index = faiss_index.load_index(coll.path)
+    index = Collection.open(coll.path).load_index()
     assert entry["nprobe_default"] == 3 and faiss_index.find_ivf(index).nprobe == 3
     assert 0 <= entry["recall_at_10"] <= 1
 

@@ -58,7 +58,7 @@ def test_info_json():
     from indexing.decode import default_workers
 
     assert info["decode_workers"] == default_workers("cuda" if info["cuda_available"] else "cpu") >= 1
-    from vlsearch import allocator
+    from vlsearch.core import allocator
 
     assert info["encoding_malloc"] == ("reuse freed memory (glibc)" if allocator._glibc() else "system")
     opted_out = json.loads(runner.invoke(app, ["info", "--json"], env={"VLSEARCH_MALLOC": "system"}).output)

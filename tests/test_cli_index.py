@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection
+from vlsearch.store.collection import Collection
 
 runner = CliRunner()
 

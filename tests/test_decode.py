@@ -18,8 +18,8 @@ from PIL import Image
 from indexing import decode
 from indexing.decode import MAX_AUTO_WORKERS, decode_batches, decode_record, decode_task_size, default_workers
 from indexing.embed import EmbedConfig, embed
-from indexing.sources import ImageRecord, content_hash, file_stat, open_source
-from vlsearch.errors import DecodeError, DecodeHangError
+from vlsearch.data.sources import ImageRecord, content_hash, file_stat, open_source
+from vlsearch.core.errors import DecodeError, DecodeHangError
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,17 +10,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from indexing.plan import small_collection_factory as index_factory
-from vlsearch.app.demo import (
-    SHAPES_TEXT_QUERIES,
-    DemoConfig,
-    _fresh_out_dir,
-    format_report,
-    run_demo,
-)
-from vlsearch.collection import Collection
-from vlsearch.errors import VlsearchError
-from vlsearch.shapes import parse_attributes, read_attributes
+from vlsearch.ann.plan import small_collection_factory as index_factory
+from vlsearch.app.demo import SHAPES_TEXT_QUERIES, DemoConfig, _fresh_out_dir, format_report, run_demo
+from vlsearch.store.collection import Collection
+from vlsearch.core.errors import VlsearchError
+from vlsearch.data.shapes import parse_attributes, read_attributes
 
 TINY = DemoConfig(size=48, heldout=40, epochs=1, batch_size=24, k=4, n_image_queries=2, workers=0,
                   shapes_model="vlsearch-tiny")
@@ -136,7 +130,7 @@ def test_cli_demo(tmp_path):
 
 def test_data_mode_indexes_a_captioned_folder(tmp_path):
     from vlsearch.app.demo import PHOTO_TEXT_QUERIES
-    from vlsearch.shapes import ShapesConfig, generate_shapes
+    from vlsearch.data.shapes import ShapesConfig, generate_shapes
 
     data = generate_shapes(tmp_path / "photos", ShapesConfig(n_train=0, n_heldout=20, seed=5))
     config = DemoConfig(k=3, n_image_queries=2, workers=0, model="vlsearch-tiny")
@@ -159,8 +153,8 @@ def test_default_demo_fits_vlsearch_small_lit_style(tmp_path):
     described by partial captions such as "a red circle") and
     scores the hits' colour and shape against each query. A small fit already finds them far above
     chance (1 in 30 pictures has a given colour and shape); the full-size figure is in the README."""
-    from vlsearch import models
-    from vlsearch.shapes import PARTIAL_TEMPLATES
+    from vlsearch.models import factory as models
+    from vlsearch.data.shapes import PARTIAL_TEMPLATES
 
     if not models.small_model_available():
         pytest.skip("vlsearch-small is not installed here")

@@ -15,12 +15,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import indexing.embed as embed_module
+import indexing.shards as shards_module
 from indexing.embed import EmbedConfig, embed, image_schema
-from indexing.sources import stable_id
+from vlsearch.data.sources import stable_id
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection, embedding_type
-from vlsearch.errors import CollectionMismatchError, SourceError
-from vlsearch.models import TINY_MODEL
+from vlsearch.store.collection import Collection
+from vlsearch.store.arrays import embedding_type
+from vlsearch.core.errors import CollectionMismatchError, SourceError
+from vlsearch.models.factory import TINY_MODEL
 
 from conftest import kill_9_when
 
@@ -210,7 +212,7 @@ def test_cli_reports_bad_source_clearly(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_file_columns_come_from_the_decode_workers(tmp_path, tiny_encoder, monkeypatch, workers):
     """embed stores the workers' stat + content hash; the encoding process hashes no file itself."""
-    from indexing.sources import content_hash, open_source
+    from vlsearch.data.sources import content_hash, open_source
 
     folder = _folder(tmp_path / "img", 6)
     expected = {r.path: content_hash(r) for r in open_source(folder)}
@@ -218,7 +220,7 @@ def test_file_columns_come_from_the_decode_workers(tmp_path, tiny_encoder, monke
     def no_hashing_here(record):
         raise AssertionError("the encoding process re-hashed a file")
 
-    monkeypatch.setattr(embed_module, "content_hash", no_hashing_here)
+    monkeypatch.setattr(shards_module, "content_hash", no_hashing_here)
     coll = embed(folder, tmp_path / "c", _config(workers=workers), encoder=tiny_encoder)
     rows = coll.read_table("images", ["path", "content_hash", "file_size"]).to_pylist()
     assert {r["path"]: r["content_hash"] for r in rows} == expected
@@ -226,7 +228,7 @@ def test_file_columns_come_from_the_decode_workers(tmp_path, tiny_encoder, monke
 
 
 def test_embedding_runs_with_freed_memory_kept_for_reuse(manifest, tmp_path, tiny_encoder, monkeypatch):
-    from vlsearch import allocator
+    from vlsearch.core import allocator
 
     monkeypatch.delenv("VLSEARCH_MALLOC", raising=False)
     depths = []

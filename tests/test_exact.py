@@ -6,10 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vlsearch.collection import Collection, Manifest, embedding_array
-from vlsearch.errors import InvalidQueryError
-from vlsearch.exact import MISSING_SCORE, exact_search
-from vlsearch.models import ModelInfo
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import InvalidQueryError
+from vlsearch.query.exact import MISSING_SCORE, exact_search
+from vlsearch.models.factory import ModelInfo
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -14,12 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection, Manifest, embedding_array
-from vlsearch.errors import InvalidQueryError
-from vlsearch.filters import FilterEngine, compile_filter
-from vlsearch.modelinfo import ModelInfo
-from vlsearch.search import Searcher
-from vlsearch.subset import Subset, SubsetPolicy, plan
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import InvalidQueryError
+from vlsearch.query.filters import FilterEngine, compile_filter
+from vlsearch.core.modelinfo import ModelInfo
+from vlsearch.query.searcher import Searcher
+from vlsearch.query.subset import Subset, SubsetPolicy, plan
 
 N, D, SHARD = 9000, 32, 4500  # two shards of two row groups each (row groups hold 4096 rows)
 LABELS = np.array(["dog", "cat", "bird"])
@@ -180,7 +182,7 @@ def test_a_probe_that_finds_too_few_rows_is_redone_so_lists_are_never_short(inde
     path = indexed["ivf"]
     s = Searcher.open(path, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=0.0))
     if not nlist_known:
-        monkeypatch.setattr("vlsearch.search.find_ivf", lambda index: None)
+        monkeypatch.setattr("vlsearch.query.searcher.find_ivf", lambda index: None)
     where = "width BETWEEN 500 AND 520"
     mask = _masks(_table(path))[where]
     scores, ids = s.knn(queries, k=10, nprobe=1, where=where)
@@ -243,7 +245,7 @@ def test_filter_results_and_gathered_vectors_are_cached(coll_path, queries, monk
 
 def test_filters_only_allow_rows_the_searcher_can_return(coll_path):
     """Rows missing from the searcher's row map (e.g. deleted in its collection version) never pass."""
-    from vlsearch.rows import RowLocator
+    from vlsearch.store.rows import RowLocator
 
     s = Searcher.open(coll_path)
     first_shard = Collection.open(coll_path).shard_paths()[:1]

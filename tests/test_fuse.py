@@ -1,11 +1,11 @@
-"""BatchNorm folding (vlsearch.fuse): same outputs, refused where it would change them."""
+"""BatchNorm folding (vlsearch.models.batchnorm): same outputs, refused where it would change them."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from vlsearch.fuse import conv_bn_pairs, fold_batchnorm
+from vlsearch.models.batchnorm import conv_bn_pairs, fold_batchnorm
 
 
 def _trained_bn(channels: int) -> nn.BatchNorm2d:

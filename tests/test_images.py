@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlsearch.errors import DecodeError
-from vlsearch.images import open_image
+from vlsearch.core.errors import DecodeError
+from vlsearch.data.images import open_image
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -82,7 +82,7 @@ def test_missing_and_broken_symlink(tmp_path):
 def test_split_preprocess_gives_the_whole_preprocess_bit_for_bit(tiny_encoder):
     import torch
 
-    from vlsearch.images import split_preprocess
+    from vlsearch.data.images import split_preprocess
 
     split = split_preprocess(tiny_encoder.preprocess)
     assert split is not None and tiny_encoder.decode_transform.__class__ is split.pil.__class__
@@ -101,7 +101,7 @@ def test_normalise_tiles_into_the_models_dtype_and_layout_with_one_rounding(tiny
     import torch
 
     from indexing.decode import stack_pixels
-    from vlsearch.images import split_preprocess
+    from vlsearch.data.images import split_preprocess
 
     split = split_preprocess(tiny_encoder.preprocess)
     rng = np.random.default_rng(1)
@@ -122,8 +122,8 @@ def test_a_preprocess_that_does_not_split_runs_whole(tiny_encoder):
     import torch
     from torchvision import transforms as T
 
-    from vlsearch.encoder import Encoder
-    from vlsearch.images import split_preprocess
+    from vlsearch.models.encoder import Encoder
+    from vlsearch.data.images import split_preprocess
 
     custom = T.Compose([T.Resize(8), T.Grayscale(3), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     assert split_preprocess(custom) is None  # Grayscale is not a known PIL-only step

@@ -15,18 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexing.build import build_index
-from vlsearch.collection import (
-    FILE_COLUMNS,
-    IMAGES_DIR,
-    MANIFEST,
-    Collection,
-    Manifest,
-    embedding_array,
-)
-from vlsearch.errors import CollectionError, CollectionLockedError
-from vlsearch.modelinfo import ModelInfo
-from vlsearch.search import Searcher
-from vlsearch.update import compact, retrain_advice
+from vlsearch.store.layout import FILE_COLUMNS, IMAGES_DIR, MANIFEST
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import CollectionError, CollectionLockedError
+from vlsearch.core.modelinfo import ModelInfo
+from vlsearch.query.searcher import Searcher
+from vlsearch.store.update import compact
+from vlsearch.ann.live import retrain_advice
 
 DIM = 16
 
@@ -72,7 +69,7 @@ def test_removed_ids_never_come_back_and_lists_are_never_short(tmp_path, factory
         live = ~np.isin(ids, gone)
         assert np.array_equal(found[live, 0], ids[live]) or exact is False  # exact finds each live vector itself
     # k larger than what one probed list holds: more lists are probed, never an exact scan for IVF
-    import vlsearch.search as search_module
+    import vlsearch.query.searcher as search_module
 
     exact_calls = []
     real_exact = search_module.exact_search
@@ -105,14 +102,13 @@ def test_changed_row_replaces_its_vector_in_the_index(tmp_path, factory):
 
 def test_add_goes_into_the_trained_index_without_retraining(tmp_path):
     coll = _collection(tmp_path / "c", factory="IVF8,Flat")
-    from vlsearch.faiss_index import load_index
 
-    before = load_index(coll)
+    before = coll.load_index()
     centroids = before.quantizer.reconstruct_n(0, 8)
     extra_ids = np.arange(50, dtype=np.int64) + 5 * 10**12
     extra = _vectors(50, 7)
     coll.add(_rows(extra_ids, extra))
-    after = load_index(Collection.open(coll.path))
+    after = Collection.open(coll.path).load_index()
     assert after.ntotal == 450 and np.array_equal(after.quantizer.reconstruct_n(0, 8), centroids)
     assert coll.manifest.index["file"] != "index.faiss" and coll.manifest.index["built_ntotal"] == 400
     _, found = Searcher.open(coll.path).knn(extra, k=1, nprobe=8)
@@ -135,7 +131,7 @@ def test_disk_refine_rows_follow_adds_removes_and_compact(tmp_path):
     # every list probed and a wide shortlist: the exact re-score from the rows file decides
     scores, found = Searcher.open(coll.path).knn(extra, k=3, nprobe=8, k_factor=100)
     assert np.array_equal(found[:, 0], extra_ids) and np.allclose(scores[:, 0], 1.0, atol=1e-2)
-    compact(coll.path)
+    compact(Collection.open(coll.path))
     coll = Collection.open(coll.path)
     assert not (coll.path / first).exists()  # two versions on: no reader needs it
     assert len(list(coll.path.glob("vectors-*.npy"))) <= 2 * 2  # rows (+ id map) of the kept versions
@@ -187,7 +183,7 @@ def test_reader_keeps_its_version_while_a_new_one_is_written(tmp_path):
 
 def test_second_writer_fails_at_once_and_a_dead_holder_is_taken_over(tmp_path):
     coll = _collection(tmp_path / "c", factory=None)
-    code = ("import sys, time; from vlsearch.collection import Collection\n"
+    code = ("import sys, time; from vlsearch.store.collection import Collection\n"
             "with Collection.open(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(coll.path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,4 @@
-"""vlsearch.metrics on hand-computed cases; each expected number is worked out in the comments."""
+"""vlsearch.core.metrics on hand-computed cases; each expected number is worked out in the comments."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from vlsearch import metrics
-from vlsearch.metrics import (
+from vlsearch.core import metrics
+from vlsearch.core.metrics import (
     ann_recall,
     embedding_ranks,
     ann_recall_per_query,

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsearch.errors import (
+from vlsearch.core.errors import (
     CheckpointMismatchError,
     ModelNotFoundError,
     PretrainedNotFoundError,
     WeightsUnavailableError,
 )
-from vlsearch.models import TINY_MODEL, available_models, load_model, save_checkpoint
+from vlsearch.models.factory import TINY_MODEL, available_models, load_model, save_checkpoint
 
 
 def _image(color=(200, 30, 30), size=(90, 70)) -> Image.Image:

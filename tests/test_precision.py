@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsearch import precision as P
-from vlsearch.errors import PrecisionError
+from vlsearch.models import precision as P
+from vlsearch.core.errors import PrecisionError
 
 X86_AMX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma f16c\n"
@@ -139,7 +139,7 @@ TEXTS = ["a red circle on the left", "two dogs play in the snow", "a man rides a
 
 def test_bf16_embeddings_agree_with_fp32(tiny_checkpoint, one_torch_thread):
     """The quality guard: bf16 weights+inputs give float32 unit vectors within cosine 0.999 of fp32."""
-    from vlsearch.models import TINY_MODEL, load_model
+    from vlsearch.models.factory import TINY_MODEL, load_model
 
     out = {}
     for name in ("fp32", "bf16", "int8"):
@@ -155,7 +155,7 @@ def test_bf16_embeddings_agree_with_fp32(tiny_checkpoint, one_torch_thread):
 
 
 def test_unknown_precision_fails_before_the_model_loads(monkeypatch):
-    from vlsearch import models
+    from vlsearch.models import factory as models
 
     monkeypatch.setattr(models, "_create", lambda *a: pytest.fail("model built before the check"))
     with pytest.raises(PrecisionError):
@@ -164,8 +164,9 @@ def test_unknown_precision_fails_before_the_model_loads(monkeypatch):
 
 def test_manifest_records_precision_and_old_manifests_still_open(tmp_path, tiny_checkpoint):
     from indexing.embed import EmbedConfig, embed
-    from vlsearch.collection import MANIFEST, Collection
-    from vlsearch.models import TINY_MODEL, load_model
+    from vlsearch.store.layout import MANIFEST
+    from vlsearch.store.collection import Collection
+    from vlsearch.models.factory import TINY_MODEL, load_model
 
     (tmp_path / "src").mkdir()
     for i, img in enumerate(_images()[:3]):
@@ -187,8 +188,8 @@ def test_manifest_records_precision_and_old_manifests_still_open(tmp_path, tiny_
 
 def test_a_resume_in_another_precision_is_recorded(tmp_path, tiny_checkpoint, monkeypatch):
     from indexing.embed import EmbedConfig, embed
-    from vlsearch.collection import Collection
-    from vlsearch.models import TINY_MODEL, load_model
+    from vlsearch.store.collection import Collection
+    from vlsearch.models.factory import TINY_MODEL, load_model
 
     (tmp_path / "src").mkdir()
     for i, img in enumerate(_images()[:4]):

@@ -17,13 +17,9 @@ from typer.testing import CliRunner
 
 from indexing.embed import EmbedConfig, embed
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection
-from vlsearch.errors import (
-    CollectionMismatchError,
-    DistributedError,
-    RayNotInstalledError,
-)
-from vlsearch.models import TINY_MODEL
+from vlsearch.store.collection import Collection
+from vlsearch.core.errors import CollectionMismatchError, DistributedError, RayNotInstalledError
+from vlsearch.models.factory import TINY_MODEL
 
 FAULTS = Path(__file__).resolve().parent / "_ray_faults.py"
 
@@ -153,7 +149,7 @@ def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_dis
 
     from indexing.build import build_index
     from indexing.ray_engine import RayConfig, build_index_ray
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     x = clustered(4000)
     ids = np.arange(len(x), dtype=np.int64) * 7 + 1000
@@ -180,8 +176,8 @@ def _updates_follow_the_on_disk_index(local: Collection, ray_built: Collection, 
     copy on write: version N+1 gets its own .ivfdata, version N's stays for its readers until GC."""
     from test_build import clustered
 
-    from vlsearch.collection import embedding_array
-    from vlsearch.search import Searcher
+    from vlsearch.store.arrays import embedding_array
+    from vlsearch.query.searcher import Searcher
 
     first = Collection.open(ray_built.path).manifest.index["ivfdata"]
     before = Searcher.open(ray_built.path, mmap=True)  # a reader of version N during the update

@@ -9,6 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from test_embed import _config, _jpeg
@@ -16,12 +17,10 @@ from test_sources import _folder, _tar
 from typer.testing import CliRunner
 
 from indexing.embed import embed
-from indexing.sources import FolderSource, ManifestSource, TarSource, file_stat, open_source, read_record
 from indexing.sync import sync
 from vlsearch.app.cli import app
-from vlsearch.errors import FilesystemNotInstalledError, SourceError
-
-fsspec = pytest.importorskip("fsspec")
+from vlsearch.core.errors import FilesystemNotInstalledError, SourceError
+from vlsearch.data.sources import FolderSource, ManifestSource, TarSource, file_stat, open_source, read_record
 
 
 @pytest.fixture

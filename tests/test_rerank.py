@@ -9,14 +9,27 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsearch.collection import Collection, Manifest, embedding_array
-from vlsearch.errors import (InvalidQueryError, RerankFeaturesError, RerankerMismatchError,
-                             RerankerNotFoundError, TrainingError)
-from vlsearch.rerank import FusionConfig, FusionITM, Reranker, image_tokens, load_reranker, tower_identity
-from vlsearch.rerank_store import store_rerank_features, stored_info
-from vlsearch.rerank_train import (PairFeatures, RerankTrainConfig, hard_negatives, rerank_ranks, train_itm,
-                                   tune_weight)
-from vlsearch.search import Searcher
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import (
+    InvalidQueryError,
+    RerankFeaturesError,
+    RerankerMismatchError,
+    RerankerNotFoundError,
+    TrainingError,
+)
+from vlsearch.rerank.model import FusionConfig, FusionITM, Reranker, image_tokens, load_reranker, tower_identity
+from vlsearch.rerank.features import store_rerank_features, stored_info
+from vlsearch.rerank.training import (
+    PairFeatures,
+    RerankTrainConfig,
+    hard_negatives,
+    rerank_ranks,
+    train_itm,
+    tune_weight,
+)
+from vlsearch.query.searcher import Searcher
 
 TINY_FUSION = FusionConfig(text_dim=64, image_dim=128, width=32, heads=2, layers=1, dropout=0.0)
 
@@ -103,7 +116,7 @@ def test_hard_negatives_never_pick_the_positive():
 
 
 def test_hard_epochs_batch_neighbourhoods_of_similar_images():
-    from vlsearch.rerank_train import _neighbourhood_order
+    from vlsearch.rerank.training import _neighbourhood_order
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((6, 16))
@@ -138,7 +151,7 @@ def test_rerank_ranks_and_weight_tuning():
 
 
 def test_hub_offsets_are_mean_cosines_to_the_nearest_bank_captions():
-    from vlsearch.rerank_train import hub_bank
+    from vlsearch.rerank.training import hub_bank
 
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((50, 8)).astype(np.float32)
@@ -203,7 +216,7 @@ def test_reranker_round_trips_in_fp16_and_refuses_another_model(tmp_path):
 def tiny_encoder(tiny_checkpoint):
     """fp32 here: these tests recompute re-rank scores through other code paths and compare them to
     1e-4, and bf16 results (auto on a CPU with bf16 units) shift with the batch's shape."""
-    from vlsearch.models import TINY_MODEL, load_model
+    from vlsearch.models.factory import TINY_MODEL, load_model
 
     return load_model(TINY_MODEL, pretrained=tiny_checkpoint, device="cpu", precision="fp32")
 
@@ -261,7 +274,7 @@ def test_reranked_hits_are_the_top_k_candidates_in_rescored_order(rr_collection,
     assert {h.id for h in hits} == {h.id for h in first}
     # expected order: cosine + weight * ITM logit, computed here from the image files
     tokens = image_tokens(tiny_encoder, [src / h.path for h in first])
-    from vlsearch.rerank import text_tokens
+    from vlsearch.rerank.model import text_tokens
 
     states, mask = text_tokens(tiny_encoder, [query])
     itm = rr.itm_logits(states[0], mask[0], rr.image_kv(tokens))
@@ -305,7 +318,7 @@ def test_a_reranker_for_another_model_is_refused(rr_collection, tiny_encoder, tm
 
 
 def test_recomputed_features_read_only_files_inside_the_source(tmp_path):
-    from vlsearch.rerank_store import image_file
+    from vlsearch.rerank.features import image_file
 
     assert image_file({"type": "folder", "path": str(tmp_path)}, "a/b.jpg") == str((tmp_path / "a/b.jpg").resolve())
     with pytest.raises(RerankFeaturesError, match="outside"):
@@ -365,7 +378,7 @@ def test_hubness_offsets_are_stored_and_recomputed_alike(rr_collection, hub_rera
     hits = stored.search_text(query, k=12, exact=True, rerank=12)
     assert [h.id for h in hits] == [h.id for h in fresh.search_text(query, k=12, exact=True, rerank=12)]
     # the order is cosine + weight * ITM - hub_weight * offset
-    from vlsearch.rerank import text_tokens
+    from vlsearch.rerank.model import text_tokens
 
     states, mask = text_tokens(tiny_encoder, [query])
     itm = hub_reranker.itm_logits(states[0], mask[0], hub_reranker.image_kv(image_tokens(tiny_encoder,
@@ -409,7 +422,7 @@ def test_bench_reports_metrics_with_and_without_rerank_from_one_run(rr_collectio
     from typer.testing import CliRunner
 
     from vlsearch.app.cli import app
-    from vlsearch.bench import BenchConfig, format_table, run_benchmark
+    from vlsearch.eval.bench import BenchConfig, format_table, run_benchmark
 
     path, _, rr = rr_collection
     file = rr.save(tmp_path / "rr.pt")
@@ -463,7 +476,7 @@ def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_che
 def test_train_reranker_end_to_end_tunes_both_weights_and_keeps_a_bank(rr_collection, tiny_encoder, tmp_path):
     import csv
 
-    from vlsearch.rerank_train import train_reranker
+    from vlsearch.rerank.training import train_reranker
 
     _, src, _ = rr_collection
     with open(tmp_path / "captions.csv", "w", newline="") as fh:
@@ -492,7 +505,7 @@ def test_train_reranker_end_to_end_tunes_both_weights_and_keeps_a_bank(rr_collec
 def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenance():
     import json
 
-    from vlsearch.rerank import builtin_reranker_path
+    from vlsearch.rerank.model import builtin_reranker_path
 
     path = builtin_reranker_path("vlsearch-small")
     rr = load_reranker("vlsearch-small")  # offline: the file is in the package
@@ -514,7 +527,7 @@ def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenanc
 def test_a_reranker_belongs_to_the_weights_that_set_its_towers():
     """vlsearch-small v4 tunes MiniLM's last two layers: a re-ranker trained on its token states is
     refused for v3 (same tower names, other weights), and nothing ships for v3."""
-    from vlsearch.modelinfo import ModelInfo
+    from vlsearch.core.modelinfo import ModelInfo
 
     v4, v3 = ModelInfo("vlsearch-small", "flickr8k-v4", 384), ModelInfo("vlsearch-small", "flickr8k-v3", 384)
     assert tower_identity(v4) == tower_identity("vlsearch-small") != tower_identity(v3)

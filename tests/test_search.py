@@ -16,11 +16,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection, Manifest, embedding_array
-from vlsearch.errors import CollectionMismatchError, IndexNotBuiltError, InvalidQueryError
-from vlsearch.models import ModelInfo
-from vlsearch.faiss_index import search_parameters
-from vlsearch.search import Hit, Hits, Results, Searcher
+from vlsearch.store.collection import Collection
+from vlsearch.store.manifest import Manifest
+from vlsearch.store.arrays import embedding_array
+from vlsearch.core.errors import CollectionMismatchError, IndexNotBuiltError, InvalidQueryError
+from vlsearch.models.factory import ModelInfo
+from vlsearch.ann.faiss_index import search_parameters
+from vlsearch.query.searcher import Hit, Hits, Results, Searcher
 
 TEXTS = ["a red car parked on the street", "two cats sleeping on a sofa", "a dog running on the beach",
          "a bowl of hot soup", "snowy mountains at dawn"]
@@ -196,7 +198,7 @@ def test_ann_on_flat_and_full_probe_ivf_agree_with_exact(planted, indexed):
 def test_exact_search_reads_the_shards_once_when_they_fit_the_cache(planted, monkeypatch):
     """A small collection's vectors are read on the first exact query and kept (same results as
     streaming the shards per query); over ``exact_cache_mb`` every query streams them."""
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     reads = []
     real = Collection.iter_embeddings

@@ -30,9 +30,9 @@ from serve_support import N_IMAGES, make_collections
 
 from vlsearch import Client
 from vlsearch.app.serve import ServeConfig, background_server, create_app
-from vlsearch.collection import Collection
-from vlsearch.errors import CollectionNotFoundError, InvalidQueryError, ItemNotFoundError, ServeConfigError
-from vlsearch.search import Searcher
+from vlsearch.store.collection import Collection
+from vlsearch.core.errors import CollectionNotFoundError, InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.query.searcher import Searcher
 
 TOKEN = "test-token-0123456789abcdef"
 

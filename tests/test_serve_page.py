@@ -13,8 +13,8 @@ from PIL import Image
 from serve_support import make_collections
 
 from vlsearch.app.serve import ServeConfig, background_server, create_app
-from vlsearch.collection import Collection
-from vlsearch.search import Searcher
+from vlsearch.store.collection import Collection
+from vlsearch.query.searcher import Searcher
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

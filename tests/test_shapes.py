@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlsearch.shapes import (
+from vlsearch.data.shapes import (
     COLORS,
     POSITIONS,
     SHAPES,
@@ -131,7 +131,7 @@ def test_jpeg_output(tmp_path):
 
 
 def test_parse_attributes_reads_back_every_caption_phrasing():
-    from vlsearch.shapes import TEMPLATES, parse_attributes
+    from vlsearch.data.shapes import TEMPLATES, parse_attributes
 
     for spec in specs_for_split(60, "train", seed=2):
         for t in range(len(TEMPLATES)):
@@ -144,7 +144,7 @@ def test_parse_attributes_reads_back_every_caption_phrasing():
 def test_partial_captions_only_for_training_pictures(tmp_path):
     """Training pictures get ``partial_captions`` extra, shorter captions (colour and shape, some of
     size and place, what the picture shows); the held-out split keeps full captions only."""
-    from vlsearch.shapes import PARTIAL_TEMPLATES, parse_attributes
+    from vlsearch.data.shapes import PARTIAL_TEMPLATES, parse_attributes
 
     config = ShapesConfig(n_train=30, n_heldout=10, captions_per_image=2, partial_captions=2, seed=4)
     ds = generate_shapes(tmp_path, config)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlsearch import hf_text, models, trunks
-from vlsearch.errors import CheckpointMismatchError, WeightsUnavailableError
-from vlsearch.models import SMALL_MODEL, load_model
+from vlsearch.models import factory as models, hf_text, trunks
+from vlsearch.core.errors import CheckpointMismatchError, WeightsUnavailableError
+from vlsearch.models.factory import SMALL_MODEL, load_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -172,7 +172,7 @@ def test_text_backbone_is_minilm_with_mean_pooling_and_v4_tunes_its_last_two_lay
     mean); the shipped v4 weights keep MiniLM's first 4 layers and replace only its last 2."""
     from transformers import AutoModel, AutoTokenizer
 
-    from vlsearch.towers import text_backbone
+    from vlsearch.models.towers import text_backbone
 
     path = hf_text._package_model_dir(MINILM)
     tok, ref_model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
@@ -230,7 +230,7 @@ def test_feature_map_and_token_states_for_rerankers(small):
     token states gives back the embeddings."""
     from PIL import Image
 
-    from vlsearch.towers import image_feature_map, text_token_states
+    from vlsearch.models.towers import image_feature_map, text_token_states
 
     images = [Image.new("RGB", (120, 90), c) for c in ("red", "navy")]
     fmap = image_feature_map(small, images)
@@ -250,10 +250,10 @@ def test_feature_map_and_token_states_for_rerankers(small):
 def test_tower_internals_run_with_bf16_weights(small):
     """A bf16-weight encoder (what auto picks on a CPU with bf16 units) gives the re-ranker's
     feature map, image tokens and token states in float32, close to fp32's."""
-    from vlsearch.rerank import image_tokens, text_tokens
-    from vlsearch.towers import image_feature_map
+    from vlsearch.rerank.model import image_tokens, text_tokens
+    from vlsearch.models.towers import image_feature_map
 
-    from vlsearch.shapes import render, specs_for_split
+    from vlsearch.data.shapes import render, specs_for_split
 
     bf16 = load_model(SMALL_MODEL, device="cpu", precision="bf16")
     assert next(bf16.model.visual.parameters()).dtype == torch.bfloat16
@@ -275,8 +275,8 @@ def test_batchnorm_folding_keeps_the_embeddings(small, tmp_path):
     BatchNorm is left in the image tower, every activation stays, and embeddings are unchanged."""
     from PIL import Image
 
-    from vlsearch.errors import CheckpointMismatchError
-    from vlsearch.models import save_checkpoint
+    from vlsearch.core.errors import CheckpointMismatchError
+    from vlsearch.models.factory import save_checkpoint
 
     folded = load_model(SMALL_MODEL, device="cpu", precision="fp32")
     assert small.folded_batchnorms == 0 and folded.folded_batchnorms == 49  # stem + head + 47 in the blocks

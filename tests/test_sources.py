@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.sources import FolderSource, ManifestSource, TarSource, open_source, stable_id
-from vlsearch.errors import SourceError
+from vlsearch.data.sources import FolderSource, ManifestSource, TarSource, open_source, stable_id
+from vlsearch.core.errors import SourceError
 
 
 def _jpeg(color=(200, 10, 10), size=(8, 6)) -> bytes:

@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 import indexing.sync as sync_module
 from indexing.build import build_index
 from indexing.embed import embed
-from indexing.sources import ManifestSource, open_source, stable_id
+from vlsearch.data.sources import ManifestSource, open_source, stable_id
 from indexing.sync import sync
 from conftest import kill_9_when
 from test_embed import _config, _folder, _jpeg
 from vlsearch.app.cli import app
-from vlsearch.collection import Collection
-from vlsearch.models import TINY_MODEL
-from vlsearch.search import Searcher
+from vlsearch.store.collection import Collection
+from vlsearch.models.factory import TINY_MODEL
+from vlsearch.query.searcher import Searcher
 
 HELPER = Path(__file__).resolve().parent / "_sync_crash.py"
 

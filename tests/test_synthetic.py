@@ -7,10 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-faiss = pytest.importorskip("faiss")
-
 from benchmarks.synthetic import KINDS, _Model, embedding_stats, fit_spectrum, load_dataset  # noqa: E402
-from vlsearch.collection import Collection  # noqa: E402
+from vlsearch.store.collection import Collection  # noqa: E402
 
 
 def sample(kind: str, dim: int, n: int = 1000) -> np.ndarray:

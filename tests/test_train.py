@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vlsearch.errors import TrainingError
-from vlsearch.towers import lock_hf_text, text_backbone, text_head, trim_padding
-from vlsearch.train import MAX_LOGIT_SCALE, _Run, clip_loss, train
-from vlsearch.train_config import TrainConfig
-from vlsearch.train_data import epoch_order, read_pairs, split_images
+from vlsearch.core.errors import TrainingError
+from vlsearch.models.towers import text_backbone, text_head, trim_padding
+from vlsearch.train.locks import lock_hf_text
+from vlsearch.train.loop import MAX_LOGIT_SCALE, _Run, clip_loss, train
+from vlsearch.train.config import TrainConfig
+from vlsearch.train.data import epoch_order, read_pairs, split_images
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 SHAPES = ("circle", "square")
@@ -130,11 +131,11 @@ def test_weight_decay_groups_exclude_biases_norms_and_logit_scale(shapes, tmp_pa
 
 
 def test_training_lowers_loss_skips_broken_image_and_loads(shapes, tmp_path, caplog):
-    from vlsearch.models import TINY_MODEL, load_model
+    from vlsearch.models.factory import TINY_MODEL, load_model
 
     seen = []
     config = replace(FAST, epochs=6, val_fraction=0.2)
-    with caplog.at_level(logging.WARNING, logger="vlsearch.train"):
+    with caplog.at_level(logging.WARNING, logger="vlsearch.train.loop"):
         result = train(shapes, tmp_path / "run", config, progress=lambda s, t, **kw: seen.append((s, t, kw)))
     assert result.steps == 6 * 2 and len(result.losses) == result.steps  # 20 train images / 8 = 2 steps/epoch
     assert [s for s, _, _ in seen] == list(range(1, 13)) and seen[-1][1] == 12
@@ -210,7 +211,7 @@ def test_unlocked_text_layers_and_config_validation(shapes, tmp_path):
 
 
 def test_hf_text_tower_split_keeps_projection_trainable(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from open_clip.hf_model import HFTextEncoder
 
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

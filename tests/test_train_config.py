@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from vlsearch.app.cli import app
 from vlsearch.app.options import TRAIN_FLAGS, train_overrides
-from vlsearch.errors import TrainingError
-from vlsearch.train_config import CONFIG_FILE, TrainConfig, load_train_config
-from vlsearch.train_images import AugmentConfig
+from vlsearch.core.errors import TrainingError
+from vlsearch.train.config import CONFIG_FILE, TrainConfig, load_train_config
+from vlsearch.train.images import AugmentConfig
 
 from test_train import make_shapes
 

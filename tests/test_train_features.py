@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlsearch import hf_text, models
-from vlsearch.errors import TrainingError
-from vlsearch.train import _Run, train
-from vlsearch.train_config import TrainConfig
-from vlsearch.train_data import read_pairs
-from vlsearch.train_features import gather_states, split_visual, text_states_below, text_top
-from vlsearch.train_images import resize_batch
+from vlsearch.models import factory as models, hf_text
+from vlsearch.core.errors import TrainingError
+from vlsearch.train.loop import _Run, train
+from vlsearch.train.config import TrainConfig
+from vlsearch.train.data import read_pairs
+from vlsearch.train.features import gather_states, split_visual, text_states_below, text_top
+from vlsearch.train.images import resize_batch
 
 from test_train import make_shapes
 
@@ -51,7 +51,7 @@ def test_split_visual_is_exact(small_fresh, groups):
 
 
 def test_text_states_below_unlocked_layers_give_the_tower_output(small_fresh):
-    from vlsearch.towers import text_backbone
+    from vlsearch.models.towers import text_backbone
 
     tokens = models.get_tokenizer(models.SMALL_MODEL)(["a dog", "two children in red shirts play football", "x"])
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_lit_run_precomputes_trains_only_unlocked_parts_and_ships_them(shapes, t
 
 
 def _memory_pixels(run: _Run, n: int) -> torch.Tensor:
-    from vlsearch.train_images import MemoryImages
+    from vlsearch.train.images import MemoryImages
 
     return MemoryImages.load([run.pairs.path(i) for i in range(n)], 2 * run.image_size).pixels
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsearch.train import _Run, clip_loss, train
-from vlsearch.train_config import TrainConfig
-from vlsearch.train_data import epoch_order, read_pairs, split_images
-from vlsearch.train_images import (
+from vlsearch.train.loop import _Run, clip_loss, train
+from vlsearch.train.config import TrainConfig
+from vlsearch.train.data import epoch_order, read_pairs, split_images
+from vlsearch.train.images import (
     AugmentConfig,
     MemoryImages,
     augment_batch,
@@ -106,7 +106,7 @@ def test_memory_images_decode_once_and_mark_unreadable(shapes):
     assert memory.pixels.shape == (25, 3, 32, 32) and memory.side == 32
     assert (~memory.ok).nonzero().flatten().tolist() == broken
     assert calls[-1] == (25, 25, {"stage": "decode"})
-    from vlsearch.images import open_image
+    from vlsearch.data.images import open_image
 
     torch.testing.assert_close(memory.pixels[0], square_pixels(open_image(paths[0]), 32))
 

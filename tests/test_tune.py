@@ -1,22 +1,19 @@
-"""Default search settings tuned on fresh (leave-one-out) queries: indexing.tune, build_index, Searcher, CLI."""
+"""Default search settings tuned on fresh (leave-one-out) queries: vlsearch.ann.tune, build_index, Searcher, CLI."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-faiss = pytest.importorskip("faiss")
-
 from typer.testing import CliRunner  # noqa: E402
 
 from indexing import build as B  # noqa: E402
-from vlsearch import faiss_index as F  # noqa: E402
-from indexing.tune import drop_self, recall_at  # noqa: E402
 from tests.test_build import SMALL, clustered, make_collection  # noqa: E402
+from vlsearch.ann import faiss_index as F  # noqa: E402
+from vlsearch.ann.tune import drop_self, recall_at  # noqa: E402
 from vlsearch.app.cli import app  # noqa: E402
-from vlsearch.collection import Collection  # noqa: E402
-from vlsearch.exact import exact_search  # noqa: E402
-from vlsearch.search import Searcher  # noqa: E402
+from vlsearch.query.exact import exact_search  # noqa: E402
+from vlsearch.query.searcher import Searcher  # noqa: E402
+from vlsearch.store.collection import Collection  # noqa: E402
 
 N, FRESH = 3000, 200
 
@@ -41,7 +38,7 @@ def test_defaults_reach_target_on_fresh_queries(tmp_path, base_and_fresh):
     assert entry["target_met"] is True and entry["recall_at_10"] >= 0.95
     assert entry["nprobe_default"] >= 1 and entry["k_factor_default"] >= 1
     assert "leave-one-out" in entry["recall_eval"] and entry["tuning"]
-    index = F.load_index(coll.path)  # the chosen settings are stored in the file too
+    index = Collection.open(coll.path).load_index()  # the chosen settings are stored in the file too
     assert F.find_ivf(index).nprobe == entry["nprobe_default"]
     assert F.find_refine(index).k_factor == entry["k_factor_default"]
 
@@ -87,8 +84,8 @@ def test_flat_needs_no_tuning(tmp_path, base_and_fresh):
 
 
 def _tune_with_fixed_recalls(monkeypatch, recall, clock=1.0, **kwargs):
-    """indexing.tune over canned trials: ``recall[(nprobe, k_factor)]``; nprobe 4 measures ``clock`` ms."""
-    import indexing.tune as T
+    """vlsearch.ann.tune over canned trials: ``recall[(nprobe, k_factor)]``; nprobe 4 measures ``clock`` ms."""
+    import vlsearch.ann.tune as T
 
     def trial(search, queries, own, truth, k, nprobe, k_factor):
         return T.Trial(nprobe, k_factor, recall.get((nprobe, k_factor), 0.0), clock if nprobe == 4 else 1.0)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsearch.errors import SourceError
-from vlsearch.models import ModelInfo
-from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classifier, zero_shot_classify
+from vlsearch.core.errors import SourceError
+from vlsearch.models.factory import ModelInfo
+from vlsearch.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot_classifier, zero_shot_classify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,7 +103,9 @@ def test_real_tiny_encoder_on_class_folders(tiny_encoder, colour_folder):
 
 
 def test_collection_embeddings_are_classified_without_reencoding(tmp_path):
-    from vlsearch.collection import Collection, Manifest, embedding_array
+    from vlsearch.store.collection import Collection
+    from vlsearch.store.manifest import Manifest
+    from vlsearch.store.arrays import embedding_array
 
     coll = Collection.create(tmp_path / "coll", Manifest(model=ColourEncoder.info))
     vecs = np.array([[0.9, 0.1, 0.1], [0.1, 0.1, 0.9]], dtype=np.float32)

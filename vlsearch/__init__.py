@@ -18,14 +18,14 @@ __version__ = "0.1.0"
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _LAZY = {
-    "load_model": "vlsearch.models",
-    "save_checkpoint": "vlsearch.models",
-    "Encoder": "vlsearch.encoder",
-    "ModelInfo": "vlsearch.modelinfo",
-    "Collection": "vlsearch.collection",
-    "Manifest": "vlsearch.collection",
-    "Searcher": "vlsearch.search",
-    "Hit": "vlsearch.results",
+    "load_model": "vlsearch.models.factory",
+    "save_checkpoint": "vlsearch.models.factory",
+    "Encoder": "vlsearch.models.encoder",
+    "ModelInfo": "vlsearch.core.modelinfo",
+    "Collection": "vlsearch.store.collection",
+    "Manifest": "vlsearch.store.collection",
+    "Searcher": "vlsearch.query.searcher",
+    "Hit": "vlsearch.query.results",
     "Client": "vlsearch.client",
 }
 

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from . import errors as E
-from .results import Hit, Hits, Results
-from .search import ImageQuery
+from vlsearch.core import errors as E
+from vlsearch.query.results import Hit, Hits, Results
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
+
+    from vlsearch.data.images import ImageInput
 
 
 class Client:
@@ -69,7 +70,7 @@ class Client:
         texts = [text] if single else list(text)
         return self._many([{"text": t} for t in texts], single, k, nprobe, exact, k_factor, options)
 
-    def search_image(self, image: ImageQuery | Sequence[ImageQuery], k: int = 10, nprobe: int | None = None,
+    def search_image(self, image: ImageInput | Sequence[ImageInput], k: int = 10, nprobe: int | None = None,
                      exact: bool = False, k_factor: float | None = None, **options: Any) -> Hits | Results:
         """Search by example image (path, PIL image or encoded bytes, or a list of them); uploaded."""
         single = not isinstance(image, (list, tuple))

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
-from .options import (
+from vlsearch.app.options import (
     BUILD,
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
@@ -51,7 +51,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from vlsearch.errors import VlsearchError
+        from vlsearch.core.errors import VlsearchError
 
         try:
             return fn(*args, **kwargs)
@@ -108,7 +108,7 @@ def models_cmd(
     tags: bool = typer.Option(False, "--tags", help="List every model with its pretrained tags."),
 ) -> None:
     """List model architectures (open_clip's and vlsearch's built-in ones) and pretrained tags."""
-    from vlsearch import models
+    from vlsearch.models import factory as models
 
     if name:
         models.check_model_name(name)
@@ -139,7 +139,7 @@ def info_cmd(collection_dir: Optional[str] = typer.Argument(None, help="Also des
 def _index_info(collection_dir: str) -> list[str]:
     """Plain lines on a collection's index: plan, tuned defaults, and whether the recall target is met."""
     from indexing.build import index_summary
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     entry = Collection.open(collection_dir).manifest.index
     return index_summary(entry) if entry else [f"no index: run `vlsearch build-index {collection_dir}`"]
@@ -153,9 +153,10 @@ def system_info() -> dict[str, Any]:
     import torch
 
     from indexing.decode import default_workers
-    from vlsearch import __version__, allocator
-    from vlsearch.models import resolve_device
-    from vlsearch.precision import describe_auto
+    from vlsearch import __version__
+    from vlsearch.core import allocator
+    from vlsearch.models.factory import resolve_device
+    from vlsearch.models.precision import describe_auto
 
     device = resolve_device("auto")
     return {
@@ -185,7 +186,7 @@ def encode_cmd(
     precision: str = PRECISION_OPT,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
-    from vlsearch.models import load_model
+    from vlsearch.models.factory import load_model
 
     enc = load_model(model, pretrained, device=device, precision=precision)
     rows = []
@@ -223,8 +224,8 @@ def bench_cmd(
     reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
 ) -> None:
     """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
-    from vlsearch.bench import BenchConfig, format_table, plot_results, run_benchmark
-    from vlsearch.fsutil import write_json
+    from vlsearch.eval.bench import BenchConfig, format_table, plot_results, run_benchmark
+    from vlsearch.core.fsutil import write_json
 
     try:
         config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
@@ -275,7 +276,7 @@ def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG
               rerank_features: bool = RERANK_FEATURES_OPT) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
-    from ..collection import Collection
+    from vlsearch.store.collection import Collection
 
     synced = _embed_and_report(source, collection_dir, embed, engine)
     if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
@@ -288,9 +289,9 @@ def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG
 @handle_errors
 def compact_cmd(collection_dir: str = COLLECTION_ARG) -> None:
     """Rewrite the shards holding deleted rows without them and drop dead entries from the index."""
-    from ..update import compact
+    from vlsearch.store.collection import Collection
 
-    result = compact(collection_dir)
+    result = Collection.open(collection_dir).compact()
     typer.echo(f"{result['rows_dropped']} dead rows dropped from {result['shards_rewritten']} shards -> "
                f"{collection_dir} version {result['version']}")
 
@@ -302,7 +303,8 @@ def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, e
 
     from indexing.embed import embed
 
-    from ..collection import MANIFEST, Collection
+    from vlsearch.store.layout import MANIFEST
+    from vlsearch.store.collection import Collection
 
     src = options.open_source(source)
     ray_config = engine.ray_config()
@@ -381,8 +383,8 @@ def train_cmd(
     overrides: Any = None,
 ) -> None:
     """Train a CLIP model contrastively on image-caption pairs (symmetric InfoNCE)."""
-    from vlsearch.train import train
-    from vlsearch.train_config import load_train_config
+    from vlsearch.train.loop import train
+    from vlsearch.train.config import load_train_config
 
     settings = load_train_config(config, overrides)
     with TqdmProgress("train", unit="step") as bar:
@@ -429,14 +431,14 @@ def train_rerank_cmd(
     import shlex
     import sys
 
-    from vlsearch.fsutil import write_json
-    from vlsearch.models import load_model
-    from vlsearch.precision import describe_machine
-    from vlsearch.rerank import FusionConfig
-    from vlsearch.rerank_train import RerankTrainConfig, provenance, train_reranker
+    from vlsearch.core.fsutil import write_json
+    from vlsearch.models.factory import load_model
+    from vlsearch.models.precision import describe_machine
+    from vlsearch.rerank.model import FusionConfig
+    from vlsearch.rerank.training import RerankTrainConfig, provenance, train_reranker
 
     if threads:
-        from vlsearch.threads import set_process_threads
+        from vlsearch.core.threads import set_process_threads
 
         set_process_threads(threads)
     config = RerankTrainConfig(FusionConfig(image_tokens=grid * grid), epochs=epochs,
@@ -470,10 +472,10 @@ def rerank_features_cmd(
 
 
 def _store_rerank_features(collection_dir: str, reranker: Optional[str], device: str) -> None:
-    from vlsearch.collection import Collection
-    from vlsearch.models import load_model
-    from vlsearch.rerank import load_reranker
-    from vlsearch.rerank_store import store_rerank_features
+    from vlsearch.store.collection import Collection
+    from vlsearch.models.factory import load_model
+    from vlsearch.rerank.model import load_reranker
+    from vlsearch.rerank.features import store_rerank_features
 
     coll = Collection.open(collection_dir)
     rr = load_reranker(coll.model, reranker)
@@ -514,8 +516,8 @@ def classify_cmd(
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
-    from vlsearch.models import load_model
-    from vlsearch.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+    from vlsearch.models.factory import load_model
+    from vlsearch.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
 
     templates = _templates(templates) or list(DEFAULT_TEMPLATES)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
@@ -576,8 +578,8 @@ def search_cmd(
                                         "present, else recomputed from the image files), stored or recompute."),
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
-    from vlsearch.results import format_hits, hits_to_json_lines
-    from vlsearch.search import Searcher
+    from vlsearch.query.results import format_hits, hits_to_json_lines
+    from vlsearch.query.searcher import Searcher
 
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
@@ -625,7 +627,7 @@ def demo_cmd(
     """Generate captioned shapes, fit vlsearch-small's head to them (LiT), index, search and benchmark: offline, on CPU."""
     from dataclasses import replace
 
-    from .demo import DemoConfig, format_report, run_demo
+    from vlsearch.app.demo import DemoConfig, format_report, run_demo
 
     changes = {"heldout": heldout, "epochs": epochs, "precision": precision}
     config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
@@ -652,8 +654,8 @@ def serve_cmd(
 ) -> None:
     """Serve collections over HTTP: a JSON API (docs at /docs), a search page at /, metrics at /metrics."""
     try:
-        from .serve import ServeConfig, serve
-        from .serve.service import parse_specs
+        from vlsearch.app.serve import ServeConfig, serve
+        from vlsearch.app.serve.service import parse_specs
     except ImportError as exc:
         raise typer.BadParameter(f"{exc.name} is missing: install the server with pip install 'vlsearch[serve]'")
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from vlsearch.progress import Progress
+from vlsearch.core.progress import Progress
 
-from .demo_report import QueryResult
+from vlsearch.app.demo_report import QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ def draw_contact_sheet(
     """
     from PIL import Image, ImageDraw
 
-    from vlsearch.fsutil import atomic_path
-    from vlsearch.images import open_image
+    from vlsearch.core.fsutil import atomic_path
+    from vlsearch.data.images import open_image
 
     font = _font(12)
     k = max((len(r.hits) for r in results), default=1)

@@ -2,9 +2,9 @@
 
 ``run_demo(out_dir)``:
 
-1. generates a captioned image set of coloured shapes (:mod:`vlsearch.shapes`) with a
+1. generates a captioned image set of coloured shapes (:mod:`vlsearch.data.shapes`) with a
    held-out split;
-2. fits ``vlsearch-small`` to the training split LiT-style with :func:`vlsearch.train.train`:
+2. fits ``vlsearch-small`` to the training split LiT-style with :func:`vlsearch.train.loop.train`:
    the MiniLM text tower locked and the ImageNet EfficientNet-Lite0 trunk locked up to its last
    ``image_groups`` stage groups (their outputs computed once), those groups and the heads trained
    (the tiny built-in CLIP, trained from scratch, where vlsearch-small is not installed or
@@ -12,9 +12,9 @@
 3. embeds the held-out split into a collection with :func:`indexing.embed.embed` and builds an
    ANN index with :func:`indexing.build.build_index` (IVF-PQ, so the approximate path is used);
 4. runs example text queries and image queries (training pictures, which are not in the
-   collection) through :class:`vlsearch.search.Searcher`, and scores each hit by whether its
+   collection) through :class:`vlsearch.query.searcher.Searcher`, and scores each hit by whether its
    shape attributes match the query's;
-5. benchmarks the collection with :func:`vlsearch.bench.run_benchmark` (text->image and
+5. benchmarks the collection with :func:`vlsearch.eval.bench.run_benchmark` (text->image and
    image->text Recall@K, MRR, median rank, exact vs ANN);
 6. draws a contact sheet (one row per query, its top hits with their captions).
 
@@ -37,14 +37,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from vlsearch.fsutil import write_json
-from vlsearch.models import SMALL_MODEL
-from vlsearch.progress import Progress
-from vlsearch.shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
-from vlsearch.threads import cpu_threads
+from vlsearch.core.fsutil import write_json
+from vlsearch.models.factory import SMALL_MODEL
+from vlsearch.core.progress import Progress
+from vlsearch.data.shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
+from vlsearch.core.threads import cpu_threads
 
-from .contact_sheet import draw_contact_sheet
-from .demo_report import DemoReport, QueryResult, format_report
+from vlsearch.app.contact_sheet import draw_contact_sheet
+from vlsearch.app.demo_report import DemoReport, QueryResult, format_report
 
 __all__ = ["DemoConfig", "DemoReport", "QueryResult", "run_demo", "format_report", "draw_contact_sheet"]
 
@@ -92,7 +92,7 @@ class DemoConfig:
     #: Train-time augmentation (crops move shapes across grid cells and change their size, which
     #: captions name; off, the tiny model learns faster in the demo's few steps).
     augment: bool = False
-    #: Shorter captions per training picture ("a red circle", ``vlsearch.shapes.PARTIAL_TEMPLATES``)
+    #: Shorter captions per training picture ("a red circle", ``vlsearch.data.shapes.PARTIAL_TEMPLATES``)
     #: besides its full ones: with full captions only, a fitted model weighs the place and size of a
     #: shape as much as its colour and kind, and most hits of "a red circle" are other shapes.
     partial_captions: int = 4
@@ -101,7 +101,7 @@ class DemoConfig:
     #: trunk locked 69 % of the hits had the query's colour and shape, with 1 group 75-84 %, with 2
     #: groups 86-88 % (seeds 0 and 1; 15 epochs, 2 cores: 95 s of training).
     image_groups: int = 2
-    #: Index factory for the collection; None picks IVF-PQ sized to the collection (see :func:`indexing.plan.demo_index_type`).
+    #: Index factory for the collection; None picks IVF-PQ sized to the collection (see :func:`vlsearch.ann.plan.demo_index_type`).
     index_type: Optional[str] = None
     k: int = 8  #: hits shown per query
     n_image_queries: int = 3
@@ -114,7 +114,7 @@ class DemoConfig:
     #: In shapes mode: the model fitted to the generated pictures (None: vlsearch-small, LiT-style,
     #: when available, else vlsearch-tiny from scratch with ``epochs``/``lr``).
     shapes_model: Optional[str] = None
-    #: Inference precision of embedding and queries (see vlsearch.precision); training stays fp32 on CPU.
+    #: Inference precision of embedding and queries (see vlsearch.models.precision); training stays fp32 on CPU.
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -167,7 +167,7 @@ def run_demo(
     ``size``/``seed`` override ``config.size``/``config.seed``; ``data`` switches to indexing a
     captioned folder or manifest instead of generated shapes. ``progress(done, total, stage=...)``
     reports each stage. ``out_dir`` must be new, empty, or an earlier demo's folder (whose
-    outputs are replaced); anything else raises :class:`~vlsearch.errors.VlsearchError`.
+    outputs are replaced); anything else raises :class:`~vlsearch.core.errors.VlsearchError`.
     """
     started = time.perf_counter()
     config = replace(config, **{k: v for k, v in (("size", size), ("seed", seed)) if v is not None})
@@ -193,7 +193,7 @@ def _run(out: Path, data: Optional[str | os.PathLike], config: DemoConfig, stage
     bench = stages.run("benchmark", _benchmark, collection)
     sheet = stages.run("contact sheet", draw_contact_sheet, [*text_q, *image_q], out / "contact_sheet.png",
                        roots=prepared["roots"])
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     coll = Collection.open(collection)
     n_images = coll.count()
@@ -216,7 +216,7 @@ def _fresh_out_dir(out: Path) -> Path:
     """Create ``out``, or clear an earlier demo's outputs from it; refuse any other non-empty folder."""
     import shutil
 
-    from vlsearch.errors import VlsearchError
+    from vlsearch.core.errors import VlsearchError
 
     if out.exists() and not out.is_dir():
         raise VlsearchError(f"demo output {out} exists and is not a folder")
@@ -239,7 +239,7 @@ def _fresh_out_dir(out: Path) -> Path:
 
 def _shapes_model(config: DemoConfig) -> str:
     """The model fitted to the shapes: ``config.shapes_model``, else vlsearch-small when it can load, else vlsearch-tiny."""
-    from vlsearch.models import TINY_MODEL, small_model_available
+    from vlsearch.models.factory import TINY_MODEL, small_model_available
 
     return config.shapes_model or (SMALL_MODEL if small_model_available() else TINY_MODEL)
 
@@ -248,8 +248,8 @@ def _shapes_train_config(config: DemoConfig, model: str) -> Any:
     """vlsearch-small fitted LiT-style (locked, precomputed towers but the trunk's last
     ``image_groups`` stage groups, which train with the heads), or
     vlsearch-tiny from scratch. ``config.size`` is set."""
-    from vlsearch.train_config import TrainConfig
-    from vlsearch.train_images import AugmentConfig
+    from vlsearch.train.config import TrainConfig
+    from vlsearch.train.images import AugmentConfig
 
     common = dict(model=model, batch_size=min(config.batch_size, config.size), val_fraction=0.0, checkpoint_every=0,
                   augment=AugmentConfig() if config.augment else None, seed=config.seed, workers=config.workers,
@@ -261,7 +261,7 @@ def _shapes_train_config(config: DemoConfig, model: str) -> Any:
 
 
 def _prepare_shapes(out: Path, config: DemoConfig, stages: _Stages) -> dict[str, Any]:
-    from vlsearch.train import train
+    from vlsearch.train.loop import train
 
     model = _shapes_model(config)
     if config.size is None:
@@ -304,7 +304,7 @@ def _shape_image_queries(dataset: Any, n: int) -> list[tuple[str, str]]:
 
 
 def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
-    from indexing.sources import open_source
+    from vlsearch.data.sources import open_source
 
     source = open_source(data)
     root = source.root if source.root.is_dir() else source.root.parent
@@ -328,7 +328,7 @@ def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
 
 def _data_model(config: DemoConfig) -> str:
     """``config.model``, else vlsearch-small when it is registered, else the default model."""
-    from vlsearch.models import available_models, default_model
+    from vlsearch.models.factory import available_models, default_model
 
     if config.model:
         return config.model
@@ -341,8 +341,8 @@ def _data_model(config: DemoConfig) -> str:
 def _load_encoder(model: tuple[str, Optional[str]], mode: str, precision: str = "auto") -> Any:
     """Load the model once (for embedding and queries). In data mode an unavailable
     vlsearch-small falls back to the default model, with a warning."""
-    from vlsearch.errors import WeightsUnavailableError
-    from vlsearch.models import default_model, load_model
+    from vlsearch.core.errors import WeightsUnavailableError
+    from vlsearch.models.factory import default_model, load_model
 
     name, pretrained = model
     try:
@@ -373,12 +373,12 @@ def _embed(source: Any, collection: Path, encoder: Any, config: DemoConfig,
 def _build_index(collection: Path, config: DemoConfig, progress: Optional[Progress] = None) -> dict[str, Any]:
     """IVF-PQ even for the demo's small collection, so the approximate search path is exercised:
     the builder's own ``auto`` choice with its exact-search threshold removed (or, below
-    ``4 * dim`` vectors, a small IVF-PQ): :func:`indexing.plan.demo_index_type`, unless
+    ``4 * dim`` vectors, a small IVF-PQ): :func:`vlsearch.ann.plan.demo_index_type`, unless
     ``config.index_type`` names one."""
     from indexing.build import build_index
-    from indexing.plan import ALWAYS_ANN, demo_index_type
+    from vlsearch.ann.plan import ALWAYS_ANN, demo_index_type
 
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     coll = Collection.open(collection)
     n, dim = coll.count(), coll.dim
@@ -411,7 +411,7 @@ def _captured_stderr() -> Iterator[None]:
 
 def _queries(collection: Path, encoder: Any, prepared: dict[str, Any], config: DemoConfig,
              progress: Optional[Progress] = None) -> tuple[list[QueryResult], list[QueryResult]]:
-    from vlsearch.search import Searcher
+    from vlsearch.query.searcher import Searcher
 
     searcher = Searcher.open(collection, encoder=encoder)
     options = dict(k=config.k, exact=not searcher.has_index)
@@ -444,7 +444,7 @@ def _attribute_matches(hits: Sequence[Any], attributes: dict[str, dict[str, str]
 
 
 def _benchmark(collection: Path, progress: Optional[Progress] = None) -> dict[str, Any]:
-    from vlsearch.bench import BenchConfig, run_benchmark
+    from vlsearch.eval.bench import BenchConfig, run_benchmark
 
     return run_benchmark(collection, BenchConfig(nprobes=(1, 4, 16), latency_queries=200), progress=progress)
 

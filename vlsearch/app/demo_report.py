@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from vlsearch.bench import format_table
+from vlsearch.eval.bench import format_table
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class QueryResult:
 
     kind: str  #: "text" or "image"
     query: str  #: the text, or the query image's path
-    hits: list[Any]  #: ``vlsearch.search.Hit`` s, best first
+    hits: list[Any]  #: ``vlsearch.query.searcher.Hit`` s, best first
     caption: Optional[str] = None  #: an image query's own caption
     attribute_matches: Optional[dict[str, list[bool]]] = None
 
@@ -63,7 +63,7 @@ class DemoReport:
     index: dict[str, Any]  #: the collection manifest's index entry
     text_queries: list[QueryResult]
     image_queries: list[QueryResult]
-    benchmark: dict[str, Any]  #: :func:`vlsearch.bench.run_benchmark`'s result on the collection
+    benchmark: dict[str, Any]  #: :func:`vlsearch.eval.bench.run_benchmark`'s result on the collection
     chance: dict[str, float]  #: Recall@K of a random ranking of the collection's images
     contact_sheet: Path
     timings: dict[str, float]  #: seconds per stage

@@ -64,7 +64,7 @@ class EmbedOptions:
                            threads=self.threads, decode_timeout=self.decode_timeout or None)
 
     def open_source(self, source: str) -> Any:
-        from indexing.sources import open_source
+        from vlsearch.data.sources import open_source
 
         return open_source(source, kind=self.source_type, image_column=self.image_column,
                            caption_column=self.caption_column)

@@ -12,7 +12,7 @@ search and items), ``images`` (item images, thumbnails, byte-bounded cache), ``s
 ``metrics`` (Prometheus), ``app`` (factory, body limit); ``static/`` holds the page.
 """
 
-from .app import background_server, create_app, serve
-from .config import ServeConfig
+from vlsearch.app.serve.app import background_server, create_app, serve
+from vlsearch.app.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "background_server", "create_app", "serve"]

@@ -17,11 +17,11 @@ from fastapi.staticfiles import StaticFiles
 
 import vlsearch
 
-from .config import ServeConfig
-from .errors import install_error_handlers
-from .metrics import MetricsMiddleware, ServeMetrics
-from .routes import api, public
-from .service import CollectionSpec, open_collections
+from vlsearch.app.serve.config import ServeConfig
+from vlsearch.app.serve.errors import install_error_handlers
+from vlsearch.app.serve.metrics import MetricsMiddleware, ServeMetrics
+from vlsearch.app.serve.routes import api, public
+from vlsearch.app.serve.service import CollectionSpec, open_collections
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -65,7 +65,7 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: dict, send: Callable) -> None:
-        from .errors import error_response
+        from vlsearch.app.serve.errors import error_response
 
         limit = self.max_bytes
         response = error_response(413, f"request body larger than this server's limit of {limit} bytes",

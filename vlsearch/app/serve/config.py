@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from vlsearch.errors import ServeConfigError
+from vlsearch.core.errors import ServeConfigError
 
 #: Most results one request may ask for (``k + offset``).
 MAX_RESULTS = 1000

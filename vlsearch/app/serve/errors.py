@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlsearch import errors as E
+from vlsearch.core import errors as E
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def status_of(exc: E.VlsearchError) -> int:
 
 
 def public_type(exc: BaseException) -> str:
-    """The most specific class of ``exc`` that ``vlsearch.errors`` defines (what clients re-raise)."""
+    """The most specific class of ``exc`` that ``vlsearch.core.errors`` defines (what clients re-raise)."""
     return next((c.__name__ for c in type(exc).__mro__ if getattr(E, c.__name__, None) is c), "VlsearchError")
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlsearch.errors import DecodeError, ItemNotFoundError
-from vlsearch.images import open_image
+from vlsearch.core.errors import DecodeError, ItemNotFoundError
+from vlsearch.data.images import open_image
 
 #: Tar members (and files) above this size are not read into memory to be served.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024

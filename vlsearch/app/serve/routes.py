@@ -16,14 +16,23 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from vlsearch.errors import CollectionNotFoundError, DecodeError, InvalidQueryError
-from vlsearch.images import open_image
-from vlsearch.results import Hit
+from vlsearch.core.errors import CollectionNotFoundError, DecodeError, InvalidQueryError
+from vlsearch.data.images import open_image
+from vlsearch.query.results import Hit
 
-from .config import MAX_RESULTS
-from .errors import UploadTooLargeError
-from .schemas import CollectionInfo, ErrorBody, Health, ItemModel, SearchParams, SearchRequest, SearchResponse, parse_id
-from .service import SearchOptions, ServedCollection
+from vlsearch.app.serve.config import MAX_RESULTS
+from vlsearch.app.serve.errors import UploadTooLargeError
+from vlsearch.app.serve.schemas import (
+    CollectionInfo,
+    ErrorBody,
+    Health,
+    ItemModel,
+    SearchParams,
+    SearchRequest,
+    SearchResponse,
+    parse_id,
+)
+from vlsearch.app.serve.service import SearchOptions, ServedCollection
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
 

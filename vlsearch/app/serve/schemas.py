@@ -11,9 +11,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
-from vlsearch.rerank import MAX_RERANK
+from vlsearch.rerank.model import MAX_RERANK
 
-from .config import MAX_RESULTS
+from vlsearch.app.serve.config import MAX_RESULTS
 
 MAX_TEXT_CHARS = 1000
 MAX_VECTOR_DIM = 8192

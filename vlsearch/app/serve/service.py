@@ -14,14 +14,14 @@ from typing import Any, Mapping, Union
 import numpy as np
 import pyarrow.parquet as pq
 
-from vlsearch.collection import embeddings_to_numpy
-from vlsearch.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
-from vlsearch.rerank import check_rerank_k
-from vlsearch.results import Hit
-from vlsearch.search import Searcher
+from vlsearch.store.arrays import embeddings_to_numpy
+from vlsearch.core.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.rerank.model import check_rerank_k
+from vlsearch.query.results import Hit
+from vlsearch.query.searcher import Searcher
 
-from .config import ServeConfig
-from .images import ByteLRU, ItemImages
+from vlsearch.app.serve.config import ServeConfig
+from vlsearch.app.serve.images import ByteLRU, ItemImages
 
 CollectionSpec = Union[str, os.PathLike, Searcher]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -59,7 +59,7 @@ class ModelPool:
         with self._lock:
             key = (name, pretrained)
             if key not in self._models:
-                from vlsearch.models import load_model
+                from vlsearch.models.factory import load_model
 
                 self._models[key] = load_model(name, pretrained, device=self.device)
             return self._models[key]
@@ -176,7 +176,7 @@ def open_collections(collections: Mapping[str, CollectionSpec] | list[Collection
 
 
 def _open(path: str | os.PathLike, pool: ModelPool, config: ServeConfig) -> Searcher:
-    from vlsearch.collection import Collection
+    from vlsearch.store.collection import Collection
 
     model = Collection.open(path).manifest.model
     encoder = pool.get(model.name, model.pretrained)

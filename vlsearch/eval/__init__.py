@@ -1,0 +1,1 @@
+"""Measuring retrieval: the benchmark of a collection and zero-shot classification."""
