@@ -17,12 +17,15 @@ from pathlib import Path
 
 import faiss
 
-import vlsearch.store.collection as collection
+import vlsearch.store.gc as gc
 import vlsearch.store.manifest as manifest
-import vlsearch.store.update as update
+import vlsearch.store.shards as shards
+import vlsearch.store.tombstones as tombstones
+from vlsearch.store.collection import Collection
 
 POINT, MARKER = sys.argv[1], Path(sys.argv[2])
 del sys.argv[1:3]
+_start_version = Collection.open(sys.argv[3]).manifest.version  # argv: embed SOURCE COLLECTION ...
 
 
 def stop() -> None:
@@ -30,33 +33,29 @@ def stop() -> None:
     time.sleep(600)
 
 
-def after(owner, name, point, when=lambda *a, **k: True):
+def hook(owner, name, point, when=lambda *a, **k: True, before=False):
+    """Stop in ``owner.name`` (before or after the real call) when POINT is ``point`` and ``when`` holds.
+    Callers must look ``name`` up on ``owner`` at call time; a hook on a function nobody calls any more
+    never stops, so the test's process finishes and the test fails."""
     real = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
+        reached = POINT == point and when(*args, **kwargs)
+        if reached and before:
+            stop()
         result = real(*args, **kwargs)
-        if POINT == point and when(*args, **kwargs):
+        if reached:
             stop()
         return result
 
     setattr(owner, name, wrapper)
 
 
-after(collection.Collection, "write_shard", "shard")
-after(update, "_write_tombstones", "tombstones")
-after(faiss, "write_index", "index")
-after(manifest, "write_json", "versions", when=lambda path, data: Path(path).parent.name == "versions")
-_gc = collection.Collection.collect_garbage
-
-
-def _collect(self):
-    if POINT == "committed" and self.manifest.version > _start_version:
-        stop()
-    return _gc(self)
-
-
-collection.Collection.collect_garbage = _collect
-_start_version = collection.Collection.open(sys.argv[3]).manifest.version  # argv: embed SOURCE COLLECTION ...
+hook(shards.ShardFiles, "write_shard", "shard")
+hook(tombstones, "write_tombstones", "tombstones")
+hook(faiss, "write_index", "index")
+hook(manifest, "write_json", "versions", when=lambda path, data: Path(path).parent.name == "versions")
+hook(gc, "collect_garbage", "committed", when=lambda directory, m: m.version > _start_version, before=True)
 
 if __name__ == "__main__":
     from vlsearch.app.cli import app

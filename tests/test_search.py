@@ -198,11 +198,11 @@ def test_ann_on_flat_and_full_probe_ivf_agree_with_exact(planted, indexed):
 def test_exact_search_reads_the_shards_once_when_they_fit_the_cache(planted, monkeypatch):
     """A small collection's vectors are read on the first exact query and kept (same results as
     streaming the shards per query); over ``exact_cache_mb`` every query streams them."""
-    from vlsearch.store.collection import Collection
+    from vlsearch.store.shards import ShardFiles  # the shard reader behind Collection.iter/read_embeddings
 
     reads = []
-    real = Collection.iter_embeddings
-    monkeypatch.setattr(Collection, "iter_embeddings", lambda self, *a, **kw: reads.append(1) or real(self, *a, **kw))
+    real = ShardFiles.iter_embeddings
+    monkeypatch.setattr(ShardFiles, "iter_embeddings", lambda self, *a, **kw: reads.append(1) or real(self, *a, **kw))
     queries = _unit(np.random.default_rng(3), 5, 64)
     cached, streamed = Searcher.open(planted[0]), Searcher.open(planted[0], exact_cache_mb=0)
     first = cached.search_vector(queries, k=10, exact=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from vlsearch.core.errors import CollectionError, CollectionNotFoundError
 from vlsearch.core.fsutil import write_json
@@ -59,6 +59,13 @@ class Manifest:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
+
+    def next_version(self, live_shards: Sequence[int], **changes: Any) -> "Manifest":
+        """The manifest of the next version: ``version + 1``, format 2, ``changes`` applied, and the
+        live shard list made explicit (``live_shards`` when this manifest lists none)."""
+        shards = self.shards if self.shards is not None else tuple(live_shards)
+        return replace(self, updated_at=now_iso(), format_version=FORMAT_VERSION, version=self.version + 1,
+                       **{"shards": shards, **changes})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":

@@ -21,7 +21,7 @@ the index before the new one is added — an id-based tombstone selector cannot 
 The measured costs of both are in ``benchmarks/RESULTS.md`` (``bench_sync.py``).
 
 A crash (even ``kill -9``) before the manifest rename leaves version N; the files it wrote are
-unreferenced and removed by the next writer (:meth:`Collection.collect_garbage`).
+unreferenced and removed by the next writer (:func:`vlsearch.store.gc.collect_garbage`).
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from vlsearch.ann.faiss_index import copy_ondisk_lists, supports_ids, write_inde
 from vlsearch.ann.live import drop_ids, refill
 from vlsearch.ann.refine import new_vectors_stem, vectors_writer
 from vlsearch.core.errors import CollectionError, InvalidQueryError
-from vlsearch.core.fsutil import atomic_path, fsync_file
+from vlsearch.core.fsutil import fsync_file
+from vlsearch.store import tombstones
 from vlsearch.store.arrays import embedding_array, embeddings_to_numpy
-from vlsearch.store.layout import (
-    CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, TOMBSTONES_DIR, now_iso, shard_name, shard_number, version_name,
-)
+from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, now_iso, shard_name, version_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlsearch.store.collection import Collection
@@ -104,18 +103,18 @@ class Update:
         if not self._added and not self._removed:
             return base
         removed = np.array(sorted(self._removed), np.int64)
-        dead, hit = _tombstones(base, removed)
+        dead, hit = tombstones.remove_rows(base.dead_rows(), base.shard_paths(), removed)
         added_ids = np.concatenate(self._added_ids) if self._added_ids else np.zeros(0, np.int64)
         _check_unique(base, added_ids, hit)
         version = base.manifest.version + 1
-        tomb_name = _write_tombstones(base, dead, version)
+        tomb_name = tombstones.write_tombstones(base.path, dead, version)
         shards = tuple(base.manifest.shards if base.manifest.shards is not None else base.shard_numbers())
         staged = base.with_manifest(replace(base.manifest, shards=shards + tuple(self._added), tombstones=tomb_name))
         index = _follow_index(base, staged, hit, added_ids, self._added_vectors, version)
         counts = {"images": staged.count(), "captions": staged.count(CAPTIONS_DIR),
                   "failures": staged.count(FAILURES_DIR), "shards": len(staged.manifest.shards)}
         base.commit_version(shards=staged.manifest.shards, tombstones=tomb_name, index=index, counts=counts)
-        self.collection.manifest, self.collection._dead = base.manifest, None
+        self.collection.manifest = base.manifest
         log.info("collection %s: version %d (+%d rows, -%d rows)", base.path, version, len(added_ids), len(hit))
         return base
 
@@ -148,22 +147,6 @@ def _normalise_images(images: pa.Table, dim: int) -> pa.Table:
     return images
 
 
-def _tombstones(coll: Collection, removed: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """New dead rows (old ones plus the live rows of ``removed``) and the removed ids actually found."""
-    dead = {n: ids.copy() for n, ids in coll.dead_rows().items()}
-    hit: list[np.ndarray] = []
-    if len(removed):
-        for path in coll.shard_paths():
-            ids = pq.read_table(path, columns=["id"]).column(0).to_numpy().astype(np.int64)
-            live = coll.live_mask(path, ids)
-            gone = ids[np.isin(ids, removed) & (True if live is None else live)]
-            if len(gone):
-                n = shard_number(path)
-                dead[n] = np.union1d(dead.get(n, np.zeros(0, np.int64)), gone)
-                hit.append(gone)
-    return dead, (np.unique(np.concatenate(hit)) if hit else np.zeros(0, np.int64))
-
-
 def _check_unique(coll: Collection, added: np.ndarray, removed: np.ndarray) -> None:
     if not len(added):
         return
@@ -172,17 +155,6 @@ def _check_unique(coll: Collection, added: np.ndarray, removed: np.ndarray) -> N
     if len(clash):
         raise CollectionError(f"image id {int(clash[0])} is already in collection {coll.path}; "
                               "remove it in the same update to replace it")
-
-
-def _write_tombstones(coll: Collection, dead: dict[int, np.ndarray], version: int) -> str | None:
-    if not any(len(v) for v in dead.values()):
-        return None
-    name = version_name(version, ".parquet")
-    shards = np.concatenate([np.full(len(v), n, np.int32) for n, v in sorted(dead.items())])
-    ids = np.concatenate([v for _, v in sorted(dead.items())])
-    with atomic_path(coll.path / TOMBSTONES_DIR / name) as tmp:
-        pq.write_table(pa.table({"shard": shards, "id": ids}), tmp)
-    return name
 
 
 # ---- the index follows -------------------------------------------------------------------------
@@ -255,7 +227,7 @@ def compact(coll: Collection) -> dict[str, int]:
         index = _compact_index(base, staged)
         counts = dict(base.manifest.counts, shards=len(staged.manifest.shards))
         base.commit_version(shards=staged.manifest.shards, tombstones=None, index=index, counts=counts)
-        coll.manifest, coll._dead = base.manifest, None
+        coll.manifest = base.manifest
         return {"shards_rewritten": len(rewrite), "rows_dropped": sum(len(v) for v in dead.values()),
                 "version": base.manifest.version}
 

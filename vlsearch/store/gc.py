@@ -1,0 +1,74 @@
+"""Garbage collection: remove the files that neither the current nor the previous version references
+(shards and indexes of a crashed or superseded write, old version manifests, temp files).
+Call these only while holding the collection's writer lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlsearch.core.errors import CollectionError
+from vlsearch.store.layout import (
+    CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, INDEX_FILE, MANIFEST, SHARD_FILE_RE, TOMBSTONES_DIR, VERSIONS_DIR,
+    shard_name, version_name,
+)
+from vlsearch.store.manifest import Manifest, read_manifest
+from vlsearch.store.shards import ShardFiles
+
+SHARD_KINDS = (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR)
+#: index entry fields naming files beside the index file itself
+INDEX_FILE_FIELDS = ("refine_file", "refine_ids_file", "ivfdata")
+
+
+def version_files(directory: Path, manifest: Manifest) -> set[Path]:
+    """The files version ``manifest`` of the collection at ``directory`` reads."""
+    keep = {directory / VERSIONS_DIR / version_name(manifest.version, ".json")}
+    for n in manifest.shards or ():
+        keep.update(directory / kind / shard_name(n) for kind in SHARD_KINDS)
+    if manifest.tombstones:
+        keep.add(directory / TOMBSTONES_DIR / manifest.tombstones)
+    entry = manifest.index or {}
+    keep.add(directory / (entry.get("file") or INDEX_FILE))
+    keep.update(directory / entry[f] for f in INDEX_FILE_FIELDS if entry.get(f))
+    return keep
+
+
+def referenced_files(directory: Path, manifest: Manifest) -> set[Path]:
+    """Files version ``manifest`` and the version before it need (shards, tombstones, index, manifests)."""
+    keep = {directory / MANIFEST, *version_files(directory, manifest)}
+    try:
+        previous = read_manifest(directory, manifest.version - 1)
+    except CollectionError:
+        return keep
+    return keep | version_files(directory, previous)
+
+
+def collect_garbage(directory: Path, manifest: Manifest) -> list[Path]:
+    """Delete what neither ``manifest`` nor its previous version references; the removed paths."""
+    if manifest.shards is None:
+        return remove_uncommitted(directory, manifest)
+    keep = referenced_files(directory, manifest)
+    candidates = [p for kind in (*SHARD_KINDS, TOMBSTONES_DIR, VERSIONS_DIR)
+                  if (directory / kind).is_dir() for p in (directory / kind).iterdir()]
+    candidates += [p for p in directory.iterdir()
+                   if p.suffix in (".faiss", ".ivfdata") or p.name.endswith(".tmp") or p.name.startswith("vectors-")]
+    removed = [p for p in candidates if p.is_file() and p not in keep]
+    for p in removed:
+        p.unlink()
+    return removed
+
+
+def remove_uncommitted(directory: Path, manifest: Manifest) -> list[Path]:
+    """Delete caption/failure shards and temp files left by a crash before their images shard."""
+    committed = set(ShardFiles(directory, manifest).shard_numbers(IMAGES_DIR))
+    removed = []
+    for kind in (CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR):
+        folder = directory / kind
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = SHARD_FILE_RE.match(p.name)
+            orphan = m is not None and int(m.group(1)) not in committed
+            if orphan or p.name.endswith(".tmp"):
+                p.unlink()
+                removed.append(p)
+    return removed
