@@ -1,6 +1,6 @@
 """Distributed index build on Ray vs the single-machine build, merged into on-disk inverted lists.
 
-The simulation that docs/SCALING.md extrapolates from. On the cached synthetic collection
+The simulation that docs/scale.md extrapolates from. On the cached synthetic collection
 (``benchmarks/synthetic.py``: N x 512 CLIP-like vectors, 50k-row shards, exact top-100 of 1000
 held-out queries) it builds the same factory (default ``IVF1024,PQ64``: plain 8-bit PQ codes,
 which on-disk inverted lists can hold) with the same seed twice:
