@@ -415,10 +415,27 @@ def test_token_is_required_on_every_api_call(colls, tiny_encoder):
             for method, path in calls:
                 r = client.request(method, path, headers=headers, json={"text": "x"})
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, path)
-        good = {"Authorization": f"Bearer {TOKEN}"}
-        assert client.get("/api/collections", headers=good).status_code == 200
-        assert client.post("/api/collections/c/search", headers=good, json={"text": "x"}).status_code == 200
+                assert r.json() == {"error": "missing or wrong bearer token (send `Authorization: Bearer TOKEN`)",
+                                    "type": "RemoteError"}
+        for good in ({"Authorization": f"Bearer {TOKEN}"}, {"Authorization": f"bearer  {TOKEN} "}):
+            assert client.get("/api/collections", headers=good).status_code == 200
+            assert client.post("/api/collections/c/search", headers=good, json={"text": "x"}).status_code == 200
+            assert client.get("/metrics", headers=good).status_code == 200
         assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_openapi_declares_the_bearer_scheme_on_protected_routes(http):
+    """/docs' "Authorize" button: the schema names an HTTP bearer scheme on every route that checks the token."""
+    schema = http.get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert [(s["type"], s["scheme"]) for s in schemes.values()] == [("http", "bearer")]
+    (name,) = schemes
+    operations = {(method, path): op for path, ops in schema["paths"].items() for method, op in ops.items()}
+    protected = {key for key in operations if key[1].startswith("/api/") or key[1] == "/metrics"}
+    assert ("post", "/api/collections/{name}/search") in protected and ("get", "/metrics") in protected
+    for key in protected:
+        assert operations[key]["security"] == [{name: []}], key
+    assert "security" not in operations[("get", "/health")]
 
 
 def test_no_cors_unless_asked(colls, tiny_encoder):

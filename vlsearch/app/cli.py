@@ -12,30 +12,49 @@ import json
 import logging
 import os
 import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import typer
 
 from vlsearch.app.options import (
+    BENCH,
     BUILD,
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
     PRECISION_OPT,
     EMBED,
     ENGINE,
-    MODEL_OPT,
+    MODEL,
     PARTS,
-    PRETRAINED_OPT,
+    PROMPTS,
+    QUERY,
+    RERANK_TRAIN,
+    SERVE,
     SOURCE_ARG,
     COLLECTION_ARG,
     TRAIN,
+    BenchOptions,
     BuildOptions,
     EmbedOptions,
     EngineOptions,
+    ModelOptions,
     PartsOptions,
+    PromptOptions,
+    QueryOptions,
+    RerankTrainOptions,
+    ServeOptions,
     with_groups,
 )
+from vlsearch.core.errors import VlsearchError
+from vlsearch.core.fsutil import write_json
+from vlsearch.core.threads import set_process_threads
+from vlsearch.store.layout import MANIFEST
 
 app = typer.Typer(
     name="vlsearch",
@@ -51,8 +70,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from vlsearch.core.errors import VlsearchError
-
         try:
             return fn(*args, **kwargs)
         except VlsearchError as exc:
@@ -177,70 +194,44 @@ def system_info() -> dict[str, Any]:
 
 @app.command("encode")
 @handle_errors
+@with_groups(MODEL)
 def encode_cmd(
     texts: list[str] = typer.Argument(None, help="Texts to encode."),
     image: list[str] = typer.Option([], "--image", "-i", help="Image file to encode (repeatable)."),
-    model: str = typer.Option(None, "--model", "-m", help="Model name (default: the built-in default model)."),
-    pretrained: Optional[str] = PRETRAINED_OPT,
-    device: str = DEVICE_OPT,
-    precision: str = PRECISION_OPT,
+    model_options: ModelOptions = None,
 ) -> None:
     """Encode texts and/or images and print one JSON line per input (its embedding)."""
-    from vlsearch.models.factory import load_model
-
-    enc = load_model(model, pretrained, device=device, precision=precision)
+    if not texts and not image:
+        raise typer.BadParameter("give at least one text or --image")
+    enc = model_options.load()
     rows = []
     if texts:
         rows += [("text", t, v) for t, v in zip(texts, enc.encode_texts(texts))]
     if image:
         rows += [("image", p, v) for p, v in zip(image, enc.encode_images(image))]
-    if not rows:
-        raise typer.BadParameter("give at least one text or --image")
     for kind, value, vec in rows:
         typer.echo(json.dumps({kind: value, "model": enc.name, "dim": enc.dim, "embedding": [round(float(x), 6) for x in vec]}))
 
 
-def _int_list(value: str, option: str) -> tuple[int, ...]:
-    try:
-        items = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        items = ()
-    if not items or any(v < 1 for v in items):
-        raise typer.BadParameter(f"expected comma-separated positive integers, got {value!r}", param_hint=option)
-    return items
-
-
 @app.command("bench")
 @handle_errors
+@with_groups(BENCH)
 def bench_cmd(
     collection_dir: str = typer.Argument(..., help="Collection with caption shards (e.g. built from captions.csv)."),
-    k: str = typer.Option("1,5,10", "--k", help="Recall@K cut-offs, comma-separated; the largest is the ANN depth."),
-    nprobe: str = typer.Option("1,4,16,64,256", "--nprobe", help="IVF lists probed, comma-separated."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write all results to this JSON file."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Write a recall-vs-QPS plot (needs matplotlib)."),
-    latency_queries: int = typer.Option(1000, "--latency-queries", min=0, help="Single queries timed for p50/p99."),
-    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Evaluate a seeded sample of queries."),
-    rerank: int = typer.Option(0, "--rerank", min=0, help="Also report t2i with the exact top K re-ranked (0 = off)."),
-    reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
+    bench: BenchOptions = None,
 ) -> None:
     """Recall@K / MRR / median rank both ways (exact), and ANN recall, QPS and latency per nprobe."""
-    from vlsearch.eval.bench import BenchConfig, format_table, plot_results, run_benchmark
-    from vlsearch.core.fsutil import write_json
+    from vlsearch.eval.bench import format_table, plot_results, run_benchmark
 
-    try:
-        config = BenchConfig(ks=_int_list(k, "--k"), nprobes=_int_list(nprobe, "--nprobe"),
-                             latency_queries=latency_queries, max_queries=max_queries, rerank=rerank,
-                             reranker=reranker)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    config = bench.config()
     with TqdmProgress("bench", unit="setting") as progress:
         result = run_benchmark(collection_dir, config, progress=progress)
     typer.echo(format_table(result))
-    if out:
-        write_json(out, result)
-        typer.echo(f"results: {out}")
-    if plot:
-        typer.echo(f"plot: {plot_results(result, plot)}")
+    if bench.out:
+        write_json(bench.out, result)
+        typer.echo(f"results: {bench.out}")
+    if bench.plot:
+        typer.echo(f"plot: {plot_results(result, bench.plot)}")
 
 
 RERANK_FEATURES_OPT = typer.Option(
@@ -251,8 +242,9 @@ RERANK_FEATURES_OPT = typer.Option(
 @app.command("embed")
 @handle_errors
 @with_groups(EMBED, ENGINE)
-def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
-              engine: Any = None, rerank_features: bool = RERANK_FEATURES_OPT) -> None:
+def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG,
+              rerank_features: bool = RERANK_FEATURES_OPT, embed: EmbedOptions = None,
+              engine: EngineOptions = None) -> None:
     """Encode an image source into a collection of Parquet shards (rerun: resume, or sync when finished)."""
     _embed_and_report(source, collection_dir, embed, engine)
     if rerank_features and not embed.dry_run:
@@ -262,8 +254,8 @@ def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG
 @app.command("build-index")
 @handle_errors
 @with_groups(BUILD, ENGINE, PARTS)
-def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None, engine: Any = None,
-                    parts: Any = None) -> None:
+def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: BuildOptions = None,
+                    engine: EngineOptions = None, parts: PartsOptions = None) -> None:
     """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
     _build_and_report(collection_dir, build, engine, parts)
 
@@ -271,9 +263,9 @@ def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: Any = None, eng
 @app.command("index")
 @handle_errors
 @with_groups(EMBED, BUILD, ENGINE, PARTS)
-def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG, embed: Any = None,
-              build: Any = None, engine: Any = None, parts: Any = None,
-              rerank_features: bool = RERANK_FEATURES_OPT) -> None:
+def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG,
+              rerank_features: bool = RERANK_FEATURES_OPT, embed: EmbedOptions = None,
+              build: BuildOptions = None, engine: EngineOptions = None, parts: PartsOptions = None) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
     from vlsearch.store.collection import Collection
@@ -299,11 +291,7 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG) -> None:
 def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, engine: EngineOptions) -> bool:
     """Run ``indexing.embed`` (its Ray engine, or ``indexing.sync`` on a finished collection) with a
     tqdm bar and print the counts (shared by ``embed`` and ``index``). Returns whether it synced."""
-    import time
-
     from indexing.embed import embed
-
-    from vlsearch.store.layout import MANIFEST
     from vlsearch.store.collection import Collection
 
     src = options.open_source(source)
@@ -406,58 +394,45 @@ def format_train_result(result: Any) -> str:
 
 @app.command("train-rerank")
 @handle_errors
+@with_groups(RERANK_TRAIN)
 def train_rerank_cmd(
     data: str = typer.Argument(..., help="CSV/Parquet manifest (columns image, caption) or a folder with captions.csv."),
     out: str = typer.Option(..., "--out", "-o", help="Re-ranker file to write (fp16); its provenance goes beside "
                             "it as .json."),
-    model: str = typer.Option("vlsearch-small", "--model", "-m", help="Model whose frozen towers feed the re-ranker."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its weights (default: built-in)."),
-    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the training images."),
-    random_epochs: int = typer.Option(2, "--random-epochs", min=0, help="First epochs with random negatives."),
-    batch_size: int = typer.Option(128, "--batch-size", min=2),
-    lr: float = typer.Option(5e-4, "--lr"),
-    group_size: int = typer.Option(0, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
-                                   "similar images (0: random batches)."),
-    seed: int = typer.Option(0, "--seed"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache the towers' features here (.npz)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; ~2x faster where the "
-                                  "CPU has bf16 units)."),
-    grid: int = typer.Option(7, "--grid", min=1, help="Image tokens: the trunk's map pooled to GRID x GRID."),
-    bank_size: int = typer.Option(4096, "--bank-size", min=0, help="Training captions in the hubness bank "
-                                  "(0: no hubness correction)."),
+    train: RerankTrainOptions = None,
 ) -> None:
     """Train a cross-attention (ITM) re-ranker on frozen tower features; tune its weights on validation."""
-    import shlex
-    import sys
+    from vlsearch.rerank.training import train_reranker
 
-    from vlsearch.core.fsutil import write_json
-    from vlsearch.models.factory import load_model
+    if train.threads:
+        set_process_threads(train.threads)
+    config = train.config()
+    encoder = train.encoder()
+    with _StageBars() as bars:
+        result = train_reranker(encoder, data, config, cache_dir=train.cache_dir, progress=bars)
+    path = _save_reranker(result, out, data)
+    typer.echo(format_rerank_result(result, path))
+
+
+def _save_reranker(result: Any, out: str, data: str) -> Path:
+    """Write a trained re-ranker to ``out`` and its provenance (this command line, the git commit,
+    the machine) beside it as .json; returns the re-ranker's path."""
     from vlsearch.models.precision import describe_machine
-    from vlsearch.rerank.model import FusionConfig
-    from vlsearch.rerank.training import RerankTrainConfig, provenance, train_reranker
+    from vlsearch.rerank.training import provenance
 
-    if threads:
-        from vlsearch.core.threads import set_process_threads
-
-        set_process_threads(threads)
-    config = RerankTrainConfig(FusionConfig(image_tokens=grid * grid), epochs=epochs,
-                               random_epochs=min(random_epochs, epochs), batch_size=batch_size, lr=lr,
-                               group_size=group_size, seed=seed, precision=precision, bank_size=bank_size)
-    encoder = load_model(model, pretrained, device="cpu", precision="fp32")
-    bars = _StageBars()
-    try:
-        result = train_reranker(encoder, data, config, cache_dir=cache_dir, progress=bars)
-    finally:
-        bars.close()
     path = result.reranker.save(out)
     command = shlex.join(["vlsearch", *sys.argv[1:]])
     write_json(path.with_suffix(".json"), provenance(result, path, data, command, git_commit(), describe_machine()))
-    val = result.metrics["val"]
-    for name, row in val.items():
-        typer.echo(f"val {name:12s} R@1/5/10 {row['R@1']:.1f}/{row['R@5']:.1f}/{row['R@10']:.1f}  MRR {row['MRR']:.4f}")
+    return path
+
+
+def format_rerank_result(result: Any, path: Path) -> str:
+    """Validation recalls per ranking, then the tuned weights and the file written."""
+    lines = [f"val {name:12s} R@1/5/10 {row['R@1']:.1f}/{row['R@5']:.1f}/{row['R@10']:.1f}  MRR {row['MRR']:.4f}"
+             for name, row in result.metrics["val"].items()]
     rr = result.reranker
-    typer.echo(f"weight {rr.weight}, hub weight {rr.hub_weight} -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    lines.append(f"weight {rr.weight}, hub weight {rr.hub_weight} -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return "\n".join(lines)
 
 
 @app.command("rerank-features")
@@ -489,8 +464,6 @@ def _store_rerank_features(collection_dir: str, reranker: Optional[str], device:
 def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) -> Optional[str]:
     """HEAD of the git checkout at ``cwd`` (default: here), with ``+uncommitted-changes`` when any
     file (under ``paths``) differs from it; None outside a checkout. Provenance of trained weights."""
-    import subprocess
-
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -503,40 +476,25 @@ def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) 
 
 @app.command("classify")
 @handle_errors
+@with_groups(PROMPTS, MODEL)
 def classify_cmd(
     images: str = typer.Argument(..., help="Image, image folder, folder of class sub-folders, or collection."),
-    classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Comma-separated class names "
-                                          "(default: the sub-folder names)."),
-    templates: list[str] = typer.Option([], "--templates", "-t", help="Prompt with one {} (repeatable), or a "
-                                        "file with one per line (default: 'a photo of a {}.' and 5 more)."),
-    model: Optional[str] = MODEL_OPT,
-    pretrained: Optional[str] = PRETRAINED_OPT,
-    device: str = DEVICE_OPT,
-    precision: str = PRECISION_OPT,
+    prompts: PromptOptions = None,
+    model_options: ModelOptions = None,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
 ) -> None:
     """Zero-shot classify images by their nearest class prompt; prints accuracy when labels are known."""
-    from vlsearch.models.factory import load_model
-    from vlsearch.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot_classify
+    from vlsearch.eval.zeroshot import zero_shot_classify
 
-    templates = _templates(templates) or list(DEFAULT_TEMPLATES)
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    enc = load_model(model, pretrained, device=device, precision=precision)
+    templates = prompts.prompts()
+    names = prompts.names()
+    enc = model_options.load()
     try:
         with TqdmProgress("classify", unit="img") as bar:
             result = zero_shot_classify(enc, images, names, templates, batch_size=batch_size, progress=bar)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     _echo_classification(result, len(templates), enc.name)
-
-
-def _templates(given: list[str]) -> list[str]:
-    """``--templates``: the prompts given, or the lines of the one file given."""
-    from pathlib import Path
-
-    if len(given) == 1 and Path(given[0]).is_file():
-        return [t for t in Path(given[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
-    return list(given)
 
 
 def _echo_classification(result: Any, n_templates: int, model: str) -> None:
@@ -557,39 +515,17 @@ def _echo_classification(result: Any, n_templates: int, model: str) -> None:
 
 @app.command("search")
 @handle_errors
+@with_groups(QUERY)
 def search_cmd(
     collection_dir: str = typer.Argument(..., help="Collection directory."),
     query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
-    image: Optional[str] = typer.Option(None, "--image", "-i", help="Search by this image file instead of text."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's)."),
-    k_factor: Optional[float] = typer.Option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates."),
-    exact: bool = typer.Option(False, "--exact", help="Exact brute-force search over the shards (no index needed)."),
-    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index instead of reading it into RAM."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per hit."),
-    where: Optional[str] = typer.Option(
-        None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\"."),
-    device: str = DEVICE_OPT,
-    precision: str = PRECISION_OPT,
-    rerank: int = typer.Option(0, "--rerank", min=0, help="Re-score the top K (>= k) with the cross-attention "
-                               "re-ranker (text queries; 0 = off)."),
-    reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
-    rerank_features: str = typer.Option("auto", "--rerank-features", help="Candidate features: auto (stored where "
-                                        "present, else recomputed from the image files), stored or recompute."),
+    query_options: QueryOptions = None,
 ) -> None:
     """Search a collection by text or by example image; print a table or JSON lines."""
     from vlsearch.query.results import format_hits, hits_to_json_lines
-    from vlsearch.query.searcher import Searcher
 
-    if (query is None) == (image is None):
-        raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-    if image and rerank:
-        raise typer.BadParameter("--rerank re-scores text queries only", param_hint="--rerank")
-    searcher = Searcher.open(collection_dir, mmap=mmap, device=device, precision=precision, reranker=reranker,
-                             rerank_features=rerank_features)
-    options = dict(k=k, nprobe=nprobe, exact=exact, k_factor=k_factor, where=where)
-    hits = searcher.search_image(image, **options) if image else searcher.search_text(query, rerank=rerank, **options)
-    typer.echo(hits_to_json_lines(hits) if as_json else format_hits(hits))
+    hits = query_options.run(collection_dir, query)
+    typer.echo(hits_to_json_lines(hits) if query_options.as_json else format_hits(hits))
 
 
 class _StageBars:
@@ -610,6 +546,12 @@ class _StageBars:
             self.bar.__exit__()
             self.bar = None
 
+    def __enter__(self) -> "_StageBars":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 @app.command("demo")
 @handle_errors
@@ -625,42 +567,30 @@ def demo_cmd(
     precision: str = PRECISION_OPT,
 ) -> None:
     """Generate captioned shapes, fit vlsearch-small's head to them (LiT), index, search and benchmark: offline, on CPU."""
-    from dataclasses import replace
-
     from vlsearch.app.demo import DemoConfig, format_report, run_demo
 
     changes = {"heldout": heldout, "epochs": epochs, "precision": precision}
     config = replace(DemoConfig(), **{k: v for k, v in changes.items() if v is not None})
-    bars = _StageBars()
-    try:
+    with _StageBars() as bars:
         report = run_demo(out, size=size, seed=seed, data=data, progress=bars, config=config)
-    finally:
-        bars.close()
     typer.echo(format_report(report))
 
 
 @app.command("serve")
 @handle_errors
+@with_groups(SERVE)
 def serve_cmd(
     collections: list[str] = typer.Argument(..., help="Collection directories (named by folder), or NAME=DIR."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; other than loopback needs --token or --no-auth."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
-    token: Optional[str] = typer.Option(None, "--token", envvar="VLSEARCH_TOKEN", help="Bearer token required on API calls."),
-    no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback address without a token, on purpose."),
-    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow browser calls from this origin (repeatable)."),
-    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01, help="Largest uploaded image (MB)."),
-    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the indexes instead of reading them into RAM."),
-    device: str = typer.Option("cpu", help="Device of the query models: cpu, cuda or auto."),
+    server: ServeOptions = None,
 ) -> None:
     """Serve collections over HTTP: a JSON API (docs at /docs), a search page at /, metrics at /metrics."""
     try:
-        from vlsearch.app.serve import ServeConfig, serve
+        from vlsearch.app.serve import serve
         from vlsearch.app.serve.service import parse_specs
     except ImportError as exc:
         raise typer.BadParameter(f"{exc.name} is missing: install the server with pip install 'vlsearch[serve]'")
 
-    config = ServeConfig(host=host, port=port, token=token, no_auth=no_auth, cors_origins=tuple(cors_origin),
-                         max_upload_bytes=int(max_upload_mb * 1024 * 1024), mmap=mmap, device=device)
+    config = server.config()
     specs = parse_specs(collections)
     serve(specs, config, on_ready=lambda app, c: typer.echo(
         f"serving {', '.join(specs)} on http://{c.host}:{c.port}/ (API docs at /docs)", err=True))

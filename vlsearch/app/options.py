@@ -1,9 +1,11 @@
 """Command-line option groups: each option is declared once and shared by the commands that take it.
 
-A group is a frozen dataclass whose fields are typer options (``EmbedOptions``, ``BuildOptions``)
-or a table of overrides (``TRAIN``). :func:`with_groups` adds a group's options to a command's
-signature and hands the command one object per group, so ``embed``, ``index`` and
-``build-index`` spell their 16 options in one place and each command stays a few lines long.
+A group is a frozen dataclass whose fields are typer options (``EmbedOptions``, ``BuildOptions``,
+``ModelOptions``...) or a table of overrides (``TRAIN``); its methods turn the options into the
+library's config or call. :func:`with_groups` puts a group's options in a command's signature
+where the command names the group and hands the command one object per group, so ``embed``,
+``index`` and ``build-index`` spell their 16 options in one place and each command stays a few
+lines long.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -125,6 +128,183 @@ class PartsOptions:
                                                      "(memory-mapped by searches; needs a plain IVF code).")
 
 
+def _int_list(value: str, option: str) -> tuple[int, ...]:
+    """Comma-separated positive integers (``--k 1,5,10``)."""
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        items = ()
+    if not items or any(v < 1 for v in items):
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {value!r}", param_hint=option)
+    return items
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which encoder ``encode`` and ``classify`` load, where and at what precision."""
+
+    model: Optional[str] = dataclasses.field(default=None, metadata={"option": MODEL_OPT})
+    pretrained: Optional[str] = dataclasses.field(default=None, metadata={"option": PRETRAINED_OPT})
+    device: str = dataclasses.field(default="auto", metadata={"option": DEVICE_OPT})
+    precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
+
+    def load(self) -> Any:
+        """The encoder (:func:`vlsearch.models.factory.load_model`)."""
+        from vlsearch.models.factory import load_model
+
+        return load_model(self.model, self.pretrained, device=self.device, precision=self.precision)
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """The class prompts of ``classify``: class names and templates."""
+
+    classes: Optional[str] = _option(None, "--classes", "-c",
+                                     help="Comma-separated class names (default: the sub-folder names).")
+    templates: list[str] = dataclasses.field(default=(), metadata={"option": typer.Option(
+        [], "--templates", "-t", help="Prompt with one {} (repeatable), or a file with one per line "
+        "(default: 'a photo of a {}.' and 5 more).")})
+
+    def names(self) -> Optional[list[str]]:
+        """The class names given (None: the sub-folder names)."""
+        return [c.strip() for c in self.classes.split(",") if c.strip()] if self.classes else None
+
+    def prompts(self) -> list[str]:
+        """The templates given, the lines of the one file given, or the default templates."""
+        from vlsearch.eval.zeroshot import DEFAULT_TEMPLATES
+
+        given = list(self.templates)
+        if len(given) == 1 and Path(given[0]).is_file():
+            given = [t for t in Path(given[0]).read_text(encoding="utf-8").splitlines() if t.strip()]
+        return given or list(DEFAULT_TEMPLATES)
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """The options of ``search``: the query, how the collection is opened and searched, the output."""
+
+    k: int = _option(10, "-k", "--k", min=1, help="Number of results.")
+    image: Optional[str] = _option(None, "--image", "-i", help="Search by this image file instead of text.")
+    nprobe: Optional[int] = _option(None, "--nprobe", min=1, help="IVF lists to probe (default: the index's).")
+    k_factor: Optional[float] = _option(None, "--k-factor", min=1.0, help="Refine stage: re-rank k*F candidates.")
+    exact: bool = _option(False, "--exact", help="Exact brute-force search over the shards (no index needed).")
+    mmap: bool = _option(False, "--mmap", help="Memory-map the index instead of reading it into RAM.")
+    as_json: bool = _option(False, "--json", help="Print one JSON object per hit.")
+    where: Optional[str] = _option(
+        None, "--where", "-w", help="Metadata filter, an SQL condition, e.g. \"width >= 1000 AND label = 'dog'\".")
+    device: str = dataclasses.field(default="auto", metadata={"option": DEVICE_OPT})
+    precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
+    rerank: int = _option(0, "--rerank", min=0, help="Re-score the top K (>= k) with the cross-attention "
+                          "re-ranker (text queries; 0 = off).")
+    reranker: Optional[str] = _option(None, "--reranker", help="Re-ranker file (default: the model's shipped one).")
+    rerank_features: str = _option("auto", "--rerank-features", help="Candidate features: auto (stored where "
+                                   "present, else recomputed from the image files), stored or recompute.")
+
+    def run(self, collection_dir: str, query: Optional[str]) -> list[Any]:
+        """The hits of ``query`` text or of ``--image`` (exactly one) in the collection."""
+        from vlsearch.query.searcher import Searcher
+
+        if (query is None) == (self.image is None):
+            raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
+        if self.image and self.rerank:
+            raise typer.BadParameter("--rerank re-scores text queries only", param_hint="--rerank")
+        searcher = Searcher.open(collection_dir, mmap=self.mmap, device=self.device, precision=self.precision,
+                                 reranker=self.reranker, rerank_features=self.rerank_features)
+        options = dict(k=self.k, nprobe=self.nprobe, exact=self.exact, k_factor=self.k_factor, where=self.where)
+        if self.image:
+            return searcher.search_image(self.image, **options)
+        return searcher.search_text(query, rerank=self.rerank, **options)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The options of ``bench``: what is measured and where the results go."""
+
+    k: str = _option("1,5,10", "--k", help="Recall@K cut-offs, comma-separated; the largest is the ANN depth.")
+    nprobe: str = _option("1,4,16,64,256", "--nprobe", help="IVF lists probed, comma-separated.")
+    out: Optional[str] = _option(None, "--out", "-o", help="Write all results to this JSON file.")
+    plot: Optional[str] = _option(None, "--plot", help="Write a recall-vs-QPS plot (needs matplotlib).")
+    latency_queries: int = _option(1000, "--latency-queries", min=0, help="Single queries timed for p50/p99.")
+    max_queries: Optional[int] = _option(None, "--max-queries", min=1,
+                                         help="Evaluate a seeded sample of queries.")
+    rerank: int = _option(0, "--rerank", min=0, help="Also report t2i with the exact top K re-ranked (0 = off).")
+    reranker: Optional[str] = _option(None, "--reranker", help="Re-ranker file (default: the model's shipped one).")
+
+    def config(self) -> Any:
+        """The :class:`vlsearch.eval.bench.BenchConfig` these options describe."""
+        from vlsearch.eval.bench import BenchConfig
+
+        try:
+            return BenchConfig(ks=_int_list(self.k, "--k"), nprobes=_int_list(self.nprobe, "--nprobe"),
+                               latency_queries=self.latency_queries, max_queries=self.max_queries,
+                               rerank=self.rerank, reranker=self.reranker)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class RerankTrainOptions:
+    """The options of ``train-rerank``: the frozen towers and the re-ranker's training schedule."""
+
+    model: str = _option("vlsearch-small", "--model", "-m", help="Model whose frozen towers feed the re-ranker.")
+    pretrained: Optional[str] = _option(None, "--pretrained", help="Its weights (default: built-in).")
+    epochs: int = _option(20, "--epochs", min=1, help="Passes over the training images.")
+    random_epochs: int = _option(2, "--random-epochs", min=0, help="First epochs with random negatives.")
+    batch_size: int = _option(128, "--batch-size", min=2)
+    lr: float = _option(5e-4, "--lr")
+    group_size: int = _option(0, "--group-size", min=0, help="Hard epochs batch neighbourhoods of this many "
+                              "similar images (0: random batches).")
+    seed: int = _option(0, "--seed")
+    cache_dir: Optional[str] = _option(None, "--cache-dir", help="Cache the towers' features here (.npz).")
+    threads: Optional[int] = _option(None, "--threads", min=1, help="torch threads.")
+    precision: str = _option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; ~2x faster where the "
+                             "CPU has bf16 units).")
+    grid: int = _option(7, "--grid", min=1, help="Image tokens: the trunk's map pooled to GRID x GRID.")
+    bank_size: int = _option(4096, "--bank-size", min=0, help="Training captions in the hubness bank "
+                             "(0: no hubness correction).")
+
+    def config(self) -> Any:
+        """The :class:`vlsearch.rerank.training.RerankTrainConfig` these options describe."""
+        from vlsearch.rerank.model import FusionConfig
+        from vlsearch.rerank.training import RerankTrainConfig
+
+        return RerankTrainConfig(FusionConfig(image_tokens=self.grid * self.grid), epochs=self.epochs,
+                                 random_epochs=min(self.random_epochs, self.epochs), batch_size=self.batch_size,
+                                 lr=self.lr, group_size=self.group_size, seed=self.seed, precision=self.precision,
+                                 bank_size=self.bank_size)
+
+    def encoder(self) -> Any:
+        """The frozen dual encoder (fp32, on the CPU) whose towers feed the re-ranker."""
+        from vlsearch.models.factory import load_model
+
+        return load_model(self.model, self.pretrained, device="cpu", precision="fp32")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The options of ``serve``: where it listens, who may call it, what it holds in memory."""
+
+    host: str = _option("127.0.0.1", "--host",
+                        help="Address to bind; other than loopback needs --token or --no-auth.")
+    port: int = _option(8000, "--port", min=0, max=65535, help="TCP port.")
+    token: Optional[str] = _option(None, "--token", envvar="VLSEARCH_TOKEN",
+                                   help="Bearer token required on API calls.")
+    no_auth: bool = _option(False, "--no-auth", help="Serve a non-loopback address without a token, on purpose.")
+    cors_origin: list[str] = dataclasses.field(default=(), metadata={"option": typer.Option(
+        [], "--cors-origin", help="Allow browser calls from this origin (repeatable).")})
+    max_upload_mb: float = _option(20.0, "--max-upload-mb", min=0.01, help="Largest uploaded image (MB).")
+    mmap: bool = _option(False, "--mmap", help="Memory-map the indexes instead of reading them into RAM.")
+    device: str = _option("cpu", help="Device of the query models: cpu, cuda or auto.")
+
+    def config(self) -> Any:
+        """The :class:`vlsearch.app.serve.ServeConfig` these options describe (checked there)."""
+        from vlsearch.app.serve.config import ServeConfig
+
+        return ServeConfig(host=self.host, port=self.port, token=self.token, no_auth=self.no_auth,
+                           cors_origins=tuple(self.cors_origin), max_upload_bytes=int(self.max_upload_mb * 1024 * 1024),
+                           mmap=self.mmap, device=self.device)
+
+
 # ---- train: every flag is an override of the config file (or of TrainConfig's defaults) -----------
 @dataclass(frozen=True)
 class TrainFlag:
@@ -233,19 +413,32 @@ EMBED = group_of("embed", EmbedOptions)
 BUILD = group_of("build", BuildOptions)
 ENGINE = group_of("engine", EngineOptions)
 PARTS = group_of("parts", PartsOptions)
+MODEL = group_of("model_options", ModelOptions)
+PROMPTS = group_of("prompts", PromptOptions)
+QUERY = group_of("query_options", QueryOptions)
+BENCH = group_of("bench", BenchOptions)
+RERANK_TRAIN = group_of("train", RerankTrainOptions)
+SERVE = group_of("server", ServeOptions)
 TRAIN = OptionGroup("overrides", tuple(
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_train_option(f), annotation=Optional[f.type])
     for f in TRAIN_FLAGS), train_overrides)
 
 
 def with_groups(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the groups' options to the decorated command; it receives one object per group, by name."""
+    """Put the groups' options in the decorated command's signature, each group's where the command
+    names it (so ``--help`` lists them in that order); the command receives one object per group."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        names = {g.name for g in groups}
-        own = [p for p in inspect.signature(fn).parameters.values() if p.name not in names]
+        by_name, own = {g.name: g for g in groups}, inspect.signature(fn).parameters
+        if set(by_name) - set(own):
+            raise TypeError(f"{fn.__name__} must name its option groups {sorted(set(by_name) - set(own))}")
         hints = typing.get_type_hints(fn)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+        params: list[inspect.Parameter] = []
+        for p in own.values():
+            if p.name in by_name:
+                params += by_name[p.name].parameters
+            else:  # keyword-only like the groups' options: typer passes every value by name
+                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
 
         @functools.wraps(fn)
         def command(**values: Any) -> Any:
@@ -253,9 +446,9 @@ def with_groups(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable
                 values[g.name] = g.make({p.name: values.pop(p.name) for p in g.parameters})
             return fn(**values)
 
-        command.__signature__ = inspect.Signature(own + [p for g in groups for p in g.parameters])  # type: ignore[attr-defined]
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         del command.__wrapped__  # typer must see the new signature, not fn's
-        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        command.__annotations__ = {p.name: p.annotation for p in params}
         return command
 
     return decorate

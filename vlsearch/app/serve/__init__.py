@@ -8,7 +8,7 @@
 
 Modules: ``config`` (ServeConfig, binding rules), ``service`` (collections, shared models,
 search and items), ``images`` (item images, thumbnails, byte-bounded cache), ``schemas``
-(request/response models), ``routes`` (endpoints), ``errors`` (error -> status code),
+(request/response models), ``routes`` (endpoints, bearer-token check), ``errors`` (error -> status code),
 ``metrics`` (Prometheus), ``app`` (factory, body limit); ``static/`` holds the page.
 """
 

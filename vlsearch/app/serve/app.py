@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 import vlsearch
 
 from vlsearch.app.serve.config import ServeConfig
-from vlsearch.app.serve.errors import install_error_handlers
+from vlsearch.app.serve.errors import error_response, install_error_handlers
 from vlsearch.app.serve.metrics import MetricsMiddleware, ServeMetrics
 from vlsearch.app.serve.routes import api, public
 from vlsearch.app.serve.service import CollectionSpec, open_collections
@@ -65,8 +65,6 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: dict, send: Callable) -> None:
-        from vlsearch.app.serve.errors import error_response
-
         limit = self.max_bytes
         response = error_response(413, f"request body larger than this server's limit of {limit} bytes",
                                   "InvalidQueryError")

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -37,13 +38,20 @@ from vlsearch.app.serve.service import SearchOptions, ServedCollection
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
 
 
-def require_token(request: Request) -> None:
+#: Declares the bearer scheme in the OpenAPI schema (the "Authorize" button of /docs); it only reads
+#: the header, so that ``require_token`` decides, with the server's own 401, whether one is needed.
+bearer = HTTPBearer(auto_error=False, scheme_name="bearerToken",
+                    description="The server's --token (none needed when it was started without one).")
+
+
+def require_token(request: Request,
+                  credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
     """Bearer-token check (constant-time) when the server has a token."""
     token = request.app.state.config.token
     if token is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
         raise HTTPException(401, "missing or wrong bearer token (send `Authorization: Bearer TOKEN`)",
                             headers={"WWW-Authenticate": "Bearer"})
 
