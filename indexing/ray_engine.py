@@ -49,13 +49,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlsearch.store.layout import IMAGES_DIR, shard_name
 from vlsearch.store.collection import Collection
@@ -63,7 +64,9 @@ from vlsearch.store.manifest import Manifest
 from vlsearch.core.errors import CollectionMismatchError, DistributedError, IndexConfigError, RayNotInstalledError
 from vlsearch.ann.faiss_index import find_ivf, make_index
 from vlsearch.ann.merge import as_fastscan, as_plain_ivfpq, fastscan_ivf, merge_files, merge_on_disk, trained_digest
+from vlsearch.core.allocator import reusing_freed_memory
 from vlsearch.core.progress import Progress
+from vlsearch.query.exact import ExactTopK
 
 from indexing.build import TUNE_K, add_vectors, build_index
 from vlsearch.ann.plan import AutoPolicy
@@ -75,7 +78,6 @@ if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding fun
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vlsearch[ray]'"
-ENGINES = ("local", "ray")
 
 
 def require_ray() -> Any:
@@ -148,8 +150,6 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
     run inside each actor."""
     require_ray()
-    from dataclasses import replace
-
     from vlsearch.models.factory import default_model
 
     from indexing.embed import EmbedConfig, open_existing
@@ -242,8 +242,6 @@ class ShardEmbedder:
         self.schema = image_schema(self.encoder.dim, metadata_schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from vlsearch.core.allocator import reusing_freed_memory
-
         with reusing_freed_memory():
             return self._embed(batch)
 
@@ -272,8 +270,6 @@ def _report(hub: Any, number: int, stats: Any, done: int, total: int | None = No
 
 
 def _shard_counts(coll: Collection, number: int) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
     counts = {}
     for kind in ("images", "captions", "failures"):
         path = coll.path / kind / shard_name(number)
@@ -423,8 +419,6 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
               batch: int) -> _Part:
     """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds them)."""
     import faiss
-
-    from vlsearch.query.exact import ExactTopK
 
     start = time.perf_counter()
     index = faiss.deserialize_index(blob)
