@@ -23,23 +23,22 @@ path every node sees (a shared filesystem such as NFS/Lustre/EFS mounted at the 
 1. train the IVF quantizer and codebooks once, on the driver;
 2. hand the trained empty index to ``parts`` Ray tasks, each adding the vectors of a contiguous
    group of shards with their ids exactly as the local build does;
-3. merge the parts in shard order, after checking that no id occurs in two parts (``merge_from``
-   with overlapping ids corrupts silently, faiss #3651) and that every part carries the trained
-   quantizer and codebooks (faiss #2970). The merged index is the one the local build makes.
+3. merge the parts in shard order (:mod:`vlsearch.ann.merge`), after checking that no id occurs in
+   two parts (``merge_from`` with overlapping ids corrupts silently, faiss #3651) and that every
+   part carries the trained quantizer and codebooks (faiss #2970). The merged index is the one the
+   local build makes.
 
 ``on_disk=True`` merges the inverted lists into ``index-<build>.ivfdata`` beside ``index.faiss``
-(``faiss.contrib.ondisk.merge_ondisk``, ``OnDiskInvertedLists``): the driver never holds the
+(:func:`vlsearch.ann.merge.merge_on_disk`, ``OnDiskInvertedLists``): the driver never holds the
 codes, and ``Searcher`` memory-maps them (manifest ``index.layout = "ondisk"``).
 
-FAISS fast-scan IVF lists (``PQ..x4fs``) cannot be merged by FAISS (``merge_from`` on block
-inverted lists corrupts memory in faiss 1.15): parts hold the equivalent plain 4-bit ``IVFPQ``
-codes (same quantizer, codebooks and codes) and the merged lists are converted back with
-``IndexIVFPQFastScan(ivfpq)``, giving the same index as adding directly.
+Fast-scan IVF lists (``PQ..x4fs``) are not merged by FAISS: parts hold the same codes as plain
+4-bit ``IVFPQ`` and the merged index is converted back (:mod:`vlsearch.ann.merge`), giving the
+same index as adding directly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import pickle
@@ -50,20 +49,24 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlsearch.store.layout import IMAGES_DIR, shard_name
 from vlsearch.store.collection import Collection
 from vlsearch.store.manifest import Manifest
 from vlsearch.core.errors import CollectionMismatchError, DistributedError, IndexConfigError, RayNotInstalledError
 from vlsearch.ann.faiss_index import find_ivf, make_index
+from vlsearch.ann.merge import as_fastscan, as_plain_ivfpq, fastscan_ivf, merge_files, merge_on_disk, trained_digest
+from vlsearch.core.allocator import reusing_freed_memory
 from vlsearch.core.progress import Progress
+from vlsearch.query.exact import ExactTopK
 
 from indexing.build import TUNE_K, add_vectors, build_index
 from vlsearch.ann.plan import AutoPolicy
@@ -75,7 +78,6 @@ if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding fun
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vlsearch[ray]'"
-ENGINES = ("local", "ray")
 
 
 def require_ray() -> Any:
@@ -148,8 +150,6 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     ``config``: as for the local engine (default ``EmbedConfig()``); ``workers`` decoding processes
     run inside each actor."""
     require_ray()
-    from dataclasses import replace
-
     from vlsearch.models.factory import default_model
 
     from indexing.embed import EmbedConfig, open_existing
@@ -242,8 +242,6 @@ class ShardEmbedder:
         self.schema = image_schema(self.encoder.dim, metadata_schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from vlsearch.core.allocator import reusing_freed_memory
-
         with reusing_freed_memory():
             return self._embed(batch)
 
@@ -272,8 +270,6 @@ def _report(hub: Any, number: int, stats: Any, done: int, total: int | None = No
 
 
 def _shard_counts(coll: Collection, number: int) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
     counts = {}
     for kind in ("images", "captions", "failures"):
         path = coll.path / kind / shard_name(number)
@@ -393,9 +389,9 @@ def _add_distributed(index: Any, coll: Collection, xq: np.ndarray, metric: str, 
     workdir = coll.path / f".build-{uuid.uuid4().hex[:12]}"
     workdir.mkdir()
     try:
-        fast = _fastscan_ivf(index) is not None
-        template = _swap_fastscan(index, to_plain=True) if fast else index
-        digest = _trained_digest(template)
+        fast = fastscan_ivf(index) is not None
+        template = as_plain_ivfpq(index) if fast else index
+        digest = trained_digest(template)
         blob = ray.put(faiss.serialize_index(template))
         task = ray.remote(max_retries=3)(_add_part).options(**ray_config.remote_args())
         futures = [task.remote(blob, str(coll.path), [str(shards[i]) for i in g], str(workdir / f"part-{p:05d}.faiss"),
@@ -404,9 +400,10 @@ def _add_distributed(index: Any, coll: Collection, xq: np.ndarray, metric: str, 
         _check_parts(results, digest)
         truth = _merge_truth(results, len(xq), metric)
         ivfdata = f"index-{workdir.name[len('.build-'):]}.ivfdata" if on_disk else None
-        merged = _merge_on_disk(template, results, coll.path / ivfdata) if on_disk else _merge_in_memory(results)
+        paths = [r.path for r in results]
+        merged = merge_on_disk(template, paths, coll.path / ivfdata) if on_disk else merge_files(paths)
         if fast:
-            merged = _swap_fastscan(merged, to_plain=False)
+            merged = as_fastscan(merged)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     extra = {"engine": "ray", "parts": len(groups), "layout": "ondisk" if on_disk else "memory",
@@ -423,8 +420,6 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds them)."""
     import faiss
 
-    from vlsearch.query.exact import ExactTopK
-
     start = time.perf_counter()
     index = faiss.deserialize_index(blob)
     coll = Collection.open(coll_path)
@@ -438,7 +433,7 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     faiss.write_index(index, tmp)
     Path(tmp).replace(out)
     distances, labels = exact.result()
-    return _Part(out, np.concatenate(ids), _trained_digest(index), distances.copy(), labels.copy(),
+    return _Part(out, np.concatenate(ids), trained_digest(index), distances.copy(), labels.copy(),
                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start)
 
 
@@ -480,115 +475,3 @@ def _merge_truth(results: list[_Part], nq: int, metric: str) -> np.ndarray:
         heap.add_result(np.ascontiguousarray(r.distances), np.ascontiguousarray(r.labels))
     heap.finalize()
     return heap.I
-
-
-def _merge_in_memory(results: list[_Part]) -> Any:
-    import faiss
-
-    merged = faiss.read_index(results[0].path)
-    for r in results[1:]:
-        merge_index(merged, faiss.read_index(r.path))
-    return merged
-
-
-def _merge_on_disk(template: Any, results: list[_Part], ivfdata: Path) -> Any:
-    import faiss
-    from faiss.contrib.ondisk import merge_ondisk
-
-    index = faiss.clone_index(template)
-    merge_ondisk(index, [r.path for r in results], str(ivfdata))
-    return index
-
-
-def merge_index(dst: Any, src: Any, add_id: int = 0) -> None:
-    """Append ``src``'s vectors to ``dst`` (same trained structure), keeping the local build's order.
-
-    Handles IDMap/IDMap2 and Refine wrappers (whose inner labels are positions, so the inner IVF
-    lists get ``add_id`` = the positions already in ``dst``), PreTransform, IVF and flat codes.
-    """
-    import faiss
-
-    d, s = faiss.downcast_index(dst), faiss.downcast_index(src)
-    if isinstance(d, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        merge_index(d.index, s.index, add_id=d.index.ntotal)  # inner labels are positions
-        ids = np.concatenate([faiss.vector_to_array(d.id_map), faiss.vector_to_array(s.id_map)])
-        faiss.copy_array_to_vector(ids, d.id_map)
-        if isinstance(d, faiss.IndexIDMap2):
-            d.construct_rev_map()
-    elif isinstance(d, faiss.IndexRefine):
-        merge_index(d.base_index, s.base_index, add_id=d.base_index.ntotal)
-        d.refine_index.merge_from(s.refine_index, 0)
-    elif isinstance(d, faiss.IndexPreTransform):
-        merge_index(d.index, s.index, add_id=add_id)
-    elif isinstance(d, faiss.IndexIVF):
-        d.merge_from(s, add_id)
-        return
-    elif isinstance(d, faiss.IndexFlatCodes):
-        d.merge_from(s, 0)
-        return
-    else:
-        raise IndexConfigError(f"FAISS cannot merge {type(d).__name__} indexes; build this index type with the "
-                               "local engine")
-    d.ntotal = d.ntotal + s.ntotal
-
-
-# ---- fast-scan <-> plain 4-bit IVFPQ ---------------------------------------------------------------
-def _fastscan_ivf(index: Any) -> Any | None:
-    import faiss
-
-    ivf = find_ivf(index)
-    return ivf if isinstance(ivf, faiss.IndexIVFPQFastScan) else None
-
-
-def _swap_fastscan(index: Any, *, to_plain: bool) -> Any:
-    """The index with its IVF replaced: fast-scan -> the same codes as plain 4-bit IVFPQ, or back."""
-    import faiss
-
-    ivf = find_ivf(index)
-    if to_plain:
-        fs = faiss.downcast_index(ivf)
-        new = faiss.IndexIVFPQ(fs.quantizer, fs.d, fs.nlist, fs.pq.M, fs.pq.nbits, fs.metric_type)
-        new.pq, new.by_residual, new.is_trained = fs.pq, fs.by_residual, True
-        new.nprobe = fs.nprobe
-    else:
-        plain = faiss.downcast_index(ivf)
-        new = faiss.IndexIVFPQFastScan(plain)  # copies the codes into 32-vector blocks
-        new.nprobe = plain.nprobe
-        plain.reset()  # frees the plain copy of the codes; the object stays (it owns the quantizer)
-    parent = _ivf_parent(index)
-    if parent is None:
-        new.referenced_objects = [index]  # shares its quantizer
-        return new
-    new.this.disown()  # the wrapper deletes it; the replaced IVF stays alive: it owns the shared quantizer
-    setattr(parent, "base_index" if isinstance(parent, faiss.IndexRefine) else "index", new)
-    return index
-
-
-def _ivf_parent(index: Any) -> Any | None:
-    """The wrapper (Refine, IDMap, PreTransform) whose sub-index is the IVF; None if ``index`` is it."""
-    import faiss
-
-    node = faiss.downcast_index(index)
-    while not isinstance(node, faiss.IndexIVF):
-        sub = node.base_index if isinstance(node, faiss.IndexRefine) else getattr(node, "index", None)
-        if sub is None:
-            return None
-        child = faiss.downcast_index(sub)
-        if isinstance(child, faiss.IndexIVF):
-            return node
-        node = child
-    return None
-
-
-def _trained_digest(index: Any) -> str:
-    """Hash of the trained state every part must share: coarse centroids and PQ codebooks."""
-    import faiss
-
-    h = hashlib.blake2b(digest_size=16)
-    ivf = find_ivf(index)
-    if ivf is not None:
-        h.update(faiss.serialize_index(ivf.quantizer).tobytes())
-        pq = getattr(faiss.downcast_index(ivf), "pq", None)
-        if pq is not None:
-            h.update(faiss.vector_to_array(pq.centroids).tobytes())
-    return h.hexdigest()

@@ -246,3 +246,34 @@ def test_manifest_entry_fields(tmp_path, data):
                 "train_size", "build_seconds", "peak_rss_mb", "reasons", "built_at", "model", "file"):
         assert key in entry, key
     assert entry["code_size"] == 4 and entry["bytes_per_vector"] == 4 + 8 and entry["nlist"] == 32
+
+
+def test_a_selector_keeps_what_the_search_parameters_already_referenced(data, monkeypatch):
+    """An IDMap's translated selector is appended to the parameters' ``referenced_objects``: the
+    sub-objects already there stay alive. (faiss versions that keep the keyword arguments of
+    ``SearchParameters`` alive only in that list are simulated here; replacing the list would
+    free the refine's base parameters while the C++ object still points at them.)"""
+    import gc
+
+    kept = []
+    real = faiss.IndexRefineSearchParameters
+
+    def keeping_keywords(**kwargs):
+        params = real(**kwargs)
+        params.referenced_objects = [v for v in kwargs.values() if hasattr(v, "this")]
+        kept.extend(params.referenced_objects)
+        return params
+
+    monkeypatch.setattr(faiss, "IndexRefineSearchParameters", keeping_keywords)
+    ids = np.arange(len(data), dtype=np.int64) * 7 + 1000
+    index = faiss.IndexIDMap(faiss_index.make_index("IVF16,Flat,RFlat", DIM))
+    index.train(data)
+    index.add_with_ids(data, ids)
+    sel = faiss.IDSelectorBatch(ids[:100])
+    params = faiss_index.search_parameters(index, nprobe=16, k_factor=2, sel=sel)
+    assert len(kept) == 1 and any(obj is kept[0] for obj in params.referenced_objects)
+    assert any(obj is sel for obj in params.referenced_objects)
+    del kept[:], sel
+    gc.collect()
+    _, found = index.search(data[:100:10], 5, params=params)
+    assert np.isin(found, ids[:100]).all()

@@ -10,6 +10,7 @@
   refine ``k_factor`` for one call only; :func:`set_search_params` changes the values stored in
   the index (what the builder records as defaults).
 * :func:`code_size` / :func:`payload_bytes`: bytes per vector.
+* :func:`keep_referenced`: keep SWIG sub-objects alive as long as the object holding their pointers.
 """
 
 from __future__ import annotations
@@ -231,6 +232,15 @@ def pq_owners(index: Any) -> list[Any]:
     return owners
 
 
+def keep_referenced(owner: Any, *objects: Any) -> None:
+    """Keep ``objects`` alive while ``owner`` (a FAISS object holding raw pointers to them) is.
+
+    Appends to ``owner.referenced_objects``, FAISS's own keep-alive list: replacing it would drop
+    what FAISS put there (constructor arguments; the sub-parameters of ``SearchParameters`` built
+    with keywords, in the faiss versions that keep those there) and free live sub-objects."""
+    owner.referenced_objects = [*getattr(owner, "referenced_objects", ()), *objects]
+
+
 # ---- search parameters -----------------------------------------------------------------------
 
 def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | None = None, sel: Any = None) -> Any:
@@ -250,7 +260,7 @@ def search_parameters(index: Any, nprobe: int | None = None, k_factor: float | N
         inner_sel = None if sel is None else faiss.IDSelectorTranslated(idx.id_map, sel)
         params = search_parameters(idx.index, nprobe, k_factor, inner_sel)
         if params is not None and sel is not None:
-            params.referenced_objects = [inner_sel, sel]  # SWIG holds raw pointers
+            keep_referenced(params, inner_sel, sel)  # SWIG holds raw pointers
         return params
     if isinstance(idx, faiss.IndexPreTransform):
         inner = search_parameters(idx.index, nprobe, k_factor, sel)

@@ -29,6 +29,7 @@ import contextlib
 import mmap
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -177,8 +178,6 @@ class DiskRefine:
     def _table(self) -> Any:
         """The fp16 rows as a (read-only, shared-memory) torch tensor over the mapping."""
         if self._torch_rows is None:
-            import warnings
-
             import torch
 
             with warnings.catch_warnings():  # torch warns that the mapping is read-only; nothing writes it
