@@ -80,6 +80,17 @@ def test_clip_loss_matches_hand_computed_3x3():
         clip_loss(torch.eye(3), torch.eye(2), 1.0)
 
 
+def test_read_pairs_reads_tsv_and_captions_with_newlines(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text('image\tcaption\n007.png\t"a red circle,\nin two lines"\n007.png\ta circle\nb.png\t"a, b"\n')
+    pairs = read_pairs(tsv)
+    assert pairs.images == ["007.png", "b.png"]  # read as text: not the number 7
+    assert pairs.captions == ["a red circle,\nin two lines", "a circle", "a, b"]
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text('image,caption\na.png,"two\nlines"\nb.png,one\n')
+    assert read_pairs(csv_file).captions == ["two\nlines", "one"]
+
+
 def test_read_pairs_groups_captions_by_image(shapes):
     pairs = read_pairs(shapes.parent)  # a folder with captions.csv works too
     assert len(pairs.images) == 25 and len(pairs.captions) == 49
