@@ -210,7 +210,8 @@ class ImageSource:
         return "nothing to index"
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (:data:`IMAGE_EXTENSIONS`, any case)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -224,18 +225,28 @@ class FolderSource(ImageSource):
 
     kind = "folder"
 
+    def image_files(self) -> Iterator[str]:
+        """The location of every image file, in record order, without reading captions (and
+        without the error of an empty folder): the walk shared by every folder reader."""
+        return (location for location, _, _ in self._walk())
+
     def _records(self) -> Iterator[ImageRecord]:
+        for location, rel, sidecar in self._walk():
+            captions = _read_sidecar(sidecar) if sidecar is not None else ()
+            yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), location, captions)
+
+    def _walk(self) -> Iterator[tuple[str, str, str | None]]:
+        """``(location, path relative to the root, location of its captions file or None)`` per image file."""
         fs, top = url_fs(self.root) if is_url(self.root) else (None, self.root)
-        where = fs.unstrip_protocol if fs is not None else os.fspath  # a record's location: a URL or a path
+        where = fs.unstrip_protocol if fs is not None else os.fspath  # a location: a URL or a path
         for dirpath, dirnames, filenames in (fs.walk(top) if fs is not None else os.walk(top)):
             dirnames[:] = _fs_sorted(dirnames)  # both walks recurse into dirnames as left here
             names = set(filenames)
-            for name in _fs_sorted([n for n in filenames if _is_image_name(n)]):
-                location = os.path.join(dirpath, name)
-                rel = os.path.relpath(location, top)
+            for name in _fs_sorted([n for n in filenames if is_image_name(n)]):
+                path = os.path.join(dirpath, name)
                 sidecar = os.path.splitext(name)[0] + ".txt"
-                captions = _read_sidecar(where(os.path.join(dirpath, sidecar))) if sidecar in names else ()
-                yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), where(location), captions)
+                yield where(path), os.path.relpath(path, top), (
+                    where(os.path.join(dirpath, sidecar)) if sidecar in names else None)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "extensions": sorted(IMAGE_EXTENSIONS), "sidecar_captions": ".txt"}
@@ -362,7 +373,7 @@ class TarSource(ImageSource):
         for tar in self.tars:
             rel = os.path.relpath(_fs_path(tar), top) if root_is_dir else os.path.basename(_fs_path(tar))
             for key, members in _tar_groups(tar):
-                image = next(((name, off, size) for name, off, size, _ in members if _is_image_name(name)), None)
+                image = next(((name, off, size) for name, off, size, _ in members if is_image_name(name)), None)
                 if image is None:
                     log.debug("%s: key %s has no image file; skipped", tar, key)
                     continue
