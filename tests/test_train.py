@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 from vlsearch.core.errors import TrainingError
 from vlsearch.models.towers import text_backbone, text_head, trim_padding
 from vlsearch.train.locks import lock_hf_text
-from vlsearch.train.loop import MAX_LOGIT_SCALE, _Run, clip_loss, train
+from vlsearch.train.loop import _Run, train
+from vlsearch.train.loss import MAX_LOGIT_SCALE, clip_loss
 from vlsearch.train.config import TrainConfig
 from vlsearch.train.data import epoch_order, read_pairs, split_images
 
@@ -135,7 +136,7 @@ def test_logit_scale_initialised_and_clamped(shapes, tmp_path):
 
 def test_weight_decay_groups_exclude_biases_norms_and_logit_scale(shapes, tmp_path):
     run = _Run(read_pairs(shapes), tmp_path, FAST)
-    decay = {id(p) for g in run.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    decay = {id(p) for g in run.optim.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in run.model.named_parameters() if id(p) in decay}
     assert names and all(run.model.get_parameter(n).ndim >= 2 for n in names)
     assert "logit_scale" not in names and not any("bias" in n or ".ln" in n for n in names)
@@ -189,7 +190,7 @@ def test_lock_text_freezes_text_tower_and_precompute_gives_the_same_loss(shapes,
     plain = _Run(pairs, tmp_path / "a", locked)
     calls = []
     cached = _Run(pairs, tmp_path / "b", replace(locked, precompute_text=True), lambda *a, **kw: calls.append((a, kw)))
-    assert cached.text_features is not None and plain.text_features is None
+    assert cached.text.features is not None and plain.text.features is None
     assert calls[-1] == ((49, 49), {"stage": "text"})
     assert (tmp_path / "b" / "text_features.pt").is_file()
     images, ids = torch.randn(6, 3, 64, 64), torch.tensor([0, 3, 5, 8, 11, 13])
@@ -211,7 +212,7 @@ def test_unlocked_text_layers_and_config_validation(shapes, tmp_path):
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert any(n.startswith("transformer.resblocks.1.") for n in trainable)
     assert not any(n.startswith("transformer.resblocks.0.") or n == "token_embedding.weight" for n in trainable)
-    assert run.text_features is None and run.text_states is None  # a built-in tower runs every step
+    assert run.text.features is None and run.text.states is None  # a built-in tower runs every step
     with pytest.raises(ValueError, match="precompute_text"):
         TrainConfig(precompute_text=True)  # nothing locked to precompute
     with pytest.raises(TrainingError, match="Hugging Face"):  # token states below unlocked layers: HF towers only
@@ -271,7 +272,7 @@ def test_mixed_precision_step_runs_through_autocast_and_grad_scaler(shapes, tmp_
     # On CPU here; the same code path (autocast + GradScaler for fp16, unscale before clipping)
     # is what runs on a GPU.
     run = _Run(read_pairs(shapes), tmp_path, replace(FAST, precision=precision, device="cpu"))
-    assert run.scaler.is_enabled() == (precision == "fp16")
+    assert run.optim.scaler.is_enabled() == (precision == "fp16")
     before = run.model.visual.conv1.weight.detach().clone()
     loss = run.train_step(torch.randn(4, 3, 64, 64), torch.tensor([0, 2, 4, 6]))
     assert math.isfinite(loss) and not torch.equal(before, run.model.visual.conv1.weight)

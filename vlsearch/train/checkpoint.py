@@ -31,9 +31,9 @@ def run_state(run: Any) -> dict[str, Any]:
         "steps_per_epoch": run.steps_per_epoch,
         "config": plain(run.config.to_dict()),
         "pretrained": run.pretrained_tag,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
+        "optimizer": run.optim.optimizer.state_dict(),
+        "scheduler": run.optim.scheduler.state_dict(),
+        "scaler": run.optim.scaler.state_dict(),
         "rng": rng,
         "losses": list(run.losses),
         "val": list(run.val),
@@ -62,9 +62,9 @@ def load_last(run: Any) -> None:
         raise TrainingError(f"{path} had {state['steps_per_epoch']} steps per epoch, this run {run.steps_per_epoch}: "
                             "resume needs the same data, val_fraction and batch_size")
     run.model.load_state_dict(payload["state_dict"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    run.optim.optimizer.load_state_dict(state["optimizer"])
+    run.optim.scheduler.load_state_dict(state["scheduler"])
+    run.optim.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
