@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from vlsearch.core.errors import TrainingError
@@ -18,6 +19,7 @@ from vlsearch.models.towers import text_backbone, text_head, trim_padding
 from vlsearch.train.locks import lock_hf_text
 from vlsearch.train.loop import _Run, train
 from vlsearch.train.loss import MAX_LOGIT_SCALE, clip_loss
+from vlsearch.train.optim import Optimization
 from vlsearch.train.config import TrainConfig
 from vlsearch.train.data import epoch_order, read_pairs, split_images
 
@@ -79,6 +81,49 @@ def test_clip_loss_matches_hand_computed_3x3():
     assert clip_loss(torch.eye(3), torch.eye(3), torch.tensor(2.0)).item() == pytest.approx(0.23954, abs=1e-5)
     with pytest.raises(ValueError):
         clip_loss(torch.eye(3), torch.eye(2), 1.0)
+
+
+def _previous_clip_loss(image_features, text_features, logit_scale):
+    """The loss vlsearch computed by hand before it called open_clip's ClipLoss."""
+    logits_per_image = logit_scale * image_features.float() @ text_features.float().T
+    labels = torch.arange(logits_per_image.shape[0])
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def test_clip_loss_is_the_previous_formula_in_float32_also_under_autocast():
+    gen = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(16, 32, generator=gen), dim=-1).requires_grad_()
+    texts = F.normalize(torch.randn(16, 32, generator=gen), dim=-1).requires_grad_()
+    scale = torch.tensor(1 / 0.07)
+    got, want = clip_loss(images, texts, scale), _previous_clip_loss(images, texts, scale)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(got, (images, texts))
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (images, texts)), rtol=1e-5, atol=1e-7)
+    # Training's bf16 autocast: features come out of the towers in bf16; the loss stays a float32 one.
+    half_images, half_texts = images.detach().bfloat16(), texts.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = clip_loss(half_images, half_texts, scale)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, _previous_clip_loss(half_images, half_texts, scale), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 7), (2, 10), (5, 5), (8, 3), (100, 1000)])
+def test_learning_rate_per_step_is_the_previous_warmup_cosine(warmup, total):
+    def previous(step: int) -> float:  # the closed form vlsearch applied through LambdaLR before
+        if step < warmup:
+            return (step + 1) / warmup
+        decay = max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / decay)))
+
+    model = torch.nn.Linear(3, 2)
+    optim = Optimization(model, replace(FAST, lr=0.003, warmup_steps=warmup), total, torch.device("cpu"),
+                         scale_gradients=False)
+    seen = []
+    for step in range(total):
+        optim.step(model(torch.ones(1, 3)).sum(), step)
+        seen.append([g["lr"] for g in optim.optimizer.param_groups])
+    want = [[0.003 * previous(step)] * 2 for step in range(total)]
+    np.testing.assert_allclose(seen, want, rtol=1e-12, atol=0)
 
 
 def test_read_pairs_reads_tsv_and_captions_with_newlines(tmp_path):

@@ -21,7 +21,8 @@ FINAL_CHECKPOINT = "model.pt"
 
 
 def run_state(run: Any) -> dict[str, Any]:
-    """Everything ``resume`` needs besides the weights: step, optimiser, scheduler, scaler, RNG, history."""
+    """Everything ``resume`` needs besides the weights: step, optimiser, scaler, RNG, history (the
+    learning rate is a function of the step: no scheduler state)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -32,7 +33,6 @@ def run_state(run: Any) -> dict[str, Any]:
         "config": plain(run.config.to_dict()),
         "pretrained": run.pretrained_tag,
         "optimizer": run.optim.optimizer.state_dict(),
-        "scheduler": run.optim.scheduler.state_dict(),
         "scaler": run.optim.scaler.state_dict(),
         "rng": rng,
         "losses": list(run.losses),
@@ -45,7 +45,8 @@ def save_last(run: Any) -> Path:
                            extra={"train_state": run_state(run)})
 
 def load_last(run: Any) -> None:
-    """Restore a run from its ``last.pt``; refuses another model or another data layout."""
+    """Restore a run from its ``last.pt``; refuses another model or another data layout. (The
+    ``scheduler`` state that earlier versions wrote is not needed: the learning rate follows the step.)"""
     path = run.out_dir / LAST_CHECKPOINT
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -63,7 +64,6 @@ def load_last(run: Any) -> None:
                             "resume needs the same data, val_fraction and batch_size")
     run.model.load_state_dict(payload["state_dict"])
     run.optim.optimizer.load_state_dict(state["optimizer"])
-    run.optim.scheduler.load_state_dict(state["scheduler"])
     run.optim.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])

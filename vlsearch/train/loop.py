@@ -3,9 +3,9 @@
 ``train(data, out_dir, TrainConfig(...))`` reads a manifest (CSV, TSV or Parquet with columns
 ``image`` — a path relative to the manifest — and ``caption``; several rows per image allowed),
 carves a seeded validation split *by image*, and optimises the symmetric InfoNCE loss
-(:func:`vlsearch.train.loss.clip_loss`) with a learnable temperature, AdamW, a cosine schedule
-with linear warm-up, gradient clipping and autocast (+ GradScaler for fp16) on GPU
-(:mod:`vlsearch.train.optim`).
+(open_clip's ``ClipLoss``, in float32: :func:`vlsearch.train.loss.clip_loss`) with a learnable
+temperature, AdamW, open_clip's cosine schedule with linear warm-up, gradient clipping and
+autocast (+ GradScaler for fp16) on GPU (:mod:`vlsearch.train.optim`).
 
 Design choices:
 
@@ -25,7 +25,7 @@ Design choices:
   only the image tower plus the trainable text head (the HF projection, or nothing for a built-in
   tower). The loss is identical to running the frozen tower every step, at a fraction of the cost
   (:mod:`vlsearch.train.text_inputs`; a locked image tower likewise: :mod:`vlsearch.train.image_inputs`).
-* **Checkpoints.** ``last.pt`` (weights + optimizer, scheduler, scaler, RNG, step) is written
+* **Checkpoints.** ``last.pt`` (weights + optimizer, scaler, RNG, step) is written
   atomically every ``checkpoint_every`` steps and at each epoch end; ``resume=True`` continues from
   it at the exact step (the batch order of an epoch is a function of ``(seed, epoch)``).
   ``model.pt`` (weights and provenance) is written at the end; both load with
@@ -152,14 +152,13 @@ class _Run:
         loss = self.loss(images, caption_ids)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at step {self.step}; lower the lr or use fp32/bf16")
-        self.optim.step(loss)
+        self.optim.step(loss, self.step)
         clamp_logit_scale(self.model)
         self.step += 1
         return float(loss.detach())
 
     def skip_step(self) -> None:
         """Count a batch that could not be used, so step numbers stay tied to the data order."""
-        self.optim.skip()
         self.step += 1
         self.losses.append(float("nan"))
 

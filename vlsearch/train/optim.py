@@ -1,12 +1,12 @@
-"""The optimisation of a training run: AdamW with open_clip's parameter groups, a cosine
-learning-rate schedule with linear warm-up, gradient clipping, and the fp16 GradScaler."""
+"""The optimisation of a training run: AdamW with open_clip's parameter groups, open_clip's
+cosine learning-rate schedule with linear warm-up, gradient clipping, and the fp16 GradScaler."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from open_clip_train.scheduler import cosine_lr
 from torch import nn
 
 from vlsearch.train.config import TrainConfig
@@ -25,33 +25,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        decay = max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay)))
-
-    return factor
-
-
 class Optimization:
-    """Updates a model's trainable parameters, one optimizer step per :meth:`step`; the learning
-    rate follows :func:`cosine_with_warmup` (a ``LambdaLR`` stepped once per step, used or skipped)."""
+    """Updates a model's trainable parameters, one optimizer step per :meth:`step`.
+
+    The learning rate of step ``s`` (0-based) is open_clip's ``cosine_lr``: ``lr * (s + 1) / warmup``
+    during warm-up, then ``lr * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2``. It is a function
+    of the step alone, so a resumed run needs no scheduler state.
+    """
 
     def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int, device: torch.device,
                  scale_gradients: bool):
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=tuple(config.betas), eps=config.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(config.warmup_steps, total_steps))
+        self.set_lr = cosine_lr(self.optimizer, config.lr, config.warmup_steps, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=scale_gradients)
         self.grad_clip = config.grad_clip
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Back-propagate ``loss``, update the weights and advance the schedule."""
+    def step(self, loss: torch.Tensor, step: int) -> None:
+        """Back-propagate ``loss`` and update the weights at step ``step``'s learning rate."""
+        self.set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip:
@@ -60,8 +52,3 @@ class Optimization:
                                            self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-
-    def skip(self) -> None:
-        """Advance the schedule past a step that had no usable batch."""
-        self.scheduler.step()
