@@ -119,7 +119,7 @@ def reuse_text_cache(src: Path, out: Path, model: str, data: str) -> None:
     import torch
 
     from vlsearch.core.fsutil import atomic_path
-    from vlsearch.train.loop import TEXT_CACHE
+    from vlsearch.train.text_inputs import TEXT_CACHE
 
     stored = torch.load(src, map_location="cpu", weights_only=True)
     digest = captions_digest(data)

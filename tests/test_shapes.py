@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlsearch.data import shapes
 from vlsearch.data.shapes import (
     COLORS,
     POSITIONS,
@@ -14,9 +15,9 @@ from vlsearch.data.shapes import (
     SIZES,
     ShapesConfig,
     generate_shapes,
-    make_example,
     n_combinations,
     read_attributes,
+    render,
     specs_for_split,
 )
 
@@ -26,6 +27,12 @@ SMALL = ShapesConfig(n_train=40, n_heldout=20, captions_per_image=2, seed=3)
 def _rows(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def _pictures(split: str, n: int, seed: int = 0, image_size: int = 64):
+    """The first ``n`` pictures of ``split`` with their specs, drawn as :func:`generate_shapes` draws them."""
+    for index, spec in enumerate(specs_for_split(n, split, seed, image_size)):
+        yield render(spec, image_size, shapes._image_rng(seed, split, index, 1)), spec
 
 
 def _shape_mask(image: Image.Image) -> np.ndarray:
@@ -64,11 +71,15 @@ def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_pictures_are_drawn_from_their_specs(dataset):
+    for i, (image, _) in enumerate(_pictures("train", 3, seed=SMALL.seed)):
+        written = np.asarray(Image.open(dataset.split_dir("train") / f"images/{i:06d}.png"))
+        assert np.array_equal(np.asarray(image), written)
+
+
 def test_smaller_dataset_is_a_prefix_and_splits_differ():
     assert specs_for_split(10, "train", seed=1) == specs_for_split(30, "train", seed=1)[:10]
     assert specs_for_split(10, "train", seed=1) != specs_for_split(10, "heldout", seed=1)
-    img, spec = make_example("train", 9, seed=1)
-    assert spec == specs_for_split(10, "train", seed=1)[9]
 
 
 def test_captions_name_every_attribute_of_their_image(dataset):
@@ -94,8 +105,7 @@ def test_captions_name_every_attribute_of_their_image(dataset):
 
 def test_pictures_show_what_the_attributes_say():
     masks = {}
-    for i in range(120):
-        image, spec = make_example("heldout", i, seed=0)
+    for image, spec in _pictures("heldout", 120, seed=0):
         mask = _shape_mask(image)
         assert mask.sum() > 20, spec
         pixels = np.asarray(image)[mask].astype(float)

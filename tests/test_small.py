@@ -34,6 +34,16 @@ QUERIES = {
 }
 
 
+def imagenet_classifier(timm_name: str = "tf_efficientnet_lite0") -> torch.nn.Module:
+    """The full timm ImageNet classifier (trunk + its 1000-class head) with the packaged weights,
+    in eval mode: what the trunk's weights were trained as (checks the weight mapping)."""
+    import timm
+
+    net = timm.create_model(timm_name, pretrained=False)
+    net.load_state_dict(trunks.read_trunk_state(trunks.resolve_trunk_weights(timm_name), net), strict=True)
+    return net.eval()
+
+
 @pytest.fixture(scope="module")
 def small(monkeypatch_module):
     # The hub is unreachable (offline + a dead endpoint): everything must come from the packages.
@@ -65,7 +75,7 @@ def test_loads_offline_from_the_packages(small):
     for key, value in shipped.items():
         torch.testing.assert_close(state[key], value.float(), msg=key)
     # Everything else of the trunk is the package's ImageNet weights, mapped.
-    packaged = trunks.imagenet_classifier().state_dict()
+    packaged = imagenet_classifier().state_dict()
     stem = "visual.trunk.conv_stem.weight"
     torch.testing.assert_close(state[stem], packaged[stem.removeprefix("visual.trunk.")])
     assert small.model.visual.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)  # the trunk's inputs are in [-1, 1]
@@ -85,7 +95,7 @@ def test_weight_mapping_reproduces_a_fixed_imagenet_prediction():
                 draw.rectangle([i, j, i + 27, j + 27], fill=(0, 0, 0))
     x = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None] - 0.5) / 0.5
     with torch.no_grad():
-        logits = trunks.imagenet_classifier()(x)[0]
+        logits = imagenet_classifier()(x)[0]
     top = logits.topk(2)
     assert top.indices[0].item() == 918
     assert top.values[0].item() == pytest.approx(5.287, abs=0.01)
@@ -107,7 +117,7 @@ def test_mapped_trunk_recognises_dogs_in_flickr8k(shared_data):
     preprocess = models.image_transform(model)
     x = torch.stack([preprocess(Image.open(shared_data / "flickr8k-test" / d).convert("RGB")) for d in dogs])
     with torch.no_grad():
-        classes = trunks.imagenet_classifier()(x).argmax(1)
+        classes = imagenet_classifier()(x).argmax(1)
     assert ((classes >= 151) & (classes <= 268)).sum().item() >= 40
 
 

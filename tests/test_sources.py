@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vlsearch.data.manifest import read_manifest
 from vlsearch.data.sources import FolderSource, ManifestSource, TarSource, open_source, stable_id
 from vlsearch.core.errors import SourceError
 
@@ -83,6 +84,21 @@ def test_csv_with_five_captions_per_image_groups_rows(tmp_path):
         assert rec.location == str(tmp_path / rec.path)
         assert rec.id == stable_id(rec.path)
     assert src.describe()["caption_column"] == "caption"
+
+
+@pytest.mark.parametrize("name, sep", [("captions.tsv", "\t"), ("captions.csv", ",")])
+def test_tsv_and_csv_manifests_keep_captions_with_newlines(tmp_path, name, sep):
+    rows = ["image" + sep + "caption" + sep + "year", "b.jpg" + sep + '"a dog,\non two lines"' + sep + "2001",
+            "a.jpg" + sep + "a cat" + sep + "1999", "b.jpg" + sep + "a dog" + sep + "2001"]
+    (tmp_path / name).write_text("\n".join(rows) + "\n")
+    src = open_source(tmp_path / name)
+    assert isinstance(src, ManifestSource)
+    recs = list(src)
+    assert [r.path for r in recs] == ["a.jpg", "b.jpg"]
+    assert recs[1].captions == ("a dog,\non two lines", "a dog")
+    assert recs[0].metadata == {"year": 1999}  # metadata columns keep their inferred types
+    with pytest.raises(SourceError, match="must be .csv, .tsv"):
+        read_manifest(tmp_path / "captions.json")
 
 
 def test_parquet_manifest_carries_typed_metadata(tmp_path):

@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from vlsearch.core.errors import TrainingError
 from vlsearch.models.towers import text_backbone, text_head, trim_padding
 from vlsearch.train.locks import lock_hf_text
-from vlsearch.train.loop import MAX_LOGIT_SCALE, _Run, clip_loss, train
+from vlsearch.train.loop import _Run, train
+from vlsearch.train.loss import MAX_LOGIT_SCALE, clip_loss
+from vlsearch.train.optim import Optimization
 from vlsearch.train.config import TrainConfig
 from vlsearch.train.data import epoch_order, read_pairs, split_images
 
@@ -80,6 +83,60 @@ def test_clip_loss_matches_hand_computed_3x3():
         clip_loss(torch.eye(3), torch.eye(2), 1.0)
 
 
+def _previous_clip_loss(image_features, text_features, logit_scale):
+    """The loss vlsearch computed by hand before it called open_clip's ClipLoss."""
+    logits_per_image = logit_scale * image_features.float() @ text_features.float().T
+    labels = torch.arange(logits_per_image.shape[0])
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def test_clip_loss_is_the_previous_formula_in_float32_also_under_autocast():
+    gen = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(16, 32, generator=gen), dim=-1).requires_grad_()
+    texts = F.normalize(torch.randn(16, 32, generator=gen), dim=-1).requires_grad_()
+    scale = torch.tensor(1 / 0.07)
+    got, want = clip_loss(images, texts, scale), _previous_clip_loss(images, texts, scale)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(got, (images, texts))
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (images, texts)), rtol=1e-5, atol=1e-7)
+    # Training's bf16 autocast: features come out of the towers in bf16; the loss stays a float32 one.
+    half_images, half_texts = images.detach().bfloat16(), texts.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = clip_loss(half_images, half_texts, scale)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, _previous_clip_loss(half_images, half_texts, scale), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 7), (2, 10), (5, 5), (8, 3), (100, 1000)])
+def test_learning_rate_per_step_is_the_previous_warmup_cosine(warmup, total):
+    def previous(step: int) -> float:  # the closed form vlsearch applied through LambdaLR before
+        if step < warmup:
+            return (step + 1) / warmup
+        decay = max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / decay)))
+
+    model = torch.nn.Linear(3, 2)
+    optim = Optimization(model, replace(FAST, lr=0.003, warmup_steps=warmup), total, torch.device("cpu"),
+                         scale_gradients=False)
+    seen = []
+    for step in range(total):
+        optim.step(model(torch.ones(1, 3)).sum(), step)
+        seen.append([g["lr"] for g in optim.optimizer.param_groups])
+    want = [[0.003 * previous(step)] * 2 for step in range(total)]
+    np.testing.assert_allclose(seen, want, rtol=1e-12, atol=0)
+
+
+def test_read_pairs_reads_tsv_and_captions_with_newlines(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text('image\tcaption\n007.png\t"a red circle,\nin two lines"\n007.png\ta circle\nb.png\t"a, b"\n')
+    pairs = read_pairs(tsv)
+    assert pairs.images == ["007.png", "b.png"]  # read as text: not the number 7
+    assert pairs.captions == ["a red circle,\nin two lines", "a circle", "a, b"]
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text('image,caption\na.png,"two\nlines"\nb.png,one\n')
+    assert read_pairs(csv_file).captions == ["two\nlines", "one"]
+
+
 def test_read_pairs_groups_captions_by_image(shapes):
     pairs = read_pairs(shapes.parent)  # a folder with captions.csv works too
     assert len(pairs.images) == 25 and len(pairs.captions) == 49
@@ -124,7 +181,7 @@ def test_logit_scale_initialised_and_clamped(shapes, tmp_path):
 
 def test_weight_decay_groups_exclude_biases_norms_and_logit_scale(shapes, tmp_path):
     run = _Run(read_pairs(shapes), tmp_path, FAST)
-    decay = {id(p) for g in run.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    decay = {id(p) for g in run.optim.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in run.model.named_parameters() if id(p) in decay}
     assert names and all(run.model.get_parameter(n).ndim >= 2 for n in names)
     assert "logit_scale" not in names and not any("bias" in n or ".ln" in n for n in names)
@@ -178,7 +235,7 @@ def test_lock_text_freezes_text_tower_and_precompute_gives_the_same_loss(shapes,
     plain = _Run(pairs, tmp_path / "a", locked)
     calls = []
     cached = _Run(pairs, tmp_path / "b", replace(locked, precompute_text=True), lambda *a, **kw: calls.append((a, kw)))
-    assert cached.text_features is not None and plain.text_features is None
+    assert cached.text.features is not None and plain.text.features is None
     assert calls[-1] == ((49, 49), {"stage": "text"})
     assert (tmp_path / "b" / "text_features.pt").is_file()
     images, ids = torch.randn(6, 3, 64, 64), torch.tensor([0, 3, 5, 8, 11, 13])
@@ -200,7 +257,7 @@ def test_unlocked_text_layers_and_config_validation(shapes, tmp_path):
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert any(n.startswith("transformer.resblocks.1.") for n in trainable)
     assert not any(n.startswith("transformer.resblocks.0.") or n == "token_embedding.weight" for n in trainable)
-    assert run.text_features is None and run.text_states is None  # a built-in tower runs every step
+    assert run.text.features is None and run.text.states is None  # a built-in tower runs every step
     with pytest.raises(ValueError, match="precompute_text"):
         TrainConfig(precompute_text=True)  # nothing locked to precompute
     with pytest.raises(TrainingError, match="Hugging Face"):  # token states below unlocked layers: HF towers only
@@ -260,7 +317,7 @@ def test_mixed_precision_step_runs_through_autocast_and_grad_scaler(shapes, tmp_
     # On CPU here; the same code path (autocast + GradScaler for fp16, unscale before clipping)
     # is what runs on a GPU.
     run = _Run(read_pairs(shapes), tmp_path, replace(FAST, precision=precision, device="cpu"))
-    assert run.scaler.is_enabled() == (precision == "fp16")
+    assert run.optim.scaler.is_enabled() == (precision == "fp16")
     before = run.model.visual.conv1.weight.detach().clone()
     loss = run.train_step(torch.randn(4, 3, 64, 64), torch.tensor([0, 2, 4, 6]))
     assert math.isfinite(loss) and not torch.equal(before, run.model.visual.conv1.weight)

@@ -67,7 +67,7 @@ def test_lit_run_precomputes_trains_only_unlocked_parts_and_ships_them(shapes, t
     config = replace(LIT, lock_image_unlocked_groups=1, lock_text_unlocked_layers=1, image_views=2,
                      cache_dir=str(tmp_path / "cache"))
     run = _Run(read_pairs(shapes), tmp_path / "run", config)
-    assert run.image_features.shape[:2] == (20, 2) and run.text_states is not None
+    assert run.images.features.shape[:2] == (20, 2) and run.text.states is not None
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert any(n.startswith("visual.head.") for n in trainable)
     assert any(n.startswith("visual.trunk.blocks.6.") for n in trainable)
@@ -78,7 +78,7 @@ def test_lit_run_precomputes_trains_only_unlocked_parts_and_ships_them(shapes, t
     cfg = run.model.visual.preprocess_cfg
     with torch.no_grad():
         plain = resize_batch(_memory_pixels(run, 3), 64, cfg["mean"], cfg["std"])  # image_size, not the model's 224
-        torch.testing.assert_close(run.encode_image(run.image_features[:3, 0].float()),
+        torch.testing.assert_close(run.images.encode(run.images.features[:3, 0].float()),
                                    run.model.encode_image(plain), atol=2e-2, rtol=1e-2)
     result = train(shapes, tmp_path / "trained", replace(config, epochs=2))
     assert result.val and all(v["t2i"]["R@10"] > 0 for v in result.val)
@@ -97,7 +97,7 @@ def test_lit_run_precomputes_trains_only_unlocked_parts_and_ships_them(shapes, t
 def _memory_pixels(run: _Run, n: int) -> torch.Tensor:
     from vlsearch.train.images import MemoryImages
 
-    return MemoryImages.load([run.pairs.path(i) for i in range(n)], 2 * run.image_size).pixels
+    return MemoryImages.load([run.pairs.path(i) for i in range(n)], 2 * run.images.size).pixels
 
 
 def test_lit_options_are_validated(shapes, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsearch.train.loop import _Run, clip_loss, train
+from vlsearch.train.loop import _Run, train
+from vlsearch.train.loss import clip_loss
 from vlsearch.train.config import TrainConfig
 from vlsearch.train.data import epoch_order, read_pairs, split_images
 from vlsearch.train.images import (
@@ -138,8 +139,8 @@ def test_cached_and_decoded_batches_match_without_augmentation(shapes, tmp_path)
     pairs = read_pairs(shapes)
     cached = _Run(pairs, tmp_path / "a", replace(FAST, cache_images=True))
     index = torch.tensor([0, 1, 2])
-    from_memory = cached.batch_images(index, torch.tensor([0, 2, 4]))
-    decoded = torch.stack([cached.eval_data[i][0] for i in range(3)])
+    from_memory = cached.images.step_inputs(index, torch.tensor([0, 2, 4]), cached.step)
+    decoded = torch.stack([cached.images.eval_data[i][0] for i in range(3)])
     assert from_memory.shape == decoded.shape
     # the same view, resized by torch instead of PIL: close, and far closer than another image is
     error = (from_memory - decoded).abs().mean()
@@ -164,7 +165,7 @@ def test_several_captions_per_image_are_distinct_and_the_loss_is_their_mean(shap
     with torch.no_grad():
         got = run.loss(images, ids)
         img = F.normalize(run.model.encode_image(images), dim=-1)
-        txt = F.normalize(run.encode_captions(ids.flatten()), dim=-1).view(4, 2, -1)
+        txt = F.normalize(run.text.encode(ids.flatten()), dim=-1).view(4, 2, -1)
         scale = run.model.logit_scale.exp()
         want = (clip_loss(img, txt[:, 0], scale) + clip_loss(img, txt[:, 1], scale)) / 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -86,6 +86,24 @@ def test_class_folders_give_labels_and_a_planted_signal_is_classified(colour_fol
         zero_shot_classify(ColourEncoder(), colour_folder, classnames=["red", "green"])
 
 
+def test_class_folders_are_walked_recursively_in_path_order_without_hidden_files(colour_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "classes"
+    shutil.copytree(colour_folder, root)
+    (root / "blue" / "deep" / "er").mkdir(parents=True)
+    shutil.copy(root / "blue" / "0.png", root / "blue" / "deep" / "er" / "5.png")
+    shutil.copy(root / "blue" / "0.png", root / "blue" / "deep" / "4.PNG")
+    shutil.copy(root / "blue" / "0.png", root / "blue" / ".hidden.png")
+    (root / "blue" / "notes.txt").write_text("not an image")
+    (root / "blue" / "gone.png").symlink_to(root / "missing.png")  # a broken link is not an image
+    result = zero_shot_classify(ColourEncoder(), root)
+    blue = [Path(p).relative_to(root).as_posix() for p in result.paths if p.startswith(str(root / "blue"))]
+    assert blue == ["blue/0.png", "blue/1.png", "blue/2.png", "blue/3.png", "blue/deep/4.PNG", "blue/deep/er/5.png"]
+    assert result.top1 == 1.0 and len(result.paths) == 14  # 4 red (+1 broken, in failures), 4 green, 6 blue
+    assert [Path(p).name for p, _ in result.failures] == ["broken.jpg"]
+
+
 def test_image_list_without_labels_and_with_labels(colour_folder):
     images = [Image.new("RGB", (8, 8), RGB["green"]), colour_folder / "red" / "0.png"]
     result = zero_shot_classify(ColourEncoder(), images, ["red", "green", "blue"])

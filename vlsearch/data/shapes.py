@@ -250,12 +250,6 @@ def render(spec: ShapeSpec, image_size: int, rng: np.random.Generator, supersamp
     return Image.composite(fill, background, mask)
 
 
-def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) -> tuple[Image.Image, ShapeSpec]:
-    """Picture ``index`` of ``split`` and its spec — exactly what :func:`generate_shapes` writes."""
-    spec = _spec(all_combinations(), _combination_order(seed, split), split, index, seed, image_size)
-    return render(spec, image_size, _image_rng(seed, split, index, 1)), spec
-
-
 def _spec(combos: list, order: np.ndarray, split: str, index: int, seed: int, image_size: int) -> ShapeSpec:
     combo = combos[order[index % len(order)]]
     return sample_spec(combo, image_size, _image_rng(seed, split, index, 0))

@@ -1,4 +1,4 @@
-"""Image sources: a folder, a CSV/Parquet manifest, or webdataset ``.tar`` shards, behind one interface.
+"""Image sources: a folder, a CSV/TSV/Parquet manifest, or webdataset ``.tar`` shards, behind one interface.
 
 Every source yields :class:`ImageRecord` s in a deterministic order (sorted paths, manifest rows
 sorted by image path, tars by name then member order), streamed, so a resumed run can skip the
@@ -29,10 +29,8 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,10 @@ from typing import Any
 import pyarrow as pa
 
 from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
-from vlsearch.core.errors import FilesystemNotInstalledError, SourceError
+from vlsearch.core.errors import SourceError
 from vlsearch.core.fsutil import MANIFEST_NAMES, find_manifest
+from vlsearch.data.locations import is_url, location_suffix, open_location, url_fs
+from vlsearch.data.manifest import MANIFEST_SUFFIXES, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,41 +62,6 @@ def stable_id(identity: str | bytes) -> int:
 def display_path(path: str) -> str:
     """A path as valid UTF-8 text for the shards: undecodable bytes become ``\\xNN`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*(://|::)")
-
-
-def is_url(location: str | os.PathLike) -> bool:
-    """Whether a source or record location is an fsspec URL (``s3://b/x``, ``file:///x``), not a local path."""
-    return isinstance(location, str) and _URL.match(location) is not None
-
-
-def url_fs(url: str) -> tuple[Any, str]:
-    """``(fsspec filesystem, path inside it)`` of a URL. :class:`FilesystemNotInstalledError` names
-    the package to install when the protocol's implementation is missing; :class:`SourceError` for
-    an unknown protocol."""
-    import fsspec
-    from fsspec.registry import known_implementations
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as exc:
-        protocol = (re.findall(r"([A-Za-z][A-Za-z0-9+.\-]*)://", url) or [url.split("::")[0]])[-1]
-        package = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
-        raise FilesystemNotInstalledError(
-            f"reading {protocol}:// URLs needs the {package or 'fsspec implementation'} package, which is not "
-            f"installed ({exc})" + (f": pip install {package}" if package else "")) from None
-    except ValueError as exc:
-        raise SourceError(f"cannot read {url}: {exc} (not a protocol fsspec knows)") from None
-
-
-def open_location(location: str | os.PathLike, mode: str = "rb") -> Any:
-    """Open a local path or an fsspec URL for binary reading."""
-    if is_url(location):
-        fs, path = url_fs(location)
-        return fs.open(path, mode)
-    return open(location, mode)
 
 
 def read_record(record: ImageRecord) -> bytes:
@@ -139,10 +104,6 @@ def _is_dir(location: str | os.PathLike) -> bool:
         fs, path = url_fs(location)
         return fs.isdir(path)
     return os.path.isdir(location)
-
-
-def _suffix(location: str | os.PathLike) -> str:
-    return os.path.splitext(os.fspath(location))[1].lower()
 
 
 @dataclass(frozen=True)
@@ -249,7 +210,8 @@ class ImageSource:
         return "nothing to index"
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (:data:`IMAGE_EXTENSIONS`, any case)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -263,18 +225,28 @@ class FolderSource(ImageSource):
 
     kind = "folder"
 
+    def image_files(self) -> Iterator[str]:
+        """The location of every image file, in record order, without reading captions (and
+        without the error of an empty folder): the walk shared by every folder reader."""
+        return (location for location, _, _ in self._walk())
+
     def _records(self) -> Iterator[ImageRecord]:
+        for location, rel, sidecar in self._walk():
+            captions = _read_sidecar(sidecar) if sidecar is not None else ()
+            yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), location, captions)
+
+    def _walk(self) -> Iterator[tuple[str, str, str | None]]:
+        """``(location, path relative to the root, location of its captions file or None)`` per image file."""
         fs, top = url_fs(self.root) if is_url(self.root) else (None, self.root)
-        where = fs.unstrip_protocol if fs is not None else os.fspath  # a record's location: a URL or a path
+        where = fs.unstrip_protocol if fs is not None else os.fspath  # a location: a URL or a path
         for dirpath, dirnames, filenames in (fs.walk(top) if fs is not None else os.walk(top)):
             dirnames[:] = _fs_sorted(dirnames)  # both walks recurse into dirnames as left here
             names = set(filenames)
-            for name in _fs_sorted([n for n in filenames if _is_image_name(n)]):
-                location = os.path.join(dirpath, name)
-                rel = os.path.relpath(location, top)
+            for name in _fs_sorted([n for n in filenames if is_image_name(n)]):
+                path = os.path.join(dirpath, name)
                 sidecar = os.path.splitext(name)[0] + ".txt"
-                captions = _read_sidecar(where(os.path.join(dirpath, sidecar))) if sidecar in names else ()
-                yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), where(location), captions)
+                yield where(path), os.path.relpath(path, top), (
+                    where(os.path.join(dirpath, sidecar)) if sidecar in names else None)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "extensions": sorted(IMAGE_EXTENSIONS), "sidecar_captions": ".txt"}
@@ -293,8 +265,9 @@ def _read_sidecar(path: str) -> tuple[str, ...]:
 
 
 class ManifestSource(ImageSource):
-    """A CSV or Parquet table: an image-path column (relative to the table's folder), an optional
-    caption column, and any other columns, carried into the shards as metadata with their types.
+    """A CSV, TSV or Parquet table (:func:`vlsearch.data.manifest.read_manifest`): an image-path
+    column (relative to the table's folder), an optional caption column, and any other columns,
+    carried into the shards as metadata with their types.
 
     Rows of the same image (one per caption) become one record with all its captions, in row
     order; its metadata are taken from its first row. Records are sorted by image path.
@@ -304,7 +277,7 @@ class ManifestSource(ImageSource):
 
     def __init__(self, root: Path | str, image_column: str | None = None, caption_column: str | None = None):
         super().__init__(root)
-        self.table = _read_table(root)
+        self.table = read_manifest(root)
         names = self.table.column_names
         self.image_column = _pick_column(names, image_column, IMAGE_COLUMN_CANDIDATES, "image", root)
         self.caption_column = _pick_column(names, caption_column, CAPTION_COLUMN_CANDIDATES, "caption", root,
@@ -364,17 +337,6 @@ def _join(base: Path | str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name)
 
 
-def _read_table(path: Path | str) -> pa.Table:
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    try:
-        with open_location(path) if is_url(path) else nullcontext(path) as src:
-            return pcsv.read_csv(src) if _suffix(path) == ".csv" else pq.read_table(src)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(f"cannot read manifest {path}: {exc}") from exc
-
-
 def _pick_column(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path,
                  required: bool = True) -> str | None:
     if wanted is not None:
@@ -411,7 +373,7 @@ class TarSource(ImageSource):
         for tar in self.tars:
             rel = os.path.relpath(_fs_path(tar), top) if root_is_dir else os.path.basename(_fs_path(tar))
             for key, members in _tar_groups(tar):
-                image = next(((name, off, size) for name, off, size, _ in members if _is_image_name(name)), None)
+                image = next(((name, off, size) for name, off, size, _ in members if is_image_name(name)), None)
                 if image is None:
                     log.debug("%s: key %s has no image file; skipped", tar, key)
                     continue
@@ -477,7 +439,7 @@ def open_source(spec: str | os.PathLike, *, kind: str = "auto", image_column: st
     """Open an image source from a path, an fsspec URL (``s3://...``, see the module doc), or a
     ``*.tar`` glob of either.
 
-    ``kind``: ``auto`` (a ``.csv``/``.parquet`` file, or a folder holding ``captions.csv`` or
+    ``kind``: ``auto`` (a ``.csv``/``.tsv``/``.parquet`` file, or a folder holding ``captions.csv`` or
     another of ``MANIFEST_NAMES``, is a manifest; a ``.tar`` file, a glob, or a folder with
     ``.tar`` files at its top level is webdataset; any other folder is a folder of images), or one
     of ``folder``, ``manifest``, ``webdataset``. Raises :class:`SourceError`
@@ -523,12 +485,12 @@ def _open_url(url: str, kind: str, image_column: str | None, caption_column: str
 
 
 def _open_file(location: Path | str, kind: str, image_column: str | None, caption_column: str | None) -> ImageSource:
-    suffix = _suffix(location)
+    suffix = location_suffix(location)
     if kind in ("auto", "webdataset") and suffix == ".tar":
         return TarSource(location, [location])
-    if kind in ("auto", "manifest") and suffix in (".csv", ".parquet", ".pq"):
+    if kind in ("auto", "manifest") and suffix in MANIFEST_SUFFIXES:
         return ManifestSource(location, image_column, caption_column)
-    raise SourceError(f"{location} is not a folder, a .csv/.parquet manifest or a .tar shard")
+    raise SourceError(f"{location} is not a folder, a .csv/.tsv/.parquet manifest or a .tar shard")
 
 
 def _open_folder(root: Path | str, kind: str, manifest: Path | str | None, tars: list, image_column: str | None,

@@ -123,12 +123,7 @@ def run_benchmark(
 
     nprobes = _usable_nprobes(coll.manifest.index, config.nprobes, notes) if coll.has_index() else []
     total = 1 + len(nprobes)
-    t2i, i2t = embedding_ranks(data.captions, data.images, data.text_image, text_q, image_q)
-
-    def exact_fn(q: np.ndarray) -> np.ndarray:
-        return exact_search(q, data.images, k, ids=data.image_ids)[1]
-
-    exact_ids, exact_timing = _timed(exact_fn, queries, latency_q)
+    exact_ids, exact = _exact_row(data, text_q, image_q, queries, latency_q, ks)
     result: dict[str, Any] = {
         "collection": str(Path(collection_dir)),
         "model": coll.manifest.model.to_dict(),
@@ -138,11 +133,7 @@ def run_benchmark(
         "k": k,
         "threads": _threads(),
         "config": asdict(config),
-        "exact": {
-            "t2i": metrics_from_ranks(t2i, ks, depth=k),
-            "i2t": metrics_from_ranks(i2t[np.isfinite(i2t)], ks, depth=k),
-            **exact_timing,
-        },
+        "exact": exact,
         "index": coll.manifest.index if coll.has_index() else None,
         "ann": [],
         "notes": notes,
@@ -161,6 +152,21 @@ def run_benchmark(
         if progress is not None:
             progress(i + 2, total, stage=f"nprobe={nprobe}")
     return result
+
+
+def _exact_row(data: _Data, text_q: np.ndarray, image_q: np.ndarray, queries: np.ndarray, latency_q: np.ndarray,
+               ks: tuple[int, ...]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Exact search's top-k ids of ``queries`` (what ANN recall is measured against) and its row:
+    t2i / i2t metrics from the embeddings, and timings."""
+    k = max(ks)
+    t2i, i2t = embedding_ranks(data.captions, data.images, data.text_image, text_q, image_q)
+
+    def exact_fn(q: np.ndarray) -> np.ndarray:
+        return exact_search(q, data.images, k, ids=data.image_ids)[1]
+
+    exact_ids, timing = _timed(exact_fn, queries, latency_q)
+    return exact_ids, {"t2i": metrics_from_ranks(t2i, ks, depth=k),
+                       "i2t": metrics_from_ranks(i2t[np.isfinite(i2t)], ks, depth=k), **timing}
 
 
 def _ann_row(searcher: Any, nprobe: int | None, queries: np.ndarray, latency_q: np.ndarray,

@@ -20,6 +20,7 @@ import numpy as np
 from vlsearch.core.allocator import reusing_freed_memory
 from vlsearch.core.errors import DecodeError, SourceError
 from vlsearch.data.images import ImageInput, open_image
+from vlsearch.data.sources import FolderSource, is_image_name
 from vlsearch.core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a cropped photo of a {}.",
     "a good photo of a {}.",
 )
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,13 @@ def _label_index(label: int | str, classnames: list[str]) -> int:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return not path.name.startswith(".") and is_image_name(path.name) and path.is_file()
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere under ``folder`` (:class:`FolderSource`'s walk; hidden files and broken
+    links left out), sorted by path."""
+    return sorted(p for p in map(Path, FolderSource(folder).image_files()) if _is_image(p))
 
 
 def _gather(images: Any) -> tuple[list[str], Optional[list[Any]], Optional[list[str]]]:
@@ -178,11 +184,11 @@ def _gather(images: Any) -> tuple[list[str], Optional[list[Any]], Optional[list[
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         files = sorted(p for p in root.iterdir() if _is_image(p))
         if subdirs and not files:
-            pairs = [(p, d.name) for d in subdirs for p in sorted(d.rglob("*")) if _is_image(p)]
+            pairs = [(p, d.name) for d in subdirs for p in _images_under(d)]
             if not pairs:
                 raise SourceError(f"no images under the class folders of {root}")
             return [str(p) for p, _ in pairs], [p for p, _ in pairs], [c for _, c in pairs]
-        files = files or sorted(p for p in root.rglob("*") if _is_image(p))
+        files = files or _images_under(root)
         if not files:
             raise SourceError(f"no images in {root}")
         return [str(p) for p in files], list(files), None

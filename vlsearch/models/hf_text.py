@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
 
 from vlsearch.core.errors import WeightsUnavailableError
 
@@ -183,7 +182,3 @@ class quiet_transformers:
                                           + _text_tower_help(hub_id)) from exc
         return False
 
-
-def text_backbone_keys(model: torch.nn.Module) -> list[str]:
-    """State-dict keys of an HF text tower's pretrained transformer (what a shipped checkpoint omits)."""
-    return [k for k in model.state_dict() if k.startswith("text.transformer.")]

@@ -157,17 +157,6 @@ def wants_pretrained_trunk(model_cfg: Optional[dict[str, Any]]) -> bool:
     return bool(vision.get("timm_model_name") and vision.get("timm_model_pretrained"))
 
 
-def imagenet_classifier(timm_name: str = "tf_efficientnet_lite0", path: str | os.PathLike | None = None) -> nn.Module:
-    """The full timm ImageNet classifier (trunk + its 1000-class head) with pretrained weights,
-    in eval mode: what the trunk's weights were trained as (used to check the weight mapping)."""
-    import timm
-
-    net = timm.create_model(timm_name, pretrained=False)
-    path = Path(path) if path is not None else resolve_trunk_weights(timm_name)
-    net.load_state_dict(read_trunk_state(path, net), strict=True)
-    return net.eval()
-
-
 def _timm_trunk(model: nn.Module) -> nn.Module:
     trunk = getattr(getattr(model, "visual", None), "trunk", None)
     if trunk is None or not hasattr(trunk, "pretrained_cfg"):

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from open_clip_train.scheduler import cosine_lr
 from torch.nn import functional as F
 
 from vlsearch.core.errors import TrainingError
@@ -215,7 +216,7 @@ def train_itm(feats: PairFeatures, config: RerankTrainConfig, progress: Optional
     pairs = _pairs_of(feats)
     per_epoch = math.ceil(len(pairs.images) / config.batch_size)
     total = config.epochs * per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total, int(config.warmup * total)))
+    set_lr = cosine_lr(opt, config.lr, int(config.warmup * total), total)
     step = 0
     for epoch in range(config.epochs):
         model.train()
@@ -226,8 +227,8 @@ def train_itm(feats: PairFeatures, config: RerankTrainConfig, progress: Optional
             imgs, cap = order[start: start + config.batch_size], caps[start: start + config.batch_size]
             if len(imgs) < 2:
                 continue
+            set_lr(step)
             loss = _train_step(model, opt, feats, imgs, cap, gen, config, hard=epoch >= config.random_epochs)
-            sched.step()
             step += 1
             if progress is not None:
                 progress(step, total, stage="train", loss=round(loss, 4), epoch=epoch + 1)
@@ -267,14 +268,6 @@ def _pairs_of(feats: PairFeatures) -> PairData:
         raise TrainingError(f"{int((counts == 0).sum())} image(s) have no caption")
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return PairData(Path("."), [""] * len(counts), [""] * len(ci), ci, starts)
-
-
-def _warmup_cosine(total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return factor
 
 
 def _train_step(model: FusionITM, opt: torch.optim.Optimizer, feats: PairFeatures, imgs: np.ndarray,

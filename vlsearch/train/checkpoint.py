@@ -21,7 +21,8 @@ FINAL_CHECKPOINT = "model.pt"
 
 
 def run_state(run: Any) -> dict[str, Any]:
-    """Everything ``resume`` needs besides the weights: step, optimiser, scheduler, scaler, RNG, history."""
+    """Everything ``resume`` needs besides the weights: step, optimiser, scaler, RNG, history (the
+    learning rate is a function of the step: no scheduler state)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -31,9 +32,8 @@ def run_state(run: Any) -> dict[str, Any]:
         "steps_per_epoch": run.steps_per_epoch,
         "config": plain(run.config.to_dict()),
         "pretrained": run.pretrained_tag,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
+        "optimizer": run.optim.optimizer.state_dict(),
+        "scaler": run.optim.scaler.state_dict(),
         "rng": rng,
         "losses": list(run.losses),
         "val": list(run.val),
@@ -45,7 +45,8 @@ def save_last(run: Any) -> Path:
                            extra={"train_state": run_state(run)})
 
 def load_last(run: Any) -> None:
-    """Restore a run from its ``last.pt``; refuses another model or another data layout."""
+    """Restore a run from its ``last.pt``; refuses another model or another data layout. (The
+    ``scheduler`` state that earlier versions wrote is not needed: the learning rate follows the step.)"""
     path = run.out_dir / LAST_CHECKPOINT
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -62,9 +63,8 @@ def load_last(run: Any) -> None:
         raise TrainingError(f"{path} had {state['steps_per_epoch']} steps per epoch, this run {run.steps_per_epoch}: "
                             "resume needs the same data, val_fraction and batch_size")
     run.model.load_state_dict(payload["state_dict"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    run.optim.optimizer.load_state_dict(state["optimizer"])
+    run.optim.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

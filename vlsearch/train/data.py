@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlsearch.core.errors import TrainingError
+from vlsearch.core.errors import SourceError, TrainingError
 from vlsearch.core.fsutil import MANIFEST_NAMES, find_manifest
+from vlsearch.data.manifest import read_manifest
 from vlsearch.models.factory import image_transform
 from vlsearch.core.threads import set_process_threads
 from vlsearch.train.images import AugmentConfig, ImageDataset
-
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class PairData:
 
 
 def read_pairs(data: str | os.PathLike) -> PairData:
-    """Read a CSV/Parquet manifest (or a folder holding ``captions.csv``) of ``image,caption`` rows."""
+    """Read a CSV/TSV/Parquet manifest (or a folder holding ``captions.csv``) of ``image,caption`` rows
+    (:func:`vlsearch.data.manifest.read_manifest`; both columns read as text)."""
     path = Path(data).expanduser()
     if path.is_dir():
         found = find_manifest(path)
@@ -44,7 +45,10 @@ def read_pairs(data: str | os.PathLike) -> PairData:
         path = found
     if not path.is_file():
         raise TrainingError(f"training manifest not found: {path}")
-    table = _read_table(path)
+    try:
+        table = read_manifest(path, text_columns=("image", "caption"))
+    except SourceError as exc:
+        raise TrainingError(str(exc)) from exc
     missing = {"image", "caption"} - set(table.column_names)
     if missing:
         raise TrainingError(f"{path} lacks column(s) {sorted(missing)}; it needs 'image' and 'caption' "
@@ -63,23 +67,6 @@ def read_pairs(data: str | os.PathLike) -> PairData:
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     caption_image = np.repeat(np.arange(len(images)), counts).astype(np.int64)
     return PairData(path.parent.resolve(), images, captions, caption_image, starts)
-
-
-def _read_table(path: Path):
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pq.read_table(path)
-        if path.suffix.lower() in (".csv", ".tsv"):
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            convert = pacsv.ConvertOptions(column_types={"image": "string", "caption": "string"})
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                                  convert_options=convert)
-    except Exception as exc:  # pyarrow raises ArrowInvalid & co on malformed files
-        raise TrainingError(f"cannot read manifest {path}: {exc}") from exc
-    raise TrainingError(f"manifest {path} must be .csv, .tsv or .parquet")
 
 
 def split_images(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
