@@ -26,7 +26,7 @@ PRETRAINED_OPT = typer.Option(None, "--pretrained", "-p", help="Tag, hf-hub:org/
 DEVICE_OPT = typer.Option("auto", help="auto, cpu or cuda.")
 PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: auto (bf16 where this CPU/GPU runs "
                              "it fast, else fp32; `vlsearch info` says which), fp32, bf16, fp16 or int8 (CPU).")
-SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.parquet manifest, .tar shard(s) (folder or glob).")
+SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.tsv/.parquet manifest, .tar shard(s) (folder or glob).")
 COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, resumed, or synced).")
 COLLECTION_ARG = typer.Argument(..., help="Collection directory (from `vlsearch embed`).")
 
@@ -101,7 +101,7 @@ class EngineOptions:
     """Where ``embed``, ``build-index`` and ``index`` run: here, or on a Ray cluster."""
 
     engine: str = _option("local", "--engine",
-                          help="local (this process) or ray (a Ray cluster; pip install 'vlsearch[ray]').")
+                          help="local (this process) or ray (a Ray cluster; pip install 'vlsearch\\[ray]').")
     address: Optional[str] = _option(None, "--address",
                                      help="Ray cluster: auto, ray://head:10001 (default: $RAY_ADDRESS or a new local Ray).")
     actors: int = _option(2, "--actors", min=1, help="Ray: parallel actors/tasks (one model per embedding actor).")
