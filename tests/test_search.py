@@ -309,6 +309,21 @@ def test_repeated_text_queries_are_not_re_encoded(planted, tiny_encoder, monkeyp
     assert s.text_cache.hits == 2 and s.text_cache.misses == 3
 
 
+def test_metadata_row_groups_are_cached_within_their_byte_budget(indexed, monkeypatch):
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    q = _unit(np.random.default_rng(7), 3, 64)
+    warm, cold = Searcher.open(indexed["flat"]), Searcher.open(indexed["flat"], metadata_cache_mb=0)
+    for s in (warm, cold):
+        first = s.search_vector(q, k=10)
+        reads.clear()
+        assert s.search_vector(q, k=10) == first
+        assert (len(reads) == 0) == (s is warm)
+    assert warm.metadata_reader.cache.hits > 0 and warm.metadata_reader.cache.nbytes <= 256 << 20
+    assert len(cold.metadata_reader.cache) == 0
+
+
 # ---- errors --------------------------------------------------------------------------------
 
 def test_query_model_that_does_not_match_the_collection_is_refused(planted, tiny_encoder):

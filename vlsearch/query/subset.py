@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from vlsearch.store.arrays import embeddings_to_numpy
+from vlsearch.core.cache import ByteLRU
 from vlsearch.query.exact import DEFAULT_CHUNK_SIZE, MISSING_SCORE, exact_search
+from vlsearch.store.arrays import embeddings_to_numpy
 
 #: ``ann(queries, k, nprobe, selector) -> (scores, ids)``: the searcher's ANN call with a selector.
 AnnSearch = Callable[[np.ndarray, int, "int | None", Any], "tuple[np.ndarray, np.ndarray]"]
@@ -168,14 +169,13 @@ def row_group_starts(path: Any, pf: pq.ParquetFile | None = None) -> np.ndarray:
     starts = _STARTS.get(key)
     if starts is None:
         md = (pf or pq.ParquetFile(path)).metadata
-        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        if len(_STARTS) > 4096:
-            _STARTS.clear()
-        _STARTS[key] = starts
+        starts = _STARTS.put(key, np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]))
     return starts
 
 
-_STARTS: dict[tuple[str, int, int], np.ndarray] = {}
+#: Row-group starts of the shards read so far (8 bytes per row group: 1 MiB holds 4,096 shards
+#: of up to 31 row groups).
+_STARTS = ByteLRU(1 << 20)
 
 
 def plan(rows: int, ntotal: int, nprobe: int | None, nlist: int | None, exact: bool, has_index: bool,
