@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -237,32 +236,3 @@ def _exact(queries: np.ndarray, k: int, subset: Subset, locator: Locator, dim: i
         return exact_search(queries, vectors, k, ids=subset.ids, chunk_size=chunk_size)
     return exact_search(queries, vectors, k, chunk_size=chunk_size)
 
-
-class SubsetCache:
-    """LRU of :class:`Subset` by key (the checked filter SQL), bounded in bytes (ids, bitmaps
-    and gathered vectors; re-measured on each access)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._data: OrderedDict[str, Subset] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_build(self, key: str, build: Callable[[], np.ndarray]) -> Subset:
-        with self._lock:
-            subset = self._data.get(key)
-            if subset is not None:
-                self._data.move_to_end(key)
-                self._evict()
-                return subset
-        subset = Subset(build())
-        with self._lock:
-            self._data[key] = subset
-            self._data.move_to_end(key)
-            self._evict()
-        return subset
-
-    def _evict(self) -> None:
-        total = sum(s.nbytes for s in self._data.values())
-        while total > self.max_bytes and len(self._data) > 1:
-            _, old = self._data.popitem(last=False)
-            total -= old.nbytes

@@ -1,11 +1,10 @@
 """Reading a collection's shards for search hits: the id -> (shard, row) map
-(:class:`RowLocator`, from the ``id`` columns only), row-group metadata reads behind a
-byte-bounded LRU cache (:class:`MetadataReader`), and the query-text embedding cache (:class:`TextCache`)."""
+(:class:`RowLocator`, from the ``id`` columns only) and row-group metadata reads behind a
+byte-bounded LRU cache (:class:`MetadataReader`)."""
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,33 +112,3 @@ class MetadataReader:
             out.append({name: col[r].as_py() for name, col in zip(table.column_names, table.columns)})
         return out
 
-
-class TextCache:
-    """A small thread-safe LRU map (query text -> embedding) with hit/miss counters."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        value = np.array(value, dtype=np.float32)
-        value.flags.writeable = False
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
