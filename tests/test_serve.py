@@ -182,7 +182,7 @@ def test_items_images_and_cached_thumbnails_for_every_source_kind(http, colls, n
 
 
 def test_thumbnail_cache_is_bounded_in_bytes():
-    from vlsearch.app.serve.images import ByteLRU
+    from vlsearch.core.cache import ByteLRU
 
     cache = ByteLRU(1000)
     for i in range(50):

@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 
 from vlsearch.store.arrays import embeddings_to_numpy
 from vlsearch.core.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
+from vlsearch.core.cache import ByteLRU
 from vlsearch.rerank.model import check_rerank_k
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
 
 from vlsearch.app.serve.config import ServeConfig
-from vlsearch.app.serve.images import ByteLRU, ItemImages
+from vlsearch.app.serve.images import ItemImages
 
 CollectionSpec = Union[str, os.PathLike, Searcher]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
