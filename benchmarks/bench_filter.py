@@ -177,9 +177,9 @@ def sweep(s, queries: np.ndarray, k: int, truths: dict, base_qps: float, exponen
     rows = []
     for where, (allowed, truth) in truths.items():
         for e in exponents:
-            ann = Searcher(s.collection, s.index, subset_policy=replace(s.subset_policy, exact_max_rows=0,
-                                                                        nprobe_exponent=e))
-            ann._filter_engine = s.filter_engine
+            policy = replace(s.options.subset_policy, exact_max_rows=0, nprobe_exponent=e)
+            ann = Searcher(s.collection, s.index, options=replace(s.options, subset_policy=policy))
+            ann.plan.filters.engine = s.filter_engine  # one engine per collection version: shared
             ann.knn(queries[:1], k, where=where)
             t = time.perf_counter()
             _, found = ann.knn(queries, k, where=where)
@@ -198,8 +198,8 @@ def forced_exact(s, queries: np.ndarray, k: int, where: str, allowed: np.ndarray
     from vlsearch.query.searcher import Searcher
 
     ex = Searcher(s.collection, s.index)  # its own caches: the first call gathers from the shards
-    ex._filter_engine = s.filter_engine
-    if len(allowed) * s.dim * 4 > s.subset_policy.vector_cache_bytes:
+    ex.plan.filters.engine = s.filter_engine
+    if len(allowed) * s.dim * 4 > s.options.subset_policy.vector_cache_bytes:
         t = time.perf_counter()
         ex.knn(queries, k, where=where, exact=True)
         took = time.perf_counter() - t
@@ -230,7 +230,7 @@ def main() -> None:
     t = time.perf_counter()
     s = Searcher.open(data.collection)
     open_s = time.perf_counter() - t
-    entry, policy = s.collection.manifest.index, s.subset_policy
+    entry, policy = s.collection.manifest.index, s.options.subset_policy
     faiss.omp_set_num_threads(1)
     p50, p99, found = latencies(lambda q: s.knn(q, k), queries)
     faiss.omp_set_num_threads(cores)

@@ -20,6 +20,7 @@ from vlsearch.store.arrays import embedding_array
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.filters import FilterEngine, compile_filter
 from vlsearch.core.modelinfo import ModelInfo
+from vlsearch.query.plan import AnnSearch, FilterSubsets
 from vlsearch.query.searcher import Searcher
 from vlsearch.query.subset import Subset, SubsetPolicy, plan
 
@@ -166,8 +167,8 @@ def test_pq_refine_with_idmap_returns_complete_lists_of_passing_rows(indexed, qu
 def test_filtered_ann_reranks_more_candidates_unless_the_call_says(indexed, queries, monkeypatch):
     s = Searcher.open(indexed["refine"], subset_policy=SubsetPolicy(exact_max_rows=0, min_k_factor=40))
     seen = []
-    real = Searcher._ann
-    monkeypatch.setattr(Searcher, "_ann", lambda self, q, k, nprobe, k_factor, sel=None: (
+    real = AnnSearch.search
+    monkeypatch.setattr(AnnSearch, "search", lambda self, q, k, nprobe, k_factor, sel=None: (
         seen.append(k_factor), real(self, q, k, nprobe, k_factor, sel))[1])
     s.knn(queries, k=5, where="label = 'dog'")
     s.knn(queries, k=5, where="label = 'dog'", k_factor=3)
@@ -182,7 +183,7 @@ def test_a_probe_that_finds_too_few_rows_is_redone_so_lists_are_never_short(inde
     path = indexed["ivf"]
     s = Searcher.open(path, subset_policy=SubsetPolicy(exact_max_rows=0, nprobe_exponent=0.0))
     if not nlist_known:
-        monkeypatch.setattr("vlsearch.query.searcher.find_ivf", lambda index: None)
+        monkeypatch.setattr("vlsearch.query.plan.find_ivf", lambda index: None)
     where = "width BETWEEN 500 AND 520"
     mask = _masks(_table(path))[where]
     scores, ids = s.knn(queries, k=10, nprobe=1, where=where)
@@ -243,14 +244,27 @@ def test_filter_results_and_gathered_vectors_are_cached(coll_path, queries, monk
     assert calls["sql"] == 1
 
 
+def test_filter_results_are_kept_only_within_the_filter_cache_budget(coll_path, monkeypatch):
+    evaluated = []
+    original = FilterEngine.matching_ids
+    monkeypatch.setattr(FilterEngine, "matching_ids", lambda self, c: evaluated.append(c.sql) or original(self, c))
+    where = "width BETWEEN 500 AND 520"
+    for s, evaluations in ((Searcher.open(coll_path), 1), (Searcher.open(coll_path, filter_cache_mb=0), 2)):
+        evaluated.clear()
+        assert np.array_equal(s.filter_ids(where), s.filter_ids(where))
+        assert len(evaluated) == evaluations
+        assert s.filter_engine.compile(where) is s.filter_engine.compile(where)  # checked once per text
+
+
 def test_filters_only_allow_rows_the_searcher_can_return(coll_path):
     """Rows missing from the searcher's row map (e.g. deleted in its collection version) never pass."""
     from vlsearch.store.rows import RowLocator
 
-    s = Searcher.open(coll_path)
-    first_shard = Collection.open(coll_path).shard_paths()[:1]
-    s.row_locator = RowLocator(first_shard)
-    ids = s.filter_ids("label = 'dog'")
+    coll = Collection.open(coll_path)
+    first_shard = coll.shard_paths()[:1]
+    filters = FilterSubsets(RowLocator(first_shard), coll, cache_bytes=1 << 20)
+    filters.engine = Searcher.open(coll_path).filter_engine  # every shard's metadata
+    ids = filters.subset("label = 'dog'").ids
     shard0 = pq.read_table(first_shard[0], columns=["id", "label"]).to_pydict()
     assert sorted(ids.tolist()) == sorted(i for i, lab in zip(shard0["id"], shard0["label"]) if lab == "dog")
 

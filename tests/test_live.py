@@ -69,7 +69,7 @@ def test_removed_ids_never_come_back_and_lists_are_never_short(tmp_path, factory
         live = ~np.isin(ids, gone)
         assert np.array_equal(found[live, 0], ids[live]) or exact is False  # exact finds each live vector itself
     # k larger than what one probed list holds: more lists are probed, never an exact scan for IVF
-    import vlsearch.query.searcher as search_module
+    import vlsearch.query.plan as search_module
 
     exact_calls = []
     real_exact = search_module.exact_search

@@ -22,7 +22,7 @@ from vlsearch.store.arrays import embedding_array
 from vlsearch.core.errors import CollectionMismatchError, IndexNotBuiltError, InvalidQueryError
 from vlsearch.models.factory import ModelInfo
 from vlsearch.ann.faiss_index import search_parameters
-from vlsearch.query.searcher import Hit, Hits, Results, Searcher
+from vlsearch.query.searcher import Hit, Hits, Results, Searcher, SearcherOptions
 
 TEXTS = ["a red car parked on the street", "two cats sleeping on a sofa", "a dog running on the beach",
          "a bowl of hot soup", "snowy mountains at dawn"]
@@ -127,7 +127,7 @@ def indexed(planted, tmp_path_factory):
 def test_text_queries_return_their_planted_image_first_with_a_lazily_loaded_model(planted, indexed):
     path, expected, _ = planted
     s = Searcher.open(indexed["flat"])
-    assert s._encoder is None  # the model loads on the first text query, not on open
+    assert s.embedder._encoder is None  # the model loads on the first text query, not on open
     for text in TEXTS:
         hits = s.search_text(text, k=5)
         assert isinstance(hits, list) and len(hits) == 5 and all(isinstance(h, Hit) for h in hits)
@@ -204,7 +204,7 @@ def test_exact_search_reads_the_shards_once_when_they_fit_the_cache(planted, mon
     real = ShardFiles.iter_embeddings
     monkeypatch.setattr(ShardFiles, "iter_embeddings", lambda self, *a, **kw: reads.append(1) or real(self, *a, **kw))
     queries = _unit(np.random.default_rng(3), 5, 64)
-    cached, streamed = Searcher.open(planted[0]), Searcher.open(planted[0], exact_cache_mb=0)
+    cached, streamed = Searcher.open(planted[0]), Searcher.open(planted[0], options=SearcherOptions(exact_cache_mb=0))
     first = cached.search_vector(queries, k=10, exact=True)
     assert cached.search_vector(queries, k=10, exact=True) == first and len(reads) == 1
     reads.clear()
@@ -260,11 +260,25 @@ def test_concurrent_calls_with_different_parameters_equal_serial_calls(indexed):
     assert faiss.downcast_index(searchers["ivf"].index).nprobe == ivf_nprobe
 
 
-def test_nprobe_default_comes_from_the_manifest(indexed):
+def test_nprobe_default_comes_from_the_manifest_unless_the_options_set_it(indexed):
     s = Searcher.open(indexed["ivf"])
     assert s.nprobe_default == 4
     q = _unit(np.random.default_rng(4), 5, 64)
     assert s.knn(q, k=5)[1].tolist() == s.knn(q, k=5, nprobe=4)[1].tolist()
+    wide = Searcher.open(indexed["ivf"], options=SearcherOptions(nprobe_default=16))
+    assert wide.nprobe_default == 16
+    assert wide.knn(q, k=5)[1].tolist() == s.knn(q, k=5, nprobe=16)[1].tolist() != s.knn(q, k=5)[1].tolist()
+    with pytest.raises(InvalidQueryError, match="nprobe"):
+        Searcher.open(indexed["ivf"], options=SearcherOptions(nprobe_default=0))
+
+
+def test_open_keywords_override_fields_of_the_options(planted):
+    base = SearcherOptions(exact_cache_mb=0, device="cpu")
+    s = Searcher.open(planted[0], options=base, text_cache_mb=1)
+    assert s.options == SearcherOptions(exact_cache_mb=0, device="cpu", text_cache_mb=1)
+    assert s.text_cache.max_bytes == 1 << 20 and Searcher.open(planted[0]).options == SearcherOptions()
+    with pytest.raises(TypeError):
+        Searcher.open(planted[0], text_cache_size=10)
 
 
 # ---- memory behaviour ----------------------------------------------------------------------
@@ -307,6 +321,36 @@ def test_repeated_text_queries_are_not_re_encoded(planted, tiny_encoder, monkeyp
     assert first == again == batch[0]
     assert encoded == [[TEXTS[0]], [TEXTS[1]]]
     assert s.text_cache.hits == 2 and s.text_cache.misses == 3
+
+
+def test_the_text_cache_is_bounded_in_bytes(planted, tiny_encoder, monkeypatch):
+    """A budget of two 64-d float32 vectors: a third text evicts the least recently used one."""
+    encoded: list[list[str]] = []
+    real = tiny_encoder.encode_texts
+    monkeypatch.setattr(tiny_encoder, "encode_texts", lambda texts, *a, **k: (encoded.append(list(texts)), real(texts))[1])
+    s = Searcher.open(planted[0], encoder=tiny_encoder, options=SearcherOptions(text_cache_mb=2 * 64 * 4 / 2**20))
+    for text in (TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[2], TEXTS[0], TEXTS[1]):
+        s.embed_texts([text])
+    assert encoded == [[TEXTS[0]], [TEXTS[1]], [TEXTS[2]], [TEXTS[1]]]  # TEXTS[1] was evicted by TEXTS[2]
+    assert s.text_cache.nbytes <= 2 * 64 * 4 and len(s.text_cache) == 2
+    none = Searcher.open(planted[0], encoder=tiny_encoder, options=SearcherOptions(text_cache_mb=0))
+    np.testing.assert_array_equal(none.embed_texts([TEXTS[3]]), s.embed_texts([TEXTS[3]]))
+    assert len(none.text_cache) == 0
+
+
+def test_metadata_row_groups_are_cached_within_their_byte_budget(indexed, monkeypatch):
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    q = _unit(np.random.default_rng(7), 3, 64)
+    warm, cold = Searcher.open(indexed["flat"]), Searcher.open(indexed["flat"], metadata_cache_mb=0)
+    for s in (warm, cold):
+        first = s.search_vector(q, k=10)
+        reads.clear()
+        assert s.search_vector(q, k=10) == first
+        assert (len(reads) == 0) == (s is warm)
+    assert warm.metadata_reader.cache.hits > 0 and warm.metadata_reader.cache.nbytes <= 256 << 20
+    assert len(cold.metadata_reader.cache) == 0
 
 
 # ---- errors --------------------------------------------------------------------------------

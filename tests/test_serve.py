@@ -106,6 +106,31 @@ def test_text_search_returns_what_the_searcher_returns(http, searchers, exact):
         assert body["exact"] is exact and body["took_ms"] > 0 and body["query"] == "text"
 
 
+def test_reranked_text_search_embeds_the_text_once_and_matches_the_searcher(colls, tiny_encoder, monkeypatch):
+    import torch
+
+    from vlsearch.app.serve.service import SearchOptions, open_collections
+    from vlsearch.query import embedding, reranking
+    from vlsearch.rerank.model import FusionConfig, FusionITM, Reranker, tower_identity
+
+    torch.manual_seed(0)
+    rr = Reranker(FusionITM(FusionConfig(text_dim=64, image_dim=128, width=32, heads=2, layers=1, dropout=0.0)),
+                  tower_identity(tiny_encoder.info), 0.5)
+    s = Searcher.open(colls["folder"], encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+    served = open_collections({"c": s}, ServeConfig())["c"]
+    passes = []
+    real_encode, real_tokens = tiny_encoder.encode_texts, embedding.text_tokens
+    monkeypatch.setattr(tiny_encoder, "encode_texts", lambda texts, *a, **k: passes.append(1) or real_encode(texts))
+    for module in (embedding, reranking):
+        monkeypatch.setattr(module, "text_tokens", lambda *a, **k: passes.append(1) or real_tokens(*a, **k))
+    out = served.search("text", "a large red circle", SearchOptions(k=3, offset=2, rerank=8, exact=True))
+    assert len(passes) == 1  # one text-tower call for both the first stage and the re-ranker
+    local = s.search_text("a large red circle", k=5, exact=True, rerank=8)[2:]
+    assert [(h.id, h.rank, h.score, h.first_stage_score) for h in out.hits] == \
+        [(h.id, h.rank, h.score, h.first_stage_score) for h in local]
+    assert all(h.first_stage_score is not None for h in out.hits)
+
+
 def test_pages_concatenate_to_one_long_ranking(http, searchers):
     vec = searchers["manifest"].embed_texts(["a small blue star"])[0].tolist()
     full = _search(http, "manifest", vector=vec, k=12).json()
@@ -182,7 +207,7 @@ def test_items_images_and_cached_thumbnails_for_every_source_kind(http, colls, n
 
 
 def test_thumbnail_cache_is_bounded_in_bytes():
-    from vlsearch.app.serve.images import ByteLRU
+    from vlsearch.core.cache import ByteLRU
 
     cache = ByteLRU(1000)
     for i in range(50):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import InvalidQueryError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +47,8 @@ CAPTION = "caption"
 #: Longest accepted filter text (characters) and deepest expression tree.
 MAX_FILTER_CHARS = 8192
 MAX_DEPTH = 64
+#: Checked filters kept per engine: 1 MiB, ~4,000 filters of one or two conditions (200-350 bytes each).
+COMPILED_CACHE_BYTES = 1 << 20
 
 #: Expression node kinds a filter may contain (DuckDB parse-tree classes).
 ALLOWED_CLASSES = frozenset({
@@ -84,6 +88,11 @@ class CompiledFilter:
     def matching_ids(self, engine: "FilterEngine") -> np.ndarray:
         """Sorted unique int64 ids of the images that pass."""
         return engine.matching_ids(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by its strings (what a cache of compiled filters counts)."""
+        return sum(sys.getsizeof(text) for text in (self.where, self.sql, *self.columns))
 
 
 # ---- parsing and checking -------------------------------------------------------------------
@@ -263,7 +272,7 @@ class FilterEngine:
                 f"ELSE [NULL::VARCHAR] END) AS {CAPTION} FROM {TABLE}")
         _lock(self._con)
         self._lock = threading.Lock()
-        self._compiled: dict[str, CompiledFilter] = {}
+        self._compiled = ByteLRU(COMPILED_CACHE_BYTES)
 
     @classmethod
     def from_shards(cls, shard_paths: Sequence["Path"], collection: Any = None, **options: Any) -> "FilterEngine":
@@ -271,13 +280,10 @@ class FilterEngine:
 
     def compile(self, where: str) -> CompiledFilter:
         """:func:`compile_filter` against this table's columns, remembered per filter text
-        (parsing costs ~1 ms; up to 4096 filters are kept)."""
+        (parsing costs ~1 ms; up to ``COMPILED_CACHE_BYTES`` of filters are kept)."""
         compiled = self._compiled.get(where) if isinstance(where, str) else None
         if compiled is None:
-            compiled = compile_filter(where, self.columns)
-            if len(self._compiled) >= 4096:
-                self._compiled.clear()
-            self._compiled[where] = compiled
+            compiled = self._compiled.put(where, compile_filter(where, self.columns))
         return compiled
 
     def matching_ids(self, compiled: CompiledFilter) -> np.ndarray:

@@ -25,15 +25,15 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from vlsearch.store.arrays import embeddings_to_numpy
+from vlsearch.core.cache import ByteLRU
 from vlsearch.query.exact import DEFAULT_CHUNK_SIZE, MISSING_SCORE, exact_search
+from vlsearch.store.arrays import embeddings_to_numpy
 
 #: ``ann(queries, k, nprobe, selector) -> (scores, ids)``: the searcher's ANN call with a selector.
 AnnSearch = Callable[[np.ndarray, int, "int | None", Any], "tuple[np.ndarray, np.ndarray]"]
@@ -168,14 +168,13 @@ def row_group_starts(path: Any, pf: pq.ParquetFile | None = None) -> np.ndarray:
     starts = _STARTS.get(key)
     if starts is None:
         md = (pf or pq.ParquetFile(path)).metadata
-        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
-        if len(_STARTS) > 4096:
-            _STARTS.clear()
-        _STARTS[key] = starts
+        starts = _STARTS.put(key, np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]))
     return starts
 
 
-_STARTS: dict[tuple[str, int, int], np.ndarray] = {}
+#: Row-group starts of the shards read so far (8 bytes per row group: 1 MiB holds 4,096 shards
+#: of up to 31 row groups).
+_STARTS = ByteLRU(1 << 20)
 
 
 def plan(rows: int, ntotal: int, nprobe: int | None, nlist: int | None, exact: bool, has_index: bool,
@@ -237,32 +236,3 @@ def _exact(queries: np.ndarray, k: int, subset: Subset, locator: Locator, dim: i
         return exact_search(queries, vectors, k, ids=subset.ids, chunk_size=chunk_size)
     return exact_search(queries, vectors, k, chunk_size=chunk_size)
 
-
-class SubsetCache:
-    """LRU of :class:`Subset` by key (the checked filter SQL), bounded in bytes (ids, bitmaps
-    and gathered vectors; re-measured on each access)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._data: OrderedDict[str, Subset] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_build(self, key: str, build: Callable[[], np.ndarray]) -> Subset:
-        with self._lock:
-            subset = self._data.get(key)
-            if subset is not None:
-                self._data.move_to_end(key)
-                self._evict()
-                return subset
-        subset = Subset(build())
-        with self._lock:
-            self._data[key] = subset
-            self._data.move_to_end(key)
-            self._evict()
-        return subset
-
-    def _evict(self) -> None:
-        total = sum(s.nbytes for s in self._data.values())
-        while total > self.max_bytes and len(self._data) > 1:
-            _, old = self._data.popitem(last=False)
-            total -= old.nbytes

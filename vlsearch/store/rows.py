@@ -1,11 +1,10 @@
 """Reading a collection's shards for search hits: the id -> (shard, row) map
-(:class:`RowLocator`, from the ``id`` columns only), row-group metadata reads behind a bounded
-LRU cache (:class:`MetadataReader`), and the query-text embedding cache (:class:`TextCache`)."""
+(:class:`RowLocator`, from the ``id`` columns only) and row-group metadata reads behind a
+byte-bounded LRU cache (:class:`MetadataReader`)."""
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlsearch.store.collection import Collection
+from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import CollectionError
+from vlsearch.store.collection import Collection
 
 
 class RowLocator:
@@ -64,18 +64,15 @@ class RowLocator:
 class MetadataReader:
     """Reads the non-embedding columns of given rows, one Parquet row group at a time.
 
-    Decoded row groups are kept in an LRU cache bounded by ``cache_bytes`` (0 disables it).
-    Thread-safe: each shard's Parquet reader is used under its own lock.
+    Decoded row groups are kept in a :class:`~vlsearch.core.cache.ByteLRU` of ``cache_bytes``
+    (0 disables it). Thread-safe: each shard's Parquet reader is used under its own lock.
     """
 
     def __init__(self, shard_paths: Sequence[Path], cache_bytes: int = 256 << 20):
         self.paths = list(shard_paths)
-        self.cache_bytes = int(cache_bytes)
+        self.cache = ByteLRU(cache_bytes)
         self._files: dict[int, tuple[pq.ParquetFile, np.ndarray, list[str], threading.Lock]] = {}
         self._files_lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._cached = 0
 
     def _file(self, shard: int) -> tuple[pq.ParquetFile, np.ndarray, list[str], threading.Lock]:
         with self._files_lock:
@@ -89,23 +86,12 @@ class MetadataReader:
             return entry
 
     def _row_group(self, shard: int, group: int) -> pa.Table:
-        key = (shard, group)
-        with self._cache_lock:
-            table = self._cache.get(key)
-            if table is not None:
-                self._cache.move_to_end(key)
-                return table
-        pf, _, columns, lock = self._file(shard)
-        with lock:
-            table = pf.read_row_group(group, columns=columns).combine_chunks()
-        if self.cache_bytes > 0:
-            with self._cache_lock:
-                if key not in self._cache:
-                    self._cache[key] = table
-                    self._cached += table.nbytes
-                    while self._cached > self.cache_bytes and len(self._cache) > 1:
-                        _, old = self._cache.popitem(last=False)
-                        self._cached -= old.nbytes
+        table = self.cache.get((shard, group))
+        if table is None:
+            pf, _, columns, lock = self._file(shard)
+            with lock:
+                table = pf.read_row_group(group, columns=columns).combine_chunks()
+            self.cache.put((shard, group), table)
         return table
 
     def rows(self, shards: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
@@ -126,33 +112,3 @@ class MetadataReader:
             out.append({name: col[r].as_py() for name, col in zip(table.column_names, table.columns)})
         return out
 
-
-class TextCache:
-    """A small thread-safe LRU map (query text -> embedding) with hit/miss counters."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        value = np.array(value, dtype=np.float32)
-        value.flags.writeable = False
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)

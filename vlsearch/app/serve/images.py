@@ -12,54 +12,19 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import DecodeError, ItemNotFoundError
 from vlsearch.data.images import open_image
 
 #: Tar members (and files) above this size are not read into memory to be served.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 THUMBNAIL_QUALITY = 85
-
-
-class ByteLRU:
-    """A thread-safe LRU map bounded by the total size of its ``bytes`` values."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._data: OrderedDict[Any, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-        self.nbytes = self.hits = self.misses = 0
-
-    def get(self, key: Any) -> bytes | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: bytes) -> None:
-        if len(value) > self.max_bytes:
-            return
-        with self._lock:
-            old = self._data.pop(key, None)
-            self.nbytes += len(value) - (len(old) if old is not None else 0)
-            self._data[key] = value
-            while self.nbytes > self.max_bytes:
-                _, evicted = self._data.popitem(last=False)
-                self.nbytes -= len(evicted)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 @dataclass(frozen=True)

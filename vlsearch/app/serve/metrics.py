@@ -4,9 +4,11 @@ thumbnail cache. Each app has its own registry, so several apps (tests) never cl
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from vlsearch.core.cache import ByteLRU
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -22,8 +24,8 @@ class ServeMetrics:
                               registry=self.registry)
         self.in_flight = Gauge("vlsearch_requests_in_flight", "Requests being served", registry=self.registry)
 
-    def cache_gauges(self, cache: Any) -> None:
-        """Expose a ByteLRU's size and hit/miss counts."""
+    def cache_gauges(self, cache: ByteLRU) -> None:
+        """Expose the thumbnail cache's size in bytes and its hit/miss counts."""
         for name, doc, fn in (("bytes", "bytes held", lambda: cache.nbytes), ("hits", "hits", lambda: cache.hits),
                               ("misses", "misses", lambda: cache.misses)):
             Gauge(f"vlsearch_thumbnail_cache_{name}", f"Thumbnail cache {doc}", registry=self.registry).set_function(fn)

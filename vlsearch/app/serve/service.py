@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 
 from vlsearch.store.arrays import embeddings_to_numpy
 from vlsearch.core.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
-from vlsearch.rerank.model import check_rerank_k
+from vlsearch.core.cache import ByteLRU
+from vlsearch.query.embedding import TextQuery
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
 
 from vlsearch.app.serve.config import ServeConfig
-from vlsearch.app.serve.images import ByteLRU, ItemImages
+from vlsearch.app.serve.images import ItemImages
 
 CollectionSpec = Union[str, os.PathLike, Searcher]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -115,34 +116,34 @@ class ServedCollection:
     def search(self, query: str, value: Any, opts: SearchOptions) -> SearchOutcome:
         """Search by ``query`` kind: ``text`` (str), ``image`` (PIL image), ``vector`` or ``id``.
         Returns hits ``offset .. offset+k`` of the ranking (ranks stay global)."""
-        start = time.perf_counter()
-        exclude = None
-        if query == "text":
-            vec = self.searcher.embed_texts([value])[0]
-        elif query == "image":
-            vec = self.searcher.embed_images([value])[0]
-        elif query == "id":
-            vec, exclude = self.vector(value), int(value)
-        else:
-            vec = np.asarray(value, dtype=np.float32)
-        embedded = time.perf_counter()
-        wanted = opts.k + opts.offset + (exclude is not None)
         if opts.rerank and query != "text":
             raise InvalidQueryError("rerank re-scores text queries only")
-        if opts.rerank:
-            depth = check_rerank_k(opts.rerank, wanted)
-            scores, ids = self.searcher.knn(vec, k=depth, nprobe=opts.nprobe, exact=opts.exact,
-                                            k_factor=opts.k_factor, **self._filter(opts.where))
-            hits = self.searcher.hits(*self.searcher.rerank([value], scores, ids, wanted))[0]
+        start = time.perf_counter()
+        embedded_query, exclude = self._embed(query, value, tokens=bool(opts.rerank))
+        embedded = time.perf_counter()
+        wanted = opts.k + opts.offset + (exclude is not None)
+        params = dict(k=wanted, nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor, **self._filter(opts.where))
+        if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
+            hits = self.searcher.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
         else:
-            hits = self.searcher.search_vector(vec, k=wanted, nprobe=opts.nprobe, exact=opts.exact,
-                                               k_factor=opts.k_factor, **self._filter(opts.where))
+            hits = self.searcher.search_vector(embedded_query, **params)
         if exclude is not None:  # "more like this" leaves out the item itself
             kept = [h for h in hits if h.id != exclude][: wanted - 1]
             hits = [replace(h, rank=i + 1) for i, h in enumerate(kept)]
         done = time.perf_counter()
         return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
                              (done - embedded) * 1e3)
+
+    def _embed(self, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, int | None]:
+        """The query embedded (a TextQuery for text, with token states when re-ranked; else a
+        vector) and the item id to leave out of the hits (``id`` queries)."""
+        if query == "text":
+            return self.searcher.text_query([value], tokens=tokens), None
+        if query == "image":
+            return self.searcher.embed_images([value])[0], None
+        if query == "id":
+            return self.vector(value), int(value)
+        return np.asarray(value, dtype=np.float32), None
 
     @staticmethod
     def _filter(where: str | None) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""Query embedding: texts and images -> unit vectors with the collection's model, loaded on
+first use, and the query-text cache (a :class:`~vlsearch.core.cache.ByteLRU`)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from vlsearch.core.cache import ByteLRU
+from vlsearch.core.errors import DecodeError, InvalidQueryError
+from vlsearch.data.images import ImageInput, open_image
+from vlsearch.query.options import SearcherOptions, budget
+from vlsearch.rerank.model import text_tokens
+from vlsearch.store.collection import Collection
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlsearch.models.factory import Encoder
+
+
+@dataclass(frozen=True, eq=False)
+class TextQuery:
+    """Query texts embedded once: their unit vectors ``(Q, d)`` and, when they are to be
+    re-ranked, the text tower's token states ``(states, mask)`` of the same pass."""
+
+    texts: list[str]
+    vectors: np.ndarray
+    tokens: tuple[Any, Any] | None = None
+
+
+class QueryEmbedder:
+    """The collection's model behind a lock, and the text-embedding cache. Thread-safe."""
+
+    def __init__(self, collection: Collection, encoder: "Encoder | None", options: SearcherOptions):
+        if encoder is not None:
+            collection.check_model(encoder.info, what="query model")
+        self.collection = collection
+        self.device, self.precision = options.device, options.precision
+        self.text_cache = ByteLRU(budget(options.text_cache_mb))
+        self._encoder = encoder
+        self._lock = threading.Lock()
+
+    @property
+    def encoder(self) -> "Encoder":
+        """The collection's model, loaded on first use (thread-safe)."""
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    from vlsearch.models.factory import load_model
+
+                    m = self.collection.manifest.model
+                    enc = load_model(m.name, m.pretrained, device=self.device, precision=self.precision)
+                    self.collection.check_model(enc.info, what="query model")
+                    self._encoder = enc
+        return self._encoder
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Text embeddings through the cache; only cache misses are encoded (in one batch)."""
+        out = np.empty((len(texts), self.collection.dim), np.float32)
+        missing: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):
+            vec = self.text_cache.get(t)
+            if vec is None:
+                missing.setdefault(t, []).append(i)
+            else:
+                out[i] = vec
+        if missing:
+            todo = list(missing)
+            for t, vec in zip(todo, self.encoder.encode_texts(todo)):
+                vec = np.array(vec, dtype=np.float32)
+                vec.flags.writeable = False
+                out[missing[t]] = self.text_cache.put(t, vec)
+        return out
+
+    def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
+        """``texts`` embedded for search; with ``tokens`` (re-ranking) vectors and token states come
+        from one text-tower pass, else the vectors from :meth:`texts` (cached)."""
+        texts = check_texts(texts)
+        if not tokens:
+            return TextQuery(texts, self.texts(texts))
+        states, mask, vectors = text_tokens(self.encoder, texts, with_embeddings=True)
+        return TextQuery(texts, vectors, (states, mask))
+
+    def images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Encode query images; an unreadable one raises InvalidQueryError naming it and why."""
+        pics = []
+        for i, img in enumerate(images):
+            if not isinstance(img, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+                raise InvalidQueryError(
+                    f"query image {i} is a {type(img).__name__}: give a file path, a PIL image or encoded bytes")
+            try:
+                pics.append(open_image(img))
+            except DecodeError as exc:
+                raise InvalidQueryError(f"cannot read query image {_describe(img)}: {exc}") from exc
+        return self.encoder.encode_images(pics)
+
+
+def check_texts(texts: Any) -> list[str]:
+    """A non-empty list of non-blank strings, else InvalidQueryError."""
+    if not isinstance(texts, (list, tuple)):
+        raise InvalidQueryError(f"query text must be a string or a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise InvalidQueryError("no query text given (empty list)")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidQueryError(f"query text {i} is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise InvalidQueryError(f"query text {i} is empty")
+    return list(texts)
+
+
+def _describe(img: Any) -> str:
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        return f"({len(img)} bytes)"
+    return str(img) if isinstance(img, (str, os.PathLike)) else type(img).__name__
