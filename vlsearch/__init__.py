@@ -25,6 +25,7 @@ _LAZY = {
     "Collection": "vlsearch.store.collection",
     "Manifest": "vlsearch.store.collection",
     "Searcher": "vlsearch.query.searcher",
+    "SearcherOptions": "vlsearch.query.options",
     "Hit": "vlsearch.query.results",
     "Client": "vlsearch.client",
 }
