@@ -297,7 +297,7 @@ def test_rerank_zero_is_no_rerank_and_bad_k_is_refused(rr_collection, tiny_encod
     path, _, rr = rr_collection
     s = Searcher.open(path, encoder=tiny_encoder, reranker=rr)
     assert s.search_text("a cat", k=5, exact=True, rerank=0) == s.search_text("a cat", k=5, exact=True)
-    assert s.reranking._features is None  # nothing loaded for rerank=0
+    assert not s.reranking.loaded  # nothing loaded for rerank=0
     for bad in (-1, 4, 2.5, True, "10"):
         with pytest.raises(InvalidQueryError, match="rerank"):
             s.search_text("a cat", k=5, exact=True, rerank=bad)

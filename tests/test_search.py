@@ -127,7 +127,7 @@ def indexed(planted, tmp_path_factory):
 def test_text_queries_return_their_planted_image_first_with_a_lazily_loaded_model(planted, indexed):
     path, expected, _ = planted
     s = Searcher.open(indexed["flat"])
-    assert s.embedder._encoder is None  # the model loads on the first text query, not on open
+    assert not s.embedder.loaded  # the model loads on the first text query, not on open
     for text in TEXTS:
         hits = s.search_text(text, k=5)
         assert isinstance(hits, list) and len(hits) == 5 and all(isinstance(h, Hit) for h in hits)

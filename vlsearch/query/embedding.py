@@ -4,7 +4,6 @@ first use, and the query-text cache (a :class:`~vlsearch.core.cache.ByteLRU`).""
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from vlsearch.core.cache import ByteLRU
+from vlsearch.core.lazy import Lazy
 from vlsearch.core.errors import DecodeError, InvalidQueryError
 from vlsearch.data.images import ImageInput, open_image
 from vlsearch.query.options import SearcherOptions, budget
@@ -41,22 +41,25 @@ class QueryEmbedder:
         self.collection = collection
         self.device, self.precision = options.device, options.precision
         self.text_cache = ByteLRU(budget(options.text_cache_mb))
-        self._encoder = encoder
-        self._lock = threading.Lock()
+        self._encoder: Lazy[Encoder] = Lazy(self._load, encoder)
 
     @property
     def encoder(self) -> "Encoder":
         """The collection's model, loaded on first use (thread-safe)."""
-        if self._encoder is None:
-            with self._lock:
-                if self._encoder is None:
-                    from vlsearch.models.factory import load_model
+        return self._encoder.get()
 
-                    m = self.collection.manifest.model
-                    enc = load_model(m.name, m.pretrained, device=self.device, precision=self.precision)
-                    self.collection.check_model(enc.info, what="query model")
-                    self._encoder = enc
-        return self._encoder
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded (it loads on the first text or image query)."""
+        return self._encoder.made
+
+    def _load(self) -> "Encoder":
+        from vlsearch.models.factory import load_model
+
+        m = self.collection.manifest.model
+        enc = load_model(m.name, m.pretrained, device=self.device, precision=self.precision)
+        self.collection.check_model(enc.info, what="query model")
+        return enc
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings through the cache; only cache misses are encoded (in one batch)."""

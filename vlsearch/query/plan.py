@@ -18,7 +18,6 @@ Scores are cosine similarities (an L2 index's squared distances are converted wi
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from vlsearch.ann.faiss_index import find_ivf, is_l2, search_parameters, stored_
 from vlsearch.ann.live import live_selector
 from vlsearch.ann.refine import DEFAULT_K_FACTOR, DiskRefine
 from vlsearch.core.cache import ByteLRU
+from vlsearch.core.lazy import Lazy
 from vlsearch.core.errors import IndexNotBuiltError, InvalidQueryError
 from vlsearch.query.exact import exact_search
 from vlsearch.query.filters import FilterEngine
@@ -136,18 +136,13 @@ class ExactSearch:
 
     def __init__(self, collection: Collection, rows: int, cache_bytes: int, chunk_size: int):
         self.collection, self.chunk_size = collection, int(chunk_size)
-        self._fits = rows * collection.dim * 4 <= cache_bytes
-        self._db: tuple[np.ndarray, np.ndarray] | None = None
-        self._lock = threading.Lock()
+        fits = rows * collection.dim * 4 <= cache_bytes
+        self._db = Lazy(collection.read_embeddings) if fits else None
 
     def search(self, q: np.ndarray, k: int) -> Knn:
-        if self._db is None and self._fits:
-            with self._lock:
-                if self._db is None:
-                    self._db = self.collection.read_embeddings()
         if self._db is None:
             return exact_search(q, self.collection, k, chunk_size=self.chunk_size)
-        ids, vectors = self._db
+        ids, vectors = self._db.get()
         return exact_search(q, vectors, k, ids=ids, chunk_size=self.chunk_size)
 
 
@@ -160,20 +155,15 @@ class FilterSubsets:
     def __init__(self, rows: RowLocator, collection: Collection, cache_bytes: int):
         self.rows, self.collection = rows, collection
         self._subsets = ByteLRU(cache_bytes)
-        self._engine: FilterEngine | None = None
-        self._lock = threading.Lock()
+        self._engine: Lazy[FilterEngine] = Lazy(lambda: FilterEngine.from_shards(self.rows.paths, self.collection))
 
     @property
     def engine(self) -> FilterEngine:
-        if self._engine is None:
-            with self._lock:
-                if self._engine is None:
-                    self._engine = FilterEngine.from_shards(self.rows.paths, self.collection)
-        return self._engine
+        return self._engine.get()
 
     @engine.setter
     def engine(self, engine: FilterEngine) -> None:
-        self._engine = engine
+        self._engine.set(engine)
 
     def subset(self, where: str) -> Subset:
         compiled = self.engine.compile(where)

@@ -4,11 +4,11 @@ token states and the candidates' image tokens (:mod:`vlsearch.rerank.features`);
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from vlsearch.core.lazy import Lazy
 from vlsearch.rerank.features import CandidateFeatures
 from vlsearch.rerank.model import Reranker, load_reranker, text_tokens
 from vlsearch.store.collection import Collection
@@ -28,34 +28,34 @@ class RerankStage:
                  reader: MetadataReader, features_mode: str = "auto"):
         self.collection, self.rows, self.reader, self.features_mode = collection, rows, reader, features_mode
         self._given, self._encoder = reranker, encoder
-        self._reranker: Reranker | None = None
-        self._features: CandidateFeatures | None = None
-        self._lock = threading.Lock()
+        self._reranker: Lazy[Reranker] = Lazy(self._load_reranker)
+        self._features: Lazy[CandidateFeatures] = Lazy(self._candidate_features)
 
     @property
     def reranker(self) -> Reranker:
         """The re-ranker, loaded and checked against the collection's model on first use."""
-        if self._reranker is None:
-            with self._lock:
-                if self._reranker is None:
-                    given = self._given
-                    if not isinstance(given, Reranker):
-                        given = load_reranker(self.collection.model, given)
-                    given.check_model(self.collection.model)
-                    self._reranker = given
-        return self._reranker
+        return self._reranker.get()
 
     @property
     def features(self) -> CandidateFeatures:
         """Where candidates' re-rank features come from (stored per shard, or recomputed)."""
-        if self._features is None:
-            reranker = self.reranker
-            with self._lock:
-                if self._features is None:
-                    self._features = CandidateFeatures(
-                        self.collection, reranker, self._encoder, self.rows.paths, self.rows.locate,
-                        self.reader.rows, self.features_mode)
-        return self._features
+        return self._features.get()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the re-ranker's candidate features are set up (on the first re-ranked query)."""
+        return self._features.made
+
+    def _load_reranker(self) -> Reranker:
+        given = self._given
+        if not isinstance(given, Reranker):
+            given = load_reranker(self.collection.model, given)
+        given.check_model(self.collection.model)
+        return given
+
+    def _candidate_features(self) -> CandidateFeatures:
+        return CandidateFeatures(self.collection, self.reranker, self._encoder, self.rows.paths, self.rows.locate,
+                                 self.reader.rows, self.features_mode)
 
     def rerank(self, texts: Sequence[str], scores: np.ndarray, ids: np.ndarray, k: int,
                tokens: tuple[Any, Any] | None = None) -> Reranked:
