@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from process_support import wait_for_line
 
 from indexing.build import build_index
 from vlsearch.store.layout import FILE_COLUMNS, IMAGES_DIR, MANIFEST
@@ -193,25 +193,14 @@ def test_reader_keeps_its_version_while_a_new_one_is_written(tmp_path):
         Collection.open(coll.path, version=1)  # two versions back: garbage collected
 
 
-def _first_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The child's first line on stdout, waited for at most ``timeout`` s; fails with its stderr if
-    none comes (it died, or hangs)."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
-        proc.kill()
-        pytest.fail(f"no line from the child in {timeout:g} s (exit code {proc.wait()}): {proc.stderr.read()[-2000:]}")
-    return line.strip()
-
-
 def test_second_writer_fails_at_once_and_a_dead_holder_is_taken_over(tmp_path):
     coll = _collection(tmp_path / "c", factory=None)
     code = ("import sys, time; from vlsearch.store.collection import Collection\n"
             "with Collection.open(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(coll.path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, bufsize=0)
     try:
-        assert _first_line(proc, timeout=300) == "locked"  # generous: a starved CPU imports slowly
+        wait_for_line(proc, "^locked$", timeout=300)  # generous: a starved CPU imports slowly
         with pytest.raises(CollectionLockedError, match=f"locked by pid {proc.pid}"):
             coll.remove([10**12])
         assert proc.poll() is None  # refused while the holder still holds the lock: no waiting for it
