@@ -34,10 +34,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vlsearch  # noqa: E402,F401  (first: it turns on huge pages for torch's allocator, see vlsearch/__init__.py)
+from vlsearch.core.allocator import enable_huge_pages, reusing_freed_memory  # noqa: E402
+enable_huge_pages()  # before torch's first allocation: its allocator on huge pages, as in the CLI
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
-from vlsearch.core.allocator import reusing_freed_memory  # noqa: E402
 from vlsearch.core.threads import set_process_threads  # noqa: E402
 from indexing.decode import DECODE_NICE, decode_batches  # noqa: E402
 from indexing.embed import EmbedConfig, embed  # noqa: E402

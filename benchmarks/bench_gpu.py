@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vlsearch  # noqa: E402,F401  (first: huge pages for torch's allocator)
+from vlsearch.core.allocator import enable_huge_pages  # noqa: E402
+enable_huge_pages()  # before torch's first allocation: its allocator on huge pages, as in the CLI
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from benchmarks.bench_encode import HEADERS, STAGE_HEADERS, bench_model, camera_gallery  # noqa: E402

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
+from vlsearch.core.allocator import enable_huge_pages  # noqa: E402
+enable_huge_pages()  # before torch's first allocation: its allocator on huge pages, as in the CLI
 import torch  # noqa: E402
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
 from vlsearch.core.allocator import reusing_freed_memory  # noqa: E402

@@ -133,15 +133,3 @@ def test_a_preprocess_that_does_not_split_runs_whole(tiny_encoder):
     assert enc.decode_transform is custom
     with pytest.raises(TypeError, match="does not split"):
         enc.image_input(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
-
-
-def test_importing_vlsearch_turns_on_huge_pages_for_torch_unless_the_user_chose(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    code = "import vlsearch, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
-    env["THP_MEM_ALLOC_ENABLE"] = "0"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"

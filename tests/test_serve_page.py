@@ -1,28 +1,30 @@
 """The search page in a real browser: Debian's chromium driven by Playwright, against a real
-uvicorn server. Skips only when chromium is not installed (CI installs it: see .ci/run)."""
+uvicorn server. Skips only when chromium is not installed, and fails then where
+VLSEARCH_REQUIRE_BROWSER=1 (CI installs chromium and sets it: see .ci/run)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from prerequisites import chromium_path
 from serve_support import make_collections
 
 from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.store.collection import Collection
 from vlsearch.query.searcher import Searcher
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed here (apt-get install -y chromium), so the "
-                             "page cannot be driven in a browser")
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium() -> str:
+    """First, before the collections are built: skip the module without chromium (fail it in CI)."""
+    return chromium_path()
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,11 @@ def setup(tmp_path_factory, tiny_encoder):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(chromium):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         yield browser
         browser.close()
 

@@ -1,11 +1,11 @@
-"""The demo's contact sheet: one row per query, its top hits as thumbnails with captions and scores."""
+"""The demo's contact sheet: one row per query, its top hits as thumbnails with scores, positions and captions."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from vlsearch.core.progress import Progress
 
@@ -14,18 +14,28 @@ from vlsearch.app.demo_report import QueryResult
 log = logging.getLogger(__name__)
 
 
+#: Frame and label colours: the hit has the query's colour and shape (or position), or not.
+FIT, MISFIT = (30, 170, 60), (220, 40, 40)
+#: Pixels: the query column's width, the gap around cells, the text under a thumbnail.
+LABEL_W, PAD, TEXT_H = 220, 6, 30
+
+
 def draw_contact_sheet(
     results: Sequence[QueryResult],
     path: str | os.PathLike,
     roots: dict[str, str | os.PathLike],
     thumb: int = 96,
     progress: Optional[Progress] = None,
+    attributes: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> Path:
     """One row per query: the query (its text, or its picture and caption), then its hits with
-    their captions and scores; a green frame marks a hit that fits the query, red one that does not.
+    their scores and captions. Where the query names a colour and a shape, a green frame marks a
+    hit that has both (what the demo's headline figure counts), a red one a hit that does not.
 
     ``roots["collection"]``/``roots["query"]``: folders the hits' / image queries' paths are
-    relative to. Written atomically as PNG.
+    relative to. ``attributes``: the collection's pictures' attributes by path (shapes mode); with
+    them each label names the hit's position, green when it is the query's, red when the query
+    names another. Written atomically as PNG.
     """
     from PIL import Image, ImageDraw
 
@@ -34,37 +44,60 @@ def draw_contact_sheet(
 
     font = _font(12)
     k = max((len(r.hits) for r in results), default=1)
-    label_w, pad, text_h = 220, 6, 30
-    cell_w, cell_h = thumb + pad, thumb + text_h + pad
-    sheet = Image.new("RGB", (label_w + k * cell_w + pad, max(1, len(results)) * cell_h + pad), "white")
+    cell_w, cell_h = thumb + PAD, thumb + TEXT_H + PAD
+    sheet = Image.new("RGB", (LABEL_W + k * cell_w + PAD, max(1, len(results)) * cell_h + PAD), "white")
     draw = ImageDraw.Draw(sheet)
     for row, result in enumerate(results):
-        y = pad + row * cell_h
+        y = PAD + row * cell_h
+        picture = None
         if result.kind == "image":
             picture = _thumbnail(open_image, Path(roots["query"]) / result.query, thumb)
-            sheet.paste(picture, (pad, y))
-            draw.text((pad + thumb + 4, y), "image query", fill="black", font=font)
-            _wrapped(draw, (pad, y + thumb + 2), result.caption or result.query, label_w - 2 * pad, font, lines=2)
-        else:
-            draw.text((pad, y), "text query", fill="gray", font=font)
-            _wrapped(draw, (pad, y + 16), f'"{result.query}"', label_w - 2 * pad, font, lines=4)
-        if result.matches is not None:
-            fit = f"{sum(result.matches)}/{len(result.matches)} hits fit"
-            fit_xy = (pad, y + cell_h - text_h + 6) if result.kind == "text" else (pad + thumb + 4, y + 16)
-            draw.text(fit_xy, fit, fill="black", font=font)
+        _draw_query(sheet, draw, result, y, picture, thumb, font)
+        fits = result.color_shape_matches
         for i, hit in enumerate(result.hits):
-            x = label_w + i * cell_w
+            x = LABEL_W + i * cell_w
             sheet.paste(_thumbnail(open_image, Path(roots["collection"]) / hit.path, thumb), (x, y))
-            if result.matches is not None:
-                color = (30, 170, 60) if result.matches[i] else (220, 40, 40)
-                draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=color, width=2)
-            _wrapped(draw, (x, y + thumb + 2), f"{hit.score:.2f} {hit.caption or hit.path}", thumb, font, lines=2)
+            if fits is not None:
+                colour = FIT if fits[i] else MISFIT
+                draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + 1], outline=colour, width=2)
+            position = (attributes or {}).get(hit.path, {}).get("position")
+            label = hit_label(result, i, position)
+            for j, (text, fill) in enumerate(label):
+                _wrapped(draw, (x, y + thumb + 2 + 13 * j), text, thumb, font, lines=2 if len(label) == 1 else 1, fill=fill)
     out = Path(path)
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
     if progress is not None:
         progress(1, 1)
     return out
+
+
+def hit_label(result: QueryResult, i: int, position: Optional[str]) -> list[tuple[str, Any]]:
+    """The text under hit ``i`` as ``(line, colour)``: with the hit's ``position`` known, its score and
+    position (green: the query's position, red: another, black: the query names none), then its
+    caption; else one entry, score and caption (wrapped over two lines)."""
+    hit = result.hits[i]
+    caption = hit.caption or hit.path
+    if position is None:
+        return [(f"{hit.score:.2f} {caption}", "black")]
+    wanted = (result.attribute_matches or {}).get("position")
+    colour = "black" if wanted is None else (FIT if wanted[i] else MISFIT)
+    return [(f"{hit.score:.2f} {position}", colour), (caption, "black")]
+
+
+def _draw_query(sheet: Any, draw: Any, result: QueryResult, y: int, picture: Any, thumb: int, font: Any) -> None:
+    """The row's query column: the text, or the picture and its caption; and how many hits fit."""
+    if picture is not None:
+        sheet.paste(picture, (PAD, y))
+        draw.text((PAD + thumb + 4, y), "image query", fill="black", font=font)
+        _wrapped(draw, (PAD, y + thumb + 2), result.caption or result.query, LABEL_W - 2 * PAD, font, lines=2)
+    else:
+        draw.text((PAD, y), "text query", fill="gray", font=font)
+        _wrapped(draw, (PAD, y + 16), f'"{result.query}"', LABEL_W - 2 * PAD, font, lines=4)
+    fits = result.color_shape_matches
+    if fits is not None:
+        xy = (PAD + thumb + 4, y + 16) if picture is not None else (PAD, y + thumb + PAD + 6)
+        draw.text(xy, f"{sum(fits)}/{len(fits)} colour+shape", fill="black", font=font)
 
 
 def _thumbnail(open_image: Callable[..., Any], path: Path, size: int) -> Any:
@@ -92,7 +125,7 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def _wrapped(draw: Any, xy: tuple[int, int], text: str, width: int, font: Any, lines: int) -> None:
+def _wrapped(draw: Any, xy: tuple[int, int], text: str, width: int, font: Any, lines: int, fill: Any = "black") -> None:
     """Draw ``text`` word-wrapped to ``width`` pixels, at most ``lines`` lines (ellipsis if cut)."""
     words, out, line = text.split(), [], ""
     for word in words:
@@ -109,4 +142,4 @@ def _wrapped(draw: Any, xy: tuple[int, int], text: str, width: int, font: Any, l
         out[-1] = out[-1].rstrip(".,") + "..."
     x, y = xy
     for i, text_line in enumerate(out):
-        draw.text((x, y + i * 13), text_line, fill="black", font=font)
+        draw.text((x, y + i * 13), text_line, fill=fill, font=font)

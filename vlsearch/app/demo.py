@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from vlsearch.core.fsutil import write_json
-from vlsearch.models.factory import SMALL_MODEL
+from vlsearch.models.factory import (SMALL_MODEL, TINY_MODEL, available_models, default_model, load_model,
+                                     small_model_available)
 from vlsearch.core.progress import Progress
 from vlsearch.data.shapes import ShapesConfig, generate_shapes, parse_attributes, read_attributes
 from vlsearch.core.threads import cpu_threads
@@ -192,7 +193,7 @@ def _run(out: Path, data: Optional[str | os.PathLike], config: DemoConfig, stage
     text_q, image_q = stages.run("queries", _queries, collection, encoder, prepared, config)
     bench = stages.run("benchmark", _benchmark, collection)
     sheet = stages.run("contact sheet", draw_contact_sheet, [*text_q, *image_q], out / "contact_sheet.png",
-                       roots=prepared["roots"])
+                       roots=prepared["roots"], attributes=prepared["attributes"])
     from vlsearch.store.collection import Collection
 
     coll = Collection.open(collection)
@@ -239,8 +240,6 @@ def _fresh_out_dir(out: Path) -> Path:
 
 def _shapes_model(config: DemoConfig) -> str:
     """The model fitted to the shapes: ``config.shapes_model``, else vlsearch-small when it can load, else vlsearch-tiny."""
-    from vlsearch.models.factory import TINY_MODEL, small_model_available
-
     return config.shapes_model or (SMALL_MODEL if small_model_available() else TINY_MODEL)
 
 
@@ -328,8 +327,6 @@ def _prepare_data(data: Path, config: DemoConfig) -> dict[str, Any]:
 
 def _data_model(config: DemoConfig) -> str:
     """``config.model``, else vlsearch-small when it is registered, else the default model."""
-    from vlsearch.models.factory import available_models, default_model
-
     if config.model:
         return config.model
     if SMALL_MODEL in available_models():
@@ -342,7 +339,6 @@ def _load_encoder(model: tuple[str, Optional[str]], mode: str, precision: str = 
     """Load the model once (for embedding and queries). In data mode an unavailable
     vlsearch-small falls back to the default model, with a warning."""
     from vlsearch.core.errors import WeightsUnavailableError
-    from vlsearch.models.factory import default_model, load_model
 
     name, pretrained = model
     try:

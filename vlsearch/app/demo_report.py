@@ -15,8 +15,9 @@ class QueryResult:
     """One example query and its hits.
 
     Shapes mode: ``attribute_matches[attr][i]`` says whether hit i has the query's value of
-    ``attr`` (the attributes a text query names; all four of a query picture's), and
-    ``matches[i]`` whether it has all of them. Both are None when unknown (e.g. on photos).
+    ``attr`` (the attributes a text query names; all four of a query picture's), ``matches[i]``
+    whether it has all of them, and ``color_shape_matches[i]`` whether it has the query's colour
+    and shape (the demo's headline figure). All are None when unknown (e.g. on photos).
     """
 
     kind: str  #: "text" or "image"
@@ -30,6 +31,13 @@ class QueryResult:
         if self.attribute_matches is None:
             return None
         return [all(per_attr[i] for per_attr in self.attribute_matches.values()) for i in range(len(self.hits))]
+
+    @property
+    def color_shape_matches(self) -> Optional[list[bool]]:
+        """Per hit, whether it has the query's colour and shape (None unless the query names both)."""
+        if self.attribute_matches is None or not {"color", "shape"} <= set(self.attribute_matches):
+            return None
+        return [c and s for c, s in zip(self.attribute_matches["color"], self.attribute_matches["shape"])]
 
     @property
     def attribute_precision(self) -> Optional[dict[str, float]]:
@@ -79,9 +87,7 @@ class DemoReport:
     @property
     def color_shape_precision(self) -> Optional[float]:
         """Share of all queries' hits whose picture has the query's colour and shape (None on photos)."""
-        fits = [c and s for q in (*self.text_queries, *self.image_queries) if q.attribute_matches
-                and {"color", "shape"} <= set(q.attribute_matches)
-                for c, s in zip(q.attribute_matches["color"], q.attribute_matches["shape"])]
+        fits = [fit for q in (*self.text_queries, *self.image_queries) for fit in q.color_shape_matches or ()]
         return sum(fits) / len(fits) if fits else None
 
     def to_dict(self) -> dict[str, Any]:

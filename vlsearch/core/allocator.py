@@ -11,6 +11,12 @@ glibc's and free heap pages go back to the system (``malloc_trim``), so memory i
 only while a job runs.
 
 Set ``VLSEARCH_MALLOC=system`` to leave malloc alone. Elsewhere than glibc the block does nothing.
+
+Huge pages for torch's own allocator are an opt-in of the process, not of the library:
+:func:`enable_huge_pages` sets ``THP_MEM_ALLOC_ENABLE=1``, which torch reads at its first
+allocation. The ``vlsearch`` command calls it before any command runs; a program using the library
+calls it first thing (before it imports torch, or at least before torch allocates anything), or
+exports ``THP_MEM_ALLOC_ENABLE=1`` itself. Importing vlsearch changes no environment variable.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
 #: Free memory malloc keeps at the top of its heap inside the block (more is trimmed as usual).
 KEEP_FREE_BYTES = 1 << 30
+#: The variable torch's CPU allocator reads (once, at its first allocation) to put tensors of 2 MB
+#: and more on transparent huge pages.
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 
 _lock = threading.Lock()
 _depth = 0
@@ -86,3 +95,15 @@ def restore_defaults() -> None:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def enable_huge_pages() -> None:
+    """Let torch's CPU allocator put large tensors on transparent huge pages in this process
+    (``THP_MEM_ALLOC_ENABLE=1``, unless the user set it), for the process and what it starts.
+
+    Without it every batch's activations (up to ~150 MB for vlsearch-small at batch 64) are fresh
+    4 KB pages: ~5,000 page faults per encoded image, ~40 % of the CPU time in the kernel
+    (benchmarks/RESULTS.md, issue 21). Effective only before torch's first allocation: call it
+    before importing torch. Changes the process's environment, so only entry points call it.
+    """
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from vlsearch.core.errors import TrainingError
@@ -23,7 +25,9 @@ def apply_locks(model: nn.Module, config: TrainConfig) -> None:
     if config.lock_image:
         # BN statistics of locked parts are kept by eval mode (set_train_mode), not by open_clip's
         # freeze_bn_stats: that swaps timm's BatchNormAct2d for a plain frozen BN, dropping its activation.
-        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups, freeze_bn_stats=False)
+        with warnings.catch_warnings():  # open_clip's partial lock imports timm's deprecated alias module
+            warnings.filterwarnings("ignore", "Importing from timm.models.helpers is deprecated", FutureWarning)
+            model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups, freeze_bn_stats=False)
     if config.lock_text:
         n = config.lock_text_unlocked_layers
         if is_hf_text(model):

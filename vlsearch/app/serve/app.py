@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -137,16 +138,20 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, time
     stops it on exit. For notebooks, tests and scripts; ``serve`` is the command-line way."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="vlsearch-serve", daemon=True)
+    # Bound here: a taken port raises its own OSError at once, and port 0's pick is known before
+    # uvicorn starts (which closes the socket on shutdown).
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=bound, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="vlsearch-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             server.should_exit = True
-            raise RuntimeError(f"the server did not start on {host}:{port}")
+            sock.close()
+            raise RuntimeError(f"the server did not start on {host}:{bound}")
         time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://{host}:{bound}"
     finally:
