@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import command_line, ensure_index, machine, markdown_table, write_section  # noqa: E402
 from vlsearch.core.threads import set_process_threads  # noqa: E402
-from vlsearch.eval.bench import benchmark_rows  # noqa: E402
+from vlsearch.eval.bench import BenchConfig, benchmark_rows, format_table, plot_results, run_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-test"
@@ -120,8 +120,6 @@ def main() -> None:
             embed_info = json.loads((run_dir / "embed.json").read_text())  # keep the first run's time
         (run_dir / "embed.json").write_text(json.dumps(embed_info))
         ensure_index(run_dir / "collection", args.index, seed=0)
-        from vlsearch.eval.bench import BenchConfig, plot_results, run_benchmark
-
         nprobes = tuple(int(n) for n in args.nprobe.split(","))
         result = run_benchmark(run_dir / "collection", BenchConfig(nprobes=nprobes))
         result["collection"] = str((run_dir / "collection").relative_to(ROOT))
@@ -130,8 +128,6 @@ def main() -> None:
         run = {"label": args.label, "command": command, "machine": machine(), "embed": embed_info,
                "load_average": [round(x, 1) for x in os.getloadavg()], "comment": args.comment, "result": result}
         (run_dir / "results.json").write_text(json.dumps(run, indent=2))
-        from vlsearch.eval.bench import format_table
-
         print(format_table(result))
     write_section("flickr8k", report())
 

@@ -25,7 +25,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import vlsearch  # noqa: E402,F401  (before torch: it turns on huge pages for torch's allocator)
+from vlsearch.core.allocator import enable_huge_pages  # noqa: E402
+
+enable_huge_pages()  # before torch's first allocation
 import torch  # noqa: E402
 
 from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402

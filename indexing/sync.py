@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, FILE_COLUMNS
 from vlsearch.store.collection import Collection
-from vlsearch.store.arrays import embedding_array
+from vlsearch.store.arrays import embedding_array, embeddings_to_numpy
 from vlsearch.core.errors import CollectionError
 from vlsearch.models.factory import Encoder, load_model
 from vlsearch.core.progress import Progress
@@ -277,8 +277,6 @@ def _reused_tables(coll: Collection, chunk: list[tuple[ImageRecord, int]], schem
 def _rows_by_id(coll: Collection, ids: np.ndarray, columns: list[str], id_column: str,
                 kind: str = "images") -> dict[str, Any]:
     """Columns of the live rows whose ``id_column`` is in ``ids`` (embeddings as ``vectors``)."""
-    from vlsearch.store.arrays import embeddings_to_numpy
-
     parts = []
     for path in coll.shard_paths(kind):
         table = coll.read_shard(path, kind, columns)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import indexing.embed as embed_module
 import indexing.shards as shards_module
 from indexing.embed import EmbedConfig, embed, image_schema
-from vlsearch.data.sources import stable_id
+from vlsearch.data.sources import content_hash, open_source, stable_id
 from vlsearch.app.cli import app
 from vlsearch.store.collection import Collection
 from vlsearch.store.arrays import embedding_type
@@ -212,8 +212,6 @@ def test_cli_reports_bad_source_clearly(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_file_columns_come_from_the_decode_workers(tmp_path, tiny_encoder, monkeypatch, workers):
     """embed stores the workers' stat + content hash; the encoding process hashes no file itself."""
-    from vlsearch.data.sources import content_hash, open_source
-
     folder = _folder(tmp_path / "img", 6)
     expected = {r.path: content_hash(r) for r in open_source(folder)}
 

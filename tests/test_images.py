@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vlsearch.core.errors import DecodeError
-from vlsearch.data.images import open_image
+from vlsearch.data.images import open_image, split_preprocess
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -82,8 +82,6 @@ def test_missing_and_broken_symlink(tmp_path):
 def test_split_preprocess_gives_the_whole_preprocess_bit_for_bit(tiny_encoder):
     import torch
 
-    from vlsearch.data.images import split_preprocess
-
     split = split_preprocess(tiny_encoder.preprocess)
     assert split is not None and tiny_encoder.decode_transform.__class__ is split.pil.__class__
     rng = np.random.default_rng(0)
@@ -101,8 +99,6 @@ def test_normalise_tiles_into_the_models_dtype_and_layout_with_one_rounding(tiny
     import torch
 
     from indexing.decode import stack_pixels
-    from vlsearch.data.images import split_preprocess
-
     split = split_preprocess(tiny_encoder.preprocess)
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)) for _ in range(7)]
@@ -123,8 +119,6 @@ def test_a_preprocess_that_does_not_split_runs_whole(tiny_encoder):
     from torchvision import transforms as T
 
     from vlsearch.models.encoder import Encoder
-    from vlsearch.data.images import split_preprocess
-
     custom = T.Compose([T.Resize(8), T.Grayscale(3), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     assert split_preprocess(custom) is None  # Grayscale is not a known PIL-only step
     assert split_preprocess(lambda img: torch.zeros(3, 8, 8)) is None

@@ -8,7 +8,7 @@ import pytest
 from indexing import build as B  # noqa: E402
 from tests.test_build import SMALL, clustered, make_collection  # noqa: E402
 from vlsearch.ann.faiss_index import search_parameters  # noqa: E402
-from vlsearch.ann.refine import DiskRefine  # noqa: E402
+from vlsearch.ann.refine import DiskRefine, new_vectors_stem, vectors_writer  # noqa: E402
 from vlsearch.core.errors import IndexConfigError  # noqa: E402
 from vlsearch.query.searcher import Searcher  # noqa: E402
 from vlsearch.store.collection import Collection  # noqa: E402
@@ -86,8 +86,6 @@ def test_rebuild_replaces_vector_files_and_keeps_searching(tmp_path, data):
 def test_rescore_pads_and_skips_missing_ids(tmp_path):
     vecs = np.eye(4, dtype=np.float32)
     coll = make_collection(tmp_path / "c", vecs, ids=np.array([3, 5, 8, 9]), shard_size=4)
-    from vlsearch.ann.refine import new_vectors_stem, vectors_writer
-
     with vectors_writer(coll.path, new_vectors_stem(), np.array([3, 5, 8, 9]), 4) as (add, fields):
         for ids, v in Collection.open(coll.path).iter_embeddings():
             add(ids, v)
@@ -125,8 +123,6 @@ def test_rescore_l2_ranks_by_exact_squared_distance(tmp_path):
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(50, 8)).astype(np.float16).astype(np.float32)
     coll = make_collection(tmp_path / "c", vecs, shard_size=50)
-    from vlsearch.ann.refine import new_vectors_stem, vectors_writer
-
     with vectors_writer(coll.path, new_vectors_stem(), np.arange(50), 8) as (add, fields):
         for ids, v in Collection.open(coll.path).iter_embeddings():
             add(ids, v)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsearch.models import precision as P
+from vlsearch.models import factory as models, precision as P
 from vlsearch.core.errors import PrecisionError
 
 X86_AMX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -155,8 +155,6 @@ def test_bf16_embeddings_agree_with_fp32(tiny_checkpoint, one_torch_thread):
 
 
 def test_unknown_precision_fails_before_the_model_loads(monkeypatch):
-    from vlsearch.models import factory as models
-
     monkeypatch.setattr(models, "_create", lambda *a: pytest.fail("model built before the check"))
     with pytest.raises(PrecisionError):
         models.load_model(models.TINY_MODEL, device="cpu", precision="half")

@@ -19,15 +19,14 @@ from vlsearch.core.errors import (
     RerankerNotFoundError,
     TrainingError,
 )
-from vlsearch.rerank.model import FusionConfig, FusionITM, Reranker, image_tokens, load_reranker, tower_identity
-from vlsearch.rerank.features import store_rerank_features, stored_info
+from vlsearch.rerank.model import (
+    builtin_reranker_path, FusionConfig, FusionITM, image_tokens, load_reranker, Reranker, text_tokens,
+    tower_identity,
+)
+from vlsearch.rerank.features import image_file, store_rerank_features, stored_info
 from vlsearch.rerank.training import (
-    PairFeatures,
-    RerankTrainConfig,
-    hard_negatives,
-    rerank_ranks,
-    train_itm,
-    tune_weight,
+    _neighbourhood_order, hard_negatives, hub_bank, PairFeatures, rerank_ranks, RerankTrainConfig, train_itm,
+    train_reranker, tune_weight,
 )
 from vlsearch.query.searcher import Searcher
 
@@ -116,8 +115,6 @@ def test_hard_negatives_never_pick_the_positive():
 
 
 def test_hard_epochs_batch_neighbourhoods_of_similar_images():
-    from vlsearch.rerank.training import _neighbourhood_order
-
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((6, 16))
     emb = np.repeat(centres, 4, axis=0) + 0.01 * rng.standard_normal((24, 16))  # 6 tight clusters of 4
@@ -151,8 +148,6 @@ def test_rerank_ranks_and_weight_tuning():
 
 
 def test_hub_offsets_are_mean_cosines_to_the_nearest_bank_captions():
-    from vlsearch.rerank.training import hub_bank
-
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((50, 8)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
@@ -274,8 +269,6 @@ def test_reranked_hits_are_the_top_k_candidates_in_rescored_order(rr_collection,
     assert {h.id for h in hits} == {h.id for h in first}
     # expected order: cosine + weight * ITM logit, computed here from the image files
     tokens = image_tokens(tiny_encoder, [src / h.path for h in first])
-    from vlsearch.rerank.model import text_tokens
-
     states, mask = text_tokens(tiny_encoder, [query])
     itm = rr.itm_logits(states[0], mask[0], rr.image_kv(tokens))
     expected = np.array([h.score for h in first]) + 0.5 * itm
@@ -318,8 +311,6 @@ def test_a_reranker_for_another_model_is_refused(rr_collection, tiny_encoder, tm
 
 
 def test_recomputed_features_read_only_files_inside_the_source(tmp_path):
-    from vlsearch.rerank.features import image_file
-
     assert image_file({"type": "folder", "path": str(tmp_path)}, "a/b.jpg") == str((tmp_path / "a/b.jpg").resolve())
     with pytest.raises(RerankFeaturesError, match="outside"):
         image_file({"type": "folder", "path": str(tmp_path)}, "../elsewhere.jpg")
@@ -378,8 +369,6 @@ def test_hubness_offsets_are_stored_and_recomputed_alike(rr_collection, hub_rera
     hits = stored.search_text(query, k=12, exact=True, rerank=12)
     assert [h.id for h in hits] == [h.id for h in fresh.search_text(query, k=12, exact=True, rerank=12)]
     # the order is cosine + weight * ITM - hub_weight * offset
-    from vlsearch.rerank.model import text_tokens
-
     states, mask = text_tokens(tiny_encoder, [query])
     itm = hub_reranker.itm_logits(states[0], mask[0], hub_reranker.image_kv(image_tokens(tiny_encoder,
                                                                                         [src / h.path for h in first])))
@@ -476,8 +465,6 @@ def test_cli_search_rerank_and_rerank_features(rr_collection, tmp_path, tiny_che
 def test_train_reranker_end_to_end_tunes_both_weights_and_keeps_a_bank(rr_collection, tiny_encoder, tmp_path):
     import csv
 
-    from vlsearch.rerank.training import train_reranker
-
     _, src, _ = rr_collection
     with open(tmp_path / "captions.csv", "w", newline="") as fh:
         rows = csv.writer(fh)
@@ -504,8 +491,6 @@ def test_train_reranker_end_to_end_tunes_both_weights_and_keeps_a_bank(rr_collec
 
 def test_the_shipped_reranker_of_vlsearch_small_loads_offline_with_its_provenance():
     import json
-
-    from vlsearch.rerank.model import builtin_reranker_path
 
     path = builtin_reranker_path("vlsearch-small")
     rr = load_reranker("vlsearch-small")  # offline: the file is in the package

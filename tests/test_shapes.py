@@ -9,16 +9,8 @@ from PIL import Image
 
 from vlsearch.data import shapes
 from vlsearch.data.shapes import (
-    COLORS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    ShapesConfig,
-    generate_shapes,
-    n_combinations,
-    read_attributes,
-    render,
-    specs_for_split,
+    COLORS, generate_shapes, n_combinations, parse_attributes, PARTIAL_TEMPLATES, POSITIONS, read_attributes,
+    render, SHAPES, ShapesConfig, SIZES, specs_for_split, TEMPLATES,
 )
 
 SMALL = ShapesConfig(n_train=40, n_heldout=20, captions_per_image=2, seed=3)
@@ -141,8 +133,6 @@ def test_jpeg_output(tmp_path):
 
 
 def test_parse_attributes_reads_back_every_caption_phrasing():
-    from vlsearch.data.shapes import TEMPLATES, parse_attributes
-
     for spec in specs_for_split(60, "train", seed=2):
         for t in range(len(TEMPLATES)):
             found = parse_attributes(spec.caption(t))
@@ -154,8 +144,6 @@ def test_parse_attributes_reads_back_every_caption_phrasing():
 def test_partial_captions_only_for_training_pictures(tmp_path):
     """Training pictures get ``partial_captions`` extra, shorter captions (colour and shape, some of
     size and place, what the picture shows); the held-out split keeps full captions only."""
-    from vlsearch.data.shapes import PARTIAL_TEMPLATES, parse_attributes
-
     config = ShapesConfig(n_train=30, n_heldout=10, captions_per_image=2, partial_captions=2, seed=4)
     ds = generate_shapes(tmp_path, config)
     plain = generate_shapes(tmp_path / "plain", ShapesConfig(n_train=30, n_heldout=10, captions_per_image=2, seed=4))

@@ -12,7 +12,7 @@ import torch
 
 from vlsearch.models import factory as models, hf_text, trunks
 from vlsearch.core.errors import CheckpointMismatchError, WeightsUnavailableError
-from vlsearch.models.factory import SMALL_MODEL, load_model
+from vlsearch.models.factory import load_model, save_checkpoint, SMALL_MODEL
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -284,9 +284,6 @@ def test_batchnorm_folding_keeps_the_embeddings(small, tmp_path):
     """load_model folds the Lite0 trunk's BatchNorm layers into its convolutions by default: no
     BatchNorm is left in the image tower, every activation stays, and embeddings are unchanged."""
     from PIL import Image
-
-    from vlsearch.core.errors import CheckpointMismatchError
-    from vlsearch.models.factory import save_checkpoint
 
     folded = load_model(SMALL_MODEL, device="cpu", precision="fp32")
     assert small.folded_batchnorms == 0 and folded.folded_batchnorms == 49  # stem + head + 47 in the blocks

@@ -14,7 +14,7 @@ from vlsearch.train.loop import _Run, train
 from vlsearch.train.config import TrainConfig
 from vlsearch.train.data import read_pairs
 from vlsearch.train.features import gather_states, split_visual, text_states_below, text_top
-from vlsearch.train.images import resize_batch
+from vlsearch.train.images import MemoryImages, resize_batch
 
 from test_train import make_shapes
 
@@ -95,8 +95,6 @@ def test_lit_run_precomputes_trains_only_unlocked_parts_and_ships_them(shapes, t
 
 
 def _memory_pixels(run: _Run, n: int) -> torch.Tensor:
-    from vlsearch.train.images import MemoryImages
-
     return MemoryImages.load([run.pairs.path(i) for i in range(n)], 2 * run.images.size).pixels
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner  # noqa: E402
 from indexing import build as B  # noqa: E402
 from tests.test_build import SMALL, clustered, make_collection  # noqa: E402
 from vlsearch.ann import faiss_index as F  # noqa: E402
+from vlsearch.ann import tune as T  # noqa: E402
 from vlsearch.ann.tune import drop_self, recall_at  # noqa: E402
 from vlsearch.app.cli import app  # noqa: E402
 from vlsearch.query.exact import exact_search  # noqa: E402
@@ -85,7 +86,6 @@ def test_flat_needs_no_tuning(tmp_path, base_and_fresh):
 
 def _tune_with_fixed_recalls(monkeypatch, recall, clock=1.0, **kwargs):
     """vlsearch.ann.tune over canned trials: ``recall[(nprobe, k_factor)]``; nprobe 4 measures ``clock`` ms."""
-    import vlsearch.ann.tune as T
 
     def trial(search, queries, own, truth, k, nprobe, k_factor):
         return T.Trial(nprobe, k_factor, recall.get((nprobe, k_factor), 0.0), clock if nprobe == 4 else 1.0)

@@ -51,6 +51,7 @@ from vlsearch.app.options import (
     ServeOptions,
     with_groups,
 )
+from vlsearch.core import allocator
 from vlsearch.core.errors import VlsearchError
 from vlsearch.core.fsutil import write_json
 from vlsearch.core.threads import set_process_threads
@@ -112,6 +113,7 @@ class TqdmProgress:
 def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug details to stderr."),
 ) -> None:
+    allocator.enable_huge_pages()  # the CLI process opts in before torch's first allocation
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -171,7 +173,6 @@ def system_info() -> dict[str, Any]:
 
     from indexing.decode import default_workers
     from vlsearch import __version__
-    from vlsearch.core import allocator
     from vlsearch.models.factory import resolve_device
     from vlsearch.models.precision import describe_auto
 

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from vlsearch.core.errors import InvalidQueryError, RerankerMismatchError, RerankerNotFoundError
 from vlsearch.core.fsutil import atomic_path
-from vlsearch.data.images import ImageInput
+from vlsearch.data.images import ImageInput, open_image
 from vlsearch.core.modelinfo import ModelInfo
 
 __all__ = ["GRID", "HUB_K", "FusionConfig", "FusionITM", "Reranker", "image_tokens", "text_tokens", "tower_identity",
@@ -71,7 +71,6 @@ def image_tokens(encoder: Any, images: Iterable[ImageInput], grid: int = GRID,
     trunk's feature map before pooling, or a ViT's patch tokens), average-pooled to
     ``grid x grid``. ``with_embeddings`` also returns the dual encoder's unit image vectors (for a
     timm trunk from the same pass)."""
-    from vlsearch.data.images import open_image
     from vlsearch.models.towers import image_feature_map
 
     visual = encoder.model.visual
