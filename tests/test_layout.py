@@ -79,3 +79,14 @@ def test_module_map_names_every_module():
     assert missing == []
     named = re.findall(r"`((?:vlsearch|indexing)/[\w/]+\.py)`", text)
     assert [n for n in named if not (ROOT / n).is_file()] == []
+
+
+def test_every_public_name_resolves_from_where_it_is_defined():
+    """``from vlsearch import X`` works for every public name, and the lazy map points at the module
+    that defines X (not one that merely imports it)."""
+    import vlsearch
+
+    for name in vlsearch.__all__:
+        value = getattr(vlsearch, name)
+        if name != "__version__":
+            assert getattr(value, "__module__", None) == vlsearch._LAZY[name], name

@@ -16,7 +16,7 @@ _LAZY = {
     "Encoder": "vlsearch.models.encoder",
     "ModelInfo": "vlsearch.core.modelinfo",
     "Collection": "vlsearch.store.collection",
-    "Manifest": "vlsearch.store.collection",
+    "Manifest": "vlsearch.store.manifest",
     "Searcher": "vlsearch.query.searcher",
     "SearcherOptions": "vlsearch.query.options",
     "Hit": "vlsearch.query.results",

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from vlsearch.core import errors as E
+from vlsearch.core.inputs import ImageInput
 from vlsearch.query.results import Hit, Hits, Results
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
-
-    from vlsearch.data.images import ImageInput
 
 
 class Client:

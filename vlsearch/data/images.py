@@ -13,17 +13,17 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from vlsearch.core.inputs import ImageInput
 from vlsearch.core.errors import DecodeError
 
 if TYPE_CHECKING:  # torch loads where pixels are made, not for opening an image
     import torch
 
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
 
 #: Images above this many pixels are refused as decompression bombs (PIL's own default is 89M
 #: with a warning only; we make it a hard error at a smaller, still generous bound).

@@ -19,7 +19,8 @@ import numpy as np
 
 from vlsearch.core.allocator import reusing_freed_memory
 from vlsearch.core.errors import DecodeError, SourceError
-from vlsearch.data.images import ImageInput, open_image
+from vlsearch.core.inputs import ImageInput
+from vlsearch.data.images import open_image
 from vlsearch.data.sources import FolderSource, is_image_name
 from vlsearch.core.progress import Progress
 

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from vlsearch.data.images import NORMALISE_TILE, ImageInput, open_image, split_preprocess
+from vlsearch.data.images import NORMALISE_TILE, open_image, split_preprocess
+from vlsearch.core.inputs import ImageInput
 from vlsearch.core.modelinfo import ModelInfo
 from vlsearch.models.precision import PrecisionChoice
 

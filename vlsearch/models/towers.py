@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from vlsearch.models.encoder import trim_padding
-from vlsearch.data.images import ImageInput, open_image
+from vlsearch.core.inputs import ImageInput
+from vlsearch.data.images import open_image
 from vlsearch.core.progress import Progress
 
 __all__ = ["text_backbone", "text_backbone_features", "text_head",

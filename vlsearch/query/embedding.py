@@ -13,7 +13,8 @@ from PIL import Image
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.lazy import Lazy
 from vlsearch.core.errors import DecodeError, InvalidQueryError
-from vlsearch.data.images import ImageInput, open_image
+from vlsearch.core.inputs import ImageInput
+from vlsearch.data.images import open_image
 from vlsearch.query.options import SearcherOptions, budget
 from vlsearch.rerank.model import text_tokens
 from vlsearch.store.collection import Collection

@@ -39,7 +39,7 @@ import numpy as np
 
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import InvalidQueryError
-from vlsearch.data.images import ImageInput
+from vlsearch.core.inputs import ImageInput
 from vlsearch.query.embedding import QueryEmbedder, TextQuery, check_texts
 from vlsearch.query.filters import FilterEngine
 from vlsearch.query.hits import HitBuilder

@@ -42,7 +42,8 @@ from torch.nn import functional as F
 
 from vlsearch.core.errors import InvalidQueryError, RerankerMismatchError, RerankerNotFoundError
 from vlsearch.core.fsutil import atomic_path
-from vlsearch.data.images import ImageInput, open_image
+from vlsearch.core.inputs import ImageInput
+from vlsearch.data.images import open_image
 from vlsearch.core.modelinfo import ModelInfo
 
 __all__ = ["GRID", "HUB_K", "FusionConfig", "FusionITM", "Reranker", "image_tokens", "text_tokens", "tower_identity",

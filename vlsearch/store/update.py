@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -40,11 +40,10 @@ from vlsearch.ann.refine import new_vectors_stem, vectors_writer
 from vlsearch.core.errors import CollectionError, InvalidQueryError
 from vlsearch.core.fsutil import fsync_file
 from vlsearch.store import tombstones
+from vlsearch.store.directory import CollectionDir
 from vlsearch.store.arrays import embedding_array, embeddings_to_numpy
 from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, now_iso, shard_name, version_name
 
-if TYPE_CHECKING:  # pragma: no cover
-    from vlsearch.store.collection import Collection
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ log = logging.getLogger(__name__)
 class Update:
     """One pending version of a collection (see module docstring). Use as a context manager."""
 
-    def __init__(self, collection: Collection):
+    def __init__(self, collection: CollectionDir):
         self.collection = collection
         self._lock = collection.lock()
         self._added: list[int] = []
@@ -97,7 +96,7 @@ class Update:
         """Delete the live rows of these image ids (unknown ids are ignored)."""
         self._removed.update(int(i) for i in ids)
 
-    def commit(self) -> Collection:
+    def commit(self) -> CollectionDir:
         """Write the version (nothing when nothing was added or removed); returns the collection."""
         base = self.base
         if not self._added and not self._removed:
@@ -147,7 +146,7 @@ def _normalise_images(images: pa.Table, dim: int) -> pa.Table:
     return images
 
 
-def _check_unique(coll: Collection, added: np.ndarray, removed: np.ndarray) -> None:
+def _check_unique(coll: CollectionDir, added: np.ndarray, removed: np.ndarray) -> None:
     if not len(added):
         return
     ids = coll.read_table(columns=["id"]).column("id").to_numpy()
@@ -159,7 +158,7 @@ def _check_unique(coll: Collection, added: np.ndarray, removed: np.ndarray) -> N
 
 # ---- the index follows -------------------------------------------------------------------------
 
-def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, added_ids: np.ndarray,
+def _follow_index(base: CollectionDir, staged: CollectionDir, removed: np.ndarray, added_ids: np.ndarray,
                   added_vectors: list[np.ndarray], version: int) -> dict[str, Any] | None:
     """Apply the removals and additions to the index; write it under a new name; its new entry."""
     entry = base.manifest.index
@@ -191,7 +190,7 @@ def _follow_index(base: Collection, staged: Collection, removed: np.ndarray, add
             "built_ntotal": built, "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
 
-def _disk_refine_rows(base: Collection, staged: Collection, entry: dict[str, Any]) -> dict[str, Any]:
+def _disk_refine_rows(base: CollectionDir, staged: CollectionDir, entry: dict[str, Any]) -> dict[str, Any]:
     """For a ``Refine(disk)`` index, a new fp16 rows file holding the new version's live rows (the
     previous version's file stays for its readers); the entry fields naming it. Else nothing."""
     if not entry.get("refine_file"):
@@ -205,7 +204,7 @@ def _disk_refine_rows(base: Collection, staged: Collection, entry: dict[str, Any
 
 # ---- compaction --------------------------------------------------------------------------------
 
-def compact(coll: Collection) -> dict[str, int]:
+def compact(coll: CollectionDir) -> dict[str, int]:
     """Rewrite the shards that hold dead rows (or fewer than a quarter of ``shard_size`` rows, as
     many small syncs leave) into full shards without dead rows; drop dead entries from the index.
 
@@ -232,7 +231,7 @@ def compact(coll: Collection) -> dict[str, int]:
                 "version": base.manifest.version}
 
 
-def _rewrite(base: Collection, numbers: list[int]) -> list[int]:
+def _rewrite(base: CollectionDir, numbers: list[int]) -> list[int]:
     """Copy the live rows of shards ``numbers`` into new shards of up to ``shard_size`` rows."""
     number, written = base.next_shard_number(), []
     pending: dict[str, list[pa.Table]] = {IMAGES_DIR: [], CAPTIONS_DIR: [], FAILURES_DIR: []}
@@ -258,7 +257,7 @@ def _rewrite(base: Collection, numbers: list[int]) -> list[int]:
     return written
 
 
-def _compact_index(base: Collection, staged: Collection) -> dict[str, Any] | None:
+def _compact_index(base: CollectionDir, staged: CollectionDir) -> dict[str, Any] | None:
     entry = base.manifest.index
     if entry is None or not entry.get("dead_entries"):
         return entry
