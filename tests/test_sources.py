@@ -95,6 +95,7 @@ def test_tsv_and_csv_manifests_keep_captions_with_newlines(tmp_path, name, sep):
     assert isinstance(src, ManifestSource)
     recs = list(src)
     assert [r.path for r in recs] == ["a.jpg", "b.jpg"]
+    assert [r.path for r in open_source(tmp_path)] == ["a.jpg", "b.jpg"]  # the folder is read as its manifest
     assert recs[1].captions == ("a dog,\non two lines", "a dog")
     assert recs[0].metadata == {"year": 1999}  # metadata columns keep their inferred types
     with pytest.raises(SourceError, match="must be .csv, .tsv"):

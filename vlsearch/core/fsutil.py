@@ -64,7 +64,7 @@ def _fsync_dir(directory: Path) -> None:
 
 #: A folder holding one of these (first match wins) is read as that CSV/Parquet manifest by every
 #: command (train, embed, index, demo --data).
-MANIFEST_NAMES = ("captions.csv", "captions.parquet", "manifest.csv", "manifest.parquet")
+MANIFEST_NAMES = ("captions.csv", "captions.tsv", "captions.parquet", "manifest.csv", "manifest.tsv", "manifest.parquet")
 
 
 def find_manifest(folder: str | os.PathLike) -> Path | None:
