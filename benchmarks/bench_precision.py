@@ -81,7 +81,7 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
 def speed_row(name: str, precision: str, pixels: torch.Tensor, captions: list[str], ref: dict | None,
               args: argparse.Namespace) -> tuple[dict, dict]:
     enc = load(name, precision)
-    with reusing_freed_memory():  # as embedding jobs run (vlsearch/allocator.py); queries below run outside
+    with reusing_freed_memory():  # as embedding jobs run (vlsearch/core/allocator.py); queries below run outside
         n_img = _n_for_budget(lambda: enc.encode_image_tensors(pixels[:1]), args.batch_size, args.seconds)
         images = enc.encode_image_tensors(pixels[:n_img])
         img_rate = _timed(lambda: enc.encode_image_tensors(pixels[:n_img]), n_img, args.seconds)

@@ -215,7 +215,7 @@ def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _init_worker(worker_id: int) -> None:
-    """Lower the worker's priority, and give it glibc's own malloc settings (see vlsearch/allocator.py)."""
+    """Lower the worker's priority, and give it glibc's own malloc settings (see vlsearch/core/allocator.py)."""
     from vlsearch.core.allocator import restore_defaults
 
     restore_defaults()

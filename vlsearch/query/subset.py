@@ -23,7 +23,6 @@ before building the :class:`Subset` keeps this module unchanged.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -31,9 +30,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from vlsearch.core.cache import ByteLRU
 from vlsearch.query.exact import DEFAULT_CHUNK_SIZE, MISSING_SCORE, exact_search
 from vlsearch.store.arrays import embeddings_to_numpy
+from vlsearch.store.rows import row_group_starts
 
 #: ``ann(queries, k, nprobe, selector) -> (scores, ids)``: the searcher's ANN call with a selector.
 AnnSearch = Callable[[np.ndarray, int, "int | None", Any], "tuple[np.ndarray, np.ndarray]"]
@@ -158,23 +157,6 @@ def iter_embeddings_of(locator: Locator, ids: np.ndarray) -> Iterator[tuple[np.n
             sel = groups == g
             column = pf.read_row_group(int(g), columns=["embedding"]).column(0)
             yield sids[sel], embeddings_to_numpy(column.take(rows[sel] - starts[g]))
-
-
-def row_group_starts(path: Any, pf: pq.ParquetFile | None = None) -> np.ndarray:
-    """First row of each row group of a Parquet file, plus its row count at the end (cached by
-    path, size and modification time)."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    starts = _STARTS.get(key)
-    if starts is None:
-        md = (pf or pq.ParquetFile(path)).metadata
-        starts = _STARTS.put(key, np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]))
-    return starts
-
-
-#: Row-group starts of the shards read so far (8 bytes per row group: 1 MiB holds 4,096 shards
-#: of up to 31 row groups).
-_STARTS = ByteLRU(1 << 20)
 
 
 def plan(rows: int, ntotal: int, nprobe: int | None, nlist: int | None, exact: bool, has_index: bool,

@@ -1,9 +1,11 @@
 """Reading a collection's shards for search hits: the id -> (shard, row) map
 (:class:`RowLocator`, from the ``id`` columns only) and row-group metadata reads behind a
-byte-bounded LRU cache (:class:`MetadataReader`)."""
+byte-bounded LRU cache (:class:`MetadataReader`), and where each shard's row groups start
+(:func:`row_group_starts`, shared with the subset search that reads single rows' vectors)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -79,8 +81,7 @@ class MetadataReader:
             entry = self._files.get(shard)
             if entry is None:
                 pf = pq.ParquetFile(self.paths[shard])
-                md = pf.metadata
-                starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+                starts = row_group_starts(self.paths[shard], pf)
                 columns = [n for n in pf.schema_arrow.names if n != "embedding"]
                 entry = self._files[shard] = (pf, starts, columns, threading.Lock())
             return entry
@@ -112,3 +113,19 @@ class MetadataReader:
             out.append({name: col[r].as_py() for name, col in zip(table.column_names, table.columns)})
         return out
 
+
+def row_group_starts(path: Path | str, pf: pq.ParquetFile | None = None) -> np.ndarray:
+    """First row of each row group of a Parquet file, plus its row count at the end (cached by
+    path, size and modification time)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    starts = _STARTS.get(key)
+    if starts is None:
+        md = (pf or pq.ParquetFile(path)).metadata
+        starts = _STARTS.put(key, np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)]))
+    return starts
+
+
+#: Row-group starts of the shards read so far (8 bytes per row group: 1 MiB holds 4,096 shards
+#: of up to 31 row groups).
+_STARTS = ByteLRU(1 << 20)
