@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vlsearch.ann.faiss_index import find_ivf, is_l2, search_parameters, stored_nprobe
+from vlsearch.ann.faiss_index import find_ivf, is_l2, keep_referenced, search_parameters, stored_nprobe
 from vlsearch.ann.live import live_selector
 from vlsearch.ann.refine import DEFAULT_K_FACTOR, DiskRefine
 from vlsearch.core.cache import ByteLRU
@@ -122,7 +122,7 @@ class AnnSearch:
             both = sel if self._live is None else faiss.IDSelectorAnd(sel, self._live)
             params = search_parameters(self.index, *key, sel=both)
             if self._live is not None:
-                params.vlsearch_refs = [sel, self._live, both]  # FAISS holds raw pointers
+                keep_referenced(params, sel, self._live, both)  # FAISS holds raw pointers
             return params
         cached = self._params.get(key)  # built once per setting; FAISS only reads them, so sharing is safe
         if cached is None:
