@@ -39,9 +39,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vlsearch.store.layout import INDEX_FILE
+from vlsearch.store.layout import INDEX_FILE, now_iso
 from vlsearch.store.collection import Collection
-from vlsearch.store.layout import now_iso
 from vlsearch.core.errors import IndexConfigError
 from vlsearch.query.exact import ExactTopK
 from vlsearch.ann.faiss_index import (

@@ -152,7 +152,8 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     require_ray()
     from vlsearch.models.factory import default_model
 
-    from indexing.embed import EmbedConfig, open_existing
+    from indexing.embed import open_existing
+    from indexing.shards import EmbedConfig
 
     config = config or EmbedConfig()
     if config.model is None:

@@ -41,7 +41,7 @@ from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
 from vlsearch.core.errors import SourceError
 from vlsearch.core.fsutil import MANIFEST_NAMES, find_manifest
 from vlsearch.data.locations import is_url, location_suffix, open_location, url_fs
-from vlsearch.data.manifest import MANIFEST_SUFFIXES, read_manifest
+from vlsearch.data.manifest import is_manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def _open_file(location: Path | str, kind: str, image_column: str | None, captio
     suffix = location_suffix(location)
     if kind in ("auto", "webdataset") and suffix == ".tar":
         return TarSource(location, [location])
-    if kind in ("auto", "manifest") and suffix in MANIFEST_SUFFIXES:
+    if kind in ("auto", "manifest") and is_manifest(location):
         return ManifestSource(location, image_column, caption_column)
     raise SourceError(f"{location} is not a folder, a .csv/.tsv/.parquet manifest or a .tar shard")
 

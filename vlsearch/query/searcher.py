@@ -76,10 +76,6 @@ class Searcher:
         self.reranking = RerankStage(collection, reranker, lambda: self.encoder, self.row_locator,
                                      self.metadata_reader, options.rerank_features)
         self._hits = HitBuilder(self.row_locator, self.metadata_reader, collection.path)
-        self.text_cache: ByteLRU = self.embedder.text_cache  #: query text -> embedding, with hit/miss counts
-        #: search defaults (options, else the manifest's tuned ones) and the ``Refine(disk)`` re-scorer (or None)
-        self.nprobe_default, self.k_factor_default = self.plan.ann.nprobe_default, self.plan.ann.k_factor_default
-        self.disk_refine = self.plan.ann.disk_refine
 
     @classmethod
     def open(cls, path: str | os.PathLike, mmap: bool = False, encoder: "Encoder | None" = None,
@@ -100,6 +96,26 @@ class Searcher:
     @property
     def has_index(self) -> bool:
         return self.index is not None
+
+    @property
+    def text_cache(self) -> ByteLRU:
+        """Query text -> embedding, with hit/miss counts."""
+        return self.embedder.text_cache
+
+    @property
+    def nprobe_default(self) -> int | None:
+        """nprobe when a call gives none: the options', else the manifest's tuned one, else the index's."""
+        return self.plan.ann.nprobe_default
+
+    @property
+    def k_factor_default(self) -> float | None:
+        """Refine factor when a call gives none: the options', else the tuned one (None: the index's own)."""
+        return self.plan.ann.k_factor_default
+
+    @property
+    def disk_refine(self) -> Any:
+        """The ``Refine(disk)`` re-scorer of the index (:class:`~vlsearch.ann.refine.DiskRefine`), or None."""
+        return self.plan.ann.disk_refine
 
     @property
     def encoder(self) -> "Encoder":
