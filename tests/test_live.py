@@ -135,17 +135,19 @@ def test_disk_refine_rows_follow_adds_removes_and_compact(tmp_path):
     ids, vectors = coll.read_embeddings()
     extra_ids = np.arange(20, dtype=np.int64) + 5 * 10**12
     extra = _vectors(20, 7)
+    reader = Collection.open(coll.path, lease=True)
     with coll.update() as u:
         u.remove(ids[:10])
         u.add(_rows(extra_ids, extra))
     coll = Collection.open(coll.path)
-    assert coll.manifest.index["refine_file"] != first and (coll.path / first).is_file()  # old readers keep theirs
+    assert coll.manifest.index["refine_file"] != first and (coll.path / first).is_file()  # its reader keeps it
+    reader.release()
     # every list probed and a wide shortlist: the exact re-score from the rows file decides
     scores, found = Searcher.open(coll.path).knn(extra, k=3, nprobe=8, k_factor=100)
     assert np.array_equal(found[:, 0], extra_ids) and np.allclose(scores[:, 0], 1.0, atol=1e-2)
     compact(Collection.open(coll.path))
     coll = Collection.open(coll.path)
-    assert not (coll.path / first).exists()  # two versions on: no reader needs it
+    assert not (coll.path / first).exists()  # no reader needs it
     assert len(list(coll.path.glob("vectors-*.npy"))) <= 2 * 2  # rows (+ id map) of the kept versions
     _, found = Searcher.open(coll.path).knn(np.concatenate([extra, vectors[:10]]), k=3, nprobe=8, k_factor=100)
     assert np.array_equal(found[:20, 0], extra_ids) and not np.isin(found, ids[:10]).any()
@@ -165,7 +167,7 @@ def test_compact_drops_dead_rows_from_shards_and_index(tmp_path):
     on_disk = np.concatenate([pq.read_table(p, columns=["id"]).column(0).to_numpy() for p in fresh.shard_paths()])
     assert len(on_disk) == 300 and not np.isin(on_disk, gone).any()
     assert len(fresh.shard_paths()) == 3  # shards 0 and 1 (50 live rows each) became one
-    assert len(list((coll.path / IMAGES_DIR).iterdir())) == 5  # + 2 kept for readers of the previous version
+    assert len(list((coll.path / IMAGES_DIR).iterdir())) == 3  # no reader holds the previous version
     searcher = Searcher.open(coll.path)
     assert searcher.index.ntotal == 300
     after = searcher.knn(vectors, k=10, exact=True)
@@ -178,6 +180,7 @@ def test_reader_keeps_its_version_while_a_new_one_is_written(tmp_path):
     coll = _collection(tmp_path / "c")
     ids, vectors = coll.read_embeddings()
     reader = Searcher.open(coll.path)
+    held = Collection.open(coll.path, lease=True)
     old = reader.knn(vectors[:20], k=5, exact=True), reader.knn(vectors[:20], k=5)
     version = coll.manifest.version
     coll.remove(ids[:10])
@@ -185,12 +188,12 @@ def test_reader_keeps_its_version_while_a_new_one_is_written(tmp_path):
     assert reader.knn(vectors[:20], k=5, exact=True)[1].tolist() == old[0][1].tolist()
     assert reader.knn(vectors[:20], k=5)[1].tolist() == old[1][1].tolist()
     assert [h.id for h in reader.search_vector(vectors[0], k=1)] == [ids[0]]  # its version still has it
-    pinned = Collection.open(coll.path, version=version + 1)  # the previous version stays readable
-    assert pinned.count() == 390
+    pinned = Collection.open(coll.path, version=version)  # the leased version stays readable
+    assert pinned.count() == 400 and held.lease.held
     newer = Searcher.open(coll.path)
     assert newer.search_vector(vectors[0], k=1)[0].id != ids[0]
     with pytest.raises(CollectionError, match="no longer keeps version"):
-        Collection.open(coll.path, version=1)  # two versions back: garbage collected
+        Collection.open(coll.path, version=version + 1)  # nobody leased it: garbage collected
 
 
 def test_second_writer_fails_at_once_and_a_dead_holder_is_taken_over(tmp_path):

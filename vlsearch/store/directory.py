@@ -14,6 +14,7 @@
       index.faiss                 (built by indexing.build; described in manifest["index"];
                                   a sync writes index-v000003.faiss and points the manifest at it)
       .lock                       pid of the process writing a new version (sync, compact, build)
+      leases/v000003.lease        shared flocks of the readers of each version (vlsearch.store.lease)
 
 Embeddings are stored as ``fixed_size_list<float16>[dim]``: half the disk and I/O of float32,
 and the rounding (relative error ~5e-4 on unit vectors) is far below the score gaps that decide
@@ -27,8 +28,10 @@ committed when its ``images/`` file exists; its captions and failures files are 
 new rows go into *new* shards, deleted rows are listed in a new tombstone file, and the version
 commits when ``manifest.json`` is renamed into place (after ``versions/vNNNNNN.json``). A manifest
 lists its live shards, so a reader that opened version N keeps reading exactly version N while
-N+1 is written, and a crash before the rename leaves version N untouched. Files that neither the
-current nor the previous version references are garbage, removed by the next writer. Format 1
+N+1 is written, and a crash before the rename leaves version N untouched. A reader that must keep
+its files holds a *lease* on its version (``CollectionDir.open(path, lease=True)``, as a Searcher
+does); files that neither the current version nor a leased one references are garbage, removed by
+the next writer (:mod:`vlsearch.store.gc`). Format 1
 collections (no ``shards`` list: every committed shard on disk is live) are read as they are.
 """
 
@@ -47,6 +50,7 @@ from vlsearch.core.errors import CollectionError, CollectionMismatchError
 from vlsearch.core.modelinfo import ModelInfo
 from vlsearch.store import gc
 from vlsearch.store.layout import FAILURES_DIR, IMAGES_DIR, INDEX_FILE, LOCK_FILE, MANIFEST, now_iso
+from vlsearch.store.lease import VersionLease, lease_version
 from vlsearch.store.lock import CollectionLock
 from vlsearch.store.manifest import Manifest, read_manifest, write_manifest
 from vlsearch.store.shards import ShardFiles
@@ -58,9 +62,11 @@ class CollectionDir:
     index and the writer lock. Cheap to open. :class:`~vlsearch.store.collection.Collection` adds
     changes by whole versions (:mod:`vlsearch.store.update` works on this class)."""
 
-    def __init__(self, path: str | os.PathLike, manifest: Manifest):
+    def __init__(self, path: str | os.PathLike, manifest: Manifest, lease: VersionLease | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        #: the reader's lease on this version (None: not leased; see :meth:`open`)
+        self.lease = lease
 
     @property
     def manifest(self) -> Manifest:
@@ -72,17 +78,26 @@ class CollectionDir:
 
     # ---- opening / creating -------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, version: int | None = None) -> "CollectionDir":
+    def open(cls, path: str | os.PathLike, version: int | None = None, lease: bool = False) -> "CollectionDir":
         """Open an existing collection (its current version, or an earlier ``version`` still kept
-        under ``versions/``); raises CollectionNotFoundError / CollectionError."""
+        under ``versions/``); raises CollectionNotFoundError / CollectionError. ``lease=True``
+        holds a lease on the version (:mod:`vlsearch.store.lease`): no writer removes its files
+        until :meth:`release` (or this process exits)."""
+        if lease:
+            return cls(Path(path), *lease_version(path, version))
         return cls(Path(path), read_manifest(Path(path), version))
+
+    def release(self) -> None:
+        """Let go of this version's lease, if held (its files may then be garbage-collected)."""
+        if self.lease is not None:
+            self.lease.release()
 
     def reopen(self) -> "CollectionDir":
         """The collection's newest version, opened afresh (this object keeps the version it has)."""
         return type(self).open(self.path)
 
     def with_manifest(self, manifest: Manifest) -> "CollectionDir":
-        """A view of the same directory under another manifest (a version being staged)."""
+        """A view of the same directory under another manifest (a version being staged; not leased)."""
         return type(self)(self.path, manifest)
 
     @classmethod
@@ -117,7 +132,7 @@ class CollectionDir:
     def commit_version(self, **changes: Any) -> Manifest:
         """Write the next version (``version + 1``, format 2, live shard list made explicit):
         ``versions/vN.json`` first, then ``manifest.json`` (the commit point); then remove the
-        files no longer referenced by this or the previous version."""
+        files neither this version nor a leased one references."""
         new = self.manifest.next_version(self.shard_numbers(), **changes)
         write_manifest(self.path, new, version_file=True)
         self.manifest = new

@@ -1,17 +1,17 @@
-"""Garbage collection: remove the files that neither the current nor the previous version references
-(shards and indexes of a crashed or superseded write, old version manifests, temp files).
-Call these only while holding the collection's writer lock."""
+"""Garbage collection: remove the files that neither the current version nor any version a reader
+leases (:mod:`vlsearch.store.lease`) references: shards and indexes of a crashed or superseded
+write, old version manifests, temp files. Call these only while holding the collection's writer lock."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlsearch.core.errors import CollectionError
 from vlsearch.store.layout import (
-    CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, INDEX_FILE, MANIFEST, SHARD_FILE_RE, TOMBSTONES_DIR, VERSIONS_DIR,
+    CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, INDEX_FILE, LEASES_DIR, MANIFEST, SHARD_FILE_RE, TOMBSTONES_DIR, VERSIONS_DIR,
     shard_name, version_name,
 )
-from vlsearch.store.manifest import Manifest, read_manifest
+from vlsearch.store.lease import FreeVersion, claim_if_free, leased_versions
+from vlsearch.store.manifest import Manifest, manifest_path, read_manifest
 from vlsearch.store.shards import ShardFiles
 
 SHARD_KINDS = (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR)
@@ -33,20 +33,50 @@ def version_files(directory: Path, manifest: Manifest) -> set[Path]:
 
 
 def referenced_files(directory: Path, manifest: Manifest) -> set[Path]:
-    """Files version ``manifest`` and the version before it need (shards, tombstones, index, manifests)."""
+    """Files version ``manifest`` and every version a reader leases now need (shards, tombstones,
+    index, manifests)."""
     keep = {directory / MANIFEST, *version_files(directory, manifest)}
-    try:
-        previous = read_manifest(directory, manifest.version - 1)
-    except CollectionError:
-        return keep
-    return keep | version_files(directory, previous)
+    for version in leased_versions(directory):
+        if version != manifest.version and manifest_path(directory, version).is_file():
+            keep |= version_files(directory, read_manifest(directory, version))
+    return keep
 
 
 def collect_garbage(directory: Path, manifest: Manifest) -> list[Path]:
-    """Delete what neither ``manifest`` nor its previous version references; the removed paths."""
+    """Delete what neither ``manifest`` nor any leased version references; the removed paths.
+
+    Each older version no reader leases is claimed (an exclusive lock on its lease file) while
+    its files go: its ``versions/vN.json`` first, so that a GC cut short never leaves a version
+    that looks whole, then the files no kept version references, then its lease file."""
     if manifest.shards is None:
         return remove_uncommitted(directory, manifest)
-    keep = referenced_files(directory, manifest)
+    keep = {directory / MANIFEST, *version_files(directory, manifest)}
+    claims: list[FreeVersion] = []
+    try:
+        for version in _other_versions(directory, manifest.version):
+            claim = claim_if_free(directory, version)
+            if claim is not None:
+                claims.append(claim)
+            elif manifest_path(directory, version).is_file():
+                keep |= version_files(directory, read_manifest(directory, version))
+        removed = [manifest_path(directory, c.version) for c in claims if manifest_path(directory, c.version).is_file()]
+        for p in removed:
+            p.unlink()
+        removed += _remove_unkept(directory, keep)
+    finally:
+        for claim in claims:
+            claim.drop()
+    return removed
+
+
+def _other_versions(directory: Path, current: int) -> list[int]:
+    """Versions other than ``current`` with a manifest under ``versions/`` or a lease file."""
+    found = {int(p.stem[1:]) for folder, pattern in ((VERSIONS_DIR, "v*.json"), (LEASES_DIR, "v*.lease"))
+             if (directory / folder).is_dir() for p in (directory / folder).glob(pattern) if p.stem[1:].isdigit()}
+    return sorted(found - {current})
+
+
+def _remove_unkept(directory: Path, keep: set[Path]) -> list[Path]:
     candidates = [p for kind in (*SHARD_KINDS, TOMBSTONES_DIR, VERSIONS_DIR)
                   if (directory / kind).is_dir() for p in (directory / kind).iterdir()]
     candidates += [p for p in directory.iterdir()

@@ -14,6 +14,8 @@ MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR = "images", "captions", "failures"
 VERSIONS_DIR, TOMBSTONES_DIR, LOCK_FILE = "versions", "tombstones", ".lock"
+#: reader leases on versions (vlsearch.store.lease)
+LEASES_DIR = "leases"
 EMBEDDING_DTYPE = "float16"
 #: Columns every image shard has; any other column (except ``embedding``) is user metadata.
 IMAGE_COLUMNS = ("id", "path", "width", "height", "captions")
