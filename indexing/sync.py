@@ -12,6 +12,8 @@ is stable across runs):
   unchanged; its row is rewritten with the new mtime so the next sync does not hash it again.
 * **deleted**: a live id the source no longer has.
 * a path listed in ``failures/`` is retried only when the file is newer than that failure record.
+* **deferred**: a new, changed or deleted path that ``defer`` names is left exactly as stored this
+  time (a file still being written: ``indexing.watch`` syncs it once it has settled).
 
 Rows written by vlsearch before collection format 2 carry no file columns; they count as
 unchanged while their path exists (their edits cannot be seen until the collection is rebuilt).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Collection as PathSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -66,6 +69,8 @@ class SyncReport:
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     unchanged: int = 0
+    #: new, changed or deleted paths left as stored because ``defer`` named them
+    deferred: list[str] = field(default_factory=list)
     #: new or changed images whose stored vector was reused (same content hash): not encoded
     reused: int = 0
     encoded: int = 0
@@ -77,7 +82,11 @@ class SyncReport:
 
     def summary(self) -> str:
         """``+N new, ~N changed, -N deleted, N unchanged``."""
-        return f"+{len(self.new)} new, ~{len(self.changed)} changed, -{len(self.deleted)} deleted, {self.unchanged} unchanged"
+        return f"{self.changes()}, {self.unchanged} unchanged"
+
+    def changes(self) -> str:
+        """``+N new, ~N changed, -N deleted``."""
+        return f"+{len(self.new)} new, ~{len(self.changed)} changed, -{len(self.deleted)} deleted"
 
     @property
     def has_changes(self) -> bool:
@@ -93,13 +102,19 @@ class _Plan:
     remove: list[int] = field(default_factory=list)
 
 
+#: Source paths a sync leaves as stored: a set of them, or a predicate.
+Defer = PathSet[str] | Callable[[str], bool]
+
+
 def sync(source: ImageSource | str | os.PathLike, collection: Collection | str | os.PathLike,
          config: EmbedConfig = EmbedConfig(), *, dry_run: bool = False, encoder: Encoder | None = None,
-         progress: Progress | None = None) -> SyncReport:
+         progress: Progress | None = None, defer: Defer | None = None) -> SyncReport:
     """Bring a finished collection in step with ``source`` as one new version (see module docstring).
 
     ``dry_run``: find and report the changes, write nothing. ``encoder``: a loaded model to use
-    (else ``config``'s model is loaded, only if something must be encoded). Raises
+    (else ``config``'s model is loaded, only if something must be encoded). ``defer``: source
+    paths (as stored: relative to the source) to leave exactly as stored this time, even if they
+    are new, changed or gone; asked only about paths that would change. Raises
     CollectionLockedError when another process writes the collection, CollectionMismatchError
     for another model.
     """
@@ -113,12 +128,13 @@ def sync(source: ImageSource | str | os.PathLike, collection: Collection | str |
     if not coll.manifest.complete:
         raise CollectionError(f"collection {coll.path} is not finished; rerun the embedding to resume it first")
     holder = _EncoderHolder(coll, config, encoder)
+    deferred = _deferring(defer)
     if dry_run:
-        report = _plan(source, Collection.open(coll.path)).report
+        report = _plan(source, Collection.open(coll.path), deferred).report
         report.dry_run, report.seconds = True, round(time.perf_counter() - start, 3)
         return report
     with cpu_threads(config.threads), reusing_freed_memory(), Update(coll) as update:
-        plan = _plan(source, update.base)
+        plan = _plan(source, update.base, deferred)
         _apply(plan, update, source, holder, config, progress)
     report = plan.report
     coll = Collection.open(coll.path)
@@ -176,7 +192,13 @@ def _failed(coll: Collection) -> dict[str, float]:
     return out
 
 
-def _plan(source: ImageSource, coll: Collection) -> _Plan:
+def _deferring(defer: Defer | None) -> Callable[[str], bool]:
+    if defer is None:
+        return lambda path: False
+    return defer if callable(defer) else frozenset(defer).__contains__
+
+
+def _plan(source: ImageSource, coll: Collection, defer: Callable[[str], bool]) -> _Plan:
     rows, by_hash = _stored(coll)
     failed = _failed(coll)
     plan = _Plan(SyncReport())
@@ -187,17 +209,23 @@ def _plan(source: ImageSource, coll: Collection) -> _Plan:
         if stored is None:
             if rec.path in failed and (file_stat(rec) or (0, 0))[1] / 1e9 <= failed[rec.path]:
                 continue  # failed before and not modified since
+            if defer(rec.path):
+                plan.report.deferred.append(rec.path)
+                continue
             plan.report.new.append(rec.path)
             _reuse_or_encode(plan, rec, content_hash(rec), by_hash)
             continue
-        _compare(plan, rec, stored, by_hash)
+        _compare(plan, rec, stored, by_hash, defer)
     gone = [i for i in rows if i not in seen]
-    plan.report.deleted = sorted(rows[i][0] for i in gone)
-    plan.remove += gone
+    kept = {i for i in gone if defer(rows[i][0])}
+    plan.report.deferred += sorted(rows[i][0] for i in kept)
+    plan.report.deleted = sorted(rows[i][0] for i in gone if i not in kept)
+    plan.remove += [i for i in gone if i not in kept]
     return plan
 
 
-def _compare(plan: _Plan, rec: ImageRecord, stored: tuple, by_hash: dict[str, int]) -> None:
+def _compare(plan: _Plan, rec: ImageRecord, stored: tuple, by_hash: dict[str, int],
+             defer: Callable[[str], bool]) -> None:
     _, size, mtime, stored_hash, stored_record = stored
     if size is None:  # a format-1 row: no file facts to compare
         plan.report.unchanged += 1
@@ -205,6 +233,9 @@ def _compare(plan: _Plan, rec: ImageRecord, stored: tuple, by_hash: dict[str, in
     same_record = stored_record == record_hash(rec)
     if same_record and file_stat(rec) == (size, mtime):
         plan.report.unchanged += 1
+        return
+    if defer(rec.path):
+        plan.report.deferred.append(rec.path)
         return
     digest = content_hash(rec)
     plan.remove.append(rec.id)

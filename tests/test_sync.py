@@ -98,6 +98,36 @@ def test_rename_reuses_vectors_and_loads_no_model(tmp_path, tiny_encoder, tiny_c
     assert np.array_equal(after[stable_id(b"renamed.jpg")], before[stable_id(b"img002.jpg")])
 
 
+def test_deferred_paths_stay_as_stored_until_a_later_sync(tmp_path, tiny_encoder):
+    src = _folder(tmp_path / "src", 6)
+    coll = embed(src, tmp_path / "c", _config(), encoder=tiny_encoder)
+    build_index(coll.path, "Flat")
+    before = _by_id(coll)
+    (src / "img100.jpg").write_bytes(_jpeg(100))  # new
+    (src / "img101.jpg").write_bytes(_jpeg(101))  # new, deferred
+    (src / "img002.jpg").write_bytes(_jpeg(60))  # changed, deferred
+    (src / "img003.jpg").unlink()  # deleted, deferred
+    (src / "img004.jpg").unlink()  # deleted
+    held = ["img002.jpg", "img003.jpg", "img101.jpg"]
+    for defer in (set(held), held.__contains__):  # a collection of paths, or a predicate
+        dry = sync(src, coll.path, _config(), encoder=tiny_encoder, dry_run=True, defer=defer)
+        assert dry.summary() == "+1 new, ~0 changed, -1 deleted, 3 unchanged" and sorted(dry.deferred) == held
+    report = sync(src, coll.path, _config(), encoder=tiny_encoder, defer=set(held))
+    assert report.summary() == "+1 new, ~0 changed, -1 deleted, 3 unchanged" and sorted(report.deferred) == held
+    after = _by_id(Collection.open(coll.path))
+    id_of = lambda name: stable_id(name.encode())  # noqa: E731
+    assert id_of("img101.jpg") not in after and id_of("img100.jpg") in after and id_of("img004.jpg") not in after
+    for name in ("img002.jpg", "img003.jpg"):  # the stored rows, untouched
+        assert np.array_equal(after[id_of(name)], before[id_of(name)])
+    assert Searcher.open(coll.path).index.ntotal == len(after) == 6
+
+    final = sync(src, coll.path, _config(), encoder=tiny_encoder)  # nothing deferred: the rest follows
+    assert final.summary() == "+1 new, ~1 changed, -1 deleted, 4 unchanged" and final.deferred == []
+    fresh = _by_id(embed(src, tmp_path / "fresh", _config(), encoder=tiny_encoder))
+    mine = _by_id(Collection.open(coll.path))
+    assert sorted(mine) == sorted(fresh) and all(np.allclose(mine[i], fresh[i], atol=1e-3) for i in fresh)
+
+
 def test_dry_run_lists_changes_and_writes_nothing(tmp_path, tiny_encoder, tiny_checkpoint):
     src = _folder(tmp_path / "src", 6)
     coll = embed(src, tmp_path / "c", _config(pretrained=str(tiny_checkpoint)), encoder=tiny_encoder)

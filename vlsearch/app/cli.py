@@ -39,6 +39,7 @@ from vlsearch.app.options import (
     SOURCE_ARG,
     COLLECTION_ARG,
     TRAIN,
+    WATCH,
     BenchOptions,
     BuildOptions,
     EmbedOptions,
@@ -49,6 +50,7 @@ from vlsearch.app.options import (
     QueryOptions,
     RerankTrainOptions,
     ServeOptions,
+    WatchOptions,
     with_groups,
 )
 from vlsearch.core import allocator
@@ -357,6 +359,40 @@ def _build_and_report(collection_dir: str, options: BuildOptions, engine: Engine
                    + (f" ({entry['ivfdata']})" if entry.get("ivfdata") else ""))
     for reason in entry["reasons"]:
         typer.echo(f"  - {reason}")
+
+
+@app.command("watch")
+@handle_errors
+@with_groups(WATCH)
+def watch_cmd(source: str = typer.Argument(..., help="Image folder (or .csv/.tsv/.parquet manifest) to follow."),
+              collection_dir: str = COLLECTION_OUT_ARG, watch: WatchOptions = None) -> None:
+    """Keep a collection in step with a folder: sync on every change (the collection is created on the
+    first sync if missing); one line per sync that changed something. Ctrl-C stops."""
+    from indexing.watch import FolderWatcher
+
+    watcher = FolderWatcher(source, collection_dir, watch.config(), watch.embed_config())
+    typer.echo(f"watching {source} -> {collection_dir} (Ctrl-C stops)")
+    running = watcher.start(on_sync=_echo_watch_sync, on_error=_echo_watch_error)
+    try:
+        running.wait()
+    except KeyboardInterrupt:
+        running.stop()  # the sync in progress finishes first; a second Ctrl-C exits at once (130)
+        typer.echo("stopped")
+
+
+def _echo_watch_sync(report: Any) -> None:
+    """``HH:MM:SS +N new, ~N changed, -N deleted -> version V`` for a sync that changed something."""
+    if not report.has_changes:
+        return
+    extra = "".join(f", {n} {what}" for n, what in ((report.failures, "failures"),
+                                                      (len(report.deferred), "deferred (still being written)")) if n)
+    typer.echo(f"{time.strftime('%H:%M:%S')} {report.changes()} -> version {report.version}{extra}")
+
+
+def _echo_watch_error(exc: Exception) -> None:
+    what = str(exc) if isinstance(exc, VlsearchError) else f"{type(exc).__name__}: {exc}"
+    typer.secho(f"{time.strftime('%H:%M:%S')} sync failed (retried at the next change): {what}", err=True,
+                fg=typer.colors.RED)
 
 
 @app.command("train")

@@ -305,6 +305,45 @@ class ServeOptions:
                            mmap=self.mmap, device=self.device)
 
 
+@dataclass(frozen=True)
+class WatchOptions:
+    """The options of ``watch``: when it syncs, and the model it embeds with."""
+
+    quiet: float = _option(2.0, "--quiet", min=0.01, help="Sync once the folder has had no change for this many "
+                           "seconds...")
+    max_delay: float = _option(30.0, "--max-delay", min=0.01, help="...but at least this often while changes keep "
+                               "coming (and retry a failed sync after this long).")
+    settle: float = _option(1.0, "--settle", min=0.0, help="Embed a file once its size and mtime have not changed "
+                            "for this many seconds (a file still being copied waits).")
+    poll: bool = _option(False, "--poll", help="Poll the folder instead of file-system events (e.g. a network "
+                         "mount; without it, polling is used only where events are unavailable).")
+    poll_interval: float = _option(0.3, "--poll-interval", min=0.01, help="Seconds between two polls.")
+    model: Optional[str] = _option(None, "--model", "-m", help="Model of a new collection (default: the "
+                                   "collection's own, else the built-in default model).")
+    pretrained: Optional[str] = dataclasses.field(default=None, metadata={"option": PRETRAINED_OPT})
+    device: str = dataclasses.field(default="auto", metadata={"option": DEVICE_OPT})
+    precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
+    workers: Optional[int] = _option(None, "--workers", "-w", min=0, help="Decoding processes per sync (0: in "
+                                     "the watching process).")
+
+    def config(self) -> Any:
+        """The :class:`indexing.watch.WatchConfig` these options describe."""
+        from indexing.watch import WatchConfig
+
+        try:
+            return WatchConfig(quiet=self.quiet, max_delay=self.max_delay, settle=self.settle,
+                               force_polling=True if self.poll else None, poll_interval=self.poll_interval)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+
+    def embed_config(self) -> Any:
+        """The :class:`indexing.shards.EmbedConfig` of the syncs."""
+        from indexing.shards import EmbedConfig
+
+        return EmbedConfig(model=self.model, pretrained=self.pretrained, device=self.device,
+                           precision=self.precision, workers=self.workers)
+
+
 # ---- train: every flag is an override of the config file (or of TrainConfig's defaults) -----------
 @dataclass(frozen=True)
 class TrainFlag:
@@ -419,6 +458,7 @@ QUERY = group_of("query_options", QueryOptions)
 BENCH = group_of("bench", BenchOptions)
 RERANK_TRAIN = group_of("train", RerankTrainOptions)
 SERVE = group_of("server", ServeOptions)
+WATCH = group_of("watch", WatchOptions)
 TRAIN = OptionGroup("overrides", tuple(
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_train_option(f), annotation=Optional[f.type])
     for f in TRAIN_FLAGS), train_overrides)
