@@ -39,6 +39,7 @@ from vlsearch.app.options import (
     SOURCE_ARG,
     COLLECTION_ARG,
     TRAIN,
+    WAIT_OPT,
     WATCH,
     BenchOptions,
     BuildOptions,
@@ -58,6 +59,7 @@ from vlsearch.core.errors import VlsearchError
 from vlsearch.core.fsutil import write_json
 from vlsearch.core.threads import set_process_threads
 from vlsearch.store.layout import MANIFEST
+from vlsearch.store.lock import lock_wait
 
 app = typer.Typer(
     name="vlsearch",
@@ -246,47 +248,51 @@ RERANK_FEATURES_OPT = typer.Option(
 @handle_errors
 @with_groups(EMBED, ENGINE)
 def embed_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG,
-              rerank_features: bool = RERANK_FEATURES_OPT, embed: EmbedOptions = None,
+              rerank_features: bool = RERANK_FEATURES_OPT, wait: float = WAIT_OPT, embed: EmbedOptions = None,
               engine: EngineOptions = None) -> None:
     """Encode an image source into a collection of Parquet shards (rerun: resume, or sync when finished)."""
-    _embed_and_report(source, collection_dir, embed, engine)
-    if rerank_features and not embed.dry_run:
-        _store_rerank_features(collection_dir, None, "auto")
+    with lock_wait(wait):
+        _embed_and_report(source, collection_dir, embed, engine)
+        if rerank_features and not embed.dry_run:
+            _store_rerank_features(collection_dir, None, "auto")
 
 
 @app.command("build-index")
 @handle_errors
 @with_groups(BUILD, ENGINE, PARTS)
-def build_index_cmd(collection_dir: str = COLLECTION_ARG, build: BuildOptions = None,
+def build_index_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT, build: BuildOptions = None,
                     engine: EngineOptions = None, parts: PartsOptions = None) -> None:
     """Build (or rebuild, atomically) the FAISS index of a collection and record it in its manifest."""
-    _build_and_report(collection_dir, build, engine, parts)
+    with lock_wait(wait):
+        _build_and_report(collection_dir, build, engine, parts)
 
 
 @app.command("index")
 @handle_errors
 @with_groups(EMBED, BUILD, ENGINE, PARTS)
 def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG,
-              rerank_features: bool = RERANK_FEATURES_OPT, embed: EmbedOptions = None,
+              rerank_features: bool = RERANK_FEATURES_OPT, wait: float = WAIT_OPT, embed: EmbedOptions = None,
               build: BuildOptions = None, engine: EngineOptions = None, parts: PartsOptions = None) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
     from vlsearch.store.collection import Collection
 
-    synced = _embed_and_report(source, collection_dir, embed, engine)
-    if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
-        _build_and_report(collection_dir, build, engine, parts)
-    if rerank_features and not embed.dry_run:
-        _store_rerank_features(collection_dir, None, "auto")
+    with lock_wait(wait):
+        synced = _embed_and_report(source, collection_dir, embed, engine)
+        if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
+            _build_and_report(collection_dir, build, engine, parts)
+        if rerank_features and not embed.dry_run:
+            _store_rerank_features(collection_dir, None, "auto")
 
 
 @app.command("compact")
 @handle_errors
-def compact_cmd(collection_dir: str = COLLECTION_ARG) -> None:
+def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) -> None:
     """Rewrite the shards holding deleted rows without them and drop dead entries from the index."""
     from vlsearch.store.collection import Collection
 
-    result = Collection.open(collection_dir).compact()
+    with lock_wait(wait):
+        result = Collection.open(collection_dir).compact()
     typer.echo(f"{result['rows_dropped']} dead rows dropped from {result['shards_rewritten']} shards -> "
                f"{collection_dir} version {result['version']}")
 
@@ -478,9 +484,11 @@ def rerank_features_cmd(
     collection_dir: str = COLLECTION_ARG,
     reranker: Optional[str] = typer.Option(None, "--reranker", help="Re-ranker file (default: the model's shipped one)."),
     device: str = DEVICE_OPT,
+    wait: float = WAIT_OPT,
 ) -> None:
     """Store the re-ranker's candidate features in a collection (rerank/), for fast --rerank."""
-    _store_rerank_features(collection_dir, reranker, device)
+    with lock_wait(wait):
+        _store_rerank_features(collection_dir, reranker, device)
 
 
 def _store_rerank_features(collection_dir: str, reranker: Optional[str], device: str) -> None:

@@ -29,6 +29,9 @@ PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: a
 SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.tsv/.parquet manifest, .tar shard(s) (folder or glob).")
 COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, resumed, or synced).")
 COLLECTION_ARG = typer.Argument(..., help="Collection directory (from `vlsearch embed`).")
+WAIT_OPT = typer.Option(0.0, "--wait", min=0.0, metavar="SECONDS",
+                        help="Wait up to SECONDS for another writer of the collection (a sync, compact or "
+                             "build-index) to finish (0: fail at once if another writer holds the collection).")
 
 
 def _option(default: Any, *flags: str, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@
       tombstones/v000003.parquet  shard, id: rows of live shards deleted by later versions
       index.faiss                 (built by indexing.build; described in manifest["index"];
                                   a sync writes index-v000003.faiss and points the manifest at it)
-      .lock                       pid of the process writing a new version (sync, compact, build)
+      .lock                       the writer lock (flock; names the pid writing a new version: sync, compact, build)
       leases/v000003.lease        shared flocks of the readers of each version (vlsearch.store.lease)
 
 Embeddings are stored as ``fixed_size_list<float16>[dim]``: half the disk and I/O of float32,
@@ -139,10 +139,12 @@ class CollectionDir:
         self.collect_garbage()
         return new
 
-    def lock(self) -> CollectionLock:
-        """Exclusive writer lock (``.lock`` holding the pid): raises CollectionLockedError when
-        another live process holds it; a lock left by a dead process is taken over."""
-        return CollectionLock(self.path / LOCK_FILE)
+    def lock(self, wait: float | None = None) -> CollectionLock:
+        """The exclusive writer lock (an flock on ``.lock``), re-entrant in the thread holding it:
+        raises CollectionLockedError naming the holder when another thread or process keeps it
+        past ``wait`` seconds (None: :func:`vlsearch.store.lock.lock_wait`'s, by default 0). The
+        kernel frees it when its holder dies."""
+        return CollectionLock(self.path / LOCK_FILE, wait)
 
     def check_model(self, model: ModelInfo, *, what: str = "model") -> None:
         """Refuse a model whose embedding space differs from the collection's."""
