@@ -70,7 +70,12 @@ def _forget_after_fork() -> None:
     _held_guard = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+_fork_hook = threading.Lock()  # held for good once the hook is registered (on the first lock taken, not on import)
+
+
+def _register_fork_hook() -> None:
+    if _fork_hook.acquire(blocking=False):
+        os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class CollectionLock:
@@ -99,6 +104,7 @@ class CollectionLock:
         except BaseException:
             _release(fd)
             raise
+        _register_fork_hook()
         with _held_guard:
             _held[self._key] = _Held(me, 1, fd)
         return self
@@ -116,7 +122,7 @@ class CollectionLock:
 
     def _acquire(self, wait: float) -> int:
         """A descriptor of ``.lock`` holding the flock, tried until ``wait`` seconds have passed."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline, pause = time.monotonic() + wait, _FIRST_PAUSE
         try:
             while True:
