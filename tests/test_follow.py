@@ -1,10 +1,15 @@
-"""Searchers follow the collection: ``Searcher.refresh()`` / ``follow=True`` move to each version a
-writer commits, prepared before the switch; calls in flight and snapshots finish on their version
-(its lease keeps its files); the replaced version's lease goes as soon as nobody reads it."""
+"""Searchers and servers follow the collection: ``Searcher.refresh()`` / ``follow=True`` move to each
+version a writer commits, prepared before the switch; calls in flight and snapshots finish on their
+version (its lease keeps its files); the replaced version's lease goes as soon as nobody reads it;
+``vlsearch serve`` follows syncs and compactions with no failed request, or stays put with
+``--pin-version``."""
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -13,9 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from process_support import wait_for_line
+from test_embed import _config, _folder, _jpeg
 from test_live import _collection, _rows, _vectors
 
 import vlsearch.query.version as version_module
+from indexing.build import build_index
+from indexing.embed import embed
+from indexing.sync import sync
+from vlsearch import Client
 from vlsearch.core.errors import CollectionError
 from vlsearch.query.plan import KnnPlan
 from vlsearch.query.searcher import Searcher
@@ -23,6 +34,7 @@ from vlsearch.store.collection import Collection
 from vlsearch.store.lease import leased_versions
 
 NEW_IDS = np.arange(20, dtype=np.int64) + 5 * 10**12
+PORT_LINE = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"
 
 
 def _churn(coll: Collection, seed: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,3 +226,105 @@ def test_the_replaced_version_is_let_go_at_once_by_reference_counting(tmp_path):
         assert leased_versions(coll.path) == []
     finally:
         gc.enable()
+
+
+# ---- the server, in its own process ------------------------------------------------------------
+
+def _serve(path: Path, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "vlsearch.app.cli", "serve", f"c={path}", "--port", "0", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+
+
+def _edit(src: Path, step: int) -> str:
+    """A sync's worth of source changes: 5 new images, one deleted; the deleted file's name."""
+    for i in range(5):
+        (src / f"new{step}-{i}.jpg").write_bytes(_jpeg(100 + 10 * step + i))
+    gone = f"img{step:03d}.jpg"
+    (src / gone).unlink()
+    (src / gone).with_suffix(".txt").unlink(missing_ok=True)
+    return gone
+
+
+class Hammer:
+    """A client thread searching the server without pause (ANN, exact, filtered) while it runs,
+    counting the answers that are not 200."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http, self.stop, self.calls, self.failed = httpx.Client(base_url=url, timeout=60), threading.Event(), 0, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        bodies = [{"text": "picture", "k": 10}, {"text": "picture", "k": 50, "exact": True},
+                  {"text": "another caption", "k": 5, "where": "path LIKE 'img%'"}]
+        while not self.stop.is_set():
+            r = self.http.post("/api/collections/c/search", json=bodies[self.calls % len(bodies)])
+            self.calls += 1
+            if r.status_code != 200:
+                self.failed.append((r.status_code, r.text[:300]))
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        self.http.close()
+
+
+def test_vlsearch_serve_follows_syncs_and_compaction_or_stays_pinned(tmp_path, tiny_encoder, one_torch_thread):
+    src = _folder(tmp_path / "src", 30)
+    coll = embed(src, tmp_path / "c", _config(), encoder=tiny_encoder)
+    build_index(coll.path, "Flat")
+    start = Collection.open(coll.path)
+    paths = dict(zip(*[start.read_table(columns=["path", "id"]).column(n).to_pylist() for n in ("path", "id")]))
+    following, pinned = _serve(coll.path), _serve(coll.path, "--pin-version")
+    try:
+        urls = [f"http://127.0.0.1:{wait_for_line(p, PORT_LINE, 300).group(1)}" for p in (following, pinned)]
+        with Client(urls[0], collection="c") as client, Client(urls[1], collection="c") as pinned_client:
+            assert [c["version"] for c in client.collections() + pinned_client.collections()] == [start.manifest.version] * 2
+            hammer = Hammer(urls[0])
+            try:
+                deleted = [paths[_edit(src, 1)]]
+                sync(src, coll.path, _config(), encoder=tiny_encoder)
+                deleted.append(paths[_edit(src, 2)])
+                sync(src, coll.path, _config(), encoder=tiny_encoder)
+                Collection.open(coll.path).compact()
+                final = Collection.open(coll.path)
+                _wait_for(lambda: client.collections()[0]["version"] == final.manifest.version, "the new version served")
+                calls = hammer.calls
+                _wait_for(lambda: hammer.calls > calls + 3, "searches on the new version")
+            finally:
+                hammer.finish()
+            assert hammer.failed == [] and hammer.calls > 10
+            _check_served(client, urls[0], final, deleted, set(paths.values()))
+            _check_pinned(pinned_client, urls[1], start, deleted)
+    finally:
+        for proc in (following, pinned):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _check_served(client: Client, url: str, final: Collection, deleted: list[int], first_ids: set[int]) -> None:
+    import httpx
+
+    info = client.collections()[0]
+    health = httpx.get(f"{url}/health").json()
+    assert health["versions"]["c"] == {"version": final.manifest.version, "loaded_at": info["loaded_at"]}
+    live = set(final.read_embeddings()[0].tolist())
+    assert info["images"] == len(live) == 38  # 30 - 2 deleted + 2 x 5 new
+    for exact in (True, False):
+        found = {h.id for h in client.search_text("picture", k=100, exact=exact)}
+        assert found == live and not found & set(deleted) and len(found - first_ids) == 10
+
+
+def _check_pinned(client: Client, url: str, start: Collection, deleted: list[int]) -> None:
+    import httpx
+
+    info = client.collections()[0]
+    assert info["version"] == start.manifest.version and info["images"] == 30
+    hits = client.search_text("picture", k=100, exact=True, where="path LIKE '%.jpg'")  # every row, shards compacted away
+    assert {h.id for h in hits} == set(start.read_embeddings()[0].tolist()) and set(deleted) <= {h.id for h in hits}
+    assert all(h.path for h in hits)
+    assert client.item(deleted[0])["path"] == "img001.jpg"
+    assert httpx.get(f"{url}/health").json()["versions"]["c"]["version"] == start.manifest.version
