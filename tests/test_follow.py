@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from process_support import wait_for_line
 from test_embed import _config, _folder, _jpeg
 from test_live import _collection, _rows, _vectors
+from test_rerank import TINY_FUSION
 
 import vlsearch.query.version as version_module
 from indexing.build import build_index
@@ -30,6 +32,7 @@ from vlsearch import Client
 from vlsearch.core.errors import CollectionError
 from vlsearch.query.plan import KnnPlan
 from vlsearch.query.searcher import Searcher
+from vlsearch.rerank.model import FusionITM, Reranker, tower_identity
 from vlsearch.store.collection import Collection
 from vlsearch.store.lease import leased_versions
 
@@ -226,6 +229,25 @@ def test_the_replaced_version_is_let_go_at_once_by_reference_counting(tmp_path):
         assert leased_versions(coll.path) == []
     finally:
         gc.enable()
+
+
+def test_rerank_features_are_warmed_and_the_models_shared(tmp_path, tiny_encoder, one_torch_thread):
+    src = _folder(tmp_path / "src", 12)
+    coll = embed(src, tmp_path / "c", _config(), encoder=tiny_encoder)
+    build_index(coll.path, "Flat")
+    torch.manual_seed(0)
+    rr = Reranker(FusionITM(TINY_FUSION), tower_identity(tiny_encoder.info), 0.5)
+    warm, cold = (Searcher.open(coll.path, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+                  for _ in range(2))
+    warm.search_text("picture", k=3, rerank=5)
+    assert warm.reranking.loaded and not cold.reranking.loaded
+    _edit(src, 1)
+    sync(src, coll.path, _config(), encoder=tiny_encoder)
+    assert warm.refresh() and cold.refresh()
+    assert warm.reranking.loaded and not cold.reranking.loaded  # warmed before the switch where it was warm
+    assert warm.reranker is rr and warm.encoder is tiny_encoder  # one model for every version
+    hits = warm.search_text("picture", k=16, rerank=16, exact=True)
+    assert {h.id for h in hits} == set(Collection.open(coll.path).read_embeddings()[0].tolist())
 
 
 # ---- the server, in its own process ------------------------------------------------------------
