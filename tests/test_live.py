@@ -17,6 +17,7 @@ from process_support import wait_for_line
 from indexing.build import build_index
 from vlsearch.store.layout import FILE_COLUMNS, IMAGES_DIR, MANIFEST
 from vlsearch.store.collection import Collection
+from vlsearch.store.lease import leased_versions
 from vlsearch.store.manifest import Manifest
 from vlsearch.store.arrays import embedding_array
 from vlsearch.core.errors import CollectionError, CollectionLockedError
@@ -179,8 +180,7 @@ def test_compact_drops_dead_rows_from_shards_and_index(tmp_path):
 def test_reader_keeps_its_version_while_a_new_one_is_written(tmp_path):
     coll = _collection(tmp_path / "c")
     ids, vectors = coll.read_embeddings()
-    reader = Searcher.open(coll.path)
-    held = Collection.open(coll.path, lease=True)
+    reader = Searcher.open(coll.path)  # leases its version: nothing else holds it
     old = reader.knn(vectors[:20], k=5, exact=True), reader.knn(vectors[:20], k=5)
     version = coll.manifest.version
     coll.remove(ids[:10])
@@ -188,12 +188,14 @@ def test_reader_keeps_its_version_while_a_new_one_is_written(tmp_path):
     assert reader.knn(vectors[:20], k=5, exact=True)[1].tolist() == old[0][1].tolist()
     assert reader.knn(vectors[:20], k=5)[1].tolist() == old[1][1].tolist()
     assert [h.id for h in reader.search_vector(vectors[0], k=1)] == [ids[0]]  # its version still has it
-    pinned = Collection.open(coll.path, version=version)  # the leased version stays readable
-    assert pinned.count() == 400 and held.lease.held
+    pinned = Collection.open(coll.path, version=version)  # the Searcher's version stays readable
+    assert pinned.count() == 400 and reader.collection.lease.held and leased_versions(coll.path) == [version]
     newer = Searcher.open(coll.path)
     assert newer.search_vector(vectors[0], k=1)[0].id != ids[0]
     with pytest.raises(CollectionError, match="no longer keeps version"):
         Collection.open(coll.path, version=version + 1)  # nobody leased it: garbage collected
+    reader.close()
+    assert leased_versions(coll.path) == [newer.version]
 
 
 def test_second_writer_fails_at_once_and_a_dead_holder_leaves_the_lock_free(tmp_path):

@@ -196,7 +196,8 @@ def _updates_follow_the_on_disk_index(local: Collection, ray_built: Collection, 
     got = Searcher.open(ray_built.path, mmap=True)
     _same_top10(got, Searcher.open(local.path), probe)
     assert not np.isin(got.knn(probe, 20)[1], removed).any()
-    assert before.knn(queries, 10)[1].shape == (len(queries), 10)  # version N still answers
+    assert before.knn(queries, 10)[1].shape == (len(queries), 10)  # version N still answers (leased)
+    before.close()  # its reader lets go of version N
     with ray_built.update() as update:  # one more version: version N's lists are collected
         update.remove(new_ids[:5])
     assert not (ray_built.path / first).exists()

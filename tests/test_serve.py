@@ -92,7 +92,12 @@ def test_collections_are_listed_with_counts_model_index_and_share_one_model(http
     assert all(c["model"]["name"] == "vlsearch-tiny" and c["filters"] is True for c in body)
     encoders = {id(c.searcher.encoder) for c in app.state.served.values()}
     assert len(encoders) == 1, "collections of the same model must share one loaded model"
-    assert http.get("/health").json() == {"status": "ok", "collections": 3}
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["collections"] == 3
+    for c in body:  # the version each serves, and when it was loaded, in both answers
+        version = Collection.open(colls[c["name"]]).manifest.version
+        assert c["version"] == health["versions"][c["name"]]["version"] == version
+        assert c["loaded_at"] == health["versions"][c["name"]]["loaded_at"] and c["loaded_at"].endswith("+00:00")
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -298,6 +298,9 @@ class ServeOptions:
     max_upload_mb: float = _option(20.0, "--max-upload-mb", min=0.01, help="Largest uploaded image (MB).")
     mmap: bool = _option(False, "--mmap", help="Memory-map the indexes instead of reading them into RAM.")
     device: str = _option("cpu", help="Device of the query models: cpu, cuda or auto.")
+    pin_version: bool = _option(False, "--pin-version",
+                                help="Serve the version each collection has now, whatever syncs commit later "
+                                     "(by default the server moves to each new version within about 2 s).")
 
     def config(self) -> Any:
         """The :class:`vlsearch.app.serve.ServeConfig` these options describe (checked there)."""
@@ -305,7 +308,7 @@ class ServeOptions:
 
         return ServeConfig(host=self.host, port=self.port, token=self.token, no_auth=self.no_auth,
                            cors_origins=tuple(self.cors_origin), max_upload_bytes=int(self.max_upload_mb * 1024 * 1024),
-                           mmap=self.mmap, device=self.device)
+                           mmap=self.mmap, device=self.device, pin_version=self.pin_version)
 
 
 @dataclass(frozen=True)

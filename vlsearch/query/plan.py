@@ -17,6 +17,7 @@ Scores are cosine similarities (an L2 index's squared distances are converted wi
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -139,6 +140,16 @@ class ExactSearch:
         fits = rows * collection.dim * 4 <= cache_bytes
         self._db = Lazy(collection.read_embeddings) if fits else None
 
+    @property
+    def warm(self) -> bool:
+        """Whether the vectors are held in memory (they are read on the first exact query)."""
+        return self._db is not None and self._db.made
+
+    def warm_up(self) -> None:
+        """Read the vectors into memory now, when they fit (else nothing to do)."""
+        if self._db is not None:
+            self._db.get()
+
     def search(self, q: np.ndarray, k: int) -> Knn:
         if self._db is None:
             return exact_search(q, self.collection, k, chunk_size=self.chunk_size)
@@ -155,11 +166,19 @@ class FilterSubsets:
     def __init__(self, rows: RowLocator, collection: Collection, cache_bytes: int):
         self.rows, self.collection = rows, collection
         self._subsets = ByteLRU(cache_bytes)
-        self._engine: Lazy[FilterEngine] = Lazy(lambda: FilterEngine.from_shards(self.rows.paths, self.collection))
+        # no reference back to self: a version's objects must not form cycles (its lease is let
+        # go by reference counting when a Searcher moves on)
+        self._engine: Lazy[FilterEngine] = Lazy(functools.partial(FilterEngine.from_shards, self.rows.paths,
+                                                                  collection))
 
     @property
     def engine(self) -> FilterEngine:
         return self._engine.get()
+
+    @property
+    def built(self) -> bool:
+        """Whether the filter engine is built (on the first filtered query, or given)."""
+        return self._engine.made
 
     @engine.setter
     def engine(self, engine: FilterEngine) -> None:

@@ -4,11 +4,13 @@ token states and the candidates' image tokens (:mod:`vlsearch.rerank.features`);
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from vlsearch.core.lazy import Lazy
+from vlsearch.core.modelinfo import ModelInfo
 from vlsearch.rerank.features import CandidateFeatures
 from vlsearch.rerank.model import Reranker, load_reranker, text_tokens
 from vlsearch.store.collection import Collection
@@ -17,19 +19,35 @@ from vlsearch.store.rows import MetadataReader, RowLocator
 Reranked = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-class RerankStage:
-    """The collection model's re-ranker and its candidate features, both loaded on first use.
+def reranker_loader(model: ModelInfo, given: Any = None) -> Lazy[Reranker]:
+    """The re-ranker of a collection's ``model``, loaded and checked against it on first use:
+    ``given`` is a Reranker, a file, or None (the one shipped for the model). One per Searcher,
+    shared by every collection version it reads."""
+    return Lazy(functools.partial(_load_reranker, model, given))
 
-    ``reranker``: a Reranker, a file, or None (the one shipped for the collection's model);
+
+def _load_reranker(model: ModelInfo, given: Any) -> Reranker:
+    if not isinstance(given, Reranker):
+        given = load_reranker(model, given)
+    given.check_model(model)
+    return given
+
+
+class RerankStage:
+    """The re-ranker (shared, see :func:`reranker_loader`) and this collection version's candidate
+    features, both loaded on first use.
+
     ``encoder``: returns the query model (loaded lazily by the caller); ``features_mode``: auto,
     stored or recompute (see :class:`~vlsearch.rerank.features.CandidateFeatures`)."""
 
-    def __init__(self, collection: Collection, reranker: Any, encoder: Callable[[], Any], rows: RowLocator,
-                 reader: MetadataReader, features_mode: str = "auto"):
+    def __init__(self, collection: Collection, reranker: Lazy[Reranker], encoder: Callable[[], Any],
+                 rows: RowLocator, reader: MetadataReader, features_mode: str = "auto"):
         self.collection, self.rows, self.reader, self.features_mode = collection, rows, reader, features_mode
-        self._given, self._encoder = reranker, encoder
-        self._reranker: Lazy[Reranker] = Lazy(self._load_reranker)
-        self._features: Lazy[CandidateFeatures] = Lazy(self._candidate_features)
+        self._reranker, self._encoder = reranker, encoder
+        # built from its parts, not from a bound method: no reference cycle through self (a
+        # version's lease is let go by reference counting when its Searcher moves on)
+        self._features: Lazy[CandidateFeatures] = Lazy(functools.partial(
+            _candidate_features, collection, reranker, encoder, rows, reader, features_mode))
 
     @property
     def reranker(self) -> Reranker:
@@ -45,17 +63,6 @@ class RerankStage:
     def loaded(self) -> bool:
         """Whether the re-ranker's candidate features are set up (on the first re-ranked query)."""
         return self._features.made
-
-    def _load_reranker(self) -> Reranker:
-        given = self._given
-        if not isinstance(given, Reranker):
-            given = load_reranker(self.collection.model, given)
-        given.check_model(self.collection.model)
-        return given
-
-    def _candidate_features(self) -> CandidateFeatures:
-        return CandidateFeatures(self.collection, self.reranker, self._encoder, self.rows.paths, self.rows.locate,
-                                 self.reader.rows, self.features_mode)
 
     def rerank(self, texts: Sequence[str], scores: np.ndarray, ids: np.ndarray, k: int,
                tokens: tuple[Any, Any] | None = None) -> Reranked:
@@ -76,3 +83,8 @@ class RerankStage:
             n = len(best)
             out[0][q, :n], out[1][q, :n], out[2][q, :n] = final[best], ids[q][valid][best], scores[q][valid][best]
         return out
+
+
+def _candidate_features(collection: Collection, reranker: Lazy[Reranker], encoder: Callable[[], Any],
+                        rows: RowLocator, reader: MetadataReader, mode: str) -> CandidateFeatures:
+    return CandidateFeatures(collection, reranker.get(), encoder, rows.paths, rows.locate, reader.rows, mode)

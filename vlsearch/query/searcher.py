@@ -9,6 +9,8 @@
     hits = s.search_vector(vec, k=10, nprobe=64, k_factor=4)
     hits = s.search_text("...", exact=True)       # brute force over the shards (no index needed)
     s = Searcher.open("my-collection", options=SearcherOptions(device="cuda", exact_cache_mb=0))
+    with Searcher.open("my-collection", follow=True) as s:   # moves to each version a sync commits
+        ...
 
 ``Searcher`` is the facade over one module per step: query embedding
 (:mod:`vlsearch.query.embedding`), the ANN / exact / filtered k-NN plan (:mod:`vlsearch.query.plan`),
@@ -23,15 +25,20 @@ settings are one :class:`~vlsearch.query.options.SearcherOptions`. Design points
   stay in a byte-bounded LRU cache (``metadata_cache_mb``).
 * **The query model is the collection's**: loaded lazily with ``load_model(name, pretrained)``
   from the manifest, or passed in (and checked) as ``encoder``.
-* **One collection version**: a Searcher reads the version it opened (its live shards and
-  tombstones), whatever syncs commit meanwhile. Deleted rows are never returned, in ANN or exact
-  mode, and a list is never short while enough live rows exist.
+* **Versions**: a Searcher reads one collection version at a time (its live shards and
+  tombstones; :mod:`vlsearch.query.version`), and holds a lease on it so that no writer removes its
+  files. :meth:`Searcher.refresh` moves it to a newer version once that is loaded and warmed;
+  ``Searcher.open(path, follow=True)`` does so by itself (a thread checks ``manifest.json`` every
+  second). A call runs on the version it started on, whatever switch happens meanwhile;
+  :meth:`Searcher.snapshot` pins one version for several calls. Deleted rows are never returned,
+  in ANN or exact mode, and a list is never short while enough live rows exist.
 * **Scores are cosine similarities** (query vectors are L2-normalised).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -42,14 +49,14 @@ from vlsearch.core.errors import InvalidQueryError
 from vlsearch.core.inputs import ImageInput
 from vlsearch.query.embedding import QueryEmbedder, TextQuery, check_texts
 from vlsearch.query.filters import FilterEngine
-from vlsearch.query.hits import HitBuilder
-from vlsearch.query.options import SearcherOptions, budget
+from vlsearch.query.follow import Follower, OnError, follow_interval
+from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
 from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
+from vlsearch.query.version import SearcherVersion, SharedParts, Stamp, manifest_stamp
 from vlsearch.rerank.model import check_rerank_k
 from vlsearch.store.collection import Collection
-from vlsearch.store.layout import IMAGES_DIR
 from vlsearch.store.rows import MetadataReader, RowLocator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,41 +68,163 @@ __all__ = ["Searcher", "SearcherOptions", "Hit", "Hits", "Results", "format_hits
 class Searcher:
     """Search one collection by text, image or embedding. Thread-safe; open with :meth:`open`.
 
+    ``collection``: the version to read, as opened (leased or not; :meth:`open` leases it);
     ``encoder``: the collection's model, if already loaded (else loaded on the first text or
     image query); ``reranker``: a Reranker or its file (None: the one shipped for the collection's
     model), loaded on the first ``rerank=K`` query."""
 
     def __init__(self, collection: Collection, index: Any | None, encoder: "Encoder | None" = None,
                  reranker: Any = None, options: SearcherOptions = SearcherOptions()):
-        self.collection, self.index, self.options = collection, index, options
-        self.embedder = QueryEmbedder(collection, encoder, options)
-        paths = collection.shard_paths(IMAGES_DIR)
-        self.row_locator = RowLocator(paths, collection)
-        self.metadata_reader = MetadataReader(paths, cache_bytes=budget(options.metadata_cache_mb))
-        self.plan = KnnPlan(collection, index, self.row_locator, options)
-        self.reranking = RerankStage(collection, reranker, lambda: self.encoder, self.row_locator,
-                                     self.metadata_reader, options.rerank_features)
-        self._hits = HitBuilder(self.row_locator, self.metadata_reader, collection.path)
+        shared = SharedParts.create(collection, encoder, reranker, options)
+        self._setup(shared, SearcherVersion(collection, index, shared), pinned=False)
+
+    def _setup(self, shared: SharedParts, version: SearcherVersion, pinned: bool) -> None:
+        self._shared, self._current, self._pinned = shared, version, pinned
+        self._refresh_lock = threading.Lock()
+        self._stamp: Stamp = None  # None: the first refresh reads the manifest
+        self._follower: Follower | None = None
+        #: the exception of the last refresh, if it failed (None once one succeeds)
+        self.last_refresh_error: Exception | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, mmap: bool = False, encoder: "Encoder | None" = None,
-             reranker: Any = None, options: SearcherOptions | None = None, **overrides: Any) -> "Searcher":
-        """Open a collection for search: manifest, id map and (if built) index; the model loads on
-        first text/image query. ``mmap=True`` memory-maps the index. ``encoder`` must be the
-        collection's model (else CollectionMismatchError). ``overrides``: fields of ``options``
-        (:class:`SearcherOptions`) to change, e.g. ``device="cpu"``, ``exact_cache_mb=0``."""
-        collection = Collection.open(path)
-        index = collection.load_index(mmap=mmap) if collection.manifest.index is not None else None
-        return cls(collection, index, encoder, reranker, replace(options or SearcherOptions(), **overrides))
+             reranker: Any = None, options: SearcherOptions | None = None, *, follow: bool | float = False,
+             on_refresh_error: OnError | None = None, **overrides: Any) -> "Searcher":
+        """Open a collection for search: manifest, id map and (if built) index, its current version
+        leased; the model loads on first text/image query. ``mmap=True`` memory-maps the index.
+        ``encoder`` must be the collection's model (else CollectionMismatchError). ``overrides``:
+        fields of ``options`` (:class:`SearcherOptions`) to change, e.g. ``device="cpu"``.
+
+        ``follow=True`` (or a number of seconds, default 1): a daemon thread calls
+        :meth:`refresh` at that interval, so the Searcher moves to each new version; its errors go
+        to ``on_refresh_error`` and :attr:`last_refresh_error`. :meth:`close` stops it."""
+        interval = follow_interval(follow)
+        options = replace(options or SearcherOptions(), **overrides)
+        collection = Collection.open(path, lease=True)
+        try:
+            shared = SharedParts.create(collection, encoder, reranker, options, mmap)
+        except BaseException:
+            collection.release()
+            raise
+        searcher = cls._over(shared, shared.load(collection), pinned=False)
+        if interval is not None:
+            searcher._follower = Follower(searcher, interval, on_refresh_error,
+                                          name=f"vlsearch-follow-{collection.path.name}")
+        return searcher
+
+    @classmethod
+    def _over(cls, shared: SharedParts, version: SearcherVersion, pinned: bool) -> "Searcher":
+        searcher = cls.__new__(cls)
+        searcher._setup(shared, version, pinned)
+        return searcher
+
+    # ---- versions ----------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Move to the collection's newest version if a newer one was committed; whether it moved.
+
+        Cheap when nothing changed (one ``os.stat`` of ``manifest.json``). A newer version is
+        opened (leased), its index loaded and what this version has warm warmed (exact-search
+        vectors, filter engine, re-rank features) before the switch; calls already running finish
+        on the version they started on. The replaced version's lease is let go as soon as no call
+        or :meth:`snapshot` uses it. A snapshot never moves (False). CollectionError when the new
+        version cannot be read: the current one stays."""
+        if self._pinned:
+            return False
+        with self._refresh_lock:  # one refresh builds at a time; the others then find nothing new
+            try:
+                moved = self._refresh()
+            except Exception as exc:
+                self.last_refresh_error = exc
+                raise
+            self.last_refresh_error = None
+            return moved
+
+    def _refresh(self) -> bool:
+        stamp = manifest_stamp(self._shared.path)  # before the read: a commit after it is seen next time
+        if stamp is not None and stamp == self._stamp:
+            return False
+        new = self._shared.open_newer(self._current)
+        self._stamp = stamp
+        if new is None:
+            return False
+        self._current = new  # one reference assignment: each call reads it once, at its start
+        return True
+
+    def snapshot(self) -> "Searcher":
+        """A Searcher pinned to the version this one reads now, sharing its model and caches
+        (cheap): several calls on it (search, hits, item reads) all see that one version."""
+        return self._over(self._shared, self._current, pinned=True)
+
+    @property
+    def version(self) -> int:
+        """The collection version this Searcher reads."""
+        return self._current.version
+
+    @property
+    def loaded_at(self) -> str:
+        """When the version read was loaded (ISO 8601, UTC)."""
+        return self._current.loaded_at
+
+    @property
+    def following(self) -> bool:
+        """Whether a thread moves this Searcher to new versions (``open(..., follow=...)``)."""
+        return self._follower is not None and self._follower.running
+
+    def close(self) -> None:
+        """Stop following and let go of the version's lease (a snapshot holds none of its own)."""
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+        if not self._pinned:
+            self._current.release()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the current version's parts ---------------------------------------------------------
+    @property
+    def collection(self) -> Collection:
+        return self._current.collection
+
+    @property
+    def index(self) -> Any | None:
+        return self._current.index
+
+    @property
+    def row_locator(self) -> RowLocator:
+        return self._current.row_locator
+
+    @property
+    def metadata_reader(self) -> MetadataReader:
+        return self._current.metadata_reader
+
+    @property
+    def plan(self) -> KnnPlan:
+        return self._current.plan
+
+    @property
+    def reranking(self) -> RerankStage:
+        return self._current.reranking
+
+    @property
+    def options(self) -> SearcherOptions:
+        return self._shared.options
+
+    @property
+    def embedder(self) -> QueryEmbedder:
+        return self._shared.embedder
 
     # ---- properties --------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        return self.collection.dim
+        return self._shared.embedder.collection.dim
 
     @property
     def has_index(self) -> bool:
-        return self.index is not None
+        return self._current.index is not None
 
     @property
     def text_cache(self) -> ByteLRU:
@@ -159,13 +288,7 @@ class Searcher:
     def search_text_query(self, query: TextQuery, k: int = 10, nprobe: int | None = None, exact: bool = False,
                           k_factor: float | None = None, where: str | None = None, rerank: int = 0) -> Results:
         """:meth:`search_text` of texts already embedded by :meth:`text_query` (one list per text)."""
-        depth = check_rerank_k(rerank, check_k(k))
-        if depth and query.tokens is None:
-            raise InvalidQueryError("rerank needs the texts' token states: embed them with text_query(tokens=True)")
-        scores, ids = self.knn(query.vectors, depth or k, nprobe, exact, k_factor, where)
-        if not depth:
-            return self.hits(scores, ids)
-        return self.hits(*self.rerank(query.texts, scores, ids, k, tokens=query.tokens))
+        return self._current.search_text(query, k, nprobe, exact, k_factor, where, rerank)
 
     def search_image(self, image: ImageInput | Sequence[ImageInput], k: int = 10, nprobe: int | None = None,
                      exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
@@ -174,33 +297,33 @@ class Searcher:
         images = [image] if single else list(image)
         if not images:
             raise InvalidQueryError("no query image given (empty list)")
-        results = self.hits(*self.knn(self.embed_images(images), k, nprobe, exact, k_factor, where))
+        results = self._current.search(self.embed_images(images), k, nprobe, exact, k_factor, where)
         return results[0] if single else results
 
     def search_vector(self, vector: np.ndarray, k: int = 10, nprobe: int | None = None,
                       exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
         """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``."""
         arr = np.asarray(vector)
-        results = self.hits(*self.knn(arr, k, nprobe, exact, k_factor, where))
+        results = self._current.search(arr, k, nprobe, exact, k_factor, where)
         return results[0] if arr.ndim == 1 else results
 
-    # ---- the steps ---------------------------------------------------------------------------
+    # ---- the steps (each on the version read when it is called: use a snapshot() to chain them)
     def knn(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, exact: bool = False,
             k_factor: float | None = None, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw top-k: ``(scores (Q,k) float32 cosine, ids (Q,k) int64)``, id -1 in empty slots.
         With ``where``, the top-k of the images passing the filter (k hits whenever k pass)."""
-        return self.plan.knn(queries, k, nprobe, exact, k_factor, where)
+        return self._current.plan.knn(queries, k, nprobe, exact, k_factor, where)
 
     def hits(self, scores: np.ndarray, ids: np.ndarray, first_stage: np.ndarray | None = None) -> Results:
         """Turn ``knn`` arrays into Hits with paths, captions and metadata from the shards
         (``first_stage``: the first-stage scores of re-ranked hits)."""
-        return self._hits.build(scores, ids, first_stage)
+        return self._current.hit_builder.build(scores, ids, first_stage)
 
     def rerank(self, texts: Sequence[str], scores: np.ndarray, ids: np.ndarray, k: int,
                tokens: tuple[Any, Any] | None = None) -> Reranked:
         """The best ``k`` of each query's candidates ``(scores, ids)`` (Q, K) re-scored by the
         re-ranker: ``(final scores, ids, first-stage scores)`` (see :class:`RerankStage`)."""
-        return self.reranking.rerank(texts, scores, ids, k, tokens)
+        return self._current.reranking.rerank(texts, scores, ids, k, tokens)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings through the text cache; only cache misses are encoded (in one batch)."""
@@ -212,8 +335,10 @@ class Searcher:
 
     def filter_ids(self, where: str) -> np.ndarray:
         """Sorted ids of the images passing ``where`` (cached per filter); InvalidQueryError if bad."""
-        return self.plan.filters.subset(where).ids
+        return self._current.plan.filters.subset(where).ids
 
     def __repr__(self) -> str:
-        factory = (self.collection.manifest.index or {}).get("factory")
-        return f"Searcher({str(self.collection.path)!r}, images={len(self.row_locator)}, index={factory})"
+        v = self._current
+        factory = (v.collection.manifest.index or {}).get("factory")
+        return (f"Searcher({str(v.collection.path)!r}, version={v.version}, images={len(v.row_locator)}, "
+                f"index={factory})")

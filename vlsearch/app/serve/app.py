@@ -6,9 +6,9 @@ import logging
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -22,7 +22,7 @@ from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.errors import error_response, install_error_handlers
 from vlsearch.app.serve.metrics import MetricsMiddleware, ServeMetrics
 from vlsearch.app.serve.routes import api, public
-from vlsearch.app.serve.service import CollectionSpec, open_collections
+from vlsearch.app.serve.service import CollectionSpec, close_collections, open_collections
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -81,10 +81,13 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
     """The app serving ``collections`` ({name: path or Searcher}, or a list named by folder).
 
     Opens every collection now (each model loads once); raises ServeConfigError / CollectionError.
+    Collections opened from paths follow their new versions (unless ``config.pin_version``) and
+    are closed when the app shuts down.
     """
     served = open_collections(collections, config)
     app = FastAPI(title="vlsearch", version=vlsearch.__version__, docs_url=None, redoc_url=None,
-                  description="Search image collections by text, image, vector or example item.")
+                  description="Search image collections by text, image, vector or example item.",
+                  lifespan=_lifespan)
     app.state.served, app.state.config, app.state.metrics = served, config, ServeMetrics()
     app.state.metrics.cache_gauges(next(iter(served.values())).images.cache)
     install_error_handlers(app)
@@ -103,6 +106,12 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    close_collections(app.state.served)  # follow threads stop; leases go (a next writer reclaims the files)
 
 
 def _add_docs(app: FastAPI) -> None:

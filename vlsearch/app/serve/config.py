@@ -21,7 +21,8 @@ class ServeConfig:
     or an explicit ``no_auth=True``. ``cors_origins`` is empty: browsers on other origins get no
     CORS headers unless asked for. Uploads above ``max_upload_bytes`` get 413; images above
     ``max_image_pixels`` are refused as decompression bombs. Thumbnails are at most
-    ``max_thumbnail_size`` pixels a side and cached up to ``thumbnail_cache_bytes``.
+    ``max_thumbnail_size`` pixels a side and cached up to ``thumbnail_cache_bytes``. Each
+    collection follows the versions syncs commit unless ``pin_version``.
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +40,10 @@ class ServeConfig:
     #: Uvicorn's log level ("warning" keeps benchmarks and tests quiet).
     log_level: str = "info"
     searcher_options: dict = field(default_factory=dict, hash=False)
+    #: Serve the version each collection has at start, whatever syncs commit (else the server
+    #: moves to each new version, checking every ``follow_interval`` seconds).
+    pin_version: bool = False
+    follow_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,6 +51,8 @@ class ServeConfig:
         for name in ("max_upload_bytes", "max_image_pixels", "max_thumbnail_size", "max_results"):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if not self.follow_interval > 0:
+            raise ServeConfigError(f"follow_interval must be a positive number of seconds, not {self.follow_interval}")
         if self.token is not None and self.no_auth:
             raise ServeConfigError("give either --token or --no-auth, not both")
         if self.token is not None and len(self.token) < MIN_TOKEN_LENGTH:

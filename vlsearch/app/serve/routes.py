@@ -121,8 +121,11 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
 
 @public.get("/health", response_model=Health, tags=["service"])
 async def health(request: Request) -> dict[str, Any]:
-    """Liveness: always answers while the process serves requests (no token needed)."""
-    return {"status": "ok", "collections": len(request.app.state.served)}
+    """Liveness: always answers while the process serves requests (no token needed); with the
+    version of each collection served and when it was loaded."""
+    served = request.app.state.served
+    return {"status": "ok", "collections": len(served),
+            "versions": {name: c.served_version() for name, c in served.items()}}
 
 
 @public.get("/metrics", dependencies=[Depends(require_token)], tags=["service"],
@@ -134,7 +137,7 @@ def metrics(request: Request) -> Response:
 
 @api.get("/collections", response_model=list[CollectionInfo], tags=["collections"])
 def collections(request: Request) -> list[dict[str, Any]]:
-    """The served collections with their image counts, model and index."""
+    """The served collections with their image counts, model, index, and the version served."""
     return [c.info() for c in request.app.state.served.values()]
 
 

@@ -134,7 +134,13 @@ class IndexModel(BaseModel):
     nprobe_default: Optional[int]
 
 
-class CollectionInfo(BaseModel):
+class ServedVersion(BaseModel):
+    version: int = Field(description="The collection version served now (the server moves to each new one a "
+                         "sync commits, unless started with --pin-version).")
+    loaded_at: str = Field(description="When the server loaded that version (ISO 8601, UTC).")
+
+
+class CollectionInfo(ServedVersion):
     name: str
     images: int
     dim: int
@@ -156,6 +162,7 @@ class ItemModel(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     collections: int
+    versions: dict[str, ServedVersion] = Field(description="Each collection's served version, by name.")
 
 
 class ErrorBody(BaseModel):

@@ -3,6 +3,8 @@ the HTTP routes call (no HTTP here, so the same logic is tested directly)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 import threading
@@ -25,6 +27,7 @@ from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.images import ItemImages
 
 CollectionSpec = Union[str, os.PathLike, Searcher]
+log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -70,39 +73,56 @@ class ModelPool:
 
 
 class ServedCollection:
-    """One collection behind the server: its Searcher, its item images and stored vectors."""
+    """One collection behind the server: its Searcher (which may follow the collection's new
+    versions), its item images and stored vectors. Each operation takes one
+    :meth:`Searcher.snapshot`, so its search, hits and item reads all see one version.
+    ``owned``: the server opened the Searcher, and :meth:`close` closes it."""
 
-    def __init__(self, name: str, searcher: Searcher, images: ItemImages):
+    def __init__(self, name: str, searcher: Searcher, images: ItemImages, owned: bool = False):
         self.name = name
         self.searcher = searcher
         self.images = images
+        self.owned = owned
 
     def info(self) -> dict[str, Any]:
-        m = self.searcher.collection.manifest
+        s = self.searcher.snapshot()
+        m = s.collection.manifest
         index = m.index or None
         return {
-            "name": self.name, "images": len(self.searcher.row_locator), "dim": self.searcher.dim,
+            "name": self.name, "images": len(s.row_locator), "dim": s.dim,
             "model": {"name": m.model.name, "pretrained": m.model.pretrained, "dim": m.model.dim},
             "index": None if index is None else {k: index.get(k) for k in ("factory", "metric", "ntotal",
                                                                           "nprobe_default")},
-            "source": m.source.get("type"), "filters": True,
+            "source": m.source.get("type"), "filters": True, "version": s.version, "loaded_at": s.loaded_at,
         }
 
+    def served_version(self) -> dict[str, Any]:
+        """The version served now and when it was loaded."""
+        s = self.searcher.snapshot()
+        return {"version": s.version, "loaded_at": s.loaded_at}
+
+    def close(self) -> None:
+        """Close the Searcher if the server opened it (stops following, lets go of its lease)."""
+        if self.owned:
+            self.searcher.close()
+
     # ---- items -----------------------------------------------------------------------------
-    def _locate(self, item_id: int) -> tuple[np.ndarray, np.ndarray]:
-        shard, row, found = self.searcher.row_locator.locate(np.array([item_id], np.int64))
+    def _locate(self, s: Searcher, item_id: int) -> tuple[np.ndarray, np.ndarray]:
+        shard, row, found = s.row_locator.locate(np.array([item_id], np.int64))
         if not found[0]:
             raise ItemNotFoundError(f"collection {self.name!r} has no item {item_id}")
         return shard, row
 
     def record(self, item_id: int) -> dict[str, Any]:
         """The item's row (without its embedding); ItemNotFoundError for an unknown id."""
-        return self.searcher.metadata_reader.rows(*self._locate(item_id))[0]
+        s = self.searcher.snapshot()
+        return s.metadata_reader.rows(*self._locate(s, item_id))[0]
 
-    def vector(self, item_id: int) -> np.ndarray:
-        """The item's stored embedding (float32)."""
-        shard, row = self._locate(item_id)
-        pf = pq.ParquetFile(self.searcher.row_locator.paths[int(shard[0])])
+    def vector(self, item_id: int, s: Searcher | None = None) -> np.ndarray:
+        """The item's stored embedding (float32), from version ``s`` (default: the one served now)."""
+        s = s or self.searcher.snapshot()
+        shard, row = self._locate(s, item_id)
+        pf = pq.ParquetFile(s.row_locator.paths[int(shard[0])])
         r = int(row[0])
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -119,14 +139,15 @@ class ServedCollection:
         if opts.rerank and query != "text":
             raise InvalidQueryError("rerank re-scores text queries only")
         start = time.perf_counter()
-        embedded_query, exclude = self._embed(query, value, tokens=bool(opts.rerank))
+        s = self.searcher.snapshot()
+        embedded_query, exclude = self._embed(s, query, value, tokens=bool(opts.rerank))
         embedded = time.perf_counter()
         wanted = opts.k + opts.offset + (exclude is not None)
         params = dict(k=wanted, nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor, **self._filter(opts.where))
         if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
-            hits = self.searcher.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
+            hits = s.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
         else:
-            hits = self.searcher.search_vector(embedded_query, **params)
+            hits = s.search_vector(embedded_query, **params)
         if exclude is not None:  # "more like this" leaves out the item itself
             kept = [h for h in hits if h.id != exclude][: wanted - 1]
             hits = [replace(h, rank=i + 1) for i, h in enumerate(kept)]
@@ -134,15 +155,15 @@ class ServedCollection:
         return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
                              (done - embedded) * 1e3)
 
-    def _embed(self, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, int | None]:
+    def _embed(self, s: Searcher, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, int | None]:
         """The query embedded (a TextQuery for text, with token states when re-ranked; else a
-        vector) and the item id to leave out of the hits (``id`` queries)."""
+        vector) and the item id to leave out of the hits (``id`` queries, read from ``s``)."""
         if query == "text":
-            return self.searcher.text_query([value], tokens=tokens), None
+            return s.text_query([value], tokens=tokens), None
         if query == "image":
-            return self.searcher.embed_images([value])[0], None
+            return s.embed_images([value])[0], None
         if query == "id":
-            return self.vector(value), int(value)
+            return self.vector(value, s), int(value)
         return np.asarray(value, dtype=np.float32), None
 
     @staticmethod
@@ -161,8 +182,19 @@ def open_collections(collections: Mapping[str, CollectionSpec] | list[Collection
     """Open every collection (paths or ready Searchers), loading each model once for all of them."""
     items = collections.items() if isinstance(collections, Mapping) else [
         (collection_name(c), c) for c in collections]
-    pool, cache = ModelPool(config.device), ByteLRU(config.thumbnail_cache_bytes)
     served: dict[str, ServedCollection] = {}
+    try:
+        _open_each(items, config, served)
+    except BaseException:
+        close_collections(served)  # no follow thread or lease outlives a failed start
+        raise
+    if not served:
+        raise ServeConfigError("no collection to serve")
+    return served
+
+
+def _open_each(items: Any, config: ServeConfig, served: dict[str, ServedCollection]) -> None:
+    pool, cache = ModelPool(config.device), ByteLRU(config.thumbnail_cache_bytes)
     for name, spec in items:
         if not _NAME_RE.match(name):
             raise ServeConfigError(f"collection name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -170,10 +202,14 @@ def open_collections(collections: Mapping[str, CollectionSpec] | list[Collection
             raise ServeConfigError(f"two collections are named {name!r}: name them with NAME=PATH")
         searcher = spec if isinstance(spec, Searcher) else _open(spec, pool, config)
         source = searcher.collection.manifest.source
-        served[name] = ServedCollection(name, searcher, ItemImages(name, source, cache, config.max_image_pixels))
-    if not served:
-        raise ServeConfigError("no collection to serve")
-    return served
+        served[name] = ServedCollection(name, searcher, ItemImages(name, source, cache, config.max_image_pixels),
+                                        owned=searcher is not spec)
+
+
+def close_collections(served: Mapping[str, ServedCollection]) -> None:
+    """Close the Searchers the server opened (their follow threads stop, their leases go)."""
+    for coll in served.values():
+        coll.close()
 
 
 def _open(path: str | os.PathLike, pool: ModelPool, config: ServeConfig) -> Searcher:
@@ -182,7 +218,12 @@ def _open(path: str | os.PathLike, pool: ModelPool, config: ServeConfig) -> Sear
     model = Collection.open(path).manifest.model
     encoder = pool.get(model.name, model.pretrained)
     return Searcher.open(path, mmap=config.mmap, device=config.device, encoder=encoder,
-                         **config.searcher_options)
+                         follow=False if config.pin_version else config.follow_interval,
+                         on_refresh_error=functools.partial(_refresh_failed, path), **config.searcher_options)
+
+
+def _refresh_failed(path: str | os.PathLike, exc: Exception) -> None:
+    log.warning("collection %s: a new version could not be loaded, the served one stays: %s", path, exc)
 
 
 def parse_specs(args: list[str]) -> dict[str, str]:
@@ -198,5 +239,5 @@ def parse_specs(args: list[str]) -> dict[str, str]:
     return specs
 
 
-__all__ = ["ModelPool", "SearchOptions", "ServedCollection", "open_collections",
+__all__ = ["ModelPool", "SearchOptions", "ServedCollection", "close_collections", "open_collections",
            "parse_specs"]
