@@ -524,3 +524,119 @@ def test_a_reranker_belongs_to_the_weights_that_set_its_towers():
         rr.check_model(v3)
     with pytest.raises(RerankerNotFoundError, match="weights flickr8k-v3.*train-rerank"):
         load_reranker(v3)
+
+
+# ---- the first stage of a re-ranked search is the plain search --------------------------------
+
+def _probe_texts(n: int = 200) -> list[str]:
+    """The collection's captions, then edits of them (a word swapped in, dropped or added)."""
+    captions = [f"picture {i} of shade {i % 4}" for i in range(N_IMAGES)]
+    words = ["a", "dark", "bright", "noisy", "grey", "square", "texture", "photo", "red", "two", "dog", "beach"]
+    rng, out = np.random.default_rng(0), list(captions)
+    while len(out) < n:
+        tokens = captions[rng.integers(len(captions))].split()
+        at = int(rng.integers(len(tokens)))
+        edit = rng.integers(3)
+        if edit == 0:
+            tokens[at] = str(rng.choice(words))
+        elif edit == 1 and len(tokens) > 2:
+            del tokens[at]
+        else:
+            tokens.insert(at, str(rng.choice(words)))
+        if " ".join(tokens) not in out:
+            out.append(" ".join(tokens))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ann_collection(rr_collection, hub_reranker, tiny_encoder, tmp_path_factory):
+    """A copy of the re-rank collection with an IVF index and stored re-rank features."""
+    import shutil
+
+    from indexing.build import build_index
+
+    dest = tmp_path_factory.mktemp("rerank-ann") / "coll"
+    shutil.copytree(rr_collection[0], dest)
+    build_index(dest, index_type="IVF2,Flat", nprobe_default=1)
+    store_rerank_features(Collection.open(dest), hub_reranker, tiny_encoder)
+    return dest
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_reranked_search_reorders_exactly_the_plain_search(precision, ann_collection, hub_reranker, tiny_encoder,
+                                                            tiny_checkpoint, one_torch_thread):
+    """``search_text(q, k, rerank=k)`` re-orders the hits of ``search_text(q, k)``: both rank with
+    the one text vector of ``encode_texts``, computed twice (text cache off) or cached in either order."""
+    from vlsearch.models.factory import TINY_MODEL, load_model
+
+    encoder = tiny_encoder if precision == "fp32" else load_model(TINY_MODEL, pretrained=tiny_checkpoint,
+                                                                  device="cpu", precision="bf16")
+    assert encoder.precision == precision
+    texts = _probe_texts()
+    for batch in (texts, texts + [t + " again" for t in texts]):  # one batch of the text tower, and two
+        states, mask, vectors = text_tokens(encoder, batch, with_embeddings=True)
+        assert np.array_equal(vectors, encoder.encode_texts(batch))
+        assert states.shape[:2] == mask.shape and len(states) == len(batch) and mask.any(1).all()
+
+    def first_stage(hits) -> dict[int, float]:
+        return {h.id: h.first_stage_score if h.first_stage_score is not None else h.score for h in hits}
+
+    def differing(searcher: Searcher, exact: bool, rerank_first: bool, ks=(20,)) -> list[tuple[int, str]]:
+        """The (k, text) whose re-ranked search re-orders other hits, or the same hits by other cosines."""
+        bad = []
+        for k in ks:
+            for q in texts:
+                runs = [dict(rerank=k), {}] if rerank_first else [{}, dict(rerank=k)]
+                a, b = (searcher.search_text(q, k=k, exact=exact, **run) for run in runs)
+                if {h.id for h in a} != {h.id for h in b} or first_stage(a) != first_stage(b):
+                    bad.append((k, q))
+        return bad
+
+    for exact in (True, False):
+        off = Searcher.open(ann_collection, encoder=encoder, reranker=hub_reranker, text_cache_mb=0,
+                            rerank_features="stored")
+        assert differing(off, exact, rerank_first=False, ks=(10, 20)) == []
+        assert len(off.text_cache) == 0
+        for rerank_first in (False, True):
+            cached = Searcher.open(ann_collection, encoder=encoder, reranker=hub_reranker, rerank_features="stored")
+            assert differing(cached, exact, rerank_first) == []
+            assert len(cached.text_cache) == len(texts)
+    assert off.has_index and off.rerank_features.stored_shards == 2
+
+
+def test_a_reranked_batch_with_repeated_and_cached_texts_keeps_each_texts_vector(rr_collection, tiny_encoder):
+    path, _, rr = rr_collection
+    s = Searcher.open(path, encoder=tiny_encoder, reranker=rr, rerank_features="recompute")
+    plain = s.search_text(["a dark square"], k=5, exact=True)[0]  # cached now
+    texts = ["a bright square", "a dark square", "a bright square"]
+    query = s.text_query(texts, tokens=True)
+    assert np.array_equal(query.vectors[1], s.text_cache.get("a dark square"))
+    assert np.array_equal(query.vectors[0], query.vectors[2])
+    assert np.array_equal(query.vectors[0], s.text_cache.get("a bright square"))  # the pass's vector, now cached
+    states, mask = query.tokens
+    alone_states, alone_mask = text_tokens(tiny_encoder, ["a bright square", "a dark square"])
+    assert torch.equal(states, alone_states[[0, 1, 0]]) and torch.equal(mask, alone_mask[[0, 1, 0]])
+    reranked = s.search_text_query(query, k=5, exact=True, rerank=5)[1]
+    assert {h.id: h.first_stage_score for h in reranked} == {h.id: h.score for h in plain}
+
+
+def test_token_states_are_kept_from_this_threads_pass_only(tiny_encoder):
+    import threading
+
+    from vlsearch.models.encoder import TokenStates
+
+    texts = ["a dark noisy square", "two bright pictures"]
+    tokens = tiny_encoder.tokenize(texts)
+    with TokenStates(tiny_encoder.model, tokens) as kept:
+        other = threading.Thread(target=tiny_encoder.encode_texts, args=(["another thread's text"],))
+        other.start()
+        other.join()  # its pass ran while the hook was on: not kept
+        with pytest.raises(RuntimeError, match="has not run"):
+            kept.states
+        with torch.inference_mode():
+            tiny_encoder.model.encode_text(tokens)
+    states, mask = text_tokens(tiny_encoder, texts)
+    assert torch.equal(kept.states, states) and torch.equal(kept.mask, mask)
+    assert not tiny_encoder.model.ln_final._forward_hooks  # removed on leaving
+    with pytest.raises(TypeError, match="no token states"):
+        TokenStates(torch.nn.Linear(2, 2), tokens, "a linear layer")

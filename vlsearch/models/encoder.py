@@ -6,11 +6,13 @@ turn ``"auto"`` into what this machine has.
 
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from vlsearch.data.images import NORMALISE_TILE, open_image, split_preprocess
 from vlsearch.core.inputs import ImageInput
@@ -151,18 +153,84 @@ class Encoder:
     def _trim(self, tokens: torch.Tensor) -> torch.Tensor:
         return trim_padding(self.model, tokens)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Encode strings; returns ``(N, dim)`` float32, L2-normalised."""
+    def _text_batches(self, texts: Sequence[str], batch_size: int) -> Iterator[torch.Tensor]:
+        """Token batches of ``texts``, each trimmed of the padding its tower does not need."""
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a sequence of strings; wrap a single string in a list")
         texts = list(texts)
-        out = []
         for start in range(0, len(texts), batch_size):
-            tokens = self._trim(self.tokenize(texts[start : start + batch_size]))
-            with torch.inference_mode(), self.autocast():
-                feats = self.model.encode_text(tokens.to(self.device), normalize=True)
-            out.append(_normalised_numpy(feats))
+            yield self._trim(self.tokenize(texts[start : start + batch_size]))
+
+    def _encode_text_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        """The one path from tokens to unit text vectors (every text embedding goes through it)."""
+        with torch.inference_mode(), self.autocast():
+            feats = self.model.encode_text(tokens.to(self.device), normalize=True)
+        return _normalised_numpy(feats)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Encode strings; returns ``(N, dim)`` float32, L2-normalised."""
+        out = [self._encode_text_tokens(tokens) for tokens in self._text_batches(texts, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_texts_with_states(self, texts: Sequence[str], batch_size: int = 256
+                                 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """:meth:`encode_texts` that also keeps the text tower's last-layer token states from the
+        same forward pass (a Hugging Face tower's, or open_clip's built-in tower's after
+        ``ln_final``): ``(vectors (N, dim), states (N, T, width) float32, mask (N, T) bool)``, the
+        vectors bit-identical to :meth:`encode_texts`'s and the tensors on CPU. T is the longest
+        text's length (a Hugging Face tower's padding is trimmed per batch; states of a shorter
+        batch are zero-padded). TypeError for a text tower without token states."""
+        vectors, states, masks = [], [], []
+        for tokens in self._text_batches(texts, batch_size):
+            with TokenStates(self.model, tokens, self.name) as kept:
+                vectors.append(self._encode_text_tokens(tokens))
+            states.append(kept.states)
+            masks.append(kept.mask)
+        if not vectors:
+            raise ValueError("encode_texts_with_states needs at least one text")
+        length = max(m.shape[1] for m in masks)
+        return (np.concatenate(vectors), torch.cat([F.pad(s, (0, 0, 0, length - s.shape[1])) for s in states]),
+                torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks]))
+
+
+class TokenStates:
+    """While open, keeps the last-layer token states of the text tower's next forward pass in this
+    thread (a forward hook on the module that outputs them; passes of other threads are ignored).
+
+    ``mask`` (B, T) bool marks the real tokens of ``tokens``; ``states`` (B, T, width) float32 on
+    CPU, once the pass ran."""
+
+    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, name: str = "this model"):
+        text = getattr(model, "text", None)
+        if text is not None and hasattr(text, "transformer") and hasattr(text, "config"):  # a Hugging Face tower
+            self._module, pad = text.transformer, text.config.pad_token_id
+            self._pick: Callable[[Any], torch.Tensor] = lambda out: out.last_hidden_state
+        elif hasattr(model, "token_embedding") and hasattr(model, "ln_final"):  # open_clip's built-in tower
+            self._module, pad = model.ln_final, 0
+            self._pick = lambda out: out
+        else:
+            raise TypeError(f"{name}'s text tower has no token states to re-rank with")
+        self.mask = (tokens != pad).cpu()
+        self._thread = threading.get_ident()
+        self._states: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> "TokenStates":
+        self._handle = self._module.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _keep(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._states is None and threading.get_ident() == self._thread:
+            self._states = self._pick(output)
+
+    @property
+    def states(self) -> torch.Tensor:
+        if self._states is None:
+            raise RuntimeError("the text tower's forward pass has not run")
+        return self._states.float().cpu()
 
 
 def trim_padding(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

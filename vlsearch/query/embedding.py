@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,6 +64,25 @@ class QueryEmbedder:
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings through the cache; only cache misses are encoded (in one batch)."""
+        return self._through_cache(texts, lambda todo: self.encoder.encode_texts(todo))
+
+    def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
+        """``texts`` embedded for search, their vectors through the cache as by :meth:`texts`. With
+        ``tokens`` (re-ranking) one text-tower pass over the distinct texts gives their token states
+        and the vectors of cache misses (cached for later queries), so a text searched with and
+        without re-ranking is ranked with the same vector, whichever came first."""
+        texts = check_texts(texts)
+        if not tokens:
+            return TextQuery(texts, self.texts(texts))
+        distinct = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        states, mask, vectors = text_tokens(self.encoder, list(distinct), with_embeddings=True)
+        rows = [distinct[t] for t in texts]
+        fresh = self._through_cache(texts, lambda todo: vectors[[distinct[t] for t in todo]])
+        return TextQuery(texts, fresh, (states[rows], mask[rows]))
+
+    def _through_cache(self, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        """``(len(texts), dim)`` vectors: cached ones from the cache, the distinct misses from
+        ``encode(misses)`` (then cached)."""
         out = np.empty((len(texts), self.collection.dim), np.float32)
         missing: dict[str, list[int]] = {}
         for i, t in enumerate(texts):
@@ -74,20 +93,11 @@ class QueryEmbedder:
                 out[i] = vec
         if missing:
             todo = list(missing)
-            for t, vec in zip(todo, self.encoder.encode_texts(todo)):
+            for t, vec in zip(todo, encode(todo)):
                 vec = np.array(vec, dtype=np.float32)
                 vec.flags.writeable = False
                 out[missing[t]] = self.text_cache.put(t, vec)
         return out
-
-    def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
-        """``texts`` embedded for search; with ``tokens`` (re-ranking) vectors and token states come
-        from one text-tower pass, else the vectors from :meth:`texts` (cached)."""
-        texts = check_texts(texts)
-        if not tokens:
-            return TextQuery(texts, self.texts(texts))
-        states, mask, vectors = text_tokens(self.encoder, texts, with_embeddings=True)
-        return TextQuery(texts, vectors, (states, mask))
 
     def images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Encode query images; an unreadable one raises InvalidQueryError naming it and why."""

@@ -282,7 +282,7 @@ class Searcher:
 
     def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
         """Embed ``texts`` once for :meth:`search_text_query`; ``tokens=True`` (for ``rerank``) also
-        keeps the text tower's token states, from the same pass (no text cache then)."""
+        keeps the text tower's token states, from the same pass (vectors through the text cache either way)."""
         return self.embedder.text_query(texts, tokens)
 
     def search_text_query(self, query: TextQuery, k: int = 10, nprobe: int | None = None, exact: bool = False,

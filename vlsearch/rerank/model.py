@@ -99,29 +99,10 @@ def image_tokens(encoder: Any, images: Iterable[ImageInput], grid: int = GRID,
 def text_tokens(encoder: Any, texts: Sequence[str], with_embeddings: bool = False):
     """``(states (B, T, width) float32, mask (B, T) bool)``: the text tower's last-layer token
     states (a Hugging Face tower's, or open_clip's built-in tower's after ``ln_final``), padding
-    trimmed to the longest text; ``with_embeddings`` also returns the unit text vectors."""
-    from vlsearch.models.encoder import trim_padding
-
-    model, texts = encoder.model, list(texts)
-    tokens = trim_padding(model, encoder.tokenize(texts)).to(encoder.device)
-    text = getattr(model, "text", None)
-    with torch.inference_mode(), encoder.autocast():
-        if text is not None and hasattr(text, "transformer") and hasattr(text, "config"):
-            mask = tokens != text.config.pad_token_id
-            out = text.transformer(input_ids=tokens, attention_mask=mask.long())
-            states = out.last_hidden_state
-            emb = text.proj(text.pooler(out, mask.long())) if with_embeddings else None
-        elif hasattr(model, "token_embedding") and hasattr(model, "ln_final"):  # open_clip's built-in tower
-            mask = tokens != 0
-            x = model.token_embedding(tokens) + model.positional_embedding
-            states = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-            emb = model.encode_text(tokens) if with_embeddings else None
-        else:
-            raise TypeError(f"{encoder.name}'s text tower has no token states to re-rank with")
-    states, mask = states.float().cpu(), mask.cpu()
-    if not with_embeddings:
-        return states, mask
-    return states, mask, F.normalize(emb.float(), dim=-1).cpu().numpy()
+    trimmed to the longest text; ``with_embeddings`` also returns the unit text vectors of the same
+    pass, exactly ``encoder.encode_texts(texts)`` (see ``Encoder.encode_texts_with_states``)."""
+    vectors, states, mask = encoder.encode_texts_with_states(list(texts))
+    return (states, mask, vectors) if with_embeddings else (states, mask)
 
 
 def tower_identity(model: ModelInfo | str, pretrained: str | None = None) -> dict[str, Any]:
