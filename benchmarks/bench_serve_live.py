@@ -174,7 +174,7 @@ def monitor(url: str, log: Log, stop: threading.Event) -> None:
     with httpx.Client(base_url=url, timeout=10) as http:
         while not stop.wait(0.05):
             try:
-                for c in http.get("/health").json().get("collections", []):
+                for c in http.get("/health").json()["versions"].values():
                     log.served.setdefault(int(c["version"]), time.perf_counter())
             except (httpx.HTTPError, ValueError, KeyError, TypeError):
                 pass

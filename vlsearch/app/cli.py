@@ -386,18 +386,18 @@ def watch_cmd(source: str = typer.Argument(..., help="Image folder (or .csv/.tsv
         typer.echo("stopped")
 
 
-def _echo_watch_sync(report: Any) -> None:
+def _echo_watch_sync(report: Any, prefix: str = "") -> None:
     """``HH:MM:SS +N new, ~N changed, -N deleted -> version V`` for a sync that changed something."""
     if not report.has_changes:
         return
     extra = "".join(f", {n} {what}" for n, what in ((report.failures, "failures"),
                                                       (len(report.deferred), "deferred (still being written)")) if n)
-    typer.echo(f"{time.strftime('%H:%M:%S')} {report.changes()} -> version {report.version}{extra}")
+    typer.echo(f"{time.strftime('%H:%M:%S')} {prefix}{report.changes()} -> version {report.version}{extra}")
 
 
-def _echo_watch_error(exc: Exception) -> None:
+def _echo_watch_error(exc: Exception, prefix: str = "") -> None:
     what = str(exc) if isinstance(exc, VlsearchError) else f"{type(exc).__name__}: {exc}"
-    typer.secho(f"{time.strftime('%H:%M:%S')} sync failed (retried at the next change): {what}", err=True,
+    typer.secho(f"{time.strftime('%H:%M:%S')} {prefix}sync failed (retried at the next change): {what}", err=True,
                 fg=typer.colors.RED)
 
 
@@ -638,7 +638,16 @@ def serve_cmd(
     config = server.config()
     specs = parse_specs(collections)
     serve(specs, config, on_ready=lambda app, c: typer.echo(
-        f"serving {', '.join(specs)} on http://{c.host}:{c.port}/ (API docs at /docs)", err=True))
+        f"serving {', '.join(specs)} on http://{c.host}:{c.port}/ (API docs at /docs)", err=True),
+        on_watch=_echo_served_watch)
+
+
+def _echo_served_watch(name: str, outcome: Any) -> None:
+    """A sync round of ``serve --watch``, as ``vlsearch watch`` prints it, prefixed by the collection."""
+    if isinstance(outcome, Exception):
+        _echo_watch_error(outcome, prefix=f"{name}: ")
+    else:
+        _echo_watch_sync(outcome, prefix=f"{name}: ")
 
 
 if __name__ == "__main__":  # pragma: no cover

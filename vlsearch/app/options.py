@@ -301,6 +301,9 @@ class ServeOptions:
     pin_version: bool = _option(False, "--pin-version",
                                 help="Serve the version each collection has now, whatever syncs commit later "
                                      "(by default the server moves to each new version within about 2 s).")
+    watch: list[str] = dataclasses.field(default=(), metadata={"option": typer.Option(
+        [], "--watch", metavar="[NAME=]SOURCE", help="Sync this folder (or manifest) into the served collection as "
+        "it changes, like `vlsearch watch` (NAME=SOURCE when serving several; repeatable).")})
 
     def config(self) -> Any:
         """The :class:`vlsearch.app.serve.ServeConfig` these options describe (checked there)."""
@@ -308,7 +311,8 @@ class ServeOptions:
 
         return ServeConfig(host=self.host, port=self.port, token=self.token, no_auth=self.no_auth,
                            cors_origins=tuple(self.cors_origin), max_upload_bytes=int(self.max_upload_mb * 1024 * 1024),
-                           mmap=self.mmap, device=self.device, pin_version=self.pin_version)
+                           mmap=self.mmap, device=self.device, pin_version=self.pin_version,
+                           watch=tuple(self.watch))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from vlsearch.app.serve.errors import error_response, install_error_handlers
 from vlsearch.app.serve.metrics import MetricsMiddleware, ServeMetrics
 from vlsearch.app.serve.routes import api, public
 from vlsearch.app.serve.service import CollectionSpec, close_collections, open_collections
+from vlsearch.app.serve.watching import OnWatch, ServedWatchers
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -77,18 +78,26 @@ class BodyLimitMiddleware:
 
 
 def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
-               config: ServeConfig = ServeConfig()) -> FastAPI:
+               config: ServeConfig = ServeConfig(), on_watch: OnWatch | None = None) -> FastAPI:
     """The app serving ``collections`` ({name: path or Searcher}, or a list named by folder).
 
-    Opens every collection now (each model loads once); raises ServeConfigError / CollectionError.
-    Collections opened from paths follow their new versions (unless ``config.pin_version``) and
-    are closed when the app shuts down.
+    Opens every collection now (each model loads once); raises ServeConfigError / CollectionError /
+    SourceError. Collections opened from paths follow their new versions (unless
+    ``config.pin_version``) and are closed when the app shuts down. ``config.watch``'s folders are
+    synced into their collections while the app runs; ``on_watch(name, report_or_error)`` hears
+    of each round.
     """
     served = open_collections(collections, config)
+    try:
+        watchers = ServedWatchers(config.watch, served, on_watch)
+    except BaseException:
+        close_collections(served)
+        raise
     app = FastAPI(title="vlsearch", version=vlsearch.__version__, docs_url=None, redoc_url=None,
                   description="Search image collections by text, image, vector or example item.",
                   lifespan=_lifespan)
     app.state.served, app.state.config, app.state.metrics = served, config, ServeMetrics()
+    app.state.watchers = watchers
     app.state.metrics.cache_gauges(next(iter(served.values())).images.cache)
     install_error_handlers(app)
     app.include_router(public)
@@ -110,7 +119,9 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.watchers.start()
     yield
+    app.state.watchers.stop()
     close_collections(app.state.served)  # follow threads stop; leases go (a next writer reclaims the files)
 
 
@@ -130,11 +141,12 @@ def _add_docs(app: FastAPI) -> None:
 
 
 def serve(collections: Mapping[str, CollectionSpec] | list[CollectionSpec], config: ServeConfig = ServeConfig(),
-          on_ready: Callable[[FastAPI, ServeConfig], Any] | None = None) -> None:
-    """Open the collections and serve them until interrupted (uvicorn, one process)."""
+          on_ready: Callable[[FastAPI, ServeConfig], Any] | None = None, on_watch: OnWatch | None = None) -> None:
+    """Open the collections and serve them until interrupted (uvicorn, one process); ``on_watch``:
+    see :func:`create_app`."""
     import uvicorn
 
-    app = create_app(collections, config)
+    app = create_app(collections, config, on_watch)
     if on_ready is not None:
         on_ready(app, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,

@@ -44,6 +44,9 @@ class ServeConfig:
     #: moves to each new version, checking every ``follow_interval`` seconds).
     pin_version: bool = False
     follow_interval: float = 1.0
+    #: ``serve --watch``: ``"[NAME=]SOURCE"`` folders (or manifests) synced into the served
+    #: collections as they change (:mod:`vlsearch.app.serve.watching`).
+    watch: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -51,6 +54,9 @@ class ServeConfig:
         for name in ("max_upload_bytes", "max_image_pixels", "max_thumbnail_size", "max_results"):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.watch and self.pin_version:
+            raise ServeConfigError("--watch syncs the collection while --pin-version keeps serving its old version: "
+                                   "give one or the other")
         if not self.follow_interval > 0:
             raise ServeConfigError(f"follow_interval must be a positive number of seconds, not {self.follow_interval}")
         if self.token is not None and self.no_auth:
