@@ -8,6 +8,8 @@
     hits = c.search_image("query.jpg", k=5, exact=True)
     batch = c.search_vector(vectors, k=10, nprobe=32)           # (Q, d) -> list[list[Hit]]
     more = c.more_like_this(hits[0].id, k=10)
+    hits = c.search_terms([("a golden retriever", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)])
+    recs = c.more_like([12, 40], negative_ids=[7], k=10)
 
 Errors come back as the server's vlsearch exception types (InvalidQueryError, ItemNotFoundError,
 IndexNotBuiltError...), or RemoteError when there is no more specific one. Needs ``httpx``
@@ -16,6 +18,7 @@ IndexNotBuiltError...), or RemoteError when there is no more specific one. Needs
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 from vlsearch.core import errors as E
 from vlsearch.core.inputs import ImageInput
 from vlsearch.query.results import Hit, Hits, Results
+from vlsearch.query.terms import NEGATIVE_WEIGHT, Item, Query, TermLike, check_examples
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -97,6 +101,24 @@ class Client:
         """Items most similar to the indexed item ``item_id`` (itself left out)."""
         return self._many([{"id": str(item_id)}], True, k, nprobe, exact, k_factor, options)
 
+    def search_terms(self, query: Query | TermLike | Sequence[TermLike], k: int = 10, nprobe: int | None = None,
+                     exact: bool = False, k_factor: float | None = None, **options: Any) -> Hits:
+        """Search by weighted terms, as :meth:`Searcher.search`: texts, images (path, bytes, PIL;
+        uploaded) and ``Item(id)``s, e.g. ``[("a dog", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)]``."""
+        terms = [{**_term_json(t.value), "weight": t.weight} for t in Query.of(query).terms]
+        return self._many([{"terms": terms}], True, k, nprobe, exact, k_factor, options)
+
+    def more_like(self, positive_ids: Sequence[int], negative_ids: Sequence[int] = (), k: int = 10,
+                  negative_weight: float = NEGATIVE_WEIGHT, exclude_examples: bool = True,
+                  nprobe: int | None = None, exact: bool = False, k_factor: float | None = None,
+                  **options: Any) -> Hits:
+        """Items like the positive examples and unlike the negative ones, as :meth:`Searcher.more_like`."""
+        pos, neg = check_examples(positive_ids, negative_ids)
+        body = {"positive_ids": [str(i) for i in pos], "negative_ids": [str(i) for i in neg],
+                "negative_weight": negative_weight, "exclude_examples": exclude_examples,
+                **_params(k, nprobe, exact, k_factor, options)}
+        return _hits(self._call("POST", f"/api/collections/{self.collection}/more_like", json=body))
+
     # ---- items -----------------------------------------------------------------------------
     def item(self, item_id: int) -> dict[str, Any]:
         """An item's path, captions and metadata."""
@@ -153,6 +175,15 @@ def _params(k: int, nprobe: int | None, exact: bool, k_factor: float | None, opt
 def _hits(body: dict[str, Any]) -> Hits:
     return Hits(Hit(id=int(h["id"]), score=float(h["score"]), rank=int(h["rank"]), path=h["path"],
                     caption=h["caption"], metadata=h["metadata"]) for h in body["hits"])
+
+
+def _term_json(value: Any) -> dict[str, Any]:
+    """A term's value as the ``terms`` list of a search body has it."""
+    if isinstance(value, str):
+        return {"text": value}
+    if isinstance(value, Item):
+        return {"id": str(value.id)}
+    return {"image_base64": base64.b64encode(_image_bytes(value)).decode("ascii")}
 
 
 def _image_bytes(img: Any) -> bytes:

@@ -563,10 +563,12 @@ def _echo_classification(result: Any, n_templates: int, model: str) -> None:
 @with_groups(QUERY)
 def search_cmd(
     collection_dir: str = typer.Argument(..., help="Collection directory."),
-    query: Optional[str] = typer.Argument(None, help="Query text (or give --image)."),
+    query: Optional[list[str]] = typer.Argument(
+        None, help="Query text, or weighted terms rclip's way: \"2:golden retriever\" + ./pool.jpg - fruit "
+        "(N: weighs a term, + and - separate terms, an existing file is an image, id:N a stored item)."),
     query_options: QueryOptions = None,
 ) -> None:
-    """Search a collection by text or by example image; print a table or JSON lines."""
+    """Search a collection by text, example image, weighted terms or example items; print a table or JSON lines."""
     from vlsearch.query.results import format_hits, hits_to_json_lines
 
     hits = query_options.run(collection_dir, query)

@@ -202,21 +202,35 @@ class QueryOptions:
     reranker: Optional[str] = _option(None, "--reranker", help="Re-ranker file (default: the model's shipped one).")
     rerank_features: str = _option("auto", "--rerank-features", help="Candidate features: auto (stored where "
                                    "present, else recomputed from the image files), stored or recompute.")
+    like: list[int] = dataclasses.field(default=(), metadata={"option": typer.Option(
+        [], "--like", min=0, metavar="ID", help="Recommend items like this stored item (repeatable; no query).")})
+    unlike: list[int] = dataclasses.field(default=(), metadata={"option": typer.Option(
+        [], "--unlike", min=0, metavar="ID", help="With --like: and unlike this stored item (repeatable).")})
 
-    def run(self, collection_dir: str, query: Optional[str]) -> list[Any]:
-        """The hits of ``query`` text or of ``--image`` (exactly one) in the collection."""
+    def run(self, collection_dir: str, query: Optional[str | list[str]]) -> list[Any]:
+        """The hits of the query (a text, or weighted terms: see :func:`parse_cli_terms`), of
+        ``--image``, or of ``--like``/``--unlike`` examples (exactly one of the three)."""
         from vlsearch.query.searcher import Searcher
+        from vlsearch.query.terms import parse_cli_terms, plain_text
 
-        if (query is None) == (self.image is None):
-            raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
-        if self.image and self.rerank:
-            raise typer.BadParameter("--rerank re-scores text queries only", param_hint="--rerank")
+        words = [query] if isinstance(query, str) else list(query or [])
+        if sum(map(bool, (words, self.image, self.like))) != 1:
+            raise typer.BadParameter("give either a query (text or terms), --image PATH or --like ID (exactly one)")
+        if self.unlike and not self.like:
+            raise typer.BadParameter("--unlike goes with --like", param_hint="--unlike")
+        text = plain_text(words)  # a lone plain text is searched as before (and may be re-ranked)
+        if (self.image or self.like or (words and text is None)) and self.rerank:
+            raise typer.BadParameter("--rerank re-scores single text queries only", param_hint="--rerank")
         searcher = Searcher.open(collection_dir, mmap=self.mmap, device=self.device, precision=self.precision,
                                  reranker=self.reranker, rerank_features=self.rerank_features)
         options = dict(k=self.k, nprobe=self.nprobe, exact=self.exact, k_factor=self.k_factor, where=self.where)
         if self.image:
             return searcher.search_image(self.image, **options)
-        return searcher.search_text(query, rerank=self.rerank, **options)
+        if self.like:
+            return searcher.more_like(list(self.like), list(self.unlike), **options)
+        if text is None:
+            return searcher.search(parse_cli_terms(words), **options)
+        return searcher.search_text(text, rerank=self.rerank, **options)
 
 
 @dataclass(frozen=True)

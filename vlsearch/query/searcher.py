@@ -8,13 +8,16 @@
     batch = s.search_image(["q1.jpg", "q2.jpg"], k=5)   # list[list[Hit]]
     hits = s.search_vector(vec, k=10, nprobe=64, k_factor=4)
     hits = s.search_text("...", exact=True)       # brute force over the shards (no index needed)
+    hits = s.search([("a golden retriever", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)])
+    hits = s.more_like([12, 40], negative_ids=[7])  # recommend from stored examples
     s = Searcher.open("my-collection", options=SearcherOptions(device="cuda", exact_cache_mb=0))
     with Searcher.open("my-collection", follow=True) as s:   # moves to each version a sync commits
         ...
 
 ``Searcher`` is the facade over one module per step: query embedding
 (:mod:`vlsearch.query.embedding`), the ANN / exact / filtered k-NN plan (:mod:`vlsearch.query.plan`),
-re-ranking (:mod:`vlsearch.query.reranking`) and hit building (:mod:`vlsearch.query.hits`); its
+re-ranking (:mod:`vlsearch.query.reranking`), weighted terms and examples
+(:mod:`vlsearch.query.terms`) and hit building (:mod:`vlsearch.query.hits`); its
 settings are one :class:`~vlsearch.query.options.SearcherOptions`. Design points:
 
 * **Per-call parameters never touch the shared index** (per-call FAISS ``SearchParameters``), so
@@ -54,6 +57,8 @@ from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
 from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
+from vlsearch.query.term_search import item_vectors, term_vectors, without
+from vlsearch.query.terms import NEGATIVE_WEIGHT, Item, Query, TermLike, check_examples, combine, feedback_vector
 from vlsearch.query.version import SearcherVersion, SharedParts, Stamp, manifest_stamp
 from vlsearch.rerank.model import check_rerank_k
 from vlsearch.store.collection import Collection
@@ -306,6 +311,67 @@ class Searcher:
         arr = np.asarray(vector)
         results = self._current.search(arr, k, nprobe, exact, k_factor, where)
         return results[0] if arr.ndim == 1 else results
+
+    # ---- weighted terms and examples (see vlsearch.query.terms) ---------------------------------
+    def search(self, query: Query | TermLike | Sequence[TermLike], k: int = 10, nprobe: int | None = None,
+               exact: bool = False, k_factor: float | None = None, where: str | None = None,
+               exclude_items: bool = True) -> Hits:
+        """Search by a weighted list of terms: texts, images (Path, bytes, PIL) and stored items
+        (``Item(id)``), e.g. ``[("a golden retriever", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)]``.
+        The query vector is the normalised weighted sum of the normalised term embeddings (see
+        :mod:`vlsearch.query.terms`); ZeroQueryError when the terms cancel out.
+        ``exclude_items``: leave the items named by terms out of the hits."""
+        query = Query.of(query)
+        current = self._current
+        vector = self._query_vector(current, query)
+        exclude = query.items if exclude_items else []
+        return self._search_without(current, vector, k, exclude, nprobe, exact, k_factor, where)
+
+    def query_vector(self, query: Query | TermLike | Sequence[TermLike]) -> np.ndarray:
+        """The unit query vector ``(d,)`` that :meth:`search` searches with."""
+        return self._query_vector(self._current, Query.of(query))
+
+    def _query_vector(self, current: SearcherVersion, query: Query) -> np.ndarray:
+        return combine(term_vectors(self.embedder, current.row_locator, query), query.weights)
+
+    def more_like(self, positive_ids: Sequence[int], negative_ids: Sequence[int] = (), k: int = 10,
+                  negative_weight: float = NEGATIVE_WEIGHT, exclude_examples: bool = True,
+                  nprobe: int | None = None, exact: bool = False, k_factor: float | None = None,
+                  where: str | None = None) -> Hits:
+        """Items like the positive examples and unlike the negative ones (stored item ids):
+        ``normalise(mean(positives) - negative_weight * mean(negatives))`` of their unit vectors,
+        Rocchio-like (see :mod:`vlsearch.query.terms`). ``exclude_examples``: leave every example
+        out of the hits."""
+        pos, neg = check_examples(positive_ids, negative_ids)
+        current = self._current
+        vector = self._more_like_vector(current, pos, neg, negative_weight)
+        exclude = pos + neg if exclude_examples else []
+        return self._search_without(current, vector, k, exclude, nprobe, exact, k_factor, where)
+
+    def more_like_vector(self, positive_ids: Sequence[int], negative_ids: Sequence[int] = (),
+                         negative_weight: float = NEGATIVE_WEIGHT) -> np.ndarray:
+        """The unit query vector ``(d,)`` that :meth:`more_like` searches with."""
+        return self._more_like_vector(self._current, *check_examples(positive_ids, negative_ids), negative_weight)
+
+    def _more_like_vector(self, current: SearcherVersion, pos: list[int], neg: list[int],
+                          negative_weight: float) -> np.ndarray:
+        vectors = item_vectors(current.row_locator, pos + neg, self.dim)
+        return feedback_vector(vectors[: len(pos)], vectors[len(pos):], negative_weight)
+
+    def _search_without(self, current: SearcherVersion, vector: np.ndarray, k: int, exclude: Sequence[int],
+                        nprobe: int | None, exact: bool, k_factor: float | None, where: str | None) -> Hits:
+        """The top ``k`` of ``vector`` on version ``current``, leaving the ids ``exclude`` out."""
+        exclude = set(exclude)
+        hits = current.search(vector[None], check_k(k) + len(exclude), nprobe, exact, k_factor, where)[0]
+        return without(hits, exclude, k)
+
+    def item_vector(self, item_id: int) -> np.ndarray:
+        """A stored item's embedding ``(d,)`` float32; ItemNotFoundError if no live row has the id."""
+        return self.item_vectors([item_id])[0]
+
+    def item_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
+        """Stored items' embeddings ``(len(item_ids), d)`` float32, in the order given."""
+        return item_vectors(self._current.row_locator, [Item(i).id for i in item_ids], self.dim)
 
     # ---- the steps (each on the version read when it is called: use a snapshot() to chain them)
     def knn(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, exact: bool = False,

@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException
 from vlsearch.core.errors import CollectionNotFoundError, DecodeError, InvalidQueryError
 from vlsearch.data.images import open_image
 from vlsearch.query.results import Hit
+from vlsearch.query.terms import Item, Term
+from vlsearch.query.terms import Query as TermsQuery
 
 from vlsearch.app.serve.config import MAX_RESULTS
 from vlsearch.app.serve.errors import UploadTooLargeError
@@ -28,12 +30,14 @@ from vlsearch.app.serve.schemas import (
     ErrorBody,
     Health,
     ItemModel,
+    MoreLikeRequest,
     SearchParams,
     SearchRequest,
+    TermModel,
     SearchResponse,
     parse_id,
 )
-from vlsearch.app.serve.service import SearchOptions, ServedCollection
+from vlsearch.app.serve.service import Examples, SearchOptions, ServedCollection
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)}
 
@@ -143,19 +147,41 @@ def collections(request: Request) -> list[dict[str, Any]]:
 
 @api.post("/collections/{name}/search", response_model=SearchResponse, tags=["search"])
 def search(request: Request, name: str, body: SearchRequest) -> dict[str, Any]:
-    """Search by text, vector, base64 image or indexed item id (JSON body)."""
+    """Search by text, vector, base64 image, indexed item id or weighted terms (JSON body)."""
     if body.image_base64 is not None:
-        limit = request.app.state.config.max_upload_bytes
-        if len(body.image_base64) > limit * 4 // 3 + 4:
-            raise UploadTooLargeError(f"the image is larger than this server's limit of {limit} bytes")
-        try:
-            value: Any = base64.b64decode(body.image_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidQueryError("image_base64 is not valid base64") from None
+        value: Any = _base64_image(request, body.image_base64)
+    elif body.terms is not None:
+        value = TermsQuery(tuple(_term(request, t) for t in body.terms))
     else:
         value = {"text": body.text, "vector": None if body.vector is None else np.asarray(body.vector, np.float32),
                  "id": body.id}[body.kind]
     return _search(request, name, body.kind, value, body)
+
+
+def _base64_image(request: Request, data: str) -> bytes:
+    limit = request.app.state.config.max_upload_bytes
+    if len(data) > limit * 4 // 3 + 4:
+        raise UploadTooLargeError(f"the image is larger than this server's limit of {limit} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidQueryError("image_base64 is not valid base64") from None
+
+
+def _term(request: Request, term: TermModel) -> Term:
+    """A request's term: a text, an image (decoded under the server's limits) or an item."""
+    if term.text is not None:
+        return Term(term.text, term.weight)
+    if term.id is not None:
+        return Term(Item(term.id), term.weight)
+    return Term(_decode_upload(_base64_image(request, term.image_base64), request), term.weight)
+
+
+@api.post("/collections/{name}/more_like", response_model=SearchResponse, tags=["search"])
+def more_like(request: Request, name: str, body: MoreLikeRequest) -> dict[str, Any]:
+    """Recommend from stored examples: items like ``positive_ids`` and unlike ``negative_ids``."""
+    examples = Examples(body.positive_ids, body.negative_ids, body.negative_weight, body.exclude_examples)
+    return _search(request, name, "more_like", examples, body)
 
 
 @api.post("/collections/{name}/search/image", response_model=SearchResponse, tags=["search"])

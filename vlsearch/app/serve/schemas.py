@@ -18,7 +18,9 @@ from vlsearch.app.serve.config import MAX_RESULTS
 MAX_TEXT_CHARS = 1000
 MAX_VECTOR_DIM = 8192
 MAX_ID = 2**63 - 1
-QueryKind = Literal["text", "image", "vector", "id"]
+MAX_TERMS = 32
+MAX_EXAMPLES = 1000
+QueryKind = Literal["text", "image", "vector", "id", "terms", "more_like"]
 
 
 def parse_id(value: Any) -> int:
@@ -57,13 +59,54 @@ class SearchParams(BaseModel):
         return self
 
 
+class TermModel(BaseModel):
+    """One weighted term of a ``terms`` query: exactly one of ``text``, ``image_base64`` or ``id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Optional[str] = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    image_base64: Optional[str] = Field(None, min_length=1, description="An encoded image (JPEG, PNG...), base64.")
+    id: Optional[Union[StrictInt, str]] = Field(None, description="A stored item (its stored vector).")
+    weight: Union[StrictFloat, StrictInt] = Field(1.0, description="Negative: away from the term.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: Any) -> Optional[int]:
+        return None if value is None else parse_id(value)
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("a term's weight is a finite number")
+        return value
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("a text term is blank")
+        return value
+
+    @model_validator(mode="after")
+    def _one_value(self) -> "TermModel":
+        given = [n for n in ("text", "image_base64", "id") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a term has exactly one of text, image_base64 or id (got {given or 'none'})")
+        return self
+
+
 class SearchRequest(SearchParams):
-    """A search by exactly one of: ``text``, ``vector``, ``image_base64`` or ``id`` (more like this)."""
+    """A search by exactly one of: ``text``, ``vector``, ``image_base64``, ``id`` (more like this)
+    or ``terms`` (a weighted list; the query vector is the normalised weighted sum of the
+    normalised term embeddings)."""
 
     text: Optional[str] = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
     vector: Optional[list[Union[StrictFloat, StrictInt]]] = Field(None, min_length=1, max_length=MAX_VECTOR_DIM)
     image_base64: Optional[str] = Field(None, min_length=1, description="An encoded image (JPEG, PNG...), base64.")
     id: Optional[Union[StrictInt, str]] = Field(None, description="Items like this indexed item (excluded itself).")
+    terms: Optional[list[TermModel]] = Field(None, min_length=1, max_length=MAX_TERMS, description="Weighted "
+                                             "terms: texts, images, items (the items are left out of the hits).")
 
     @field_validator("id")
     @classmethod
@@ -86,15 +129,31 @@ class SearchRequest(SearchParams):
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
-        given = [n for n in ("text", "vector", "image_base64", "id") if getattr(self, n) is not None]
+        given = [n for n in ("text", "vector", "image_base64", "id", "terms") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of text, vector, image_base64 or id (got {given or 'none'})")
+            raise ValueError(f"give exactly one of text, vector, image_base64, id or terms (got {given or 'none'})")
         return self
 
     @property
     def kind(self) -> QueryKind:
-        return next(n for n in ("text", "vector", "id") if getattr(self, n) is not None) \
+        return next(n for n in ("text", "vector", "id", "terms") if getattr(self, n) is not None) \
             if self.image_base64 is None else "image"
+
+
+class MoreLikeRequest(SearchParams):
+    """Recommend from stored examples: ``normalise(mean(positives) - negative_weight * mean(negatives))``
+    of their vectors (Rocchio-like)."""
+
+    positive_ids: list[Union[StrictInt, str]] = Field(..., min_length=1, max_length=MAX_EXAMPLES)
+    negative_ids: list[Union[StrictInt, str]] = Field([], max_length=MAX_EXAMPLES)
+    negative_weight: Union[StrictFloat, StrictInt] = Field(0.5, ge=0, le=100, description="Weight of the "
+                                                           "negatives' mean against the positives'.")
+    exclude_examples: StrictBool = Field(True, description="Leave the examples out of the hits.")
+
+    @field_validator("positive_ids", "negative_ids")
+    @classmethod
+    def _ids(cls, value: list[Any]) -> list[int]:
+        return [parse_id(v) for v in value]
 
 
 class HitModel(BaseModel):

@@ -9,19 +9,19 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from vlsearch.store.arrays import embeddings_to_numpy
 from vlsearch.core.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
 from vlsearch.core.cache import ByteLRU
 from vlsearch.query.embedding import TextQuery
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
+from vlsearch.query.term_search import without
+from vlsearch.query.terms import NEGATIVE_WEIGHT
 
 from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.images import ItemImages
@@ -42,6 +42,16 @@ class SearchOptions:
     exact: bool = False
     where: str | None = None
     rerank: int = 0  #: text queries: re-score the top ``rerank`` (see Searcher.search_text)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A ``more_like`` query (see :meth:`Searcher.more_like`)."""
+
+    positive_ids: list[int]
+    negative_ids: list[int]
+    negative_weight: float = NEGATIVE_WEIGHT
+    exclude_examples: bool = True
 
 
 @dataclass
@@ -120,21 +130,15 @@ class ServedCollection:
 
     def vector(self, item_id: int, s: Searcher | None = None) -> np.ndarray:
         """The item's stored embedding (float32), from version ``s`` (default: the one served now)."""
-        s = s or self.searcher.snapshot()
-        shard, row = self._locate(s, item_id)
-        pf = pq.ParquetFile(s.row_locator.paths[int(shard[0])])
-        r = int(row[0])
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if r < n:
-                column = pf.read_row_group(g, columns=["embedding"]).column(0)
-                return embeddings_to_numpy(column.slice(r, 1))[0]
-            r -= n
-        raise ItemNotFoundError(f"item {item_id} of {self.name!r} is past the end of its shard")  # pragma: no cover
+        try:
+            return (s or self.searcher.snapshot()).item_vector(item_id)
+        except ItemNotFoundError:
+            raise ItemNotFoundError(f"collection {self.name!r} has no item {item_id}") from None
 
     # ---- search ----------------------------------------------------------------------------
     def search(self, query: str, value: Any, opts: SearchOptions) -> SearchOutcome:
-        """Search by ``query`` kind: ``text`` (str), ``image`` (PIL image), ``vector`` or ``id``.
+        """Search by ``query`` kind: ``text`` (str), ``image`` (PIL image), ``vector``, ``id``,
+        ``terms`` (a :class:`~vlsearch.query.terms.Query`) or ``more_like`` (:class:`Examples`).
         Returns hits ``offset .. offset+k`` of the ranking (ranks stay global)."""
         if opts.rerank and query != "text":
             raise InvalidQueryError("rerank re-scores text queries only")
@@ -142,29 +146,35 @@ class ServedCollection:
         s = self.searcher.snapshot()
         embedded_query, exclude = self._embed(s, query, value, tokens=bool(opts.rerank))
         embedded = time.perf_counter()
-        wanted = opts.k + opts.offset + (exclude is not None)
-        params = dict(k=wanted, nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor, **self._filter(opts.where))
+        wanted = opts.k + opts.offset
+        params = dict(k=wanted + len(exclude), nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor,
+                      **self._filter(opts.where))
         if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
             hits = s.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
         else:
             hits = s.search_vector(embedded_query, **params)
-        if exclude is not None:  # "more like this" leaves out the item itself
-            kept = [h for h in hits if h.id != exclude][: wanted - 1]
-            hits = [replace(h, rank=i + 1) for i, h in enumerate(kept)]
+        if exclude:  # "more like this" leaves out the item itself, terms and more_like their example items
+            hits = without(hits, exclude, wanted)
         done = time.perf_counter()
         return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
                              (done - embedded) * 1e3)
 
-    def _embed(self, s: Searcher, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, int | None]:
+    def _embed(self, s: Searcher, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, list[int]]:
         """The query embedded (a TextQuery for text, with token states when re-ranked; else a
-        vector) and the item id to leave out of the hits (``id`` queries, read from ``s``)."""
+        vector) and the item ids to leave out of the hits (those of ``id``, ``terms`` and
+        ``more_like`` queries, read from ``s``)."""
         if query == "text":
-            return s.text_query([value], tokens=tokens), None
+            return s.text_query([value], tokens=tokens), []
         if query == "image":
-            return s.embed_images([value])[0], None
+            return s.embed_images([value])[0], []
         if query == "id":
-            return self.vector(value, s), int(value)
-        return np.asarray(value, dtype=np.float32), None
+            return self.vector(value, s), [int(value)]
+        if query == "terms":  # value: a vlsearch.query.terms.Query
+            return s.query_vector(value), value.items
+        if query == "more_like":  # value: an Examples
+            return (s.more_like_vector(value.positive_ids, value.negative_ids, value.negative_weight),
+                    [*value.positive_ids, *value.negative_ids] if value.exclude_examples else [])
+        return np.asarray(value, dtype=np.float32), []
 
     @staticmethod
     def _filter(where: str | None) -> dict[str, Any]:
@@ -239,5 +249,5 @@ def parse_specs(args: list[str]) -> dict[str, str]:
     return specs
 
 
-__all__ = ["ModelPool", "SearchOptions", "ServedCollection", "close_collections", "open_collections",
+__all__ = ["Examples", "ModelPool", "SearchOptions", "ServedCollection", "close_collections", "open_collections",
            "parse_specs"]

@@ -1,0 +1,54 @@
+"""The steps of a weighted-terms search (:mod:`vlsearch.query.terms`) that need a collection:
+stored items' vectors, every term embedded (texts in one batch through the text cache, images in
+one batch, items from their shards), and leaving the example items out of the hits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterable
+
+import numpy as np
+
+from vlsearch.core.errors import ItemNotFoundError
+from vlsearch.query.embedding import QueryEmbedder
+from vlsearch.query.results import Hits
+from vlsearch.query.subset import iter_embeddings_of
+from vlsearch.query.terms import Query
+from vlsearch.store.rows import RowLocator
+
+
+def item_vectors(locator: RowLocator, ids: Iterable[int], dim: int) -> np.ndarray:
+    """The stored embeddings ``(len(ids), dim)`` float32 of live items, in the order given
+    (reading only the row groups that hold them); ItemNotFoundError names an id no live row has."""
+    wanted = np.asarray(list(ids), np.int64)
+    found = locator.locate(wanted)[2]
+    if not found.all():
+        raise ItemNotFoundError(f"the collection has no item {int(wanted[~found][0])}")
+    out = np.empty((len(wanted), dim), np.float32)
+    for got, vectors in iter_embeddings_of(locator, np.unique(wanted)):
+        for item, vector in zip(got, vectors):
+            out[wanted == item] = vector
+    return out
+
+
+def term_vectors(embedder: QueryEmbedder, locator: RowLocator, query: Query) -> np.ndarray:
+    """Each term's embedding ``(len(query.terms), dim)``, in the query's order."""
+    out = np.empty((len(query.terms), embedder.collection.dim), np.float32)
+    by_kind: dict[str, list[int]] = {}
+    for i, term in enumerate(query.terms):
+        by_kind.setdefault(term.kind, []).append(i)
+    values = [t.value for t in query.terms]
+    if "text" in by_kind:
+        out[by_kind["text"]] = embedder.texts([values[i] for i in by_kind["text"]])
+    if "image" in by_kind:
+        out[by_kind["image"]] = embedder.images([values[i] for i in by_kind["image"]])
+    if "item" in by_kind:
+        out[by_kind["item"]] = item_vectors(locator, [values[i].id for i in by_kind["item"]], out.shape[1])
+    return out
+
+
+def without(hits: Hits, exclude: Iterable[int], k: int) -> Hits:
+    """The first ``k`` hits whose id is not in ``exclude``, ranked 1.. again."""
+    skip = set(exclude)
+    kept = [h for h in hits if h.id not in skip][:k]
+    return Hits(replace(h, rank=i + 1) for i, h in enumerate(kept))
