@@ -52,7 +52,7 @@ import re
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -119,7 +119,8 @@ class Term:
         return "item" if isinstance(self.value, Item) else "image"
 
 
-TermLike = Union[Term, Item, str, os.PathLike, bytes, "tuple[Any, float]", Any]
+#: What :meth:`Query.of` takes as one term: a :class:`Term`, a ``(value, weight)`` pair or a bare value.
+TermLike = Any
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,9 @@ class Query:
 def _term(value: Any, i: int) -> Term:
     if isinstance(value, Term):
         return value
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         if len(value) != 2:
-            raise InvalidQueryError(f"term {i} is a tuple of {len(value)}: give (value, weight) pairs")
+            raise InvalidQueryError(f"term {i} is a sequence of {len(value)}: give (value, weight) pairs")
         return Term(*value)
     if isinstance(value, (bool, Real)):
         raise InvalidQueryError(f"term {i} is a number ({value!r}): give a weighted term as a (value, weight) "
