@@ -19,7 +19,8 @@ from vlsearch.app.cli import app as cli_app
 from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.core.errors import InvalidQueryError, ItemNotFoundError
 from vlsearch.query.searcher import Searcher
-from vlsearch.query.terms import Item, Query, Term, TermSyntaxError, ZeroQueryError, parse_cli_terms, plain_text
+from vlsearch.query.terms import (Item, Query, Term, TermSyntaxError, ZeroQueryError, combine, feedback_vector,
+                                  parse_cli_terms, plain_text)
 from vlsearch.store.collection import Collection
 
 N_IMAGES = 24
@@ -103,6 +104,21 @@ def test_the_query_vector_is_the_normalised_weighted_sum_of_normalised_term_embe
     plain = searcher.search_vector(expected.astype(np.float32), k=7, exact=True)
     assert _ids(hits) == [i for i in _ids(plain) if i != item][:6] and [h.rank for h in hits] == [1, 2, 3, 4, 5, 6]
     assert np.allclose([h.score for h in hits], [h.score for h in plain if h.id != item][:6], atol=1e-5)
+
+
+def test_combine_weighs_each_term_by_its_weight_whatever_its_norm():
+    vectors = np.array([[30.0, 0, 0], [0, 0.5, 0], [0, 0, 2]], np.float32)  # one direction each, any norm
+    assert np.allclose(combine(vectors, [1, 1, 0]), [2 ** -0.5, 2 ** -0.5, 0], atol=1e-6)
+    assert np.allclose(combine(vectors, [3, 4, 0]), [0.6, 0.8, 0], atol=1e-6)
+    assert np.allclose(combine(vectors, [1, 0, -1]), [2 ** -0.5, 0, -(2 ** -0.5)], atol=1e-6)
+    same = np.array([[1.0, 2.0, 2.0], [2.0, 4.0, 4.0]], np.float32)
+    assert np.allclose(combine(same, [1, -0.9]), [1 / 3, 2 / 3, 2 / 3], atol=1e-5)  # a tenth left: that direction
+    with pytest.raises(ZeroQueryError):
+        combine(same, [1, -0.99999])  # about zero, relative to the weights
+    with pytest.raises(InvalidQueryError, match="no direction"):
+        combine(np.zeros((1, 3), np.float32), [1])
+    assert np.allclose(feedback_vector(vectors[:2], vectors[2:], 1.0), _unit([0.5, 0.5, -1]), atol=1e-6)
+    assert np.allclose(feedback_vector(vectors[:2], None), [2 ** -0.5, 2 ** -0.5, 0], atol=1e-6)
 
 
 def test_a_single_term_searches_like_the_plain_query(searcher, images):

@@ -33,8 +33,8 @@ from vlsearch.app.serve.schemas import (
     MoreLikeRequest,
     SearchParams,
     SearchRequest,
-    TermModel,
     SearchResponse,
+    TermModel,
     parse_id,
 )
 from vlsearch.app.serve.service import Examples, SearchOptions, ServedCollection
