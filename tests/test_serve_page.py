@@ -16,6 +16,7 @@ from serve_support import make_collections
 from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.store.collection import Collection
 from vlsearch.query.searcher import Searcher
+from vlsearch.query.terms import Item
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -131,6 +132,64 @@ def test_search_more_like_this_upload_and_errors_in_a_real_browser(setup, browse
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     assert page.is_hidden("#error")
     assert not problems, problems
+    page.close()
+
+
+def _search(page, text: str) -> list[int]:
+    before = _result_ids(page)
+    page.fill("#query", text)
+    page.press("#query", "Enter")
+    _wait_new_results(page, before)
+    _wait_thumbnails(page)
+    return _result_ids(page)
+
+
+def test_less_and_more_like_this_steer_the_query_in_place_with_removable_chips(setup, browser):
+    url, _, searcher, _ = setup
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#collection option[value=manifest]", state="attached")
+    page.select_option("#collection", "manifest")
+    page.fill("#k", "6")
+    text = "a large red circle"
+    plain = _search(page, text)
+    assert plain == [h.id for h in searcher.search_text(text, k=6)]
+
+    # 1. "less like this" on the second hit: that hit leaves the list, a "less like" chip appears,
+    #    and the list is the server's answer to the weighted terms (text +1, item -0.5)
+    disliked = plain[1]
+    page.click(f"#results li[data-id='{disliked}'] button.steer[title='Less like this']")
+    chip = page.locator(f"#query-info .chip.minus[data-id='{disliked}']")
+    chip.wait_for(state="visible", timeout=10_000)
+    page.wait_for_function("id => !Array.from(document.querySelectorAll('#results li')).some(e => e.dataset.id === id)"
+                           " && document.querySelectorAll('#results li').length === 6", arg=str(disliked))
+    _wait_thumbnails(page)
+    steered = _result_ids(page)
+    assert disliked not in steered
+    assert steered == [h.id for h in searcher.search([(text, 1.0), (Item(disliked), -0.5)], k=6)]
+    assert "Less like" in chip.text_content() and "−0.5" in chip.text_content()
+    assert "Words: " + text in page.text_content("#query-info")  # the words stay a term
+
+    # 2. "more like this" on another hit adds a +1 chip; the three terms are searched together
+    liked = steered[2]
+    page.click(f"#results li[data-id='{liked}'] button.steer[title='More like this']")
+    page.locator(f"#query-info .chip.plus[data-id='{liked}']").wait_for(state="visible", timeout=10_000)
+    expected = [h.id for h in searcher.search([(text, 1.0), (Item(disliked), -0.5), (Item(liked), 1.0)], k=6)]
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=[str(i) for i in expected], timeout=10_000)
+
+    # 3. removing the chips (their x buttons) brings back the plain query's list
+    page.click(f"#query-info .chip[data-id='{liked}'] button.remove")
+    page.locator(f"#query-info .chip[data-id='{liked}']").wait_for(state="detached", timeout=10_000)
+    page.click(f"#query-info .chip[data-id='{disliked}'] button.remove")
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=[str(i) for i in plain], timeout=10_000)
+    assert page.locator("#query-info .chip").count() == 1
+    assert page.get_attribute(f"#results li[data-id='{plain[0]}'] button.steer[title='Less like this']",
+                              "aria-label").startswith("Less like this: ")
+    assert page.is_hidden("#error") and not problems, problems
     page.close()
 
 
