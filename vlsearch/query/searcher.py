@@ -54,6 +54,7 @@ from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
 from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
+from vlsearch.query.shaping import Shape, shaped_text_search, shaped_vector_search
 from vlsearch.query.version import SearcherVersion, SharedParts, Stamp, manifest_stamp
 from vlsearch.rerank.model import check_rerank_k
 from vlsearch.store.collection import Collection
@@ -268,16 +269,25 @@ class Searcher:
     # ---- searches ----------------------------------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None,
                     exact: bool = False, k_factor: float | None = None, where: str | None = None,
-                    rerank: int = 0) -> Hits | Results:
+                    rerank: int = 0,
+                    *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                    per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                    facets: Sequence[str] | None = None) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
         ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.query.filters`).
         ``rerank=K`` (K >= k; 0 = off): re-score the first stage's top K with the cross-attention
         re-ranker and return its best k; ``Hit.score`` is then the re-rank score and
-        ``Hit.first_stage_score`` the cosine."""
+        ``Hit.first_stage_score`` the cosine.
+
+        ``min_score``, ``autocut``, ``group_by``/``per_group``, ``order_by``, ``depth``, ``facets``:
+        shape the list (:mod:`vlsearch.query.shaping`); each query's hits are then a
+        :class:`~vlsearch.query.shaping.ShapedHits` (with ``.facets``)."""
         single = isinstance(text, str)
         texts = check_texts([text] if single else text)
         query = self.text_query(texts, tokens=bool(check_rerank_k(rerank, check_k(k))))
-        results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank)
+        results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank, min_score=min_score,
+                                         autocut=autocut, group_by=group_by, per_group=per_group,
+                                         order_by=order_by, depth=depth, facets=facets)
         return results[0] if single else results
 
     def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
@@ -286,26 +296,48 @@ class Searcher:
         return self.embedder.text_query(texts, tokens)
 
     def search_text_query(self, query: TextQuery, k: int = 10, nprobe: int | None = None, exact: bool = False,
-                          k_factor: float | None = None, where: str | None = None, rerank: int = 0) -> Results:
+                          k_factor: float | None = None, where: str | None = None, rerank: int = 0,
+                          *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                          per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                          facets: Sequence[str] | None = None) -> Results:
         """:meth:`search_text` of texts already embedded by :meth:`text_query` (one list per text)."""
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        if shape is not None:
+            return shaped_text_search(self._current, query, k, nprobe, exact, k_factor, where, rerank, shape)
         return self._current.search_text(query, k, nprobe, exact, k_factor, where, rerank)
 
     def search_image(self, image: ImageInput | Sequence[ImageInput], k: int = 10, nprobe: int | None = None,
-                     exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
-        """Search by example image (path, PIL image or encoded bytes, or a list of them)."""
+                     exact: bool = False, k_factor: float | None = None, where: str | None = None,
+                     *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                     per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                     facets: Sequence[str] | None = None) -> Hits | Results:
+        """Search by example image (path, PIL image or encoded bytes, or a list of them); shaping
+        arguments as in :meth:`search_text`."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise InvalidQueryError("no query image given (empty list)")
-        results = self._current.search(self.embed_images(images), k, nprobe, exact, k_factor, where)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        results = self._search(self.embed_images(images), k, nprobe, exact, k_factor, where, shape)
         return results[0] if single else results
 
     def search_vector(self, vector: np.ndarray, k: int = 10, nprobe: int | None = None,
-                      exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
-        """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``."""
+                      exact: bool = False, k_factor: float | None = None, where: str | None = None,
+                      *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                      per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                      facets: Sequence[str] | None = None) -> Hits | Results:
+        """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``;
+        shaping arguments as in :meth:`search_text`."""
         arr = np.asarray(vector)
-        results = self._current.search(arr, k, nprobe, exact, k_factor, where)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        results = self._search(arr, k, nprobe, exact, k_factor, where, shape)
         return results[0] if arr.ndim == 1 else results
+
+    def _search(self, queries: np.ndarray, k: int, nprobe: int | None, exact: bool, k_factor: float | None,
+                where: str | None, shape: Shape | None) -> Results:
+        if shape is None:
+            return self._current.search(queries, k, nprobe, exact, k_factor, where)
+        return shaped_vector_search(self._current, queries, k, nprobe, exact, k_factor, where, shape)
 
     # ---- the steps (each on the version read when it is called: use a snapshot() to chain them)
     def knn(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, exact: bool = False,
