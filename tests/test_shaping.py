@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from vlsearch import Client
 from vlsearch.app.cli import app as cli_app
-from vlsearch.app.serve import ServeConfig, create_app
+from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.core.modelinfo import ModelInfo
 from vlsearch.query.searcher import Searcher
@@ -263,3 +263,166 @@ def test_bad_shaping_arguments_are_typed_errors(searcher, data, kwargs, words):
     with pytest.raises(InvalidQueryError, match=words.replace("(", r"\(")):
         searcher.search_vector(_query(data), k=10, exact=True, **kwargs)
     assert len(searcher.search_vector(_query(data), k=3, exact=True, order_by="taken")) == 3  # still usable
+
+
+# ---- HTTP, Client (vector queries on the synthetic collection) -----------------------------------
+
+SHAPES = [
+    dict(min_score=0.5),
+    dict(autocut=1),
+    dict(group_by="folder", per_group=2),
+    dict(order_by="taken DESC", min_score=0.6, facets=["label", "folder"]),
+    dict(order_by="rating", group_by="label", depth=60, facets=["rating"]),
+]
+
+
+@pytest.fixture(scope="module")
+def served(searcher):
+    return create_app({"syn": searcher}, ServeConfig(log_level="warning"))
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with TestClient(served) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with background_server(served) as url, Client(url, collection="syn") as c:
+        yield c
+
+
+def _facets_json(facets: dict) -> dict:
+    return {c: [{"value": v, "count": n} for v, n in counts.items()] for c, counts in facets.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_http_and_client_return_what_the_searcher_returns(http, client, searcher, data, shape):
+    q = _query(data)
+    local = searcher.search_vector(q, k=7, exact=True, **shape)
+    body = http.post("/api/collections/syn/search", json={"vector": q.tolist(), "k": 7, "exact": True, **shape})
+    assert body.status_code == 200, body.text
+    body = body.json()
+    assert _ids(body["hits"]) == _ids(local) and [h["rank"] for h in body["hits"]] == [h.rank for h in local]
+    assert body["relevant"] == local.relevant
+    assert body["facets"] == (_facets_json(local.facets) if "facets" in shape else None)
+    remote = client.search_vector(q, k=7, exact=True, **shape)
+    assert isinstance(remote, ShapedHits) and _ids(remote) == _ids(local)
+    assert remote.facets == local.facets and remote.relevant == local.relevant
+
+
+def test_http_pages_of_a_shaped_list_concatenate(http, searcher, data):
+    q = _query(data).tolist()
+    shape = dict(group_by="folder", per_group=2, exact=True)
+    whole = http.post("/api/collections/syn/search", json={"vector": q, "k": 8, **shape}).json()
+    first = http.post("/api/collections/syn/search", json={"vector": q, "k": 4, **shape}).json()
+    second = http.post("/api/collections/syn/search", json={"vector": q, "k": 4, "offset": 4, **shape}).json()
+    assert _ids(first["hits"]) + _ids(second["hits"]) == _ids(whole["hits"])
+
+
+def test_plain_http_searches_carry_no_shaping_fields(http, client, data):
+    body = http.post("/api/collections/syn/search", json={"vector": _query(data).tolist(), "k": 3, "exact": True}).json()
+    assert body["facets"] is None and body["relevant"] is None
+    hits = client.search_vector(_query(data), k=3, exact=True)
+    assert not isinstance(hits, ShapedHits)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"order_by": "taken SIDEWAYS"}, 400, "order_by"),
+    ({"order_by": "nope"}, 400, "unknown column"),
+    ({"group_by": "label; DROP TABLE images"}, 400, "unknown column"),
+    ({"facets": ["captions"]}, 400, "single values"),
+    ({"per_group": 2}, 400, "needs group_by"),
+    ({"autocut": 0}, 422, "autocut"),
+    ({"facets": "label"}, 422, "facets"),
+    ({"depth": 3}, 400, "smaller than k"),
+])
+def test_bad_shaping_fields_are_4xx_and_typed_errors_in_the_client(http, client, data, body, status, words):
+    q = _query(data)
+    response = http.post("/api/collections/syn/search", json={"vector": q.tolist(), "k": 5, "exact": True, **body})
+    assert response.status_code == status and words in response.text
+    with pytest.raises(InvalidQueryError if status == 400 else Exception, match=words if status == 400 else None):
+        client.search_vector(q, k=5, exact=True, **body)
+
+
+# ---- text and image queries on a tiny-model collection: Searcher, HTTP, Client, CLI ---------------
+
+TEXT_SHAPE = dict(min_score=-1.0, order_by="path DESC", facets=["folder", "width"], group_by="width", per_group=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_encoder):
+    """Generated shapes in two sub-folders, embedded with the tiny model (exact search)."""
+    import shutil
+
+    import torch
+
+    from indexing.embed import EmbedConfig, embed
+    from vlsearch.data.shapes import ShapesConfig, generate_shapes
+
+    root = tmp_path_factory.mktemp("shaping-tiny")
+    data = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=16, image_format="jpg"))
+    images = sorted((data.split_dir("heldout") / "images").iterdir())
+    for i, img in enumerate(images):
+        (root / "gallery" / ("a" if i % 3 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(img, root / "gallery" / ("a" if i % 3 else "b") / img.name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = EmbedConfig(model=tiny_encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
+        return embed(root / "gallery", root / "coll", config, encoder=tiny_encoder).path, images
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_text_and_image_queries_are_shaped_alike_in_every_surface(tiny, tiny_encoder):
+    path, images = tiny
+    with Searcher.open(path, encoder=tiny_encoder, device="cpu") as s:
+        local = s.search_text("a red circle", k=6, exact=True, **TEXT_SHAPE)
+        local_image = s.search_image(images[3], k=4, exact=True, facets=["folder"], autocut=2)
+        assert set(local.facets["folder"]) == {"a", "b"} and sum(local.facets["folder"].values()) == local.relevant
+        assert [h.path for h in local] == sorted((h.path for h in local), reverse=True)
+        app = create_app({"tiny": s}, ServeConfig(log_level="warning"))
+        with TestClient(app) as http:
+            body = http.post("/api/collections/tiny/search", json={"text": "a red circle", "k": 6, "exact": True,
+                                                                   **TEXT_SHAPE}).json()
+            assert _ids(body["hits"]) == _ids(local) and body["facets"] == _facets_json(local.facets)
+            with open(images[3], "rb") as f:
+                upload = http.post("/api/collections/tiny/search/image", files={"file": f},
+                                   data={"k": "4", "exact": "true", "facets": ["folder"], "autocut": "2"}).json()
+            assert _ids(upload["hits"]) == _ids(local_image) and upload["facets"] == _facets_json(local_image.facets)
+        with background_server(app) as url, Client(url, collection="tiny") as c:
+            remote = c.search_text("a red circle", k=6, exact=True, **TEXT_SHAPE)
+            assert _ids(remote) == _ids(local) and remote.facets == local.facets
+            remote_image = c.search_image(images[3], k=4, exact=True, facets=["folder"], autocut=2)
+            assert _ids(remote_image) == _ids(local_image) and remote_image.facets == local_image.facets
+    args = ["search", str(path), "a red circle", "-k", "6", "--exact", "--device", "cpu", "--min-score", "-1",
+            "--order-by", "path DESC", "--facet", "folder", "--facet", "width", "--group-by", "width",
+            "--per-group", "3"]
+    result = CliRunner().invoke(cli_app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    assert [int(line["id"]) for line in lines[:-1]] == _ids(local)
+    assert lines[-1] == {"facets": _facets_json(local.facets)}
+    table = CliRunner().invoke(cli_app, args)
+    assert table.exit_code == 0 and "folder: a (" in table.output, table.output
+    bad = CliRunner().invoke(cli_app, [*args[:6], "--device", "cpu", "--order-by", "path SIDEWAYS"])
+    assert bad.exit_code == 1 and "order_by" in bad.output
+
+
+def test_reranked_lists_are_shaped_on_the_rerank_scores(tmp_path_factory, tiny_encoder):
+    from test_rerank import rr_collection
+
+    path, _, rr = rr_collection.__wrapped__(tmp_path_factory, tiny_encoder)
+    with Searcher.open(path, encoder=tiny_encoder, reranker=rr, rerank_features="recompute") as s:
+        query = "a dark noisy square"
+        plain = s.search_text(query, k=12, exact=True, rerank=12)
+        threshold = (plain[5].score + plain[6].score) / 2
+        cut = s.search_text(query, k=12, exact=True, rerank=12, min_score=threshold)
+        assert _ids(cut) == _ids(plain)[:6]
+        assert [h.first_stage_score for h in cut] == [h.first_stage_score for h in plain[:6]]
+        ordered = s.search_text(query, k=5, exact=True, rerank=12, order_by="path DESC", facets=["width"])
+        assert [h.path for h in ordered] == sorted((h.path for h in ordered), reverse=True)
+        assert ordered.facets == {"width": {48: 24}} and ordered.relevant == 24
+        assert all(h.first_stage_score is not None for h in ordered)

@@ -54,7 +54,8 @@ from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
 from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
-from vlsearch.query.shaping import Shape, shaped_text_search, shaped_vector_search
+from vlsearch.query.shaped import shaped_text_search, shaped_vector_search
+from vlsearch.query.shaping import Shape
 from vlsearch.query.version import SearcherVersion, SharedParts, Stamp, manifest_stamp
 from vlsearch.rerank.model import check_rerank_k
 from vlsearch.store.collection import Collection

@@ -49,13 +49,14 @@ other than ASC/DESC is an :class:`~vlsearch.core.errors.InvalidQueryError`.
 
 **What a score means.** ``Hit.score`` is the cosine similarity of L2-normalised embeddings, in
 [-1, 1]. Its scale depends on the model and on the *kind* of query: a text and an image are
-embedded by different towers, and a contrastive model only learns to rank texts against images,
-so text->image cosines of vlsearch-small sit around 0.1-0.4 while image->image cosines of two
-unrelated photos are often higher than the best text->image match (benchmarks/RESULTS.md
-"scores" measures both on Flickr8k-test). One ``min_score`` therefore does not fit text and image
-queries alike (rclip #207): choose it per model and query kind, or use ``autocut``, which looks at
-the shape of one query's score curve rather than at absolute values. With ``rerank=K`` the score
-is the re-ranker's, on another scale again.
+embedded by different towers, and a contrastive model only learns to rank texts against images.
+With vlsearch-small on Flickr8k-test (benchmarks/RESULTS.md "scores", ``bench_scores.py``) a
+caption scores a median 0.43 with its own image, an image 0.80 with an altered copy of itself, and
+unrelated pairs of either kind sit around 0 (95th percentile 0.27-0.28). One ``min_score``
+therefore does not fit text and image queries alike (rclip #207): 0.645, which keeps 95 % of the
+image matches, keeps 3.3 % of the text ones. Choose it per model and query kind, or use
+``autocut``, which looks at the shape of one query's score curve rather than at absolute values.
+With ``rerank=K`` the score is the re-ranker's, on another scale again.
 """
 
 from __future__ import annotations
@@ -70,14 +71,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlsearch.core.errors import InvalidQueryError
-from vlsearch.query.plan import check_k
 from vlsearch.query.results import Hits, Results
-from vlsearch.rerank.model import check_rerank_k
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vlsearch.query.embedding import TextQuery
     from vlsearch.query.filters import FilterEngine
-    from vlsearch.query.version import SearcherVersion
 
 #: First candidate list with group_by / order_by / facets (when ``depth`` is not given).
 DEFAULT_DEPTH = 100
@@ -320,6 +317,8 @@ def shaped_search(fetch: Fetch, build: Build, engine: Callable[[], "FilterEngine
     each query's kept candidates into hits with ``build``; one :class:`ShapedHits` per query."""
     depth = shape.start_depth(k)
     columns = shape.columns
+    for column in columns:  # a bad column is the caller's error, reported before any search runs
+        column_sql(engine(), column)
     done: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, dict[Any, int]], int, int]] = {}
     while True:
         scores, ids, first = fetch(depth)
@@ -360,31 +359,11 @@ def shaped_search(fetch: Fetch, build: Build, engine: Callable[[], "FilterEngine
                    for q, hits in enumerate(built))
 
 
-def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
-                         k_factor: float | None, where: str | None, shape: Shape) -> Results:
-    """:func:`shaped_search` of query vectors over one collection version (its k-NN plan and hits)."""
-    k = check_k(k)
-    plan = version.plan
-
-    def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
-        return (*plan.knn(queries, depth, nprobe, exact, k_factor, where), None)
-
-    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
-
-
-def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, nprobe: int | None, exact: bool,
-                       k_factor: float | None, where: str | None, rerank: int, shape: Shape) -> Results:
-    """:func:`shaped_search` of embedded texts; with ``rerank=K`` the candidate list of depth ``D``
-    is the re-ranker's best ``D`` of the first stage's top ``max(K, D)`` (scores: the re-ranker's)."""
-    rerank = check_rerank_k(rerank, check_k(k))
-    if not rerank:
-        return shaped_vector_search(version, query.vectors, k, nprobe, exact, k_factor, where, shape)
-    if query.tokens is None:
-        raise InvalidQueryError("rerank needs the texts' token states: embed them with text_query(tokens=True)")
-    plan = version.plan
-
-    def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scores, ids = plan.knn(query.vectors, max(rerank, depth), nprobe, exact, k_factor, where)
-        return version.reranking.rerank(query.texts, scores, ids, depth, tokens=query.tokens)
-
-    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+def format_facets(facets: dict[str, dict[Any, int]], limit: int = 10) -> str:
+    """Plain-text facet counts: one line per column, its ``limit`` most frequent values."""
+    lines = []
+    for column, counts in facets.items():
+        shown = [f"{'NULL' if value is None else value} ({count})" for value, count in list(counts.items())[:limit]]
+        more = f", ... {len(counts) - limit} more" if len(counts) > limit else ""
+        lines.append(f"{column}: {', '.join(shown) or '-'}{more}")
+    return "\n".join(lines)
