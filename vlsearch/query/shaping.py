@@ -46,6 +46,9 @@ part of ``path``, ``""`` for a file at the root) where the shards have no column
 Names are matched against the table's columns (case-insensitively) and only then quoted into SQL:
 a user's string is data, never SQL. An unknown column, a list or struct column, or a direction
 other than ASC/DESC is an :class:`~vlsearch.core.errors.InvalidQueryError`.
+Their values come from the collection version's metadata table, the locked DuckDB table that
+filters read (:class:`~vlsearch.query.filters.FilterEngine`, built on the first filtered or shaped
+query, about 60 MiB per million images), joined with the candidates' ids.
 
 **What a score means.** ``Hit.score`` is the cosine similarity of L2-normalised embeddings, in
 [-1, 1]. Its scale depends on the model and on the *kind* of query: a text and an image are
