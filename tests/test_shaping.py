@@ -426,3 +426,15 @@ def test_reranked_lists_are_shaped_on_the_rerank_scores(tmp_path_factory, tiny_e
         assert [h.path for h in ordered] == sorted((h.path for h in ordered), reverse=True)
         assert ordered.facets == {"width": {48: 24}} and ordered.relevant == 24
         assert all(h.first_stage_score is not None for h in ordered)
+
+
+def test_more_like_this_is_shaped_without_the_item_itself(http, searcher, data):
+    vectors, ids, meta = data
+    item = int(ids[10])
+    for shape in (dict(autocut=1), dict(group_by="folder", per_group=2, facets=["label"]),
+                  dict(min_score=0.5, order_by="taken DESC", facets=["folder"])):
+        body = http.post("/api/collections/syn/search", json={"id": str(item), "k": 6, "exact": True, **shape}).json()
+        local = searcher.search_vector(vectors[10], k=6, exact=True, where=f"id != {item}", **shape)
+        assert item not in _ids(body["hits"]) and len(body["hits"]) > 0
+        assert _ids(body["hits"]) == _ids(local) and body["relevant"] == local.relevant
+        assert body["facets"] == (_facets_json(local.facets) if "facets" in shape else None)

@@ -8,6 +8,8 @@
     batch = s.search_image(["q1.jpg", "q2.jpg"], k=5)   # list[list[Hit]]
     hits = s.search_vector(vec, k=10, nprobe=64, k_factor=4)
     hits = s.search_text("...", exact=True)       # brute force over the shards (no index needed)
+    hits = s.search_text("...", min_score=0.3, order_by="file_mtime_ns DESC", facets=["folder"])  # shaped:
+    hits.facets                                   # see vlsearch.query.shaping
     s = Searcher.open("my-collection", options=SearcherOptions(device="cuda", exact_cache_mb=0))
     with Searcher.open("my-collection", follow=True) as s:   # moves to each version a sync commits
         ...

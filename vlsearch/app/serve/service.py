@@ -22,6 +22,7 @@ from vlsearch.core.cache import ByteLRU
 from vlsearch.query.embedding import TextQuery
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
+from vlsearch.query.shaping import Shape, shaped_search
 
 from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.images import ItemImages
@@ -164,6 +165,8 @@ class ServedCollection:
                       **opts.shaping())
         if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
             hits = s.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
+        elif exclude is not None and Shape.of(**opts.shaping()) is not None:  # the item never enters the list
+            hits, exclude = _shaped_without(s, embedded_query, exclude, opts, wanted - 1), None
         else:
             hits = s.search_vector(embedded_query, **params)
         facets, relevant = getattr(hits, "facets", None), getattr(hits, "relevant", None)
@@ -188,6 +191,23 @@ class ServedCollection:
     @staticmethod
     def _filter(where: str | None) -> dict[str, Any]:
         return {"where": where} if where is not None and where.strip() else {}
+
+
+def _shaped_without(s: Searcher, vector: np.ndarray, item: int, opts: SearchOptions, k: int) -> list[Hit]:
+    """A shaped "more like this": the candidate lists are fetched one deeper and the item itself
+    taken out before anything is cut, grouped, ordered or counted (else its own score, 1.0, is the
+    list's first jump and ``autocut`` would keep nothing else)."""
+    where = ServedCollection._filter(opts.where).get("where")
+
+    def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
+        scores, ids = s.knn(vector, depth + 1, opts.nprobe, opts.exact, opts.k_factor, where)
+        keep = ids[0] != item
+        out_scores, out_ids = np.zeros((1, depth), np.float32), np.full((1, depth), -1, np.int64)
+        kept_scores, kept_ids = scores[0][keep][:depth], ids[0][keep][:depth]
+        out_scores[0, :len(kept_ids)], out_ids[0, :len(kept_ids)] = kept_scores, kept_ids
+        return out_scores, out_ids, None
+
+    return shaped_search(fetch, s.hits, lambda: s.filter_engine, k, Shape.of(**opts.shaping()))[0]
 
 
 def collection_name(spec: CollectionSpec) -> str:
