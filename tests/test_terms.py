@@ -423,3 +423,14 @@ def test_client_search_terms_and_more_like_match_the_searcher(served, searcher, 
             client.more_like([999999])
         with pytest.raises(InvalidQueryError, match="Item"):
             client.search_terms([5])
+
+
+def test_terms_and_examples_take_the_shaping_options_with_examples_out_before_the_cut(searcher, stored):
+    item = next(iter(stored))
+    plain = searcher.more_like([item], k=5, exact=True)
+    cut = searcher.more_like([item], k=5, exact=True, autocut=1)
+    # the example's own score (1.0) never counts as the list's first jump: the cut keeps hits
+    assert item not in _ids(cut) and len(cut) >= 1 and _ids(cut) == _ids(plain)[:len(cut)]
+    floor = plain[2].score
+    shaped = searcher.search([("a photo", 1.0), (Item(item), 1.0)], k=5, exact=True, min_score=floor)
+    assert item not in _ids(shaped) and all(h.score >= floor for h in shaped)

@@ -10,6 +10,8 @@
     more = c.more_like_this(hits[0].id, k=10)
     hits = c.search_terms([("a golden retriever", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)])
     recs = c.more_like([12, 40], negative_ids=[7], k=10)
+    hits = c.search_text("sunset", k=10, min_score=0.2, order_by="file_mtime_ns DESC", facets=["folder"])
+    hits.facets                                                 # ShapedHits, as Searcher gives
 
 Errors come back as the server's vlsearch exception types (InvalidQueryError, ItemNotFoundError,
 IndexNotBuiltError...), or RemoteError when there is no more specific one. Needs ``httpx``
@@ -30,6 +32,7 @@ from vlsearch.core import errors as E
 from vlsearch.core.inputs import ImageInput
 from vlsearch.query.results import Hit, Hits, Results
 from vlsearch.query.terms import NEGATIVE_WEIGHT, Item, Query, TermLike, check_examples
+from vlsearch.query.shaping import ShapedHits
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -68,7 +71,10 @@ class Client:
     # ---- searches (Searcher's signatures) --------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None, exact: bool = False,
                     k_factor: float | None = None, **options: Any) -> Hits | Results:
-        """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``."""
+        """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
+        ``options``: the request's other fields (``where``, ``rerank``, ``offset``, and the shaping ones:
+        ``min_score``, ``autocut``, ``group_by``, ``per_group``, ``order_by``, ``depth``, ``facets``,
+        which make the hits a :class:`~vlsearch.query.shaping.ShapedHits` with ``.facets``)."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         return self._many([{"text": t} for t in texts], single, k, nprobe, exact, k_factor, options)
@@ -79,7 +85,8 @@ class Client:
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         params = _params(k, nprobe, exact, k_factor, options)
-        form = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in params.items()}
+        form = {key: [str(v) for v in value] if isinstance(value, (list, tuple)) else
+                str(value).lower() if isinstance(value, bool) else str(value) for key, value in params.items()}
         results = Results()
         for img in images:
             files = {"file": ("query", _image_bytes(img), "application/octet-stream")}
@@ -173,8 +180,12 @@ def _params(k: int, nprobe: int | None, exact: bool, k_factor: float | None, opt
 
 
 def _hits(body: dict[str, Any]) -> Hits:
-    return Hits(Hit(id=int(h["id"]), score=float(h["score"]), rank=int(h["rank"]), path=h["path"],
-                    caption=h["caption"], metadata=h["metadata"]) for h in body["hits"])
+    hits = [Hit(id=int(h["id"]), score=float(h["score"]), rank=int(h["rank"]), path=h["path"],
+                caption=h["caption"], metadata=h["metadata"]) for h in body["hits"]]
+    if body.get("relevant") is None and body.get("facets") is None:
+        return Hits(hits)
+    facets = {column: {v["value"]: int(v["count"]) for v in values} for column, values in (body.get("facets") or {}).items()}
+    return ShapedHits(hits, facets=facets, relevant=body.get("relevant"))
 
 
 def _term_json(value: Any) -> dict[str, Any]:

@@ -206,6 +206,24 @@ class QueryOptions:
         [], "--like", min=0, metavar="ID", help="Recommend items like this stored item (repeatable; no query).")})
     unlike: list[int] = dataclasses.field(default=(), metadata={"option": typer.Option(
         [], "--unlike", min=0, metavar="ID", help="With --like: and unlike this stored item (repeatable).")})
+    min_score: Optional[float] = _option(None, "--min-score", help="Keep only hits scoring at least this (cosine; "
+                                         "its scale depends on the model and on text vs image queries).")
+    autocut: Optional[int] = _option(None, "--autocut", min=1, help="Cut the list before its N-th score jump.")
+    group_by: Optional[str] = _option(None, "--group-by", help="At most --per-group hits per value of this metadata "
+                                      "column (or folder).")
+    per_group: Optional[int] = _option(None, "--per-group", min=1, help="Hits kept per group (default 1).")
+    order_by: Optional[str] = _option(None, "--order-by", help="\"column [ASC|DESC]\": sort the relevant set (hits "
+                                      "passing --min-score/--autocut, else the top --depth).")
+    depth: Optional[int] = _option(None, "--depth", min=1, help="Candidates the list is shaped from (default: k, or "
+                                   "max(k, 100) with --group-by/--order-by/--facet).")
+    facets: Optional[list[str]] = _option(None, "--facet", help="Count this column's values among the relevant set "
+                                          "(repeat for several).")
+
+    def shaping(self) -> dict[str, Any]:
+        """The shaping options given (see vlsearch.query.shaping)."""
+        given = dict(min_score=self.min_score, autocut=self.autocut, group_by=self.group_by, per_group=self.per_group,
+                     order_by=self.order_by, depth=self.depth, facets=list(self.facets) if self.facets else None)
+        return {key: value for key, value in given.items() if value is not None}
 
     def run(self, collection_dir: str, query: Optional[str | list[str]]) -> list[Any]:
         """The hits of the query (a text, or weighted terms: see :func:`parse_cli_terms`), of
@@ -223,7 +241,8 @@ class QueryOptions:
             raise typer.BadParameter("--rerank re-scores single text queries only", param_hint="--rerank")
         searcher = Searcher.open(collection_dir, mmap=self.mmap, device=self.device, precision=self.precision,
                                  reranker=self.reranker, rerank_features=self.rerank_features)
-        options = dict(k=self.k, nprobe=self.nprobe, exact=self.exact, k_factor=self.k_factor, where=self.where)
+        options = dict(k=self.k, nprobe=self.nprobe, exact=self.exact, k_factor=self.k_factor, where=self.where,
+                       **self.shaping())
         if self.image:
             return searcher.search_image(self.image, **options)
         if self.like:

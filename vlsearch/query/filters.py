@@ -259,6 +259,7 @@ class FilterEngine:
 
     def __init__(self, table: pa.Table, threads: int | None = None):
         self.columns = tuple(table.column_names)
+        self.schema = table.schema
         self.num_rows = table.num_rows
         self.nbytes = table.nbytes
         limit = max(1 << 30, 4 * table.nbytes)
@@ -301,6 +302,18 @@ class FilterEngine:
             ids = np.unique(ids)
         ids.flags.writeable = False
         return ids
+
+    def select(self, sql: str, **tables: pa.Table) -> pa.Table:
+        """Run a SELECT that vlsearch wrote (never a user's text: see :mod:`vlsearch.query.shaping`)
+        over the table, with ``tables`` (Arrow) visible under their names for this one query."""
+        with self._lock:
+            for name, table in tables.items():
+                self._con.register(name, table)
+            try:
+                return self._con.sql(sql).to_arrow_table()
+            finally:
+                for name in tables:
+                    self._con.unregister(name)
 
     def close(self) -> None:
         self._con.close()

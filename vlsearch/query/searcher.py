@@ -10,6 +10,8 @@
     hits = s.search_text("...", exact=True)       # brute force over the shards (no index needed)
     hits = s.search([("a golden retriever", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)])
     hits = s.more_like([12, 40], negative_ids=[7])  # recommend from stored examples
+    hits = s.search_text("...", min_score=0.3, order_by="file_mtime_ns DESC", facets=["folder"])  # shaped:
+    hits.facets                                   # see vlsearch.query.shaping
     s = Searcher.open("my-collection", options=SearcherOptions(device="cuda", exact_cache_mb=0))
     with Searcher.open("my-collection", follow=True) as s:   # moves to each version a sync commits
         ...
@@ -57,6 +59,8 @@ from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
 from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
+from vlsearch.query.shaped import shaped_text_search, shaped_vector_search
+from vlsearch.query.shaping import Shape
 from vlsearch.query.term_search import item_vectors, term_vectors, without
 from vlsearch.query.terms import NEGATIVE_WEIGHT, Item, Query, TermLike, check_examples, combine, feedback_vector
 from vlsearch.query.version import SearcherVersion, SharedParts, Stamp, manifest_stamp
@@ -273,16 +277,25 @@ class Searcher:
     # ---- searches ----------------------------------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None,
                     exact: bool = False, k_factor: float | None = None, where: str | None = None,
-                    rerank: int = 0) -> Hits | Results:
+                    rerank: int = 0,
+                    *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                    per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                    facets: Sequence[str] | None = None) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
         ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.query.filters`).
         ``rerank=K`` (K >= k; 0 = off): re-score the first stage's top K with the cross-attention
         re-ranker and return its best k; ``Hit.score`` is then the re-rank score and
-        ``Hit.first_stage_score`` the cosine."""
+        ``Hit.first_stage_score`` the cosine.
+
+        ``min_score``, ``autocut``, ``group_by``/``per_group``, ``order_by``, ``depth``, ``facets``:
+        shape the list (:mod:`vlsearch.query.shaping`); each query's hits are then a
+        :class:`~vlsearch.query.shaping.ShapedHits` (with ``.facets``)."""
         single = isinstance(text, str)
         texts = check_texts([text] if single else text)
         query = self.text_query(texts, tokens=bool(check_rerank_k(rerank, check_k(k))))
-        results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank)
+        results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank, min_score=min_score,
+                                         autocut=autocut, group_by=group_by, per_group=per_group,
+                                         order_by=order_by, depth=depth, facets=facets)
         return results[0] if single else results
 
     def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
@@ -291,41 +304,59 @@ class Searcher:
         return self.embedder.text_query(texts, tokens)
 
     def search_text_query(self, query: TextQuery, k: int = 10, nprobe: int | None = None, exact: bool = False,
-                          k_factor: float | None = None, where: str | None = None, rerank: int = 0) -> Results:
+                          k_factor: float | None = None, where: str | None = None, rerank: int = 0,
+                          *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                          per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                          facets: Sequence[str] | None = None) -> Results:
         """:meth:`search_text` of texts already embedded by :meth:`text_query` (one list per text)."""
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        if shape is not None:
+            return shaped_text_search(self._current, query, k, nprobe, exact, k_factor, where, rerank, shape)
         return self._current.search_text(query, k, nprobe, exact, k_factor, where, rerank)
 
     def search_image(self, image: ImageInput | Sequence[ImageInput], k: int = 10, nprobe: int | None = None,
-                     exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
-        """Search by example image (path, PIL image or encoded bytes, or a list of them)."""
+                     exact: bool = False, k_factor: float | None = None, where: str | None = None,
+                     *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                     per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                     facets: Sequence[str] | None = None) -> Hits | Results:
+        """Search by example image (path, PIL image or encoded bytes, or a list of them); shaping
+        arguments as in :meth:`search_text`."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise InvalidQueryError("no query image given (empty list)")
-        results = self._current.search(self.embed_images(images), k, nprobe, exact, k_factor, where)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        results = self._search(self._current, self.embed_images(images), k, nprobe, exact, k_factor, where, shape)
         return results[0] if single else results
 
     def search_vector(self, vector: np.ndarray, k: int = 10, nprobe: int | None = None,
-                      exact: bool = False, k_factor: float | None = None, where: str | None = None) -> Hits | Results:
-        """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``."""
+                      exact: bool = False, k_factor: float | None = None, where: str | None = None,
+                      *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
+                      per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
+                      facets: Sequence[str] | None = None, exclude: Sequence[int] = ()) -> Hits | Results:
+        """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``;
+        shaping arguments as in :meth:`search_text`; ``exclude``: ids left out of the hits (taken out
+        of the candidates before any shaping, so e.g. an item's own 1.0 never decides ``autocut``)."""
         arr = np.asarray(vector)
-        results = self._current.search(arr, k, nprobe, exact, k_factor, where)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        results = self._search(self._current, arr, k, nprobe, exact, k_factor, where, shape, exclude)
         return results[0] if arr.ndim == 1 else results
 
     # ---- weighted terms and examples (see vlsearch.query.terms) ---------------------------------
     def search(self, query: Query | TermLike | Sequence[TermLike], k: int = 10, nprobe: int | None = None,
                exact: bool = False, k_factor: float | None = None, where: str | None = None,
-               exclude_items: bool = True) -> Hits:
+               exclude_items: bool = True, **shaping: Any) -> Hits:
         """Search by a weighted list of terms: texts, images (Path, bytes, PIL) and stored items
         (``Item(id)``), e.g. ``[("a golden retriever", 2.0), (Path("pool.jpg"), 1.0), ("fruit", -1.0)]``.
         The query vector is the normalised weighted sum of the normalised term embeddings (see
         :mod:`vlsearch.query.terms`); ZeroQueryError when the terms cancel out.
-        ``exclude_items``: leave the items named by terms out of the hits."""
+        ``exclude_items``: leave the items named by terms out of the hits. ``shaping``: as in
+        :meth:`search_text` (``min_score``, ``autocut``, ``group_by``...)."""
         query = Query.of(query)
         current = self._current
         vector = self._query_vector(current, query)
         exclude = query.items if exclude_items else []
-        return self._search_without(current, vector, k, exclude, nprobe, exact, k_factor, where)
+        return self._search(current, vector[None], k, nprobe, exact, k_factor, where, Shape.of(**shaping), exclude)[0]
 
     def query_vector(self, query: Query | TermLike | Sequence[TermLike]) -> np.ndarray:
         """The unit query vector ``(d,)`` that :meth:`search` searches with."""
@@ -337,16 +368,16 @@ class Searcher:
     def more_like(self, positive_ids: Sequence[int], negative_ids: Sequence[int] = (), k: int = 10,
                   negative_weight: float = NEGATIVE_WEIGHT, exclude_examples: bool = True,
                   nprobe: int | None = None, exact: bool = False, k_factor: float | None = None,
-                  where: str | None = None) -> Hits:
+                  where: str | None = None, **shaping: Any) -> Hits:
         """Items like the positive examples and unlike the negative ones (stored item ids):
         ``normalise(mean(positives) - negative_weight * mean(negatives))`` of their unit vectors,
         Rocchio-like (see :mod:`vlsearch.query.terms`). ``exclude_examples``: leave every example
-        out of the hits."""
+        out of the hits. ``shaping``: as in :meth:`search_text`."""
         pos, neg = check_examples(positive_ids, negative_ids)
         current = self._current
         vector = self._more_like_vector(current, pos, neg, negative_weight)
         exclude = pos + neg if exclude_examples else []
-        return self._search_without(current, vector, k, exclude, nprobe, exact, k_factor, where)
+        return self._search(current, vector[None], k, nprobe, exact, k_factor, where, Shape.of(**shaping), exclude)[0]
 
     def more_like_vector(self, positive_ids: Sequence[int], negative_ids: Sequence[int] = (),
                          negative_weight: float = NEGATIVE_WEIGHT) -> np.ndarray:
@@ -358,13 +389,6 @@ class Searcher:
         vectors = item_vectors(current.row_locator, pos + neg, self.dim)
         return feedback_vector(vectors[: len(pos)], vectors[len(pos):], negative_weight)
 
-    def _search_without(self, current: SearcherVersion, vector: np.ndarray, k: int, exclude: Sequence[int],
-                        nprobe: int | None, exact: bool, k_factor: float | None, where: str | None) -> Hits:
-        """The top ``k`` of ``vector`` on version ``current``, leaving the ids ``exclude`` out."""
-        exclude = set(exclude)
-        hits = current.search(vector[None], check_k(k) + len(exclude), nprobe, exact, k_factor, where)[0]
-        return without(hits, exclude, k)
-
     def item_vector(self, item_id: int) -> np.ndarray:
         """A stored item's embedding ``(d,)`` float32; ItemNotFoundError if no live row has the id."""
         return self.item_vectors([item_id])[0]
@@ -372,6 +396,16 @@ class Searcher:
     def item_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
         """Stored items' embeddings ``(len(item_ids), d)`` float32, in the order given."""
         return item_vectors(self._current.row_locator, [Item(i).id for i in item_ids], self.dim)
+    def _search(self, current: SearcherVersion, queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
+                k_factor: float | None, where: str | None, shape: Shape | None, exclude: Sequence[int] = ()) -> Results:
+        """Hits of query vectors on version ``current``, shaped by ``shape``, the ids ``exclude`` left out."""
+        if shape is not None:
+            return shaped_vector_search(current, queries, k, nprobe, exact, k_factor, where, shape, exclude)
+        if not exclude:
+            return current.search(queries, k, nprobe, exact, k_factor, where)
+        skip = set(exclude)
+        results = current.search(queries, check_k(k) + len(skip), nprobe, exact, k_factor, where)
+        return Results(without(hits, skip, k) for hits in results)
 
     # ---- the steps (each on the version read when it is called: use a snapshot() to chain them)
     def knn(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, exact: bool = False,

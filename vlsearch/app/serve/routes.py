@@ -113,14 +113,24 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
     start = time.perf_counter()
     coll = _collection(request, name)
     opts = SearchOptions(k=params.k, offset=params.offset, nprobe=params.nprobe, k_factor=params.k_factor,
-                         exact=params.exact, where=params.where, rerank=params.rerank)
+                         exact=params.exact, where=params.where, rerank=params.rerank, min_score=params.min_score,
+                         autocut=params.autocut, group_by=params.group_by, per_group=params.per_group,
+                         order_by=params.order_by, depth=params.depth,
+                         facets=None if params.facets is None else tuple(params.facets))
     if kind == "image":
         value = _decode_upload(value, request)
     out = coll.search(kind, value, opts)
     last = len(out.hits) < params.k or params.offset + 2 * params.k > MAX_RESULTS
     return {"collection": name, "query": kind, "k": params.k, "offset": params.offset, "exact": params.exact,
             "hits": [_hit(h) for h in out.hits], "next_offset": None if last else params.offset + params.k,
-            "took_ms": (time.perf_counter() - start) * 1e3, "embed_ms": out.embed_ms, "search_ms": out.search_ms}
+            "took_ms": (time.perf_counter() - start) * 1e3, "embed_ms": out.embed_ms, "search_ms": out.search_ms,
+            "facets": None if out.facets is None else _facets(out.facets), "relevant": out.relevant}
+
+
+def _facets(facets: dict[str, dict[Any, int]]) -> dict[str, list[dict[str, Any]]]:
+    """Facet counts as JSON lists (values may be null, numbers or strings; order kept)."""
+    return {column: [{"value": _json_value(value), "count": count} for value, count in counts.items()]
+            for column, counts in facets.items()}
 
 
 @public.get("/health", response_model=Health, tags=["service"])
@@ -191,10 +201,16 @@ def search_upload(
     k: int = Form(10, ge=1, le=MAX_RESULTS), offset: int = Form(0, ge=0, le=MAX_RESULTS),
     nprobe: Optional[int] = Form(None, ge=1, le=1 << 20), k_factor: Optional[float] = Form(None, ge=1, le=1000),
     exact: bool = Form(False), where: Optional[str] = Form(None, max_length=2000),
+    min_score: Optional[float] = Form(None), autocut: Optional[int] = Form(None, ge=1, le=100),
+    group_by: Optional[str] = Form(None, max_length=256), per_group: Optional[int] = Form(None, ge=1, le=MAX_RESULTS),
+    order_by: Optional[str] = Form(None, max_length=300), depth: Optional[int] = Form(None, ge=1),
+    facets: Optional[list[str]] = Form(None, description="Repeat the field once per column."),
 ) -> dict[str, Any]:
     """Search by an uploaded image (multipart/form-data)."""
     try:
-        params = SearchParams(k=k, offset=offset, nprobe=nprobe, k_factor=k_factor, exact=exact, where=where or None)
+        params = SearchParams(k=k, offset=offset, nprobe=nprobe, k_factor=k_factor, exact=exact, where=where or None,
+                              min_score=min_score, autocut=autocut, group_by=group_by or None, per_group=per_group,
+                              order_by=order_by or None, depth=depth, facets=facets or None)
     except ValueError as exc:
         raise InvalidQueryError(str(exc)) from None
     limit = request.app.state.config.max_upload_bytes

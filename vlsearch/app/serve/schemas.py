@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
+from vlsearch.query.shaping import FACET_LIMIT, MAX_DEPTH
 from vlsearch.rerank.model import MAX_RERANK
 
 from vlsearch.app.serve.config import MAX_RESULTS
@@ -51,6 +52,20 @@ class SearchParams(BaseModel):
                                  description="Metadata filter (only on collections that support filters).")
     rerank: StrictInt = Field(0, ge=0, le=MAX_RERANK, description="Text queries: re-score the top K (>= k + offset) "
                               "with the cross-attention re-ranker (0 = off).")
+    # shaping the list (vlsearch.query.shaping)
+    min_score: Optional[Union[StrictFloat, StrictInt]] = Field(None, description="Keep only hits scoring at least "
+                                                               "this (cosine; its scale depends on model and query kind).")
+    autocut: Optional[StrictInt] = Field(None, ge=1, le=100, description="Cut the list before its N-th score jump "
+                                         "(Weaviate's autocut).")
+    group_by: Optional[str] = Field(None, min_length=1, max_length=256, description="A metadata column (or `folder`): "
+                                    "at most `per_group` hits per value.")
+    per_group: Optional[StrictInt] = Field(None, ge=1, le=MAX_RESULTS, description="Hits kept per group (default 1).")
+    order_by: Optional[str] = Field(None, min_length=1, max_length=300, description="`column [ASC|DESC]`: sort the "
+                                    "relevant set (hits passing min_score/autocut, else the top `depth`).")
+    depth: Optional[StrictInt] = Field(None, ge=1, le=MAX_DEPTH, description="Candidates the list is shaped from "
+                                       "(default: k, or max(k, 100) with group_by/order_by/facets).")
+    facets: Optional[list[str]] = Field(None, max_length=16, description="Columns whose values are counted among the "
+                                        "relevant set.")
 
     @model_validator(mode="after")
     def _bounded(self) -> "SearchParams":
@@ -167,6 +182,11 @@ class HitModel(BaseModel):
                                                "(score is then the re-rank score).")
 
 
+class FacetValue(BaseModel):
+    value: Any
+    count: int
+
+
 class SearchResponse(BaseModel):
     collection: str
     query: QueryKind
@@ -178,6 +198,10 @@ class SearchResponse(BaseModel):
     took_ms: float = Field(description="Server time for the whole request.")
     embed_ms: float = Field(description="Time to turn the query into a vector.")
     search_ms: float = Field(description="Time of the index (or exact) search and the metadata lookup.")
+    facets: Optional[dict[str, list[FacetValue]]] = Field(
+        None, description=f"With `facets`: each column's values among the relevant set, most frequent first (at most "
+        f"{FACET_LIMIT}).")
+    relevant: Optional[int] = Field(None, description="With shaping: how many candidates passed min_score/autocut.")
 
 
 class ModelModel(BaseModel):

@@ -20,7 +20,6 @@ from vlsearch.core.cache import ByteLRU
 from vlsearch.query.embedding import TextQuery
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
-from vlsearch.query.term_search import without
 from vlsearch.query.terms import NEGATIVE_WEIGHT
 
 from vlsearch.app.serve.config import ServeConfig
@@ -42,6 +41,21 @@ class SearchOptions:
     exact: bool = False
     where: str | None = None
     rerank: int = 0  #: text queries: re-score the top ``rerank`` (see Searcher.search_text)
+    #: shaping the list (see :mod:`vlsearch.query.shaping`)
+    min_score: float | None = None
+    autocut: int | None = None
+    group_by: str | None = None
+    per_group: int | None = None
+    order_by: str | None = None
+    depth: int | None = None
+    facets: tuple[str, ...] | None = None
+
+    def shaping(self) -> dict[str, Any]:
+        """The shaping arguments given (none: an empty dict, so the plain search runs)."""
+        given = dict(min_score=self.min_score, autocut=self.autocut, group_by=self.group_by,
+                     per_group=self.per_group, order_by=self.order_by, depth=self.depth,
+                     facets=None if self.facets is None else list(self.facets))
+        return {key: value for key, value in given.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class SearchOutcome:
     hits: list[Hit]
     embed_ms: float
     search_ms: float
+    facets: dict[str, dict[Any, int]] | None = None  #: with ``facets``: counts among the relevant set
+    relevant: int | None = None  #: with shaping: the relevant set's size
 
 
 class ModelPool:
@@ -147,17 +163,16 @@ class ServedCollection:
         embedded_query, exclude = self._embed(s, query, value, tokens=bool(opts.rerank))
         embedded = time.perf_counter()
         wanted = opts.k + opts.offset
-        params = dict(k=wanted + len(exclude), nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor,
-                      **self._filter(opts.where))
+        params = dict(k=wanted, nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor, **self._filter(opts.where),
+                      **opts.shaping())
         if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
             hits = s.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
-        else:
-            hits = s.search_vector(embedded_query, **params)
-        if exclude:  # "more like this" leaves out the item itself, terms and more_like their example items
-            hits = without(hits, exclude, wanted)
+        else:  # "more like this" leaves out the item itself, terms and more_like their example items
+            hits = s.search_vector(embedded_query, exclude=exclude, **params)
+        facets, relevant = getattr(hits, "facets", None), getattr(hits, "relevant", None)
         done = time.perf_counter()
         return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
-                             (done - embedded) * 1e3)
+                             (done - embedded) * 1e3, facets=facets if opts.facets else None, relevant=relevant)
 
     def _embed(self, s: Searcher, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, list[int]]:
         """The query embedded (a TextQuery for text, with token states when re-ranked; else a

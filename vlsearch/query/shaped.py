@@ -1,0 +1,68 @@
+"""Shaped searches over one collection version: the candidate lists of
+:func:`vlsearch.query.shaping.shaped_search` from a :class:`~vlsearch.query.version.SearcherVersion`'s
+k-NN plan (and re-ranker), its hits from the version's hit builder. Apart from
+:mod:`vlsearch.query.shaping`, which the Client imports and which must stay light."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vlsearch.core.errors import InvalidQueryError
+from vlsearch.query.plan import check_k
+from vlsearch.query.results import Results
+from vlsearch.query.shaping import Shape, shaped_search
+from vlsearch.rerank.model import check_rerank_k
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vlsearch.query.embedding import TextQuery
+    from vlsearch.query.version import SearcherVersion
+
+
+def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
+                         k_factor: float | None, where: str | None, shape: Shape,
+                         exclude: Collection[int] = ()) -> Results:
+    """:func:`shaped_search` of query vectors over one collection version (its k-NN plan and hits);
+    the ids ``exclude`` are taken out of the candidates before anything is cut, grouped, ordered or
+    counted (an example item's own score, 1.0, would otherwise be the list's first jump)."""
+    k = check_k(k)
+    plan = version.plan
+    skip = np.fromiter(set(exclude), np.int64)
+
+    def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
+        scores, ids = plan.knn(queries, depth + len(skip), nprobe, exact, k_factor, where)
+        return (*_without(scores, ids, skip, depth), None)
+
+    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+
+
+def _without(scores: np.ndarray, ids: np.ndarray, skip: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first ``depth`` candidates whose id is not in ``skip`` (-1 padded)."""
+    if not len(skip):
+        return scores, ids
+    out_scores, out_ids = np.zeros((len(ids), depth), np.float32), np.full((len(ids), depth), -1, np.int64)
+    for q in range(len(ids)):
+        keep = ~np.isin(ids[q], skip)
+        kept_scores, kept_ids = scores[q][keep][:depth], ids[q][keep][:depth]
+        out_scores[q, :len(kept_ids)], out_ids[q, :len(kept_ids)] = kept_scores, kept_ids
+    return out_scores, out_ids
+
+
+def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, nprobe: int | None, exact: bool,
+                       k_factor: float | None, where: str | None, rerank: int, shape: Shape) -> Results:
+    """:func:`shaped_search` of embedded texts; with ``rerank=K`` the candidate list of depth ``D``
+    is the re-ranker's best ``D`` of the first stage's top ``max(K, D)`` (scores: the re-ranker's)."""
+    rerank = check_rerank_k(rerank, check_k(k))
+    if not rerank:
+        return shaped_vector_search(version, query.vectors, k, nprobe, exact, k_factor, where, shape)
+    if query.tokens is None:
+        raise InvalidQueryError("rerank needs the texts' token states: embed them with text_query(tokens=True)")
+    plan = version.plan
+
+    def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, ids = plan.knn(query.vectors, max(rerank, depth), nprobe, exact, k_factor, where)
+        return version.reranking.rerank(query.texts, scores, ids, depth, tokens=query.tokens)
+
+    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
