@@ -5,15 +5,23 @@ VLSEARCH_REQUIRE_BROWSER=1 (CI installs chromium and sets it: see .ci/run)."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv as pcsv
 import pytest
 from PIL import Image
 from prerequisites import chromium_path
 from serve_support import make_collections
 
+from indexing.build import build_index
+from indexing.embed import EmbedConfig, embed
 from vlsearch.app.serve import ServeConfig, background_server, create_app
+from vlsearch.data.shapes import ShapesConfig, generate_shapes
+from vlsearch.query.filters import FilterEngine
 from vlsearch.store.collection import Collection
 from vlsearch.query.searcher import Searcher
 from vlsearch.query.terms import Item
@@ -213,3 +221,98 @@ def test_with_a_token_the_page_asks_for_it_and_then_shows_images(setup, browser,
         assert _result_ids(page) == [h.id for h in searcher.search_text("a yellow triangle", k=4)]
         assert page.eval_on_selector("#results img", "i => i.src").startswith("blob:")
         page.close()
+
+
+@pytest.fixture(scope="module")
+def steering(tmp_path_factory, tiny_encoder):
+    """A manifest collection of shapes in one folder per shape kind, with a ``color`` column and one
+    file whose name holds a word no caption has (``quokka``): a keyword-only match."""
+    root = tmp_path_factory.mktemp("steer")
+    split = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=24, image_format="jpg")).split_dir("heldout")
+    with open(split / "attributes.csv", newline="") as f:
+        attributes = {row["image"]: row for row in csv.DictReader(f)}
+    captions: dict[str, str] = {}
+    with open(split / "captions.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            captions.setdefault(row["image"], row["caption"])
+    rows = []
+    for i, (image, attrs) in enumerate(sorted(attributes.items())):
+        name = f"{attrs['shape']}/{'quokka' if i == 5 else Path(image).stem}.jpg"
+        (root / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(split / image, root / "src" / name)
+        rows.append((name, captions[image], attrs["color"]))
+    pcsv.write_csv(pa.table({"image": [r[0] for r in rows], "caption": [r[1] for r in rows],
+                             "color": [r[2] for r in rows]}), root / "src" / "captions.csv")
+    config = EmbedConfig(model=tiny_encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
+    coll = embed(root / "src" / "captions.csv", root / "coll", config, encoder=tiny_encoder).path
+    build_index(coll, index_type="Flat")
+    app = create_app({"steer": str(coll)}, ServeConfig(log_level="warning"))
+    with background_server(app) as url:
+        yield url, Searcher.open(coll, encoder=tiny_encoder), rows[5][0]
+
+
+def _open(browser, url: str, problems: list[str], k: int = 6):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#collection option[value=steer]", state="attached")
+    page.fill("#k", str(k))
+    return page
+
+
+def test_a_facet_click_filters_the_hits_to_its_value_and_the_filter_chip_removes_it(steering, browser):
+    url, searcher, _ = steering
+    problems: list[str] = []
+    page = _open(browser, url, problems, k=8)
+    text = "a small shape"
+    _search(page, text)
+    page.wait_for_selector("#facets:not([hidden]) .facet[data-column=color] button", timeout=10_000)
+    facets = searcher.search_text(text, k=8, facets=["color", "folder"]).facets
+    color, count = next(iter(facets["color"].items()))  # the most frequent colour among the matches
+    button = page.locator(f".facet[data-column=color] button[data-value='{color}']")
+    assert button.text_content() == f"{color} ({count})"
+    before = _result_ids(page)
+    button.click()
+    _wait_new_results(page, before)
+    expected = searcher.search_text(text, k=8, where=f"color = '{color}'")
+    assert _result_ids(page) == [h.id for h in expected] and len(expected) == min(8, count)
+    assert all(color in c for c in page.eval_on_selector_all("#results .caption", "els => els.map(e => e.textContent)"))
+    chip = page.locator("#filters .chip[data-column=color]")
+    assert chip.is_visible() and f"color: {color}" in chip.text_content()
+    assert page.locator(".facet[data-column=color]").count() == 0  # the filtered column is not offered again
+
+    # a folder facet (the directory part of the path) narrows too, on top of the colour
+    folder_button = page.locator(".facet[data-column=folder] button").first
+    folder = folder_button.get_attribute("data-value")
+    before = _result_ids(page)
+    folder_button.click()
+    _wait_new_results(page, before)
+    assert {p.split("/")[0] for p in page.eval_on_selector_all("#results .path", "els => els.map(e => e.textContent)")} \
+        == {folder}
+
+    page.click("#filters .chip[data-column=color] button.remove")
+    page.click("#filters .chip[data-column=folder] button.remove")
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=[str(h.id) for h in searcher.search_text(text, k=8)],
+                           timeout=10_000)
+    assert page.is_hidden("#filters") and not problems, problems
+
+    # autocut: the list ends at the first drop in score (here a shorter list)
+    page.check("#autocut")
+    cut = [str(h.id) for h in searcher.search_text(text, k=8, autocut=1)]
+    assert 0 < len(cut) < 8
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=cut, timeout=10_000)
+    page.uncheck("#autocut")
+
+    # the conditions a click builds take names and values as data: quotes and GLOB characters too
+    tricky = ["it's", 'say "hi"', "a*b?[c]\\d", "x/y", ""]
+    table = pa.table({"id": list(range(len(tricky))), "path": [f"{v}/p.jpg" if v else "p.jpg" for v in tricky],
+                      "color": tricky})
+    engine = FilterEngine(table)
+    for i, value in enumerate(tricky):
+        for column in ("color", "folder"):
+            where = page.evaluate("([c, v]) => condition(c, v)", [column, value])
+            assert engine.matching_ids(engine.compile(where)).tolist() == [i], (column, value, where)
+    assert page.evaluate("condition('odd\"name', 3)") == '"odd""name" = 3'
+    page.close()

@@ -231,6 +231,9 @@ class CollectionInfo(ServedVersion):
     index: Optional[IndexModel]
     source: Optional[str] = Field(description="folder, manifest or webdataset (null: images are not served).")
     filters: bool = Field(description="Whether `where` filters are supported.")
+    columns: list[str] = Field([], description="The columns a `where` filter may name.")
+    facets: list[str] = Field([], description="Columns worth counting as `facets` (the page's): the text metadata "
+                              "columns and `folder`, the directory part of `path`.")
 
 
 class ItemModel(BaseModel):

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlsearch.core.errors import InvalidQueryError, ItemNotFoundError, ServeConfigError
 from vlsearch.core.cache import ByteLRU
@@ -21,6 +23,7 @@ from vlsearch.query.embedding import TextQuery
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
 from vlsearch.query.terms import NEGATIVE_WEIGHT
+from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
 
 from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.images import ItemImages
@@ -77,6 +80,17 @@ class SearchOutcome:
     relevant: int | None = None  #: with shaping: the relevant set's size
 
 
+def columns_info(schema: pa.Schema) -> dict[str, list[str]]:
+    """An images shard schema's ``columns`` (what ``where`` may name) and ``facets``: the columns
+    the page counts, every text metadata column, then ``folder`` (the directory part of ``path``,
+    a pseudo-column of ``facets``) unless a column has that name."""
+    columns = [n for n in schema.names if n != "embedding"]
+    text = [f.name for f in schema if f.name not in (*IMAGE_COLUMNS, *FILE_COLUMNS)
+            and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+    folder = ["folder"] if "path" in columns and "folder" not in (c.lower() for c in columns) else []
+    return {"columns": columns, "facets": text + folder}
+
+
 class ModelPool:
     """Loads each (model name, pretrained) once and hands the same Encoder to every collection."""
 
@@ -120,6 +134,7 @@ class ServedCollection:
             "index": None if index is None else {k: index.get(k) for k in ("factory", "metric", "ntotal",
                                                                           "nprobe_default")},
             "source": m.source.get("type"), "filters": True, "version": s.version, "loaded_at": s.loaded_at,
+            **columns_info(pq.read_schema(s.row_locator.paths[0]) if s.row_locator.paths else pa.schema([])),
         }
 
     def served_version(self) -> dict[str, Any]:
@@ -264,5 +279,5 @@ def parse_specs(args: list[str]) -> dict[str, str]:
     return specs
 
 
-__all__ = ["Examples", "ModelPool", "SearchOptions", "ServedCollection", "close_collections", "open_collections",
-           "parse_specs"]
+__all__ = ["Examples", "ModelPool", "SearchOptions", "ServedCollection", "close_collections", "columns_info",
+           "open_collections", "parse_specs"]
