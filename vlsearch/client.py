@@ -64,7 +64,9 @@ class Client:
     # ---- searches (Searcher's signatures) --------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None, exact: bool = False,
                     k_factor: float | None = None, **options: Any) -> Hits | Results:
-        """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``."""
+        """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
+        ``options`` as the HTTP API takes them, e.g. ``where=``, ``rerank=``, ``mode="keyword"`` or
+        ``mode="hybrid"`` with ``alpha=`` (see :meth:`vlsearch.query.searcher.Searcher.search_text`)."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         return self._many([{"text": t} for t in texts], single, k, nprobe, exact, k_factor, options)

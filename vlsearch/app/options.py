@@ -202,6 +202,11 @@ class QueryOptions:
     reranker: Optional[str] = _option(None, "--reranker", help="Re-ranker file (default: the model's shipped one).")
     rerank_features: str = _option("auto", "--rerank-features", help="Candidate features: auto (stored where "
                                    "present, else recomputed from the image files), stored or recompute.")
+    mode: str = _option("vector", "--mode", help="Text queries: vector (embedding k-NN), keyword (BM25 over "
+                        "captions, path words and text metadata; phrases, field prefixes like path:beach) or "
+                        "hybrid (both, fused by Reciprocal Rank Fusion, k=60).")
+    alpha: Optional[float] = _option(None, "--alpha", min=0.0, max=1.0, help="--mode hybrid: weighted fusion "
+                                     "alpha*vector + (1-alpha)*keyword of normalised scores instead of RRF.")
 
     def run(self, collection_dir: str, query: Optional[str]) -> list[Any]:
         """The hits of ``query`` text or of ``--image`` (exactly one) in the collection."""
@@ -211,11 +216,15 @@ class QueryOptions:
             raise typer.BadParameter("give either a query text or --image PATH (exactly one)")
         if self.image and self.rerank:
             raise typer.BadParameter("--rerank re-scores text queries only", param_hint="--rerank")
+        if self.image and self.mode != "vector":
+            raise typer.BadParameter("--mode keyword/hybrid searches text queries only", param_hint="--mode")
         searcher = Searcher.open(collection_dir, mmap=self.mmap, device=self.device, precision=self.precision,
                                  reranker=self.reranker, rerank_features=self.rerank_features)
         options = dict(k=self.k, nprobe=self.nprobe, exact=self.exact, k_factor=self.k_factor, where=self.where)
         if self.image:
             return searcher.search_image(self.image, **options)
+        if self.mode != "vector" or self.alpha is not None:
+            return searcher.search_text(query, rerank=self.rerank, mode=self.mode, alpha=self.alpha, **options)
         return searcher.search_text(query, rerank=self.rerank, **options)
 
 

@@ -49,6 +49,7 @@ from vlsearch.core.errors import InvalidQueryError
 from vlsearch.core.inputs import ImageInput
 from vlsearch.query.embedding import QueryEmbedder, TextQuery, check_texts
 from vlsearch.query.filters import FilterEngine
+from vlsearch.query.hybrid import RRF_K, check_mode
 from vlsearch.query.follow import Follower, OnError, follow_interval
 from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
@@ -268,14 +269,26 @@ class Searcher:
     # ---- searches ----------------------------------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None,
                     exact: bool = False, k_factor: float | None = None, where: str | None = None,
-                    rerank: int = 0) -> Hits | Results:
+                    rerank: int = 0, *, mode: str = "vector", alpha: float | None = None,
+                    rrf_k: float = RRF_K) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
         ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.query.filters`).
         ``rerank=K`` (K >= k; 0 = off): re-score the first stage's top K with the cross-attention
         re-ranker and return its best k; ``Hit.score`` is then the re-rank score and
-        ``Hit.first_stage_score`` the cosine."""
+        ``Hit.first_stage_score`` the cosine.
+        ``mode``: ``"vector"`` (the default: embedding k-NN, score = cosine), ``"keyword"`` (BM25
+        over captions, path words and text metadata; the text is a query with phrases and field
+        prefixes like ``path:beach``) or ``"hybrid"`` (both, fused by Reciprocal Rank Fusion with
+        ``rrf_k``, or by ``alpha``-weighted normalised scores); see :mod:`vlsearch.query.hybrid`."""
         single = isinstance(text, str)
         texts = check_texts([text] if single else text)
+        if check_mode(mode, alpha, rrf_k) != "vector":
+            if rerank:
+                raise InvalidQueryError(f"rerank applies to mode='vector' only, not {mode!r}")
+            current = self._current
+            results = current.search_text_mode(texts, lambda: self.embed_texts(texts), k, mode, alpha, rrf_k,
+                                               nprobe, exact, k_factor, where)
+            return results[0] if single else results
         query = self.text_query(texts, tokens=bool(check_rerank_k(rerank, check_k(k))))
         results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank)
         return results[0] if single else results

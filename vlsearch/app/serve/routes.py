@@ -109,7 +109,8 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
     start = time.perf_counter()
     coll = _collection(request, name)
     opts = SearchOptions(k=params.k, offset=params.offset, nprobe=params.nprobe, k_factor=params.k_factor,
-                         exact=params.exact, where=params.where, rerank=params.rerank)
+                         exact=params.exact, where=params.where, rerank=params.rerank,
+                         mode=getattr(params, "mode", "vector"), alpha=getattr(params, "alpha", None))
     if kind == "image":
         value = _decode_upload(value, request)
     out = coll.search(kind, value, opts)

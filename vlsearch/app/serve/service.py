@@ -42,6 +42,8 @@ class SearchOptions:
     exact: bool = False
     where: str | None = None
     rerank: int = 0  #: text queries: re-score the top ``rerank`` (see Searcher.search_text)
+    mode: str = "vector"  #: text queries: vector, keyword or hybrid (see vlsearch.query.hybrid)
+    alpha: float | None = None  #: mode hybrid: weighted fusion instead of RRF
 
 
 @dataclass
@@ -140,6 +142,12 @@ class ServedCollection:
             raise InvalidQueryError("rerank re-scores text queries only")
         start = time.perf_counter()
         s = self.searcher.snapshot()
+        if opts.mode != "vector":  # keyword / hybrid: the Searcher embeds (hybrid) or not (keyword)
+            wanted = opts.k + opts.offset
+            hits = s.search_text(value, k=wanted, nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor,
+                                 rerank=opts.rerank, mode=opts.mode, alpha=opts.alpha, **self._filter(opts.where))
+            return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), 0.0,
+                                 (time.perf_counter() - start) * 1e3)
         embedded_query, exclude = self._embed(s, query, value, tokens=bool(opts.rerank))
         embedded = time.perf_counter()
         wanted = opts.k + opts.offset + (exclude is not None)
