@@ -245,3 +245,12 @@ def test_client_search_text_modes(coll, tiny_encoder):
         assert hits[0].path == "beach/kite.jpg" and len(hits) == 3
         with pytest.raises(ClientInvalid, match="bad keyword query"):
             client.search_text("site:(", mode="keyword")
+
+
+def test_a_refreshed_searcher_keyword_searches_the_new_version(coll, tiny_encoder):
+    s = Searcher.open(coll.path, encoder=tiny_encoder)
+    kite = s.search_text("kite", mode="keyword")[0].id
+    coll.remove([kite])
+    assert _kw(s, "kite") == ["beach/kite.jpg"]  # still the version it read
+    assert s.refresh() and "keyword" in s._current.__dict__  # warmed like the version it replaced
+    assert _kw(s, "kite") == [] and _paths(s.search_text("kite", k=3, mode="hybrid"))[0] != "beach/kite.jpg"

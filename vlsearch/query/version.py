@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from vlsearch.core.errors import CollectionError, InvalidQueryError
+from vlsearch.core.errors import CollectionError, IndexNotBuiltError, InvalidQueryError
 from vlsearch.core.lazy import Lazy
 from vlsearch.query.embedding import QueryEmbedder, TextQuery
 from vlsearch.query import hybrid
@@ -150,6 +150,11 @@ class SearcherVersion:
             self.plan.filters.engine  # built on first access
         if like.reranking.loaded:
             self.reranking.features  # built on first access
+        if "keyword" in like.__dict__:  # keyword search was used: open this version's keyword indexes too
+            try:
+                self.keyword.fields
+            except IndexNotBuiltError:
+                pass  # told at the first keyword query; never a reason not to move
         self.loaded_at = now_iso()
 
     def release(self) -> None:
