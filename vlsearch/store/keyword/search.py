@@ -119,8 +119,12 @@ class KeywordSearcher:
         self.check(query)
         fields = self.fields
         all_scores, all_ids = [], []
+        parsed_by_schema: dict[tuple[str, ...], Any] = {}  # same fields in the same order: the same parsed query
         for number, shard in self.shards:
-            parsed = shard.parse(query, fields)
+            schema = tuple(shard.fields)
+            if schema not in parsed_by_schema:
+                parsed_by_schema[schema] = shard.parse(query, fields)
+            parsed = parsed_by_schema[schema]
             dead = self.dead.get(number)
             limit = depth + (0 if dead is None else len(dead))
             if allowed is not None:
