@@ -72,9 +72,10 @@ class Client:
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None, exact: bool = False,
                     k_factor: float | None = None, **options: Any) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
-        ``options``: the request's other fields (``where``, ``rerank``, ``offset``, and the shaping ones:
-        ``min_score``, ``autocut``, ``group_by``, ``per_group``, ``order_by``, ``depth``, ``facets``,
-        which make the hits a :class:`~vlsearch.query.shaping.ShapedHits` with ``.facets``)."""
+        ``options``: the request's other fields (``where``, ``rerank``, ``offset``, ``mode="keyword"`` or
+        ``mode="hybrid"`` with ``alpha=`` (see :meth:`vlsearch.query.searcher.Searcher.search_text`), and
+        the shaping ones: ``min_score``, ``autocut``, ``group_by``, ``per_group``, ``order_by``, ``depth``,
+        ``facets``, which make the hits a :class:`~vlsearch.query.shaping.ShapedHits` with ``.facets``)."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         return self._many([{"text": t} for t in texts], single, k, nprobe, exact, k_factor, options)

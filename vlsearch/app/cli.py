@@ -297,6 +297,20 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) ->
                f"{collection_dir} version {result['version']}")
 
 
+@app.command("keyword-index")
+@handle_errors
+def keyword_index_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
+                      rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild every shard's keyword index.")
+                      ) -> None:
+    """Build the keyword (BM25) index of shards written before keyword search existed (new embeds and
+    syncs write it themselves)."""
+    from vlsearch.store.collection import Collection
+
+    with lock_wait(wait):
+        result = Collection.open(collection_dir).build_keyword_index(rebuild=rebuild)
+    typer.echo(f"keyword index built for {result['shards_built']} of {result['shards']} shards of {collection_dir}")
+
+
 def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, engine: EngineOptions) -> bool:
     """Run ``indexing.embed`` (its Ray engine, or ``indexing.sync`` on a finished collection) with a
     tqdm bar and print the counts (shared by ``embed`` and ``index``). Returns whether it synced."""

@@ -218,6 +218,11 @@ class QueryOptions:
                                    "max(k, 100) with --group-by/--order-by/--facet).")
     facets: Optional[list[str]] = _option(None, "--facet", help="Count this column's values among the relevant set "
                                           "(repeat for several).")
+    mode: str = _option("vector", "--mode", help="Text queries: vector (embedding k-NN), keyword (BM25 over "
+                        "captions, path words and text metadata; phrases, field prefixes like path:beach) or "
+                        "hybrid (both, fused by Reciprocal Rank Fusion, k=60).")
+    alpha: Optional[float] = _option(None, "--alpha", min=0.0, max=1.0, help="--mode hybrid: weighted fusion "
+                                     "alpha*vector + (1-alpha)*keyword of normalised scores instead of RRF.")
 
     def shaping(self) -> dict[str, Any]:
         """The shaping options given (see vlsearch.query.shaping)."""
@@ -239,6 +244,8 @@ class QueryOptions:
         text = plain_text(words)  # a lone plain text is searched as before (and may be re-ranked)
         if (self.image or self.like or (words and text is None)) and self.rerank:
             raise typer.BadParameter("--rerank re-scores single text queries only", param_hint="--rerank")
+        if (self.image or self.like or text is None) and self.mode != "vector":
+            raise typer.BadParameter("--mode keyword/hybrid searches single text queries only", param_hint="--mode")
         searcher = Searcher.open(collection_dir, mmap=self.mmap, device=self.device, precision=self.precision,
                                  reranker=self.reranker, rerank_features=self.rerank_features)
         options = dict(k=self.k, nprobe=self.nprobe, exact=self.exact, k_factor=self.k_factor, where=self.where,
@@ -249,6 +256,8 @@ class QueryOptions:
             return searcher.more_like(list(self.like), list(self.unlike), **options)
         if text is None:
             return searcher.search(parse_cli_terms(words), **options)
+        if self.mode != "vector" or self.alpha is not None:
+            return searcher.search_text(text, rerank=self.rerank, mode=self.mode, alpha=self.alpha, **options)
         return searcher.search_text(text, rerank=self.rerank, **options)
 
 

@@ -54,12 +54,13 @@ from vlsearch.core.errors import InvalidQueryError
 from vlsearch.core.inputs import ImageInput
 from vlsearch.query.embedding import QueryEmbedder, TextQuery, check_texts
 from vlsearch.query.filters import FilterEngine
+from vlsearch.query.hybrid import RRF_K, check_mode
 from vlsearch.query.follow import Follower, OnError, follow_interval
 from vlsearch.query.options import SearcherOptions
 from vlsearch.query.plan import KnnPlan, check_k
 from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
-from vlsearch.query.shaped import shaped_text_search, shaped_vector_search
+from vlsearch.query.shaped import shaped_mode_search, shaped_text_search, shaped_vector_search
 from vlsearch.query.shaping import Shape
 from vlsearch.query.term_search import item_vectors, term_vectors, without
 from vlsearch.query.terms import NEGATIVE_WEIGHT, Item, Query, TermLike, check_examples, combine, feedback_vector
@@ -277,10 +278,10 @@ class Searcher:
     # ---- searches ----------------------------------------------------------------------------
     def search_text(self, text: str | Sequence[str], k: int = 10, nprobe: int | None = None,
                     exact: bool = False, k_factor: float | None = None, where: str | None = None,
-                    rerank: int = 0,
-                    *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
-                    per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
-                    facets: Sequence[str] | None = None) -> Hits | Results:
+                    rerank: int = 0, *, mode: str = "vector", alpha: float | None = None,
+                    rrf_k: float = RRF_K, min_score: float | None = None, autocut: int | None = None,
+                    group_by: str | None = None, per_group: int | None = None, order_by: str | None = None,
+                    depth: int | None = None, facets: Sequence[str] | None = None) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
         ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.query.filters`).
         ``rerank=K`` (K >= k; 0 = off): re-score the first stage's top K with the cross-attention
@@ -289,9 +290,21 @@ class Searcher:
 
         ``min_score``, ``autocut``, ``group_by``/``per_group``, ``order_by``, ``depth``, ``facets``:
         shape the list (:mod:`vlsearch.query.shaping`); each query's hits are then a
-        :class:`~vlsearch.query.shaping.ShapedHits` (with ``.facets``)."""
+        :class:`~vlsearch.query.shaping.ShapedHits` (with ``.facets``).
+
+        ``mode``: ``"vector"`` (the default: embedding k-NN, score = cosine), ``"keyword"`` (BM25
+        over captions, path words and text metadata; the text is a query with phrases and field
+        prefixes like ``path:beach``) or ``"hybrid"`` (both, fused by Reciprocal Rank Fusion with
+        ``rrf_k``, or by ``alpha``-weighted normalised scores); see :mod:`vlsearch.query.hybrid`."""
         single = isinstance(text, str)
         texts = check_texts([text] if single else text)
+        if check_mode(mode, alpha, rrf_k) != "vector":
+            if rerank:
+                raise InvalidQueryError(f"rerank applies to mode='vector' only, not {mode!r}")
+            shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+            results = shaped_mode_search(self._current, texts, lambda: self.embed_texts(texts), k,
+                                         (mode, alpha, rrf_k), nprobe, exact, k_factor, where, shape)
+            return results[0] if single else results
         query = self.text_query(texts, tokens=bool(check_rerank_k(rerank, check_k(k))))
         results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank, min_score=min_score,
                                          autocut=autocut, group_by=group_by, per_group=per_group,

@@ -5,7 +5,7 @@ k-NN plan (and re-ranker), its hits from the version's hit builder. Apart from
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,21 @@ def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int
         return (*_without(scores, ids, skip, depth), None)
 
     return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+
+
+def shaped_mode_search(version: "SearcherVersion", texts: list[str], vectors: Callable[[], np.ndarray], k: int,
+                       mode: tuple[str, float | None, float], nprobe: int | None, exact: bool,
+                       k_factor: float | None, where: str | None, shape: Shape | None) -> Results:
+    """Keyword or hybrid hits of ``texts`` (``mode``: ``(mode, alpha, rrf_k)``, see
+    :mod:`vlsearch.query.hybrid`), shaped by ``shape`` when given; ``vectors()`` embeds the texts."""
+    if shape is None:
+        return version.search_text_mode(texts, vectors, k, *mode, nprobe, exact, k_factor, where)
+    k = check_k(k)
+
+    def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
+        return (*version.knn_text_mode(texts, vectors, depth, *mode, nprobe, exact, k_factor, where), None)
+
+    return shaped_search(fetch, version.hit_builder.build, lambda: version.plan.filters.engine, k, shape)
 
 
 def _without(scores: np.ndarray, ids: np.ndarray, skip: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from vlsearch.core.errors import CollectionError, InvalidQueryError
+from vlsearch.core.errors import CollectionError, IndexNotBuiltError, InvalidQueryError
 from vlsearch.core.lazy import Lazy
 from vlsearch.query.embedding import QueryEmbedder, TextQuery
+from vlsearch.query import hybrid
 from vlsearch.query.hits import HitBuilder
 from vlsearch.query.options import SearcherOptions, budget
 from vlsearch.query.plan import KnnPlan, check_k
@@ -34,6 +36,7 @@ from vlsearch.query.reranking import RerankStage, reranker_loader
 from vlsearch.query.results import Results
 from vlsearch.rerank.model import Reranker, check_rerank_k
 from vlsearch.store.collection import Collection
+from vlsearch.store.keyword import KeywordSearcher
 from vlsearch.store.layout import IMAGES_DIR, MANIFEST, now_iso
 from vlsearch.store.rows import MetadataReader, RowLocator
 
@@ -147,6 +150,11 @@ class SearcherVersion:
             self.plan.filters.engine  # built on first access
         if like.reranking.loaded:
             self.reranking.features  # built on first access
+        if "keyword" in like.__dict__:  # keyword search was used: open this version's keyword indexes too
+            try:
+                self.keyword.fields
+            except IndexNotBuiltError:
+                pass  # told at the first keyword query; never a reason not to move
         self.loaded_at = now_iso()
 
     def release(self) -> None:
@@ -169,6 +177,40 @@ class SearcherVersion:
         if not depth:
             return self.hit_builder.build(scores, ids)
         return self.hit_builder.build(*self.reranking.rerank(query.texts, scores, ids, k, tokens=query.tokens))
+
+    @cached_property
+    def keyword(self) -> KeywordSearcher:
+        """This version's keyword indexes (:mod:`vlsearch.store.keyword`), opened on first use."""
+        return KeywordSearcher(self.collection.path, self.collection.shard_numbers(), self.collection.dead_rows())
+
+    def search_text_mode(self, texts: list[str], vectors: Callable[[], np.ndarray], k: int, mode: str,
+                         alpha: float | None, rrf_k: float, nprobe: int | None, exact: bool,
+                         k_factor: float | None, where: str | None) -> Results:
+        """Keyword or hybrid hits of ``texts`` (:mod:`vlsearch.query.hybrid`); ``vectors()`` embeds
+        them (hybrid only)."""
+        return self.hit_builder.build(*self.knn_text_mode(texts, vectors, k, mode, alpha, rrf_k, nprobe, exact,
+                                                          k_factor, where))
+
+    def knn_text_mode(self, texts: list[str], vectors: Callable[[], np.ndarray], k: int, mode: str,
+                      alpha: float | None, rrf_k: float, nprobe: int | None, exact: bool,
+                      k_factor: float | None, where: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """The keyword or hybrid top ``k`` ``(scores, ids)`` of ``texts``, -1 in empty slots."""
+        k = check_k(k)
+        depth = k if mode == "keyword" else hybrid.hybrid_depth(k)
+        for text in texts:
+            self.keyword.check(text)
+        allowed = self.plan.filters.subset(where).ids if where is not None else None
+        keyword = [self.keyword.search(text, depth, allowed) for text in texts]
+        if mode == "keyword":
+            return hybrid.padded(keyword, k)
+        v_scores, v_ids = self.plan.knn(vectors(), depth, nprobe, exact, k_factor, where)
+        fused = []
+        for q, (kw_scores, kw_ids) in enumerate(keyword):
+            if alpha is None:
+                fused.append(hybrid.rrf([v_ids[q], kw_ids], k, rrf_k))
+            else:
+                fused.append(hybrid.weighted((v_scores[q], v_ids[q]), (kw_scores, kw_ids), alpha, k))
+        return hybrid.padded(fused, k)
 
     def __repr__(self) -> str:
         return f"SearcherVersion({str(self.collection.path)!r}, version={self.version}, images={len(self.row_locator)})"

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlsearch.store.directory import CollectionDir
-from vlsearch.store.update import Update, compact
+from vlsearch.store.update import Update, build_keyword_index, compact
 
 
 class Collection(CollectionDir):
@@ -24,6 +24,11 @@ class Collection(CollectionDir):
     def compact(self) -> dict[str, int]:
         """Rewrite shards holding dead rows and drop dead index entries (:func:`vlsearch.store.update.compact`)."""
         return compact(self)
+
+    def build_keyword_index(self, rebuild: bool = False) -> dict[str, int]:
+        """Write the keyword index of shards written before keyword search existed (``rebuild``:
+        of all); see :func:`vlsearch.store.update.build_keyword_index`."""
+        return build_keyword_index(self, rebuild)
 
     def add(self, images: pa.Table, captions: pa.Table | None = None) -> int:
         """Add rows (id, path, embedding, ...) and their captions as a new version; the index

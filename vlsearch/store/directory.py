@@ -10,6 +10,7 @@
                                   file_size, file_mtime_ns, content_hash, record_hash, embedding
       captions/part-00000.parquet image_id, caption, embedding
       failures/part-00000.parquet path, kind, message
+      keyword/part-00000/         the shard's keyword (BM25) index, a tantivy directory (vlsearch.store.keyword)
       tombstones/v000003.parquet  shard, id: rows of live shards deleted by later versions
       index.faiss                 (built by indexing.build; described in manifest["index"];
                                   a sync writes index-v000003.faiss and points the manifest at it)
@@ -22,7 +23,8 @@ a ranking. Readers hand out float32.
 
 Shard ``k`` holds the source records ``[k*shard_size, (k+1)*shard_size)`` (failures included),
 so resuming after a crash means skipping ``complete_shards * shard_size`` records. A shard is
-committed when its ``images/`` file exists; its captions and failures files are written first.
+committed when its ``images/`` file exists; its captions and failures files and its keyword index
+are written first.
 
 **Versions** (format 2). A finished collection changes only by whole versions (``vlsearch.store.update``):
 new rows go into *new* shards, deleted rows are listed in a new tombstone file, and the version

@@ -4,12 +4,14 @@ write, old version manifests, temp files. Call these only while holding the coll
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from vlsearch.store.layout import (
     CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, INDEX_FILE, LEASES_DIR, MANIFEST, SHARD_FILE_RE, TOMBSTONES_DIR, VERSIONS_DIR,
     shard_name, version_name,
 )
+from vlsearch.store.keyword.index import KEYWORD_DIR, keyword_path
 from vlsearch.store.lease import FreeVersion, claim_if_free, leased_versions
 from vlsearch.store.manifest import Manifest, manifest_path, read_manifest
 from vlsearch.store.shards import ShardFiles
@@ -24,6 +26,10 @@ def version_files(directory: Path, manifest: Manifest) -> set[Path]:
     keep = {directory / VERSIONS_DIR / version_name(manifest.version, ".json")}
     for n in manifest.shards or ():
         keep.update(directory / kind / shard_name(n) for kind in SHARD_KINDS)
+        keyword = keyword_path(directory, n)  # a directory: it and the files in it
+        keep.add(keyword)
+        if keyword.is_dir():
+            keep.update(keyword.iterdir())
     if manifest.tombstones:
         keep.add(directory / TOMBSTONES_DIR / manifest.tombstones)
     entry = manifest.index or {}
@@ -84,6 +90,26 @@ def _remove_unkept(directory: Path, keep: set[Path]) -> list[Path]:
     removed = [p for p in candidates if p.is_file() and p not in keep]
     for p in removed:
         p.unlink()
+    return removed + _remove_keyword_dirs(directory, keep)
+
+
+def _remove_keyword_dirs(directory: Path, keep: set[Path] | None = None,
+                         committed: set[int] | None = None) -> list[Path]:
+    """Remove the keyword index directories (:mod:`vlsearch.store.keyword`) not in ``keep`` (or whose
+    shard is not in ``committed``), and temporary ones a crash left."""
+    folder = directory / KEYWORD_DIR
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        number = p.name[5:] if p.name.startswith("part-") else ""
+        if keep is not None:
+            stale = p not in keep
+        else:
+            stale = not number.isdigit() or int(number) not in (committed or set())
+        if stale or p.name.endswith(".tmp"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
     return removed
 
 
@@ -101,4 +127,4 @@ def remove_uncommitted(directory: Path, manifest: Manifest) -> list[Path]:
             if orphan or p.name.endswith(".tmp"):
                 p.unlink()
                 removed.append(p)
-    return removed
+    return removed + _remove_keyword_dirs(directory, committed=committed)

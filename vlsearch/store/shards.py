@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlsearch.store.arrays import embeddings_to_numpy, write_table
+from vlsearch.store.keyword.index import KEYWORD_DIR, build_shard_index
 from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, SHARD_FILE_RE, shard_name, shard_number
 from vlsearch.store.manifest import Manifest
 from vlsearch.store.tombstones import DeadRows, live_mask, read_tombstones
@@ -54,11 +55,16 @@ class ShardFiles:
         taken = [shard_number(p) for kind in (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR)
                  if (self.directory / kind).is_dir() for p in (self.directory / kind).iterdir()
                  if SHARD_FILE_RE.match(p.name)]
+        if (self.directory / KEYWORD_DIR).is_dir():  # a keyword index left by a crash before its shard
+            taken += [int(p.name[5:]) for p in (self.directory / KEYWORD_DIR).iterdir()
+                      if p.name.startswith("part-") and p.name[5:].isdigit()]
         return max(taken, default=-1) + 1
 
     def write_shard(self, number: int, images: pa.Table, captions: pa.Table | None = None,
                     failures: pa.Table | None = None) -> None:
-        """Write shard ``number`` atomically; the images file is written last and commits it."""
+        """Write shard ``number`` atomically; the images file is written last and commits it (its
+        keyword index, :mod:`vlsearch.store.keyword`, is written before it, like its captions)."""
+        build_shard_index(self.directory, number, images)
         if captions is not None:
             write_table(self.directory / CAPTIONS_DIR / shard_name(number), captions)
         if failures is not None:

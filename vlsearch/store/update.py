@@ -41,6 +41,7 @@ from vlsearch.core.errors import CollectionError, InvalidQueryError
 from vlsearch.core.fsutil import fsync_file
 from vlsearch.store import tombstones
 from vlsearch.store.directory import CollectionDir
+from vlsearch.store.keyword.index import build_shard_index, missing_keyword_shards
 from vlsearch.store.arrays import embedding_array, embeddings_to_numpy
 from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, now_iso, shard_name, version_name
 
@@ -269,4 +270,26 @@ def _compact_index(base: CollectionDir, staged: CollectionDir) -> dict[str, Any]
             "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
 
-__all__ = ["Update", "compact"]
+# ---- keyword indexes of shards written before them ----------------------------------------------
+
+def build_keyword_index(coll: CollectionDir, rebuild: bool = False) -> dict[str, int]:
+    """Write the keyword index (:mod:`vlsearch.store.keyword`) of every live shard that has none
+    (``rebuild``: of every live shard). No new version: a shard's keyword index is derived from the
+    immutable shard alone, written into a temporary directory renamed into place, and referenced
+    by every version that lists the shard; readers see either no index (and are told to build it)
+    or a whole one. Holds the writer lock. Returns counts of shards built and live."""
+    with coll.lock():
+        base = coll.reopen()
+        base.collect_garbage()
+        numbers = base.shard_numbers()
+        todo = numbers if rebuild else missing_keyword_shards(base.path, numbers)
+        for n in todo:
+            table = pq.read_table(base.path / IMAGES_DIR / shard_name(n),
+                                  columns=[c for c in pq.read_schema(base.path / IMAGES_DIR / shard_name(n)).names
+                                           if c != "embedding"])
+            build_shard_index(base.path, n, table)
+        log.info("collection %s: keyword index built for %d of %d shards", base.path, len(todo), len(numbers))
+        return {"shards_built": len(todo), "shards": len(numbers)}
+
+
+__all__ = ["Update", "compact", "build_keyword_index"]

@@ -116,7 +116,8 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
                          exact=params.exact, where=params.where, rerank=params.rerank, min_score=params.min_score,
                          autocut=params.autocut, group_by=params.group_by, per_group=params.per_group,
                          order_by=params.order_by, depth=params.depth,
-                         facets=None if params.facets is None else tuple(params.facets))
+                         facets=None if params.facets is None else tuple(params.facets),
+                         mode=getattr(params, "mode", "vector"), alpha=getattr(params, "alpha", None))
     if kind == "image":
         value = _decode_upload(value, request)
     out = coll.search(kind, value, opts)

@@ -122,6 +122,13 @@ class SearchRequest(SearchParams):
     id: Optional[Union[StrictInt, str]] = Field(None, description="Items like this indexed item (excluded itself).")
     terms: Optional[list[TermModel]] = Field(None, min_length=1, max_length=MAX_TERMS, description="Weighted "
                                              "terms: texts, images, items (the items are left out of the hits).")
+    mode: Literal["vector", "keyword", "hybrid"] = Field(
+        "vector", description="Text queries: vector (embedding k-NN, score = cosine), keyword (BM25 over captions, "
+        "path words and text metadata; phrases, field prefixes like path:beach) or hybrid (both, fused by "
+        "Reciprocal Rank Fusion, k=60).")
+    alpha: Optional[Union[StrictFloat, StrictInt]] = Field(
+        None, ge=0, le=1, description="mode=hybrid: weighted fusion of min-max normalised scores instead of RRF "
+        "(alpha * vector + (1 - alpha) * keyword).")
 
     @field_validator("id")
     @classmethod
@@ -147,6 +154,10 @@ class SearchRequest(SearchParams):
         given = [n for n in ("text", "vector", "image_base64", "id", "terms") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, vector, image_base64, id or terms (got {given or 'none'})")
+        if self.mode != "vector" and self.text is None:
+            raise ValueError(f"mode {self.mode!r} needs a text query")
+        if self.alpha is not None and self.mode != "hybrid":
+            raise ValueError("alpha applies to mode 'hybrid' only")
         return self
 
     @property

@@ -69,6 +69,8 @@ class Examples:
     negative_ids: list[int]
     negative_weight: float = NEGATIVE_WEIGHT
     exclude_examples: bool = True
+    mode: str = "vector"  #: text queries: vector, keyword or hybrid (see vlsearch.query.hybrid)
+    alpha: float | None = None  #: mode hybrid: weighted fusion instead of RRF
 
 
 @dataclass
@@ -175,15 +177,19 @@ class ServedCollection:
             raise InvalidQueryError("rerank re-scores text queries only")
         start = time.perf_counter()
         s = self.searcher.snapshot()
-        embedded_query, exclude = self._embed(s, query, value, tokens=bool(opts.rerank))
-        embedded = time.perf_counter()
         wanted = opts.k + opts.offset
         params = dict(k=wanted, nprobe=opts.nprobe, exact=opts.exact, k_factor=opts.k_factor, **self._filter(opts.where),
                       **opts.shaping())
-        if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
-            hits = s.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
-        else:  # "more like this" leaves out the item itself, terms and more_like their example items
-            hits = s.search_vector(embedded_query, exclude=exclude, **params)
+        if opts.mode != "vector":  # keyword / hybrid: the Searcher embeds (hybrid) or not (keyword)
+            embedded = start
+            hits = s.search_text(value, rerank=opts.rerank, mode=opts.mode, alpha=opts.alpha, **params)
+        else:
+            embedded_query, exclude = self._embed(s, query, value, tokens=bool(opts.rerank))
+            embedded = time.perf_counter()
+            if isinstance(embedded_query, TextQuery):  # one path with Searcher.search_text: the text is embedded once
+                hits = s.search_text_query(embedded_query, rerank=opts.rerank, **params)[0]
+            else:  # "more like this" leaves out the item itself, terms and more_like their example items
+                hits = s.search_vector(embedded_query, exclude=exclude, **params)
         facets, relevant = getattr(hits, "facets", None), getattr(hits, "relevant", None)
         done = time.perf_counter()
         return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
