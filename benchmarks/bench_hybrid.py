@@ -310,12 +310,16 @@ def report() -> str:
         table = [[label, *(round(row[f"R@{k}"], 1) for k in KS), round(row["MRR"], 3),
                   f"{row['R@10'] - vec['R@10']:+.1f}", round(row["ms_per_query"], 2)] for label, row in r["rows"].items()]
         parts += [markdown_table(["mode", "R@1", "R@5", "R@10", "MRR", "R@10 vs vector", "ms/query"], table), ""]
+        parts += ["ms/query includes embedding the query text (vector, hybrid) on a shared 2-core machine "
+                  "under load from other jobs: read it as an order of magnitude. Keyword queries need no model.", ""]
     for p in sorted(OUT.glob("latency-*.json")):
         r = json.loads(p.read_text())
         parts += [f"Latency on {r['n']:,} synthetic rows ({r['shards']} shards, index {r['index']}; a caption of "
                   "8-14 Zipf words per row, 3-word keyword queries; one thread, k=10, hybrid depth 100 + RRF). "
                   f"Keyword indexes: {r['keyword_bytes'] / 1e6:.0f} MB; first keyword query (opens every shard's "
-                  f"index): {r['open_ms']:.0f} ms. Command: `{r['command']}`; {r['machine']}.", ""]
+                  f"index): {r['open_ms']:.0f} ms. Vector and hybrid take the synthetic query vector (no text "
+                  "embedding timed); the keyword shards are searched one after another. p99 is inflated by "
+                  f"other jobs sharing the machine. Command: `{r['command']}`; {r['machine']}.", ""]
         parts += [markdown_table(["mode", "p50 ms", "p99 ms"],
                                  [[m, round(v["p50_ms"], 2), round(v["p99_ms"], 2)] for m, v in r["rows"].items()]), ""]
     for p in sorted(OUT.glob("engines-*.json")):
@@ -334,6 +338,8 @@ def report() -> str:
                   + " / ".join(f"{v:.1f}" for v in r.get("flickr_keyword_r10_by_shards", {}).values())
                   + f" %. Command: `{r['command']}`; {r['machine']}.", ""]
         parts += [markdown_table(["engine", "build s", "query ms", "query syntax"], rows), ""]
+    parts += ["Each run writes its JSON under `bench-data/hybrid/`; this section is rebuilt from them "
+              "(`python benchmarks/bench_hybrid.py --report-only`).", ""]
     return "\n".join(parts)
 
 

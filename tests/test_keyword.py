@@ -254,3 +254,13 @@ def test_a_refreshed_searcher_keyword_searches_the_new_version(coll, tiny_encode
     assert _kw(s, "kite") == ["beach/kite.jpg"]  # still the version it read
     assert s.refresh() and "keyword" in s._current.__dict__  # warmed like the version it replaced
     assert _kw(s, "kite") == [] and _paths(s.search_text("kite", k=3, mode="hybrid"))[0] != "beach/kite.jpg"
+
+
+def test_keyword_and_hybrid_lists_take_the_shaping_options(coll, tiny_encoder):
+    s = Searcher.open(coll.path, encoder=tiny_encoder)
+    shaped = s.search_text("red", k=10, mode="keyword", facets=["folder"], order_by="path DESC")
+    assert sorted(shaped.facets["folder"].items()) == [("beach", 1), ("forest", 1), ("home", 1)]
+    assert [h.path for h in shaped] == ["home/cat.jpg", "forest/deer.jpg", "beach/kite.jpg"]  # the matches, by path
+    grouped = s.search_text("dogs", k=10, mode="hybrid", group_by="folder", per_group=1, exact=True)
+    folders = [h.path.split("/")[0] for h in grouped]
+    assert len(folders) == len(set(folders))  # at most one hit per folder

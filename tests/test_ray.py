@@ -166,7 +166,7 @@ def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_dis
     assert got["layout"] == ("ondisk" if on_disk else "memory")
     if on_disk:
         assert (ray_built.path / got["ivfdata"]).stat().st_size > 0
-        assert sorted(p.name for p in ray_built.path.iterdir()) == sorted([".lock", "images", "index.faiss",
+        assert sorted(p.name for p in ray_built.path.iterdir()) == sorted([".lock", "images", "index.faiss", "keyword",
                                                                            "manifest.json", "versions", got["ivfdata"]])
     queries = x[::97] + 0.01
     _same_top10(Searcher.open(ray_built.path, mmap=on_disk), Searcher.open(local.path), queries)

@@ -44,6 +44,8 @@ class SearchOptions:
     exact: bool = False
     where: str | None = None
     rerank: int = 0  #: text queries: re-score the top ``rerank`` (see Searcher.search_text)
+    mode: str = "vector"  #: text queries: vector, keyword or hybrid (see vlsearch.query.hybrid)
+    alpha: float | None = None  #: mode hybrid: weighted fusion instead of RRF
     #: shaping the list (see :mod:`vlsearch.query.shaping`)
     min_score: float | None = None
     autocut: int | None = None
@@ -69,8 +71,6 @@ class Examples:
     negative_ids: list[int]
     negative_weight: float = NEGATIVE_WEIGHT
     exclude_examples: bool = True
-    mode: str = "vector"  #: text queries: vector, keyword or hybrid (see vlsearch.query.hybrid)
-    alpha: float | None = None  #: mode hybrid: weighted fusion instead of RRF
 
 
 @dataclass

@@ -8,8 +8,9 @@
 
 **Why tantivy** (measured by ``benchmarks/bench_hybrid.py --engines 100000``; RESULTS.md): it is
 the engine LanceDB uses, a ~4 MB wheel with no dependencies; on 100,000 synthetic captions it
-built vlsearch's per-shard layout in 3.9 s and answered a 3-word query in 3.8 ms over 10 shards
-(1.7 ms as one index), where ``bm25s`` 0.3 took 4.5 s to build and 28 ms per query; and its query
+built vlsearch's per-shard layout in 4.6 s and answered a 3-word query in 2.0 ms over 10 shards
+(1.2 ms as one index), where ``bm25s`` 0.3 took 4.5 s to build and 9 ms per query (on 1M rows in
+100 shards, a keyword query takes 27 ms p50, one thread; RESULTS.md); and its query
 parser gives phrases (``"red car"``), field prefixes (``path:beach``), boolean operators and
 syntax errors to turn into InvalidQueryError, where ``bm25s`` has bag-of-words queries only.
 DuckDB's ``fts`` extension downloads itself at first use (no offline install), so it was not an
