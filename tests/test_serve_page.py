@@ -260,6 +260,34 @@ def _open(browser, url: str, problems: list[str], k: int = 6):
     return page
 
 
+def test_keyword_mode_finds_a_file_name_word_that_vector_search_misses(steering, browser):
+    url, searcher, quokka = steering
+    problems: list[str] = []
+    page = _open(browser, url, problems)
+    by_vector = _search(page, "quokka")
+    assert by_vector == [h.id for h in searcher.search_text("quokka", k=6)]
+    target = next(h.id for h in searcher.search_text("quokka", k=1, mode="keyword"))
+    assert searcher.search_text("quokka", k=1, mode="keyword")[0].path == quokka
+    assert by_vector[0] != target  # the tiny model does not know the word: only the file name has it
+    page.select_option("#match", "keyword")
+    page.wait_for_function("id => { const li = document.querySelector('#results li'); return li && li.dataset.id === id; }",
+                           arg=str(target), timeout=10_000)
+    assert _result_ids(page) == [h.id for h in searcher.search_text("quokka", k=6, mode="keyword")]
+    assert "keyword" in page.text_content("#status")
+    page.select_option("#match", "hybrid")  # both lists fused: the keyword match is still in it
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('hybrid')", timeout=10_000)
+    assert _result_ids(page) == [h.id for h in searcher.search_text("quokka", k=6, mode="hybrid")]
+    assert target in _result_ids(page)
+    page.select_option("#match", "keyword")  # bad keyword syntax: a message, not a crash
+    _search(page, "quokka")
+    page.fill("#query", '"unclosed phrase')
+    page.press("#query", "Enter")
+    page.wait_for_selector("#error:not([hidden])", timeout=10_000)
+    assert "keyword" in page.text_content("#error")
+    assert not problems, problems
+    page.close()
+
+
 def test_a_facet_click_filters_the_hits_to_its_value_and_the_filter_chip_removes_it(steering, browser):
     url, searcher, _ = steering
     problems: list[str] = []
@@ -297,9 +325,10 @@ def test_a_facet_click_filters_the_hits_to_its_value_and_the_filter_chip_removes
                            timeout=10_000)
     assert page.is_hidden("#filters") and not problems, problems
 
-    # autocut: the list ends at the first drop in score (here a shorter list)
+    # autocut: the list ends at the first drop in score (here a shorter list); the page counts facets,
+    # so the cut is made on the deeper candidate list that facets fetch
     page.check("#autocut")
-    cut = [str(h.id) for h in searcher.search_text(text, k=8, autocut=1)]
+    cut = [str(h.id) for h in searcher.search_text(text, k=8, autocut=1, facets=["color", "folder"])]
     assert 0 < len(cut) < 8
     page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
                            ".join() === ids.join()", arg=cut, timeout=10_000)
