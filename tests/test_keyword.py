@@ -264,3 +264,16 @@ def test_keyword_and_hybrid_lists_take_the_shaping_options(coll, tiny_encoder):
     grouped = s.search_text("dogs", k=10, mode="hybrid", group_by="folder", per_group=1, exact=True)
     folders = [h.path.split("/")[0] for h in grouped]
     assert len(folders) == len(set(folders))  # at most one hit per folder
+
+
+def test_the_indexed_metadata_columns_are_configurable_and_syncs_follow_the_choice(coll, tmp_path, tiny_encoder):
+    assert _kw(Searcher.open(coll.path), "delta") == ["home/dog_02.jpg"]  # every text column by default
+    result = CliRunner().invoke(app, ["keyword-index", str(coll.path), "--columns", ""])  # no metadata column
+    assert result.exit_code == 0 and "built for 3 of 3 shards" in result.output, result.output
+    s = Searcher.open(coll.path)
+    assert _kw(s, "delta") == [] and _kw(s, "kite") == ["beach/kite.jpg"]  # site no longer indexed; captions are
+    rows = [*ROWS, ("home/bird.jpg", "a small bird", "delta")]
+    embed(_source(tmp_path / "src", rows), coll.path, _config(), encoder=tiny_encoder)  # a sync
+    assert _kw(Searcher.open(coll.path), "delta") == []  # the new shard follows the choice
+    coll.build_keyword_index(columns=None)
+    assert set(_kw(Searcher.open(coll.path), "delta")) == {"home/dog_02.jpg", "home/bird.jpg"}

@@ -300,14 +300,18 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) ->
 @app.command("keyword-index")
 @handle_errors
 def keyword_index_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
-                      rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild every shard's keyword index.")
-                      ) -> None:
+                      rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild every shard's keyword index."),
+                      columns: Optional[str] = typer.Option(None, "--columns", help="Comma-separated metadata "
+                                                            "columns to index from now on ('all': every text "
+                                                            "column, the default; '': none); rebuilds every shard.")) -> None:
     """Build the keyword (BM25) index of shards written before keyword search existed (new embeds and
     syncs write it themselves)."""
     from vlsearch.store.collection import Collection
 
+    chosen = {} if columns is None else {"columns": None if columns == "all" else
+                                         [c.strip() for c in columns.split(",") if c.strip()]}
     with lock_wait(wait):
-        result = Collection.open(collection_dir).build_keyword_index(rebuild=rebuild)
+        result = Collection.open(collection_dir).build_keyword_index(rebuild=rebuild, **chosen)
     typer.echo(f"keyword index built for {result['shards_built']} of {result['shards']} shards of {collection_dir}")
 
 

@@ -4,7 +4,7 @@ The format itself is described in :mod:`vlsearch.store.directory`."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +25,11 @@ class Collection(CollectionDir):
         """Rewrite shards holding dead rows and drop dead index entries (:func:`vlsearch.store.update.compact`)."""
         return compact(self)
 
-    def build_keyword_index(self, rebuild: bool = False) -> dict[str, int]:
+    def build_keyword_index(self, rebuild: bool = False, **columns: Any) -> dict[str, int]:
         """Write the keyword index of shards written before keyword search existed (``rebuild``:
-        of all); see :func:`vlsearch.store.update.build_keyword_index`."""
-        return build_keyword_index(self, rebuild)
+        of all; ``columns=[...]``: index these metadata columns, None: every text column); see
+        :func:`vlsearch.store.update.build_keyword_index`."""
+        return build_keyword_index(self, rebuild, **columns)
 
     def add(self, images: pa.Table, captions: pa.Table | None = None) -> int:
         """Add rows (id, path, embedding, ...) and their captions as a new version; the index

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ from vlsearch.core.errors import CollectionError, InvalidQueryError
 from vlsearch.core.fsutil import fsync_file
 from vlsearch.store import tombstones
 from vlsearch.store.directory import CollectionDir
-from vlsearch.store.keyword.index import build_shard_index, missing_keyword_shards
+from vlsearch.store.keyword.index import build_shard_index, missing_keyword_shards, set_indexed_columns
 from vlsearch.store.arrays import embedding_array, embeddings_to_numpy
 from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, now_iso, shard_name, version_name
 
@@ -272,9 +272,15 @@ def _compact_index(base: CollectionDir, staged: CollectionDir) -> dict[str, Any]
 
 # ---- keyword indexes of shards written before them ----------------------------------------------
 
-def build_keyword_index(coll: CollectionDir, rebuild: bool = False) -> dict[str, int]:
+#: ``build_keyword_index(columns=...)`` not given: keep the collection's choice
+KEEP_COLUMNS = object()
+
+
+def build_keyword_index(coll: CollectionDir, rebuild: bool = False,
+                        columns: Sequence[str] | None | object = KEEP_COLUMNS) -> dict[str, int]:
     """Write the keyword index (:mod:`vlsearch.store.keyword`) of every live shard that has none
-    (``rebuild``: of every live shard). No new version: a shard's keyword index is derived from the
+    (``rebuild``: of every live shard). ``columns``: the metadata columns to index from now on
+    (None: every text column; recorded in ``keyword.json``; every shard is then rebuilt). No new version: a shard's keyword index is derived from the
     immutable shard alone, written into a temporary directory renamed into place, and referenced
     by every version that lists the shard; readers see either no index (and are told to build it)
     or a whole one. Holds the writer lock. Returns counts of shards built and live."""
@@ -282,6 +288,9 @@ def build_keyword_index(coll: CollectionDir, rebuild: bool = False) -> dict[str,
         base = coll.reopen()
         base.collect_garbage()
         numbers = base.shard_numbers()
+        if columns is not KEEP_COLUMNS:
+            set_indexed_columns(base.path, columns)
+            rebuild = True
         todo = numbers if rebuild else missing_keyword_shards(base.path, numbers)
         for n in todo:
             table = pq.read_table(base.path / IMAGES_DIR / shard_name(n),

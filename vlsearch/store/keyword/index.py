@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
+from vlsearch.core.fsutil import write_json
 from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
 
 KEYWORD_DIR = "keyword"
@@ -32,8 +34,12 @@ def keyword_path(directory: Path, number: int) -> Path:
     return Path(directory) / KEYWORD_DIR / keyword_dir_name(number)
 
 
+#: the collection's choice of indexed metadata columns (absent: every text column), at its root
+KEYWORD_CONFIG = "keyword.json"
+
+
 def text_columns(schema: pa.Schema) -> list[str]:
-    """The metadata columns indexed: every string column but the standard and file-hash columns."""
+    """The text metadata columns: every string column but the standard and file-hash columns."""
     skip = {*IMAGE_COLUMNS, *FILE_COLUMNS, "embedding"}
     return [f.name for f in schema if f.name not in skip
             and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
@@ -62,13 +68,29 @@ def index_fields(columns: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([CAPTION_FIELD, PATH_FIELD, *(field_name(c) for c in columns)]))
 
 
+def indexed_columns(directory: Path, schema: pa.Schema) -> list[str]:
+    """The metadata columns a shard's keyword index holds: those ``keyword.json`` names (that are
+    text columns of ``schema``), else every text column."""
+    available = text_columns(schema)
+    config = Path(directory) / KEYWORD_CONFIG
+    if not config.is_file():
+        return available
+    chosen = json.loads(config.read_text(encoding="utf-8")).get("columns")
+    return available if chosen is None else [c for c in available if c in set(chosen)]
+
+
+def set_indexed_columns(directory: Path, columns: Sequence[str] | None) -> None:
+    """Record which metadata columns keyword indexes hold from now on (None: every text column)."""
+    write_json(Path(directory) / KEYWORD_CONFIG, {"columns": None if columns is None else list(columns)})
+
+
 def build_shard_index(directory: Path, number: int, images: pa.Table) -> Path:
     """Write the keyword index of shard ``number`` (rows ``images``, in order: document k is row k)
     into a temporary directory, then rename it into place (replacing a stale one left by a crash).
     Call before the shard's images file is written."""
     import tantivy
 
-    columns = text_columns(images.schema)
+    columns = indexed_columns(directory, images.schema)
     fields = index_fields(columns)
     final = keyword_path(directory, number)
     final.parent.mkdir(parents=True, exist_ok=True)
