@@ -277,3 +277,12 @@ def test_the_indexed_metadata_columns_are_configurable_and_syncs_follow_the_choi
     assert _kw(Searcher.open(coll.path), "delta") == []  # the new shard follows the choice
     coll.build_keyword_index(columns=None)
     assert set(_kw(Searcher.open(coll.path), "delta")) == {"home/dog_02.jpg", "home/bird.jpg"}
+
+
+def test_hybrid_reads_natural_language_leniently_where_keyword_mode_checks_syntax(coll, tiny_encoder):
+    s = Searcher.open(coll.path, encoder=tiny_encoder)
+    text = 'the "red kite: (children'  # an unclosed phrase, a stray field colon, an open parenthesis
+    with pytest.raises(InvalidQueryError, match="bad keyword query"):
+        s.search_text(text, mode="keyword")
+    hits = s.search_text(text, k=3, mode="hybrid", exact=True)
+    assert "beach/kite.jpg" in [h.path for h in hits]  # its words still count

@@ -197,10 +197,11 @@ class SearcherVersion:
         """The keyword or hybrid top ``k`` ``(scores, ids)`` of ``texts``, -1 in empty slots."""
         k = check_k(k)
         depth = k if mode == "keyword" else hybrid.hybrid_depth(k)
-        for text in texts:
-            self.keyword.check(text)
+        if mode == "keyword":  # a keyword query's syntax is checked; a hybrid one is natural language, read leniently
+            for text in texts:
+                self.keyword.check(text)
         allowed = self.plan.filters.subset(where).ids if where is not None else None
-        keyword = [self.keyword.search(text, depth, allowed) for text in texts]
+        keyword = [self.keyword.search(text, depth, allowed, lenient=mode == "hybrid") for text in texts]
         if mode == "keyword":
             return hybrid.padded(keyword, k)
         v_scores, v_ids = self.plan.knn(vectors(), depth, nprobe, exact, k_factor, where)

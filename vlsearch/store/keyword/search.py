@@ -4,6 +4,7 @@ shard's index, drop dead and filtered-out rows, merge by BM25 score."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -55,6 +56,14 @@ class ShardKeywordIndex:
         scores = np.fromiter((s for s, _ in result.hits), np.float32, len(result.hits))
         ids = np.asarray(self.searcher.fast_field_values(ID_FIELD, [a for _, a in result.hits]), np.int64)
         return scores, ids, int(result.count if result.count is not None else len(ids))
+
+
+def plain_words(text: str) -> str:
+    """``text`` as plain words for the query parser: punctuation (the query syntax: quotes, colons,
+    parentheses, +/-...) becomes spaces, and the text is lower-cased so that AND/OR/NOT are words."""
+    if not isinstance(text, str):
+        raise InvalidQueryError(f"keyword query must be a string, got {type(text).__name__}")
+    return " ".join(re.sub(r"[^\w\s]", " ", text).lower().split())
 
 
 class KeywordSearcher:
@@ -113,9 +122,16 @@ class KeywordSearcher:
                                     'phrases in "double quotes", field prefixes like path:beach)') from None
         return query
 
-    def search(self, query: str, depth: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: str, depth: int, allowed: np.ndarray | None = None,
+               lenient: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The best ``depth`` live rows matching ``query``: ``(BM25 scores desc, ids)``.
-        ``allowed``: sorted ids the rows must be among (a ``where`` filter), or None."""
+        ``allowed``: sorted ids the rows must be among (a ``where`` filter), or None. ``lenient``:
+        read natural language (a hybrid query): its words only (:func:`plain_words`), so that quotes,
+        colons or parentheses in a sentence never raise InvalidQueryError nor drop words."""
+        if lenient:
+            query = plain_words(query)
+            if not query:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
         self.check(query)
         fields = self.fields
         all_scores, all_ids = [], []
