@@ -345,3 +345,74 @@ def test_a_facet_click_filters_the_hits_to_its_value_and_the_filter_chip_removes
             assert engine.matching_ids(engine.compile(where)).tolist() == [i], (column, value, where)
     assert page.evaluate("condition('odd\"name', 3)") == '"odd""name" = 3'
     page.close()
+
+
+FACETS = ["color", "folder"]  # what the page sends as `facets` for the steer collection (its `facets` list)
+
+
+def _scores(page) -> list[float]:
+    texts = page.eval_on_selector_all("#results .score", "els => els.map(e => e.textContent)")
+    return [float(t.split("·")[1]) for t in texts]
+
+
+def test_sort_and_group_controls_give_the_library_s_ordered_grouped_list(steering, browser):
+    url, searcher, _ = steering
+    problems: list[str] = []
+    page = _open(browser, url, problems, k=8)
+    assert page.is_visible("#shape-row") and page.get_attribute("#order-dir", "aria-pressed") == "true"
+    options = page.eval_on_selector_all("#order-by option", "els => els.map(e => e.value)")
+    assert options[0] == "" and "color" in options
+    assert page.eval_on_selector_all("#group-by option", "els => els.map(e => e.value)") == [""] + FACETS
+    page.select_option("#order-by", "color")
+    page.select_option("#group-by", "folder")
+    page.fill("#per-group", "2")
+    text = "a small shape"
+    shown = _search(page, text)
+    expected = searcher.search_text(text, k=8, order_by="color DESC", group_by="folder", per_group=2, facets=FACETS)
+    assert shown == [h.id for h in expected]
+    folders = [p.split("/")[0] for p in page.eval_on_selector_all("#results .path", "els => els.map(e => e.textContent)")]
+    assert max(folders.count(f) for f in folders) <= 2
+    page.focus("#order-dir")  # the direction toggle, from the keyboard: smallest first
+    page.keyboard.press("Enter")
+    ascending = [str(h.id) for h in searcher.search_text(text, k=8, order_by="color ASC", group_by="folder",
+                                                           per_group=2, facets=FACETS)]
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=ascending, timeout=10_000)
+    assert page.get_attribute("#order-dir", "aria-pressed") == "false"
+    assert page.is_hidden("#error") and not problems, problems
+    page.close()
+
+
+def test_min_score_shows_only_hits_scoring_at_least_it(steering, browser):
+    url, searcher, _ = steering
+    problems: list[str] = []
+    page = _open(browser, url, problems, k=10)
+    text = "a large red circle"
+    threshold = round(searcher.search_text(text, k=10)[3].score, 3)
+    assert "model" in page.get_attribute("#min-score", "title")
+    page.fill("#min-score", str(threshold))
+    shown = _search(page, text)
+    expected = searcher.search_text(text, k=10, min_score=threshold, facets=FACETS)
+    assert shown == [h.id for h in expected] and 0 < len(shown) < 10
+    assert all(s >= threshold for s in _scores(page))
+    assert page.is_hidden("#error") and not problems, problems
+    page.close()
+
+
+def test_hybrid_alpha_blends_the_scores_like_the_library(steering, browser):
+    url, searcher, _ = steering
+    problems: list[str] = []
+    page = _open(browser, url, problems)
+    assert page.is_hidden("#alpha-row")
+    page.select_option("#match", "hybrid")
+    assert page.is_visible("#alpha-row")
+    page.fill("#alpha", "0.7")
+    text = "quokka red"
+    shown = _search(page, text)
+    expected = searcher.search_text(text, k=6, mode="hybrid", alpha=0.7, facets=FACETS)
+    assert shown == [h.id for h in expected]
+    # the blended scores, not the rank-fusion ones (about 1/60 each), are shown
+    assert _scores(page) == pytest.approx([round(h.score, 3) for h in expected], abs=1e-3)
+    assert "hybrid" in page.text_content("#status")
+    assert page.is_hidden("#error") and not problems, problems
+    page.close()

@@ -87,9 +87,33 @@ function collectionChanged() {
   if (!c.index) exact.checked = true;
   $("where").disabled = !c.filters;
   $("where-help").textContent = c.filters ? "" : "Filters are not supported by this collection yet.";
+  fillSelect($("order-by"), Array.isArray(c.columns) ? c.columns : [], "relevance");
+  fillSelect($("group-by"), facetColumns(), "none");
   state.filters = [];  // facet filters name this collection's columns
   renderFilters();
   renderFacets(null);
+}
+
+// A select of column names after its first option ("relevance"/"none"), keeping the choice if still there.
+function fillSelect(select, names, first) {
+  const kept = select.value;
+  const none = document.createElement("option");
+  none.value = "";
+  none.textContent = first;
+  select.replaceChildren(none);
+  for (const name of names) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    select.appendChild(option);
+  }
+  select.value = names.includes(kept) ? kept : "";
+}
+
+function setDirection(descending) {
+  const button = $("order-dir");
+  button.setAttribute("aria-pressed", descending ? "true" : "false");
+  button.textContent = descending ? "↓ largest first" : "↑ smallest first";
 }
 
 // ---- the current query: a list of weighted terms ------------------------------------------------
@@ -295,6 +319,16 @@ function params() {
   if (cut) p.autocut = 1;
   const columns = facetColumns();
   if (columns.length) p.facets = columns;
+  const order = $("order-by").value;
+  if (order) p.order_by = order + ($("order-dir").getAttribute("aria-pressed") === "true" ? " DESC" : " ASC");
+  const group = $("group-by").value;
+  if (group) {
+    p.group_by = group;
+    const per = parseInt($("per-group").value, 10);
+    if (Number.isFinite(per) && per > 1) p.per_group = per;
+  }
+  const min = parseFloat($("min-score").value);
+  if ($("min-score").value.trim() !== "" && Number.isFinite(min)) p.min_score = min;
   return p;
 }
 
@@ -331,6 +365,8 @@ async function request(terms, offset) {
   if (only && only.kind === "text") {
     body = Object.assign(p, { text: only.text });
     if (textMode() !== "vector") body.mode = textMode();  // keyword and hybrid search the words alone
+    const alpha = parseFloat($("alpha").value);
+    if (textMode() === "hybrid" && $("alpha").value.trim() !== "" && Number.isFinite(alpha)) body.alpha = alpha;
   } else {
     body = Object.assign(p, { terms: await Promise.all(terms.map(termBody)) });
   }
@@ -460,8 +496,13 @@ function init() {
     if (kept.length) search(kept, false); else runTerms([]);
   });
   const rerun = () => { if (state.terms.length) runTerms(state.terms); };
-  $("match").addEventListener("change", rerun);
+  $("match").addEventListener("change", () => { $("alpha-row").hidden = textMode() !== "hybrid"; rerun(); });
   $("autocut").addEventListener("change", rerun);
+  for (const id of ["order-by", "group-by", "per-group", "min-score", "alpha"]) $(id).addEventListener("change", rerun);
+  $("order-dir").addEventListener("click", () => {
+    setDirection($("order-dir").getAttribute("aria-pressed") !== "true");
+    if ($("order-by").value) rerun();
+  });
   $("photo").addEventListener("change", (event) => { searchFile(event.target.files[0]); event.target.value = ""; });
   $("more").addEventListener("click", () => search(state.terms, true));
   $("token-save").addEventListener("click", () => {
