@@ -62,7 +62,7 @@ from vlsearch.query.reranking import Reranked, RerankStage
 from vlsearch.query.results import Hit, Hits, Results, format_hits, hits_to_json_lines
 from vlsearch.query.shaped import shaped_mode_search, shaped_text_search, shaped_vector_search
 from vlsearch.query.shaping import Shape
-from vlsearch.query.term_search import item_vectors, term_vectors, without
+from vlsearch.query.term_search import item_vectors, term_vectors, without_ids
 from vlsearch.query.terms import NEGATIVE_WEIGHT, Item, Query, TermLike, check_examples, combine, feedback_vector
 from vlsearch.query.version import SearcherVersion, SharedParts, Stamp, manifest_stamp
 from vlsearch.rerank.model import check_rerank_k
@@ -416,9 +416,9 @@ class Searcher:
             return shaped_vector_search(current, queries, k, nprobe, exact, k_factor, where, shape, exclude)
         if not exclude:
             return current.search(queries, k, nprobe, exact, k_factor, where)
-        skip = set(exclude)
-        results = current.search(queries, check_k(k) + len(skip), nprobe, exact, k_factor, where)
-        return Results(without(hits, skip, k) for hits in results)
+        skip, k = np.fromiter(set(exclude), np.int64), check_k(k)
+        scores, ids = current.plan.knn(queries, k + len(skip), nprobe, exact, k_factor, where)
+        return current.hit_builder.build(*without_ids(scores, ids, skip, k))
 
     # ---- the steps (each on the version read when it is called: use a snapshot() to chain them)
     def knn(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, exact: bool = False,

@@ -14,6 +14,7 @@ from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.plan import check_k
 from vlsearch.query.results import Results
 from vlsearch.query.shaping import Shape, shaped_search
+from vlsearch.query.term_search import without_ids
 from vlsearch.rerank.model import check_rerank_k
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +34,7 @@ def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int
 
     def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
         scores, ids = plan.knn(queries, depth + len(skip), nprobe, exact, k_factor, where)
-        return (*_without(scores, ids, skip, depth), None)
+        return (*without_ids(scores, ids, skip, depth), None)
 
     return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
 
@@ -51,18 +52,6 @@ def shaped_mode_search(version: "SearcherVersion", texts: list[str], vectors: Ca
         return (*version.knn_text_mode(texts, vectors, depth, *mode, nprobe, exact, k_factor, where), None)
 
     return shaped_search(fetch, version.hit_builder.build, lambda: version.plan.filters.engine, k, shape)
-
-
-def _without(scores: np.ndarray, ids: np.ndarray, skip: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's first ``depth`` candidates whose id is not in ``skip`` (-1 padded)."""
-    if not len(skip):
-        return scores, ids
-    out_scores, out_ids = np.zeros((len(ids), depth), np.float32), np.full((len(ids), depth), -1, np.int64)
-    for q in range(len(ids)):
-        keep = ~np.isin(ids[q], skip)
-        kept_scores, kept_ids = scores[q][keep][:depth], ids[q][keep][:depth]
-        out_scores[q, :len(kept_ids)], out_ids[q, :len(kept_ids)] = kept_scores, kept_ids
-    return out_scores, out_ids
 
 
 def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, nprobe: int | None, exact: bool,

@@ -4,14 +4,12 @@ one batch, items from their shards), and leaving the example items out of the hi
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Iterable
 
 import numpy as np
 
 from vlsearch.core.errors import ItemNotFoundError
 from vlsearch.query.embedding import QueryEmbedder
-from vlsearch.query.results import Hits
 from vlsearch.query.subset import iter_embeddings_of
 from vlsearch.query.terms import Query
 from vlsearch.store.rows import RowLocator
@@ -47,8 +45,14 @@ def term_vectors(embedder: QueryEmbedder, locator: RowLocator, query: Query) -> 
     return out
 
 
-def without(hits: Hits, exclude: Iterable[int], k: int) -> Hits:
-    """The first ``k`` hits whose id is not in ``exclude``, ranked 1.. again."""
-    skip = set(exclude)
-    kept = [h for h in hits if h.id not in skip][:k]
-    return Hits(replace(h, rank=i + 1) for i, h in enumerate(kept))
+def without_ids(scores: np.ndarray, ids: np.ndarray, skip: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first ``depth`` candidates ``(scores, ids)`` whose id is not in ``skip`` (-1
+    padded): example items left out before any hit is built, cut or counted."""
+    if not len(skip):
+        return scores, ids
+    out_scores, out_ids = np.zeros((len(ids), depth), np.float32), np.full((len(ids), depth), -1, np.int64)
+    for q in range(len(ids)):
+        keep = ~np.isin(ids[q], skip)
+        kept_scores, kept_ids = scores[q][keep][:depth], ids[q][keep][:depth]
+        out_scores[q, :len(kept_ids)], out_ids[q, :len(kept_ids)] = kept_scores, kept_ids
+    return out_scores, out_ids
