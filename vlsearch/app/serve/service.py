@@ -23,7 +23,7 @@ from vlsearch.query.embedding import TextQuery
 from vlsearch.query.results import Hit
 from vlsearch.query.searcher import Searcher
 from vlsearch.query.terms import NEGATIVE_WEIGHT
-from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
+from vlsearch.store.keyword.index import text_columns
 
 from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.images import ItemImages
@@ -87,8 +87,7 @@ def columns_info(schema: pa.Schema) -> dict[str, list[str]]:
     the page counts, every text metadata column, then ``folder`` (the directory part of ``path``,
     a pseudo-column of ``facets``) unless a column has that name."""
     columns = [n for n in schema.names if n != "embedding"]
-    text = [f.name for f in schema if f.name not in (*IMAGE_COLUMNS, *FILE_COLUMNS)
-            and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+    text = text_columns(schema)  # the text metadata columns, as the keyword index defines them
     folder = ["folder"] if "path" in columns and "folder" not in (c.lower() for c in columns) else []
     return {"columns": columns, "facets": text + folder}
 
