@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from vlsearch.store.columns import set_columns
 from vlsearch.store.directory import CollectionDir
 from vlsearch.store.update import Update, build_keyword_index, compact
 
@@ -30,6 +31,11 @@ class Collection(CollectionDir):
         of all; ``columns=[...]``: index these metadata columns, None: every text column); see
         :func:`vlsearch.store.update.build_keyword_index`."""
         return build_keyword_index(self, rebuild, **columns)
+
+    def set_columns(self, values: pa.Table, keep: bool = True) -> dict[str, int]:
+        """Set metadata columns of existing rows (``values``: ``id`` + the columns) as one new
+        version, without re-encoding (:func:`vlsearch.store.columns.set_columns`)."""
+        return set_columns(self, values, keep)
 
     def add(self, images: pa.Table, captions: pa.Table | None = None) -> int:
         """Add rows (id, path, embedding, ...) and their captions as a new version; the index
