@@ -26,7 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlsearch.core.errors import DecodeError, DecodeHangError, FilesystemNotInstalledError
-from vlsearch.data.images import MAX_PIXELS, missing_file, open_image, original_size
+from vlsearch.data.formats import refusal
+from vlsearch.data.images import MAX_PIXELS, file_exif, missing_file, open_image, original_size
+from vlsearch.data.photo import exif_values
 
 from vlsearch.data.sources import ImageRecord, bytes_hash, content_hash, file_stat, is_url, read_record
 
@@ -79,7 +81,11 @@ def open_record(record: ImageRecord, *, draft_size: int | None = None,
                 max_pixels: int = MAX_PIXELS) -> tuple[Any, FileFacts | None]:
     """One record as an upright RGB PIL image (tar members read from their offset, URLs through
     fsspec), and the :data:`FileFacts` of the bytes it decoded when it read them itself (a local
-    file up to :data:`READ_ONCE_BYTES`); None otherwise."""
+    file up to :data:`READ_ONCE_BYTES`); None otherwise. A RAW file, or a file taken for its bytes
+    under another extension, is refused before it is read (:func:`vlsearch.data.formats.refusal`)."""
+    problem = refusal(record.path, record.sniffed)
+    if problem is not None:
+        raise problem
     if record.tar_range is not None or is_url(record.location):
         try:
             data = read_record(record)
@@ -123,12 +129,14 @@ def _read_local(record: ImageRecord) -> tuple[bytes, FileFacts] | None:
 
 
 class Decoded(NamedTuple):
-    """One decoded record: ``pixels`` (3, H, W), its upright original ``size`` (width, height), and
-    the :data:`FileFacts` of the bytes decoded when they were read in one go (else None)."""
+    """One decoded record: ``pixels`` (3, H, W), its upright original ``size`` (width, height),
+    the :data:`FileFacts` of the bytes decoded when they were read in one go (else None), and the
+    EXIF columns of the file (:func:`vlsearch.data.photo.exif_values`)."""
 
     pixels: torch.Tensor
     size: tuple[int, int]
     file: FileFacts | None
+    exif: dict[str, Any]
 
 
 def decode_record(
@@ -143,7 +151,7 @@ def decode_record(
     try:
         with time_limit(timeout):
             img, facts = open_record(record, draft_size=draft_size, max_pixels=max_pixels)
-            return Decoded(transform(img), original_size(img), facts)
+            return Decoded(transform(img), original_size(img), facts, exif_values(file_exif(img)))
     except _Timeout:  # the alarm fired just after the body finished
         raise DecodeError("timeout", f"not decoded within {timeout:g} s") from None
     except (DecodeError, FilesystemNotInstalledError):  # a missing fsspec package is the job's error, not the image's
@@ -161,6 +169,7 @@ class DecodedBatch:
     ``(position, kind, message)``. ``files[i]``: ``(file_stat, content_hash)`` of ``ok[i]``'s
     file, computed in the worker that decoded it (the page cache still holds the bytes), so the
     encoding process does not read and hash every file again (``indexing.shards.file_columns``).
+    ``exif[i]``: ``ok[i]``'s EXIF columns, read from the image the worker opened.
     """
 
     pixels: torch.Tensor
@@ -168,6 +177,7 @@ class DecodedBatch:
     sizes: list[tuple[int, int]]
     failures: list[tuple[int, str, str]]
     files: list[tuple[tuple[int, int] | None, str | None]] = field(default_factory=list)
+    exif: list[dict[str, Any]] = field(default_factory=list)
 
     def pin_memory(self) -> "DecodedBatch":  # called by DataLoader(pin_memory=True)
         return replace(self, pixels=self.pixels.pin_memory())
@@ -175,7 +185,7 @@ class DecodedBatch:
 
 class RecordDataset(Dataset):
     """Map-style dataset over records: item ``i`` is ``(i, pixels or None, size or None, failure or None,
-    (file_stat, content_hash) or None)``."""
+    (file_stat, content_hash) or None, EXIF columns or None)``."""
 
     def __init__(self, records: Sequence[ImageRecord], transform: Callable[[Any], torch.Tensor], *,
                  draft_size: int | None, timeout: float | None, max_pixels: int):
@@ -189,11 +199,11 @@ class RecordDataset(Dataset):
     def __getitem__(self, i: int):
         record = self.records[i]
         try:
-            pixels, size, facts = decode_record(record, self.transform, draft_size=self.draft_size,
-                                                timeout=self.timeout, max_pixels=self.max_pixels)
+            pixels, size, facts, exif = decode_record(record, self.transform, draft_size=self.draft_size,
+                                                      timeout=self.timeout, max_pixels=self.max_pixels)
         except DecodeError as exc:
-            return i, None, None, (exc.kind, exc.message), None
-        return i, pixels, size, None, facts or (file_stat(record), content_hash(record))
+            return i, None, None, (exc.kind, exc.message), None, None
+        return i, pixels, size, None, facts or (file_stat(record), content_hash(record)), exif
 
 
 def collate(items: list[tuple]) -> DecodedBatch:
@@ -201,7 +211,8 @@ def collate(items: list[tuple]) -> DecodedBatch:
     good = [it for it in items if it[3] is None]
     pixels = stack_pixels([it[1] for it in good]) if good else torch.empty(0)
     return DecodedBatch(pixels, [it[0] for it in good], [it[2] for it in good],
-                        [(it[0], *it[3]) for it in items if it[3] is not None], [it[4] for it in good])
+                        [(it[0], *it[3]) for it in items if it[3] is not None], [it[4] for it in good],
+                        [it[5] for it in good])
 
 
 def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -309,7 +320,8 @@ def _join(tasks: Iterator[DecodedBatch], per_batch: int, pin_memory: bool) -> It
                                                       memory_format=layout))
         yield DecodedBatch(pixels,
                            [i for t in group for i in t.ok], [s for t in group for s in t.sizes],
-                           [f for t in group for f in t.failures], [f for t in group for f in t.files])
+                           [f for t in group for f in t.failures], [f for t in group for f in t.files],
+                           [e for t in group for e in t.exif])
 
 
 def _name_hangs(batches: Iterator[DecodedBatch], records: Sequence[ImageRecord], batch_size: int,

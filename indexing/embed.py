@@ -35,6 +35,7 @@ from vlsearch.core.threads import cpu_threads
 from indexing.shards import (
     EmbedConfig, committed_shards, embed_shard, counts_on_disk, chunks, ShardStats, image_schema,
 )
+from indexing.photos import honour_no_gps, source_record
 from indexing.sync import sync
 from vlsearch.data.sources import ImageRecord, ImageSource, open_source
 
@@ -60,6 +61,7 @@ def embed(
         config = replace(config, model=encoder.name if encoder is not None else default_model())
     path = Path(collection_dir)
     coll = open_existing(path, source, config, check_model_name=encoder is None)
+    config = honour_no_gps(coll, config) if coll is not None else config
     if coll is not None and coll.manifest.complete:  # a finished collection follows its source: sync it
         sync(source, coll, config, encoder=encoder, progress=progress)
         return Collection.open(path)
@@ -79,7 +81,7 @@ def _load_and_run(path: Path, coll: Collection | None, source: ImageSource, enco
     records = itertools.chain([first], records)
     if coll is None:
         coll = Collection.create(path, Manifest(model=encoder.info, shard_size=config.shard_size,
-                                                source=source.describe(), precision=encoder.precision))
+                                                source=source_record(source, config), precision=encoder.precision))
     with coll.lock():  # the precision record is a manifest write too: inside the writer lock
         _record_precision(coll, encoder.precision)
         return _run(coll, source, records, encoder, config, progress)
@@ -135,6 +137,6 @@ def _run(coll: Collection, source: ImageSource, records: Iterator[ImageRecord], 
             counts[key] += value
         counts["shards"] = len(coll.shard_paths(IMAGES_DIR))
         coll.update_manifest(counts=dict(counts))
-    coll.commit_version(counts=dict(counts), complete=True, source=source.describe())
+    coll.commit_version(counts=dict(counts), complete=True, source=source_record(source, config))
     log.info("embedded %s into %s in %.1f s", counts, coll.path, time.perf_counter() - stats.start)
     return coll

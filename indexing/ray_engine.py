@@ -69,6 +69,7 @@ from vlsearch.core.progress import Progress
 from vlsearch.query.exact import ExactTopK
 
 from indexing.build import TUNE_K, add_vectors, build_index
+from indexing.photos import honour_no_gps, source_record
 from vlsearch.ann.plan import AutoPolicy
 from vlsearch.data.sources import ImageSource, open_source
 
@@ -162,6 +163,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
         source = open_source(source)
     path = Path(collection_dir)
     coll = open_existing(path, source, config)
+    config = honour_no_gps(coll, config) if coll is not None else config
     if coll is not None and coll.manifest.complete:  # a finished collection follows its source, as locally:
         from indexing.embed import embed  # synced on the driver (only new and changed images are encoded)
 
@@ -174,7 +176,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
         first = next(records)  # SourceError for an empty source, before anything is created
         if coll is None:
             coll = Collection.create(path, Manifest(model=info, shard_size=config.shard_size,
-                                                    source=source.describe()))
+                                                    source=source_record(source, config)))
         with coll.lock():  # one writer at a time, as for the local engine
             return _run_ray(ray, coll, source, itertools.chain([first], records), config, ray_config, progress)
 
@@ -219,7 +221,7 @@ def _run_ray(ray: Any, coll: Collection, source: ImageSource, records: Iterator[
         finally:
             poller.stop()
             ray.kill(hub)
-    coll.commit_version(counts=counts_on_disk(coll), complete=True, source=source.describe())
+    coll.commit_version(counts=counts_on_disk(coll), complete=True, source=source_record(source, config))
     log.info("embedded %s into %s with Ray in %.1f s", coll.manifest.counts, coll.path, time.perf_counter() - start)
     return coll
 

@@ -23,6 +23,7 @@ from vlsearch.store.collection import Collection
 from vlsearch.store.arrays import embedding_array, embedding_type
 from vlsearch.core.errors import SourceError
 from vlsearch.data.images import MAX_PIXELS
+from vlsearch.data.photo import PHOTO_SCHEMA, photo_columns
 from vlsearch.models.factory import Encoder, default_pretrained
 from vlsearch.core.progress import Progress
 
@@ -54,6 +55,9 @@ class EmbedConfig:
     draft_size: int | None = None
     max_pixels: int = MAX_PIXELS
     text_batch_size: int = 256
+    #: keep location out of the collection: ``gps_lat``/``gps_lon`` stay null (recorded in the
+    #: manifest's source as ``no_gps``, which later syncs honour).
+    no_gps: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size", "text_batch_size", "max_pixels"):
@@ -147,6 +151,7 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
     ok: list[int] = []
     sizes: list[tuple[int, int]] = []
     files: list[tuple[tuple[int, int] | None, str | None]] = []
+    exif: list[dict[str, Any]] = []
     vectors: list[np.ndarray] = []
     cap_ids: list[int] = []
     cap_texts: list[str] = []
@@ -163,6 +168,7 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
         ok += batch.ok
         sizes += batch.sizes
         files += batch.files
+        exif += batch.exif
         for i, kind, message in batch.failures:
             log.info("refused %s: %s: %s", chunk[i].path, kind, message)
         failed += batch.failures
@@ -170,7 +176,8 @@ def _embed_chunk(chunk: list[ImageRecord], batches: Iterator[DecodedBatch], enco
         stats.failures += len(batch.failures)
         stats.report(progress)
     dim = encoder.dim
-    images = _image_table([chunk[i] for i in ok], sizes, _stack(vectors, dim), schema, files)
+    images = _image_table([chunk[i] for i in ok], sizes, _stack(vectors, dim), schema, files,
+                          photo_columns([chunk[i].path for i in ok], exif, gps=not config.no_gps))
     captions = pa.table({"image_id": pa.array(cap_ids, pa.int64()), "caption": pa.array(cap_texts, pa.string()),
                          "embedding": embedding_array(_stack(cap_vectors, dim))})
     failures = pa.table({"path": pa.array([chunk[i].path for i, _, _ in failed], pa.string()),
@@ -184,10 +191,11 @@ def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
 
 
 def image_schema(dim: int, metadata: pa.Schema = pa.schema([])) -> pa.Schema:
-    """Schema of an image shard: id, path, width, height, captions, <metadata...>, file columns
-    (``vlsearch.store.collection.FILE_COLUMNS``), embedding."""
+    """Schema of an image shard: id, path, width, height, captions, <metadata...>, photo columns
+    (:data:`vlsearch.data.photo.PHOTO_SCHEMA`), file columns (``vlsearch.store.collection.FILE_COLUMNS``),
+    embedding."""
     return pa.schema([("id", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                      ("captions", pa.list_(pa.string())), *metadata,
+                      ("captions", pa.list_(pa.string())), *metadata, *PHOTO_SCHEMA,
                       ("file_size", pa.int64()), ("file_mtime_ns", pa.int64()), ("content_hash", pa.string()),
                       ("record_hash", pa.string()), ("embedding", embedding_type(dim))])
 
@@ -205,7 +213,7 @@ def file_columns(records: list[ImageRecord],
 
 
 def _image_table(records: list[ImageRecord], sizes: list[tuple[int, int]], vectors: np.ndarray,
-                 schema: pa.Schema, files: list | None = None) -> pa.Table:
+                 schema: pa.Schema, files: list | None = None, photos: dict[str, list[Any]] | None = None) -> pa.Table:
     columns: dict[str, Any] = {
         "id": [r.id for r in records],
         "path": [r.path for r in records],
@@ -213,6 +221,7 @@ def _image_table(records: list[ImageRecord], sizes: list[tuple[int, int]], vecto
         "height": [h for _, h in sizes],
         "captions": [list(r.captions) for r in records],
         **file_columns(records, files),
+        **(photos or photo_columns([r.path for r in records], [None] * len(records))),
     }
     arrays = []
     for field in schema:

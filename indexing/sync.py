@@ -56,7 +56,9 @@ from indexing.shards import (
     image_schema,
     same_model_unloaded,
 )
+from vlsearch.data.photo import photo_columns
 from vlsearch.data.sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
+from indexing.photos import honour_no_gps, keep_location_out, record_exif
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class SyncReport:
     reused: int = 0
     encoded: int = 0
     failures: int = 0
+    #: ``(path, kind, message)`` of each new or changed file that could not be embedded
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
     dry_run: bool = False
     version: int | None = None
     seconds: float = 0.0
@@ -127,6 +131,9 @@ def sync(source: ImageSource | str | os.PathLike, collection: Collection | str |
                          pretrained=config.pretrained if encoder is not None or config.pretrained else coll.model.pretrained)
     if not coll.manifest.complete:
         raise CollectionError(f"collection {coll.path} is not finished; rerun the embedding to resume it first")
+    if config.no_gps and not dry_run:
+        coll = keep_location_out(coll)
+    config = honour_no_gps(coll, config)
     holder = _EncoderHolder(coll, config, encoder)
     deferred = _deferring(defer)
     if dry_run:
@@ -265,7 +272,7 @@ def _apply(plan: _Plan, update: Update, source: ImageSource, holder: _EncoderHol
     dim = coll.dim
     schema = image_schema(dim, source.metadata_schema)
     for chunk in chunks(plan.reuse, size):
-        update.add(*_reused_tables(coll, chunk, schema, holder))
+        update.add(*_reused_tables(coll, chunk, schema, holder, config))
     if plan.encode:
         encoder = holder.get()
         stats = ShardStats(start=time.perf_counter(), skipped=0, total=len(plan.encode), failures=0)
@@ -274,12 +281,14 @@ def _apply(plan: _Plan, update: Update, source: ImageSource, holder: _EncoderHol
             update.add(images, captions, failures)
             plan.report.encoded += images.num_rows
             plan.report.failures += failures.num_rows
+            plan.report.failed += [(r["path"], r["kind"], r["message"]) for r in failures.to_pylist()]
 
 
 def _reused_tables(coll: Collection, chunk: list[tuple[ImageRecord, int]], schema: pa.Schema,
-                   holder: _EncoderHolder) -> tuple[pa.Table, pa.Table]:
+                   holder: _EncoderHolder, config: EmbedConfig) -> tuple[pa.Table, pa.Table]:
     """Rows for records whose image vector is taken from stored row ids (renamed, duplicate,
-    caption-only change or touched); their captions' vectors are reused when the text is the same."""
+    caption-only change or touched); their captions' vectors are reused when the text is the same,
+    and their photo columns are read from the files' headers (no decode)."""
     wanted = np.array(sorted({old for _, old in chunk}), np.int64)
     stored = _rows_by_id(coll, wanted, ["id", "width", "height", "embedding"], "id")
     stored_caps = _rows_by_id(coll, wanted, ["image_id", "caption", "embedding"], "image_id", CAPTIONS_DIR)
@@ -290,7 +299,8 @@ def _reused_tables(coll: Collection, chunk: list[tuple[ImageRecord, int]], schem
     columns: dict[str, Any] = {
         "id": [r.id for r in records], "path": [r.path for r in records],
         "width": [stored["width"][k] for k in rows], "height": [stored["height"][k] for k in rows],
-        "captions": [list(r.captions) for r in records], **file_columns(records)}
+        "captions": [list(r.captions) for r in records], **file_columns(records),
+        **photo_columns([r.path for r in records], [record_exif(r) for r in records], gps=not config.no_gps)}
     arrays = [embedding_array(stored["vectors"][rows]) if f.name == "embedding" else
               pa.array(columns[f.name] if f.name in columns else [r.metadata.get(f.name) for r in records], f.type)
               for f in schema]

@@ -133,7 +133,7 @@ def test_decompression_bomb_is_refused_before_allocating(tmp_path):
 def test_large_jpeg_is_drafted_but_records_its_full_size(tmp_path):
     (tmp_path / "big.jpg").write_bytes(_save(_rgb((1600, 1200)), "JPEG"))
     rec = ImageRecord(1, "big.jpg", str(tmp_path / "big.jpg"))
-    pixels, size, _ = decode_record(rec, lambda img: img, draft_size=128)
+    pixels, size, *_ = decode_record(rec, lambda img: img, draft_size=128)
     assert size == (1600, 1200)
     assert pixels.size == (200, 150)  # DCT-scaled by 1/8 while decoding, still >= 128 a side
 
@@ -148,8 +148,8 @@ def test_drafted_decode_gives_the_model_the_same_upright_input(tmp_path, tiny_en
     exif[0x0112] = 6
     (tmp_path / "cam.jpg").write_bytes(_save(Image.fromarray(pixels), "JPEG", quality=92, exif=exif.tobytes()))
     rec = ImageRecord(1, "cam.jpg", str(tmp_path / "cam.jpg"))
-    full, size_full, _ = decode_record(rec, tiny_encoder.preprocess, draft_size=None)
-    drafted, size_drafted, _ = decode_record(rec, tiny_encoder.preprocess, draft_size=2 * tiny_encoder.image_size)
+    full, size_full, *_ = decode_record(rec, tiny_encoder.preprocess, draft_size=None)
+    drafted, size_drafted, *_ = decode_record(rec, tiny_encoder.preprocess, draft_size=2 * tiny_encoder.image_size)
     assert size_full == size_drafted == (h, w)  # upright original size, recorded before the draft
     assert drafted.shape == full.shape == (3, tiny_encoder.image_size, tiny_encoder.image_size)
     assert (drafted - full).abs().mean() < 0.05  # normalised units: resampling noise only

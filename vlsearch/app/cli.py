@@ -267,16 +267,27 @@ def build_index_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT
         _build_and_report(collection_dir, build, engine, parts)
 
 
+REFRESH_METADATA_OPT = typer.Option(
+    False, "--refresh-metadata", help="Only re-read the photo metadata columns (taken_at, camera, lens, GPS, "
+    "orientation, folder) of every row from its file's EXIF, as one new version: no sync, no re-encoding "
+    "(for a collection embedded before these columns existed).")
+
+
 @app.command("index")
 @handle_errors
 @with_groups(EMBED, BUILD, ENGINE, PARTS)
 def index_cmd(source: str = SOURCE_ARG, collection_dir: str = COLLECTION_OUT_ARG,
               rerank_features: bool = RERANK_FEATURES_OPT, wait: float = WAIT_OPT, embed: EmbedOptions = None,
-              build: BuildOptions = None, engine: EngineOptions = None, parts: PartsOptions = None) -> None:
+              build: BuildOptions = None, engine: EngineOptions = None, parts: PartsOptions = None,
+              refresh_metadata: bool = REFRESH_METADATA_OPT) -> None:
     """Embed a source into a collection and build its index (resumable); rerun on a finished
     collection to sync it with its source — the index follows without a rebuild."""
     from vlsearch.store.collection import Collection
 
+    if refresh_metadata:
+        with lock_wait(wait):
+            _refresh_and_report(source, collection_dir, embed)
+        return
     with lock_wait(wait):
         synced = _embed_and_report(source, collection_dir, embed, engine)
         if not embed.dry_run and not (synced and Collection.open(collection_dir).has_index()):
@@ -338,9 +349,40 @@ def _embed_and_report(source: str, collection_dir: str, options: EmbedOptions, e
 
             coll = embed_ray(src, collection_dir, options.config(), ray_config, progress=bar)
     c = coll.manifest.counts
-    typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures "
-               f"in {time.perf_counter() - start:.1f} s -> {coll.path}")
+    failed = [(r["path"], r["kind"], r["message"]) for r in coll.failures().to_pylist()]
+    typer.echo(f"{c.get('images', 0)} images, {c.get('captions', 0)} captions, {c.get('failures', 0)} failures"
+               f"{_failure_kinds(failed)} in {time.perf_counter() - start:.1f} s -> {coll.path}")
+    _echo_failures(failed)
     return False
+
+
+#: Failed files named one per line after a summary (all of them are in the collection's failures table).
+SHOWN_FAILURES = 10
+
+
+def _failure_kinds(failed: Sequence[tuple[str, str, str]]) -> str:
+    """`` (2 raw, 1 missing-decoder)``: the failures counted by kind, most frequent first ("" for none)."""
+    from collections import Counter
+
+    counts = Counter(kind for _, kind, _ in failed).most_common()
+    return f" ({', '.join(f'{n} {kind}' for kind, n in counts)})" if counts else ""
+
+
+def _echo_failures(failed: Sequence[tuple[str, str, str]]) -> None:
+    """One line per failed file, with its reason and fix, the first :data:`SHOWN_FAILURES` of them."""
+    for path, kind, message in failed[:SHOWN_FAILURES]:
+        typer.echo(f"  not indexed: {path}: {kind}: {message}")
+    if len(failed) > SHOWN_FAILURES:
+        typer.echo(f"  ... and {len(failed) - SHOWN_FAILURES} more in the collection's failures table")
+
+
+def _refresh_and_report(source: str, collection_dir: str, options: EmbedOptions) -> None:
+    from indexing.photos import refresh_metadata
+
+    with TqdmProgress("refresh-metadata", unit="img") as bar:
+        result = refresh_metadata(options.open_source(source), collection_dir, options.config(), progress=bar)
+    typer.echo(f"photo metadata of {result['rows_updated']} rows re-read ({result['files_unread']} files "
+               f"unreadable or gone, kept as they were) -> {collection_dir} version {result['version']}")
 
 
 def _sync_and_report(src: Any, path: Path, config: Any, dry_run: bool) -> None:
@@ -355,7 +397,9 @@ def _sync_and_report(src: Any, path: Path, config: Any, dry_run: bool) -> None:
         typer.echo(f"{report.summary()} (dry run: nothing written)")
         return
     typer.echo(f"{report.summary()}; {report.reused} vectors reused, {report.encoded} encoded, "
-               f"{report.failures} failures in {report.seconds:.1f} s -> {path} version {report.version}")
+               f"{report.failures} failures{_failure_kinds(report.failed)} in {report.seconds:.1f} s -> {path} "
+               f"version {report.version}")
+    _echo_failures(report.failed)
     for advice in report.advice:
         typer.echo(f"note: {advice}")
 

@@ -29,6 +29,8 @@ PRECISION_OPT = typer.Option("auto", "--precision", help="Inference precision: a
 SOURCE_ARG = typer.Argument(..., help="Image folder, .csv/.tsv/.parquet manifest, .tar shard(s) (folder or glob).")
 COLLECTION_OUT_ARG = typer.Argument(..., help="Output collection directory (created, resumed, or synced).")
 COLLECTION_ARG = typer.Argument(..., help="Collection directory (from `vlsearch embed`).")
+NO_GPS_HELP = ("Keep location out of the collection: gps_lat/gps_lon stay null. Recorded in the collection, so "
+               "later syncs keep it; on a collection that holds locations it clears them.")
 WAIT_OPT = typer.Option(0.0, "--wait", min=0.0, metavar="SECONDS",
                         help="Wait up to SECONDS for another writer of the collection (a sync, compact or "
                              "build-index) to finish (0: fail at once if another writer holds the collection).")
@@ -59,6 +61,7 @@ class EmbedOptions:
     caption_column: Optional[str] = _option(None, "--caption-column", help="Manifest column of captions.")
     dry_run: bool = _option(False, "--dry-run", help="On a finished collection: list what a sync would change, "
                             "write nothing.")
+    no_gps: bool = _option(False, "--no-gps", help=NO_GPS_HELP)
 
     def config(self) -> Any:
         """The :class:`indexing.embed.EmbedConfig` these options describe."""
@@ -67,7 +70,7 @@ class EmbedOptions:
         return EmbedConfig(model=self.model, pretrained=self.pretrained, batch_size=self.batch_size,
                            workers=self.workers, device=self.device, precision=self.precision,
                            shard_size=self.shard_size,
-                           threads=self.threads, decode_timeout=self.decode_timeout or None)
+                           threads=self.threads, decode_timeout=self.decode_timeout or None, no_gps=self.no_gps)
 
     def open_source(self, source: str) -> Any:
         from vlsearch.data.sources import open_source
@@ -377,6 +380,7 @@ class WatchOptions:
     precision: str = dataclasses.field(default="auto", metadata={"option": PRECISION_OPT})
     workers: Optional[int] = _option(None, "--workers", "-w", min=0, help="Decoding processes per sync (0: in "
                                      "the watching process).")
+    no_gps: bool = _option(False, "--no-gps", help=NO_GPS_HELP)
 
     def config(self) -> Any:
         """The :class:`indexing.watch.WatchConfig` these options describe."""
@@ -393,7 +397,7 @@ class WatchOptions:
         from indexing.shards import EmbedConfig
 
         return EmbedConfig(model=self.model, pretrained=self.pretrained, device=self.device,
-                           precision=self.precision, workers=self.workers)
+                           precision=self.precision, workers=self.workers, no_gps=self.no_gps)
 
 
 # ---- train: every flag is an override of the config file (or of TrainConfig's defaults) -----------

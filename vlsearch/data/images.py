@@ -1,5 +1,11 @@
 """Opening images safely: any source form, any mode, EXIF orientation, bounded size.
 
+Every format of :mod:`vlsearch.data.formats` (HEIC/HEIF through pillow-heif, registered when the
+first one is met); animated images (GIF, WebP, APNG) give their first frame. The EXIF orientation
+is applied here, the one place every caller (indexing, query images, thumbnails) opens images
+through, so stored widths and heights are the upright size; the file's ``Image.Exif`` is kept
+for :func:`file_exif` (the photo metadata columns read it without a second read of the file).
+
 Used by query-side encoding (``Encoder.encode_images``) and by the offline decoder
 (``indexing.decode``), so a picture is turned into pixels the same way everywhere.
 :func:`split_preprocess` cuts a model's preprocess where the PIL work ends, so decode workers ship
@@ -20,6 +26,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vlsearch.core.inputs import ImageInput
 from vlsearch.core.errors import DecodeError
+from vlsearch.data.formats import SNIFF_BYTES, ready_for
 
 if TYPE_CHECKING:  # torch loads where pixels are made, not for opening an image
     import torch
@@ -32,6 +39,8 @@ MAX_PIXELS = 64_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: ``Image.info`` key where :func:`open_image` records the upright size before any ``draft``.
 ORIGINAL_SIZE_KEY = "vlsearch_original_size"
+#: ``Image.info`` key where :func:`open_image` keeps the file's ``Image.Exif`` (None: unreadable).
+EXIF_KEY = "vlsearch_exif"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -69,6 +78,7 @@ def open_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
         w, h = img.size
     else:
         fp = _as_file(src)
+        ready_for(_head(fp))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -89,14 +99,40 @@ def open_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
             raise DecodeError("unidentified", "not an image file PIL can identify") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+    exif = _exif(img)
     try:
-        swap = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        swap = exif is not None and exif.get(0x0112, 1) in (5, 6, 7, 8)
         img = ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF must not lose an otherwise good image
         swap = False
     out = to_rgb(img)
     out.info[ORIGINAL_SIZE_KEY] = (h, w) if swap else (w, h)
+    out.info[EXIF_KEY] = exif
     return out
+
+
+def _exif(img: Image.Image) -> Image.Exif | None:
+    try:
+        return img.getexif()
+    except Exception:  # malformed EXIF: the image still opens, with no metadata
+        return None
+
+
+def file_exif(img: Image.Image) -> Image.Exif | None:
+    """The EXIF of the image an :func:`open_image` result was made from (None: unreadable)."""
+    return img.info.get(EXIF_KEY)
+
+
+def _head(fp: io.BytesIO | Path) -> bytes:
+    if isinstance(fp, io.BytesIO):
+        head = fp.read(SNIFF_BYTES)
+        fp.seek(0)
+        return head
+    try:
+        with open(fp, "rb") as fh:
+            return fh.read(SNIFF_BYTES)
+    except OSError:  # Image.open reports it as it always has
+        return b""
 
 
 def original_size(img: Image.Image) -> tuple[int, int]:

@@ -40,17 +40,18 @@ import pyarrow as pa
 from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
 from vlsearch.core.errors import SourceError
 from vlsearch.core.fsutil import MANIFEST_NAMES, find_manifest
+from vlsearch.data.formats import IMAGE_EXTENSIONS, SNIFF_BYTES, is_image_name, sniff, worth_sniffing
 from vlsearch.data.locations import is_url, location_suffix, open_location, url_fs
 from vlsearch.data.manifest import is_manifest, read_manifest
+from vlsearch.data.photo import PHOTO_SCHEMA
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tiff", ".tif"})
 IMAGE_COLUMN_CANDIDATES = ("image", "image_path", "path", "filepath", "file", "filename")
 CAPTION_COLUMN_CANDIDATES = ("caption", "text", "captions", "title")
 #: Metadata columns that would clash with a shard's own columns are renamed with this prefix.
 RENAME_PREFIX = "source_"
-RESERVED_COLUMNS = frozenset({*IMAGE_COLUMNS, *FILE_COLUMNS, "embedding"})
+RESERVED_COLUMNS = frozenset({*IMAGE_COLUMNS, *FILE_COLUMNS, *PHOTO_SCHEMA.names, "embedding"})
 
 
 def stable_id(identity: str | bytes) -> int:
@@ -112,7 +113,8 @@ class ImageRecord:
 
     ``path`` is what the shards store (relative to the source root); ``location`` is the file to
     read, a local path or an fsspec URL (for a tar, the tar file, with the member's
-    ``tar_range = (offset, size)``).
+    ``tar_range = (offset, size)``). ``sniffed``: for a file a folder walk took for its bytes
+    and not its extension, the format they say (it is refused, with a rename hint).
     """
 
     id: int
@@ -121,6 +123,7 @@ class ImageRecord:
     captions: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     tar_range: tuple[int, int] | None = None
+    sniffed: str | None = None
 
 
 def file_stat(record: ImageRecord) -> tuple[int, int] | None:
@@ -210,9 +213,13 @@ class ImageSource:
         return "nothing to index"
 
 
-def is_image_name(name: str) -> bool:
-    """Whether a file name has an image extension (:data:`IMAGE_EXTENSIONS`, any case)."""
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def _sniffed(location: str) -> str | None:
+    """The image format a file's first bytes say (:func:`vlsearch.data.formats.sniff`); None: none, or unreadable."""
+    try:
+        with open_location(location) as fh:
+            return sniff(fh.read(SNIFF_BYTES))
+    except OSError:
+        return None
 
 
 def _fs_sorted(names: list[str]) -> list[str]:
@@ -221,32 +228,42 @@ def _fs_sorted(names: list[str]) -> list[str]:
 
 class FolderSource(ImageSource):
     """Every image file under a directory, recursively; ``photo.txt`` beside ``photo.jpg`` holds
-    its captions, one per non-empty line. Directory symlinks are not followed (no cycles)."""
+    its captions, one per non-empty line. Directory symlinks are not followed (no cycles).
+
+    An image file is one with an image extension (:data:`vlsearch.data.formats.IMAGE_EXTENSIONS`,
+    RAW included) or, whatever its extension, one whose first bytes say image: the decoder then
+    records why it is not indexed (:func:`vlsearch.data.formats.refusal`) instead of the walk
+    skipping it silently."""
 
     kind = "folder"
 
     def image_files(self) -> Iterator[str]:
         """The location of every image file, in record order, without reading captions (and
         without the error of an empty folder): the walk shared by every folder reader."""
-        return (location for location, _, _ in self._walk())
+        return (location for location, _, _, _ in self._walk())
 
     def _records(self) -> Iterator[ImageRecord]:
-        for location, rel, sidecar in self._walk():
+        for location, rel, sidecar, sniffed in self._walk():
             captions = _read_sidecar(sidecar) if sidecar is not None else ()
-            yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), location, captions)
+            yield ImageRecord(stable_id(os.fsencode(rel)), display_path(rel), location, captions, sniffed=sniffed)
 
-    def _walk(self) -> Iterator[tuple[str, str, str | None]]:
-        """``(location, path relative to the root, location of its captions file or None)`` per image file."""
+    def _walk(self) -> Iterator[tuple[str, str, str | None, str | None]]:
+        """``(location, path relative to the root, location of its captions file or None, the format
+        its bytes say when it was taken for them and not for its extension)`` per image file."""
         fs, top = url_fs(self.root) if is_url(self.root) else (None, self.root)
         where = fs.unstrip_protocol if fs is not None else os.fspath  # a location: a URL or a path
         for dirpath, dirnames, filenames in (fs.walk(top) if fs is not None else os.walk(top)):
             dirnames[:] = _fs_sorted(dirnames)  # both walks recurse into dirnames as left here
             names = set(filenames)
-            for name in _fs_sorted([n for n in filenames if is_image_name(n)]):
+            images = {n: None for n in filenames if is_image_name(n)}
+            for n in filter(worth_sniffing, filenames):
+                if (fmt := _sniffed(where(os.path.join(dirpath, n)))) is not None:
+                    images[n] = fmt
+            for name in _fs_sorted(list(images)):
                 path = os.path.join(dirpath, name)
                 sidecar = os.path.splitext(name)[0] + ".txt"
                 yield where(path), os.path.relpath(path, top), (
-                    where(os.path.join(dirpath, sidecar)) if sidecar in names else None)
+                    where(os.path.join(dirpath, sidecar)) if sidecar in names else None), images[name]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "extensions": sorted(IMAGE_EXTENSIONS), "sidecar_captions": ".txt"}

@@ -74,6 +74,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlsearch.core.errors import InvalidQueryError
+from vlsearch.data.photo import FOLDER  # the stored column; shards written before it get the same value in SQL
 from vlsearch.query.results import Hits, Results
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,8 +88,6 @@ MAX_DEPTH = 10_000
 GROW = 4
 #: Values reported per facet column (the most frequent).
 FACET_LIMIT = 100
-#: The pseudo-column "directory part of ``path``".
-FOLDER = "folder"
 #: Longest accepted column name.
 MAX_NAME = 256
 

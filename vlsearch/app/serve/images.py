@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import DecodeError, ItemNotFoundError
+from vlsearch.data.formats import SNIFF_BYTES, ready_for
 from vlsearch.data.images import open_image
 
 #: Tar members (and files) above this size are not read into memory to be served.
@@ -105,14 +106,16 @@ class ItemImages:
         """The item's encoded image and its media type (only files PIL recognises as images)."""
         data = self.locate(record).read()
         try:
+            ready_for(data[:SNIFF_BYTES])  # HEIC/HEIF: pillow-heif's opener
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format
-        except (UnidentifiedImageError, OSError) as exc:
+        except (DecodeError, UnidentifiedImageError, OSError) as exc:
             raise ItemNotFoundError(f"item {record['id']} of {self.name!r} is not a readable image") from exc
         return data, Image.MIME.get(fmt or "", "application/octet-stream")
 
     def thumbnail(self, record: dict[str, Any], size: int) -> bytes:
-        """A JPEG at most ``size`` pixels a side, from the cache or made now."""
+        """A JPEG at most ``size`` pixels a side, upright (EXIF orientation applied by
+        :func:`open_image`), from the cache or made now."""
         key = (self.name, int(record["id"]), size)
         cached = self.cache.get(key)
         if cached is not None:
