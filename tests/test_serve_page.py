@@ -337,7 +337,7 @@ def test_a_facet_click_filters_the_hits_to_its_value_and_the_filter_chip_removes
     # the conditions a click builds take names and values as data: quotes and GLOB characters too
     tricky = ["it's", 'say "hi"', "a*b?[c]\\d", "x/y", ""]
     table = pa.table({"id": list(range(len(tricky))), "path": [f"{v}/p.jpg" if v else "p.jpg" for v in tricky],
-                      "color": tricky})
+                      "color": tricky, "folder": tricky})  # the stored folder column embed writes
     engine = FilterEngine(table)
     for i, value in enumerate(tricky):
         for column in ("color", "folder"):
@@ -347,7 +347,8 @@ def test_a_facet_click_filters_the_hits_to_its_value_and_the_filter_chip_removes
     page.close()
 
 
-FACETS = ["color", "folder"]  # what the page sends as `facets` for the steer collection (its `facets` list)
+#: what the page sends as `facets` for the steer collection (its `facets` list: text columns, EXIF ones included)
+FACETS = ["color", "camera_make", "camera_model", "lens", "folder"]
 
 
 def _scores(page) -> list[float]:
