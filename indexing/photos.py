@@ -20,11 +20,12 @@ from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlsearch.core.errors import CollectionError
 from vlsearch.core.progress import Progress
 from vlsearch.data.locations import open_location
-from vlsearch.data.photo import GPS_COLUMNS, PHOTO_SCHEMA, exif_of_file, photo_columns
+from vlsearch.data.photo import FOLDER, GPS_COLUMNS, PHOTO_SCHEMA, exif_of_file, photo_columns
 from vlsearch.data.sources import ImageRecord, ImageSource, open_source, read_record
 from vlsearch.store.collection import Collection
 
@@ -59,6 +60,16 @@ def keep_location_out(coll: Collection) -> Collection:
         latest.update_manifest(source={**latest.manifest.source, NO_GPS: True})
     log.info("collection %s: locations cleared, no_gps recorded", coll.path)
     return Collection.open(coll.path)
+
+
+def refresh_advice(coll: Collection) -> str | None:
+    """What to run when some live shards were written before the photo columns existed (else None)."""
+    old = sum(FOLDER not in pq.read_schema(path).names for path in coll.shard_paths())
+    if not old:
+        return None
+    return (f"{old} shard(s) of {coll.path} were embedded before the photo metadata columns (taken_at, camera, "
+            "lens, GPS, orientation, folder) and have none: `vlsearch index SOURCE COLLECTION --refresh-metadata` "
+            "reads them from the files without re-encoding")
 
 
 def record_exif(record: ImageRecord) -> dict[str, Any] | None:
@@ -106,4 +117,4 @@ def refresh_metadata(source: ImageSource | str | os.PathLike, collection: Collec
             "version": result["version"]}
 
 
-__all__ = ["NO_GPS", "honour_no_gps", "keep_location_out", "record_exif", "refresh_metadata", "source_record"]
+__all__ = ["NO_GPS", "honour_no_gps", "keep_location_out", "record_exif", "refresh_advice", "refresh_metadata", "source_record"]

@@ -58,7 +58,7 @@ from indexing.shards import (
 )
 from vlsearch.data.photo import photo_columns
 from vlsearch.data.sources import ImageRecord, ImageSource, content_hash, file_stat, open_source, record_hash
-from indexing.photos import honour_no_gps, keep_location_out, record_exif
+from indexing.photos import honour_no_gps, keep_location_out, record_exif, refresh_advice
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ def sync(source: ImageSource | str | os.PathLike, collection: Collection | str |
     report = plan.report
     coll = Collection.open(coll.path)
     report.version = coll.manifest.version
-    advice = retrain_advice(coll.manifest.index, coll.count())
-    report.advice = [advice] if advice else []
+    report.advice = [a for a in (retrain_advice(coll.manifest.index, coll.count()), refresh_advice(coll)) if a]
     report.seconds = round(time.perf_counter() - start, 3)
     log.info("synced %s: %s (version %d, %.1f s)", coll.path, report.summary(), report.version, report.seconds)
     return report

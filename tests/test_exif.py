@@ -164,6 +164,7 @@ def test_refresh_metadata_fills_a_collection_made_before_the_columns(tmp_path, t
     before = Collection.open(tmp_path / "c")
     vectors = before.read_table(columns=["id", "embedding"]).sort_by("id")
     assert "taken_at" not in before.read_table().column_names
+    assert "--refresh-metadata" in _index(src, tmp_path / "c").output  # a plain sync says what to run
     result = _index(src, tmp_path / "c", "--refresh-metadata")
     assert "photo metadata of 2 rows re-read" in result.output
     after = Collection.open(tmp_path / "c")
