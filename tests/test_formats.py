@@ -5,6 +5,8 @@ decoder), each counted and named with its fix."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pillow_heif
@@ -145,6 +147,13 @@ def test_sniff_names_formats_by_their_bytes():
     assert formats.sniff(heic.getvalue()[: formats.SNIFF_BYTES]) == "HEIF"
     mp4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
     assert formats.sniff(mp4) is None and formats.sniff(b"BM plain text") is None
+
+
+def test_importing_vlsearch_leaves_pillow_without_the_heif_opener():
+    code = ("import sys, vlsearch, vlsearch.data.images, vlsearch.data.sources; from PIL import Image; "
+            "Image.init(); print('pillow_heif' in sys.modules, 'HEIF' in Image.OPEN)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_a_heic_without_its_decoder_names_the_package(tmp_path, monkeypatch):

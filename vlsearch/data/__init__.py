@@ -1,2 +1,3 @@
 """Where images come from: sources (folders, manifests, webdataset tars, URLs), the one manifest reader,
-safe image opening and preprocessing, and the generated shapes dataset."""
+image formats (HEIC, AVIF, RAW refusals), safe image opening and preprocessing, photo metadata
+columns (EXIF, folder), and the generated shapes dataset."""
