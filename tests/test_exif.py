@@ -18,6 +18,7 @@ from indexing.embed import embed
 from indexing.photos import NO_GPS
 from indexing.shards import EmbedConfig
 from vlsearch.app.cli import app
+from vlsearch.app.options import EmbedOptions, WatchOptions
 from vlsearch.app.serve import create_app
 from vlsearch.data.photo import EXIF_COLUMNS, PHOTO_SCHEMA, exif_values, folder_of, taken_at
 from vlsearch.query.searcher import Searcher
@@ -268,3 +269,10 @@ def test_taken_at_parses_only_real_dates_and_zones(date, offset, expected):
 def test_exif_values_of_nothing_and_folders():
     assert exif_values(None) == dict.fromkeys(EXIF_COLUMNS)
     assert [folder_of(p) for p in ("a/b/c.jpg", "c.jpg", "x/y.heic")] == ["a/b", "", "x"]
+
+
+def test_no_gps_is_an_option_of_index_embed_and_watch():
+    assert EmbedOptions(no_gps=True).config().no_gps and not EmbedOptions().config().no_gps
+    assert WatchOptions(no_gps=True).embed_config().no_gps
+    for command in ("index", "embed", "watch"):
+        assert "--no-gps" in runner.invoke(app, [command, "--help"], terminal_width=200).output, command

@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import uuid
 
+import fsspec
 import numpy as np
 import pillow_heif
 import pytest
@@ -135,6 +137,20 @@ def test_the_folder_walk_takes_every_format_raw_and_image_bytes_under_other_name
     assert sorted(records) == ["a.HEIC", "b.avif", "c.webp", "d.tiff", "e.CR2", "f.nef", "g.dng", "noext", "scan.dat"]
     assert records["scan.dat"].sniffed == "JPEG" and records["noext"].sniffed == "PNG"
     assert records["a.HEIC"].sniffed is None and records["a.HEIC"].captions == ("a caption",)
+
+
+def test_a_remote_folder_is_walked_the_same_way(tmp_path):
+    fs, root = fsspec.filesystem("memory"), f"/vlsearch-formats-{uuid.uuid4().hex[:8]}"
+    out = io.BytesIO()
+    _picture(0).save(out, format="JPEG")
+    try:
+        for name in ("a.avif", "b.ARW", "c.txt"):
+            fs.pipe(f"{root}/{name}", b"x")
+        fs.pipe(f"{root}/scan.dat", out.getvalue())
+        records = {r.path: r for r in FolderSource(f"memory://{root}")}
+    finally:
+        fs.rm(root, recursive=True)
+    assert sorted(records) == ["a.avif", "b.ARW", "scan.dat"] and records["scan.dat"].sniffed == "JPEG"
 
 
 def test_sniff_names_formats_by_their_bytes():
