@@ -524,6 +524,28 @@ def _store_rerank_features(collection_dir: str, reranker: Optional[str], device:
                f"({2 * rr.tokens * rr.width + (4 if rr.bank is not None else 0)} bytes per image)")
 
 
+@app.command("tag")
+@handle_errors
+def tag_cmd(
+    collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
+    vocabulary: Optional[str] = typer.Option(None, "--vocabulary", help="Tags file: one per line, 'tag: syn1, syn2' "
+                                             "for synonyms, or JSON (default: the built-in everyday vocabulary)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Keep tags scoring at least this cosine "
+                                              "(default: the model's calibrated score)."),
+    max_tags: int = typer.Option(5, "--max-tags", min=1, help="At most this many tags per photo."),
+    only_new: bool = typer.Option(False, "--only-new", help="Tag only the photos never tagged (tags null)."),
+) -> None:
+    """Zero-shot tags from the stored image embeddings, as `tags` and `tag_scores` columns (a new version)."""
+    from indexing.tagging import TagConfig, tag_collection
+
+    with lock_wait(wait), TqdmProgress("tag", unit="shard") as bar:
+        r = tag_collection(collection_dir, TagConfig(vocabulary, min_score, max_tags, only_new), progress=bar)
+    top = ", ".join(f"{t} ({n})" for t, n in r.top.items()) or "-"
+    typer.echo(f"{r.tagged} of {r.rows} photos tagged ({r.skipped} already tagged), min score {r.min_score:.3f}, "
+               f"{r.vocabulary_size} tags ({r.vocabulary}); "
+               + ("no new version" if r.version is None else f"version {r.version}") + f"; most frequent: {top}")
+
+
 def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) -> Optional[str]:
     """HEAD of the git checkout at ``cwd`` (default: here), with ``+uncommitted-changes`` when any
     file (under ``paths``) differs from it; None outside a checkout. Provenance of trained weights."""
