@@ -546,6 +546,29 @@ def tag_cmd(
                + ("no new version" if r.version is None else f"version {r.version}") + f"; most frequent: {top}")
 
 
+@app.command("caption")
+@handle_errors
+def caption_cmd(
+    collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT, device: str = DEVICE_OPT,
+    model: str = typer.Option("coca_ViT-B-32", "--model", help="A CoCa architecture (open_clip name)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its weights: an open_clip tag, "
+                                             "hf-hub:org/repo or a checkpoint file."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per generation batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Caption every photo, replacing existing captions."),
+) -> None:
+    """Fill empty captions with CoCa-generated ones (resumable; a new version, tagged caption_model)."""
+    from indexing.captioning import CaptionConfig, caption_collection
+
+    config = CaptionConfig(model=model, pretrained=pretrained, batch_size=batch_size, overwrite=overwrite, device=device)
+    with lock_wait(wait), TqdmProgress("caption", unit="img") as bar:
+        r = caption_collection(collection_dir, config, progress=bar)
+    typer.echo(f"{r.generated + r.resumed} of {r.rows} photos captioned ({r.resumed} from an interrupted run, "
+               f"{r.empty} empty, {len(r.failures)} unreadable); "
+               + ("no new version" if r.version is None else f"version {r.version}"))
+    for path, reason in r.failures[:10]:
+        typer.echo(f"  unreadable: {path}: {reason}", err=True)
+
+
 def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) -> Optional[str]:
     """HEAD of the git checkout at ``cwd`` (default: here), with ``+uncommitted-changes`` when any
     file (under ``paths``) differs from it; None outside a checkout. Provenance of trained weights."""
