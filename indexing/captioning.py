@@ -182,17 +182,20 @@ class Checkpoint:
         if not self.path.is_file():
             return {}
         lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            model = json.loads(lines[0]).get("model") if lines else None
+        except json.JSONDecodeError:
+            model = None
+        if model != self.model:
+            log.warning("discarding %s: written by %s, not %s", self.path, model, self.model)
+            return {}
         done: dict[int, str] = {}
-        for number, line in enumerate(lines):
+        for line in lines[1:]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # the torn last line of a killed run
                 continue
-            if number == 0 and entry.get("model") != self.model:
-                log.warning("discarding %s: written by %s, not %s", self.path, entry.get("model"), self.model)
-                return {}
-            if number > 0:
-                done[int(entry["id"])] = str(entry["caption"])
+            done[int(entry["id"])] = str(entry["caption"])
         return done
 
     def start(self, resumed: bool) -> None:
