@@ -1,4 +1,4 @@
-"""Captions for uncaptioned photos: open_clip CoCa's ``generate``, written into the ``captions`` column.
+"""Captions for uncaptioned photos: an open_clip CoCa's text decoder, written into the ``captions`` column.
 
 ::
 
@@ -11,14 +11,17 @@ recorded in the manifest, as re-rank features locate them:
 :func:`vlsearch.rerank.features.image_file`), in batches, and captioned by greedy decoding over the
 model's forward (:func:`greedy_tokens`; open_clip's own ``generate`` with
 ``generation_type="beam_search"`` where the installed transformers still has the generation
-classes it needs: open_clip 3.3 refuses every kind of generation with transformers 5). The weights come from the one model factory (:func:`vlsearch.models.factory.create_model`):
-an open_clip pretrained tag, ``hf-hub:org/repo`` or a local checkpoint file; a model without
+classes it needs: open_clip 3.3 refuses every kind of generation with transformers 5). The
+weights come from the one model factory (:func:`vlsearch.models.factory.create_model`): an
+open_clip pretrained tag, ``hf-hub:org/repo`` or a local checkpoint file; a model without
 ``generate`` (not a CoCa) is a :class:`~vlsearch.core.errors.TaggingError`.
 
 **Resumable like embed.** Each batch's captions are appended to :data:`CHECKPOINT` in the
 collection folder (JSON lines, flushed and fsynced per batch; a line torn by a crash is ignored).
 A rerun with the same model and weights skips the rows already there; a checkpoint of another
-model is discarded. At the end every caption is written at once through
+model is discarded; a second run on the same collection meanwhile is refused
+(:class:`~vlsearch.core.errors.CollectionLockedError`: :data:`CHECKPOINT_LOCK`). The collection's
+writer lock is taken only at the end, when every caption is written at once through
 :func:`vlsearch.store.columns.set_columns` (one new version: ``captions = [generated]`` and
 ``caption_model`` = ``model/pretrained``, so generated captions stay distinguishable from
 human ones), then the checkpoint is removed.
@@ -38,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -46,17 +50,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vlsearch.core.errors import DecodeError, RerankFeaturesError, TaggingError
+from vlsearch.core.errors import CollectionLockedError, DecodeError, RerankFeaturesError, TaggingError
 from vlsearch.core.progress import Progress
 from vlsearch.data.images import open_image
 from vlsearch.rerank.features import image_file
 from vlsearch.store.collection import Collection
 from vlsearch.store.columns import set_columns
+from vlsearch.store.lock import CollectionLock
 
 log = logging.getLogger(__name__)
 
 #: Generated captions not yet committed, in the collection folder (JSON lines; see module docstring).
 CHECKPOINT = "captions.checkpoint.jsonl"
+#: Held by the one caption run of a collection (its writer lock is taken only to commit).
+CHECKPOINT_LOCK = "captions.checkpoint.lock"
 CAPTION_MODEL = "caption_model"
 DEFAULT_CAPTION_MODEL = "coca_ViT-B-32"
 _SOURCES = ("folder", "manifest")
@@ -243,13 +250,24 @@ def caption_collection(collection: str | Path | Collection, config: CaptionConfi
                        progress: Progress | None = None, captioner: tuple[Any, Any, str] | None = None
                        ) -> CaptionReport:
     """Caption the rows without captions (see the module docstring) as one new version.
-    ``captioner``: :func:`load_captioner`'s result, already loaded. Resumes an interrupted run."""
+    ``captioner``: :func:`load_captioner`'s result, already loaded. Resumes an interrupted run;
+    CollectionLockedError while another caption run works on the collection."""
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     kind = (coll.manifest.source or {}).get("type")
     if kind not in _SOURCES:
         raise TaggingError(f"the collection's source ({kind or 'unknown'}) gives no image files to caption: "
                            "captions need a folder or manifest source")
     model, preprocess, name = captioner if captioner is not None else load_captioner(config)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(CollectionLock(coll.path / CHECKPOINT_LOCK, wait=0))
+        except CollectionLockedError as exc:
+            raise CollectionLockedError(f"another caption run is captioning {coll.path}: {exc}") from None
+        return _caption(coll, config, model, preprocess, name, progress)
+
+
+def _caption(coll: Collection, config: CaptionConfig, model: Any, preprocess: Any, name: str,
+             progress: Progress | None) -> CaptionReport:
     ids, paths = rows_to_caption(coll, config.overwrite)
     checkpoint = Checkpoint(coll, name)
     prior = checkpoint.read()

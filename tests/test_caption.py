@@ -16,7 +16,7 @@ from indexing.captioning import CHECKPOINT, CaptionConfig, caption_collection, c
 from indexing.embed import embed
 from indexing.shards import EmbedConfig
 from vlsearch.app.cli import app
-from vlsearch.core.errors import PretrainedNotFoundError, TaggingError
+from vlsearch.core.errors import CollectionLockedError, PretrainedNotFoundError, TaggingError
 from vlsearch.query.searcher import Searcher
 from vlsearch.store.collection import Collection
 
@@ -118,6 +118,30 @@ def test_an_interrupted_run_resumes_without_redoing_done_rows(coll, coca_checkpo
     table = Collection.open(coll.path).read_table(columns=["id", "captions"]).to_pydict()
     by_id = dict(zip(table["id"], table["captions"]))
     assert all(by_id[i] == [c] for i, c in before.items()) and not (coll.path / CHECKPOINT).exists()
+
+
+def test_a_second_run_meanwhile_is_refused(coll, coca_checkpoint):
+    import threading
+
+    from vlsearch.store.lock import CollectionLock
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # another thread: the lock is re-entrant only in the thread holding it
+        with CollectionLock(coll.path / captioning.CHECKPOINT_LOCK):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(CollectionLockedError, match="another caption run"):
+            caption_collection(coll.path, _config(coca_checkpoint))
+    finally:
+        release.set()
+        thread.join()
+    assert caption_collection(coll.path, _config(coca_checkpoint)).generated == 5
 
 
 def test_a_checkpoint_of_another_model_is_discarded(coll, coca_checkpoint):
