@@ -53,6 +53,8 @@ import pyarrow.compute as pc
 from vlsearch.core.errors import CollectionLockedError, DecodeError, RerankFeaturesError, TaggingError
 from vlsearch.core.progress import Progress
 from vlsearch.data.images import open_image
+from vlsearch.models.encoder import resolve_device
+from vlsearch.models.factory import create_model, image_transform
 from vlsearch.rerank.features import image_file
 from vlsearch.store.collection import Collection
 from vlsearch.store.columns import set_columns
@@ -103,9 +105,6 @@ class CaptionReport:
 def load_captioner(config: CaptionConfig) -> tuple[Any, Any, str]:
     """``(model, preprocess, "model/pretrained")`` through the model factory; TaggingError when the
     model cannot caption or no weights are given (PretrainedNotFoundError etc. from the factory)."""
-    from vlsearch.models.encoder import resolve_device
-    from vlsearch.models.factory import create_model, image_transform
-
     if not config.pretrained:
         raise TaggingError(f"captions need trained weights: give {config.model}'s pretrained tag, an "
                            "'hf-hub:org/repo' id or a checkpoint file (--pretrained)")

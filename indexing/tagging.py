@@ -22,11 +22,16 @@ or a list of strings) or text, one tag per line, ``tag: synonym, synonym`` for s
 comments. Synonyms are what the tag also counts as when tags are measured against captions; only
 the tag itself is prompted and stored.
 
-**Calibration.** Cosine scales differ between models, so ``min_score`` defaults to the model's
-calibrated value in :data:`CALIBRATION_FILE` (measured by ``benchmarks/bench_tags.py`` on
-Flickr8k-train, never the test split: the lowest score at which the photos' top tags are still
-correct at the target precision, see :func:`calibrate_min_score`). A model without one needs an
-explicit ``min_score`` (:class:`~vlsearch.core.errors.TaggingError` otherwise).
+**Calibration.** Cosine scales differ between models, and between tags of one model (some tag
+texts sit close to many photos), so without ``min_score`` each tag's threshold is the model's
+calibrated one in :data:`CALIBRATION_FILE`, measured by ``benchmarks/bench_tags.py`` on
+Flickr8k-train, never the test split (:func:`calibrate_min_score`: the lowest score at which the
+photos' top tags are still right at the target precision): a photo's best tag needs its own
+threshold (``tag_scores``) where that tag is the top tag of enough calibration photos
+(:data:`MIN_CALIBRATION_PHOTOS`), else the model's (``min_score``, all tags together); its other
+tags need both (they were never calibrated as a second tag). A model without a calibration needs
+an explicit ``min_score`` (:class:`~vlsearch.core.errors.TaggingError` otherwise), which then
+applies to every tag.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +52,7 @@ from vlsearch.core.errors import TaggingError
 from vlsearch.core.modelinfo import ModelInfo
 from vlsearch.core.progress import Progress
 from vlsearch.eval.zeroshot import DEFAULT_TEMPLATES, zero_shot_classifier
+from vlsearch.models.factory import load_model
 from vlsearch.store.collection import Collection
 from vlsearch.store.columns import set_columns
 
@@ -58,6 +65,8 @@ BUILTIN_VOCABULARY = VOCABULARY_DIR / "everyday.json"
 CALIBRATION_FILE = VOCABULARY_DIR / "calibration.json"
 TAGS, TAG_SCORES = "tags", "tag_scores"
 DEFAULT_MAX_TAGS = 5
+#: A tag gets its own calibrated threshold when it is the top tag of this many calibration photos.
+MIN_CALIBRATION_PHOTOS = 40
 #: Photos scored per block (bounds the (block, tags) score matrix).
 _BLOCK = 16_384
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -150,13 +159,38 @@ def read_calibration() -> dict[str, dict[str, Any]]:
 
 
 def calibrated_min_score(model: ModelInfo) -> float:
-    """The calibrated ``min_score`` of ``model``; TaggingError when it has none."""
+    """The calibrated ``min_score`` of ``model`` (all tags together); TaggingError when it has none."""
+    return float(_calibration(model)["min_score"])
+
+
+def calibrated_tag_scores(model: ModelInfo, tags: Sequence[str]) -> np.ndarray:
+    """Each tag's calibrated threshold for ``model``: its own where calibrated, else the model's."""
+    entry = _calibration(model)
+    own = {words(t): float(v) for t, v in (entry.get("tag_scores") or {}).items()}
+    return np.array([own.get(words(t), float(entry["min_score"])) for t in tags], np.float32)
+
+
+def _calibration(model: ModelInfo) -> dict[str, Any]:
     entry = read_calibration().get(_model_key(model))
     if entry is None:
         known = ", ".join(read_calibration()) or "none"
         raise TaggingError(f"no calibrated tag score for {_model_key(model)} (calibrated: {known}); "
                            "pass min_score (--min-score), e.g. measured with benchmarks/bench_tags.py")
-    return float(entry["min_score"])
+    return entry
+
+
+def calibrate_tag_scores(top_tags: Sequence[str], top_scores: np.ndarray, top_correct: np.ndarray,
+                         precision: float, min_photos: int = MIN_CALIBRATION_PHOTOS) -> dict[str, float]:
+    """Per-tag thresholds (:func:`calibrate_min_score` over the photos whose top tag it is) for
+    each tag that is the top tag of at least ``min_photos`` calibration photos."""
+    names = np.asarray(top_tags, dtype=object)
+    scores, correct = np.asarray(top_scores), np.asarray(top_correct, bool)
+    out = {}
+    for tag in sorted(set(names.tolist())):
+        mine = names == tag
+        if mine.sum() >= min_photos:
+            out[tag] = round(calibrate_min_score(scores[mine], correct[mine], precision, min_kept=5), 4)
+    return out
 
 
 def calibrate_min_score(top_scores: np.ndarray, top_correct: np.ndarray, precision: float,
@@ -172,10 +206,13 @@ def calibrate_min_score(top_scores: np.ndarray, top_correct: np.ndarray, precisi
     return float(scores[ok[-1]] if len(ok) else scores[0])
 
 
-def top_tags(vectors: np.ndarray, prototypes: np.ndarray, min_score: float,
-             max_tags: int) -> tuple[list[list[int]], list[list[float]]]:
+def top_tags(vectors: np.ndarray, prototypes: np.ndarray, min_score: float | np.ndarray, max_tags: int,
+             rest_min_score: float | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """For each row of ``vectors`` (unit norm), the indices and cosines of its best ``max_tags``
-    prototypes scoring at least ``min_score``, best first."""
+    prototypes scoring at least ``min_score`` (one for all, or one per prototype), best first.
+    ``rest_min_score``: what every tag but a row's best must score at least, too."""
+    threshold = np.broadcast_to(np.asarray(min_score, np.float32), (len(prototypes),))
+    rest = threshold if rest_min_score is None else np.maximum(threshold, np.float32(rest_min_score))
     indices: list[list[int]] = []
     scores: list[list[float]] = []
     n = min(max_tags, len(prototypes))
@@ -187,7 +224,7 @@ def top_tags(vectors: np.ndarray, prototypes: np.ndarray, min_score: float,
         order = np.argsort(-best_scores, axis=1, kind="stable")
         best, best_scores = np.take_along_axis(best, order, 1), np.take_along_axis(best_scores, order, 1)
         for row, row_scores in zip(best, best_scores):
-            keep = row_scores >= min_score
+            keep = row_scores >= np.concatenate([threshold[row[:1]], rest[row[1:]]])
             indices.append(row[keep].tolist())
             scores.append(row_scores[keep].tolist())
     return indices, scores
@@ -196,7 +233,7 @@ def top_tags(vectors: np.ndarray, prototypes: np.ndarray, min_score: float,
 @dataclass(frozen=True)
 class TagConfig:
     """How :func:`tag_collection` tags: vocabulary file (None: built-in), ``min_score`` (None: the
-    model's calibrated one), at most ``max_tags`` per photo, only untagged rows (``only_new``)."""
+    model's calibrated thresholds), at most ``max_tags`` per photo, only untagged rows (``only_new``)."""
 
     vocabulary: str | None = None
     min_score: float | None = None
@@ -208,13 +245,15 @@ class TagConfig:
 @dataclass(frozen=True)
 class TagReport:
     """What :func:`tag_collection` did: ``rows`` tagged (``tagged`` of them got at least one tag),
-    ``skipped`` rows (already tagged, with ``only_new``), the score and count limits used, the
+    ``skipped`` rows (already tagged, with ``only_new``), the score and count limits used
+    (``min_score``: the lowest tag threshold; ``calibrated``: whether they were the model's), the
     vocabulary, the most frequent tags (tag -> photos) and the new ``version`` (None: nothing to tag)."""
 
     rows: int
     tagged: int
     skipped: int
     min_score: float
+    calibrated: bool
     max_tags: int
     vocabulary: str
     vocabulary_size: int
@@ -231,15 +270,17 @@ def tag_collection(collection: str | Path | Collection, config: TagConfig = TagC
     if isinstance(config.max_tags, bool) or not isinstance(config.max_tags, int) or config.max_tags < 1:
         raise TaggingError(f"max_tags must be a positive integer, got {config.max_tags!r}")
     vocabulary = read_vocabulary(config.vocabulary)
-    min_score = calibrated_min_score(coll.model) if config.min_score is None else float(config.min_score)
-    encoder = encoder if encoder is not None else _load_encoder(coll.model)
+    calibrated = config.min_score is None
+    min_score = calibrated_tag_scores(coll.model, vocabulary.tags) if calibrated else float(config.min_score)
+    encoder = encoder if encoder is not None else load_model(coll.model.name, coll.model.pretrained)
     coll.check_model(encoder.info)
     prototypes = zero_shot_classifier(encoder, vocabulary.tags, config.templates)
     ids, vectors = _rows_to_tag(coll, config.only_new)
     skipped = coll.count() - len(ids)
-    indices, scores = top_tags(vectors, prototypes, min_score, config.max_tags)
-    report = dict(rows=len(ids), skipped=skipped, min_score=min_score, max_tags=config.max_tags,
-                  vocabulary=vocabulary.name, vocabulary_size=len(vocabulary.tags))
+    rest = calibrated_min_score(coll.model) if calibrated else None  # tags' own scores count for the best only
+    indices, scores = top_tags(vectors, prototypes, min_score, config.max_tags, rest)
+    report = dict(rows=len(ids), skipped=skipped, min_score=float(np.min(min_score)), calibrated=calibrated,
+                  max_tags=config.max_tags, vocabulary=vocabulary.name, vocabulary_size=len(vocabulary.tags))
     if not len(ids):
         return TagReport(tagged=0, top={}, version=None, **report)
     names = [[vocabulary.tags[i] for i in row] for row in indices]
@@ -248,19 +289,9 @@ def tag_collection(collection: str | Path | Collection, config: TagConfig = TagC
                        TAG_SCORES: pa.array(scores, pa.list_(pa.float32()))})
     result = set_columns(coll, values, progress=None if progress is None else
                          lambda done, total: progress(done, total, stage="write"))
-    counts: dict[str, int] = {}
-    for row in names:
-        for name in row:
-            counts[name] = counts.get(name, 0) + 1
-    top = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10])
+    top = dict(Counter(name for row in names for name in row).most_common(10))
     log.info("tagged %d rows of %s (version %d)", len(ids), coll.path, result["version"])
     return TagReport(tagged=sum(1 for row in names if row), top=top, version=result["version"], **report)
-
-
-def _load_encoder(model: ModelInfo) -> Any:
-    from vlsearch.models.factory import load_model
-
-    return load_model(model.name, model.pretrained)
 
 
 def _rows_to_tag(coll: Collection, only_new: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +308,7 @@ def _rows_to_tag(coll: Collection, only_new: bool) -> tuple[np.ndarray, np.ndarr
     return ids, vectors.astype(np.float32)
 
 
-__all__ = ["BUILTIN_VOCABULARY", "CALIBRATION_FILE", "DEFAULT_MAX_TAGS", "TAGS", "TAG_SCORES", "TagConfig",
-           "TagReport", "Vocabulary", "calibrate_min_score", "calibrated_min_score", "read_calibration",
+__all__ = ["BUILTIN_VOCABULARY", "CALIBRATION_FILE", "DEFAULT_MAX_TAGS", "MIN_CALIBRATION_PHOTOS", "TAGS", "TAG_SCORES", "TagConfig",
+           "TagReport", "Vocabulary", "calibrate_min_score", "calibrate_tag_scores", "calibrated_min_score",
+           "calibrated_tag_scores", "read_calibration",
            "read_vocabulary", "tag_collection", "top_tags", "words"]

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from indexing.build import build_index
 from indexing.tagging import (
-    BUILTIN_VOCABULARY, TagConfig, Vocabulary, calibrate_min_score, calibrated_min_score, read_calibration,
-    read_vocabulary, tag_collection,
+    BUILTIN_VOCABULARY, TagConfig, Vocabulary, calibrate_min_score, calibrate_tag_scores, calibrated_min_score,
+    read_calibration, read_vocabulary, tag_collection,
 )
 from vlsearch.app.cli import app
 from vlsearch.core.errors import CollectionMismatchError, InvalidQueryError, TaggingError
@@ -196,6 +196,29 @@ def test_calibration_picks_the_lowest_score_that_keeps_the_precision():
     assert calibrate_min_score(scores, correct, 0.8, min_kept=6) == 0.9  # never enough kept: the top score
 
 
+def test_per_tag_thresholds_only_for_tags_seen_often_enough():
+    names = ["dog"] * 8 + ["cat"] * 2
+    scores = np.array([0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.9, 0.1])
+    correct = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 1], bool)
+    assert calibrate_tag_scores(names, scores, correct, 0.85, min_photos=5) == {"dog": 0.6}
+
+
+def test_calibrated_thresholds_apply_per_tag_without_min_score(tmp_path, monkeypatch):
+    import indexing.tagging as tagging
+
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"fake-tags/None": {"min_score": 0.6, "tag_scores": {"dog": 0.9, "car": 0.1}}}))
+    monkeypatch.setattr(tagging, "CALIBRATION_FILE", calibration)
+    coll = _collection(tmp_path / "c")
+    report = tag_collection(coll, TagConfig(_vocab_file(tmp_path), max_tags=2), encoder=FakeEncoder())
+    got = _tags(coll.path)
+    assert got[100][0] == ["dog"] and got[101][0] == ["beach"]  # dog at 0.70 is under its own 0.9
+    # car (0.64) is the best tag: its own 0.1 applies; tree (0.58), a second tag, needs the model's 0.6 too
+    assert got[102][0] == ["car"] and report.calibrated and report.min_score == pytest.approx(0.1)
+    tag_collection(coll, TagConfig(_vocab_file(tmp_path), min_score=0.5, max_tags=2), encoder=FakeEncoder())
+    assert _tags(coll.path)[101][0] == ["beach", "dog"]  # an explicit min_score applies to every tag
+
+
 def test_the_built_in_model_has_a_recorded_calibration():
     from vlsearch.models.factory import BUILTIN_WEIGHTS, SMALL_MODEL
 
@@ -204,6 +227,8 @@ def test_the_built_in_model_has_a_recorded_calibration():
     assert 0.0 < score < 1.0
     entry = read_calibration()[f"{SMALL_MODEL}/{default_tag}"]
     assert "flickr8k-train" in entry["calibrated_on"] and entry["vocabulary"] == "everyday"
+    vocab = read_vocabulary()
+    assert entry["tag_scores"] and set(entry["tag_scores"]) <= set(vocab.tags)
 
 
 def test_cli_tag_loads_the_collections_model(tmp_path, tiny_encoder, tiny_checkpoint):
