@@ -88,6 +88,14 @@ def test_only_empty_captions_are_filled_and_marked_with_the_model(coll, coca_che
     assert (again.rows, again.version) == (0, None)  # nothing left empty
 
 
+def test_an_image_gone_from_the_source_is_reported_and_left_uncaptioned(coll, coca_checkpoint, tmp_path):
+    (tmp_path / "src" / "e.png").unlink()
+    report = caption_collection(coll.path, _config(coca_checkpoint))
+    assert (report.rows, report.generated) == (5, 4) and [p for p, _ in report.failures] == ["e.png"]
+    assert _captions(coll.path)["e.png"] == ([], None)
+    assert caption_collection(coll.path, _config(coca_checkpoint)).rows == 1  # a rerun tries it again
+
+
 def test_overwrite_captions_every_row(coll, coca_checkpoint):
     caption_collection(coll.path, _config(coca_checkpoint, overwrite=True))
     captions, model = _captions(coll.path)["b.png"]
