@@ -531,7 +531,7 @@ def tag_cmd(
     vocabulary: Optional[str] = typer.Option(None, "--vocabulary", help="Tags file: one per line, 'tag: syn1, syn2' "
                                              "for synonyms, or JSON (default: the built-in everyday vocabulary)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Keep tags scoring at least this cosine "
-                                              "(default: the model's calibrated score)."),
+                                              "(default: the model's calibrated thresholds, per tag)."),
     max_tags: int = typer.Option(5, "--max-tags", min=1, help="At most this many tags per photo."),
     only_new: bool = typer.Option(False, "--only-new", help="Tag only the photos never tagged (tags null)."),
 ) -> None:
