@@ -42,7 +42,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -275,10 +275,9 @@ def tag_collection(collection: str | Path | Collection, config: TagConfig = TagC
     encoder = encoder if encoder is not None else load_model(coll.model.name, coll.model.pretrained)
     coll.check_model(encoder.info)
     prototypes = zero_shot_classifier(encoder, vocabulary.tags, config.templates)
-    ids, vectors = _rows_to_tag(coll, config.only_new)
-    skipped = coll.count() - len(ids)
     rest = calibrated_min_score(coll.model) if calibrated else None  # tags' own scores count for the best only
-    indices, scores = top_tags(vectors, prototypes, min_score, config.max_tags, rest)
+    ids, indices, scores = _score(coll, config.only_new, prototypes, min_score, config.max_tags, rest)
+    skipped = coll.count() - len(ids)
     report = dict(rows=len(ids), skipped=skipped, min_score=float(np.min(min_score)), calibrated=calibrated,
                   max_tags=config.max_tags, vocabulary=vocabulary.name, vocabulary_size=len(vocabulary.tags))
     if not len(ids):
@@ -294,18 +293,32 @@ def tag_collection(collection: str | Path | Collection, config: TagConfig = TagC
     return TagReport(tagged=sum(1 for row in names if row), top=top, version=result["version"], **report)
 
 
-def _rows_to_tag(coll: Collection, only_new: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The live rows' ids and unit-norm embeddings; with ``only_new``, of rows whose tags are null
-    (rows of shards without a ``tags`` column, written by a later sync, count as null)."""
-    ids, vectors = coll.read_embeddings()
+def _rows_to_tag(coll: Collection, only_new: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of the live rows' ids and unit-norm embeddings (streamed: memory stays bounded);
+    with ``only_new``, of rows whose tags are null (rows of shards without a ``tags`` column,
+    written by a later sync, count as null)."""
+    tagged = np.zeros(0, np.int64)
     if only_new:
-        tagged = [table.filter(table.column(TAGS).is_valid()).column("id").to_numpy()
-                  for table in (coll.read_shard(p, columns=["id", TAGS]) for p in coll.shard_paths()
-                                if TAGS in pq.read_schema(p).names)]
-        keep = ~np.isin(ids, np.concatenate(tagged)) if tagged else np.ones(len(ids), bool)
-        ids, vectors = ids[keep], vectors[keep]
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
-    return ids, vectors.astype(np.float32)
+        parts = [table.filter(table.column(TAGS).is_valid()).column("id").to_numpy()
+                 for table in (coll.read_shard(p, columns=["id", TAGS]) for p in coll.shard_paths()
+                               if TAGS in pq.read_schema(p).names)]
+        tagged = np.concatenate(parts) if parts else tagged
+    for ids, vectors in coll.iter_embeddings(batch_size=_BLOCK):
+        keep = ~np.isin(ids, tagged)
+        vectors = vectors[keep] / np.linalg.norm(vectors[keep], axis=1, keepdims=True).clip(1e-12)
+        yield ids[keep], vectors.astype(np.float32)
+
+
+def _score(coll: Collection, only_new: bool, prototypes: np.ndarray, min_score: float | np.ndarray,
+           max_tags: int, rest: float | None) -> tuple[np.ndarray, list[list[int]], list[list[float]]]:
+    """The ids of the rows to tag and their :func:`top_tags`, batch by batch."""
+    ids, indices, scores = [], [], []
+    for batch_ids, vectors in _rows_to_tag(coll, only_new):
+        batch_indices, batch_scores = top_tags(vectors, prototypes, min_score, max_tags, rest)
+        ids.append(batch_ids)
+        indices += batch_indices
+        scores += batch_scores
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), indices, scores
 
 
 __all__ = ["BUILTIN_VOCABULARY", "CALIBRATION_FILE", "DEFAULT_MAX_TAGS", "MIN_CALIBRATION_PHOTOS", "TAGS", "TAG_SCORES", "TagConfig",
