@@ -248,10 +248,10 @@ def test_cli_tag_loads_the_collections_model(tmp_path, tiny_encoder, tiny_checkp
     result = runner.invoke(app, ["tag", str(coll.path), "--vocabulary", _vocab_file(tmp_path),
                                  "--min-score", "-1", "--max-tags", "2"])
     assert result.exit_code == 0, result.output
-    assert "3 of 3 photos tagged" in result.output
+    assert "3 photos tagged, 3 with a tag (0 skipped)" in result.output
     assert all(len(t) == 2 and set(t) <= set(TAGS) for t, _ in _tags(coll.path).values())
     result = runner.invoke(app, ["tag", str(coll.path), "--min-score", "-1", "--only-new"])
-    assert result.exit_code == 0 and "0 of 0 photos tagged (3 already tagged)" in result.output, result.output
+    assert result.exit_code == 0 and "0 photos tagged, 0 with a tag (3 skipped)" in result.output, result.output
 
 
 def test_vocabulary_class_rejects_a_single_string_entry_list():

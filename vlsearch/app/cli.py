@@ -541,7 +541,7 @@ def tag_cmd(
     with lock_wait(wait), TqdmProgress("tag", unit="shard") as bar:
         r = tag_collection(collection_dir, TagConfig(vocabulary, min_score, max_tags, only_new), progress=bar)
     top = ", ".join(f"{t} ({n})" for t, n in r.top.items()) or "-"
-    typer.echo(f"{r.tagged} of {r.rows} photos tagged ({r.skipped} already tagged), min score {r.min_score:.3f}"
+    typer.echo(f"{r.rows} photos tagged, {r.tagged} with a tag ({r.skipped} skipped), min score {r.min_score:.3f}"
                f"{' (calibrated per tag: the lowest)' if r.calibrated else ''}, "
                f"{r.vocabulary_size} tags ({r.vocabulary}); "
                + ("no new version" if r.version is None else f"version {r.version}") + f"; most frequent: {top}")
