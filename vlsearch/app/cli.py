@@ -568,6 +568,52 @@ def _store_rerank_features(collection_dir: str, reranker: Optional[str], device:
                f"({2 * rr.tokens * rr.width + (4 if rr.bank is not None else 0)} bytes per image)")
 
 
+@app.command("tag")
+@handle_errors
+def tag_cmd(
+    collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
+    vocabulary: Optional[str] = typer.Option(None, "--vocabulary", help="Tags file: one per line, 'tag: syn1, syn2' "
+                                             "for synonyms, or JSON (default: the built-in everyday vocabulary)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Keep tags scoring at least this cosine "
+                                              "(default: the model's calibrated thresholds, per tag)."),
+    max_tags: int = typer.Option(5, "--max-tags", min=1, help="At most this many tags per photo."),
+    only_new: bool = typer.Option(False, "--only-new", help="Tag only the photos never tagged (tags null)."),
+) -> None:
+    """Zero-shot tags from the stored image embeddings, as `tags` and `tag_scores` columns (a new version)."""
+    from indexing.tagging import TagConfig, tag_collection
+
+    with lock_wait(wait), TqdmProgress("tag", unit="shard") as bar:
+        r = tag_collection(collection_dir, TagConfig(vocabulary, min_score, max_tags, only_new), progress=bar)
+    top = ", ".join(f"{t} ({n})" for t, n in r.top.items()) or "-"
+    typer.echo(f"{r.rows} photos tagged, {r.tagged} with a tag ({r.skipped} skipped), min score {r.min_score:.3f}"
+               f"{' (calibrated per tag: the lowest)' if r.calibrated else ''}, "
+               f"{r.vocabulary_size} tags ({r.vocabulary}); "
+               + ("no new version" if r.version is None else f"version {r.version}") + f"; most frequent: {top}")
+
+
+@app.command("caption")
+@handle_errors
+def caption_cmd(
+    collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT, device: str = DEVICE_OPT,
+    model: str = typer.Option("coca_ViT-B-32", "--model", help="A CoCa architecture (open_clip name)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Its weights: an open_clip tag, "
+                                             "hf-hub:org/repo or a checkpoint file."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per generation batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Caption every photo, replacing existing captions."),
+) -> None:
+    """Fill empty captions with CoCa-generated ones (resumable; a new version, tagged caption_model)."""
+    from indexing.captioning import CaptionConfig, caption_collection
+
+    config = CaptionConfig(model=model, pretrained=pretrained, batch_size=batch_size, overwrite=overwrite, device=device)
+    with lock_wait(wait), TqdmProgress("caption", unit="img") as bar:
+        r = caption_collection(collection_dir, config, progress=bar)
+    typer.echo(f"{r.generated + r.resumed} of {r.rows} photos captioned ({r.resumed} from an interrupted run, "
+               f"{r.empty} empty, {len(r.failures)} unreadable); "
+               + ("no new version" if r.version is None else f"version {r.version}"))
+    for path, reason in r.failures[:10]:
+        typer.echo(f"  unreadable: {path}: {reason}", err=True)
+
+
 def git_commit(cwd: str | os.PathLike | None = None, paths: Sequence[str] = ()) -> Optional[str]:
     """HEAD of the git checkout at ``cwd`` (default: here), with ``+uncommitted-changes`` when any
     file (under ``paths``) differs from it; None outside a checkout. Provenance of trained weights."""

@@ -119,3 +119,8 @@ class RerankerMismatchError(VlsearchError):
 
 class RerankFeaturesError(VlsearchError):
     """A candidate's re-rank features are neither stored in the collection nor recomputable."""
+
+
+class TaggingError(VlsearchError, ValueError):
+    """Auto-tags or captions cannot be made as asked: a malformed vocabulary, no calibrated
+    ``min_score`` for the collection's model, or a model that cannot write captions."""

@@ -45,7 +45,9 @@ shorter than asked (the collection, or the filter, has no more), when ``min_scor
 part of ``path``, ``""`` for a file at the root) where the shards have no column of that name.
 Names are matched against the table's columns (case-insensitively) and only then quoted into SQL:
 a user's string is data, never SQL. An unknown column, a list or struct column, or a direction
-other than ASC/DESC is an :class:`~vlsearch.core.errors.InvalidQueryError`.
+other than ASC/DESC is an :class:`~vlsearch.core.errors.InvalidQueryError`; except that facets
+count each element of a list<string> column (``tags``: a photo tagged dog and beach counts once
+for each).
 Their values come from the collection version's metadata table, the locked DuckDB table that
 filters read (:class:`~vlsearch.query.filters.FilterEngine`, built on the first filtered or shaped
 query, about 60 MiB per million images), joined with the candidates' ids.
@@ -246,9 +248,10 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def column_sql(engine: "FilterEngine", name: str) -> str:
+def column_sql(engine: "FilterEngine", name: str, lists: bool = False) -> str:
     """The SQL expression (over table alias ``i``) of a column the user named, checked against the
-    engine's table; InvalidQueryError for an unknown or non-scalar column."""
+    engine's table; InvalidQueryError for an unknown or non-scalar column (``lists``: a list of
+    strings is accepted too, as facets count its elements)."""
     schema = engine.schema
     known = {n.lower(): n for n in schema.names if n != "embedding"}
     real = known.get(name.lower())
@@ -259,17 +262,25 @@ def column_sql(engine: "FilterEngine", name: str) -> str:
         names = sorted(known.values()) + ([FOLDER] if FOLDER not in known and "path" in known else [])
         raise InvalidQueryError(f"unknown column {name!r}; columns: {', '.join(names)}")
     kind = schema.field(real).type
+    if lists and _is_string_list(kind):
+        return "i." + _quote(real)
     if pa.types.is_nested(kind):
         raise InvalidQueryError(f"column {real!r} holds {kind} values: group_by, order_by and facets take a "
                                 "column of single values")
     return "i." + _quote(real)
 
 
+def _is_string_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+        pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))
+
+
 def candidate_values(engine: "FilterEngine", ids: np.ndarray, counts: Sequence[int],
-                     columns: Sequence[str]) -> list[pa.Table]:
+                     columns: Sequence[str], lists: Sequence[str] = ()) -> list[pa.Table]:
     """For each query row of ``ids``, a table of its first ``counts[q]`` candidates: ``pos`` (the
-    place in its list) and one column per name of ``columns`` (as ``c0, c1, ...``), in ``pos`` order."""
-    exprs = [column_sql(engine, c) for c in columns]  # checked before anything runs
+    place in its list) and one column per name of ``columns`` (as ``c0, c1, ...``), in ``pos`` order.
+    ``lists``: the columns that may be lists of strings (facets)."""
+    exprs = [column_sql(engine, c, c in lists) for c in columns]  # checked before anything runs
     q_index = np.concatenate([np.full(n, q, np.int32) for q, n in enumerate(counts)]) if len(counts) else []
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in counts]) if len(counts) else []
     flat = np.concatenate([ids[q, :n] for q, n in enumerate(counts)]) if len(counts) else []
@@ -306,6 +317,9 @@ def _cap(order: np.ndarray, keys: list[Any], per_group: int, k: int) -> np.ndarr
 
 
 def _facet(values: pa.Table, column: str) -> dict[Any, int]:
+    if _is_string_list(values.schema.field(column).type):  # a list column (tags): count each element
+        flat = pc.list_flatten(values.column(column))
+        values = pa.table({"pos": pa.array(np.zeros(len(flat), np.int32)), column: flat})
     counts = values.select(["pos", column]).group_by(column).aggregate([("pos", "count")])
     counts = counts.sort_by([("pos_count", "descending"), (column, "ascending")]).slice(0, FACET_LIMIT)
     return dict(zip(counts.column(column).to_pylist(), counts.column("pos_count").to_pylist()))
@@ -319,15 +333,16 @@ def shaped_search(fetch: Fetch, build: Build, engine: Callable[[], "FilterEngine
     each query's kept candidates into hits with ``build``; one :class:`ShapedHits` per query."""
     depth = shape.start_depth(k)
     columns = shape.columns
+    lists = [c for c in shape.facets if c not in (shape.group_by, shape.order_by)]  # facets count list elements
     for column in columns:  # a bad column is the caller's error, reported before any search runs
-        column_sql(engine(), column)
+        column_sql(engine(), column, column in lists)
     done: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, dict[Any, int]], int, int]] = {}
     while True:
         scores, ids, first = fetch(depth)
         valid = (ids >= 0).sum(axis=1)
         counts = [relevant_count(scores[q, :valid[q]], shape.min_score, shape.autocut) for q in range(len(ids))]
-        tables = candidate_values(engine(), ids, [0 if q in done else n for q, n in enumerate(counts)], columns) \
-            if columns else None
+        tables = candidate_values(engine(), ids, [0 if q in done else n for q, n in enumerate(counts)], columns,
+                                  lists) if columns else None
         for q in range(len(ids)):
             if q in done:
                 continue

@@ -38,12 +38,18 @@ def keyword_path(directory: Path, number: int) -> Path:
 KEYWORD_CONFIG = "keyword.json"
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or (pa.types.is_dictionary(kind) and pa.types.is_string(kind.value_type)))
+
+
 def text_columns(schema: pa.Schema) -> list[str]:
-    """The text metadata columns: every string column but the standard and file-hash columns."""
+    """The text metadata columns: every string or list<string> column (``tags``: each element is
+    indexed) but the standard and file-hash columns."""
     skip = {*IMAGE_COLUMNS, *FILE_COLUMNS, "embedding"}
     return [f.name for f in schema if f.name not in skip
-            and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                 or (pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)))]
+            and (_is_text(f.type) or ((pa.types.is_list(f.type) or pa.types.is_large_list(f.type))
+                                      and _is_text(f.type.value_type)))]
 
 
 def field_name(column: str) -> str:
@@ -112,8 +118,9 @@ def build_shard_index(directory: Path, number: int, images: pa.Table) -> Path:
         if paths[row]:
             doc.add_text(PATH_FIELD, str(paths[row]))
         for name, values in meta:
-            if values[row] is not None:
-                doc.add_text(name, str(values[row]))
+            for text in values[row] if isinstance(values[row], list) else (values[row],):
+                if text is not None:
+                    doc.add_text(name, str(text))
         writer.add_document(doc)
     writer.commit()
     writer.wait_merging_threads()
