@@ -218,6 +218,10 @@ class QueryOptions:
                                    "max(k, 100) with --group-by/--order-by/--facet).")
     facets: Optional[list[str]] = _option(None, "--facet", help="Count this column's values among the relevant set "
                                           "(repeat for several).")
+    dedup: bool = _option(False, "--dedup", help="Collapse near-duplicate hits into their best-ranked one "
+                          "(cosine of the stored vectors >= --dedup-threshold); still k hits when enough exist.")
+    dedup_threshold: Optional[float] = _option(None, "--dedup-threshold", min=0.0, max=1.0,
+                                               help="With --dedup: the cosine threshold (default 0.94).")
     mode: str = _option("vector", "--mode", help="Text queries: vector (embedding k-NN), keyword (BM25 over "
                         "captions, path words and text metadata; phrases, field prefixes like path:beach) or "
                         "hybrid (both, fused by Reciprocal Rank Fusion, k=60).")
@@ -227,8 +231,14 @@ class QueryOptions:
     def shaping(self) -> dict[str, Any]:
         """The shaping options given (see vlsearch.query.shaping)."""
         given = dict(min_score=self.min_score, autocut=self.autocut, group_by=self.group_by, per_group=self.per_group,
-                     order_by=self.order_by, depth=self.depth, facets=list(self.facets) if self.facets else None)
+                     order_by=self.order_by, depth=self.depth, facets=list(self.facets) if self.facets else None,
+                     dedup=self._dedup())
         return {key: value for key, value in given.items() if value is not None}
+
+    def _dedup(self) -> bool | float | None:
+        if self.dedup_threshold is not None and not self.dedup:
+            raise typer.BadParameter("--dedup-threshold goes with --dedup", param_hint="--dedup-threshold")
+        return (self.dedup_threshold if self.dedup_threshold is not None else True) if self.dedup else None
 
     def run(self, collection_dir: str, query: Optional[str | list[str]]) -> list[Any]:
         """The hits of the query (a text, or weighted terms: see :func:`parse_cli_terms`), of

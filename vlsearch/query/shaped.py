@@ -13,13 +13,19 @@ import numpy as np
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.plan import check_k
 from vlsearch.query.results import Results
-from vlsearch.query.shaping import Shape, shaped_search
-from vlsearch.query.term_search import without_ids
+from vlsearch.query.shaping import Shape, Vectors, shaped_search
+from vlsearch.query.term_search import item_vectors, without_ids
 from vlsearch.rerank.model import check_rerank_k
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlsearch.query.embedding import TextQuery
     from vlsearch.query.version import SearcherVersion
+
+
+def stored_vectors(version: "SearcherVersion") -> Vectors:
+    """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares),
+    read from the row groups that hold them."""
+    return lambda ids: item_vectors(version.row_locator, ids, version.collection.dim)
 
 
 def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
@@ -36,7 +42,8 @@ def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int
         scores, ids = plan.knn(queries, depth + len(skip), nprobe, exact, k_factor, where)
         return (*without_ids(scores, ids, skip, depth), None)
 
-    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape,
+                         stored_vectors(version))
 
 
 def shaped_mode_search(version: "SearcherVersion", texts: list[str], vectors: Callable[[], np.ndarray], k: int,
@@ -51,7 +58,8 @@ def shaped_mode_search(version: "SearcherVersion", texts: list[str], vectors: Ca
     def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
         return (*version.knn_text_mode(texts, vectors, depth, *mode, nprobe, exact, k_factor, where), None)
 
-    return shaped_search(fetch, version.hit_builder.build, lambda: version.plan.filters.engine, k, shape)
+    return shaped_search(fetch, version.hit_builder.build, lambda: version.plan.filters.engine, k, shape,
+                         stored_vectors(version))
 
 
 def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, nprobe: int | None, exact: bool,
@@ -69,4 +77,5 @@ def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, n
         scores, ids = plan.knn(query.vectors, max(rerank, depth), nprobe, exact, k_factor, where)
         return version.reranking.rerank(query.texts, scores, ids, depth, tokens=query.tokens)
 
-    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape,
+                         stored_vectors(version))
