@@ -356,6 +356,12 @@ class ServeOptions:
     watch: list[str] = dataclasses.field(default=(), metadata={"option": typer.Option(
         [], "--watch", metavar="[NAME=]SOURCE", help="Sync this folder (or manifest) into the served collection as "
         "it changes, like `vlsearch watch` (NAME=SOURCE when serving several; repeatable).")})
+    clip_retrieval_api: bool = _option(True, "--clip-retrieval-api/--no-clip-retrieval-api",
+                                       help="Also serve clip-retrieval's back-end API (/indices-list, /knn-service, "
+                                            "/metadata) for ClipClient scripts and clip-front (serve the front from "
+                                            "another origin with --cors-origin).")
+    allow_url_fetch: bool = _option(False, "--allow-url-fetch", help="Let /knn-service fetch a query's image_url "
+                                    "(public http(s) addresses only, --max-upload-mb at most, 10 s).")
 
     def config(self) -> Any:
         """The :class:`vlsearch.app.serve.ServeConfig` these options describe (checked there)."""
@@ -364,7 +370,8 @@ class ServeOptions:
         return ServeConfig(host=self.host, port=self.port, token=self.token, no_auth=self.no_auth,
                            cors_origins=tuple(self.cors_origin), max_upload_bytes=int(self.max_upload_mb * 1024 * 1024),
                            mmap=self.mmap, device=self.device, pin_version=self.pin_version,
-                           watch=tuple(self.watch))
+                           watch=tuple(self.watch), clip_retrieval_api=self.clip_retrieval_api,
+                           allow_url_fetch=self.allow_url_fetch)
 
 
 @dataclass(frozen=True)
