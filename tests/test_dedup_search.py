@@ -231,3 +231,26 @@ def test_cli_dedup_flags(coll_path, searcher):
     assert ids[0] == ids[2] != ids[1]
     alone = runner.invoke(cli_app, [*args, "--dedup-threshold", "0.9"])
     assert alone.exit_code != 0 and "--dedup" in alone.output
+
+
+def test_candidate_vectors_come_from_the_refine_rows_file_where_the_index_has_one(tmp_path, coll_path, data,
+                                                                                  monkeypatch):
+    import vlsearch.query.shaped as shaped
+    from indexing.build import build_index
+
+    dest = tmp_path / "refined"
+    shutil.copytree(coll_path, dest)
+    build_index(dest, index_type="IVF4,PQ8x4fs,Refine(disk)", nprobe_default=4)
+    ids = data[1][:50]
+    with Searcher.open(dest) as s:
+        version = s.snapshot()._current
+        assert version.plan.ann.disk_refine is not None
+        from_shards = s.item_vectors(ids.tolist())
+        read = []
+        monkeypatch.setattr(shaped, "item_vectors", lambda locator, wanted, dim: read.append(wanted) or
+                            np.zeros((len(wanted), dim), np.float32))
+        got = shaped.stored_vectors(version)(ids)
+        assert read == [] and np.array_equal(got, from_shards)  # the same fp16 values, no shard read
+        monkeypatch.undo()
+        q = _query()
+        assert _ids(s.search_vector(q, k=8, exact=True, dedup=True)) == _expected(data, q, 8)

@@ -23,9 +23,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def stored_vectors(version: "SearcherVersion") -> Vectors:
-    """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares),
-    read from the row groups that hold them."""
-    return lambda ids: item_vectors(version.row_locator, ids, version.collection.dim)
+    """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares): from
+    the index's memory-mapped ``Refine(disk)`` rows where it has them (the same fp16 values, one
+    row read per id), else from the shard row groups that hold them."""
+    refine, dim = version.plan.ann.disk_refine, version.collection.dim
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        if refine is None:
+            return item_vectors(version.row_locator, ids, dim)
+        rows, valid = refine.rows(ids)
+        out = np.empty((len(ids), dim), np.float32)
+        out[valid] = refine.vectors[rows[valid]]
+        if not valid.all():  # added after the index was built
+            out[~valid] = item_vectors(version.row_locator, ids[~valid], dim)
+        return out
+
+    return vectors
 
 
 def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
