@@ -590,3 +590,37 @@ def _page_further(page, posts, back, expected) -> None:
     assert body == fixture("front_metadata.json", ids=[str(i) if i >= 10**15 else i for i in wanted])
     page.wait_for_function(f"() => document.querySelector('clip-front').shadowRoot"
                            f".querySelectorAll('img.pic').length > {before}", timeout=15_000)
+
+
+# ---- dedup on vlsearch's own image upload, and the serve flags ----------------------------------------
+
+def test_dedup_on_the_upload_form_and_in_the_client(gallery):
+    s, image = gallery["searcher"], gallery["query_image"]
+    upload = {"file": ("q.jpg", image.read_bytes(), "image/jpeg")}
+    plain = gallery["http"].post("/api/collections/gallery/search/image", files=upload, data={"k": "5"}).json()
+    deduped = gallery["http"].post("/api/collections/gallery/search/image", files=upload,
+                                   data={"k": "5", "dedup": "true"}).json()
+    assert [h["id"] for h in plain["hits"]] == [str(h.id) for h in s.search_image(image, k=5)]
+    assert [h["id"] for h in deduped["hits"]] == [str(h.id) for h in s.search_image(image, k=5, dedup=True)]
+    assert [h["score"] > 0.999 for h in plain["hits"][:3]] == [True] * 3
+    assert sum(h["score"] > 0.999 for h in deduped["hits"]) == 1 and len(deduped["hits"]) == 5
+    bad = gallery["http"].post("/api/collections/gallery/search/image", files=upload, data={"dedup": "maybe"})
+    assert bad.status_code == 400 and "dedup" in bad.json()["error"]
+    from vlsearch import Client
+
+    with background_server(gallery["app"]) as url, Client(url, collection="gallery") as client:
+        assert [h.id for h in client.search_image(image, k=5, dedup=0.94)] == \
+            [h.id for h in s.search_image(image, k=5, dedup=0.94)]
+
+
+def test_serve_flags_reach_the_config():
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app as cli_app
+    from vlsearch.app.options import ServeOptions
+
+    assert ServeOptions().config().clip_retrieval_api and not ServeOptions().config().allow_url_fetch
+    off = ServeOptions(clip_retrieval_api=False, allow_url_fetch=True).config()
+    assert not off.clip_retrieval_api and off.allow_url_fetch
+    help_text = CliRunner().invoke(cli_app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "--no-clip-retrieval-api" in help_text and "--allow-url-fetch" in help_text
