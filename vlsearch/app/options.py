@@ -221,7 +221,8 @@ class QueryOptions:
     dedup: bool = _option(False, "--dedup", help="Collapse near-duplicate hits into their best-ranked one "
                           "(cosine of the stored vectors >= --dedup-threshold); still k hits when enough exist.")
     dedup_threshold: Optional[float] = _option(None, "--dedup-threshold", min=0.0, max=1.0,
-                                               help="With --dedup: the cosine threshold (default 0.94).")
+                                               help="With --dedup: the cosine threshold (default: "
+                                               "vlsearch.ann.duplicates.DEFAULT_DEDUP_THRESHOLD).")
     mode: str = _option("vector", "--mode", help="Text queries: vector (embedding k-NN), keyword (BM25 over "
                         "captions, path words and text metadata; phrases, field prefixes like path:beach) or "
                         "hybrid (both, fused by Reciprocal Rank Fusion, k=60).")

@@ -15,7 +15,9 @@ unchanged (on by default; ``serve --no-clip-retrieval-api`` turns it off).
   ``max_thumbnail_size`` a side); ``[]`` when nothing is found. The hits are the Searcher's:
   ``search_text`` / ``search_image`` / ``search_vector`` with ``k=num_result_ids`` and, with
   ``deduplicate``, ``dedup=0.94`` (clip-retrieval's threshold, over the stored vectors); on the
-  collection's index, or exact where it has none.
+  collection's index, or exact where it has none. Unlike clip_back, which drops the copies among
+  its ``num_result_ids`` and so returns fewer, the list is filled to ``num_result_ids`` distinct
+  items where the collection has them.
 * ``modality: "text"`` ranks the collection's caption embeddings (its ``captions`` shards; an item
   scores its best caption), exactly, in memory (loaded on the first such query of a collection
   version); a collection without caption embeddings answers 409 "no text index".
