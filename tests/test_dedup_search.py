@@ -254,3 +254,20 @@ def test_candidate_vectors_come_from_the_refine_rows_file_where_the_index_has_on
         monkeypatch.undo()
         q = _query()
         assert _ids(s.search_vector(q, k=8, exact=True, dedup=True)) == _expected(data, q, 8)
+
+
+def test_candidate_vectors_read_from_the_shards_are_kept_by_shard_file_and_row(searcher, data, monkeypatch):
+    import vlsearch.query.shaped as shaped
+    from vlsearch.query.term_search import item_vectors
+
+    monkeypatch.setattr(shaped, "_SHARD_VECTORS", shaped.ByteLRU(1 << 20))
+    reads: list[int] = []
+    monkeypatch.setattr(shaped, "item_vectors", lambda locator, ids, dim: reads.append(len(ids)) or
+                        item_vectors(locator, ids, dim))
+    version = searcher.snapshot()._current
+    ids = data[1][[3, 300, 599]]
+    first = shaped.stored_vectors(version)(ids)
+    again = shaped.stored_vectors(version)(data[1][[599, 3, 9]])
+    assert reads == [3, 1]  # only the new id is read the second time
+    assert np.array_equal(again[:2], first[[2, 0]])
+    assert np.allclose(first, data[0][[3, 300, 599]], atol=2e-3)  # fp16 of the stored vectors
