@@ -75,7 +75,8 @@ class Client:
         ``options``: the request's other fields (``where``, ``rerank``, ``offset``, ``mode="keyword"`` or
         ``mode="hybrid"`` with ``alpha=`` (see :meth:`vlsearch.query.searcher.Searcher.search_text`), and
         the shaping ones: ``min_score``, ``autocut``, ``group_by``, ``per_group``, ``order_by``, ``depth``,
-        ``facets``, which make the hits a :class:`~vlsearch.query.shaping.ShapedHits` with ``.facets``)."""
+        ``facets``, ``dedup`` (``True`` or a cosine threshold: near-duplicate hits collapsed into one), which
+        make the hits a :class:`~vlsearch.query.shaping.ShapedHits` with ``.facets``)."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         return self._many([{"text": t} for t in texts], single, k, nprobe, exact, k_factor, options)

@@ -14,6 +14,8 @@ from scipy.sparse.csgraph import connected_components
 
 #: clip-retrieval's query-time ``deduplicate`` threshold (cosine >= 0.94 between results).
 CLIP_RETRIEVAL_THRESHOLD = 0.94
+#: The threshold of query-time ``dedup=True`` (a starting point: clip-retrieval's, until measured).
+DEFAULT_DEDUP_THRESHOLD = CLIP_RETRIEVAL_THRESHOLD
 
 
 def component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:

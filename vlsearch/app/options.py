@@ -221,6 +221,11 @@ class QueryOptions:
                                    "max(k, 100) with --group-by/--order-by/--facet).")
     facets: Optional[list[str]] = _option(None, "--facet", help="Count this column's values among the relevant set "
                                           "(repeat for several).")
+    dedup: bool = _option(False, "--dedup", help="Collapse near-duplicate hits into their best-ranked one "
+                          "(cosine of the stored vectors >= --dedup-threshold); still k hits when enough exist.")
+    dedup_threshold: Optional[float] = _option(None, "--dedup-threshold", min=0.0, max=1.0,
+                                               help="With --dedup: the cosine threshold (default: "
+                                               "vlsearch.ann.duplicates.DEFAULT_DEDUP_THRESHOLD).")
     mode: str = _option("vector", "--mode", help="Text queries: vector (embedding k-NN), keyword (BM25 over "
                         "captions, path words and text metadata; phrases, field prefixes like path:beach) or "
                         "hybrid (both, fused by Reciprocal Rank Fusion, k=60).")
@@ -230,8 +235,14 @@ class QueryOptions:
     def shaping(self) -> dict[str, Any]:
         """The shaping options given (see vlsearch.query.shaping)."""
         given = dict(min_score=self.min_score, autocut=self.autocut, group_by=self.group_by, per_group=self.per_group,
-                     order_by=self.order_by, depth=self.depth, facets=list(self.facets) if self.facets else None)
+                     order_by=self.order_by, depth=self.depth, facets=list(self.facets) if self.facets else None,
+                     dedup=self._dedup())
         return {key: value for key, value in given.items() if value is not None}
+
+    def _dedup(self) -> bool | float | None:
+        if self.dedup_threshold is not None and not self.dedup:
+            raise typer.BadParameter("--dedup-threshold goes with --dedup", param_hint="--dedup-threshold")
+        return (self.dedup_threshold if self.dedup_threshold is not None else True) if self.dedup else None
 
     def run(self, collection_dir: str, query: Optional[str | list[str]]) -> list[Any]:
         """The hits of the query (a text, or weighted terms: see :func:`parse_cli_terms`), of
@@ -349,6 +360,12 @@ class ServeOptions:
     watch: list[str] = dataclasses.field(default=(), metadata={"option": typer.Option(
         [], "--watch", metavar="[NAME=]SOURCE", help="Sync this folder (or manifest) into the served collection as "
         "it changes, like `vlsearch watch` (NAME=SOURCE when serving several; repeatable).")})
+    clip_retrieval_api: bool = _option(True, "--clip-retrieval-api/--no-clip-retrieval-api",
+                                       help="Also serve clip-retrieval's back-end API (/indices-list, /knn-service, "
+                                            "/metadata) for ClipClient scripts and clip-front (serve the front from "
+                                            "another origin with --cors-origin).")
+    allow_url_fetch: bool = _option(False, "--allow-url-fetch", help="Let /knn-service fetch a query's image_url "
+                                    "(public http(s) addresses only, --max-upload-mb at most, 10 s).")
 
     def config(self) -> Any:
         """The :class:`vlsearch.app.serve.ServeConfig` these options describe (checked there)."""
@@ -357,7 +374,8 @@ class ServeOptions:
         return ServeConfig(host=self.host, port=self.port, token=self.token, no_auth=self.no_auth,
                            cors_origins=tuple(self.cors_origin), max_upload_bytes=int(self.max_upload_mb * 1024 * 1024),
                            mmap=self.mmap, device=self.device, pin_version=self.pin_version,
-                           watch=tuple(self.watch))
+                           watch=tuple(self.watch), clip_retrieval_api=self.clip_retrieval_api,
+                           allow_url_fetch=self.allow_url_fetch)
 
 
 @dataclass(frozen=True)

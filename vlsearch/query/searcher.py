@@ -281,7 +281,8 @@ class Searcher:
                     rerank: int = 0, *, mode: str = "vector", alpha: float | None = None,
                     rrf_k: float = RRF_K, min_score: float | None = None, autocut: int | None = None,
                     group_by: str | None = None, per_group: int | None = None, order_by: str | None = None,
-                    depth: int | None = None, facets: Sequence[str] | None = None) -> Hits | Results:
+                    depth: int | None = None, facets: Sequence[str] | None = None,
+                    dedup: bool | float | None = None) -> Hits | Results:
         """Search by caption text: a string gives ``list[Hit]``, a list of strings ``list[list[Hit]]``.
         ``where``: a metadata filter (SQL condition, see :mod:`vlsearch.query.filters`).
         ``rerank=K`` (K >= k; 0 = off): re-score the first stage's top K with the cross-attention
@@ -290,7 +291,9 @@ class Searcher:
 
         ``min_score``, ``autocut``, ``group_by``/``per_group``, ``order_by``, ``depth``, ``facets``:
         shape the list (:mod:`vlsearch.query.shaping`); each query's hits are then a
-        :class:`~vlsearch.query.shaping.ShapedHits` (with ``.facets``).
+        :class:`~vlsearch.query.shaping.ShapedHits` (with ``.facets``). ``dedup=True`` (or a cosine
+        threshold) collapses near-duplicate hits into their best-ranked one, still returning ``k``
+        hits when enough distinct ones exist.
 
         ``mode``: ``"vector"`` (the default: embedding k-NN, score = cosine), ``"keyword"`` (BM25
         over captions, path words and text metadata; the text is a query with phrases and field
@@ -301,14 +304,14 @@ class Searcher:
         if check_mode(mode, alpha, rrf_k) != "vector":
             if rerank:
                 raise InvalidQueryError(f"rerank applies to mode='vector' only, not {mode!r}")
-            shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+            shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets, dedup)
             results = shaped_mode_search(self._current, texts, lambda: self.embed_texts(texts), k,
                                          (mode, alpha, rrf_k), nprobe, exact, k_factor, where, shape)
             return results[0] if single else results
         query = self.text_query(texts, tokens=bool(check_rerank_k(rerank, check_k(k))))
         results = self.search_text_query(query, k, nprobe, exact, k_factor, where, rerank, min_score=min_score,
                                          autocut=autocut, group_by=group_by, per_group=per_group,
-                                         order_by=order_by, depth=depth, facets=facets)
+                                         order_by=order_by, depth=depth, facets=facets, dedup=dedup)
         return results[0] if single else results
 
     def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
@@ -320,9 +323,9 @@ class Searcher:
                           k_factor: float | None = None, where: str | None = None, rerank: int = 0,
                           *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
                           per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
-                          facets: Sequence[str] | None = None) -> Results:
+                          facets: Sequence[str] | None = None, dedup: bool | float | None = None) -> Results:
         """:meth:`search_text` of texts already embedded by :meth:`text_query` (one list per text)."""
-        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets, dedup)
         if shape is not None:
             return shaped_text_search(self._current, query, k, nprobe, exact, k_factor, where, rerank, shape)
         return self._current.search_text(query, k, nprobe, exact, k_factor, where, rerank)
@@ -331,14 +334,14 @@ class Searcher:
                      exact: bool = False, k_factor: float | None = None, where: str | None = None,
                      *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
                      per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
-                     facets: Sequence[str] | None = None) -> Hits | Results:
+                     facets: Sequence[str] | None = None, dedup: bool | float | None = None) -> Hits | Results:
         """Search by example image (path, PIL image or encoded bytes, or a list of them); shaping
-        arguments as in :meth:`search_text`."""
+        arguments (and ``dedup``) as in :meth:`search_text`."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
             raise InvalidQueryError("no query image given (empty list)")
-        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets, dedup)
         results = self._search(self._current, self.embed_images(images), k, nprobe, exact, k_factor, where, shape)
         return results[0] if single else results
 
@@ -346,12 +349,13 @@ class Searcher:
                       exact: bool = False, k_factor: float | None = None, where: str | None = None,
                       *, min_score: float | None = None, autocut: int | None = None, group_by: str | None = None,
                       per_group: int | None = None, order_by: str | None = None, depth: int | None = None,
-                      facets: Sequence[str] | None = None, exclude: Sequence[int] = ()) -> Hits | Results:
+                      facets: Sequence[str] | None = None, exclude: Sequence[int] = (),
+                      dedup: bool | float | None = None) -> Hits | Results:
         """Search by embedding: ``(d,)`` gives ``list[Hit]``, ``(Q, d)`` gives ``list[list[Hit]]``;
-        shaping arguments as in :meth:`search_text`; ``exclude``: ids left out of the hits (taken out
+        shaping arguments (and ``dedup``) as in :meth:`search_text`; ``exclude``: ids left out of the hits (taken out
         of the candidates before any shaping, so e.g. an item's own 1.0 never decides ``autocut``)."""
         arr = np.asarray(vector)
-        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets)
+        shape = Shape.of(min_score, autocut, group_by, per_group, order_by, depth, facets, dedup)
         results = self._search(self._current, arr, k, nprobe, exact, k_factor, where, shape, exclude)
         return results[0] if arr.ndim == 1 else results
 
@@ -364,7 +368,7 @@ class Searcher:
         The query vector is the normalised weighted sum of the normalised term embeddings (see
         :mod:`vlsearch.query.terms`); ZeroQueryError when the terms cancel out.
         ``exclude_items``: leave the items named by terms out of the hits. ``shaping``: as in
-        :meth:`search_text` (``min_score``, ``autocut``, ``group_by``...)."""
+        :meth:`search_text` (``min_score``, ``autocut``, ``group_by``..., ``dedup``)."""
         query = Query.of(query)
         current = self._current
         vector = self._query_vector(current, query)

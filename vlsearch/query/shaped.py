@@ -5,21 +5,76 @@ k-NN plan (and re-ranker), its hits from the version's hit builder. Apart from
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.plan import check_k
 from vlsearch.query.results import Results
-from vlsearch.query.shaping import Shape, shaped_search
-from vlsearch.query.term_search import without_ids
+from vlsearch.query.shaping import Shape, Vectors, shaped_search
+from vlsearch.query.term_search import item_vectors, without_ids
 from vlsearch.rerank.model import check_rerank_k
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlsearch.query.embedding import TextQuery
     from vlsearch.query.version import SearcherVersion
+    from vlsearch.store.rows import RowLocator
+
+
+#: Candidates' vectors read from the shards for ``dedup``, fp16, by ``(shard file, size, mtime, row)``:
+#: a shard file never changes, so an entry stays right in every version that keeps the file. A
+#: shard row group decodes in ~0.1 s (4096 rows of the embedding column), so repeated queries
+#: (a page re-asking, a benchmark, popular queries) must not decode it again for one row.
+_SHARD_VECTORS = ByteLRU(64 << 20)
+
+
+def _shard_vectors(locator: "RowLocator", ids: np.ndarray, dim: int) -> np.ndarray:
+    """Stored vectors of live ``ids`` from the shards, through :data:`_SHARD_VECTORS`."""
+    shard, row, _ = locator.locate(ids)
+    files = {s: (str(locator.paths[s]), *_stamp(locator.paths[s])) for s in set(shard.tolist())}
+    keys = [(*files[s], r) for s, r in zip(shard.tolist(), row.tolist())]
+    out = np.empty((len(ids), dim), np.float32)
+    missing = []
+    for i, key in enumerate(keys):
+        cached = _SHARD_VECTORS.get(key)
+        if cached is None:
+            missing.append(i)
+        else:
+            out[i] = cached
+    if missing:
+        out[missing] = item_vectors(locator, ids[missing], dim)
+        for i in missing:
+            _SHARD_VECTORS.put(keys[i], out[i].astype(np.float16))
+    return out
+
+
+def _stamp(path: Any) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def stored_vectors(version: "SearcherVersion") -> Vectors:
+    """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares): from
+    the index's memory-mapped ``Refine(disk)`` rows where it has them (the same fp16 values, one
+    row read per id), else from the shard row groups that hold them (cached by row)."""
+    refine, dim, locator = version.plan.ann.disk_refine, version.collection.dim, version.row_locator
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        if refine is None:
+            return _shard_vectors(locator, ids, dim)
+        rows, valid = refine.rows(ids)
+        out = np.empty((len(ids), dim), np.float32)
+        out[valid] = refine.vectors[rows[valid]]
+        if not valid.all():  # added after the index was built
+            out[~valid] = _shard_vectors(locator, ids[~valid], dim)
+        return out
+
+    return vectors
 
 
 def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
@@ -36,7 +91,8 @@ def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int
         scores, ids = plan.knn(queries, depth + len(skip), nprobe, exact, k_factor, where)
         return (*without_ids(scores, ids, skip, depth), None)
 
-    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape,
+                         stored_vectors(version))
 
 
 def shaped_mode_search(version: "SearcherVersion", texts: list[str], vectors: Callable[[], np.ndarray], k: int,
@@ -51,7 +107,8 @@ def shaped_mode_search(version: "SearcherVersion", texts: list[str], vectors: Ca
     def fetch(depth: int) -> tuple[np.ndarray, np.ndarray, None]:
         return (*version.knn_text_mode(texts, vectors, depth, *mode, nprobe, exact, k_factor, where), None)
 
-    return shaped_search(fetch, version.hit_builder.build, lambda: version.plan.filters.engine, k, shape)
+    return shaped_search(fetch, version.hit_builder.build, lambda: version.plan.filters.engine, k, shape,
+                         stored_vectors(version))
 
 
 def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, nprobe: int | None, exact: bool,
@@ -69,4 +126,5 @@ def shaped_text_search(version: "SearcherVersion", query: "TextQuery", k: int, n
         scores, ids = plan.knn(query.vectors, max(rerank, depth), nprobe, exact, k_factor, where)
         return version.reranking.rerank(query.texts, scores, ids, depth, tokens=query.tokens)
 
-    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape)
+    return shaped_search(fetch, version.hit_builder.build, lambda: plan.filters.engine, k, shape,
+                         stored_vectors(version))

@@ -29,6 +29,14 @@ query (after ``where``), and on the part of it that counts as relevant:
    (x4 each round, up to ``MAX_DEPTH``) until ``k`` hits are found or the relevant set is exhausted.
 3. The first ``k`` are returned, ranked 1..n in that order (``Hit.score`` stays the cosine).
 
+``dedup=True`` (or a cosine threshold ``T``; ``True`` is :data:`DEFAULT_DEDUP_THRESHOLD`) collapses
+near-duplicate hits into one before any of that: the relevant set's candidates are grouped by
+connected components of "cosine of their *stored* vectors ``>= T``" (clip-retrieval's
+``deduplicate``, :mod:`vlsearch.ann.duplicates`), and each group keeps its best-ranked member.
+Without ``order_by`` the list is fetched deeper (x4 each round, up to ``MAX_DEPTH``) until ``k``
+distinct hits are found or the relevant set is exhausted. It works with every query kind, ``where``,
+``exact``, ``rerank`` and the keyword/hybrid modes (whose candidates are stored items too).
+
 ``facets=[...]`` counts each column's values among the relevant set (before grouping), most
 frequent first (at most :data:`FACET_LIMIT` values per column); they come back as
 ``hits.facets`` (:class:`ShapedHits`, a ``Hits`` with ``facets``, ``relevant`` (the size of the
@@ -75,6 +83,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vlsearch.ann.duplicates import DEFAULT_DEDUP_THRESHOLD, component_labels, first_of_each_group
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.data.photo import FOLDER  # the stored column; shards written before it get the same value in SQL
 from vlsearch.query.results import Hits, Results
@@ -98,6 +107,10 @@ _ORDER_RE = re.compile(r"^\s*(\S+?)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
 #: ``fetch(depth) -> (scores (Q, D), ids (Q, D), first-stage scores (Q, D) or None)``
 Fetch = Callable[[int], tuple[np.ndarray, np.ndarray, "np.ndarray | None"]]
 Build = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], Results]
+#: ``vectors(ids (n,)) -> (n, d)``: the stored, L2-normalised vectors of candidates (for ``dedup``).
+Vectors = Callable[[np.ndarray], np.ndarray]
+#: Rows compared at once when looking for near-duplicates (memory: this x candidates floats).
+_DEDUP_BLOCK = 1024
 
 
 # ---- the cuts -----------------------------------------------------------------------------------
@@ -143,6 +156,18 @@ def relevant_count(scores: np.ndarray, min_score: float | None, jumps: int | Non
 
 # ---- the request --------------------------------------------------------------------------------
 
+def dedup_threshold(dedup: Any) -> float | None:
+    """``dedup`` as a cosine threshold: None/False -> None (off), True -> :data:`DEFAULT_DEDUP_THRESHOLD`,
+    a number in (0, 1] -> itself; InvalidQueryError otherwise."""
+    if dedup is None or dedup is False:
+        return None
+    if dedup is True:
+        return DEFAULT_DEDUP_THRESHOLD
+    if isinstance(dedup, (int, float, np.number)) and math.isfinite(float(dedup)) and 0 < float(dedup) <= 1:
+        return float(dedup)
+    raise InvalidQueryError(f"dedup must be true, false or a cosine threshold in (0, 1], got {dedup!r}")
+
+
 def _column_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidQueryError(f"{what} must be a column name, got {value!r}")
@@ -172,10 +197,12 @@ class Shape:
     descending: bool = False
     depth: int | None = None
     facets: tuple[str, ...] = ()
+    #: collapse near-duplicates at this cosine (None: keep them)
+    dedup: float | None = None
 
     @classmethod
     def of(cls, min_score: Any = None, autocut: Any = None, group_by: Any = None, per_group: Any = None,
-           order_by: Any = None, depth: Any = None, facets: Any = None) -> "Shape | None":
+           order_by: Any = None, depth: Any = None, facets: Any = None, dedup: Any = None) -> "Shape | None":
         """The request these arguments make (None: nothing to shape); InvalidQueryError if one is bad."""
         if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float, np.number))
                                       or not math.isfinite(float(min_score))):
@@ -201,7 +228,8 @@ class Shape:
             group_by=None if group_by is None else _column_name(group_by, "group_by"),
             per_group=1 if per_group is None else int(per_group),
             order_by=column, descending=descending, depth=None if depth is None else int(depth),
-            facets=tuple(dict.fromkeys(_column_name(f, "a facet") for f in facets or ())))
+            facets=tuple(dict.fromkeys(_column_name(f, "a facet") for f in facets or ())),
+            dedup=dedup_threshold(dedup))
         return None if shape == cls() else shape
 
     @property
@@ -225,7 +253,7 @@ class Shape:
 
     def wants_more(self, kept: int, k: int) -> bool:
         """Whether a query with ``kept`` hits needs a deeper list (when its relevant set goes on)."""
-        if self.group_by is not None and self.order_by is None and kept < k:
+        if (self.group_by is not None or self.dedup is not None) and self.order_by is None and kept < k:
             return True
         return self.min_score is not None and (self.order_by is not None or bool(self.facets))
 
@@ -327,10 +355,51 @@ def _facet(values: pa.Table, column: str) -> dict[Any, int]:
 
 # ---- the search ---------------------------------------------------------------------------------
 
+def distinct_positions(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Positions (ascending) of the best-ranked member of each near-duplicate group among ranked,
+    L2-normalised ``vectors`` ``(n, d)``: connected components of cosine ``>= threshold``
+    (:func:`vlsearch.ann.duplicates.component_labels`), compared a block of rows at a time so that
+    the deepest candidate list (``MAX_DEPTH``) needs tens of MiB, not an n x n matrix."""
+    vectors = np.asarray(vectors, np.float32)
+    n = len(vectors)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, n, _DEDUP_BLOCK):
+        rows, cols = np.nonzero(vectors[start:start + _DEDUP_BLOCK] @ vectors.T >= threshold)
+        rows = rows + start
+        upper = cols > rows
+        left.append(rows[upper])
+        right.append(cols[upper])
+    return first_of_each_group(component_labels(n, np.concatenate(left), np.concatenate(right)))
+
+
+def _shape_query(shape: Shape, k: int, ids: np.ndarray, n: int, values: pa.Table | None,
+                 vectors: Vectors | None) -> tuple[np.ndarray, dict[str, dict[Any, int]]]:
+    """One query's kept positions (at most ``k``, in their final order) among its first ``n``
+    (relevant) candidates ``ids``, and its facet counts; ``values``: the candidates' columns."""
+    order = np.arange(n)
+    if shape.dedup is not None and n:
+        if vectors is None:
+            raise InvalidQueryError("dedup needs the candidates' stored vectors, which this search does not have")
+        order = distinct_positions(vectors(ids[:n]), shape.dedup)
+    if values is None:
+        return order[:k], {}
+    keys = values.column(shape.group_by).to_pylist() if shape.group_by is not None else None  # by position
+    if len(order) < n:
+        values = values.take(order)
+    if shape.order_by is not None:
+        order = _order(values, shape.order_by, shape.descending)
+    if keys is not None:
+        order = _cap(order, keys, shape.per_group, k)
+    return order[:k], {c: _facet(values, c) for c in shape.facets}
+
+
 def shaped_search(fetch: Fetch, build: Build, engine: Callable[[], "FilterEngine"], k: int,
-                  shape: Shape) -> Results:
+                  shape: Shape, vectors: Vectors | None = None) -> Results:
     """Run ``shape`` over the candidate lists ``fetch(depth)`` gives (deeper as needed), and turn
-    each query's kept candidates into hits with ``build``; one :class:`ShapedHits` per query."""
+    each query's kept candidates into hits with ``build``; one :class:`ShapedHits` per query.
+    ``vectors``: the candidates' stored vectors, which ``shape.dedup`` compares."""
     depth = shape.start_depth(k)
     columns = shape.columns
     lists = [c for c in shape.facets if c not in (shape.group_by, shape.order_by)]  # facets count list elements
@@ -347,26 +416,23 @@ def shaped_search(fetch: Fetch, build: Build, engine: Callable[[], "FilterEngine
             if q in done:
                 continue
             n = counts[q]
-            order = np.arange(n)
-            facets: dict[str, dict[Any, int]] = {}
-            if tables is not None:
-                values = tables[q].rename_columns(["pos", *columns])
-                if shape.order_by is not None:
-                    order = _order(values, shape.order_by, shape.descending)
-                if shape.group_by is not None:
-                    order = _cap(order, values.column(shape.group_by).to_pylist(), shape.per_group, k)
-                facets = {c: _facet(values, c) for c in shape.facets}
-            kept = order[:k]
+            values = None if tables is None else tables[q].rename_columns(["pos", *columns])
+            kept, facets = _shape_query(shape, k, ids[q], n, values, vectors)
             exhausted = valid[q] < depth or n < valid[q] or depth >= MAX_DEPTH
             if exhausted or not shape.wants_more(len(kept), k):
                 done[q] = (scores[q, kept], ids[q, kept], None if first is None else first[q, kept], facets, n, depth)
         if len(done) == len(ids):
             break
         depth = min(MAX_DEPTH, depth * GROW)
+    return _results(build, done, len(ids), first is not None)
+
+
+def _results(build: Build, done: dict[int, tuple], queries: int, with_first: bool) -> Results:
+    """The kept candidates of every query as :class:`ShapedHits` (padded arrays built into hits at once)."""
     width = max([len(d[1]) for d in done.values()] + [0])
-    out_scores = np.zeros((len(ids), width), np.float32)
-    out_ids = np.full((len(ids), width), -1, np.int64)
-    out_first = None if first is None else np.full((len(ids), width), np.nan, np.float32)
+    out_scores = np.zeros((queries, width), np.float32)
+    out_ids = np.full((queries, width), -1, np.int64)
+    out_first = np.full((queries, width), np.nan, np.float32) if with_first else None
     for q, (s, i, f, _, _, _) in done.items():
         out_scores[q, :len(i)], out_ids[q, :len(i)] = s, i
         if out_first is not None and f is not None:

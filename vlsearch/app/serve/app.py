@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 import vlsearch
 
+from vlsearch.app.serve import clip_retrieval
 from vlsearch.app.serve.config import ServeConfig
 from vlsearch.app.serve.errors import error_response, install_error_handlers
 from vlsearch.app.serve.metrics import MetricsMiddleware, ServeMetrics
@@ -102,6 +103,8 @@ def create_app(collections: Mapping[str, CollectionSpec] | list[CollectionSpec],
     install_error_handlers(app)
     app.include_router(public)
     app.include_router(api)
+    if config.clip_retrieval_api:
+        clip_retrieval.install(app)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

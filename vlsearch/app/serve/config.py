@@ -47,6 +47,14 @@ class ServeConfig:
     #: ``serve --watch``: ``"[NAME=]SOURCE"`` folders (or manifests) synced into the served
     #: collections as they change (:mod:`vlsearch.app.serve.watching`).
     watch: tuple[str, ...] = ()
+    #: Serve clip-retrieval's back-end API (``/indices-list``, ``/knn-service``, ``/metadata``:
+    #: :mod:`vlsearch.app.serve.clip_retrieval`) beside ``/api``.
+    clip_retrieval_api: bool = True
+    #: Let ``/knn-service`` fetch a request's ``image_url`` (public http(s) addresses only, at most
+    #: ``max_upload_bytes``, within ``url_fetch_timeout`` seconds): off, as it makes the server
+    #: fetch URLs on a client's behalf (:mod:`vlsearch.app.serve.url_fetch`).
+    allow_url_fetch: bool = False
+    url_fetch_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -57,6 +65,8 @@ class ServeConfig:
         if self.watch and self.pin_version:
             raise ServeConfigError("--watch syncs the collection while --pin-version keeps serving its old version: "
                                    "give one or the other")
+        if not self.url_fetch_timeout > 0:
+            raise ServeConfigError(f"url_fetch_timeout must be a positive number of seconds, not {self.url_fetch_timeout}")
         if not self.follow_interval > 0:
             raise ServeConfigError(f"follow_interval must be a positive number of seconds, not {self.follow_interval}")
         if self.token is not None and self.no_auth:

@@ -117,7 +117,8 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
                          autocut=params.autocut, group_by=params.group_by, per_group=params.per_group,
                          order_by=params.order_by, depth=params.depth,
                          facets=None if params.facets is None else tuple(params.facets),
-                         mode=getattr(params, "mode", "vector"), alpha=getattr(params, "alpha", None))
+                         mode=getattr(params, "mode", "vector"), alpha=getattr(params, "alpha", None),
+                         dedup=params.dedup)
     if kind == "image":
         value = _decode_upload(value, request)
     out = coll.search(kind, value, opts)
@@ -206,17 +207,30 @@ def search_upload(
     group_by: Optional[str] = Form(None, max_length=256), per_group: Optional[int] = Form(None, ge=1, le=MAX_RESULTS),
     order_by: Optional[str] = Form(None, max_length=300), depth: Optional[int] = Form(None, ge=1),
     facets: Optional[list[str]] = Form(None, description="Repeat the field once per column."),
+    dedup: Optional[str] = Form(None, max_length=32, description="true, false or a cosine threshold in (0, 1]."),
 ) -> dict[str, Any]:
     """Search by an uploaded image (multipart/form-data)."""
     try:
         params = SearchParams(k=k, offset=offset, nprobe=nprobe, k_factor=k_factor, exact=exact, where=where or None,
                               min_score=min_score, autocut=autocut, group_by=group_by or None, per_group=per_group,
-                              order_by=order_by or None, depth=depth, facets=facets or None)
+                              order_by=order_by or None, depth=depth, facets=facets or None, dedup=_form_dedup(dedup))
     except ValueError as exc:
         raise InvalidQueryError(str(exc)) from None
     limit = request.app.state.config.max_upload_bytes
     data = file.file.read(limit + 1)
     return _search(request, name, "image", data, params)
+
+
+def _form_dedup(value: Optional[str]) -> bool | float | None:
+    """A form's ``dedup``: ``true``/``false`` or a threshold (checked by the search itself)."""
+    if value is None or not value.strip():
+        return None
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"dedup must be true, false or a number, not {value[:32]!r}") from None
 
 
 @api.get("/collections/{name}/items/{item_id}", response_model=ItemModel, tags=["items"])

@@ -66,6 +66,9 @@ class SearchParams(BaseModel):
                                        "(default: k, or max(k, 100) with group_by/order_by/facets).")
     facets: Optional[list[str]] = Field(None, max_length=16, description="Columns whose values are counted among the "
                                         "relevant set.")
+    dedup: Optional[Union[StrictBool, StrictFloat, StrictInt]] = Field(
+        None, description="Collapse near-duplicate hits into their best-ranked one (true: the default cosine "
+        "threshold; a number: that threshold, in (0, 1]); still k hits when enough distinct ones exist.")
 
     @model_validator(mode="after")
     def _bounded(self) -> "SearchParams":

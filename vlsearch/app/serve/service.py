@@ -54,12 +54,14 @@ class SearchOptions:
     order_by: str | None = None
     depth: int | None = None
     facets: tuple[str, ...] | None = None
+    dedup: bool | float | None = None  #: collapse near-duplicate hits (see :mod:`vlsearch.query.shaping`)
 
     def shaping(self) -> dict[str, Any]:
         """The shaping arguments given (none: an empty dict, so the plain search runs)."""
         given = dict(min_score=self.min_score, autocut=self.autocut, group_by=self.group_by,
                      per_group=self.per_group, order_by=self.order_by, depth=self.depth,
-                     facets=None if self.facets is None else list(self.facets))
+                     facets=None if self.facets is None else list(self.facets),
+                     dedup=None if self.dedup is False else self.dedup)
         return {key: value for key, value in given.items() if value is not None}
 
 
