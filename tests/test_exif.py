@@ -4,6 +4,7 @@ folder from the path; --no-gps; filters and shaping on them; sync; --refresh-met
 from __future__ import annotations
 
 import datetime as dt
+import json
 import struct
 
 import numpy as np
@@ -20,6 +21,7 @@ from indexing.shards import EmbedConfig
 from vlsearch.app.cli import app
 from vlsearch.app.options import EmbedOptions, WatchOptions
 from vlsearch.app.serve import create_app
+from vlsearch.query.results import hits_to_json_lines
 from vlsearch.data.photo import EXIF_COLUMNS, PHOTO_SCHEMA, exif_values, folder_of, taken_at
 from vlsearch.query.searcher import Searcher
 from vlsearch.store.collection import Collection
@@ -108,6 +110,8 @@ def test_filters_and_shaping_take_the_photo_columns(tmp_path, tiny_encoder):
     assert set(shaped.facets["folder"]) == {"trips/paris", "trips/rome", "trips", "home"}
     hit = next(h for h in hits if h.path == "trips/paris/june.jpg")
     assert hit.metadata["taken_at"] == dt.datetime(2024, 6, 15, 12, 30, tzinfo=UTC)
+    as_json = json.loads(hits_to_json_lines([hit]))  # the CLI's --json: ISO 8601, as the HTTP API gives it
+    assert as_json["metadata"]["taken_at"] == "2024-06-15T12:30:00+00:00"
     with TestClient(create_app({"c": s})) as http:  # the page's hit cards read it from here
         body = http.post("/api/collections/c/search", json={"text": "a photo", "k": 10, "exact": True,
                                                             "where": "folder = 'trips/paris'"}).json()

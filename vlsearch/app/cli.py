@@ -677,7 +677,7 @@ def search_cmd(
     query_options: QueryOptions = None,
 ) -> None:
     """Search a collection by text, example image, weighted terms or example items; print a table or JSON lines."""
-    from vlsearch.query.results import format_hits, hits_to_json_lines
+    from vlsearch.query.results import format_hits, hits_to_json_lines, json_default
     from vlsearch.query.shaping import format_facets
 
     hits = query_options.run(collection_dir, query)
@@ -685,7 +685,7 @@ def search_cmd(
     facets = getattr(hits, "facets", None)
     if facets:  # only when --facet was given: the JSON lines then end with one {"facets": ...} line
         typer.echo(json.dumps({"facets": {c: [{"value": v, "count": n} for v, n in counts.items()]
-                                          for c, counts in facets.items()}}, default=str, ensure_ascii=False)
+                                          for c, counts in facets.items()}}, default=json_default, ensure_ascii=False)
                    if query_options.as_json else format_facets(facets))
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -105,9 +106,17 @@ def format_hits(hits: Sequence[Hit], caption_width: int = 70) -> str:
     return "\n".join(f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows)
 
 
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for metadata values: dates and times as ISO 8601 (as the HTTP API
+    gives them: ``2024-06-15T12:30:00+00:00``), anything else as its ``str``."""
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
 def hits_to_json_lines(hits: Sequence[Hit]) -> str:
     """One JSON object per hit (rank, id, score, path, caption, metadata), newline-separated."""
-    return "\n".join(json.dumps(h.to_dict(), default=str, ensure_ascii=False) for h in hits)
+    return "\n".join(json.dumps(h.to_dict(), default=json_default, ensure_ascii=False) for h in hits)
 
 
 def make_hit(record: dict[str, Any], hit_id: int, score: float, rank: int,
