@@ -82,3 +82,20 @@ def test_a_type_that_cannot_hold_the_old_values_is_refused(tmp_path):
     ids = coll.read_embeddings()[0]
     with pytest.raises(InvalidQueryError, match="label"):
         coll.set_columns(pa.table({"id": pa.array([ids[0]]), "label": pa.array([1.5])}))
+
+
+def test_folder_is_filled_from_the_path_for_shards_written_before_it(tmp_path):
+    """Shards written before the photo columns have no `folder`; after a sync adds shards that have
+    it, filters and shaping still see every row's folder (one table, filled from the path)."""
+    coll = _collection(tmp_path / "c")  # paths img/<id>.jpg, no folder column
+    ids, vectors = coll.read_embeddings()
+    x = vectors[:2] * -1
+    coll.add(pa.table({"id": pa.array([1, 2], pa.int64()), "path": ["trips/a.jpg", "b.jpg"],
+                       "folder": ["trips", ""], "embedding": embedding_array(x)}))
+    searcher = Searcher.open(coll.path)
+    old = searcher.search_vector(vectors[0], k=100, exact=True, where="folder = 'img'")
+    assert len(old) == len(ids)
+    assert [h.id for h in searcher.search_vector(x[0], k=5, exact=True, where="folder LIKE 'trip%'")] == [1]
+    grouped = searcher.search_vector(vectors[0], k=10, exact=True, group_by="folder", facets=["folder"])
+    assert grouped.facets["folder"] == {"img": len(ids), "trips": 1, "": 1}
+    assert sorted(h.path.rpartition("/")[0] for h in grouped) == ["", "img", "trips"]

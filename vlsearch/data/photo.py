@@ -26,11 +26,12 @@ import re
 from typing import Any, BinaryIO, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from vlsearch.data.formats import SNIFF_BYTES, ready_for
 
-#: The pseudo-column name ``query.shaping`` falls back to for collections written without it.
+#: The folder column (filled from the path where a shard lacks it: :func:`with_folder`).
 FOLDER = "folder"
 GPS_COLUMNS = ("gps_lat", "gps_lon")
 PHOTO_SCHEMA = pa.schema([
@@ -53,6 +54,20 @@ _OFFSET_RE = re.compile(r"([+-])(\d{2}):(\d{2})")
 def folder_of(path: str) -> str:
     """The directory part of a stored path (``a/b/c.jpg`` -> ``a/b``; ``c.jpg`` -> ``""``)."""
     return path.rpartition("/")[0]
+
+
+def with_folder(table: pa.Table) -> pa.Table:
+    """``table`` (with a ``path`` column) whose ``folder`` is filled where null or absent: rows of
+    shards written before the column (or synced into a collection that has older shards) get
+    :func:`folder_of` their path, computed column-wise."""
+    paths = table.column("path")
+    computed = pc.replace_substring_regex(paths, r"^[^/]*$|/[^/]*$", "")
+    if FOLDER not in table.column_names:
+        return table.append_column(FOLDER, computed)
+    stored = table.column(FOLDER)
+    if stored.null_count == 0:
+        return table
+    return table.set_column(table.column_names.index(FOLDER), FOLDER, pc.coalesce(stored, computed))
 
 
 def _guarded(read: Callable[[], Any]) -> Any:

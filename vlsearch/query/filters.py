@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import InvalidQueryError
+from vlsearch.data.photo import with_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -237,7 +238,8 @@ def _check_expression(node: dict[str, Any], cls: str, known: dict[str, str], use
 
 def read_metadata(shard_paths: Sequence["Path"], collection: Any = None) -> pa.Table:
     """Every non-embedding column of the image shards, in shard order (the embedding is never read);
-    with ``collection``, only its live rows (a deleted or replaced row never matches a filter)."""
+    with ``collection``, only its live rows (a deleted or replaced row never matches a filter).
+    ``folder`` is filled from ``path`` for rows of shards written before that column."""
     tables = []
     for path in shard_paths:
         pf = pq.ParquetFile(path)
@@ -246,7 +248,8 @@ def read_metadata(shard_paths: Sequence["Path"], collection: Any = None) -> pa.T
         tables.append(table if live is None else table.filter(pa.array(live)))
     if not tables:
         return pa.table({"id": pa.array([], pa.int64())})
-    return pa.concat_tables(tables, promote_options="permissive")
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return with_folder(table) if "path" in table.column_names else table
 
 
 class FilterEngine:

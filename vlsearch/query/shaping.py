@@ -49,8 +49,8 @@ shorter than asked (the collection, or the filter, has no more), when ``min_scor
 ``autocut`` cut inside it, or at ``MAX_DEPTH``.
 
 **Columns** are the image shards' non-embedding scalar columns (``width``, ``height``, ``path``,
-``file_mtime_ns``, every extra metadata column), plus the pseudo-column ``folder`` (the directory
-part of ``path``, ``""`` for a file at the root) where the shards have no column of that name.
+``file_mtime_ns``, every extra metadata column), ``folder`` among them (the directory part of
+``path``, ``""`` for a file at the root; filled from the path for rows of shards written before it).
 Names are matched against the table's columns (case-insensitively) and only then quoted into SQL:
 a user's string is data, never SQL. An unknown column, a list or struct column, or a direction
 other than ASC/DESC is an :class:`~vlsearch.core.errors.InvalidQueryError`; except that facets
@@ -85,7 +85,6 @@ import pyarrow.compute as pc
 
 from vlsearch.ann.duplicates import DEFAULT_DEDUP_THRESHOLD, component_labels, first_of_each_group
 from vlsearch.core.errors import InvalidQueryError
-from vlsearch.data.photo import FOLDER  # the stored column; shards written before it get the same value in SQL
 from vlsearch.query.results import Hits, Results
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -283,12 +282,8 @@ def column_sql(engine: "FilterEngine", name: str, lists: bool = False) -> str:
     schema = engine.schema
     known = {n.lower(): n for n in schema.names if n != "embedding"}
     real = known.get(name.lower())
-    if real is None and name.lower() == FOLDER and "path" in known:
-        path = "i." + _quote(known["path"])
-        return f"CASE WHEN contains({path}, '/') THEN regexp_replace({path}, '/[^/]*$', '') ELSE '' END"
     if real is None:
-        names = sorted(known.values()) + ([FOLDER] if FOLDER not in known and "path" in known else [])
-        raise InvalidQueryError(f"unknown column {name!r}; columns: {', '.join(names)}")
+        raise InvalidQueryError(f"unknown column {name!r}; columns: {', '.join(sorted(known.values()))}")
     kind = schema.field(real).type
     if lists and _is_string_list(kind):
         return "i." + _quote(real)
