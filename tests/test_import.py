@@ -159,6 +159,27 @@ def test_interrupted_import_leaves_no_collection_and_resumes_without_loss_or_dup
     assert_search_equals_exact(tmp_path / "coll", vectors)
 
 
+def test_import_killed_9_resumes_without_loss_or_duplicates(tmp_path):
+    import sys
+
+    from conftest import kill_9_when
+
+    folder, target = tmp_path / "cr", tmp_path / "coll"
+    vectors = np.concatenate([write_partition(folder, k, 500, seed=k, text=False) for k in range(3)])
+    stage = staging_path(target) / "images"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from indexing.importing import ImportConfig, import_clip_retrieval; "
+            f"import_clip_retrieval({str(folder)!r}, {str(target)!r}, ImportConfig(model={MODEL!r}, shard_size=100))")
+    kill_9_when([sys.executable, "-c", code], lambda: stage.is_dir() and len(list(stage.glob("part-*.parquet"))) >= 2,
+                "two committed shards")
+    assert not target.exists()
+    report = import_clip_retrieval(folder, target, ImportConfig(model=MODEL, shard_size=100, index=False))
+    assert 0 < report.added <= 1300
+    ids, stored = Collection.open(target).read_embeddings()
+    np.testing.assert_array_equal(ids, np.arange(1500))
+    np.testing.assert_array_equal(stored, vectors.astype(np.float32))
+
+
 def write_autofaiss_index(folder: Path, vectors: np.ndarray, order: np.ndarray | None = None) -> None:
     """An autofaiss-style image.index: index_factory over the npy vectors in row order (ids = positions)."""
     import faiss

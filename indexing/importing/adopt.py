@@ -30,7 +30,7 @@ from vlsearch.store.collection import Collection
 from vlsearch.store.layout import INDEX_FILE, now_iso
 
 from indexing.build import peak_rss_mb
-from indexing.importing.folder import ImportFolder
+from indexing.importing.folder import ImportFolder, NpyRows
 
 IMAGE_INDEX, IMAGE_INFOS = "image.index", "image.json"
 #: sampled rows that must find themselves in their own top-k (ANN codes may rank a near twin first)
@@ -79,12 +79,14 @@ def _sample(n: int, seed: int) -> np.ndarray:
 
 
 def vectors_at(folder: ImportFolder, positions: np.ndarray) -> np.ndarray:
-    """The float32 image vectors at sorted global ``positions`` (memory-mapped reads only)."""
+    """The float32 image vectors at sorted global ``positions`` (one small read per row)."""
     out = np.empty((len(positions), folder.dim), np.float32)
     for part in folder.partitions:
         lo, hi = np.searchsorted(positions, [part.start, part.stop])
-        if hi > lo:
-            out[lo:hi] = np.load(part.image, mmap_mode="r")[positions[lo:hi] - part.start]
+        rows = NpyRows(part.image) if hi > lo else None
+        for i in range(lo, hi):
+            row = int(positions[i]) - part.start
+            out[i] = rows.read(row, row + 1)[0]
     return out
 
 

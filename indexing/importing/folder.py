@@ -167,14 +167,38 @@ def _checked(root: Path, layout: str, files: list[tuple[int, Path, Path | None, 
     return ImportFolder(root, layout, tuple(parts), dims.pop(), _unify(root, schemas))
 
 
+class NpyRows:
+    """The rows of a 2-d ``.npy`` file, read on demand with plain reads. Not a memory map: mapped
+    pages count in the importing process's resident memory, which would then grow with the folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, self.dtype = read_header(fh)
+                self.offset = fh.tell()
+        except (OSError, ValueError) as exc:
+            raise ImportFolderError(f"cannot read {path} as a .npy array: {exc}") from exc
+        if len(shape) != 2 or fortran or not np.issubdtype(self.dtype, np.floating):
+            raise ImportFolderError(f"{path} must hold a 2-d C-order float array, not {self.dtype} {shape}")
+        self.rows, self.dim = int(shape[0]), int(shape[1])
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo .. hi`` as a new array."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + lo * self.dim * self.dtype.itemsize)
+            out = np.fromfile(fh, self.dtype, (hi - lo) * self.dim).reshape(hi - lo, self.dim)
+        if len(out) != hi - lo:
+            raise ImportFolderError(f"{self.path} is truncated: rows {lo}..{hi} are not all there")
+        return out
+
+
 def _npy_shape(path: Path) -> tuple[int, int]:
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise ImportFolderError(f"cannot read {path} as a .npy array: {exc}") from exc
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise ImportFolderError(f"{path} must hold a 2-d float array, not {arr.dtype} {arr.shape}")
-    return int(arr.shape[0]), int(arr.shape[1])
+    rows = NpyRows(path)
+    return rows.rows, rows.dim
 
 
 def _unify(root: Path, schemas: list[pa.Schema]) -> pa.Schema:

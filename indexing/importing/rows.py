@@ -1,4 +1,4 @@
-"""A folder's rows streamed as shard-sized Arrow tables: memory-mapped npy, Parquet batch by batch.
+"""A folder's rows streamed as shard-sized Arrow tables: npy rows read block by block, Parquet batch by batch.
 
 Each row becomes an images row ``id`` (its global position), ``path`` (``image_path``, else
 ``url``, else the id), ``width``/``height`` (the metadata's integer columns of those names),
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from vlsearch.store.arrays import embedding_array
 from vlsearch.store.layout import FILE_COLUMNS, IMAGE_COLUMNS
 
-from indexing.importing.folder import ImportFolder, Partition
+from indexing.importing.folder import ImportFolder, NpyRows, Partition
 
 PATH_COLUMNS = ("image_path", "url")
 CAPTION_COLUMN = "caption"
@@ -70,8 +70,8 @@ def iter_blocks(folder: ImportFolder, start: int, stop: int, batch: int) -> Iter
 
 
 def _partition_blocks(part: Partition, schema: pa.Schema, start: int, stop: int, batch: int) -> Iterator[Block]:
-    vectors = np.load(part.image, mmap_mode="r")
-    texts = np.load(part.text, mmap_mode="r") if part.text is not None else None
+    vectors = NpyRows(part.image)
+    texts = NpyRows(part.text) if part.text is not None else None
     pos = part.start
     for rows, meta in _metadata_batches(part, schema, batch):
         lo, hi = pos, pos + rows
@@ -81,7 +81,7 @@ def _partition_blocks(part: Partition, schema: pa.Schema, start: int, stop: int,
         if lo >= stop:
             return
         a, b = max(lo, start) - part.start, min(hi, stop) - part.start
-        yield Block(a + part.start, np.asarray(vectors[a:b]), None if texts is None else np.asarray(texts[a:b]),
+        yield Block(a + part.start, vectors.read(a, b), None if texts is None else texts.read(a, b),
                     None if meta is None else meta.slice(a - (lo - part.start), b - a))
 
 

@@ -16,8 +16,8 @@ from the staging collection's committed shards, with no loss and no duplicates.
 index follows. Partitions that changed other than by growing at the end are refused: their ids
 would shift.
 
-Memory stays bounded by one read batch and one version's added rows (npy files are memory-mapped,
-Parquet read batch by batch), whatever the folder's size.
+Memory stays bounded by one read batch, one Parquet row group and one version's added rows (npy
+rows read block by block, not memory-mapped; Parquet batch by batch), whatever the folder's size.
 """
 
 from __future__ import annotations
