@@ -13,6 +13,7 @@ from autofaiss's ``image.json`` ``index_key``, else from the index type; ``nprob
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -32,7 +33,9 @@ from vlsearch.store.layout import INDEX_FILE, now_iso
 from indexing.build import peak_rss_mb
 from indexing.importing.folder import ImportFolder, NpyRows
 
-IMAGE_INDEX, IMAGE_INFOS = "image.index", "image.json"
+log = logging.getLogger(__name__)
+
+IMAGE_INDEX, IMAGE_INFOS, TEXT_INDEX = "image.index", "image.json", "text.index"
 #: sampled rows that must find themselves in their own top-k (ANN codes may rank a near twin first)
 SAMPLE, CHECK_K, MIN_FOUND = 64, 10, 0.9
 REBUILD_HINT = "rerun with --rebuild-index to build vlsearch's own index instead"
@@ -114,6 +117,8 @@ def adopt_index(coll: Collection, path: Path) -> dict[str, Any]:
     }
     entry["resident_bytes_per_vector"] = round(entry["file_bytes"] / max(index.ntotal, 1), 1)
     coll.commit_version(index=entry)
+    if path.with_name(TEXT_INDEX).is_file():
+        log.info("%s not adopted: caption searches run over the captions shards", path.with_name(TEXT_INDEX))
     return entry
 
 
