@@ -39,10 +39,10 @@ MODEL = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
 
 def generate(folder: Path, rows: int, partition_rows: int, seed: int = 0) -> float:
-    """Write the clip-retrieval folder (skipped when a complete one is there); seconds taken."""
+    """Write the clip-retrieval folder (kept when a complete one is there); seconds it took."""
     done = folder / "COMPLETE"
     if done.is_file():
-        return 0.0
+        return float(done.read_text())
     t0 = time.perf_counter()
     shutil.rmtree(folder, ignore_errors=True)
     count = math.ceil(rows / partition_rows)
@@ -54,8 +54,9 @@ def generate(folder: Path, rows: int, partition_rows: int, seed: int = 0) -> flo
         for kind in ("img_emb", "text_emb"):
             write_npy(folder / kind / f"{kind}_{name}.npy", n, rng)
         write_metadata(folder / "metadata" / f"metadata_{name}.parquet", k, n)
-    done.write_text("ok")
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    done.write_text(f"{seconds:.1f}")
+    return seconds
 
 
 def write_npy(path: Path, n: int, rng: np.random.Generator, chunk: int = 100_000) -> None:
@@ -120,7 +121,7 @@ def main() -> None:
         gen = generate(folder, n, args.partition_rows)
         r = measure(folder, args.dir / f"coll-{n}")
         rows.append([f"{n:,}", f"{r['added']:,}", round(r["seconds"], 1), f"{r['added'] / r['seconds']:,.0f}",
-                     round(r["peak_rss_mb"]), round(r["disk_gb"], 2), round(gen, 1) if gen else "reused"])
+                     round(r["peak_rss_mb"]), round(r["disk_gb"], 2), round(gen, 1)])
         print(rows[-1], flush=True)
         write_results(rows, args.partition_rows)
         if not args.keep:
