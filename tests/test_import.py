@@ -202,6 +202,7 @@ def test_matching_autofaiss_index_is_adopted(tmp_path):
     entry = Collection.open(tmp_path / "coll").manifest.index
     assert (entry["factory"], entry["engine"], entry["nprobe_default"], entry["ntotal"]) == ("IVF4,Flat", "adopted",
                                                                                             4, 100)
+    assert (tmp_path / "coll" / entry["file"]).read_bytes() == (tmp_path / "cr" / "index" / "image.index").read_bytes()
     with Searcher.open(tmp_path / "coll") as searcher:
         assert searcher.index.ntotal == 100 and searcher.nprobe_default == 4
     assert_search_equals_exact(tmp_path / "coll", vectors)
