@@ -766,5 +766,51 @@ def _echo_served_watch(name: str, outcome: Any) -> None:
         _echo_watch_sync(outcome, prefix=f"{name}: ")
 
 
+import_app = typer.Typer(help="Import folders of already computed vectors (clip-retrieval, npy + parquet) "
+                         "as collections, without re-encoding; rerun on a grown folder to add its new rows.",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import")
+IMPORT_DIR_ARG = typer.Argument(..., help="The folder to import.")
+IMPORT_MODEL_OPT = typer.Option(..., "--model", help="The model that made the vectors: clip-retrieval's spelling "
+                                "(open_clip:ViT-B-32/laion2b_s34b_b79k, ViT-B/32) or vlsearch's.")
+IMPORT_REBUILD_OPT = typer.Option(False, "--rebuild-index", help="Build vlsearch's own index even where "
+                                  "clip-retrieval's image.index matches the vectors.")
+IMPORT_INDEX_DIR_OPT = typer.Option(None, "--index-dir", help="Folder holding image.index / image.json "
+                                    "(default: the imported folder or its index/).")
+
+
+@import_app.command("clip-retrieval")
+@handle_errors
+def import_clip_retrieval_cmd(folder: str = IMPORT_DIR_ARG, collection_dir: str = COLLECTION_OUT_ARG,
+                              model: str = IMPORT_MODEL_OPT, rebuild_index: bool = IMPORT_REBUILD_OPT,
+                              index_dir: Optional[str] = IMPORT_INDEX_DIR_OPT) -> None:
+    """Import clip-retrieval's output: img_emb/, text_emb/, metadata/ and its autofaiss image.index."""
+    from indexing.importing import ImportConfig, import_clip_retrieval
+
+    config = ImportConfig(model=model, rebuild_index=rebuild_index, index_dir=index_dir)
+    _import_and_report(import_clip_retrieval, folder, collection_dir, config)
+
+
+@import_app.command("embeddings")
+@handle_errors
+def import_embeddings_cmd(folder: str = IMPORT_DIR_ARG, collection_dir: str = COLLECTION_OUT_ARG,
+                          model: str = IMPORT_MODEL_OPT) -> None:
+    """Import a folder of *.npy vectors with their *.parquet metadata (same stem, or the same sort order)."""
+    from indexing.importing import ImportConfig, import_embeddings
+
+    _import_and_report(import_embeddings, folder, collection_dir, ImportConfig(model=model))
+
+
+def _import_and_report(run: Callable[..., Any], folder: str, collection_dir: str, config: Any) -> None:
+    with TqdmProgress("import", unit="row") as bar:
+        report = run(folder, collection_dir, config, progress=bar)
+    typer.echo(f"{report.added:,} rows added ({report.captions:,} captions) to {report.collection} version "
+               f"{report.version} in {report.seconds:.1f} s ({report.rows_per_second:,.0f} rows/s); "
+               f"index: {report.index or 'unchanged'}")
+    if report.skipped_ids:
+        typer.echo(f"{len(report.skipped_ids)} rows skipped (vectors not finite), ids: "
+                   f"{', '.join(map(str, report.skipped_ids[:20]))}{' ...' if len(report.skipped_ids) > 20 else ''}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

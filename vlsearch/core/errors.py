@@ -27,6 +27,12 @@ class SourceError(VlsearchError):
     """An image source is missing, empty or malformed."""
 
 
+class ImportFolderError(SourceError):
+    """A folder to import (clip-retrieval output, npy + parquet embeddings) is malformed: a missing
+    partition, row counts that differ between an npy file and its parquet, a dimension that does
+    not match the model, partitions changed since the last import, or an index that does not match."""
+
+
 class FilesystemNotInstalledError(SourceError, ImportError):
     """A source URL names an fsspec protocol whose package is not installed (e.g. ``s3://`` without
     ``s3fs``); the message says what to ``pip install``."""

@@ -60,6 +60,7 @@ class Update:
         self._added_ids: list[np.ndarray] = []
         self._added_vectors: list[np.ndarray] = []
         self._removed: set[int] = set()
+        self._changes: dict[str, Any] = {}
 
     def __enter__(self) -> "Update":
         self._lock.__enter__()
@@ -97,6 +98,11 @@ class Update:
         """Delete the live rows of these image ids (unknown ids are ignored)."""
         self._removed.update(int(i) for i in ids)
 
+    def record(self, **changes: Any) -> None:
+        """Other manifest fields this version sets with its rows (e.g. ``source``: how far an
+        import has read its folder), committed together with them."""
+        self._changes.update(changes)
+
     def commit(self) -> CollectionDir:
         """Write the version (nothing when nothing was added or removed); returns the collection."""
         base = self.base
@@ -113,7 +119,8 @@ class Update:
         index = _follow_index(base, staged, hit, added_ids, self._added_vectors, version)
         counts = {"images": staged.count(), "captions": staged.count(CAPTIONS_DIR),
                   "failures": staged.count(FAILURES_DIR), "shards": len(staged.manifest.shards)}
-        base.commit_version(shards=staged.manifest.shards, tombstones=tomb_name, index=index, counts=counts)
+        base.commit_version(shards=staged.manifest.shards, tombstones=tomb_name, index=index, counts=counts,
+                            **self._changes)
         self.collection.manifest = base.manifest
         log.info("collection %s: version %d (+%d rows, -%d rows)", base.path, version, len(added_ids), len(hit))
         return base
