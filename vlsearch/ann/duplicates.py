@@ -14,6 +14,9 @@ from scipy.sparse.csgraph import connected_components
 
 #: clip-retrieval's query-time ``deduplicate`` threshold (cosine >= 0.94 between results).
 CLIP_RETRIEVAL_THRESHOLD = 0.94
+#: ``vlsearch duplicates``' default: cosine >= T links two images as near copies. Calibrated on
+#: generated copies of held-out photos (benchmarks/bench_duplicates.py, RESULTS.md "Near-duplicates").
+DEFAULT_DUPLICATE_THRESHOLD = 0.92
 
 
 def component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:

@@ -297,6 +297,32 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) ->
                f"{collection_dir} version {result['version']}")
 
 
+@app.command("duplicates")
+@handle_errors
+def duplicates_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
+                   threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Cosine >= T links two "
+                                                             "images as near copies (default: the calibrated one)."),
+                   as_json: bool = typer.Option(False, "--json", help="One JSON line per group."),
+                   as_csv: bool = typer.Option(False, "--csv", help="CSV, one row per item."),
+                   write_columns: bool = typer.Option(False, "--write-columns", help="Write dup_group / dup_keeper "
+                                                      "columns as a new version (where=\"dup_keeper\" hides copies)."),
+                   exact_only: bool = typer.Option(False, "--exact-only", help="Exact copies (content hash) only.")) -> None:
+    """Find groups of duplicate images (same file content, or embeddings with cosine >= T); the first
+    of each group is the suggested keeper (largest, then oldest). Writes nothing unless --write-columns."""
+    from indexing import duplicates as dup
+
+    with _StageBars() as bars:
+        report = dup.find_duplicates(collection_dir, dup.DEFAULT_DUPLICATE_THRESHOLD if threshold is None else threshold,
+                                     exact_only=exact_only, progress=bars)
+    show = dup.groups_to_json_lines if as_json else dup.groups_to_csv if as_csv else dup.format_groups
+    typer.echo(show(report.groups))
+    typer.echo(report.summary(), err=as_json or as_csv)
+    if write_columns:
+        with lock_wait(wait):
+            version = dup.write_duplicate_columns(collection_dir, report.groups)["version"]
+        typer.echo(f"dup_group / dup_keeper written -> {collection_dir} version {version}", err=as_json or as_csv)
+
+
 @app.command("keyword-index")
 @handle_errors
 def keyword_index_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,

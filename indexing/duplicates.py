@@ -1,0 +1,429 @@
+"""Groups of duplicate images in a collection: ``vlsearch duplicates`` and its Python API.
+
+::
+
+    report = find_duplicates("my-collection")             # threshold: DEFAULT_DUPLICATE_THRESHOLD
+    for group in report.groups:
+        print(group.keeper, group.paths, group.scores)
+    write_duplicate_columns("my-collection", report.groups)  # then search(..., where="dup_keeper")
+
+Two items are duplicates when their files have the same content hash (exact copies) or their
+stored embeddings have a cosine ``>= threshold`` (near copies: resized, re-encoded, cropped,
+edited); a group is a connected component of that relation
+(:func:`vlsearch.ann.duplicates.component_labels`).
+
+Near copies are found with the collection's FAISS index, never by comparing all pairs: every
+stored vector is a query of a range search (radius ``threshold - margin``, since compressed codes
+score approximately; indexes without range search are searched k-NN with the radius) and each
+candidate pair is verified exactly on the stored vectors. A collection with no index of at most
+:data:`EXACT_MAX_ROWS` rows (the size below which ``build-index`` would choose exact search too) is
+searched through a temporary exact ``IndexFlat`` (blocked matrix products, bounded memory); a
+larger one needs ``vlsearch build-index`` first.
+
+The keeper suggested for each group is its largest image (width x height), then the oldest
+(``taken_at`` where the collection has that column and the row a value, else ``file_mtime_ns``),
+then the smallest id. Nothing is written to the user's files; :func:`write_duplicate_columns`
+writes ``dup_group`` / ``dup_keeper`` columns as a new collection version.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vlsearch.ann.duplicates import DEFAULT_DUPLICATE_THRESHOLD, component_labels
+from vlsearch.ann.faiss_index import is_l2, search_parameters
+from vlsearch.ann.live import live_selector
+from vlsearch.ann.plan import AutoPolicy
+from vlsearch.core.errors import CollectionError, IndexNotBuiltError, InvalidQueryError
+from vlsearch.core.progress import Progress, no_progress
+from vlsearch.store.collection import Collection
+
+#: Without an index, collections up to this many rows are searched exactly (the ``auto`` index
+#: plan's own exact-search limit); above it the index is required.
+EXACT_MAX_ROWS = AutoPolicy().flat_max_n
+#: Columns read for grouping and the keeper rule (those a collection lacks are skipped).
+ROW_COLUMNS = ("id", "path", "width", "height", "file_mtime_ns", "content_hash", "taken_at")
+#: Neighbours asked of an index without range search; doubled for rows whose last one still passes.
+KNN_START, KNN_MAX = 32, 1024
+
+
+@dataclass(frozen=True)
+class DuplicateOptions:
+    """How duplicates are found.
+
+    ``threshold``: cosine at or above which two items are near copies. ``exact_only``: content
+    hashes only (no embedding search). ``margin``: the index is searched down to
+    ``threshold - margin`` before exact verification (compressed codes score approximately).
+    ``nprobe``: IVF lists probed (None: the index's tuned default). ``batch_size``: query rows
+    per search call (bounds the memory of the candidate lists).
+    """
+
+    threshold: float = DEFAULT_DUPLICATE_THRESHOLD
+    exact_only: bool = False
+    margin: float = 0.03
+    nprobe: int | None = None
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise InvalidQueryError(f"duplicate threshold must be in (0, 1], got {self.threshold}")
+        if self.margin < 0 or self.batch_size <= 0:
+            raise InvalidQueryError("margin must be >= 0 and batch_size positive")
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """One group: its items keeper first, then by cosine to the keeper; ``scores[i]`` is item
+    ``i``'s cosine to the keeper (1.0 for the keeper)."""
+
+    ids: tuple[int, ...]
+    paths: tuple[str, ...]
+    keeper: str
+    scores: tuple[float, ...]
+
+    def to_json(self) -> str:
+        """The group as one JSON line: ``{"ids", "paths", "keeper", "scores"}``."""
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class DuplicateReport:
+    """The groups found (items in no group are not listed) and how they were found.
+
+    ``method``: ``"index range search"``, ``"index k-NN"``, ``"exact search (no index)"`` or
+    ``"content hash"``; ``pairs_scored``: candidate pairs verified exactly on the stored vectors
+    (far below the ``items * (items - 1) / 2`` of all pairs)."""
+
+    groups: list[DuplicateGroup]
+    items: int
+    threshold: float
+    method: str
+    pairs_scored: int
+    seconds: float
+
+    @property
+    def duplicates(self) -> int:
+        """Items that are not their group's keeper: what removing the copies would remove."""
+        return sum(len(g.ids) - 1 for g in self.groups)
+
+    def summary(self) -> str:
+        return (f"{len(self.groups)} duplicate groups, {self.duplicates} copies among {self.items} items "
+                f"(threshold {self.threshold:g}, {self.method}, {self.pairs_scored} pairs scored, "
+                f"{self.seconds:.1f} s)")
+
+
+@dataclass
+class _Rows:
+    """The live rows of one collection version, in shard order: ids, fp16 vectors and what the
+    keeper rule and content-hash grouping read."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    paths: list[str]
+    area: np.ndarray
+    age: np.ndarray
+    hashes: pa.Array
+    by_id: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_id = np.argsort(self.ids, kind="stable")
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Row position of each id (-1 for ids not among the live rows, e.g. dead index entries)."""
+        at = np.searchsorted(self.ids, ids, sorter=self.by_id)
+        at = np.minimum(at, len(self.ids) - 1)
+        pos = self.by_id[at]
+        return np.where(self.ids[pos] == ids, pos, -1)
+
+    def cosines(self, left: np.ndarray, right: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+        """Exact cosine of each pair of rows, from the stored vectors."""
+        out = np.empty(len(left), np.float32)
+        for s in range(0, len(left), chunk):
+            a = self.vectors[left[s:s + chunk]].astype(np.float32)
+            b = self.vectors[right[s:s + chunk]].astype(np.float32)
+            out[s:s + chunk] = np.einsum("ij,ij->i", a, b)
+        return out
+
+
+def _open(collection: Collection | str | os.PathLike) -> Collection:
+    return collection if isinstance(collection, Collection) else Collection.open(collection)
+
+
+def _read_rows(coll: Collection, progress: Progress) -> _Rows:
+    """All live rows' ids, vectors (fp16: half the memory) and keeper/hash columns."""
+    total = coll.count()
+    ids, vectors, done = [], [], 0
+    for batch_ids, batch in coll.iter_embeddings():
+        ids.append(batch_ids)
+        vectors.append(batch.astype(np.float16))
+        done += len(batch_ids)
+        progress(done, total, stage="read")
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    vectors = np.concatenate(vectors) if vectors else np.zeros((0, coll.dim), np.float16)
+    table = _row_table(coll)
+    if not np.array_equal(table.column("id").to_numpy(), ids):
+        raise CollectionError(f"{coll.path}: metadata and embedding rows disagree; the collection changed "
+                              "while it was read: run again")
+    width, height = (_int_column(table, c, 0) for c in ("width", "height"))
+    return _Rows(ids, vectors, table.column("path").to_pylist(), width * height, _ages(table),
+                 table.column("content_hash").combine_chunks() if "content_hash" in table.column_names
+                 else pa.nulls(len(ids), pa.string()))
+
+
+def _row_table(coll: Collection) -> pa.Table:
+    """The :data:`ROW_COLUMNS` each shard has (missing ones null), live rows in shard order."""
+    parts = []
+    for path in coll.shard_paths():
+        names = pq.read_schema(path).names
+        parts.append(coll.read_shard(path, columns=[c for c in ROW_COLUMNS if c in names]))
+    if not parts:
+        return pa.table({"id": pa.array([], pa.int64()), "path": pa.array([], pa.string())})
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def _int_column(table: pa.Table, name: str, fill: int) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, fill, np.int64)
+    return pc.fill_null(table.column(name).cast(pa.int64()), fill).to_numpy()
+
+
+def _ages(table: pa.Table) -> np.ndarray:
+    """Each row's age key (ns since the epoch, smaller is older): ``taken_at`` where present,
+    else the file's mtime; rows with neither sort last."""
+    age = pc.cast(table.column("file_mtime_ns"), pa.int64()) if "file_mtime_ns" in table.column_names \
+        else pa.nulls(table.num_rows, pa.int64())
+    if "taken_at" in table.column_names:
+        taken = table.column("taken_at")
+        if pa.types.is_string(taken.type) or pa.types.is_large_string(taken.type):
+            taken = pc.cast(taken, pa.timestamp("ns", "UTC"))
+        unit = taken.type.tz if pa.types.is_timestamp(taken.type) else None
+        taken = pc.cast(pc.cast(taken, pa.timestamp("ns", unit)), pa.int64())
+        age = pc.coalesce(taken, age)
+    return pc.fill_null(age, np.iinfo(np.int64).max).to_numpy()
+
+
+def hash_pairs(hashes: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs with the same (non-null) content hash: each row linked to the next of its hash."""
+    valid = np.flatnonzero(pc.is_valid(hashes).to_numpy(zero_copy_only=False))
+    if len(valid) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    values = np.asarray(hashes.take(pa.array(valid)).to_pylist(), dtype=object)
+    order = np.argsort(values, kind="stable")
+    rows, sorted_values = valid[order], values[order]
+    same = sorted_values[1:] == sorted_values[:-1]
+    return rows[:-1][same], rows[1:][same]
+
+
+# ---- near copies: candidates from the index, verified exactly ----------------------------------
+
+def _cosines_of(scores: np.ndarray, l2: bool) -> np.ndarray:
+    """Index scores as cosines (an L2 index of unit vectors scores ``|a - b|^2 = 2 - 2 cos``)."""
+    return 1.0 - scores / 2.0 if l2 else scores
+
+
+def _range_candidates(index: Any, queries: np.ndarray, radius: float, params: Any,
+                      l2: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(query row, neighbour id)`` of every neighbour scoring above ``radius`` (a cosine), or
+    None when the index has no range search."""
+    try:
+        lims, _, ids = index.range_search(queries, 2.0 - 2.0 * radius if l2 else radius, params=params)
+    except RuntimeError:
+        return None
+    return np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64)), ids
+
+
+def _knn_candidates(index: Any, queries: np.ndarray, radius: float, params: Any,
+                    l2: bool) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN with a radius: neighbours scoring ``>= radius``; rows whose k-th neighbour still
+    passes are searched again with twice k (up to :data:`KNN_MAX`)."""
+    todo, k, rows, ids = np.arange(len(queries)), KNN_START, [], []
+    while len(todo):
+        kk = min(k, index.ntotal)
+        scores, found = index.search(queries[todo], kk, params=params)
+        hit = (_cosines_of(scores, l2) >= radius) & (found >= 0)
+        again = hit[:, -1] & (kk < min(KNN_MAX, index.ntotal))
+        r, c = np.nonzero(hit & ~again[:, None])
+        rows.append(todo[r])
+        ids.append(found[r, c])
+        todo, k = todo[again], 2 * k
+    return np.concatenate(rows), np.concatenate(ids)
+
+
+def _candidate_pairs(rows: _Rows, index: Any, options: DuplicateOptions, sel: Any,
+                     progress: Progress) -> tuple[np.ndarray, str]:
+    """Unique row pairs ``a * n + b`` (a < b) the index places within ``threshold - margin``,
+    every row being one query; and which search found them."""
+    n, radius, l2 = len(rows.ids), options.threshold - options.margin, is_l2(index)
+    params = search_parameters(index, options.nprobe, None, sel)
+    keys, ranged = [], True
+    for start in range(0, n, options.batch_size):
+        queries = rows.vectors[start:start + options.batch_size].astype(np.float32)
+        found = _range_candidates(index, queries, radius, params, l2) if ranged else None
+        if found is None:
+            ranged = False
+            found = _knn_candidates(index, queries, radius, params, l2)
+        a, b = start + found[0], rows.positions(found[1])
+        ok = (b >= 0) & (b != a)  # not itself, not a dead index entry
+        a, b = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
+        keys.append(np.unique(a * n + b))
+        progress(min(start + options.batch_size, n), n, stage="search")
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64), \
+        "index range search" if ranged else "index k-NN"
+
+
+def _search_index(coll: Collection, rows: _Rows) -> tuple[Any, Any, str | None]:
+    """``(index, selector of live entries, method)``: the collection's index, or a temporary exact
+    one over the stored vectors when it has none and at most :data:`EXACT_MAX_ROWS` rows."""
+    if coll.has_index():
+        index = coll.load_index()
+        return index, live_selector(index, coll.manifest.index), None
+    if len(rows.ids) > EXACT_MAX_ROWS:
+        raise IndexNotBuiltError(
+            f"collection {coll.path} has {len(rows.ids):,} items and no index: near duplicates are searched "
+            f"exactly up to {EXACT_MAX_ROWS:,} items only; run `vlsearch build-index {coll.path}` first "
+            "(or --exact-only for copies by content hash)")
+    import faiss
+
+    flat = faiss.IndexIDMap(faiss.IndexFlat(coll.dim, faiss.METRIC_INNER_PRODUCT))
+    flat.add_with_ids(rows.vectors.astype(np.float32), rows.ids)
+    return flat, None, "exact search (no index)"
+
+
+# ---- groups -----------------------------------------------------------------------------------
+
+def _group(rows: _Rows, members: np.ndarray) -> DuplicateGroup:
+    """A group from its rows: the keeper (largest, then oldest, then smallest id) first, then the
+    others by cosine to it."""
+    keeper = members[np.lexsort((rows.ids[members], rows.age[members], -rows.area[members]))[0]]
+    scores = rows.vectors[members].astype(np.float32) @ rows.vectors[keeper].astype(np.float32)
+    scores = np.where(members == keeper, 1.0, np.minimum(scores, 1.0))
+    order = np.lexsort((rows.ids[members], -scores, members != keeper))
+    members, scores = members[order], scores[order]
+    return DuplicateGroup(ids=tuple(int(i) for i in rows.ids[members]),
+                          paths=tuple(rows.paths[m] for m in members), keeper=rows.paths[keeper],
+                          scores=tuple(round(float(s), 4) for s in scores))
+
+
+def _groups(rows: _Rows, left: np.ndarray, right: np.ndarray) -> Iterator[DuplicateGroup]:
+    """The connected components of the pairs with two items or more, in order of first item."""
+    labels = component_labels(len(rows.ids), left, right)
+    counts = np.bincount(labels, minlength=1)
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for g in np.flatnonzero(counts >= 2):
+        yield _group(rows, order[starts[g]:starts[g + 1]])
+
+
+class DuplicateFinder:
+    """One run over one collection version: reads its rows, links exact and near copies, yields
+    the groups. ``method``, ``items`` and ``pairs_scored`` describe the run once it has started."""
+
+    def __init__(self, collection: Collection | str | os.PathLike, options: DuplicateOptions = DuplicateOptions(),
+                 progress: Progress | None = None):
+        self.coll = _open(collection)
+        self.options = options
+        self.progress = progress or no_progress
+        self.method, self.items, self.pairs_scored = "content hash", 0, 0
+
+    def groups(self) -> Iterator[DuplicateGroup]:
+        """The groups, one at a time (the search over all items runs before the first)."""
+        rows = _read_rows(self.coll, self.progress)
+        self.items = len(rows.ids)
+        left, right = hash_pairs(rows.hashes)
+        if not self.options.exact_only and self.items > 1:
+            near_left, near_right = self._near_pairs(rows)
+            left, right = np.concatenate([left, near_left]), np.concatenate([right, near_right])
+        yield from _groups(rows, left, right)
+
+    def _near_pairs(self, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs with an exact cosine ``>= threshold``, among the index's candidates."""
+        index, sel, method = _search_index(self.coll, rows)
+        keys, searched = _candidate_pairs(rows, index, self.options, sel, self.progress)
+        self.method = method or searched
+        n = len(rows.ids)
+        left, right = keys // n, keys % n
+        self.pairs_scored = len(keys)
+        keep = rows.cosines(left, right) >= self.options.threshold
+        return left[keep], right[keep]
+
+
+def iter_duplicates(collection: Collection | str | os.PathLike, options: DuplicateOptions = DuplicateOptions(),
+                    progress: Progress | None = None) -> Iterator[DuplicateGroup]:
+    """The duplicate groups of a collection one at a time (for collections with many groups)."""
+    return DuplicateFinder(collection, options, progress).groups()
+
+
+def find_duplicates(collection: Collection | str | os.PathLike, threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+                    *, exact_only: bool = False, nprobe: int | None = None,
+                    progress: Progress | None = None) -> DuplicateReport:
+    """Every duplicate group of a collection (see the module docstring). ``progress(done, total,
+    stage=...)`` reports the stages ``read`` and ``search``. Writes nothing."""
+    start = time.perf_counter()
+    finder = DuplicateFinder(collection, DuplicateOptions(threshold, exact_only, nprobe=nprobe), progress)
+    groups = list(finder.groups())
+    return DuplicateReport(groups, finder.items, threshold, finder.method, finder.pairs_scored,
+                           time.perf_counter() - start)
+
+
+def write_duplicate_columns(collection: Collection | str | os.PathLike, groups: list[DuplicateGroup]) -> dict[str, int]:
+    """Write ``dup_group`` (the group's number, null for items in no group) and ``dup_keeper``
+    (true for keepers and for items in no group) as one new version, so ``where="dup_keeper"``
+    hides the copies. Rows added after the groups were found get nulls (hidden by that filter):
+    find and write again after a sync. Returns :func:`vlsearch.store.columns.set_columns`'s report."""
+    coll = _open(collection)
+    ids = coll.read_table(columns=["id"]).column("id").to_numpy()
+    number = np.full(len(ids), -1, np.int64)
+    keeper = np.ones(len(ids), bool)
+    sorter = np.argsort(ids)
+    for g, group in enumerate(groups):
+        at = sorter[np.searchsorted(ids, np.asarray(group.ids, np.int64), sorter=sorter)]
+        number[at], keeper[at] = g, False
+        keeper[at[0]] = True
+    return coll.set_columns(pa.table({"id": pa.array(ids, pa.int64()),
+                                      "dup_group": pa.array(number, pa.int64(), mask=number < 0),
+                                      "dup_keeper": pa.array(keeper)}), keep=False)
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+def format_groups(groups: list[DuplicateGroup]) -> str:
+    """A plain-text table: one line per item, groups separated, the keeper marked ``*``."""
+    if not groups:
+        return "no duplicates"
+    lines = [("group", "", "cosine", "path")]
+    for g, group in enumerate(groups):
+        lines += [(str(g), "*" if i == 0 else "", f"{s:.4f}", p) for i, (p, s) in enumerate(zip(group.paths, group.scores))]
+    width = max(len(line[0]) for line in lines)
+    return "\n".join(f"{a:>{width}} {b:1} {c:>6}  {d}" for a, b, c, d in lines)
+
+
+def groups_to_json_lines(groups: list[DuplicateGroup]) -> str:
+    """One JSON object per group: ``{"ids": [...], "paths": [...], "keeper": "<path>", "scores": [...]}``."""
+    return "\n".join(g.to_json() for g in groups)
+
+
+def groups_to_csv(groups: list[DuplicateGroup]) -> str:
+    """CSV, one row per item: ``group,id,path,keeper,score``."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["group", "id", "path", "keeper", "score"])
+    for g, group in enumerate(groups):
+        for i, (item, path, score) in enumerate(zip(group.ids, group.paths, group.scores)):
+            writer.writerow([g, item, path, "true" if i == 0 else "false", score])
+    return out.getvalue().rstrip("\n")
+
+
+__all__ = ["DEFAULT_DUPLICATE_THRESHOLD", "EXACT_MAX_ROWS", "DuplicateFinder", "DuplicateGroup",
+           "DuplicateOptions", "DuplicateReport", "find_duplicates", "format_groups", "groups_to_csv",
+           "groups_to_json_lines", "hash_pairs", "iter_duplicates", "write_duplicate_columns"]
