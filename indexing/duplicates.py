@@ -13,9 +13,10 @@ edited); a group is a connected component of that relation
 (:func:`vlsearch.ann.duplicates.component_labels`).
 
 Near copies are found with the collection's FAISS index, never by comparing all pairs: every
-stored vector is a query of a range search (radius ``threshold - margin``, since compressed codes
-score approximately; indexes without range search are searched k-NN with the radius) and each
-candidate pair is verified exactly on the stored vectors. A collection with no index of at most
+stored vector is a query, of a range search (radius ``threshold - margin``) where the index scores
+precisely (Flat, IVF-Flat, SQ8 codes), else of a k-NN search whose neighbours pass the radius
+(PQ and fast-scan codes, whose scores are too rough for a radius); each candidate pair is
+verified exactly on the stored vectors. A collection with no index of at most
 :data:`EXACT_MAX_ROWS` rows (the size below which ``build-index`` would choose exact search too) is
 searched through a temporary exact ``IndexFlat`` (blocked matrix products, bounded memory); a
 larger one needs ``vlsearch build-index`` first.
@@ -55,7 +56,7 @@ EXACT_MAX_ROWS = AutoPolicy().flat_max_n
 #: Columns read for grouping and the keeper rule (those a collection lacks are skipped).
 ROW_COLUMNS = ("id", "path", "width", "height", "file_mtime_ns", "content_hash", "taken_at")
 #: Neighbours asked of an index without range search; doubled for rows whose last one still passes.
-KNN_START, KNN_MAX = 32, 1024
+KNN_START, KNN_MAX = 16, 1024
 
 
 @dataclass(frozen=True)
@@ -232,54 +233,87 @@ def _cosines_of(scores: np.ndarray, l2: bool) -> np.ndarray:
     return 1.0 - scores / 2.0 if l2 else scores
 
 
-def _range_candidates(index: Any, queries: np.ndarray, radius: float, params: Any,
-                      l2: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(query row, neighbour id)`` of every neighbour scoring above ``radius`` (a cosine), or
-    None when the index has no range search."""
-    try:
-        lims, _, ids = index.range_search(queries, 2.0 - 2.0 * radius if l2 else radius, params=params)
-    except RuntimeError:
-        return None
-    return np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64)), ids
+class _PairSearch:
+    """Near-copy pairs among the rows through one index, every row a query. A range search
+    (radius ``threshold - margin``) where the index scores precisely; else k-NN, since compressed
+    codes score too roughly for a radius (faiss 1.15: a 4-bit fast-scan PQ scores a unit vector
+    against itself at 0.5-0.7, so its range search finds nothing) while their ranking still holds.
+    Every candidate is verified exactly on the stored vectors."""
 
+    def __init__(self, rows: _Rows, index: Any, options: DuplicateOptions, sel: Any):
+        self.rows, self.index, self.options = rows, index, options
+        self.params = search_parameters(index, options.nprobe, None, sel)
+        self.l2 = is_l2(index)
+        self.scored = 0
+        self.ranged = self._range_is_precise()
 
-def _knn_candidates(index: Any, queries: np.ndarray, radius: float, params: Any,
-                    l2: bool) -> tuple[np.ndarray, np.ndarray]:
-    """k-NN with a radius: neighbours scoring ``>= radius``; rows whose k-th neighbour still
-    passes are searched again with twice k (up to :data:`KNN_MAX`)."""
-    todo, k, rows, ids = np.arange(len(queries)), KNN_START, [], []
-    while len(todo):
-        kk = min(k, index.ntotal)
-        scores, found = index.search(queries[todo], kk, params=params)
-        hit = (_cosines_of(scores, l2) >= radius) & (found >= 0)
-        again = hit[:, -1] & (kk < min(KNN_MAX, index.ntotal))
-        r, c = np.nonzero(hit & ~again[:, None])
-        rows.append(todo[r])
-        ids.append(found[r, c])
-        todo, k = todo[again], 2 * k
-    return np.concatenate(rows), np.concatenate(ids)
+    @property
+    def method(self) -> str:
+        return "index range search" if self.ranged else "index k-NN"
 
+    def _range(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(query row, neighbour id, cosine)`` above the radius, or None without range search."""
+        radius = self.options.threshold - self.options.margin
+        try:
+            lims, scores, ids = self.index.range_search(queries, 2.0 - 2.0 * radius if self.l2 else radius,
+                                                        params=self.params)
+        except RuntimeError:
+            return None
+        return np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64)), ids, _cosines_of(scores, self.l2)
 
-def _candidate_pairs(rows: _Rows, index: Any, options: DuplicateOptions, sel: Any,
-                     progress: Progress) -> tuple[np.ndarray, str]:
-    """Unique row pairs ``a * n + b`` (a < b) the index places within ``threshold - margin``,
-    every row being one query; and which search found them."""
-    n, radius, l2 = len(rows.ids), options.threshold - options.margin, is_l2(index)
-    params = search_parameters(index, options.nprobe, None, sel)
-    keys, ranged = [], True
-    for start in range(0, n, options.batch_size):
-        queries = rows.vectors[start:start + options.batch_size].astype(np.float32)
-        found = _range_candidates(index, queries, radius, params, l2) if ranged else None
+    def _range_is_precise(self) -> bool:
+        """Whether a range search finds the first rows themselves, scored within ``margin / 3`` of 1."""
+        probe = self.rows.vectors[:64].astype(np.float32)
+        found = self._range(probe)
         if found is None:
-            ranged = False
-            found = _knn_candidates(index, queries, radius, params, l2)
-        a, b = start + found[0], rows.positions(found[1])
-        ok = (b >= 0) & (b != a)  # not itself, not a dead index entry
-        a, b = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
-        keys.append(np.unique(a * n + b))
-        progress(min(start + options.batch_size, n), n, stage="search")
-    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64), \
-        "index range search" if ranged else "index k-NN"
+            return False
+        query, ids, cos = found
+        itself = (self.rows.positions(ids) == query) & (np.abs(cos - 1.0) <= self.options.margin / 3)
+        return len(np.unique(query[itself])) == len(probe)
+
+    def _knn(self, start: int, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Verified pairs among each query's k nearest; rows whose k neighbours all pass are
+        searched again with twice k (up to :data:`KNN_MAX`)."""
+        todo, k, left, right = np.arange(len(queries)), KNN_START, [], []
+        while len(todo):
+            kk = min(k, self.index.ntotal)
+            found = self.index.search(queries[todo], kk, params=self.params)[1]
+            a = np.repeat(start + todo, kk).reshape(len(todo), kk)
+            b = self.rows.positions(found.ravel()).reshape(found.shape)
+            valid = (b >= 0) & (b != a)  # not itself, not a dead index entry
+            cos = np.full(b.shape, -1.0, np.float32)
+            cos[valid] = self.rows.cosines(a[valid], b[valid])
+            self.scored += int(valid.sum())
+            hit = cos >= self.options.threshold
+            again = (hit.sum(axis=1) >= kk - 1) & (kk < min(KNN_MAX, self.index.ntotal))
+            keep = hit & ~again[:, None]
+            left.append(a[keep])
+            right.append(b[keep])
+            todo, k = todo[again], 2 * k
+        return np.concatenate(left), np.concatenate(right)
+
+    def pairs(self, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+        """Row pairs ``(a, b)``, ``a < b``, each once, with an exact cosine ``>= threshold``."""
+        n, batch = len(self.rows.ids), self.options.batch_size
+        keys = [np.zeros(0, np.int64)]
+        for start in range(0, n, batch):
+            queries = self.rows.vectors[start:start + batch].astype(np.float32)
+            if self.ranged:
+                query, ids, _ = self._range(queries)
+                a, b = start + query, self.rows.positions(ids)
+                ok = (b >= 0) & (b != a)
+                a, b = a[ok], b[ok]
+            else:
+                a, b = self._knn(start, queries)
+            keys.append(np.unique(np.minimum(a, b) * n + np.maximum(a, b)))
+            progress(min(start + batch, n), n, stage="search")
+        keys = np.unique(np.concatenate(keys))
+        left, right = keys // n, keys % n
+        if not self.ranged:
+            return left, right
+        self.scored += len(keys)
+        keep = self.rows.cosines(left, right) >= self.options.threshold
+        return left[keep], right[keep]
 
 
 def _search_index(coll: Collection, rows: _Rows) -> tuple[Any, Any, str | None]:
@@ -349,13 +383,10 @@ class DuplicateFinder:
     def _near_pairs(self, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
         """Pairs with an exact cosine ``>= threshold``, among the index's candidates."""
         index, sel, method = _search_index(self.coll, rows)
-        keys, searched = _candidate_pairs(rows, index, self.options, sel, self.progress)
-        self.method = method or searched
-        n = len(rows.ids)
-        left, right = keys // n, keys % n
-        self.pairs_scored = len(keys)
-        keep = rows.cosines(left, right) >= self.options.threshold
-        return left[keep], right[keep]
+        search = _PairSearch(rows, index, self.options, sel)
+        pairs = search.pairs(self.progress)
+        self.method, self.pairs_scored = method or search.method, search.scored
+        return pairs
 
 
 def iter_duplicates(collection: Collection | str | os.PathLike, options: DuplicateOptions = DuplicateOptions(),

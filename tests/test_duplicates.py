@@ -120,13 +120,22 @@ def test_taken_at_decides_the_age_when_the_column_exists(tmp_path):
     assert [g.keeper for g in groups] == ["img/150.jpg", "img/20.jpg", "img/60.jpg"]
 
 
-def test_knn_with_a_radius_where_the_index_has_no_range_search(tmp_path, monkeypatch):
+def test_knn_with_a_radius_where_the_index_has_no_precise_range_search(tmp_path, monkeypatch):
     coll, ids = _collection(tmp_path / "c")
-    monkeypatch.setattr(dup, "_range_candidates", lambda *args: None)
+    monkeypatch.setattr(dup._PairSearch, "_range_is_precise", lambda self: False)
     monkeypatch.setattr(dup, "KNN_START", 2)  # a group of 3 fills k=2: those rows are searched again with k=4
     report = dup.find_duplicates(coll, T)
     assert report.method == "index k-NN"
     assert _rows_of(report.groups, ids) == [{10, 150, 290}, {20, 220}, {60, 61, 62}]
+
+
+def test_compressed_codes_are_searched_knn_and_verified_exactly(tmp_path, counted_pairs):
+    """4-bit fast-scan PQ scores too roughly for a radius (its range search finds nothing): k-NN."""
+    coll, ids = _collection(tmp_path / "c", index="IVF4,PQ16x4fs")
+    report = dup.find_duplicates(coll, T)
+    assert report.method == "index k-NN"
+    assert _rows_of(report.groups, ids) == [{10, 150, 290}, {20, 220}, {60, 61, 62}]
+    assert sum(counted_pairs) == report.pairs_scored <= N * dup.KNN_START * 2
 
 
 def test_without_an_index_small_collections_are_searched_exactly(tmp_path, monkeypatch):
