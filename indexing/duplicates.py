@@ -55,7 +55,8 @@ from vlsearch.store.collection import Collection
 EXACT_MAX_ROWS = AutoPolicy().flat_max_n
 #: Columns read for grouping and the keeper rule (those a collection lacks are skipped).
 ROW_COLUMNS = ("id", "path", "width", "height", "file_mtime_ns", "content_hash", "taken_at")
-#: Neighbours asked of an index without range search; doubled for rows whose last one still passes.
+#: Neighbours asked per row where the index has no precise range search; doubled for rows whose
+#: neighbours all pass.
 KNN_START, KNN_MAX = 16, 1024
 
 
@@ -64,8 +65,9 @@ class DuplicateOptions:
     """How duplicates are found.
 
     ``threshold``: cosine at or above which two items are near copies. ``exact_only``: content
-    hashes only (no embedding search). ``margin``: the index is searched down to
-    ``threshold - margin`` before exact verification (compressed codes score approximately).
+    hashes only (no embedding search). ``margin``: a range search reaches down to
+    ``threshold - margin`` before exact verification, and is used only where the index scores
+    stored rows against themselves within ``margin / 3`` of 1.
     ``nprobe``: IVF lists probed (None: the index's tuned default). ``batch_size``: query rows
     per search call (bounds the memory of the candidate lists).
     """
@@ -142,10 +144,7 @@ class _Rows:
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Row position of each id (-1 for ids not among the live rows, e.g. dead index entries)."""
-        at = np.searchsorted(self.ids, ids, sorter=self.by_id)
-        at = np.minimum(at, len(self.ids) - 1)
-        pos = self.by_id[at]
-        return np.where(self.ids[pos] == ids, pos, -1)
+        return _positions(self.ids, self.by_id, ids)
 
     def cosines(self, left: np.ndarray, right: np.ndarray, chunk: int = 65_536) -> np.ndarray:
         """Exact cosine of each pair of rows, from the stored vectors."""
@@ -155,6 +154,14 @@ class _Rows:
             b = self.vectors[right[s:s + chunk]].astype(np.float32)
             out[s:s + chunk] = np.einsum("ij,ij->i", a, b)
         return out
+
+
+def _positions(ids: np.ndarray, sorter: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Position in ``ids`` (sorted by ``sorter``) of each ``wanted`` id, -1 where absent."""
+    if len(ids) == 0:
+        return np.full(len(wanted), -1, np.int64)
+    pos = sorter[np.minimum(np.searchsorted(ids, wanted, sorter=sorter), len(ids) - 1)]
+    return np.where(ids[pos] == wanted, pos, -1)
 
 
 def _open(collection: Collection | str | os.PathLike) -> Collection:
@@ -416,11 +423,12 @@ def write_duplicate_columns(collection: Collection | str | os.PathLike, groups: 
     ids = coll.read_table(columns=["id"]).column("id").to_numpy()
     number = np.full(len(ids), -1, np.int64)
     keeper = np.ones(len(ids), bool)
-    sorter = np.argsort(ids)
+    sorter = np.argsort(ids, kind="stable")
     for g, group in enumerate(groups):
-        at = sorter[np.searchsorted(ids, np.asarray(group.ids, np.int64), sorter=sorter)]
-        number[at], keeper[at] = g, False
-        keeper[at[0]] = True
+        at = _positions(ids, sorter, np.asarray(group.ids, np.int64))  # -1: removed since it was found
+        number[at[at >= 0]], keeper[at[at >= 0]] = g, False
+        if at[0] >= 0:
+            keeper[at[0]] = True
     return coll.set_columns(pa.table({"id": pa.array(ids, pa.int64()),
                                       "dup_group": pa.array(number, pa.int64(), mask=number < 0),
                                       "dup_keeper": pa.array(keeper)}), keep=False)

@@ -217,3 +217,13 @@ def test_real_files_copied_byte_for_byte_are_exact_copies(tmp_path, tiny_checkpo
     assert len(groups) == 1 and groups[0]["keeper"].endswith("copy-of-img2.png")
     assert sorted(os.path.basename(p) for p in groups[0]["paths"]) == ["copy-of-img2.png", "img2.png"]
     assert groups[0]["scores"] == [1.0, 1.0]
+
+
+def test_write_columns_skips_items_removed_since_they_were_grouped(tmp_path):
+    coll, ids = _collection(tmp_path / "c")
+    groups = dup.find_duplicates(coll, T).groups
+    coll.remove([ids[150]])  # the first group's keeper
+    dup.write_duplicate_columns(coll.path, groups)
+    table = Collection.open(coll.path).read_table(columns=["path", "dup_group", "dup_keeper"]).to_pydict()
+    row = dict(zip(table["path"], zip(table["dup_group"], table["dup_keeper"])))
+    assert "img/150.jpg" not in row and row["img/10.jpg"] == (0, False) and row["img/220.jpg"] == (1, True)

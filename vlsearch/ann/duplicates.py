@@ -16,7 +16,7 @@ from scipy.sparse.csgraph import connected_components
 CLIP_RETRIEVAL_THRESHOLD = 0.94
 #: ``vlsearch duplicates``' default: cosine >= T links two images as near copies. Calibrated on
 #: generated copies of held-out photos (benchmarks/bench_duplicates.py, RESULTS.md "Near-duplicates").
-DEFAULT_DUPLICATE_THRESHOLD = 0.92
+DEFAULT_DUPLICATE_THRESHOLD = 0.90
 
 
 def component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
