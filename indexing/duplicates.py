@@ -53,6 +53,8 @@ from vlsearch.store.collection import Collection
 #: Without an index, collections up to this many rows are searched exactly (the ``auto`` index
 #: plan's own exact-search limit); above it the index is required.
 EXACT_MAX_ROWS = AutoPolicy().flat_max_n
+#: Refine candidates per neighbour asked: the ``auto`` plan's own (see :class:`DuplicateOptions`).
+DUPLICATE_K_FACTOR = AutoPolicy().refine_k_factor
 #: Columns read for grouping and the keeper rule (those a collection lacks are skipped).
 ROW_COLUMNS = ("id", "path", "width", "height", "file_mtime_ns", "content_hash", "taken_at")
 #: Neighbours asked per row where the index has no precise range search; doubled for rows whose
@@ -68,14 +70,18 @@ class DuplicateOptions:
     hashes only (no embedding search). ``margin``: a range search reaches down to
     ``threshold - margin`` before exact verification, and is used only where the index scores
     stored rows against themselves within ``margin / 3`` of 1.
-    ``nprobe``: IVF lists probed (None: the index's tuned default). ``batch_size``: query rows
-    per search call (bounds the memory of the candidate lists).
+    ``nprobe``: IVF lists probed (None: the index's tuned default). ``k_factor``: candidates
+    re-scored by a Refine layer per neighbour asked (None: the index's default, which tuning may
+    set to hundreds for ordinary queries; near copies rank at the top of the shortlist, so the
+    ``auto`` plan's own 10 is enough). ``batch_size``: query rows per search call (bounds the
+    memory of the candidate lists).
     """
 
     threshold: float = DEFAULT_DUPLICATE_THRESHOLD
     exact_only: bool = False
     margin: float = 0.03
     nprobe: int | None = None
+    k_factor: float | None = DUPLICATE_K_FACTOR
     batch_size: int = 4096
 
     def __post_init__(self) -> None:
@@ -249,7 +255,7 @@ class _PairSearch:
 
     def __init__(self, rows: _Rows, index: Any, options: DuplicateOptions, sel: Any):
         self.rows, self.index, self.options = rows, index, options
-        self.params = search_parameters(index, options.nprobe, None, sel)
+        self.params = search_parameters(index, options.nprobe, options.k_factor, sel)
         self.l2 = is_l2(index)
         self.scored = 0
         self.ranged = self._range_is_precise()
@@ -404,11 +410,13 @@ def iter_duplicates(collection: Collection | str | os.PathLike, options: Duplica
 
 def find_duplicates(collection: Collection | str | os.PathLike, threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
                     *, exact_only: bool = False, nprobe: int | None = None,
+                    k_factor: float | None = DUPLICATE_K_FACTOR,
                     progress: Progress | None = None) -> DuplicateReport:
     """Every duplicate group of a collection (see the module docstring). ``progress(done, total,
     stage=...)`` reports the stages ``read`` and ``search``. Writes nothing."""
     start = time.perf_counter()
-    finder = DuplicateFinder(collection, DuplicateOptions(threshold, exact_only, nprobe=nprobe), progress)
+    options = DuplicateOptions(threshold, exact_only, nprobe=nprobe, k_factor=k_factor)
+    finder = DuplicateFinder(collection, options, progress)
     groups = list(finder.groups())
     return DuplicateReport(groups, finder.items, threshold, finder.method, finder.pairs_scored,
                            time.perf_counter() - start)
