@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,11 +54,16 @@ TAGS = ("flickr8k-v4", "flickr8k-v3", "flickr8k-v2")
 SWEEP = tuple(round(t, 2) for t in np.arange(0.80, 0.99, 0.01))
 
 
-def command() -> str:
-    """The command line, with the ``taskset -c`` it runs under when pinned to some cores."""
+def command(*notes: str) -> str:
+    """The command line, with the ``taskset -c`` it runs under when pinned to some cores, and
+    ``notes`` (printed below it) elided."""
     cpus = sorted(os.sched_getaffinity(0))
     pinned = f"taskset -c {','.join(map(str, cpus))} " if len(cpus) < os.cpu_count() else ""
-    return pinned + command_line()
+    line = pinned + command_line()
+    for note in notes:
+        if note:
+            line = line.replace(shlex.quote(note), "'<the note below>'")
+    return line
 
 
 # ---- the generated library ------------------------------------------------------------------
@@ -150,6 +156,14 @@ def variant_cosines(coll: Collection, truth: dict[str, str | None]) -> dict[str,
     return out
 
 
+def kind_recall(groups: list, truth: dict[str, str | None]) -> dict[str, float]:
+    """Share of each kind of copy grouped with its original."""
+    group = {Path(p).name: g for g, grp in enumerate(groups) for p in grp.paths}
+    origs = [k for k in set(truth.values()) if k]
+    return {kind: float(np.mean([group.get(f"{k}-{kind}.jpg", -1) == group.get(f"{k}-orig.jpg", -2) for k in origs]))
+            for kind in VARIANTS}
+
+
 def measure_model(root: Path, tag: str, truth: dict[str, str | None]) -> dict:
     """Embed the library with one model and sweep the threshold."""
     coll_dir = root / f"coll-{tag}"
@@ -165,7 +179,8 @@ def measure_model(root: Path, tag: str, truth: dict[str, str | None]) -> dict:
         report = find_duplicates(coll, t)
         predicted, correct = pair_scores(report.groups, truth)
         sweep[t] = (correct / predicted if predicted else 1.0, correct / true_pairs, report.method)
-    return {"sweep": sweep, "cosines": variant_cosines(coll, truth), "items": coll.count()}
+    kinds = kind_recall(find_duplicates(coll, DEFAULT_DUPLICATE_THRESHOLD).groups, truth)
+    return {"sweep": sweep, "cosines": variant_cosines(coll, truth), "kinds": kinds, "items": coll.count()}
 
 
 def best_threshold(sweep: dict) -> float | None:
@@ -174,7 +189,7 @@ def best_threshold(sweep: dict) -> float | None:
     return max(ok)[1] if ok else None
 
 
-def quality_section(n: int, results: dict, seconds: float) -> str:
+def quality_section(n: int, results: dict, seconds: float, note: str) -> str:
     default = DEFAULT_DUPLICATE_THRESHOLD
     rows = []
     for tag, res in results.items():
@@ -184,17 +199,21 @@ def quality_section(n: int, results: dict, seconds: float) -> str:
                      "yes" if p >= 0.99 and r >= 0.90 else "no", best, method])
     cos_rows = [[f"{SMALL_MODEL} ({tag})"] + [f"{res['cosines'][k]:.3f}" for k in (*VARIANTS, "neg")]
                 for tag, res in results.items()]
+    kind_rows = [[f"{SMALL_MODEL} ({tag})"] + [f"{res['kinds'][k]:.3f}" for k in VARIANTS] for tag, res in results.items()]
     sweep_rows = [[t] + [f"{res['sweep'][t][0]:.3f} / {res['sweep'][t][1]:.3f}" for res in results.values()]
                   for t in SWEEP]
     return "\n\n".join([
-        f"## Near-duplicates\n\nCommand: `{command()}`  \nMachine: {machine()}  \n"
+        f"## Near-duplicates\n\nCommand: `{command(note)}`  \nMachine: {machine()}  \n"
         f"{n} originals from flickr8k-test, upscaled to {SIZE} px, x (original + {len(VARIANTS)} copies) + "
-        f"hard negatives = {next(iter(results.values()))['items']} files; {seconds:.0f} s in all.",
+        f"hard negatives = {next(iter(results.values()))['items']} files; this run {seconds:.0f} s (files and "
+        "embeddings are reused from bench-data/ when an earlier run made them)." + (f"\n\n{note}" if note else ""),
         f"At the default threshold T = {default} (`DEFAULT_DUPLICATE_THRESHOLD`; pairwise precision / recall, goal "
         ">= 0.99 / >= 0.90):\n\n" + markdown_table(
-            ["model", "items", "T", "precision", "recall", "goal met", "best T (precision >= 0.99)", "search"], rows),
+            ["model", "items", "T", "precision", "recall", "goal met", "T of best recall at precision >= 0.99", "search"], rows),
         "Median cosine of each kind of copy to its original, and of each original to its hard negative:\n\n"
         + markdown_table(["model", *VARIANTS, "hard negative"], cos_rows),
+        f"Share of each kind of copy grouped with its original at T = {default}:\n\n"
+        + markdown_table(["model", *VARIANTS], kind_rows),
         "Threshold sweep (precision / recall):\n\n" + markdown_table(
             ["T", *[f"{SMALL_MODEL} ({tag})" for tag in results]], sweep_rows)])
 
@@ -238,7 +257,7 @@ def planted_recall(coll_dir: Path, pairs: np.ndarray, groups: list, threshold: f
     return found / max(len(due), 1), len(due)
 
 
-def scale_section(n: int, nprobes: list[int | None], planted: int) -> str:
+def scale_section(n: int, nprobes: list[int | None], planted: int, note: str) -> str:
     """Time of find_duplicates on the n x 512 synthetic collection with planted near copies."""
     coll_dir = make_dataset(n, 512, 1000, 0)
     start = time.perf_counter()
@@ -252,11 +271,13 @@ def scale_section(n: int, nprobes: list[int | None], planted: int) -> str:
         rows.append([f"{report.items:,}", entry["factory"], nprobe or (f"{entry.get('nprobe_default')} (index default)" if entry.get("nlist") else "-"),
                      report.method, f"{report.seconds:.0f}", f"{report.pairs_scored:,}", len(report.groups),
                      report.duplicates, f"{recall:.3f} of {due}"])
-    return (f"### Near-duplicates at scale\n\nCommand: `{command()}`  \nMachine: {machine()}  \n"
+    return (f"### Near-duplicates at scale\n\nCommand: `{command(note)}`  \nMachine: {machine()}  \n"
             f"`find_duplicates` (T = {DEFAULT_DUPLICATE_THRESHOLD}, one thread) on the {n:,} x 512 synthetic 'real' "
             f"collection (benchmarks/synthetic.py) plus {planted} planted near copies of random rows (cosine "
             "U[0.90, 0.995]) added as a new version; seconds include reading the stored fp16 vectors. "
-            f"Index build (not timed in the table): {'cached' if built < 1 else f'{built:.0f} s'}.\n\n"
+            "Index: `build_index(auto, nprobe_default=32, k_factor_default=10)` (fixed defaults, not tuned); its "
+            f"build is not timed in the table ({'cached' if built < 1 else f'{built:.0f} s'})."
+            + (f"\n\n{note}" if note else "") + "\n\n"
             + markdown_table(["items", "index", "nprobe", "search", "seconds", "pairs scored", "groups", "copies",
                               "planted pairs >= T found"], rows))
 
@@ -266,6 +287,8 @@ def main() -> None:
     ap.add_argument("--originals", type=int, default=250)
     ap.add_argument("--tags", default=",".join(TAGS))
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--note", default="", help="a paragraph added to the quality section")
+    ap.add_argument("--scale-note", default="", help="a paragraph added to the scale section")
     ap.add_argument("--scale", type=int, default=0, help="also time N synthetic vectors (0: skip)")
     ap.add_argument("--nprobe", default="", help="comma-separated nprobe values for --scale (default: the index's)")
     ap.add_argument("--planted", type=int, default=1000, help="near copies planted into the --scale collection")
@@ -275,10 +298,11 @@ def main() -> None:
             start, root = time.perf_counter(), DEFAULT_DIR / f"duplicates-n{args.originals}"
             truth = make_library(root, args.originals)
             results = {tag: measure_model(root, tag, truth) for tag in args.tags.split(",")}
-            write_section("duplicates", quality_section(args.originals, results, time.perf_counter() - start))
+            write_section("duplicates", quality_section(args.originals, results, time.perf_counter() - start,
+                                                                args.note))
         if args.scale:
             nprobes = [int(v) for v in args.nprobe.split(",") if v] or [None]
-            write_section("duplicates-scale", scale_section(args.scale, nprobes, args.planted))
+            write_section("duplicates-scale", scale_section(args.scale, nprobes, args.planted, args.scale_note))
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def test_cli_json_csv_and_table(tmp_path):
     result = runner.invoke(app, ["duplicates", str(coll.path), "-t", str(T)])
     assert result.exit_code == 0 and "3 duplicate groups, 5 copies among 300 items" in result.output
     assert "0 * 1.0000  img/150.jpg" in result.output
+    assert runner.invoke(app, ["duplicates", str(coll.path), "--json", "--csv"]).exit_code != 0
 
 
 def test_write_columns_then_dup_keeper_hides_the_copies(tmp_path):

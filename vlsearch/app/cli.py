@@ -301,7 +301,8 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) ->
 @handle_errors
 def duplicates_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
                    threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Cosine >= T links two "
-                                                             "images as near copies (default: the calibrated one)."),
+                                                             "images as near copies (default: DEFAULT_DUPLICATE_"
+                                                             "THRESHOLD, calibrated in benchmarks/RESULTS.md)."),
                    as_json: bool = typer.Option(False, "--json", help="One JSON line per group."),
                    as_csv: bool = typer.Option(False, "--csv", help="CSV, one row per item."),
                    write_columns: bool = typer.Option(False, "--write-columns", help="Write dup_group / dup_keeper "
@@ -311,6 +312,8 @@ def duplicates_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
     of each group is the suggested keeper (largest, then oldest). Writes nothing unless --write-columns."""
     from indexing import duplicates as dup
 
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
     with _StageBars() as bars:
         report = dup.find_duplicates(collection_dir, dup.DEFAULT_DUPLICATE_THRESHOLD if threshold is None else threshold,
                                      exact_only=exact_only, progress=bars)
