@@ -364,6 +364,8 @@ def _group(rows: _Rows, members: np.ndarray) -> DuplicateGroup:
 
 def _groups(rows: _Rows, left: np.ndarray, right: np.ndarray) -> Iterator[DuplicateGroup]:
     """The connected components of the pairs with two items or more, in order of first item."""
+    if len(rows.ids) == 0:
+        return
     labels = component_labels(len(rows.ids), left, right)
     counts = np.bincount(labels, minlength=1)
     order = np.argsort(labels, kind="stable")
