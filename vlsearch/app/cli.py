@@ -27,6 +27,7 @@ from vlsearch.app.options import (
     BUILD,
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
+    DUPLICATES,
     PRECISION_OPT,
     EMBED,
     ENGINE,
@@ -43,6 +44,7 @@ from vlsearch.app.options import (
     WATCH,
     BenchOptions,
     BuildOptions,
+    DuplicatesOptions,
     EmbedOptions,
     EngineOptions,
     ModelOptions,
@@ -299,31 +301,22 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) ->
 
 @app.command("duplicates")
 @handle_errors
-def duplicates_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT,
-                   threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Cosine >= T links two "
-                                                             "images as near copies (default: DEFAULT_DUPLICATE_"
-                                                             "THRESHOLD, calibrated in benchmarks/RESULTS.md)."),
-                   as_json: bool = typer.Option(False, "--json", help="One JSON line per group."),
-                   as_csv: bool = typer.Option(False, "--csv", help="CSV, one row per item."),
+@with_groups(DUPLICATES)
+def duplicates_cmd(collection_dir: str = COLLECTION_ARG, dups: DuplicatesOptions = None, wait: float = WAIT_OPT,
                    write_columns: bool = typer.Option(False, "--write-columns", help="Write dup_group / dup_keeper "
-                                                      "columns as a new version (where=\"dup_keeper\" hides copies)."),
-                   exact_only: bool = typer.Option(False, "--exact-only", help="Exact copies (content hash) only.")) -> None:
+                                                      "columns as a new version (where=\"dup_keeper\" hides copies).")) -> None:
     """Find groups of duplicate images (same file content, or embeddings with cosine >= T); the first
     of each group is the suggested keeper (largest, then oldest). Writes nothing unless --write-columns."""
-    from indexing import duplicates as dup
+    from indexing.duplicates import write_duplicate_columns
 
-    if as_json and as_csv:
-        raise typer.BadParameter("choose one of --json and --csv")
     with _StageBars() as bars:
-        report = dup.find_duplicates(collection_dir, dup.DEFAULT_DUPLICATE_THRESHOLD if threshold is None else threshold,
-                                     exact_only=exact_only, progress=bars)
-    show = dup.groups_to_json_lines if as_json else dup.groups_to_csv if as_csv else dup.format_groups
-    typer.echo(show(report.groups))
-    typer.echo(report.summary(), err=as_json or as_csv)
+        report = dups.find(collection_dir, bars)
+    typer.echo(dups.format(report.groups))
+    typer.echo(report.summary(), err=dups.machine_readable)
     if write_columns:
         with lock_wait(wait):
-            version = dup.write_duplicate_columns(collection_dir, report.groups)["version"]
-        typer.echo(f"dup_group / dup_keeper written -> {collection_dir} version {version}", err=as_json or as_csv)
+            version = write_duplicate_columns(collection_dir, report.groups)["version"]
+        typer.echo(f"dup_group / dup_keeper written -> {collection_dir} version {version}", err=dups.machine_readable)
 
 
 @app.command("keyword-index")
