@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from vlsearch import Client
-from vlsearch.ann.duplicates import DEFAULT_DEDUP_THRESHOLD
+from vlsearch.ann.duplicates import DEFAULT_DUPLICATE_THRESHOLD
 from vlsearch.app.cli import app as cli_app
 from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.core.errors import InvalidQueryError
@@ -133,8 +133,9 @@ def test_plain_top_k_is_full_of_copies_and_dedup_returns_k_distinct(searcher, da
 
 def test_the_threshold_decides_what_is_a_copy(searcher, data):
     q = _query()
-    # the copies sit ~0.97 from their original: 0.99 keeps them apart, the default collapses them
-    assert DEFAULT_DEDUP_THRESHOLD == pytest.approx(0.94)
+    # the copies sit ~0.97 from their original: 0.99 keeps them apart, the default (0.90) collapses them
+    assert _ids(searcher.search_vector(q, k=10, exact=True, dedup=True)) == \
+        _ids(searcher.search_vector(q, k=10, exact=True, dedup=DEFAULT_DUPLICATE_THRESHOLD))
     assert _ids(searcher.search_vector(q, k=10, exact=True, dedup=0.99)) == \
         _ids(searcher.search_vector(q, k=10, exact=True))
     assert _ids(searcher.search_vector(q, k=10, exact=True, dedup=0.94)) == _expected(data, q, 10)

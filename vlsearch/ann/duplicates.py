@@ -14,8 +14,10 @@ from scipy.sparse.csgraph import connected_components
 
 #: clip-retrieval's query-time ``deduplicate`` threshold (cosine >= 0.94 between results).
 CLIP_RETRIEVAL_THRESHOLD = 0.94
-#: The threshold of query-time ``dedup=True`` (a starting point: clip-retrieval's, until measured).
-DEFAULT_DEDUP_THRESHOLD = CLIP_RETRIEVAL_THRESHOLD
+#: The default near-copy threshold of ``vlsearch duplicates`` and of query-time ``dedup=True``: cosine
+#: >= T links two images. Calibrated on generated copies of held-out photos for vlsearch-small
+#: (benchmarks/bench_duplicates.py, RESULTS.md "Near-duplicates"); the clip-retrieval API keeps 0.94.
+DEFAULT_DUPLICATE_THRESHOLD = 0.90
 
 
 def component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:

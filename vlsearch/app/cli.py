@@ -27,6 +27,7 @@ from vlsearch.app.options import (
     BUILD,
     COLLECTION_OUT_ARG,
     DEVICE_OPT,
+    DUPLICATES,
     PRECISION_OPT,
     EMBED,
     ENGINE,
@@ -43,6 +44,7 @@ from vlsearch.app.options import (
     WATCH,
     BenchOptions,
     BuildOptions,
+    DuplicatesOptions,
     EmbedOptions,
     EngineOptions,
     ModelOptions,
@@ -306,6 +308,26 @@ def compact_cmd(collection_dir: str = COLLECTION_ARG, wait: float = WAIT_OPT) ->
         result = Collection.open(collection_dir).compact()
     typer.echo(f"{result['rows_dropped']} dead rows dropped from {result['shards_rewritten']} shards -> "
                f"{collection_dir} version {result['version']}")
+
+
+@app.command("duplicates")
+@handle_errors
+@with_groups(DUPLICATES)
+def duplicates_cmd(collection_dir: str = COLLECTION_ARG, dups: DuplicatesOptions = None, wait: float = WAIT_OPT,
+                   write_columns: bool = typer.Option(False, "--write-columns", help="Write dup_group / dup_keeper "
+                                                      "columns as a new version (where=\"dup_keeper\" hides copies).")) -> None:
+    """Find groups of duplicate images (same file content, or embeddings with cosine >= T); the first
+    of each group is the suggested keeper (largest, then oldest). Writes nothing unless --write-columns."""
+    from indexing.duplicates import write_duplicate_columns
+
+    with _StageBars() as bars:
+        report = dups.find(collection_dir, bars)
+    typer.echo(dups.format(report.groups))
+    typer.echo(report.summary(), err=dups.machine_readable)
+    if write_columns:
+        with lock_wait(wait):
+            version = write_duplicate_columns(collection_dir, report.groups)["version"]
+        typer.echo(f"dup_group / dup_keeper written -> {collection_dir} version {version}", err=dups.machine_readable)
 
 
 @app.command("keyword-index")

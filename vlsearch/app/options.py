@@ -225,7 +225,7 @@ class QueryOptions:
                           "(cosine of the stored vectors >= --dedup-threshold); still k hits when enough exist.")
     dedup_threshold: Optional[float] = _option(None, "--dedup-threshold", min=0.0, max=1.0,
                                                help="With --dedup: the cosine threshold (default: "
-                                               "vlsearch.ann.duplicates.DEFAULT_DEDUP_THRESHOLD).")
+                                               "vlsearch.ann.duplicates.DEFAULT_DUPLICATE_THRESHOLD).")
     mode: str = _option("vector", "--mode", help="Text queries: vector (embedding k-NN), keyword (BM25 over "
                         "captions, path words and text metadata; phrases, field prefixes like path:beach) or "
                         "hybrid (both, fused by Reciprocal Rank Fusion, k=60).")
@@ -504,6 +504,39 @@ def _train_option(flag: TrainFlag) -> Any:
     return typer.Option(None, *flag.flags, help=text, show_default=False, **flag.limits)
 
 
+@dataclass(frozen=True)
+class DuplicatesOptions:
+    """The options of ``duplicates``: the threshold, what to compare, the output format."""
+
+    threshold: Optional[float] = _option(None, "--threshold", "-t", min=0.0, max=1.0, help="Cosine >= T links two "
+                                         "images as near copies (default: DEFAULT_DUPLICATE_THRESHOLD, calibrated "
+                                         "in benchmarks/RESULTS.md).")
+    exact_only: bool = _option(False, "--exact-only", help="Exact copies (same content hash) only.")
+    as_json: bool = _option(False, "--json", help="One JSON line per group.")
+    as_csv: bool = _option(False, "--csv", help="CSV, one row per item.")
+
+    @property
+    def machine_readable(self) -> bool:
+        """Whether stdout carries JSON or CSV (messages then go to stderr)."""
+        return self.as_json or self.as_csv
+
+    def find(self, collection_dir: str, progress: Any) -> Any:
+        """:func:`indexing.duplicates.find_duplicates` with these options."""
+        from indexing.duplicates import DEFAULT_DUPLICATE_THRESHOLD, find_duplicates
+
+        if self.as_json and self.as_csv:
+            raise typer.BadParameter("choose one of --json and --csv")
+        threshold = DEFAULT_DUPLICATE_THRESHOLD if self.threshold is None else self.threshold
+        return find_duplicates(collection_dir, threshold, exact_only=self.exact_only, progress=progress)
+
+    def format(self, groups: Any) -> str:
+        """The groups as a table, JSON lines or CSV."""
+        from indexing import duplicates as dup
+
+        return (dup.groups_to_json_lines if self.as_json else dup.groups_to_csv if self.as_csv
+                else dup.format_groups)(groups)
+
+
 # ---- groups -> command parameters --------------------------------------------------------------
 @dataclass(frozen=True)
 class OptionGroup:
@@ -533,6 +566,7 @@ BENCH = group_of("bench", BenchOptions)
 RERANK_TRAIN = group_of("train", RerankTrainOptions)
 SERVE = group_of("server", ServeOptions)
 WATCH = group_of("watch", WatchOptions)
+DUPLICATES = group_of("dups", DuplicatesOptions)
 TRAIN = OptionGroup("overrides", tuple(
     inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_train_option(f), annotation=Optional[f.type])
     for f in TRAIN_FLAGS), train_overrides)

@@ -29,7 +29,7 @@ query (after ``where``), and on the part of it that counts as relevant:
    (x4 each round, up to ``MAX_DEPTH``) until ``k`` hits are found or the relevant set is exhausted.
 3. The first ``k`` are returned, ranked 1..n in that order (``Hit.score`` stays the cosine).
 
-``dedup=True`` (or a cosine threshold ``T``; ``True`` is :data:`DEFAULT_DEDUP_THRESHOLD`) collapses
+``dedup=True`` (or a cosine threshold ``T``; ``True`` is :data:`DEFAULT_DUPLICATE_THRESHOLD`) collapses
 near-duplicate hits into one before any of that: the relevant set's candidates are grouped by
 connected components of "cosine of their *stored* vectors ``>= T``" (clip-retrieval's
 ``deduplicate``, :mod:`vlsearch.ann.duplicates`), and each group keeps its best-ranked member.
@@ -83,7 +83,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vlsearch.ann.duplicates import DEFAULT_DEDUP_THRESHOLD, component_labels, first_of_each_group
+from vlsearch.ann.duplicates import DEFAULT_DUPLICATE_THRESHOLD, component_labels, first_of_each_group
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.results import Hits, Results
 
@@ -156,12 +156,12 @@ def relevant_count(scores: np.ndarray, min_score: float | None, jumps: int | Non
 # ---- the request --------------------------------------------------------------------------------
 
 def dedup_threshold(dedup: Any) -> float | None:
-    """``dedup`` as a cosine threshold: None/False -> None (off), True -> :data:`DEFAULT_DEDUP_THRESHOLD`,
+    """``dedup`` as a cosine threshold: None/False -> None (off), True -> :data:`DEFAULT_DUPLICATE_THRESHOLD`,
     a number in (0, 1] -> itself; InvalidQueryError otherwise."""
     if dedup is None or dedup is False:
         return None
     if dedup is True:
-        return DEFAULT_DEDUP_THRESHOLD
+        return DEFAULT_DUPLICATE_THRESHOLD
     if isinstance(dedup, (int, float, np.number)) and math.isfinite(float(dedup)) and 0 < float(dedup) <= 1:
         return float(dedup)
     raise InvalidQueryError(f"dedup must be true, false or a cosine threshold in (0, 1], got {dedup!r}")
