@@ -540,6 +540,10 @@ def test_cards_show_when_and_with_what_a_photo_was_taken_and_its_tags(photos, br
             assert chips.first.get_attribute("title") == f"score {hit.metadata['tag_scores'][0]:.3f}"
     assert any(h.metadata["taken_at"] for h in expected) and any(h.metadata["taken_at"] is None for h in expected)
 
+    page.set_viewport_size({"width": 375, "height": 740})  # phone width: the chips wrap, no sideways scrolling
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.set_viewport_size({"width": 1200, "height": 900})
+
     # sorting by taken_at gives the library's newest-first list
     page.select_option("#order-by", "taken_at")
     newest = [str(h.id) for h in searcher.search_text(text, k=8, order_by="taken_at DESC", facets=_facets(page))]
@@ -577,7 +581,16 @@ def test_a_tag_chip_filters_the_hits_to_that_tag_like_a_facet_value(photos, brow
     expected = searcher.search_text(text, k=8, where="list_contains(tags, 'dad''s car')", facets=facets)
     assert _result_ids(page) == [h.id for h in expected] and all(h.metadata["tags"] for h in expected)
 
-    # the facet buttons of the tags column take the same path (one condition for both)
+    # a value of the tags facet is filtered the same way (one condition for chips and facets)
+    page.click("#filters .chip[data-column=tags] button.remove")
+    page.wait_for_selector("#facets .facet[data-column=tags] button", timeout=10_000)
+    counts = searcher.search_text(text, k=8, facets=facets).facets["tags"]
+    value = next(t for t, n in counts.items() if t is not None and "'" not in t and n < max(counts.values()))
+    before = _result_ids(page)
+    page.click(f".facet[data-column=tags] button[data-value='{value}']")
+    _wait_new_results(page, before)
+    expected = searcher.search_text(text, k=8, where=f"list_contains(tags, '{value}')", facets=facets)
+    assert _result_ids(page) == [h.id for h in expected] and f"tags: {value}" in page.text_content("#filters")
     tricky = ["it's", 'say "hi"', "a*b?[c]\\d", ""]
     engine = FilterEngine(pa.table({"id": list(range(len(tricky))), "tags": [[v, "x"] for v in tricky]}))
     for i, value in enumerate(tricky):
