@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import base64
 import csv
+import datetime as dt
 import io
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
@@ -22,6 +25,7 @@ from indexing.embed import EmbedConfig, embed
 from vlsearch.app.serve import ServeConfig, background_server, create_app
 from vlsearch.data.shapes import ShapesConfig, generate_shapes
 from vlsearch.query.filters import FilterEngine
+from vlsearch.store.arrays import embedding_array
 from vlsearch.store.collection import Collection
 from vlsearch.query.searcher import Searcher
 from vlsearch.query.terms import Item
@@ -417,3 +421,235 @@ def test_hybrid_alpha_blends_the_scores_like_the_library(steering, browser):
     assert "hybrid" in page.text_content("#status")
     assert page.is_hidden("#error") and not problems, problems
     page.close()
+
+
+#: the UTC shooting time of the photos fixture's first row (one day later for each next dated row)
+TAKEN = dt.datetime(2024, 6, 14, 15, 30, tzinfo=dt.timezone.utc)
+#: every tagged row's tags after its shape and colour: six in all, one holding a quote (tags are data)
+EXTRA_TAGS = ["dad's car", "outdoor", "daylight", "blurry"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, tiny_encoder):
+    """A photo library: shapes under ``roll/`` plus exact copies of four under ``copies/`` (near-duplicate
+    pairs), with ``taken_at`` and a camera on even rows and auto-tags (shape, colour, EXTRA_TAGS, with
+    decreasing scores) on three rows in four, written as a new version by ``Collection.set_columns``."""
+    root = tmp_path_factory.mktemp("photos")
+    split = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=16, image_format="jpg")).split_dir("heldout")
+    with open(split / "attributes.csv", newline="") as f:
+        attributes = {row["image"]: row for row in csv.DictReader(f)}
+    captions: dict[str, str] = {}
+    with open(split / "captions.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            captions.setdefault(row["image"], row["caption"])
+    rows = []
+    for i, image in enumerate(sorted(attributes)):
+        for folder in ("roll", "copies") if i < 4 else ("roll",):
+            name = f"{folder}/{Path(image).stem}.jpg"
+            (root / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(split / image, root / "src" / name)
+            rows.append((name, captions[image], attributes[image]))
+    pcsv.write_csv(pa.table({"image": [r[0] for r in rows], "caption": [r[1] for r in rows]}), root / "src" / "captions.csv")
+    config = EmbedConfig(model=tiny_encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
+    coll = Collection.open(embed(root / "src" / "captions.csv", root / "coll", config, encoder=tiny_encoder).path)
+    build_index(coll.path, index_type="Flat")
+    _spread(coll, tiny_encoder.info.dim)
+    stored = coll.read_table(columns=["id", "path"]).to_pydict()
+    by_path = dict(zip(stored["path"], stored["id"]))
+    values: dict[str, list] = {"id": [], "taken_at": [], "camera_make": [], "camera_model": [], "tags": [],
+                               "tag_scores": []}
+    for i, (name, _, attrs) in enumerate(rows):
+        values["id"].append(by_path[name])
+        values["taken_at"].append(TAKEN + dt.timedelta(days=i) if i % 2 == 0 else None)
+        values["camera_make"].append("Canon" if i % 2 == 0 else None)
+        values["camera_model"].append("Canon EOS R5" if i % 2 == 0 else None)
+        tags = None if i % 4 == 3 else [attrs["shape"], attrs["color"], *EXTRA_TAGS]
+        values["tags"].append(tags)
+        values["tag_scores"].append(None if tags is None else [round(0.4 - 0.02 * j, 2) for j in range(len(tags))])
+    coll.set_columns(pa.table({**values, "id": pa.array(values["id"], pa.int64()),
+                               "taken_at": pa.array(values["taken_at"], pa.timestamp("us", tz="UTC")),
+                               "tags": pa.array(values["tags"], pa.list_(pa.string())),
+                               "tag_scores": pa.array(values["tag_scores"], pa.list_(pa.float32()))}))
+    app = create_app({"photos": str(coll.path)}, ServeConfig(log_level="warning"))
+    with background_server(app) as url:
+        yield url, Searcher.open(coll.path, encoder=tiny_encoder), root / "src"
+
+
+def _spread(coll: Collection, dim: int) -> None:
+    """Give each distinct picture its own random vector, shared by its copies: the random-weight tiny
+    model finds all the shapes alike (cosine >= 0.94 chains them into one near-duplicate group), which
+    would leave a dedup test one hit to compare. The rows come back under new ids, as a new version."""
+    table = coll.read_table()
+    hashes = [Path(p).name for p in table.column("path").to_pylist()]  # a copy keeps its file name
+    rng = np.random.default_rng(0)
+    vectors = {h: rng.standard_normal(dim).astype(np.float32) for h in dict.fromkeys(hashes)}
+    x = np.stack([vectors[h] / np.linalg.norm(vectors[h]) for h in hashes])
+    moved = table.set_column(table.schema.get_field_index("embedding"), "embedding", embedding_array(x))
+    moved = moved.set_column(0, "id", pa.array(table.column("id").to_numpy() + 1000, pa.int64()))
+    with coll.update() as u:
+        u.remove(table.column("id").to_pylist())
+        u.add(moved)
+
+
+def _open_photos(browser, url: str, problems: list[str], k: int = 8):
+    """The page on the photos collection, in Paris time (summer: UTC+2) with British date formats."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, timezone_id="Europe/Paris", locale="en-GB")
+    page = context.new_page()
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#collection option[value=photos]", state="attached")
+    page.fill("#k", str(k))
+    return page
+
+
+def _facets(page) -> list[str]:
+    """What the page sends as `facets` (the collection's `facets` list), to ask the library the same."""
+    return page.evaluate("state.collections.photos.facets")
+
+
+def test_cards_show_when_and_with_what_a_photo_was_taken_and_its_tags(photos, browser):
+    url, searcher, _ = photos
+    problems: list[str] = []
+    page = _open_photos(browser, url, problems)
+    info = page.evaluate("state.collections.photos")
+    assert "taken_at" in info["columns"] and {"tags", "captions"} <= set(info["list_columns"])
+    options = page.eval_on_selector_all("#order-by option", "els => els.map(e => e.value)")
+    assert "taken_at" in options and "tags" not in options and "captions" not in options  # lists cannot be sorted
+    assert "tags" not in page.eval_on_selector_all("#group-by option", "els => els.map(e => e.value)")
+    text = "a large red circle"
+    shown = _search(page, text)
+    expected = searcher.search_text(text, k=8, facets=_facets(page))
+    assert shown == [h.id for h in expected]
+    for hit in expected:
+        card = page.locator(f"#results li[data-id='{hit.id}']")
+        taken = hit.metadata["taken_at"]
+        if taken is None:
+            assert card.locator("time.taken").count() == 0 and card.locator(".camera").count() == 0
+        else:
+            time = card.locator("time.taken")
+            assert time.get_attribute("datetime") == time.get_attribute("title") == taken.isoformat()
+            local = taken.astimezone(dt.timezone(dt.timedelta(hours=2)))  # Paris in June
+            assert time.text_content() == f"{local.day} {local:%b %Y, %H:%M}"
+            assert card.locator(".camera").text_content() == "Canon EOS R5"  # the make is not said twice
+        tags = hit.metadata["tags"]
+        chips = card.locator(".tags button.tag")
+        if tags is None:
+            assert chips.count() == 0
+        else:
+            assert chips.all_text_contents() == tags[:5] and len(tags) == 6  # at most five
+            assert chips.first.get_attribute("title") == f"score {hit.metadata['tag_scores'][0]:.3f}"
+    assert any(h.metadata["taken_at"] for h in expected) and any(h.metadata["taken_at"] is None for h in expected)
+
+    page.set_viewport_size({"width": 375, "height": 740})  # phone width: the chips wrap, no sideways scrolling
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.set_viewport_size({"width": 1200, "height": 900})
+
+    # sorting by taken_at gives the library's newest-first list
+    page.select_option("#order-by", "taken_at")
+    newest = [str(h.id) for h in searcher.search_text(text, k=8, order_by="taken_at DESC", facets=_facets(page))]
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=newest, timeout=10_000)
+    assert page.is_hidden("#error") and not problems, problems
+    page.context.close()
+
+
+def test_a_tag_chip_filters_the_hits_to_that_tag_like_a_facet_value(photos, browser):
+    url, searcher, _ = photos
+    problems: list[str] = []
+    page = _open_photos(browser, url, problems)
+    text = "a small blue square"
+    _search(page, text)
+    facets = _facets(page)
+    tagged = next(h for h in searcher.search_text(text, k=8, facets=facets) if h.metadata["tags"])
+    tag = tagged.metadata["tags"][0]  # its shape: some rows have it, others not
+    before = _result_ids(page)
+    page.click(f"#results li[data-id='{tagged.id}'] button.tag[data-tag='{tag}']")
+    _wait_new_results(page, before)
+    expected = searcher.search_text(text, k=8, where=f"list_contains(tags, '{tag}')", facets=facets)
+    assert _result_ids(page) == [h.id for h in expected] and all(tag in h.metadata["tags"] for h in expected)
+    assert 0 < len(expected) and len(expected) < sum(1 for _ in searcher.search_text(text, k=8))
+    chip = page.locator("#filters .chip[data-column=tags]")
+    assert f"tags: {tag}" in chip.text_content()
+    page.click("#filters .chip[data-column=tags] button.remove")
+    page.wait_for_selector("#filters", state="hidden")
+
+    # a tag holding a quote is data: the chip's filter finds exactly the rows with it
+    quoted = page.locator(f"#results li[data-id='{tagged.id}'] button.tag[data-tag=\"dad's car\"]")
+    before = _result_ids(page)
+    quoted.click()
+    _wait_new_results(page, before)
+    expected = searcher.search_text(text, k=8, where="list_contains(tags, 'dad''s car')", facets=facets)
+    assert _result_ids(page) == [h.id for h in expected] and all(h.metadata["tags"] for h in expected)
+
+    # a value of the tags facet is filtered the same way (one condition for chips and facets)
+    page.click("#filters .chip[data-column=tags] button.remove")
+    page.wait_for_selector("#facets .facet[data-column=tags] button", timeout=10_000)
+    counts = searcher.search_text(text, k=8, facets=facets).facets["tags"]
+    value = next(t for t, n in counts.items() if t is not None and "'" not in t and n < max(counts.values()))
+    before = _result_ids(page)
+    page.click(f".facet[data-column=tags] button[data-value='{value}']")
+    _wait_new_results(page, before)
+    expected = searcher.search_text(text, k=8, where=f"list_contains(tags, '{value}')", facets=facets)
+    assert _result_ids(page) == [h.id for h in expected] and f"tags: {value}" in page.text_content("#filters")
+    tricky = ["it's", 'say "hi"', "a*b?[c]\\d", ""]
+    engine = FilterEngine(pa.table({"id": list(range(len(tricky))), "tags": [[v, "x"] for v in tricky]}))
+    for i, value in enumerate(tricky):
+        where = page.evaluate("v => condition('tags', v)", value)
+        assert engine.matching_ids(engine.compile(where)).tolist() == [i], (value, where)
+    assert page.is_hidden("#error") and not problems, problems
+    page.context.close()
+
+
+def _wait_ids(page, hits) -> None:
+    """Wait until the page lists these hits (the library's answer), in order."""
+    page.wait_for_function("ids => Array.from(document.querySelectorAll('#results li')).map(e => e.dataset.id)"
+                           ".join() === ids.join()", arg=[str(h if isinstance(h, int) else h.id) for h in hits],
+                           timeout=10_000)
+
+
+def _bodies(page, sent: list) -> None:
+    page.on("request", lambda r: sent.append(r) if "/search" in r.url and r.method == "POST" else None)
+
+
+def test_the_dedup_toggle_collapses_near_duplicates_on_every_kind_of_search(photos, browser):
+    url, searcher, src = photos
+    problems: list[str] = []
+    page = _open_photos(browser, url, problems)
+    sent: list = []
+    _bodies(page, sent)
+    assert not page.is_checked("#dedup")  # off by default
+    text = "a large red circle"
+    facets = _facets(page)
+    plain = _search(page, text)
+    assert plain == [h.id for h in searcher.search_text(text, k=8, facets=facets)]
+    assert "dedup" not in json.loads(sent[-1].post_data)
+    expected = [h.id for h in searcher.search_text(text, k=8, facets=facets, dedup=True)]
+    assert expected != plain and len(expected) == 8  # the copies collapse, and the list is still full
+
+    page.check("#dedup")  # the toggle reruns the query, with dedup
+    _wait_ids(page, expected)
+    assert json.loads(sent[-1].post_data)["dedup"] is True
+
+    for mode in ("keyword", "hybrid"):  # the words again, matched as words, then both ways: dedup still sent
+        page.select_option("#match", mode)
+        _wait_ids(page, searcher.search_text(text, k=8, mode=mode, facets=facets, dedup=True))
+        body = json.loads(sent[-1].post_data)
+        assert body["mode"] == mode and body["dedup"] is True
+    page.select_option("#match", "vector")
+    _wait_ids(page, expected)
+
+    # "more like this" (weighted terms) and a photo upload send it too
+    liked = _result_ids(page)[1]
+    page.click(f"#results li[data-id='{liked}'] button.steer[title='More like this']")
+    _wait_ids(page, searcher.search([(text, 1.0), (Item(liked), 1.0)], k=8, facets=facets, dedup=True))
+    body = json.loads(sent[-1].post_data)
+    assert body["dedup"] is True and len(body["terms"]) == 2
+    image = src / "copies" / sorted(p.name for p in (src / "copies").iterdir())[0]
+    before = _result_ids(page)
+    page.set_input_files("#photo", str(image))
+    _wait_new_results(page, before)
+    assert sent[-1].url.endswith("/search/image")  # a form with a file: its fields are not readable here,
+    deduped = [h.id for h in searcher.search_image(image, k=8, facets=facets, dedup=True)]  # so tell by the hits
+    assert _result_ids(page) == deduped != [h.id for h in searcher.search_image(image, k=8, facets=facets)]
+    assert page.is_hidden("#error") and not problems, problems
+    page.context.close()

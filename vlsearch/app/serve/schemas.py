@@ -248,6 +248,8 @@ class CollectionInfo(ServedVersion):
     columns: list[str] = Field([], description="The columns a `where` filter may name.")
     facets: list[str] = Field([], description="Columns worth counting as `facets` (the page's): the text metadata "
                               "columns and `folder`, the directory part of `path`.")
+    list_columns: list[str] = Field([], description="The columns holding lists (`captions`, `tags`): order_by and "
+                                    "group_by cannot take them; filter one by element: `list_contains(tags, 'dog')`.")
 
 
 class ItemModel(BaseModel):

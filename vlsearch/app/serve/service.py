@@ -87,11 +87,14 @@ class SearchOutcome:
 def columns_info(schema: pa.Schema) -> dict[str, list[str]]:
     """An images shard schema's ``columns`` (what ``where`` may name) and ``facets``: the columns
     the page counts, every text metadata column, then ``folder`` (the directory part of ``path``,
-    a pseudo-column of ``facets``) unless a column has that name."""
+    a pseudo-column of ``facets``) unless a column has that name; and ``list_columns``, those holding
+    lists (``captions``, ``tags``): not sortable or groupable, filtered by element."""
     columns = [n for n in schema.names if n != "embedding"]
     text = text_columns(schema)  # the text metadata columns, as the keyword index defines them
     folder = ["folder"] if "path" in columns and "folder" not in (c.lower() for c in columns) else []
-    return {"columns": columns, "facets": text + folder}
+    lists = [f.name for f in schema if f.name in columns
+             and (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))]
+    return {"columns": columns, "facets": text + folder, "list_columns": lists}
 
 
 class ModelPool:

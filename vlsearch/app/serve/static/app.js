@@ -87,8 +87,9 @@ function collectionChanged() {
   if (!c.index) exact.checked = true;
   $("where").disabled = !c.filters;
   $("where-help").textContent = c.filters ? "" : "Filters are not supported by this collection yet.";
-  fillSelect($("order-by"), Array.isArray(c.columns) ? c.columns : [], "relevance");
-  fillSelect($("group-by"), facetColumns(), "none");
+  const single = (name) => !isListColumn(name);  // a list has no single value to sort or group by
+  fillSelect($("order-by"), (Array.isArray(c.columns) ? c.columns : []).filter(single), "relevance");
+  fillSelect($("group-by"), facetColumns().filter(single), "none");
   state.filters = [];  // facet filters name this collection's columns
   renderFilters();
   renderFacets(null);
@@ -214,7 +215,13 @@ function isPseudoFolder(column) {
   return column === "folder" && !!c && Array.isArray(c.columns) && !c.columns.includes("folder");
 }
 
-// The SQL condition "column = value" of a facet value: names and strings quoted, never pasted.
+function isListColumn(column) {
+  const c = state.collections[$("collection").value];
+  return !!c && Array.isArray(c.list_columns) && c.list_columns.includes(column);
+}
+
+// The SQL condition "column = value" of a facet value (of a list column: "holds value"), names and
+// strings quoted, never pasted.
 function condition(column, value) {
   if (isPseudoFolder(column)) {  // the directory part of `path`
     if (value === "") return "NOT contains(path, '/')";
@@ -223,6 +230,7 @@ function condition(column, value) {
   }
   const name = sqlName(column);
   if (value === null) return name + " IS NULL";
+  if (isListColumn(column)) return "list_contains(" + name + ", " + sqlString(value) + ")";
   if (typeof value === "number" && Number.isFinite(value)) return name + " = " + String(value);
   if (typeof value === "boolean") return name + " = " + (value ? "TRUE" : "FALSE");
   return name + " = " + sqlString(value);
@@ -329,6 +337,7 @@ function params() {
   }
   const min = parseFloat($("min-score").value);
   if ($("min-score").value.trim() !== "" && Number.isFinite(min)) p.min_score = min;
+  if ($("dedup").checked) p.dedup = true;
   return p;
 }
 
@@ -425,6 +434,56 @@ function steerButton(text, title, label, onClick) {
   return button;
 }
 
+// ---- photo details on a card: when and with what it was taken, its auto-tags -------------------
+const MAX_TAGS = 5;
+
+function takenAt(meta) {
+  const iso = meta && meta.taken_at;
+  const date = typeof iso === "string" ? new Date(iso) : null;
+  if (!date || Number.isNaN(date.getTime())) return null;
+  const time = document.createElement("time");
+  time.className = "taken";
+  time.dateTime = iso;
+  time.title = iso;
+  time.textContent = date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+  return time;
+}
+
+function camera(meta) {
+  const make = meta && typeof meta.camera_make === "string" ? meta.camera_make.trim() : "";
+  const model = meta && typeof meta.camera_model === "string" ? meta.camera_model.trim() : "";
+  if (!make && !model) return null;
+  const span = document.createElement("span");
+  span.className = "camera";
+  // models often repeat the make ("Canon" + "Canon EOS R5"): say it once
+  span.textContent = make && model.toLowerCase().startsWith(make.toLowerCase()) ? model : [make, model].join(" ").trim();
+  return span;
+}
+
+// The hit's first tags as buttons (score in the tooltip); a click filters on the tag like a facet value.
+function tagChips(meta) {
+  const tags = meta && Array.isArray(meta.tags) ? meta.tags.filter((t) => typeof t === "string") : [];
+  if (!tags.length) return null;
+  const scores = Array.isArray(meta.tag_scores) ? meta.tag_scores : [];
+  const list = document.createElement("div");  // not a list: "#results li" are the cards
+  list.className = "tags";
+  list.setAttribute("role", "group");
+  list.setAttribute("aria-label", "Tags");
+  tags.slice(0, MAX_TAGS).forEach((tag, i) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "tag";
+    button.textContent = tag;
+    button.dataset.tag = tag;
+    const score = Number(scores[i]);
+    if (scores[i] !== null && Number.isFinite(score)) button.title = "score " + score.toFixed(3);
+    button.setAttribute("aria-label", "Only pictures tagged " + tag);
+    button.addEventListener("click", () => addFilter("tags", tag));
+    list.appendChild(button);
+  });
+  return list;
+}
+
 function render(hits) {
   const list = $("results");
   for (const hit of hits) {
@@ -469,7 +528,8 @@ function render(hits) {
       steerButton("＋ More", "More like this", label, () => steer(hit, label, MORE_WEIGHT)),
       steerButton("− Less", "Less like this", label, () => steer(hit, label, LESS_WEIGHT)),
       open);
-    meta.append(score, caption, path, actions);
+    const details = [takenAt(hit.metadata), camera(hit.metadata), tagChips(hit.metadata)].filter(Boolean);
+    meta.append(score, caption, path, ...details, actions);
     li.append(button, meta);
     list.appendChild(li);
   }
@@ -498,6 +558,7 @@ function init() {
   const rerun = () => { if (state.terms.length) runTerms(state.terms); };
   $("match").addEventListener("change", () => { $("alpha-row").hidden = textMode() !== "hybrid"; rerun(); });
   $("autocut").addEventListener("change", rerun);
+  $("dedup").addEventListener("change", rerun);
   for (const id of ["order-by", "group-by", "per-group", "min-score", "alpha"]) $(id).addEventListener("change", rerun);
   $("order-dir").addEventListener("click", () => {
     setDirection($("order-dir").getAttribute("aria-pressed") !== "true");
