@@ -4,6 +4,13 @@
 
     flock /work/wt/cpu.lock python benchmarks/bench_filter.py --prepare   # data + auto index (cached)
     flock /work/wt/cpu.lock python benchmarks/bench_filter.py --sweep 0.25,0.5,1   # measure, write RESULTS.md
+    python benchmarks/bench_filter.py --cliff after      # first-call / warm times only (issue 36)
+
+``--cliff LABEL`` times, per selectivity, the first call and warm calls of filtered ANN and of
+filtered exact search, each on a fresh Searcher (its own caches; the OS page cache is not
+dropped), and keeps them as ``<out-dir>/filter-cliff-LABEL.json``; the RESULTS.md section shows
+every label kept, so a ``before`` run of another checkout (``PYTHONPATH=that checkout``, this
+script copied there, ``--out-dir`` this tree's ``bench-data``) sits beside ``after``.
 
 The collection is ``benchmarks/synthetic.py``'s 1M x 512 set with two metadata columns derived
 from a hash of the id: ``bucket`` (uniform in 0..9999, so ``bucket < 10 * pct`` passes ``pct`` %
@@ -67,6 +74,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--note", default="", help="a paragraph appended to the RESULTS.md section")
+    ap.add_argument("--cliff", default=None, metavar="LABEL",
+                    help="only time first and warm filtered calls (ANN and exact); keep them under LABEL")
+    ap.add_argument("--no-rows", action="store_true",
+                    help="with --cliff: read vectors from the shards even where the index has a vector rows file")
     return ap.parse_args()
 
 
@@ -211,6 +222,80 @@ def forced_exact(s, queries: np.ndarray, k: int, where: str, allowed: np.ndarray
     return first_ms, qps(lambda q: ex.knn(q, k, where=where, exact=True), queries), p50
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def cliff_row(s, queries: np.ndarray, k: int, where: str, no_rows: bool) -> dict:
+    """First-call and warm ms of one filtered query (single thread for ANN, as served), ANN
+    (the automatic plan) and exact, each on a fresh Searcher sharing the filter engine."""
+    import faiss
+
+    from vlsearch.query.searcher import Searcher
+
+    out: dict = {}
+    for mode, exact in (("ann", False), ("exact", True)):
+        fresh = Searcher(s.collection, s.index)
+        fresh.plan.filters.engine = s.filter_engine
+        fresh.filter_ids(where)  # the filter's evaluation is not what is timed
+        stored = getattr(fresh.plan, "stored", None)
+        if no_rows and stored is not None:
+            stored.rows = None
+        faiss.omp_set_num_threads(1)
+        out[f"{mode}_first"] = _timed(lambda: fresh.knn(queries[:1], k, where=where, exact=exact))
+        warm = [_timed(lambda q=q: fresh.knn(q[None], k, where=where, exact=exact))
+                for q in queries[1:(21 if not exact else 3)]]
+        out[f"{mode}_warm"] = float(np.median(warm))
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def cliff(a: argparse.Namespace, data, s, queries: np.ndarray, pcts: list[float]) -> None:
+    """``--cliff``: time and keep the first-call / warm figures of this checkout, then report all labels kept."""
+    import json
+
+    rows = {}
+    for pct in pcts:
+        where = f"bucket < {int(round(pct * 100))}"
+        rows[f"{pct:g}"] = {"rows": int(len(s.filter_ids(where))), **cliff_row(s, queries, a.k, where, a.no_rows)}
+        print(pct, rows[f"{pct:g}"], flush=True)
+    folder = data.collection.parent
+    label = a.cliff + ("-no-rows" if a.no_rows else "")
+    (folder / f"filter-cliff-{label}.json").write_text(json.dumps(
+        {"rows": rows, "command": command_line(), "machine": machine(), "load": os.getloadavg()[0]}, indent=1))
+    if not a.no_write:
+        write_section("bench_filter_cliff", cliff_report(folder, s.collection.manifest.index))
+
+
+def cliff_report(folder: Path, entry: dict) -> str:
+    """The RESULTS.md section: one row per (label, selectivity) of every ``filter-cliff-*.json`` kept."""
+    import json
+
+    runs = {p.stem[len("filter-cliff-"):]: json.loads(p.read_text()) for p in sorted(folder.glob("filter-cliff-*.json"))}
+    table = [[label, f"{float(pct):g} %", f"{r['rows']:,}", round(r["ann_first"], 1), round(r["ann_warm"], 2),
+              round(r["exact_first"], 1), round(r["exact_warm"], 1)]
+             for label, run in runs.items() for pct, r in run["rows"].items()]
+    runs_text = [f"- `{label}`: `{run['command']}` (load average {run['load']:.1f})" for label, run in runs.items()]
+    return "\n".join([
+        "## Filtered search: first call and warm, before / after the vector rows file (issue 36)",
+        "",
+        f"1,000,000 x 512 synthetic (`bench_filter.py`'s collection, 20 shards), index `{entry['factory']}`; "
+        f"filter `bucket < X` (uniform). Machine: {next(iter(runs.values()))['machine']} (shared: other "
+        "jobs were running). Each figure is a fresh `Searcher` (its own caches, the OS page cache not dropped): "
+        "`1st` its first `knn(where=...)` call (one query, the filter already evaluated), `warm` the median "
+        "of the next calls (20 for ANN, 2 for exact), single thread for ANN. `ANN` is the automatic plan "
+        "(exact over small subsets, else ANN + IDSelector); `exact` is `exact=True`.",
+        "",
+        markdown_table(["run", "selectivity", "rows", "ANN 1st ms", "ANN warm ms", "exact 1st ms", "exact warm ms"],
+                       table),
+        "",
+        "Runs:",
+        *runs_text,
+    ])
+
+
 def main() -> None:
     a = parse_args()
     import faiss
@@ -223,6 +308,8 @@ def main() -> None:
         return
     pcts = [float(x) for x in a.selectivities.split(",")]
     queries, k = data.queries[: a.queries], a.k
+    if a.cliff:
+        return cliff(a, data, Searcher.open(data.collection), queries, pcts)
     base = np.load(data.collection.parent / "base_f16.npy", mmap_mode="r")
     cores = faiss.omp_get_max_threads()
 

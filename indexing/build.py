@@ -289,7 +289,8 @@ def _build_index(coll: Collection, index_type: str, max_memory: str | int, metri
     refine = DiskRefine.from_entry(coll.path, {**disk, "metric": metric})
     tuning = _tune(b, index, refine, xq, eval_ids, truth, nprobe_default, k_factor_default)
     entry = _record(b, index, plan.factory, len(train_pos), len(xq), tuning, refine, {**disk, **extra})
-    remove_stale(coll.path, keep=disk.values())
+    if not coll.manifest.complete:  # else committing the version collects them, keeping leased versions' files
+        remove_stale(coll.path, keep=disk.values())
     return entry
 
 

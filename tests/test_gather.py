@@ -85,6 +85,18 @@ def test_the_rows_file_follows_adds_removes_replacements_and_compact_and_gc_keep
     _check_gather(coll, np.random.default_rng(2), absent=ids[:5])
 
 
+def test_a_rebuild_keeps_the_rows_file_a_leased_version_reads(tmp_path):
+    coll = _collection(tmp_path / "c")
+    first = coll.manifest.index["rows_file"]
+    reader = Collection.open(coll.path, lease=True)
+    build_index(coll.path, "IVF8,Flat", nprobe_default=2)
+    assert (coll.path / first).is_file() and Collection.open(coll.path).manifest.index["rows_file"] != first
+    assert np.array_equal(_stored(reader).get(reader.read_embeddings()[0][:5]), reader.read_embeddings()[1][:5])
+    reader.release()
+    build_index(coll.path, "IVF8,Flat", nprobe_default=2)
+    assert not (coll.path / first).exists()
+
+
 @pytest.mark.parametrize("how", ["not built", "deleted"])
 def test_without_the_rows_file_the_shards_are_read_and_results_are_unchanged(tmp_path, how, monkeypatch):
     coll = _collection(tmp_path / "c")

@@ -106,8 +106,9 @@ class StoredVectors:
         rest = ids
         if self.rows is not None:
             rows, valid = self.rows.rows(ids)
-            for lo in range(0, int(valid.sum()), STREAM_BATCH):
-                pick = np.flatnonzero(valid)[lo:lo + STREAM_BATCH]
+            hits = np.flatnonzero(valid)
+            for lo in range(0, len(hits), STREAM_BATCH):
+                pick = hits[lo:lo + STREAM_BATCH]
                 yield ids[pick], self.rows.read(rows[pick])
             rest = ids[~valid]  # added after the rows file was written (an index built without it)
         if len(rest):
