@@ -266,16 +266,22 @@ def cliff(a: argparse.Namespace, data, s, queries: np.ndarray, pcts: list[float]
     (folder / f"filter-cliff-{label}.json").write_text(json.dumps(
         {"rows": rows, "command": command_line(), "machine": machine(), "load": os.getloadavg()[0]}, indent=1))
     if not a.no_write:
-        write_section("bench_filter_cliff", cliff_report(folder, s.collection.manifest.index))
+        write_section("bench_filter_cliff", cliff_report(folder, s.collection.manifest.index, a.note))
 
 
-def cliff_report(folder: Path, entry: dict) -> str:
+def cliff_report(folder: Path, entry: dict, note: str = "") -> str:
     """The RESULTS.md section: one row per (label, selectivity) of every ``filter-cliff-*.json`` kept."""
     import json
 
-    runs = {p.stem[len("filter-cliff-"):]: json.loads(p.read_text()) for p in sorted(folder.glob("filter-cliff-*.json"))}
-    table = [[label, f"{float(pct):g} %", f"{r['rows']:,}", round(r["ann_first"], 1), round(r["ann_warm"], 2),
-              round(r["exact_first"], 1), round(r["exact_warm"], 1)]
+    labels = sorted((p.stem[len("filter-cliff-"):] for p in folder.glob("filter-cliff-*.json")),
+                    key=lambda label: (label != "before", label))
+    runs = {label: json.loads((folder / f"filter-cliff-{label}.json").read_text()) for label in labels}
+
+    def ms(v: float) -> str:
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2g}" if v < 1 else f"{v:.1f}"
+
+    table = [[label, f"{float(pct):g} %", f"{r['rows']:,}", ms(r["ann_first"]), ms(r["ann_warm"]),
+              ms(r["exact_first"]), ms(r["exact_warm"])]
              for label, run in runs.items() for pct, r in run["rows"].items()]
     runs_text = [f"- `{label}`: `{run['command']}` (load average {run['load']:.1f})" for label, run in runs.items()]
     return "\n".join([
@@ -291,9 +297,30 @@ def cliff_report(folder: Path, entry: dict) -> str:
         markdown_table(["run", "selectivity", "rows", "ANN 1st ms", "ANN warm ms", "exact 1st ms", "exact warm ms"],
                        table),
         "",
-        "Runs:",
+        "Runs (each under `taskset -c 1`, pinned to one of the 2 shared cores; `before` is main's code, "
+        "`git archive main` unpacked in /tmp/gather-base with this script copied in and run there with "
+        "`PYTHONPATH=/tmp/gather-base`; the others this tree):",
         *runs_text,
+        "",
+        *disk_cost(folder / "collection", entry),
+        *(["", note] if note else []),
     ])
+
+
+def disk_cost(coll_path: Path, entry: dict) -> list[str]:
+    """What the vector rows file costs on disk, against the shards and the index."""
+    rows_file = entry.get("rows_file")
+    if not rows_file or not (coll_path / rows_file).is_file():
+        return ["The index has no vector rows file."]
+    rows = (coll_path / rows_file).stat().st_size
+    shards = sum(p.stat().st_size for p in (coll_path / "images").glob("*.parquet"))
+    index = (coll_path / entry.get("file", "index.faiss")).stat().st_size
+    return [f"Disk: the vector rows file is {rows / 2**30:.2f} GiB ({rows / entry['ntotal']:.0f} B/vector, 2 bytes "
+            f"per dimension), beside {shards / 2**30:.2f} GiB of shards and a {index / 2**30:.2f} GiB index: "
+            f"+{100 * rows / (shards + index):.0f} % on disk, and every version an update writes has its own "
+            "until GC (kept rows are copied from the previous file, no shard is decoded). "
+            "`build_index(..., vector_rows=False)` skips it (filtered exact search then reads the shards: "
+            "`after-no-rows`)."]
 
 
 def main() -> None:
