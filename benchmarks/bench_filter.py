@@ -395,8 +395,8 @@ def report(a, rows, sweep_rows, unfiltered, entry, policy, engine_rows, engine_i
         f"Index: `{entry['factory']}` (auto), nprobe_default {entry['nprobe_default']}, refine k_factor "
         f"{entry.get('refine_k_factor')}; {len(queries)} held-out queries, k={k}. Filter `bucket < X`: uniform, "
         f"uncorrelated with the vectors. Policy (`SubsetPolicy`): exact over the subset up to "
-        f"{policy.exact_max_rows:,} rows when its vectors are gathered or the gather reads <= {policy.cold_row_groups} "
-        f"row groups, else ANN with an IDSelector, nprobe x selectivity^-{policy.nprobe_exponent:g} and refine "
+        f"{policy.exact_max_rows:,} rows when its vectors are gathered, in the index's vector rows file, or (without "
+        f"one) the gather reads <= {policy.cold_row_groups} row groups, else ANN with an IDSelector, nprobe x selectivity^-{policy.nprobe_exponent:g} and refine "
         f"k_factor >= {policy.min_k_factor:g}.",
         "",
         f"Unfiltered ANN: p50 / p99 {unfiltered['p50']:.2f} / {unfiltered['p99']:.2f} ms, batched "
@@ -410,7 +410,7 @@ def report(a, rows, sweep_rows, unfiltered, entry, policy, engine_rows, engine_i
         "",
         "`filter ms`: first evaluation of the filter (DuckDB, then cached). `exact`: "
         "`knn(exact=True, where=...)`, exact over the matching rows; its first call gathers their "
-        "vectors from the shards (every 4096-row group holding one is decoded), later calls reuse them "
+        "vectors (from the index's vector rows file, else from the shards' row groups), later calls reuse them "
         f"while they fit the {policy.vector_cache_bytes >> 20} MiB budget (`-`: they do not; then every call "
         "re-reads them and the first call is the whole batch, one streamed pass).",
     ]

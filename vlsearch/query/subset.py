@@ -43,7 +43,8 @@ class SubsetPolicy:
 
     #: Exact search over the subset up to this many rows (measured switch point) ...
     exact_max_rows: int = 20_000
-    #: ... once its vectors are gathered, or when gathering them reads at most this many row groups.
+    #: ... once its vectors are gathered, or the index's vector rows file holds them, or (without
+    #: one) gathering them from the shards reads at most this many row groups.
     cold_row_groups: int = 8
     #: ANN probes ``nprobe * selectivity ** -nprobe_exponent`` IVF lists (capped at nlist).
     nprobe_exponent: float = 0.5
