@@ -4,6 +4,13 @@
 
     flock /work/wt/cpu.lock python benchmarks/bench_filter.py --prepare   # data + auto index (cached)
     flock /work/wt/cpu.lock python benchmarks/bench_filter.py --sweep 0.25,0.5,1   # measure, write RESULTS.md
+    python benchmarks/bench_filter.py --cliff after      # first-call / warm times only (issue 36)
+
+``--cliff LABEL`` times, per selectivity, the first call and warm calls of filtered ANN and of
+filtered exact search, each on a fresh Searcher (its own caches; the OS page cache is not
+dropped), and keeps them as ``<out-dir>/filter-cliff-LABEL.json``; the RESULTS.md section shows
+every label kept, so a ``before`` run of another checkout (``PYTHONPATH=that checkout``, this
+script copied there, ``--out-dir`` this tree's ``bench-data``) sits beside ``after``.
 
 The collection is ``benchmarks/synthetic.py``'s 1M x 512 set with two metadata columns derived
 from a hash of the id: ``bucket`` (uniform in 0..9999, so ``bucket < 10 * pct`` passes ``pct`` %
@@ -67,6 +74,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--note", default="", help="a paragraph appended to the RESULTS.md section")
+    ap.add_argument("--cliff", default=None, metavar="LABEL",
+                    help="only time first and warm filtered calls (ANN and exact); keep them under LABEL")
+    ap.add_argument("--no-rows", action="store_true",
+                    help="with --cliff: read vectors from the shards even where the index has a vector rows file")
     return ap.parse_args()
 
 
@@ -211,6 +222,107 @@ def forced_exact(s, queries: np.ndarray, k: int, where: str, allowed: np.ndarray
     return first_ms, qps(lambda q: ex.knn(q, k, where=where, exact=True), queries), p50
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def cliff_row(s, queries: np.ndarray, k: int, where: str, no_rows: bool) -> dict:
+    """First-call and warm ms of one filtered query (single thread for ANN, as served), ANN
+    (the automatic plan) and exact, each on a fresh Searcher sharing the filter engine."""
+    import faiss
+
+    from vlsearch.query.searcher import Searcher
+
+    out: dict = {}
+    for mode, exact in (("ann", False), ("exact", True)):
+        fresh = Searcher(s.collection, s.index)
+        fresh.plan.filters.engine = s.filter_engine
+        fresh.filter_ids(where)  # the filter's evaluation is not what is timed
+        stored = getattr(fresh.plan, "stored", None)
+        if no_rows and stored is not None:
+            stored.rows = None
+        faiss.omp_set_num_threads(1)
+        out[f"{mode}_first"] = _timed(lambda: fresh.knn(queries[:1], k, where=where, exact=exact))
+        warm = [_timed(lambda q=q: fresh.knn(q[None], k, where=where, exact=exact))
+                for q in queries[1:(21 if not exact else 3)]]
+        out[f"{mode}_warm"] = float(np.median(warm))
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def cliff(a: argparse.Namespace, data, s, queries: np.ndarray, pcts: list[float]) -> None:
+    """``--cliff``: time and keep the first-call / warm figures of this checkout, then report all labels kept."""
+    import json
+
+    rows = {}
+    for pct in pcts:
+        where = f"bucket < {int(round(pct * 100))}"
+        rows[f"{pct:g}"] = {"rows": int(len(s.filter_ids(where))), **cliff_row(s, queries, a.k, where, a.no_rows)}
+        print(pct, rows[f"{pct:g}"], flush=True)
+    folder = data.collection.parent
+    label = a.cliff + ("-no-rows" if a.no_rows else "")
+    (folder / f"filter-cliff-{label}.json").write_text(json.dumps(
+        {"rows": rows, "command": command_line(), "machine": machine(), "load": os.getloadavg()[0]}, indent=1))
+    if not a.no_write:
+        write_section("bench_filter_cliff", cliff_report(folder, s.collection.manifest.index, a.note))
+
+
+def cliff_report(folder: Path, entry: dict, note: str = "") -> str:
+    """The RESULTS.md section: one row per (label, selectivity) of every ``filter-cliff-*.json`` kept."""
+    import json
+
+    labels = sorted((p.stem[len("filter-cliff-"):] for p in folder.glob("filter-cliff-*.json")),
+                    key=lambda label: (label != "before", label))
+    runs = {label: json.loads((folder / f"filter-cliff-{label}.json").read_text()) for label in labels}
+
+    def ms(v: float) -> str:
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2g}" if v < 1 else f"{v:.1f}"
+
+    table = [[label, f"{float(pct):g} %", f"{r['rows']:,}", ms(r["ann_first"]), ms(r["ann_warm"]),
+              ms(r["exact_first"]), ms(r["exact_warm"])]
+             for label, run in runs.items() for pct, r in run["rows"].items()]
+    runs_text = [f"- `{label}`: `{run['command']}` (load average {run['load']:.1f})" for label, run in runs.items()]
+    return "\n".join([
+        "## Filtered search: first call and warm, before / after the vector rows file (issue 36)",
+        "",
+        f"1,000,000 x 512 synthetic (`bench_filter.py`'s collection, 20 shards), index `{entry['factory']}`; "
+        f"filter `bucket < X` (uniform). Machine: {next(iter(runs.values()))['machine']} (shared: other "
+        "jobs were running). Each figure is a fresh `Searcher` (its own caches, the OS page cache not dropped): "
+        "`1st` its first `knn(where=...)` call (one query, the filter already evaluated), `warm` the median "
+        "of the next calls (20 for ANN, 2 for exact), single thread for ANN. `ANN` is the automatic plan "
+        "(exact over small subsets, else ANN + IDSelector); `exact` is `exact=True`.",
+        "",
+        markdown_table(["run", "selectivity", "rows", "ANN 1st ms", "ANN warm ms", "exact 1st ms", "exact warm ms"],
+                       table),
+        "",
+        "Runs (each under `taskset -c 1`, pinned to one of the 2 shared cores; `before` is main's code, "
+        "`git archive main` unpacked in /tmp/gather-base with this script copied in and run there with "
+        "`PYTHONPATH=/tmp/gather-base`; the others this tree):",
+        *runs_text,
+        "",
+        *disk_cost(folder / "collection", entry),
+        *(["", note] if note else []),
+    ])
+
+
+def disk_cost(coll_path: Path, entry: dict) -> list[str]:
+    """What the vector rows file costs on disk, against the shards and the index."""
+    rows_file = entry.get("rows_file")
+    if not rows_file or not (coll_path / rows_file).is_file():
+        return ["The index has no vector rows file."]
+    rows = (coll_path / rows_file).stat().st_size
+    shards = sum(p.stat().st_size for p in (coll_path / "images").glob("*.parquet"))
+    index = (coll_path / entry.get("file", "index.faiss")).stat().st_size
+    return [f"Disk: the vector rows file is {rows / 2**30:.2f} GiB ({rows / entry['ntotal']:.0f} B/vector, 2 bytes "
+            f"per dimension), beside {shards / 2**30:.2f} GiB of shards and a {index / 2**30:.2f} GiB index: "
+            f"+{100 * rows / (shards + index):.0f} % on disk, and every version an update writes has its own "
+            "until GC (kept rows are copied from the previous file, no shard is decoded). "
+            "`build_index(..., vector_rows=False)` skips it (filtered exact search then reads the shards: "
+            "`after-no-rows`)."]
+
+
 def main() -> None:
     a = parse_args()
     import faiss
@@ -223,6 +335,8 @@ def main() -> None:
         return
     pcts = [float(x) for x in a.selectivities.split(",")]
     queries, k = data.queries[: a.queries], a.k
+    if a.cliff:
+        return cliff(a, data, Searcher.open(data.collection), queries, pcts)
     base = np.load(data.collection.parent / "base_f16.npy", mmap_mode="r")
     cores = faiss.omp_get_max_threads()
 
@@ -281,8 +395,8 @@ def report(a, rows, sweep_rows, unfiltered, entry, policy, engine_rows, engine_i
         f"Index: `{entry['factory']}` (auto), nprobe_default {entry['nprobe_default']}, refine k_factor "
         f"{entry.get('refine_k_factor')}; {len(queries)} held-out queries, k={k}. Filter `bucket < X`: uniform, "
         f"uncorrelated with the vectors. Policy (`SubsetPolicy`): exact over the subset up to "
-        f"{policy.exact_max_rows:,} rows when its vectors are gathered or the gather reads <= {policy.cold_row_groups} "
-        f"row groups, else ANN with an IDSelector, nprobe x selectivity^-{policy.nprobe_exponent:g} and refine "
+        f"{policy.exact_max_rows:,} rows when its vectors are gathered, in the index's vector rows file, or (without "
+        f"one) the gather reads <= {policy.cold_row_groups} row groups, else ANN with an IDSelector, nprobe x selectivity^-{policy.nprobe_exponent:g} and refine "
         f"k_factor >= {policy.min_k_factor:g}.",
         "",
         f"Unfiltered ANN: p50 / p99 {unfiltered['p50']:.2f} / {unfiltered['p99']:.2f} ms, batched "
@@ -296,7 +410,7 @@ def report(a, rows, sweep_rows, unfiltered, entry, policy, engine_rows, engine_i
         "",
         "`filter ms`: first evaluation of the filter (DuckDB, then cached). `exact`: "
         "`knn(exact=True, where=...)`, exact over the matching rows; its first call gathers their "
-        "vectors from the shards (every 4096-row group holding one is decoded), later calls reuse them "
+        "vectors (from the index's vector rows file, else from the shards' row groups), later calls reuse them "
         f"while they fit the {policy.vector_cache_bytes >> 20} MiB budget (`-`: they do not; then every call "
         "re-reads them and the first call is the whole batch, one streamed pass).",
     ]

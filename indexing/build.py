@@ -56,7 +56,7 @@ from vlsearch.ann.faiss_index import (
     write_index,
     code_size,
 )
-from vlsearch.ann.refine import DiskRefine, new_vectors_stem, remove_stale, vectors_writer
+from vlsearch.ann.refine import DiskRefine, new_vectors_stem, refine_fields, remove_stale, vectors_writer
 from vlsearch.core.progress import Progress, no_progress
 
 from vlsearch.ann.plan import (
@@ -224,6 +224,7 @@ def build_index(
     policy: AutoPolicy = AutoPolicy(),
     use_gpu: bool | None = None,
     adder: Adder | None = None,
+    vector_rows: bool = True,
 ) -> dict[str, Any]:
     """Build ``index.faiss`` for a collection and return the manifest's ``index`` entry.
 
@@ -237,18 +238,22 @@ def build_index(
     ``use_gpu``: default ``faiss.get_num_gpus() > 0``.
     ``adder``: the add stage (default: stream every shard into the index here); the Ray engine
     passes its distributed one (:mod:`indexing.ray_engine`).
+    ``vector_rows``: also write the fp16 vector rows file (:class:`vlsearch.ann.refine.VectorRows`,
+    2 bytes per dimension per vector, as much again as the shards' embeddings) from which filtered
+    exact search, ``dedup`` and item terms read single rows; without it they decode shard row
+    groups. ``Refine(disk)`` indexes always write it. The local add stage writes it; the Ray one does not.
     """
     coll = collection_dir if isinstance(collection_dir, Collection) else Collection.open(collection_dir)
     with coll.lock():  # one writer at a time; then build from the newest version
         return _build_index(Collection.open(coll.path), index_type, max_memory, metric, nprobe_default, train_size,
                             seed, progress, policy=policy, use_gpu=use_gpu, k_factor_default=k_factor_default,
-                            max_bytes_per_vector=max_bytes_per_vector, adder=adder)
+                            max_bytes_per_vector=max_bytes_per_vector, adder=adder, vector_rows=vector_rows)
 
 
 def _build_index(coll: Collection, index_type: str, max_memory: str | int, metric: str, nprobe_default: int | None,
                  train_size: int | None, seed: int, progress: Progress | None, *, policy: AutoPolicy,
                  use_gpu: bool | None, k_factor_default: float | None,
-                 max_bytes_per_vector: int | None, adder: Adder | None) -> dict[str, Any]:
+                 max_bytes_per_vector: int | None, adder: Adder | None, vector_rows: bool = True) -> dict[str, Any]:
     timer = _Timer()
     faiss_metric(metric)
     _check_options(nprobe_default, k_factor_default, max_bytes_per_vector)
@@ -273,7 +278,7 @@ def _build_index(coll: Collection, index_type: str, max_memory: str | int, metri
     del xt
     b.timer.mark("train")
     if adder is None:
-        index, truth, disk = _add(b, index, plan, xq)
+        index, truth, disk = _add(b, index, plan, xq, vector_rows)
         extra: dict[str, Any] = {}
     else:
         if plan.disk_refine:
@@ -281,10 +286,11 @@ def _build_index(coll: Collection, index_type: str, max_memory: str | int, metri
         index, truth, extra = adder(index, coll, xq, metric, b.batch, b.progress)
         b.timer.mark("add")
         disk = {}
-    refine = DiskRefine.from_entry(coll.path, {**disk, "metric": metric}) if disk else None
+    refine = DiskRefine.from_entry(coll.path, {**disk, "metric": metric})
     tuning = _tune(b, index, refine, xq, eval_ids, truth, nprobe_default, k_factor_default)
     entry = _record(b, index, plan.factory, len(train_pos), len(xq), tuning, refine, {**disk, **extra})
-    remove_stale(coll.path, keep=disk.values())
+    if not coll.manifest.complete:  # else committing the version collects them, keeping leased versions' files
+        remove_stale(coll.path, keep=disk.values())
     return entry
 
 
@@ -339,14 +345,16 @@ Adder = Callable[..., tuple[Any, np.ndarray, dict[str, Any]]]
 ``(filled index, exact top-(TUNE_K + 1) ids of the eval queries, extra manifest fields)``."""
 
 
-def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray) -> tuple[Any, np.ndarray, dict[str, Any]]:
+def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray,
+         vector_rows: bool) -> tuple[Any, np.ndarray, dict[str, Any]]:
     """Stream every shard into the index; in the same pass the exact top-(k+1) of the held-out
-    queries and, for ``Refine(disk)``, the fp16 rows file. Returns (index, exact ids, rows-file fields)."""
+    queries and (``vector_rows`` or ``Refine(disk)``) the fp16 rows file. Returns (index, exact ids,
+    rows-file fields, with the refine's for ``Refine(disk)``)."""
     exact = ExactTopK(xq, TUNE_K + 1, b.metric)  # k + 1: each query's own id is dropped
     target, to_cpu = (_gpu_adder(index, plan.faiss_factory, b.coll.dim) if b.gpu else (index, lambda i: i))
     with contextlib.ExitStack() as stack:
         rows, disk = (stack.enter_context(vectors_writer(b.coll.path, new_vectors_stem(), np.sort(b.ids), b.coll.dim))
-                      if plan.disk_refine else (None, {}))
+                      if plan.disk_refine or vector_rows else (None, {}))
         done = 0
         for ids, vecs in b.coll.iter_embeddings(batch_size=b.batch):
             add_vectors(target, ids, vecs)
@@ -356,7 +364,7 @@ def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray) -> tuple[Any, n
             done += len(ids)
             b.progress(done, b.n, stage="add")
     b.timer.mark("add")
-    return to_cpu(target), exact.result()[1], disk
+    return to_cpu(target), exact.result()[1], {**disk, **refine_fields(disk)} if plan.disk_refine else disk
 
 
 def add_vectors(index: Any, ids: np.ndarray, vecs: np.ndarray) -> None:

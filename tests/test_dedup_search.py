@@ -237,6 +237,7 @@ def test_cli_dedup_flags(coll_path, searcher):
 def test_candidate_vectors_come_from_the_refine_rows_file_where_the_index_has_one(tmp_path, coll_path, data,
                                                                                   monkeypatch):
     import vlsearch.query.shaped as shaped
+    import vlsearch.store.gather as gather
     from indexing.build import build_index
 
     dest = tmp_path / "refined"
@@ -246,10 +247,11 @@ def test_candidate_vectors_come_from_the_refine_rows_file_where_the_index_has_on
     with Searcher.open(dest) as s:
         version = s.snapshot()._current
         assert version.plan.ann.disk_refine is not None
-        from_shards = s.item_vectors(ids.tolist())
+        assert version.plan.stored.rows is version.plan.ann.disk_refine  # one mapping of the rows file
+        by_id = dict(kv for batch in gather.shard_vectors(version.row_locator, ids) for kv in zip(*batch))
+        from_shards = np.stack([by_id[i] for i in ids])
         read = []
-        monkeypatch.setattr(shaped, "item_vectors", lambda locator, wanted, dim: read.append(wanted) or
-                            np.zeros((len(wanted), dim), np.float32))
+        monkeypatch.setattr(gather, "shard_vectors", lambda locator, wanted: read.append(wanted) or iter(()))
         got = shaped.stored_vectors(version)(ids)
         assert read == [] and np.array_equal(got, from_shards)  # the same fp16 values, no shard read
         monkeypatch.undo()
@@ -259,13 +261,14 @@ def test_candidate_vectors_come_from_the_refine_rows_file_where_the_index_has_on
 
 def test_candidate_vectors_read_from_the_shards_are_kept_by_shard_file_and_row(searcher, data, monkeypatch):
     import vlsearch.query.shaped as shaped
-    from vlsearch.query.term_search import item_vectors
+    import vlsearch.store.gather as gather
 
-    monkeypatch.setattr(shaped, "_SHARD_VECTORS", shaped.ByteLRU(1 << 20))
+    monkeypatch.setattr(gather, "_SHARD_ROWS", gather.ByteLRU(1 << 20))
     reads: list[int] = []
-    monkeypatch.setattr(shaped, "item_vectors", lambda locator, ids, dim: reads.append(len(ids)) or
-                        item_vectors(locator, ids, dim))
+    read = gather.shard_vectors
+    monkeypatch.setattr(gather, "shard_vectors", lambda locator, ids: reads.append(len(ids)) or read(locator, ids))
     version = searcher.snapshot()._current
+    assert version.plan.stored.rows is None  # no index: no rows file
     ids = data[1][[3, 300, 599]]
     first = shaped.stored_vectors(version)(ids)
     again = shaped.stored_vectors(version)(data[1][[599, 3, 9]])

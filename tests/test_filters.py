@@ -23,6 +23,7 @@ from vlsearch.core.modelinfo import ModelInfo
 from vlsearch.query.plan import AnnSearch, FilterSubsets
 from vlsearch.query.searcher import Searcher
 from vlsearch.query.subset import Subset, SubsetPolicy, plan
+from vlsearch.store.gather import row_groups
 
 N, D, SHARD = 9000, 32, 4500  # two shards of two row groups each (row groups hold 4096 rows)
 LABELS = np.array(["dog", "cat", "bird"])
@@ -208,12 +209,12 @@ def test_plan_switches_to_exact_for_small_subsets_and_widens_the_probe_for_large
     assert plan(50, 10_000, 8, 64, False, True, policy, cheap_gather=lambda: False) == ("ann", 64)
 
 
-def test_a_subset_counts_the_row_groups_a_gather_reads(coll_path):
+def test_a_gather_counts_the_row_groups_it_reads(coll_path):
     s = Searcher.open(coll_path)
     ids = Collection.open(coll_path).read_table(columns=["id"]).column("id").to_numpy()
     # rows 0 and 1 share shard 0's first row group; row 4100 is in its second; row 4600 in shard 1
-    assert Subset(ids[[0, 1]]).row_groups(s.row_locator) == 1
-    assert Subset(ids[[0, 1, 4100, 4600]]).row_groups(s.row_locator) == 3
+    assert row_groups(s.row_locator, ids[[0, 1]]) == 1
+    assert row_groups(s.row_locator, ids[[0, 1, 4100, 4600]]) == 3
 
 
 def test_sparse_ids_use_a_hash_set_selector_and_dense_ids_a_bitmap():

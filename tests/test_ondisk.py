@@ -8,7 +8,7 @@ import pytest
 from indexing import build as B  # noqa: E402
 from tests.test_build import SMALL, clustered, make_collection  # noqa: E402
 from vlsearch.ann.faiss_index import search_parameters  # noqa: E402
-from vlsearch.ann.refine import DiskRefine, new_vectors_stem, vectors_writer  # noqa: E402
+from vlsearch.ann.refine import DiskRefine, new_vectors_stem, refine_fields, vectors_writer  # noqa: E402
 from vlsearch.core.errors import IndexConfigError  # noqa: E402
 from vlsearch.query.searcher import Searcher  # noqa: E402
 from vlsearch.store.collection import Collection  # noqa: E402
@@ -67,7 +67,8 @@ def test_auto_chooses_disk_refine_when_sq8_does_not_fit_and_records_it(tmp_path,
     assert entry["target_met"] and entry["recall_at_10"] >= 0.95
     roomy = B.build_index(coll.path, policy=SMALL, max_bytes_per_vector=64)
     assert roomy["refine"] == "ram" and "Refine(SQ8)" in roomy["factory"]
-    assert not list(coll.path.glob("vectors-*"))  # the on-disk build's files went with it
+    # the on-disk build's files went with it; the new build wrote its own vector rows file
+    assert [p.name for p in coll.path.glob("vectors-*")] == [roomy["rows_file"]] and not roomy.get("refine_file")
 
 
 def test_rebuild_replaces_vector_files_and_keeps_searching(tmp_path, data):
@@ -76,11 +77,17 @@ def test_rebuild_replaces_vector_files_and_keeps_searching(tmp_path, data):
     s_old = Searcher.open(coll.path)
     second = B.build_index(coll.path, DISK, policy=SMALL)  # same seed: same index, new files
     assert first["refine_file"] != second["refine_file"]
-    assert [p.name for p in coll.path.glob("vectors-*")] == [second["refine_file"]]
+    # the open searcher leases the first build's version: GC keeps its file until it lets go
+    assert sorted(p.name for p in coll.path.glob("vectors-*")) == sorted([first["refine_file"], second["refine_file"]])
     s_new = Searcher.open(coll.path)
     _, a = s_new.knn(data[3000:3010], k=5)
-    _, b = s_old.knn(data[3000:3010], k=5)  # an open searcher keeps its mapping of the unlinked file
+    _, b = s_old.knn(data[3000:3010], k=5)
     assert np.array_equal(a, b)
+    s_old.close()
+    third = B.build_index(coll.path, DISK, policy=SMALL)
+    s_new.close()
+    assert first["refine_file"] not in [p.name for p in coll.path.glob("vectors-*")]
+    assert third["refine_file"] in [p.name for p in coll.path.glob("vectors-*")]
 
 
 def test_rescore_pads_and_skips_missing_ids(tmp_path):
@@ -89,7 +96,7 @@ def test_rescore_pads_and_skips_missing_ids(tmp_path):
     with vectors_writer(coll.path, new_vectors_stem(), np.array([3, 5, 8, 9]), 4) as (add, fields):
         for ids, v in Collection.open(coll.path).iter_embeddings():
             add(ids, v)
-    r = DiskRefine.from_entry(coll.path, fields)
+    r = DiskRefine.from_entry(coll.path, refine_fields(fields))
     d, i = r.rescore(np.array([[0, 1, 0, 0]], np.float32), np.array([[3, -1, 5, 42]]), 3)
     assert i.tolist() == [[5, 3, -1]] and d[0, 0] == 1.0 and d[0, 2] == -np.inf
     d, i = r.rescore(np.array([[0, 0, 1, 0]], np.float32), np.array([[8]]), 2)
@@ -126,7 +133,7 @@ def test_rescore_l2_ranks_by_exact_squared_distance(tmp_path):
     with vectors_writer(coll.path, new_vectors_stem(), np.arange(50), 8) as (add, fields):
         for ids, v in Collection.open(coll.path).iter_embeddings():
             add(ids, v)
-    r = DiskRefine.from_entry(coll.path, {**fields, "metric": "l2"})
+    r = DiskRefine.from_entry(coll.path, {**refine_fields(fields), "metric": "l2"})
     q = rng.normal(size=(3, 8)).astype(np.float32)
     cand = rng.permutation(50)[None, :20].repeat(3, 0)
     d, i = r.rescore(q, cand, 5)

@@ -1,4 +1,10 @@
-"""On-disk refine: exact re-scoring of an ANN shortlist from a memory-mapped fp16 vectors file.
+"""The vector rows file (every stored vector by id, row-addressable) and the on-disk refine that
+re-scores an ANN shortlist exactly from it.
+
+Every index build writes ``vectors-<token>.f16.npy`` (entry fields ``rows_file`` /
+``rows_ids_file``, :class:`VectorRows`): filtered exact search, ``dedup`` and item terms read
+single rows from it instead of decoding whole Parquet row groups. A ``Refine(disk)`` index also
+re-scores from it (``refine_file`` / ``refine_ids_file`` name the same files).
 
 The in-RAM index is a compact fast-scan shortlist (e.g. ``IVF2048,PQ128x4fs``: ~78 bytes per
 vector with ids and centroids); the final ranking is an exact inner product (or L2) against the
@@ -39,6 +45,8 @@ from vlsearch.core.errors import CollectionError
 from vlsearch.core.fsutil import atomic_path
 
 VECTORS_SUFFIX, IDS_SUFFIX = ".f16.npy", ".ids.npy"
+#: :meth:`VectorRows.read` reads a whole span when the wanted rows are at least 1 in this many of it.
+DENSE_SPAN = 4
 #: Shortlist factor when neither the call nor the manifest gives one.
 DEFAULT_K_FACTOR = 10.0
 
@@ -55,13 +63,13 @@ def vectors_writer(folder: Path, stem: str, sorted_ids: np.ndarray, dim: int,
 
     ``sorted_ids``: every id of the collection, ascending. Each batch is scattered to its rows,
     so any shard order works. Yields ``(add, fields)``; on a clean exit the files are fsynced and
-    renamed into place and ``fields`` (``refine_file``, ``refine_ids_file``) names them.
+    renamed into place and ``fields`` (``rows_file``, ``rows_ids_file``) names them.
     """
     n = len(sorted_ids)
     identity = bool(n == 0 or (sorted_ids[0] == 0 and sorted_ids[-1] == n - 1))  # sorted + unique
-    fields = {"refine_file": f"{stem}{VECTORS_SUFFIX}", "refine_ids_file": None if identity else f"{stem}{IDS_SUFFIX}"}
+    fields = {"rows_file": f"{stem}{VECTORS_SUFFIX}", "rows_ids_file": None if identity else f"{stem}{IDS_SUFFIX}"}
     row_bytes = dim * 2
-    with atomic_path(folder / fields["refine_file"]) as tmp, open(tmp, "wb") as f:
+    with atomic_path(folder / fields["rows_file"]) as tmp, open(tmp, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (n, dim)})
         start = f.tell()
         f.truncate(start + n * row_bytes)
@@ -77,9 +85,21 @@ def vectors_writer(folder: Path, stem: str, sorted_ids: np.ndarray, dim: int,
 
         yield add, fields
     if not identity:
-        with atomic_path(folder / fields["refine_ids_file"]) as tmp:
+        with atomic_path(folder / fields["rows_ids_file"]) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(sorted_ids, dtype=np.int64))
+
+
+def refine_fields(rows: dict[str, Any]) -> dict[str, Any]:
+    """The entry fields that make a ``Refine(disk)`` index re-score from the rows file ``rows`` names."""
+    return {"refine_file": rows["rows_file"], "refine_ids_file": rows["rows_ids_file"]}
+
+
+def rows_fields(entry: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``(rows file, id map file)`` an index entry names (older ``Refine(disk)`` entries: the refine's)."""
+    if entry.get("rows_file"):
+        return entry["rows_file"], entry.get("rows_ids_file")
+    return entry.get("refine_file"), entry.get("refine_ids_file")
 
 
 def remove_stale(folder: Path, keep: Iterable[str | None]) -> None:
@@ -98,27 +118,24 @@ def _map(path: Path) -> np.ndarray:
     return arr
 
 
-class DiskRefine:
-    """Exact re-scoring of shortlists from the memory-mapped fp16 rows file (thread-safe, read-only)."""
+class VectorRows:
+    """Every stored vector of a collection version by id, from the memory-mapped fp16 rows file
+    (thread-safe, read-only)."""
 
-    def __init__(self, vectors_path: Path, ids_path: Path | None, metric: str = "ip"):
+    def __init__(self, vectors_path: Path, ids_path: Path | None):
         for p in (vectors_path, ids_path):
             if p is not None and not p.is_file():
-                raise CollectionError(f"on-disk refine file {p} is missing: rebuild the index")
+                raise CollectionError(f"vector rows file {p} is missing: rebuild the index")
         self.vectors = _map(vectors_path)
         self.ids = _map(ids_path) if ids_path is not None else None
-        self.metric = metric
-        self._torch_rows: Any = None
         if self.ids is not None and len(self.ids) != len(self.vectors):
             raise CollectionError(f"{ids_path} holds {len(self.ids)} ids but {vectors_path} {len(self.vectors)} rows")
 
     @classmethod
-    def from_entry(cls, folder: Path, entry: dict[str, Any]) -> "DiskRefine | None":
-        """The refine of a manifest index entry, or None when the index has no on-disk refine."""
-        if not entry.get("refine_file"):
-            return None
-        ids = entry.get("refine_ids_file")
-        return cls(folder / entry["refine_file"], folder / ids if ids else None, entry.get("metric", "ip"))
+    def from_entry(cls, folder: Path, entry: dict[str, Any]) -> "VectorRows | None":
+        """The rows file of a manifest index entry, or None when it names none."""
+        name, ids = rows_fields(entry)
+        return cls(folder / name, folder / ids if ids else None) if name else None
 
     def warm(self) -> None:
         """Bring the whole rows file into the page cache and this process's mapping (one read per
@@ -140,6 +157,49 @@ class DiskRefine:
         pos = np.minimum(np.searchsorted(self.ids, ids), max(n - 1, 0))
         valid = (ids >= 0) & (np.asarray(self.ids[pos]) == ids)
         return np.where(valid, pos, 0), valid
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors ``(len(rows), dim)`` float32 at these rows. Scattered rows are gathered
+        from the mapping in ascending order; dense ones (at least 1 in :data:`DENSE_SPAN` of the
+        rows they span) are read as one span with plain reads: a page fault per 4 KiB page of the
+        ``MADV_RANDOM`` mapping costs more than copying the rows between the wanted ones."""
+        order = None if len(rows) < 2 or bool(np.all(rows[1:] >= rows[:-1])) else np.argsort(rows, kind="stable")
+        ordered = rows if order is None else rows[order]
+        if len(rows) and ordered[-1] - ordered[0] < DENSE_SPAN * len(rows):
+            half = self._span(int(ordered[0]), int(ordered[-1]) + 1)[ordered - ordered[0]]
+        else:
+            half = self.vectors[ordered]
+        if order is None:
+            return half.astype(np.float32)
+        out = np.empty(half.shape, np.float32)
+        out[order] = half
+        return out
+
+    def _span(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` (fp16) read from the file, not through the mapping."""
+        buf = np.empty((hi - lo, self.vectors.shape[1]), np.float16)
+        with open(self.vectors.filename, "rb", buffering=0) as f:
+            f.seek(self.vectors.offset + lo * buf.shape[1] * 2)
+            if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+                raise CollectionError(f"vector rows file {self.vectors.filename} is shorter than its header says")
+        return buf
+
+
+class DiskRefine(VectorRows):
+    """Exact re-scoring of shortlists from the memory-mapped fp16 rows file (thread-safe, read-only)."""
+
+    def __init__(self, vectors_path: Path, ids_path: Path | None, metric: str = "ip"):
+        super().__init__(vectors_path, ids_path)
+        self.metric = metric
+        self._torch_rows: Any = None
+
+    @classmethod
+    def from_entry(cls, folder: Path, entry: dict[str, Any]) -> "DiskRefine | None":
+        """The refine of a manifest index entry, or None when the index has no on-disk refine."""
+        if not entry.get("refine_file"):
+            return None
+        ids = entry.get("refine_ids_file")
+        return cls(folder / entry["refine_file"], folder / ids if ids else None, entry.get("metric", "ip"))
 
     def rescore(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` of the candidate ids ``cand`` (Q, K') by exact score: (distances, ids) like FAISS
@@ -194,6 +254,6 @@ class DiskRefine:
 
 
 def file_bytes(folder: Path, entry: dict[str, Any]) -> int:
-    """Bytes on disk of an entry's refine files (0 without on-disk refine)."""
-    names = [entry.get("refine_file"), entry.get("refine_ids_file")]
+    """Bytes on disk of an entry's vector rows files (0 without them)."""
+    names = set(rows_fields(entry))
     return sum(os.path.getsize(folder / n) for n in names if n and (folder / n).is_file())

@@ -33,6 +33,7 @@ from vlsearch.query.exact import exact_search
 from vlsearch.query.filters import FilterEngine
 from vlsearch.query.options import SearcherOptions, budget
 from vlsearch.query.subset import Subset, restricted_knn
+from vlsearch.store.gather import StoredVectors, open_rows
 from vlsearch.store.collection import Collection
 from vlsearch.store.rows import RowLocator
 
@@ -206,6 +207,8 @@ class KnnPlan:
         self.exact = ExactSearch(collection, len(rows), budget(options.exact_cache_mb), options.exact_chunk_size)
         self.filters = FilterSubsets(rows, collection, budget(options.filter_cache_mb))
         entry = collection.manifest.index or {}
+        #: stored vectors by id (filtered exact search, dedup, item terms): the index's rows file, else the shards
+        self.stored = StoredVectors(rows, collection.dim, self.ann.disk_refine or open_rows(collection.path, entry))
         if index is not None and index.ntotal - int(entry.get("dead_entries", 0)) != len(rows):
             log.warning("index of %s holds %d vectors but the shards %d images: rebuild it to search them all",
                         collection.path, index.ntotal, len(rows))
@@ -249,7 +252,7 @@ class KnnPlan:
             k_factor = max(float(stored), policy.min_k_factor)
         ann = None if self.index is None else (lambda qq, kk, probe, sel: self.ann.search(qq, kk, probe, k_factor, sel))
         return restricted_knn(
-            q, k, subset, self.rows, self.collection.dim, ann=ann,
+            q, k, subset, self.stored, ann=ann,
             ntotal=len(self.rows), nprobe=nprobe if nprobe is not None else self.ann.nprobe_default,
             nlist=None if ivf is None else int(ivf.nlist), exact=exact, policy=policy,
             chunk_size=self.options.exact_chunk_size)

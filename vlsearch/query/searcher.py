@@ -380,7 +380,7 @@ class Searcher:
         return self._query_vector(self._current, Query.of(query))
 
     def _query_vector(self, current: SearcherVersion, query: Query) -> np.ndarray:
-        return combine(term_vectors(self.embedder, current.row_locator, query), query.weights)
+        return combine(term_vectors(self.embedder, current.plan.stored, query), query.weights)
 
     def more_like(self, positive_ids: Sequence[int], negative_ids: Sequence[int] = (), k: int = 10,
                   negative_weight: float = NEGATIVE_WEIGHT, exclude_examples: bool = True,
@@ -403,7 +403,7 @@ class Searcher:
 
     def _more_like_vector(self, current: SearcherVersion, pos: list[int], neg: list[int],
                           negative_weight: float) -> np.ndarray:
-        vectors = item_vectors(current.row_locator, pos + neg, self.dim)
+        vectors = item_vectors(current.plan.stored, pos + neg)
         return feedback_vector(vectors[: len(pos)], vectors[len(pos):], negative_weight)
 
     def item_vector(self, item_id: int) -> np.ndarray:
@@ -412,7 +412,7 @@ class Searcher:
 
     def item_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
         """Stored items' embeddings ``(len(item_ids), d)`` float32, in the order given."""
-        return item_vectors(self._current.row_locator, [Item(i).id for i in item_ids], self.dim)
+        return item_vectors(self._current.plan.stored, [Item(i).id for i in item_ids])
     def _search(self, current: SearcherVersion, queries: np.ndarray, k: int, nprobe: int | None, exact: bool,
                 k_factor: float | None, where: str | None, shape: Shape | None, exclude: Sequence[int] = ()) -> Results:
         """Hits of query vectors on version ``current``, shaped by ``shape``, the ids ``exclude`` left out."""

@@ -5,76 +5,28 @@ k-NN plan (and re-ranker), its hits from the version's hit builder. Apart from
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.plan import check_k
 from vlsearch.query.results import Results
 from vlsearch.query.shaping import Shape, Vectors, shaped_search
-from vlsearch.query.term_search import item_vectors, without_ids
+from vlsearch.query.term_search import without_ids
 from vlsearch.rerank.model import check_rerank_k
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlsearch.query.embedding import TextQuery
     from vlsearch.query.version import SearcherVersion
-    from vlsearch.store.rows import RowLocator
-
-
-#: Candidates' vectors read from the shards for ``dedup``, fp16, by ``(shard file, size, mtime, row)``:
-#: a shard file never changes, so an entry stays right in every version that keeps the file. A
-#: shard row group decodes in ~0.1 s (4096 rows of the embedding column), so repeated queries
-#: (a page re-asking, a benchmark, popular queries) must not decode it again for one row.
-_SHARD_VECTORS = ByteLRU(64 << 20)
-
-
-def _shard_vectors(locator: "RowLocator", ids: np.ndarray, dim: int) -> np.ndarray:
-    """Stored vectors of live ``ids`` from the shards, through :data:`_SHARD_VECTORS`."""
-    shard, row, _ = locator.locate(ids)
-    files = {s: (str(locator.paths[s]), *_stamp(locator.paths[s])) for s in set(shard.tolist())}
-    keys = [(*files[s], r) for s, r in zip(shard.tolist(), row.tolist())]
-    out = np.empty((len(ids), dim), np.float32)
-    missing = []
-    for i, key in enumerate(keys):
-        cached = _SHARD_VECTORS.get(key)
-        if cached is None:
-            missing.append(i)
-        else:
-            out[i] = cached
-    if missing:
-        out[missing] = item_vectors(locator, ids[missing], dim)
-        for i in missing:
-            _SHARD_VECTORS.put(keys[i], out[i].astype(np.float16))
-    return out
-
-
-def _stamp(path: Any) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
 
 
 def stored_vectors(version: "SearcherVersion") -> Vectors:
-    """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares): from
-    the index's memory-mapped ``Refine(disk)`` rows where it has them (the same fp16 values, one
-    row read per id), else from the shard row groups that hold them (cached by row)."""
-    refine, dim, locator = version.plan.ann.disk_refine, version.collection.dim, version.row_locator
-
-    def vectors(ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        if refine is None:
-            return _shard_vectors(locator, ids, dim)
-        rows, valid = refine.rows(ids)
-        out = np.empty((len(ids), dim), np.float32)
-        out[valid] = refine.vectors[rows[valid]]
-        if not valid.all():  # added after the index was built
-            out[~valid] = _shard_vectors(locator, ids[~valid], dim)
-        return out
-
-    return vectors
+    """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares), from
+    its vector rows file where the index has one, else from the shards
+    (:meth:`vlsearch.store.gather.StoredVectors.get`)."""
+    return version.plan.stored.get
 
 
 def shaped_vector_search(version: "SearcherVersion", queries: np.ndarray, k: int, nprobe: int | None, exact: bool,

@@ -10,26 +10,21 @@ import numpy as np
 
 from vlsearch.core.errors import ItemNotFoundError
 from vlsearch.query.embedding import QueryEmbedder
-from vlsearch.query.subset import iter_embeddings_of
 from vlsearch.query.terms import Query
-from vlsearch.store.rows import RowLocator
+from vlsearch.store.gather import StoredVectors
 
 
-def item_vectors(locator: RowLocator, ids: Iterable[int], dim: int) -> np.ndarray:
+def item_vectors(stored: StoredVectors, ids: Iterable[int]) -> np.ndarray:
     """The stored embeddings ``(len(ids), dim)`` float32 of live items, in the order given
-    (reading only the row groups that hold them); ItemNotFoundError names an id no live row has."""
+    (:meth:`StoredVectors.get`); ItemNotFoundError names an id no live row has."""
     wanted = np.asarray(list(ids), np.int64)
-    found = locator.locate(wanted)[2]
+    found = stored.locator.locate(wanted)[2]
     if not found.all():
         raise ItemNotFoundError(f"the collection has no item {int(wanted[~found][0])}")
-    out = np.empty((len(wanted), dim), np.float32)
-    for got, vectors in iter_embeddings_of(locator, np.unique(wanted)):
-        for item, vector in zip(got, vectors):
-            out[wanted == item] = vector
-    return out
+    return stored.get(wanted)
 
 
-def term_vectors(embedder: QueryEmbedder, locator: RowLocator, query: Query) -> np.ndarray:
+def term_vectors(embedder: QueryEmbedder, stored: StoredVectors, query: Query) -> np.ndarray:
     """Each term's embedding ``(len(query.terms), dim)``, in the query's order."""
     out = np.empty((len(query.terms), embedder.collection.dim), np.float32)
     by_kind: dict[str, list[int]] = {}
@@ -41,7 +36,7 @@ def term_vectors(embedder: QueryEmbedder, locator: RowLocator, query: Query) -> 
     if "image" in by_kind:
         out[by_kind["image"]] = embedder.images([values[i] for i in by_kind["image"]])
     if "item" in by_kind:
-        out[by_kind["item"]] = item_vectors(locator, [values[i].id for i in by_kind["item"]], out.shape[1])
+        out[by_kind["item"]] = item_vectors(stored, [values[i].id for i in by_kind["item"]])
     return out
 
 

@@ -18,7 +18,7 @@ from vlsearch.store.shards import ShardFiles
 
 SHARD_KINDS = (IMAGES_DIR, CAPTIONS_DIR, FAILURES_DIR)
 #: index entry fields naming files beside the index file itself
-INDEX_FILE_FIELDS = ("refine_file", "refine_ids_file", "ivfdata")
+INDEX_FILE_FIELDS = ("rows_file", "rows_ids_file", "refine_file", "refine_ids_file", "ivfdata")
 
 
 def version_files(directory: Path, manifest: Manifest) -> set[Path]:

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from vlsearch.ann.faiss_index import copy_ondisk_lists, supports_ids, write_index
 from vlsearch.ann.live import drop_ids, refill
-from vlsearch.ann.refine import new_vectors_stem, vectors_writer
+from vlsearch.ann.refine import VectorRows, new_vectors_stem, refine_fields, vectors_writer
 from vlsearch.core.errors import CollectionError, InvalidQueryError
 from vlsearch.core.fsutil import fsync_file
 from vlsearch.store import tombstones
@@ -47,6 +47,8 @@ from vlsearch.store.layout import CAPTIONS_DIR, FAILURES_DIR, IMAGES_DIR, now_is
 
 
 log = logging.getLogger(__name__)
+#: rows copied per write from the previous version's rows file (64 MiB at 512 dimensions)
+ROWS_COPY_BATCH = 65536
 
 
 
@@ -194,20 +196,35 @@ def _follow_index(base: CollectionDir, staged: CollectionDir, removed: np.ndarra
         del index  # unmaps the lists
         ondisk["ivfdata_bytes"] = fsync_file(base.path / ondisk["ivfdata"])
     built = int(entry.get("built_ntotal") or entry.get("ntotal") or ntotal)
-    return {**entry, **_disk_refine_rows(base, staged, entry), **ondisk, "file": name, "ntotal": ntotal, "dead_entries": dead_entries,
+    return {**entry, **_vector_rows(base, staged, entry, added_ids, vectors), **ondisk, "file": name, "ntotal": ntotal, "dead_entries": dead_entries,
             "built_ntotal": built, "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
 
-def _disk_refine_rows(base: CollectionDir, staged: CollectionDir, entry: dict[str, Any]) -> dict[str, Any]:
-    """For a ``Refine(disk)`` index, a new fp16 rows file holding the new version's live rows (the
-    previous version's file stays for its readers); the entry fields naming it. Else nothing."""
-    if not entry.get("refine_file"):
+def _vector_rows(base: CollectionDir, staged: CollectionDir, entry: dict[str, Any],
+                 added_ids: np.ndarray | None = None, added: np.ndarray | None = None) -> dict[str, Any]:
+    """When the index has a vector rows file, a new one holding the new version's live rows (the
+    previous version's file stays for its readers); the entry fields naming it. Else nothing.
+
+    Kept rows are copied from the previous file and ``added`` rows (vectors of ``added_ids``) come
+    from the update itself, so no shard is decoded; the shards are read only when the previous file
+    lacks a live row (it should not)."""
+    old = VectorRows.from_entry(base.path, entry)
+    if old is None:
         return {}
     ids = np.sort(staged.read_table(columns=["id"]).column("id").to_numpy().astype(np.int64))
+    added_ids = np.zeros(0, np.int64) if added_ids is None else added_ids
+    kept = ids[~np.isin(ids, added_ids)]
+    rows, valid = old.rows(kept)
     with vectors_writer(base.path, new_vectors_stem(), ids, staged.dim) as (add, fields):
-        for batch_ids, vectors in staged.iter_embeddings():
-            add(batch_ids, vectors)
-    return fields
+        if valid.all():
+            for lo in range(0, len(kept), ROWS_COPY_BATCH):
+                add(kept[lo:lo + ROWS_COPY_BATCH], old.vectors[rows[lo:lo + ROWS_COPY_BATCH]])
+            if len(added_ids):
+                add(added_ids, added)
+        else:
+            for batch_ids, vectors in staged.iter_embeddings():
+                add(batch_ids, vectors)
+    return {**fields, **(refine_fields(fields) if entry.get("refine_file") else {})}
 
 
 # ---- compaction --------------------------------------------------------------------------------
@@ -273,7 +290,7 @@ def _compact_index(base: CollectionDir, staged: CollectionDir) -> dict[str, Any]
     index = refill(base.load_index(), staged.iter_embeddings())
     name = f"index-{version_name(base.manifest.version + 1, '.faiss')}"
     write_index(index, base.path / name)
-    return {**entry, **_disk_refine_rows(base, staged, entry), "file": name, "ntotal": int(index.ntotal), "dead_entries": 0,
+    return {**entry, **_vector_rows(base, staged, entry), "file": name, "ntotal": int(index.ntotal), "dead_entries": 0,
             "file_bytes": (base.path / name).stat().st_size, "updated_at": now_iso()}
 
 
