@@ -12,9 +12,10 @@ launcher patches ``open_clip.create_model_and_transforms`` to random weights and
 ``clip_retrieval.clip_inference.main.main`` in-process (``distribution_strategy="sequential"``).
 
 Runs are kept in ``bench-data/vs_clip_retrieval.json`` under ``--label`` (e.g. ``before`` /
-``after`` a decoder change), and the RESULTS.md section shows every label.
+``after`` a decoder change), and the RESULTS.md section shows every label; ``--tree NAME=PATH``
+times several vlsearch checkouts (before/after a change) in the same alternation.
 
-    python benchmarks/bench_vs_clip_retrieval_encode.py --label after --rounds 2
+    python benchmarks/bench_vs_clip_retrieval_encode.py --rounds 2 --tree before=/tmp/base --tree after=.
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ def gallery(n: int, dest: Path) -> Path:
     return dest
 
 
-def timed(python: str, launcher: str, folder: Path, out: Path, batch: int, workers: int) -> float:
-    """Seconds one run reports for itself (it fails loudly when the tool does)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def timed(python: str, launcher: str, folder: Path, out: Path, batch: int, workers: int, tree: Path = ROOT) -> float:
+    """Seconds one run reports for itself (it fails loudly when the tool does); ``tree``: the
+    vlsearch checkout on ``PYTHONPATH``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run([python, "-c", launcher, str(folder), str(out), str(batch), str(workers)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                          capture_output=True, text=True, env=env, cwd=tree)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("SECONDS ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{python} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -88,17 +90,20 @@ def timed(python: str, launcher: str, folder: Path, out: Path, batch: int, worke
 
 
 def run(args: argparse.Namespace) -> dict:
+    """``--rounds`` rounds of clip-retrieval then each vlsearch tree, in fresh processes."""
     folder = gallery(args.images, ROOT / "bench-data" / f"cr-gallery-{args.images}")
-    rates: dict[str, list[float]] = {"clip-retrieval": [], "vlsearch": []}
+    trees = dict(t.split("=", 1) for t in args.tree) or {"vlsearch": str(ROOT)}
+    rates: dict[str, list[float]] = {"clip-retrieval": [], **{name: [] for name in trees}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for r in range(args.rounds):
-            cr = timed(args.cr_python, CR_LAUNCHER, folder, tmp / f"cr{r}", args.batch_size, args.workers)
-            vl = timed(sys.executable, VLSEARCH_LAUNCHER, folder, tmp / f"vl{r}", args.batch_size, args.workers)
-            rates["clip-retrieval"].append(args.images / cr)
-            rates["vlsearch"].append(args.images / vl)
-            print(f"round {r}: clip-retrieval {rates['clip-retrieval'][-1]:.1f} img/s, "
-                  f"vlsearch {rates['vlsearch'][-1]:.1f} img/s", flush=True)
+            seconds = timed(args.cr_python, CR_LAUNCHER, folder, tmp / f"cr{r}", args.batch_size, args.workers)
+            rates["clip-retrieval"].append(args.images / seconds)
+            for name, tree in trees.items():
+                seconds = timed(sys.executable, VLSEARCH_LAUNCHER, folder, tmp / f"{name}{r}", args.batch_size,
+                                args.workers, Path(tree))
+                rates[name].append(args.images / seconds)
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()), flush=True)
     return {"rates": rates, "load": os.getloadavg()[0], "command": command_line(), "machine": machine(),
             "images": args.images, "comment": args.comment}
 
@@ -106,12 +111,15 @@ def run(args: argparse.Namespace) -> dict:
 def body(store: dict) -> str:
     rows = []
     for label, res in store.items():
-        cr, vl = res["rates"]["clip-retrieval"], res["rates"]["vlsearch"]
-        rows.append([label, res["images"], len(cr), f"{min(cr):.1f}-{max(cr):.1f}", round(statistics.median(cr), 1),
-                     f"{min(vl):.1f}-{max(vl):.1f}", round(statistics.median(vl), 1),
-                     round(statistics.median(vl) / statistics.median(cr), 2), res["comment"]])
-    headers = ["label", "images", "rounds", "clip-retrieval img/s (range)", "clip-retrieval (median)",
-               "vlsearch img/s (range)", "vlsearch (median)", "ratio of medians", "what changed"]
+        cr = res["rates"]["clip-retrieval"]
+        for name, vl in res["rates"].items():
+            if name != "clip-retrieval":
+                rows.append([label, name, res["images"], len(cr), f"{min(cr):.1f}-{max(cr):.1f}",
+                             round(statistics.median(cr), 1), f"{min(vl):.1f}-{max(vl):.1f}",
+                             round(statistics.median(vl), 1), round(statistics.median(vl) / statistics.median(cr), 2),
+                             res["comment"]])
+    headers = ["run", "vlsearch tree", "images", "rounds", "clip-retrieval img/s (range)", "clip-retrieval (median)",
+               "vlsearch img/s (range)", "vlsearch (median)", "ratio of medians", "comment"]
     commands = "\n".join(f"- {label}: `{res['command']}` (load average {res['load']:.1f} at end)"
                          for label, res in store.items())
     return "\n\n".join([
@@ -119,7 +127,8 @@ def body(store: dict) -> str:
         f"{next(iter(store.values()))['machine']}. ViT-B-32 with random weights on both sides, batch 64, 2 decode "
         "workers, the same distinct flickr8k-train JPEGs (160x160), `vlsearch` `embed` (bf16, its defaults) vs "
         "`clip-retrieval inference` 2.45 (its own venv: torch 2.14.1, open_clip 2.32), alternating runs in fresh "
-        "processes, each timed from model creation to the end of the run.",
+        "processes (clip-retrieval, then each vlsearch tree, per round), each timed from model creation to the "
+        "end of the run.",
         markdown_table(headers, rows), commands])
 
 
@@ -130,6 +139,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cr-python", default="/tmp/crvenv/bin/python")
+    ap.add_argument("--tree", action="append", default=[],
+                    help="NAME=PATH of a vlsearch checkout to time (repeatable; default: this one)")
     ap.add_argument("--label", default="today")
     ap.add_argument("--comment", default="")
     args = ap.parse_args()
