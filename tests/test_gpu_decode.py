@@ -186,3 +186,14 @@ def test_the_module_decoder_seam_defaults_to_torchvision(monkeypatch):
     monkeypatch.setattr(gpu_decode, "nvjpeg_decoder", lambda device: seen.setdefault("device", device))
     gen = gpu_decode_batches([], lambda img: img, [], device="cpu", workers=0)
     assert list(gen) == [] and seen["device"] == torch.device("cpu")
+
+
+def test_no_gpu_decode_turns_the_gpu_decoder_off_from_the_command_line():
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+    from vlsearch.app.options import EmbedOptions
+
+    assert EmbedOptions().config().gpu_decode is None
+    assert EmbedOptions(no_gpu_decode=True).config().gpu_decode is False
+    assert "--no-gpu-decode" in CliRunner().invoke(app, ["embed", "--help"], terminal_width=200).output
