@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -83,10 +84,10 @@ def timed(python: str, launcher: str, folder: Path, out: Path, batch: int, worke
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run([python, "-c", launcher, str(folder), str(out), str(batch), str(workers)],
                           capture_output=True, text=True, env=env, cwd=tree)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("SECONDS ")]
-    if done.returncode != 0 or not lines:
+    found = re.findall(r"SECONDS ([0-9.]+)", done.stdout)  # clip-retrieval ends its progress line without a newline
+    if done.returncode != 0 or not found:
         raise RuntimeError(f"{python} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return float(lines[-1].split()[1])
+    return float(found[-1])
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -132,6 +133,51 @@ def body(store: dict) -> str:
         markdown_table(headers, rows), commands])
 
 
+def decode_check(n: int = 200, camera: int = 8) -> str:
+    """The JPEG decoder before/after (Pillow ``draft`` vs simplejpeg at the same scale): ms per image
+    through ``open_image`` + the model's PIL preprocess, the largest pixel difference, and the mean
+    cosine of random-weight ViT-B-32 embeddings of the same images."""
+    import io
+    import time
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vlsearch.data import images
+    from vlsearch.models.factory import load_model
+
+    torch.manual_seed(0)
+    enc = load_model("ViT-B-32", device="cpu")
+    small = [p.read_bytes() for p in sorted((ROOT.parent / "shared" / "data" / "flickr8k-test" / "images").glob("*.jpg"))[:n]]
+    big = []
+    for data in small[:camera]:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").resize((3000, 2000), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        big.append(buf.getvalue())
+    fast_module, out, rows = images.simplejpeg, {}, []
+    for name, module in (("Pillow draft (before)", None), ("simplejpeg (after)", fast_module)):
+        images.simplejpeg = module
+        for gallery_name, datas in (("flickr8k-test 224 px", small), ("3000x2000 camera", big)):
+            start = time.perf_counter()
+            pixels = [enc.decode_transform(images.open_image(d, draft_size=2 * enc.image_size)) for d in datas]
+            rows.append([name, gallery_name, round(1000 * (time.perf_counter() - start) / len(datas), 2)])
+            out[name, gallery_name] = torch.stack(pixels)
+    images.simplejpeg = fast_module
+    checks = []
+    for gallery_name in ("flickr8k-test 224 px", "3000x2000 camera"):
+        a, b = out["Pillow draft (before)", gallery_name], out["simplejpeg (after)", gallery_name]
+        ea, eb = enc.encode_image_tensors(a), enc.encode_image_tensors(b)
+        cos = (ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
+        checks.append(f"- {gallery_name} ({len(a)} images): largest pixel difference "
+                      f"{int((a.int() - b.int()).abs().max())}, mean cosine of ViT-B-32 (random weights) embeddings "
+                      f"{cos.mean():.6f} (min {cos.min():.6f}).")
+    return "\n\n".join([
+        "### The JPEG decoder: before/after (`--decode-check`)",
+        "One process, open + decode + EXIF + the model's PIL preprocess (resize, crop, uint8), ms per image:",
+        markdown_table(["decoder", "images", "ms/img"], rows), "\n".join(checks)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
@@ -143,7 +189,13 @@ def main() -> None:
                     help="NAME=PATH of a vlsearch checkout to time (repeatable; default: this one)")
     ap.add_argument("--label", default="today")
     ap.add_argument("--comment", default="")
+    ap.add_argument("--decode-check", action="store_true", help="only the decoder before/after and its quality")
     args = ap.parse_args()
+    if args.decode_check:
+        text = decode_check()
+        print(text)
+        write_section("bench_vs_clip_retrieval_decode", f"`{command_line()}`\n\n{text}")
+        return
     store = json.loads(STORE.read_text()) if STORE.exists() else {}
     store[args.label] = run(args)
     STORE.parent.mkdir(parents=True, exist_ok=True)
