@@ -104,11 +104,14 @@ def decode_only(enc: Encoder, folder: Path, batch_size: int, workers: int) -> fl
     return n / (time.perf_counter() - start)
 
 
-def end_to_end(enc: Encoder, folder: Path, out: Path, batch_size: int, workers: int) -> tuple[float, float]:
-    """(images/s of a whole ``embed`` run, seconds of it spent writing shards and manifests)."""
+def end_to_end(enc: Encoder, folder: Path, out: Path, batch_size: int, workers: int,
+               gpu_decode: bool | None = None) -> tuple[float, float]:
+    """(images/s of a whole ``embed`` run, seconds of it spent writing shards and manifests);
+    ``gpu_decode``: ``EmbedConfig.gpu_decode`` (None: automatic, nvjpeg on CUDA)."""
     from vlsearch.store.collection import Collection
 
-    config = EmbedConfig(model=enc.name, batch_size=batch_size, workers=workers, device=str(enc.device))
+    config = EmbedConfig(model=enc.name, batch_size=batch_size, workers=workers, device=str(enc.device),
+                         gpu_decode=gpu_decode)
     write_s = [0.0]
     real_write = Collection.write_shard
 
@@ -167,7 +170,8 @@ def bench_model(name: str, folder: Path, tmp: Path, args: argparse.Namespace, wo
         model.append(model_only(enc, pixels, args.batch_size))
         system.append(model_only(enc, pixels, args.batch_size, reuse=False))
         for w in workers_list:
-            e2e[w].append(end_to_end(enc, folder, tmp / f"{name}-w{w}-{rep}", args.batch_size, w))
+            e2e[w].append(end_to_end(enc, folder, tmp / f"{name}-w{w}-{rep}", args.batch_size, w,
+                                     getattr(args, "gpu_decode", None)))
         print(f"round {rep}: model-only {model[-1]:.1f} img/s ({system[-1]:.1f} with glibc's malloc settings), "
               "end-to-end " + ", ".join(f"{e2e[w][-1][0]:.1f} ({w} workers)" for w in workers_list), flush=True)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

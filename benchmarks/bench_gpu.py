@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> dict:
                     if torch.cuda.is_available() else "none", "torch": torch.__version__, "cpus": os.cpu_count(),
                     "faiss": faiss_status(), "encode": [], "camera": [], "text": [], "quality": None, "errors": []}
     bench = argparse.Namespace(device=args.device, precision="auto", model_images=args.model_images,
-                               batch_size=args.batch_size, gallery="small", repeats=args.repeats)
+                               batch_size=args.batch_size, gallery="small", repeats=args.repeats,
+                               gpu_decode={"auto": None, "on": True, "off": False}[args.gpu_decode])
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -202,6 +203,8 @@ def main() -> None:
     ap.add_argument("--model-images", type=int, default=2048,
                     help="gallery images held as tensors for model-only timing")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gpu-decode", choices=("auto", "on", "off"), default="auto",
+                    help="end-to-end JPEG decoding: nvjpeg (on; auto on CUDA) or the CPU workers (off)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reference", type=Path, default=None, help="CPU fp32 reference (--make-reference)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here as they come")

@@ -86,22 +86,27 @@ def open_record(record: ImageRecord, *, draft_size: int | None = None,
     problem = refusal(record.path, record.sniffed)
     if problem is not None:
         raise problem
-    if record.tar_range is not None or is_url(record.location):
-        try:
-            data = read_record(record)
-        except FileNotFoundError as exc:
-            raise DecodeError("missing", f"no such file: {record.location}") from exc
-        except OSError as exc:
-            raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
-        return open_image(data, draft_size=draft_size, max_pixels=max_pixels), None
-    read = _read_local(record)
-    if read is not None:
-        data, facts = read
+    data, facts = read_bytes(record)
+    if data is not None:
         return open_image(data, draft_size=draft_size, max_pixels=max_pixels), facts
     try:
         return open_image(record.location, draft_size=draft_size, max_pixels=max_pixels), None
     except PermissionError as exc:
         raise DecodeError("unreadable", str(exc)) from exc
+
+
+def read_bytes(record: ImageRecord) -> tuple[bytes | None, FileFacts | None]:
+    """A record's bytes (tar members from their offset, URLs through fsspec), with their
+    :data:`FileFacts` when it is a local file read through one descriptor; None for a local file
+    over :data:`READ_ONCE_BYTES` (decode it from its path). Raises :class:`DecodeError`."""
+    if record.tar_range is not None or is_url(record.location):
+        try:
+            return read_record(record), None
+        except FileNotFoundError as exc:
+            raise DecodeError("missing", f"no such file: {record.location}") from exc
+        except OSError as exc:
+            raise DecodeError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+    return _read_local(record) or (None, None)
 
 
 def _read_local(record: ImageRecord) -> tuple[bytes, FileFacts] | None:
@@ -225,7 +230,7 @@ def stack_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(pixels)
 
 
-def _init_worker(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
     """Lower the worker's priority, and give it glibc's own malloc settings (see vlsearch/core/allocator.py)."""
     from vlsearch.core.allocator import restore_defaults
 
@@ -234,7 +239,7 @@ def _init_worker(worker_id: int) -> None:
         os.nice(int(os.environ.get("VLSEARCH_DECODE_NICE", DECODE_NICE)))
 
 
-def _mp_context():
+def mp_context():
     # fork starts workers in milliseconds and shares the parent's records and transform; spawn
     # elsewhere (macOS/Windows), where both are pickled.
     return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
@@ -298,12 +303,12 @@ def decode_batches(
     task = decode_task_size(batch_size, workers, len(records))
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": 2, "multiprocessing_context": _mp_context(), "worker_init_fn": _init_worker}
+        kwargs = {"prefetch_factor": 2, "multiprocessing_context": mp_context(), "worker_init_fn": init_worker}
         if timeout:
             kwargs["timeout"] = hang_timeout or task * timeout + 60
     loader = DataLoader(dataset, batch_size=task, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=pin_memory and task == batch_size, **kwargs)
-    tasks = _name_hangs(iter(loader), records, task, kwargs.get("timeout"))
+    tasks = name_hangs(iter(loader), records, task, kwargs.get("timeout"))
     return tasks if task == batch_size else _join(tasks, batch_size // task, pin_memory)
 
 
@@ -324,7 +329,7 @@ def _join(tasks: Iterator[DecodedBatch], per_batch: int, pin_memory: bool) -> It
                            [e for t in group for e in t.exif])
 
 
-def _name_hangs(batches: Iterator[DecodedBatch], records: Sequence[ImageRecord], batch_size: int,
+def name_hangs(batches: Iterator[DecodedBatch], records: Sequence[ImageRecord], batch_size: int,
                 hang_timeout: float | None) -> Iterator[DecodedBatch]:
     done = 0
     while True:

@@ -28,6 +28,7 @@ from vlsearch.models.factory import Encoder, default_pretrained
 from vlsearch.core.progress import Progress
 
 from indexing.decode import DEFAULT_TIMEOUT, DecodedBatch, decode_batches, default_workers
+from indexing.gpu_decode import gpu_batches
 from vlsearch.data.sources import ImageRecord, content_hash, file_stat, record_hash
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class EmbedConfig:
     #: keep location out of the collection: ``gps_lat``/``gps_lon`` stay null (recorded in the
     #: manifest's source as ``no_gps``, which later syncs honour).
     no_gps: bool = False
+    #: decode JPEGs on the GPU (nvjpeg, :mod:`indexing.gpu_decode`); None: when the encoder is on
+    #: CUDA and most files are JPEGs, False: never.
+    gpu_decode: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size", "text_batch_size", "max_pixels"):
@@ -80,9 +84,12 @@ def embed_records(chunk: list[ImageRecord], encoder: Encoder, schema: pa.Schema,
     """Decode and encode one chunk of records: its ``(images, captions, failures)`` tables."""
     draft = config.draft_size if config.draft_size is not None else 2 * encoder.image_size
     workers = default_workers(encoder.device.type) if config.workers is None else config.workers
-    batches = decode_batches(chunk, encoder.decode_transform, batch_size=config.batch_size, workers=workers,
-                             timeout=config.decode_timeout, draft_size=draft or None,
-                             pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
+    batches = gpu_batches(chunk, encoder, config.gpu_decode, batch_size=config.batch_size, workers=workers,
+                          timeout=config.decode_timeout, draft_size=draft or None, max_pixels=config.max_pixels)
+    if batches is None:
+        batches = decode_batches(chunk, encoder.decode_transform, batch_size=config.batch_size, workers=workers,
+                                 timeout=config.decode_timeout, draft_size=draft or None,
+                                 pin_memory=encoder.device.type == "cuda", max_pixels=config.max_pixels)
     images, captions, failures = _embed_chunk(chunk, batches, encoder, schema, config, stats, progress)
     if failures.num_rows:
         log.warning("%d of %d images refused (listed in failures/)", failures.num_rows, len(chunk))

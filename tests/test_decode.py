@@ -331,3 +331,50 @@ def test_files_too_big_to_hold_are_decoded_from_their_path_and_hashed_in_blocks(
     assert decoded.file is None and decoded.size == _rgb().size
     (batch,) = decode_batches([rec], lambda img: torch.zeros(1), batch_size=1, workers=0)
     assert batch.files == [(file_stat(rec), content_hash(rec))]
+
+
+def _camera_jpeg(size=(1000, 700), **kw) -> bytes:
+    """A textured JPEG big enough for ``draft`` to scale (smooth gradients plus noise)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    arr = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1) + rng.integers(0, 40, (size[1], size[0], 3))
+    return _save(Image.fromarray(arr.clip(0, 255).astype("uint8")), "JPEG", quality=90, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"progressive": True}], ids=["baseline", "progressive"])
+@pytest.mark.parametrize("draft", [None, 64, 224, 448])
+def test_simplejpeg_decodes_the_same_pixels_at_the_same_scale_as_pillow(monkeypatch, kw, draft):
+    from vlsearch.data import images
+
+    assert images.simplejpeg is not None  # a dependency: the fast path must be the one tested
+    data = _camera_jpeg(**kw)
+    fast = images.open_image(data, draft_size=draft)
+    monkeypatch.setattr(images, "simplejpeg", None)
+    slow = images.open_image(data, draft_size=draft)
+    assert fast.size == slow.size and images.original_size(fast) == images.original_size(slow) == (1000, 700)
+    assert np.array_equal(np.asarray(fast), np.asarray(slow))
+
+
+def test_simplejpeg_path_keeps_exif_orientation_grayscale_and_refuses_truncated_data(monkeypatch):
+    from vlsearch.data import images
+
+    rotated = images.open_image(_exif_rotated_jpeg())
+    gray = images.open_image(_save(Image.new("L", (40, 30), 99), "JPEG"))
+    monkeypatch.setattr(images, "simplejpeg", None)
+    assert rotated.size == images.open_image(_exif_rotated_jpeg()).size
+    assert images.file_exif(rotated).get(0x0112) == 6
+    assert gray.mode == "RGB" and np.array_equal(np.asarray(gray), np.asarray(images.open_image(
+        _save(Image.new("L", (40, 30), 99), "JPEG"))))
+    monkeypatch.undo()
+    with pytest.raises(DecodeError) as err:
+        images.open_image(_camera_jpeg()[:5000], draft_size=224)
+    assert err.value.kind == "corrupt"
+
+
+def test_draft_scale_follows_pillows_rule():
+    from vlsearch.data.images import draft_scale
+
+    assert [draft_scale((3000, 2000), d) for d in (None, 224, 448, 1000, 2500)] == [1, 8, 4, 2, 1]
+    img = Image.open(io.BytesIO(_camera_jpeg((3000, 2000))))
+    img.draft("RGB", (448, 448))
+    assert img.size == (3000 // 4, 2000 // 4)

@@ -62,6 +62,8 @@ class EmbedOptions:
     dry_run: bool = _option(False, "--dry-run", help="On a finished collection: list what a sync would change, "
                             "write nothing.")
     no_gps: bool = _option(False, "--no-gps", help=NO_GPS_HELP)
+    no_gpu_decode: bool = _option(False, "--no-gpu-decode", help="Decode JPEGs in the CPU workers even when the "
+                                  "model runs on CUDA (by default nvjpeg decodes them on the GPU).")
 
     def config(self) -> Any:
         """The :class:`indexing.embed.EmbedConfig` these options describe."""
@@ -70,7 +72,8 @@ class EmbedOptions:
         return EmbedConfig(model=self.model, pretrained=self.pretrained, batch_size=self.batch_size,
                            workers=self.workers, device=self.device, precision=self.precision,
                            shard_size=self.shard_size,
-                           threads=self.threads, decode_timeout=self.decode_timeout or None, no_gps=self.no_gps)
+                           threads=self.threads, decode_timeout=self.decode_timeout or None, no_gps=self.no_gps,
+                           gpu_decode=False if self.no_gpu_decode else None)
 
     def open_source(self, source: str) -> Any:
         from vlsearch.data.sources import open_source
