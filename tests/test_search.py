@@ -140,6 +140,31 @@ def test_text_queries_return_their_planted_image_first_with_a_lazily_loaded_mode
     assert s.encoder.info == Collection.open(path).model
 
 
+def test_concurrent_text_queries_share_text_tower_passes_and_get_their_own_hits(planted, tiny_encoder, monkeypatch):
+    """Queries arriving while the text tower runs are encoded together in the next pass (the
+    server's throughput under load); each still gets its own planted image first."""
+    import threading
+    import time
+
+    path, expected, _ = planted
+    s = Searcher.open(path, encoder=tiny_encoder)
+    real, gate, sizes = tiny_encoder.encode_texts, threading.Event(), []
+
+    def held(texts):  # the first pass waits until every query has been sent
+        sizes.append(len(texts))
+        gate.wait(10)
+        return real(texts)
+
+    monkeypatch.setattr(tiny_encoder, "encode_texts", held)
+    with ThreadPoolExecutor(len(TEXTS)) as pool:
+        futures = {t: pool.submit(s.search_text, t, k=3, exact=True) for t in TEXTS}
+        time.sleep(0.5)
+        gate.set()
+        tops = {t: f.result(timeout=30)[0].id for t, f in futures.items()}
+    assert tops == {t: expected[t] for t in TEXTS}
+    assert sum(sizes) == len(TEXTS) and len(sizes) < len(TEXTS)  # merged into fewer passes
+
+
 def test_image_query_by_path_pil_or_bytes_returns_that_image_first(planted, tiny_encoder):
     path, expected, image_paths = planted
     s = Searcher.open(path, encoder=tiny_encoder)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from vlsearch.core.batching import MicroBatcher
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.lazy import Lazy
 from vlsearch.core.errors import DecodeError, InvalidQueryError
@@ -21,6 +22,9 @@ from vlsearch.store.collection import Collection
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlsearch.models.factory import Encoder
+
+#: Most query texts one text-tower pass takes when concurrent queries are merged (MicroBatcher).
+TEXT_BATCH = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,7 +38,13 @@ class TextQuery:
 
 
 class QueryEmbedder:
-    """The collection's model behind a lock, and the text-embedding cache. Thread-safe."""
+    """The collection's model, loaded on first use, and the text-embedding cache. Thread-safe.
+
+    Texts that concurrent queries miss in the cache are encoded together: one caller runs the text
+    tower while the others queue, and the next pass takes all the queued texts (up to
+    :data:`TEXT_BATCH`; :class:`~vlsearch.core.batching.MicroBatcher`). A lone query runs at once.
+    Under load a query's vector may thus come from a batched pass, which can differ from a one-text
+    pass in the last bits (bf16, padding); the first one computed is the one cached."""
 
     def __init__(self, collection: Collection, encoder: "Encoder | None", options: SearcherOptions):
         if encoder is not None:
@@ -43,6 +53,7 @@ class QueryEmbedder:
         self.device, self.precision = options.device, options.precision
         self.text_cache = ByteLRU(budget(options.text_cache_mb))
         self._encoder: Lazy[Encoder] = Lazy(self._load, encoder)
+        self._text_batcher = MicroBatcher(lambda todo: self.encoder.encode_texts(todo), max_items=TEXT_BATCH)
 
     @property
     def encoder(self) -> "Encoder":
@@ -63,8 +74,9 @@ class QueryEmbedder:
         return enc
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Text embeddings through the cache; only cache misses are encoded (in one batch)."""
-        return self._through_cache(texts, lambda todo: self.encoder.encode_texts(todo))
+        """Text embeddings through the cache; only cache misses are encoded (in one batch, merged
+        with concurrent queries' misses)."""
+        return self._through_cache(texts, self._text_batcher)
 
     def text_query(self, texts: Sequence[str], tokens: bool = False) -> TextQuery:
         """``texts`` embedded for search, their vectors through the cache as by :meth:`texts`. With
