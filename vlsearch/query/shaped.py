@@ -57,19 +57,35 @@ def _stamp(path: Any) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def _flat_index(index: Any) -> Any:
+    """``index`` when it is a bare ``IndexFlat`` / ``IndexHNSWFlat`` (e.g. an adopted autofaiss
+    ``HNSW32``): it holds the stored vectors uncompressed under labels that are the item ids."""
+    if index is None:
+        return None
+    import faiss
+
+    return index if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) else None
+
+
 def stored_vectors(version: "SearcherVersion") -> Vectors:
     """``ids -> (n, d)``: the version's stored vectors of candidates (what ``dedup`` compares): from
-    the index's memory-mapped ``Refine(disk)`` rows where it has them (the same fp16 values, one
-    row read per id), else from the shard row groups that hold them (cached by row)."""
+    the index's memory-mapped ``Refine(disk)`` rows, or a flat index's own copy, where they have
+    them (the same fp16 values), else from the shard row groups that hold them (cached by row)."""
     refine, dim, locator = version.plan.ann.disk_refine, version.collection.dim, version.row_locator
+    flat = _flat_index(version.plan.ann.index) if refine is None else None
 
     def vectors(ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        if refine is None:
+        if refine is None and flat is None:
             return _shard_vectors(locator, ids, dim)
-        rows, valid = refine.rows(ids)
         out = np.empty((len(ids), dim), np.float32)
-        out[valid] = refine.vectors[rows[valid]]
+        if refine is not None:
+            rows, valid = refine.rows(ids)
+            out[valid] = refine.vectors[rows[valid]]
+        else:
+            valid = (ids >= 0) & (ids < flat.ntotal)
+            if valid.any():
+                out[valid] = flat.reconstruct_batch(ids[valid])
         if not valid.all():  # added after the index was built
             out[~valid] = _shard_vectors(locator, ids[~valid], dim)
         return out
