@@ -28,8 +28,11 @@
    clipclient_text.json``: num_images 40, deduplicate on, safety/violence/aesthetic fields as
    ClipClient sends them), one new connection per request and no content type, as ClipClient's
    ``requests.post(url, data=json.dumps(...))``; distinct captions (never repeated in a run) from 1, 8
-   and 32 client threads for ``--seconds`` each. Throughput and p50/p99 latency per server and level,
-   and vlsearch / clip-retrieval ratios from the same run.
+   and 32 client threads for ``--seconds`` per server and level. All servers run at once (idle but
+   the one measured) and take turns in ``--rounds`` rounds per level, so that the shared machine's
+   changing background load falls on each alike. Throughput and p50/p99 latency per server and
+   level (p50: the rounds' p50s weighted by requests; p99: the worst round's), and vlsearch /
+   clip-retrieval ratios from the same run.
 7. **Recall@10** against exact search: the same request with ``embedding_input`` = each held-out
    query vector (identical vectors on both servers) and ``deduplicate: false``, one client; the ids
    come from the returned ``image_path`` (both servers return it).
@@ -44,6 +47,7 @@ Results go to benchmarks/RESULTS.md, section "clip-retrieval side by side".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import json
@@ -88,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=500, help="held-out query vectors for recall@10")
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of each concurrency level")
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels")
+    ap.add_argument("--rounds", type=int, default=4, help="turns per level: the servers alternate (see text_load)")
     venv = ap.add_mutually_exclusive_group(required=True)
     venv.add_argument("--venv", type=Path, help="an existing virtualenv with clip-retrieval 2.45")
     venv.add_argument("--setup-venv", type=Path, help="create (or reuse) this virtualenv with clip-retrieval 2.45")
@@ -317,20 +322,45 @@ def post_knn(port: int, body: dict) -> list[dict]:
         conn.close()
 
 
-def text_load(port: int, texts: list[str], levels: list[int], seconds: float) -> dict[int, dict]:
-    """Throughput and latency of ClipClient text queries per concurrency level (distinct texts)."""
-    counter = itertools.count()
-    lock = threading.Lock()
-
+def text_caller(port: int, texts: list[str], counter: itertools.count, lock: threading.Lock):
+    """``run_load``'s call factory: ClipClient text queries, each with the next distinct caption."""
     def factory():
         def call() -> bool:
             with lock:
                 text = texts[next(counter) % len(texts)]
             return len(post_knn(port, clipclient_body(text=text))) > 0
         return call
+    return factory
 
-    post_knn(port, clipclient_body(text="a warm-up query"))
-    return {n: run_load(factory, n, seconds) for n in levels}
+
+def merge(parts: list[dict], seconds: float) -> dict:
+    """One level's figures from its rounds (latencies pooled by weighting each round's percentiles)."""
+    requests = sum(p["requests"] for p in parts)
+    weights = [p["requests"] / max(requests, 1) for p in parts]
+    return {"requests": requests, "rps": requests / (seconds * len(parts)), "errors": sum(p["errors"] for p in parts),
+            "p50": float(np.average([p["p50"] for p in parts], weights=weights)),
+            "p99": float(max(p["p99"] for p in parts))}
+
+
+def text_load(servers: list[Server], texts: list[str], levels: list[int], seconds: float, rounds: int,
+              log=print) -> dict[str, dict[int, dict]]:
+    """ClipClient text load per server and concurrency level. Each level runs ``rounds`` rounds of
+    ``seconds / rounds`` per server, the servers taking turns, so that a shared machine's changing
+    background load falls on all of them alike; every server gets the same captions in the same order."""
+    counters = {s.name: (itertools.count(), threading.Lock()) for s in servers}
+    for s in servers:
+        post_knn(s.port, clipclient_body(text="a warm-up query"))
+    out: dict[str, dict[int, dict]] = {s.name: {} for s in servers}
+    for n in levels:
+        parts: dict[str, list[dict]] = {s.name: [] for s in servers}
+        for r in range(rounds):
+            for s in servers if r % 2 == 0 else servers[::-1]:
+                parts[s.name].append(run_load(text_caller(s.port, texts, *counters[s.name]), n, seconds / rounds))
+        for s in servers:
+            out[s.name][n] = res = merge(parts[s.name], seconds / rounds)
+            log(f"{s.name}: {n:>2} clients {res['rps']:.2f} q/s p50 {res['p50']:.0f} ms p99 {res['p99']:.0f} ms "
+                f"errors {res['errors']} (load average {os.getloadavg()[0]:.1f})")
+    return out
 
 
 def recall_at_k(port: int, queries: np.ndarray, gt_ids: np.ndarray, k: int = RECALL_K) -> float:
@@ -343,17 +373,17 @@ def recall_at_k(port: int, queries: np.ndarray, gt_ids: np.ndarray, k: int = REC
     return hits / (len(queries) * k)
 
 
-def measure(server: Server, texts: list[str], levels: list[int], seconds: float, queries: np.ndarray,
-            gt_ids: np.ndarray, log=print) -> dict:
-    with server:
-        log(f"{server.name}: serving on 127.0.0.1:{server.port}")
-        recall = recall_at_k(server.port, queries, gt_ids)
-        log(f"{server.name}: recall@{RECALL_K} {recall:.4f}")
-        load = text_load(server.port, texts, levels, seconds)
-        for n, r in load.items():
-            log(f"{server.name}: {n:>2} clients {r['rps']:.1f} q/s p50 {r['p50']:.0f} ms p99 {r['p99']:.0f} ms "
-                f"errors {r['errors']}")
-    return {"recall": recall, "load": load}
+def measure(servers: list[Server], texts: list[str], levels: list[int], seconds: float, rounds: int,
+            queries: np.ndarray, gt_ids: np.ndarray, log=print) -> dict[str, dict]:
+    """Recall and text load of every server, all of them running (idle but for the one measured)."""
+    with contextlib.ExitStack() as stack:
+        for s in servers:
+            stack.enter_context(s)
+            log(f"{s.name}: serving on 127.0.0.1:{s.port}")
+        recall = {s.name: recall_at_k(s.port, queries, gt_ids) for s in servers}
+        log(f"recall@{RECALL_K}: {recall}")
+        load = text_load(servers, texts, levels, seconds, rounds)
+    return {s.name: {"recall": recall[s.name], "load": load[s.name]} for s in servers}
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -379,7 +409,8 @@ def report(args: argparse.Namespace, results: dict[str, dict], cr_index: dict, i
         f"in {cr_index.get('build_seconds', float('nan')):.0f} s; `vlsearch import clip-retrieval`: {imported}. "
         f"Both servers encode text with the same random-weight ViT-B-32 checkpoint (module docstring). "
         f"Load: ClipClient's `/knn-service` text body (num_images 40, deduplicate on), a new connection per "
-        f"request, distinct captions, {args.seconds:.0f} s per level; recall@10 of {len(np.load(args.dir / f'crbench-n{args.rows}' / 'queries.npy')):,} "
+        f"request, distinct captions, {args.seconds:.0f} s per server and level in {args.rounds} alternating rounds "
+        f"(p50: the rounds' p50s weighted by requests; p99: the worst round's); recall@10 of {len(np.load(args.dir / f'crbench-n{args.rows}' / 'queries.npy')):,} "
         "held-out `embedding_input` queries (deduplicate off) against exact inner product. Ratios are "
         "vlsearch / clip-retrieval from the same run (throughput: higher is better; latency: lower).", "",
         markdown_table(headers, rows),
@@ -402,7 +433,7 @@ def main() -> None:
         servers.append(vlsearch_server("vlsearch (--rebuild-index)", root / "collection-rebuilt"))
     texts, levels = query_texts(), [int(n) for n in args.clients.split(",")]
     queries, gt_ids = np.load(root / "queries.npy"), np.load(root / "gt_ids.npy")
-    results = {s.name: measure(s, texts, levels, args.seconds, queries, gt_ids) for s in servers}
+    results = measure(servers, texts, levels, args.seconds, args.rounds, queries, gt_ids)
     body = report(args, results, cr_index, imports)
     print(body)
     if not args.no_write:
