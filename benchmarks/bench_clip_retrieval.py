@@ -72,8 +72,10 @@ DIM = 512
 ARCH = "ViT-B-32"
 INDEX_NAME = "bench"
 RECALL_K = 10
+REQUEST_TIMEOUT = 60  # seconds: a request a server never answers counts as an error
 CHECKPOINT = DEFAULT_DIR / "crbench-vit-b-32-random.pt"
 CLIPCLIENT_BODY = ROOT / "tests" / "fixtures" / "clip_retrieval" / "clipclient_text.json"
+LOGS = DEFAULT_DIR / "crbench-logs"  # the servers' output, one file per port
 LAUNCHER = Path(__file__).resolve().parent / "clip_back_launcher.py"
 VENV_PACKAGES = ["clip-retrieval==2.45.0", "torch==2.14.1", "torchvision==0.29.1", "setuptools<70"]
 WORDS = {
@@ -242,7 +244,7 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode} (its log: {LOGS})")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/indices-list")
@@ -268,7 +270,11 @@ class Server:
     proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a file, not a pipe: clip back logs every request to stderr, and a pipe nobody reads fills
+        # up (64 KiB) and blocks the server's threads for good
+        LOGS.mkdir(parents=True, exist_ok=True)
+        with open(LOGS / f"{self.port}.log", "wb") as log:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(self.proc, self.port)
         except BaseException:
@@ -310,7 +316,7 @@ def clipclient_body(**fields: object) -> dict:
 
 def post_knn(port: int, body: dict) -> list[dict]:
     """One ``/knn-service`` call as ClipClient makes it: a new connection, ``data=json.dumps(body)``."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
     try:
         conn.request("POST", "/knn-service", body=json.dumps(body))
         response = conn.getresponse()
