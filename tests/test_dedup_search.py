@@ -275,3 +275,36 @@ def test_candidate_vectors_read_from_the_shards_are_kept_by_shard_file_and_row(s
     assert reads == [3, 1]  # only the new id is read the second time
     assert np.array_equal(again[:2], first[[2, 0]])
     assert np.allclose(first, data[0][[3, 300, 599]], atol=2e-3)  # fp16 of the stored vectors
+
+
+@pytest.mark.parametrize("kind", ["Flat", "HNSW32"])
+def test_dedup_reads_a_flat_index_s_own_vectors_not_the_shards(tmp_path, data, monkeypatch, kind):
+    """A bare Flat / HNSW,Flat index (an adopted autofaiss ``HNSW32``) holds the stored vectors under
+    the item ids: dedup compares those, without decoding a shard row group per candidate."""
+    import faiss
+
+    import vlsearch.store.gather as gather
+
+    vectors, _, group, label = data
+    positional = (vectors, np.arange(len(vectors), dtype=np.int64), group, label)
+    coll = Collection.create(tmp_path / "coll", Manifest(model=ModelInfo("synthetic", None, D), shard_size=SHARD))
+    for s, start in enumerate(range(0, len(vectors), SHARD)):
+        ids = positional[1][start:start + SHARD]
+        coll.write_shard(s, pa.table({"id": ids, "path": [f"{i}.jpg" for i in ids],
+                                      "embedding": embedding_array(vectors[start:start + SHARD])}))
+    coll.update_manifest(counts={"images": len(vectors), "captions": 0, "failures": 0,
+                                 "shards": (len(vectors) + SHARD - 1) // SHARD}, complete=True)
+    index = faiss.index_factory(D, kind, faiss.METRIC_INNER_PRODUCT)
+    index.add(coll.read_embeddings()[1])
+    faiss.write_index(index, str(coll.index_path))
+    coll.update_manifest(index={"factory": kind, "metric": "ip", "ntotal": index.ntotal,
+                                "model": coll.model.to_dict(), "file": "index.faiss"})
+
+    def no_shard_reads(*_):
+        raise AssertionError("dedup decoded shard row groups")
+
+    monkeypatch.setattr(gather, "shard_vectors", no_shard_reads)
+    q = _query()
+    with Searcher.open(coll.path) as s:
+        assert s.has_index
+        assert _ids(s.search_vector(q, k=8, dedup=True)) == _expected(positional, q, 8)

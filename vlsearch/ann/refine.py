@@ -185,6 +185,31 @@ class VectorRows:
         return buf
 
 
+class IndexRows:
+    """The stored vectors an uncompressed index holds, by id: a bare ``IndexFlat`` or
+    ``IndexHNSWFlat`` (an adopted autofaiss ``HNSW32``), whose labels are the item ids. The rows
+    interface of :class:`VectorRows` for collections whose index has no rows file beside it."""
+
+    def __init__(self, index: Any):
+        self.index = index
+
+    @classmethod
+    def of(cls, index: Any) -> "IndexRows | None":
+        """Rows of ``index`` when it keeps its vectors uncompressed under the ids, else None."""
+        import faiss
+
+        return cls(index) if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) else None
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(row, valid)`` for each id: the label is the row."""
+        valid = (ids >= 0) & (ids < self.index.ntotal)
+        return np.where(valid, ids, 0), valid
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors ``(len(rows), dim)`` float32 at these rows."""
+        return self.index.reconstruct_batch(np.ascontiguousarray(rows, np.int64)).astype(np.float32, copy=False)
+
+
 class DiskRefine(VectorRows):
     """Exact re-scoring of shortlists from the memory-mapped fp16 rows file (thread-safe, read-only)."""
 

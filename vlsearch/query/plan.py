@@ -25,7 +25,7 @@ import numpy as np
 
 from vlsearch.ann.faiss_index import find_ivf, is_l2, keep_referenced, search_parameters, stored_nprobe
 from vlsearch.ann.live import live_selector
-from vlsearch.ann.refine import DEFAULT_K_FACTOR, DiskRefine
+from vlsearch.ann.refine import DEFAULT_K_FACTOR, DiskRefine, IndexRows
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.lazy import Lazy
 from vlsearch.core.errors import IndexNotBuiltError, InvalidQueryError
@@ -207,8 +207,10 @@ class KnnPlan:
         self.exact = ExactSearch(collection, len(rows), budget(options.exact_cache_mb), options.exact_chunk_size)
         self.filters = FilterSubsets(rows, collection, budget(options.filter_cache_mb))
         entry = collection.manifest.index or {}
-        #: stored vectors by id (filtered exact search, dedup, item terms): the index's rows file, else the shards
-        self.stored = StoredVectors(rows, collection.dim, self.ann.disk_refine or open_rows(collection.path, entry))
+        #: stored vectors by id (filtered exact search, dedup, item terms): the index's rows file, or an
+        #: uncompressed index's own vectors (an adopted autofaiss HNSW32), else the shards
+        self.stored = StoredVectors(rows, collection.dim, self.ann.disk_refine or open_rows(collection.path, entry)
+                                    or IndexRows.of(index))
         if index is not None and index.ntotal - int(entry.get("dead_entries", 0)) != len(rows):
             log.warning("index of %s holds %d vectors but the shards %d images: rebuild it to search them all",
                         collection.path, index.ntotal, len(rows))

@@ -1,7 +1,8 @@
 """Stored vectors of given ids: the one gather that filtered exact search, ``dedup`` and item terms use.
 
 From the version's vector rows file (:class:`vlsearch.ann.refine.VectorRows`, one fp16 row read
-per id, memory-mapped) when its index has one; else from the shards, reading only the row-group
+per id, memory-mapped) when its index has one, or from an uncompressed index's own vectors
+(:class:`vlsearch.ann.refine.IndexRows`: an adopted autofaiss ``HNSW32``); else from the shards, reading only the row-group
 pages that hold the wanted rows: each row group is read in small batches (embedding column
 only, one thread) that stop after its last wanted row, instead of decoding all its 4096 rows.
 """
@@ -16,7 +17,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from vlsearch.ann.refine import VectorRows
+from vlsearch.ann.refine import IndexRows, VectorRows
 from vlsearch.core.cache import ByteLRU
 from vlsearch.core.errors import CollectionError
 from vlsearch.store.arrays import embeddings_to_numpy
@@ -56,7 +57,7 @@ def open_rows(folder: Path, entry: dict[str, Any] | None) -> VectorRows | None:
 class StoredVectors:
     """The stored vectors (float32) of live ids of one collection version (thread-safe)."""
 
-    def __init__(self, locator: Locator, dim: int, rows: VectorRows | None = None):
+    def __init__(self, locator: Locator, dim: int, rows: VectorRows | IndexRows | None = None):
         self.locator, self.dim, self.rows = locator, dim, rows
 
     def get(self, ids: np.ndarray) -> np.ndarray:
