@@ -107,9 +107,9 @@ def _expected(data, q, k, mask=None, exclude=()) -> list[int]:
 
 
 def test_distinct_positions_keeps_the_first_of_each_component_across_blocks(monkeypatch):
-    import vlsearch.query.shaping as shaping
+    import vlsearch.ann.duplicates as duplicates
 
-    monkeypatch.setattr(shaping, "_DEDUP_BLOCK", 2)  # the chain's links fall in different blocks
+    monkeypatch.setattr(duplicates, "BLOCK_ROWS", 2)  # the chain's links fall in different blocks
     v = np.array([[1, 0, 0], [0, 1, 0], [0.97, 0.243, 0], [0.9, 0.436, 0], [0, 0, 1]], np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     # 0 ~ 2 ~ 3 (a chain: 0 and 3 are 0.90 apart), 1 and 4 alone

@@ -20,6 +20,10 @@ CLIP_RETRIEVAL_THRESHOLD = 0.94
 DEFAULT_DUPLICATE_THRESHOLD = 0.90
 
 
+#: rows compared against all the others per matrix product in :func:`near_duplicate_labels`
+BLOCK_ROWS = 1024
+
+
 def component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Connected-component label ``(n,)`` of each of ``n`` items, given the edges
     ``left[e] ~ right[e]``; labels are numbered in order of each component's first item."""
@@ -36,15 +40,21 @@ def component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_labels(vectors: np.ndarray, threshold: float) -> np.ndarray:
-    """Group label ``(n,)`` of each row of ``vectors`` (L2-normalised, a few thousand rows at most:
-    this compares all pairs); rows in one group are linked by cosines ``>= threshold``."""
+    """Group label ``(n,)`` of each row of ``vectors`` (L2-normalised); rows in one group are linked
+    by cosines ``>= threshold``. Rows are compared :data:`BLOCK_ROWS` at a time against all, so a
+    deep candidate list (10,000 rows) needs tens of MiB, not an n x n matrix."""
     vectors = np.asarray(vectors, np.float32)
     n = len(vectors)
     if n == 0:
         return np.zeros(0, np.int64)
-    sims = vectors @ vectors.T
-    left, right = np.nonzero(np.triu(sims >= threshold, k=1))
-    return component_labels(n, left, right)
+    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, n, BLOCK_ROWS):
+        rows, cols = np.nonzero(vectors[start:start + BLOCK_ROWS] @ vectors.T >= threshold)
+        rows = rows + start
+        upper = cols > rows
+        left.append(rows[upper])
+        right.append(cols[upper])
+    return component_labels(n, np.concatenate(left), np.concatenate(right))
 
 
 def first_of_each_group(labels: np.ndarray) -> np.ndarray:

@@ -83,7 +83,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vlsearch.ann.duplicates import DEFAULT_DUPLICATE_THRESHOLD, component_labels, first_of_each_group
+from vlsearch.ann.duplicates import DEFAULT_DUPLICATE_THRESHOLD, first_of_each_group, near_duplicate_labels
 from vlsearch.core.errors import InvalidQueryError
 from vlsearch.query.results import Hits, Results
 
@@ -108,8 +108,6 @@ Fetch = Callable[[int], tuple[np.ndarray, np.ndarray, "np.ndarray | None"]]
 Build = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], Results]
 #: ``vectors(ids (n,)) -> (n, d)``: the stored, L2-normalised vectors of candidates (for ``dedup``).
 Vectors = Callable[[np.ndarray], np.ndarray]
-#: Rows compared at once when looking for near-duplicates (memory: this x candidates floats).
-_DEDUP_BLOCK = 1024
 
 
 # ---- the cuts -----------------------------------------------------------------------------------
@@ -353,20 +351,8 @@ def _facet(values: pa.Table, column: str) -> dict[Any, int]:
 def distinct_positions(vectors: np.ndarray, threshold: float) -> np.ndarray:
     """Positions (ascending) of the best-ranked member of each near-duplicate group among ranked,
     L2-normalised ``vectors`` ``(n, d)``: connected components of cosine ``>= threshold``
-    (:func:`vlsearch.ann.duplicates.component_labels`), compared a block of rows at a time so that
-    the deepest candidate list (``MAX_DEPTH``) needs tens of MiB, not an n x n matrix."""
-    vectors = np.asarray(vectors, np.float32)
-    n = len(vectors)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    left, right = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for start in range(0, n, _DEDUP_BLOCK):
-        rows, cols = np.nonzero(vectors[start:start + _DEDUP_BLOCK] @ vectors.T >= threshold)
-        rows = rows + start
-        upper = cols > rows
-        left.append(rows[upper])
-        right.append(cols[upper])
-    return first_of_each_group(component_labels(n, np.concatenate(left), np.concatenate(right)))
+    (:func:`vlsearch.ann.duplicates.near_duplicate_labels`)."""
+    return first_of_each_group(near_duplicate_labels(vectors, threshold))
 
 
 def _shape_query(shape: Shape, k: int, ids: np.ndarray, n: int, values: pa.Table | None,
