@@ -227,18 +227,32 @@ def test_with_a_token_the_page_asks_for_it_and_then_shows_images(setup, browser,
         page.close()
 
 
-@pytest.fixture(scope="module")
-def steering(tmp_path_factory, tiny_encoder):
-    """A manifest collection of shapes in one folder per shape kind, with a ``color`` column and one
-    file whose name holds a word no caption has (``quokka``): a keyword-only match."""
-    root = tmp_path_factory.mktemp("steer")
-    split = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=24, image_format="jpg")).split_dir("heldout")
+def _shapes(root: Path, n: int) -> tuple[Path, dict[str, dict], dict[str, str]]:
+    """``n`` generated shape JPEGs: their folder, each image's attributes and its first caption."""
+    split = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=n, image_format="jpg")).split_dir("heldout")
     with open(split / "attributes.csv", newline="") as f:
         attributes = {row["image"]: row for row in csv.DictReader(f)}
     captions: dict[str, str] = {}
     with open(split / "captions.csv", newline="") as f:
         for row in csv.DictReader(f):
             captions.setdefault(row["image"], row["caption"])
+    return split, attributes, captions
+
+
+def _embed_with_index(root: Path, encoder) -> Path:
+    """``root/src/captions.csv`` embedded into ``root/coll`` with the tiny model, and a Flat index."""
+    config = EmbedConfig(model=encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
+    coll = embed(root / "src" / "captions.csv", root / "coll", config, encoder=encoder).path
+    build_index(coll, index_type="Flat")
+    return coll
+
+
+@pytest.fixture(scope="module")
+def steering(tmp_path_factory, tiny_encoder):
+    """A manifest collection of shapes in one folder per shape kind, with a ``color`` column and one
+    file whose name holds a word no caption has (``quokka``): a keyword-only match."""
+    root = tmp_path_factory.mktemp("steer")
+    split, attributes, captions = _shapes(root, 24)
     rows = []
     for i, (image, attrs) in enumerate(sorted(attributes.items())):
         name = f"{attrs['shape']}/{'quokka' if i == 5 else Path(image).stem}.jpg"
@@ -247,9 +261,7 @@ def steering(tmp_path_factory, tiny_encoder):
         rows.append((name, captions[image], attrs["color"]))
     pcsv.write_csv(pa.table({"image": [r[0] for r in rows], "caption": [r[1] for r in rows],
                              "color": [r[2] for r in rows]}), root / "src" / "captions.csv")
-    config = EmbedConfig(model=tiny_encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
-    coll = embed(root / "src" / "captions.csv", root / "coll", config, encoder=tiny_encoder).path
-    build_index(coll, index_type="Flat")
+    coll = _embed_with_index(root, tiny_encoder)
     app = create_app({"steer": str(coll)}, ServeConfig(log_level="warning"))
     with background_server(app) as url:
         yield url, Searcher.open(coll, encoder=tiny_encoder), rows[5][0]
@@ -435,13 +447,7 @@ def photos(tmp_path_factory, tiny_encoder):
     pairs), with ``taken_at`` and a camera on even rows and auto-tags (shape, colour, EXTRA_TAGS, with
     decreasing scores) on three rows in four, written as a new version by ``Collection.set_columns``."""
     root = tmp_path_factory.mktemp("photos")
-    split = generate_shapes(root / "shapes", ShapesConfig(n_train=0, n_heldout=16, image_format="jpg")).split_dir("heldout")
-    with open(split / "attributes.csv", newline="") as f:
-        attributes = {row["image"]: row for row in csv.DictReader(f)}
-    captions: dict[str, str] = {}
-    with open(split / "captions.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            captions.setdefault(row["image"], row["caption"])
+    split, attributes, captions = _shapes(root, 16)
     rows = []
     for i, image in enumerate(sorted(attributes)):
         for folder in ("roll", "copies") if i < 4 else ("roll",):
@@ -450,9 +456,7 @@ def photos(tmp_path_factory, tiny_encoder):
             shutil.copy(split / image, root / "src" / name)
             rows.append((name, captions[image], attributes[image]))
     pcsv.write_csv(pa.table({"image": [r[0] for r in rows], "caption": [r[1] for r in rows]}), root / "src" / "captions.csv")
-    config = EmbedConfig(model=tiny_encoder.info.name, workers=0, batch_size=16, shard_size=16, device="cpu")
-    coll = Collection.open(embed(root / "src" / "captions.csv", root / "coll", config, encoder=tiny_encoder).path)
-    build_index(coll.path, index_type="Flat")
+    coll = Collection.open(_embed_with_index(root, tiny_encoder))
     _spread(coll, tiny_encoder.info.dim)
     stored = coll.read_table(columns=["id", "path"]).to_pydict()
     by_path = dict(zip(stored["path"], stored["id"]))
