@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from collection_support import copy_with_flat_index
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -151,21 +152,11 @@ def test_dedup_returns_fewer_only_when_the_collection_has_no_more_distinct_items
 
 
 def test_dedup_with_a_filter_with_the_ann_index_and_with_examples(tmp_path, coll_path, searcher, data):
-    import faiss
-
     q = _query()
     mask = data[3] == "a"
     hits = searcher.search_vector(q, k=8, exact=True, where="label = 'a'", dedup=True)
     assert _ids(hits) == _expected(data, q, 8, mask=mask)
-    dest = tmp_path / "indexed"
-    shutil.copytree(coll_path, dest)
-    coll = Collection.open(dest)
-    all_ids, vecs = coll.read_embeddings()
-    index = faiss.IndexIDMap(faiss.IndexFlatIP(D))
-    index.add_with_ids(vecs, all_ids)
-    faiss.write_index(index, str(coll.index_path))
-    coll.update_manifest(index={"factory": "IDMap,Flat", "metric": "ip", "ntotal": index.ntotal,
-                                "model": coll.model.to_dict(), "file": "index.faiss"})
+    dest = copy_with_flat_index(coll_path, tmp_path / "indexed")
     with Searcher.open(dest) as s:
         assert s.has_index
         assert _ids(s.search_vector(q, k=8, dedup=True)) == _expected(data, q, 8)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from collection_support import copy_with_flat_index
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -221,19 +222,7 @@ def test_facets_count_values_among_the_relevant_set(searcher, data):
 
 
 def test_shaping_works_on_the_ann_index_and_on_batches(tmp_path, coll_path, data):
-    import shutil
-
-    import faiss
-
-    dest = tmp_path / "indexed"
-    shutil.copytree(coll_path, dest)
-    coll = Collection.open(dest)
-    all_ids, vecs = coll.read_embeddings()
-    index = faiss.IndexIDMap(faiss.IndexFlatIP(D))
-    index.add_with_ids(vecs, all_ids)
-    faiss.write_index(index, str(coll.index_path))
-    coll.update_manifest(index={"factory": "IDMap,Flat", "metric": "ip", "ntotal": index.ntotal,
-                                "model": coll.model.to_dict(), "file": "index.faiss"})
+    dest = copy_with_flat_index(coll_path, tmp_path / "indexed")
     queries = np.stack([_query(data), _query(data, near_cluster=False)])
     with Searcher.open(dest) as s:
         batch = s.search_vector(queries, k=6, group_by="folder", per_group=1, facets=["label"])
