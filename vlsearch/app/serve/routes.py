@@ -126,7 +126,8 @@ def _search(request: Request, name: str, kind: str, value: Any, params: SearchPa
     return {"collection": name, "query": kind, "k": params.k, "offset": params.offset, "exact": params.exact,
             "hits": [_hit(h) for h in out.hits], "next_offset": None if last else params.offset + params.k,
             "took_ms": (time.perf_counter() - start) * 1e3, "embed_ms": out.embed_ms, "search_ms": out.search_ms,
-            "facets": None if out.facets is None else _facets(out.facets), "relevant": out.relevant}
+            "facets": None if out.facets is None else _facets(out.facets), "relevant": out.relevant,
+            "version": out.version}
 
 
 def _facets(facets: dict[str, dict[Any, int]]) -> dict[str, list[dict[str, Any]]]:

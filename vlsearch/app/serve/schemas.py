@@ -216,6 +216,8 @@ class SearchResponse(BaseModel):
         None, description=f"With `facets`: each column's values among the relevant set, most frequent first (at most "
         f"{FACET_LIMIT}).")
     relevant: Optional[int] = Field(None, description="With shaping: how many candidates passed min_score/autocut.")
+    version: Optional[int] = Field(None, description="The collection version the hits come from (one per request, "
+                                   "even while the server follows a sync).")
 
 
 class ModelModel(BaseModel):

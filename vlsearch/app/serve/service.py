@@ -82,6 +82,7 @@ class SearchOutcome:
     search_ms: float
     facets: dict[str, dict[Any, int]] | None = None  #: with ``facets``: counts among the relevant set
     relevant: int | None = None  #: with shaping: the relevant set's size
+    version: int | None = None  #: the collection version the hits come from
 
 
 def columns_info(schema: pa.Schema) -> dict[str, list[str]]:
@@ -197,7 +198,8 @@ class ServedCollection:
         facets, relevant = getattr(hits, "facets", None), getattr(hits, "relevant", None)
         done = time.perf_counter()
         return SearchOutcome(list(hits[opts.offset: opts.offset + opts.k]), (embedded - start) * 1e3,
-                             (done - embedded) * 1e3, facets=facets if opts.facets else None, relevant=relevant)
+                             (done - embedded) * 1e3, facets=facets if opts.facets else None, relevant=relevant,
+                             version=s.version)
 
     def _embed(self, s: Searcher, query: str, value: Any, tokens: bool) -> tuple[TextQuery | np.ndarray, list[int]]:
         """The query embedded (a TextQuery for text, with token states when re-ranked; else a
