@@ -35,7 +35,7 @@ import resource
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -56,7 +56,7 @@ from vlsearch.ann.faiss_index import (
     write_index,
     code_size,
 )
-from vlsearch.ann.refine import DiskRefine, new_vectors_stem, refine_fields, remove_stale, vectors_writer
+from vlsearch.ann.refine import DiskRefine, RowsWriter, new_vectors_stem, refine_fields, remove_stale, vectors_writer
 from vlsearch.core.progress import Progress, no_progress
 
 from vlsearch.ann.plan import (
@@ -241,7 +241,7 @@ def build_index(
     ``vector_rows``: also write the fp16 vector rows file (:class:`vlsearch.ann.refine.VectorRows`,
     2 bytes per dimension per vector, as much again as the shards' embeddings) from which filtered
     exact search, ``dedup`` and item terms read single rows; without it they decode shard row
-    groups. ``Refine(disk)`` indexes always write it. The local add stage writes it; the Ray one does not.
+    groups. ``Refine(disk)`` indexes always write it, whichever engine adds the vectors.
     """
     coll = collection_dir if isinstance(collection_dir, Collection) else Collection.open(collection_dir)
     with coll.lock():  # one writer at a time; then build from the newest version
@@ -277,15 +277,14 @@ def _build_index(coll: Collection, index_type: str, max_memory: str | int, metri
         _train(index, xt, b.gpu, seed)
     del xt
     b.timer.mark("train")
-    if adder is None:
-        index, truth, disk = _add(b, index, plan, xq, vector_rows)
-        extra: dict[str, Any] = {}
-    else:
-        if plan.disk_refine:
-            raise IndexConfigError("Refine(disk) indexes are built by the local engine only: drop --engine ray")
-        index, truth, extra = adder(index, coll, xq, metric, b.batch, b.progress)
-        b.timer.mark("add")
-        disk = {}
+    extra: dict[str, Any] = {}
+    with _rows_writer(b, plan, vector_rows) as rows:
+        if adder is None:
+            index, truth = _add(b, index, plan, xq, rows)
+        else:
+            index, truth, extra = adder(index, coll, xq, metric, b.batch, b.progress, rows=rows)
+    b.timer.mark("add")
+    disk = {} if rows is None else {**rows.fields, **(refine_fields(rows.fields) if plan.disk_refine else {})}
     refine = DiskRefine.from_entry(coll.path, {**disk, "metric": metric})
     tuning = _tune(b, index, refine, xq, eval_ids, truth, nprobe_default, k_factor_default)
     entry = _record(b, index, plan.factory, len(train_pos), len(xq), tuning, refine, {**disk, **extra})
@@ -341,30 +340,36 @@ def _make(b: _Build, plan: IndexPlan) -> Any:
 
 
 Adder = Callable[..., tuple[Any, np.ndarray, dict[str, Any]]]
-"""The add stage: ``adder(trained_index, coll, eval_queries, metric, batch, progress)`` ->
-``(filled index, exact top-(TUNE_K + 1) ids of the eval queries, extra manifest fields)``."""
+"""The add stage: ``adder(trained_index, coll, eval_queries, metric, batch, progress, rows=writer)`` ->
+``(filled index, exact top-(TUNE_K + 1) ids of the eval queries, extra manifest fields)``; ``rows``
+(a :class:`~vlsearch.ann.refine.RowsWriter`, or None) takes every vector for the rows file."""
 
 
-def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray,
-         vector_rows: bool) -> tuple[Any, np.ndarray, dict[str, Any]]:
+@contextlib.contextmanager
+def _rows_writer(b: _Build, plan: IndexPlan, vector_rows: bool) -> Iterator[RowsWriter | None]:
+    """The rows file's writer while the vectors are added (finished, fsynced and renamed on exit),
+    or None when this build writes none."""
+    if not (plan.disk_refine or vector_rows):
+        yield None
+        return
+    with vectors_writer(b.coll.path, new_vectors_stem(), np.sort(b.ids), b.coll.dim) as rows:
+        yield rows
+
+
+def _add(b: _Build, index: Any, plan: IndexPlan, xq: np.ndarray, rows: RowsWriter | None) -> tuple[Any, np.ndarray]:
     """Stream every shard into the index; in the same pass the exact top-(k+1) of the held-out
-    queries and (``vector_rows`` or ``Refine(disk)``) the fp16 rows file. Returns (index, exact ids,
-    rows-file fields, with the refine's for ``Refine(disk)``)."""
+    queries and the rows file (``rows``). Returns (index, exact ids)."""
     exact = ExactTopK(xq, TUNE_K + 1, b.metric)  # k + 1: each query's own id is dropped
     target, to_cpu = (_gpu_adder(index, plan.faiss_factory, b.coll.dim) if b.gpu else (index, lambda i: i))
-    with contextlib.ExitStack() as stack:
-        rows, disk = (stack.enter_context(vectors_writer(b.coll.path, new_vectors_stem(), np.sort(b.ids), b.coll.dim))
-                      if plan.disk_refine or vector_rows else (None, {}))
-        done = 0
-        for ids, vecs in b.coll.iter_embeddings(batch_size=b.batch):
-            add_vectors(target, ids, vecs)
-            exact.add(ids, vecs)
-            if rows is not None:
-                rows(ids, vecs)
-            done += len(ids)
-            b.progress(done, b.n, stage="add")
-    b.timer.mark("add")
-    return to_cpu(target), exact.result()[1], {**disk, **refine_fields(disk)} if plan.disk_refine else disk
+    done = 0
+    for ids, vecs in b.coll.iter_embeddings(batch_size=b.batch):
+        add_vectors(target, ids, vecs)
+        exact.add(ids, vecs)
+        if rows is not None:
+            rows(ids, vecs)
+        done += len(ids)
+        b.progress(done, b.n, stage="add")
+    return to_cpu(target), exact.result()[1]
 
 
 def add_vectors(index: Any, ids: np.ndarray, vecs: np.ndarray) -> None:

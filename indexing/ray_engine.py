@@ -28,21 +28,30 @@ path every node sees (a shared filesystem such as NFS/Lustre/EFS mounted at the 
    part carries the trained quantizer and codebooks (faiss #2970). The merged index is the one the
    local build makes.
 
-``on_disk=True`` merges the inverted lists into ``index-<build>.ivfdata`` beside ``index.faiss``
-(:func:`vlsearch.ann.merge.merge_on_disk`, ``OnDiskInvertedLists``): the driver never holds the
-codes, and ``Searcher`` memory-maps them (manifest ``index.layout = "ondisk"``).
+Each part also writes its vectors into their rows of the build's fp16 rows file (created and
+sized by the driver, :class:`vlsearch.ann.refine.RowsPart`), so a Ray build has the same rows file
+as a local one: ``Refine(disk)`` plans (the auto plan at 10M on a 4 GB budget, or any plan under
+``--max-bytes-per-vector 80``) re-score from it, and filtered exact search reads single rows from it.
 
-Fast-scan IVF lists (``PQ..x4fs``) are not merged by FAISS: parts hold the same codes as plain
+``on_disk=True`` merges the inverted lists through ``index-<build>.ivfdata`` beside ``index.faiss``
+(:func:`vlsearch.ann.merge.merge_on_disk`, ``OnDiskInvertedLists``): the driver never holds all the
+parts' codes at once. Plain IVF codes stay there and ``Searcher`` memory-maps them (manifest
+``index.layout = "ondisk"``). Fast-scan lists (``PQ..x4fs``, the auto plans) cannot be searched from
+a mapping: they are read from that file into the in-RAM fast-scan layout and the file is removed
+(``merge = "ondisk"``, ``layout = "memory"``). A plan with an in-RAM ``Refine(SQ8)`` stage cannot be
+merged on disk.
+
+Fast-scan IVF lists are not merged by FAISS: parts hold the same codes as plain
 4-bit ``IVFPQ`` and the merged index is converted back (:mod:`vlsearch.ann.merge`), giving the
 same index as adding directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import pickle
-import resource
 import shutil
 import threading
 import time
@@ -62,15 +71,16 @@ from vlsearch.store.layout import IMAGES_DIR, shard_name
 from vlsearch.store.collection import Collection
 from vlsearch.store.manifest import Manifest
 from vlsearch.core.errors import CollectionMismatchError, DistributedError, IndexConfigError, RayNotInstalledError
-from vlsearch.ann.faiss_index import find_ivf, make_index
+from vlsearch.ann.faiss_index import find_ivf, find_refine, make_index
 from vlsearch.ann.merge import as_fastscan, as_plain_ivfpq, fastscan_ivf, merge_files, merge_on_disk, trained_digest
 from vlsearch.core.allocator import reusing_freed_memory
 from vlsearch.core.progress import Progress
 from vlsearch.query.exact import ExactTopK
 
-from indexing.build import TUNE_K, add_vectors, build_index
+from indexing.build import TUNE_K, add_vectors, build_index, peak_rss_mb
 from indexing.photos import honour_no_gps, source_record
-from vlsearch.ann.plan import AutoPolicy
+from vlsearch.ann.plan import AutoPolicy, split_disk_refine
+from vlsearch.ann.refine import RowsPart, RowsWriter
 from vlsearch.data.sources import ImageSource, open_source
 
 if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding functions: index workers never load torch
@@ -334,7 +344,9 @@ def build_index_ray(collection_dir: str | Path | Collection, index_type: str = "
                     parts: int | None = None, on_disk: bool = False, k_factor_default: float | None = None,
                     max_bytes_per_vector: int | None = None, policy: AutoPolicy = AutoPolicy()) -> dict[str, Any]:
     """:func:`indexing.build.build_index` with the add stage split over ``parts`` Ray tasks (default:
-    2 per actor, at most one per shard), then merged; ``on_disk`` merges into on-disk inverted lists."""
+    2 per actor, at most one per shard), then merged: the same plan (``"auto"`` included), tuned
+    defaults and rows file as the local build. ``on_disk`` merges through on-disk inverted lists
+    (module doc)."""
     require_ray()
     coll = collection_dir if isinstance(collection_dir, Collection) else Collection.open(collection_dir)
     if parts is not None and parts < 1:
@@ -354,20 +366,33 @@ def build_index_ray(collection_dir: str | Path | Collection, index_type: str = "
 
 
 def _check_on_disk_factory(index_type: str, dim: int, metric: str) -> None:
+    """Refuse before training what cannot merge on disk: no inverted lists, or an in-RAM refine."""
     import faiss
 
     if index_type == "auto":
-        raise IndexConfigError("on-disk inverted lists need an explicit IVF index type whose lists hold the ids, "
-                               "e.g. --index-type 'IVF65536,PQ64' (auto plans use fast-scan + refine codes)")
-    index = make_index(index_type, dim, metric)
-    ivf = find_ivf(index)
+        return  # checked once planned (_check_on_disk_index)
+    factory, _ = split_disk_refine(index_type)
+    _check_on_disk_index(make_index(factory, dim, metric), index_type)
+    if not isinstance(_below_transforms(make_index(factory, dim, metric)), faiss.IndexIVF):
+        raise IndexConfigError(f"{index_type!r} cannot use on-disk inverted lists: its IVF is wrapped "
+                               "(e.g. IDMap); use a plain IVF code such as 'IVF4096,PQ64'")
+
+
+def _check_on_disk_index(index: Any, plan: str) -> None:
+    if find_ivf(index) is None or find_refine(index) is not None:
+        raise IndexConfigError(
+            f"{plan!r} cannot be merged on disk: that needs inverted lists and no in-RAM refine stage (e.g. "
+            "'IVF4096,PQ64', 'IVF16384,PQ128x4fs,Refine(disk)'); drop --on-disk, or lower "
+            "--max-bytes-per-vector so that the auto plan refines from disk")
+
+
+def _below_transforms(index: Any) -> Any:
+    import faiss
+
     top = faiss.downcast_index(index)
     while isinstance(top, faiss.IndexPreTransform):
         top = faiss.downcast_index(top.index)
-    if ivf is None or isinstance(ivf, faiss.IndexIVFFastScan) or not isinstance(top, faiss.IndexIVF):
-        raise IndexConfigError(
-            f"{index_type!r} cannot use on-disk inverted lists: they need a plain IVF code (e.g. 'IVF4096,PQ64', "
-            "'IVF4096,SQ8'), not fast-scan (x4fs), Refine stages or index types without inverted lists")
+    return top
 
 
 @dataclass(frozen=True)
@@ -384,9 +409,12 @@ class _Part:
 
 
 def _add_distributed(index: Any, coll: Collection, xq: np.ndarray, metric: str, batch: int, progress: Progress, *,
-                     ray: Any, ray_config: RayConfig, parts: int, on_disk: bool) -> tuple[Any, np.ndarray, dict]:
+                     ray: Any, ray_config: RayConfig, parts: int, on_disk: bool,
+                     rows: RowsWriter | None = None) -> tuple[Any, np.ndarray, dict]:
     import faiss
 
+    if on_disk:
+        _check_on_disk_index(index, f"the planned {type(faiss.downcast_index(index)).__name__}")
     shards = coll.shard_paths(IMAGES_DIR)
     groups = [g for g in np.array_split(np.arange(len(shards)), min(parts, len(shards))) if len(g)]
     workdir = coll.path / f".build-{uuid.uuid4().hex[:12]}"
@@ -395,32 +423,41 @@ def _add_distributed(index: Any, coll: Collection, xq: np.ndarray, metric: str, 
         fast = fastscan_ivf(index) is not None
         template = as_plain_ivfpq(index) if fast else index
         digest = trained_digest(template)
-        blob = ray.put(faiss.serialize_index(template))
+        blob, rows_ref = ray.put(faiss.serialize_index(template)), ray.put(None if rows is None else rows.part)
         task = ray.remote(max_retries=3)(_add_part).options(**ray_config.remote_args())
         futures = [task.remote(blob, str(coll.path), [str(shards[i]) for i in g], str(workdir / f"part-{p:05d}.faiss"),
-                               xq, metric, batch) for p, g in enumerate(groups)]
+                               xq, metric, batch, rows_ref) for p, g in enumerate(groups)]
         results = _gather(ray, futures, progress, coll.manifest.counts.get("images"))
         _check_parts(results, digest)
         truth = _merge_truth(results, len(xq), metric)
-        ivfdata = f"index-{workdir.name[len('.build-'):]}.ivfdata" if on_disk else None
-        paths = [r.path for r in results]
-        merged = merge_on_disk(template, paths, coll.path / ivfdata) if on_disk else merge_files(paths)
-        if fast:
-            merged = as_fastscan(merged)
+        merged, extra = _merge_parts(template, [r.path for r in results], coll.path, workdir, on_disk, fast)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    extra = {"engine": "ray", "parts": len(groups), "layout": "ondisk" if on_disk else "memory",
-             "part_peak_rss_mb": max(r.peak_rss_mb for r in results),
-             "part_seconds": round(max(r.seconds for r in results), 2)}
-    if on_disk:
-        extra["ivfdata"] = ivfdata
-        extra["ivfdata_bytes"] = (coll.path / ivfdata).stat().st_size
+    extra.update({"engine": "ray", "parts": len(groups), "part_peak_rss_mb": max(r.peak_rss_mb for r in results),
+                  "part_seconds": round(max(r.seconds for r in results), 2)})
     return merged, truth, extra
 
 
+def _merge_parts(template: Any, paths: list[str], folder: Path, workdir: Path, on_disk: bool,
+                 fast: bool) -> tuple[Any, dict[str, Any]]:
+    """The parts merged in order (in memory, or through an ``.ivfdata`` file); fast-scan plans are
+    converted back to fast-scan, in RAM (their lists cannot be searched from a mapping)."""
+    if not on_disk:
+        merged = merge_files(paths)
+        return (as_fastscan(merged) if fast else merged), {"layout": "memory", "merge": "memory"}
+    if fast:  # merged on disk, read into the fast-scan blocks, the plain lists' file removed with the workdir
+        return as_fastscan(merge_on_disk(template, paths, workdir / "merged.ivfdata")), \
+            {"layout": "memory", "merge": "ondisk"}
+    ivfdata = f"index-{workdir.name[len('.build-'):]}.ivfdata"
+    merged = merge_on_disk(template, paths, folder / ivfdata)
+    return merged, {"layout": "ondisk", "merge": "ondisk", "ivfdata": ivfdata,
+                    "ivfdata_bytes": (folder / ivfdata).stat().st_size}
+
+
 def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str, xq: np.ndarray, metric: str,
-              batch: int) -> _Part:
-    """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds them)."""
+              batch: int, rows: RowsPart | None = None) -> _Part:
+    """Ray task: the trained empty index + the vectors of these shards (ids as the local build adds
+    them), written to ``out``; their rows go to the rows file too (``rows``)."""
     import faiss
 
     start = time.perf_counter()
@@ -428,16 +465,20 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     coll = Collection.open(coll_path)
     exact = ExactTopK(xq, TUNE_K + 1, metric)  # + 1: the tuner drops each query's own id
     ids = []
-    for part_ids, vecs in coll.iter_embeddings(batch_size=batch, paths=[Path(p) for p in shard_paths]):
-        add_vectors(index, part_ids, vecs)
-        exact.add(part_ids, vecs)
-        ids.append(part_ids)
+    with contextlib.ExitStack() as stack:
+        fd = None if rows is None else stack.enter_context(open(rows.path, "r+b", buffering=0)).fileno()
+        for part_ids, vecs in coll.iter_embeddings(batch_size=batch, paths=[Path(p) for p in shard_paths]):
+            add_vectors(index, part_ids, vecs)
+            exact.add(part_ids, vecs)
+            if fd is not None:
+                rows.write(fd, part_ids, vecs)
+            ids.append(part_ids)
     tmp = out + ".tmp"
     faiss.write_index(index, tmp)
     Path(tmp).replace(out)
     distances, labels = exact.result()
     return _Part(out, np.concatenate(ids), trained_digest(index), distances.copy(), labels.copy(),
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start)
+                 peak_rss_mb(), time.perf_counter() - start)
 
 
 def _gather(ray: Any, futures: list[Any], progress: Progress, total: int | None) -> list[_Part]:

@@ -98,7 +98,7 @@ def test_every_docs_page_is_linked_from_the_readme_or_another_page():
 
 
 def test_mentioned_docs_pages_exist():
-    """A page path such as docs/scale.md written in code or docs (not only as a link) names a real page."""
+    """A page path such as docs/SCALING.md written in code or docs (not only as a link) names a real page."""
     missing = sorted({f"{src.relative_to(ROOT)}: {m}" for src in SOURCES
                       for m in PAGE_MENTION.findall(src.read_text(encoding="utf-8")) if not (ROOT / m).is_file()})
     assert missing == []

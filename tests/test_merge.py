@@ -95,3 +95,13 @@ def test_parts_with_another_training_have_another_digest(data):
     ids = np.arange(len(data))
     a, b = _trained("IVF16,PQ16x4fs", data, ids), _trained("IVF16,PQ16x4fs", data[::-1].copy(), ids)
     assert merge.trained_digest(a) == merge.trained_digest(faiss.clone_index(a)) != merge.trained_digest(b)
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ16x4fs", "IVF16,PQ16x4fs,Refine(SQ8)", "IDMap,IVF16,PQ16x4fs"])
+def test_fastscan_lists_are_found_at_any_depth_and_the_plain_copy_leaves_the_index_alone(factory):
+    """A bare fast-scan IVF is found too (FAISS hands it back typed as IndexIVF), so its parts are
+    merged as plain IVFPQ; the plain template is a copy: the index it came from stays fast-scan."""
+    index = make_index(factory, DIM, "ip")
+    assert isinstance(merge.fastscan_ivf(index), faiss.IndexIVFPQFastScan)
+    plain = merge.as_plain_ivfpq(index)
+    assert merge.fastscan_ivf(plain) is None and isinstance(merge.fastscan_ivf(index), faiss.IndexIVFPQFastScan)

@@ -93,10 +93,10 @@ def test_rebuild_replaces_vector_files_and_keeps_searching(tmp_path, data):
 def test_rescore_pads_and_skips_missing_ids(tmp_path):
     vecs = np.eye(4, dtype=np.float32)
     coll = make_collection(tmp_path / "c", vecs, ids=np.array([3, 5, 8, 9]), shard_size=4)
-    with vectors_writer(coll.path, new_vectors_stem(), np.array([3, 5, 8, 9]), 4) as (add, fields):
+    with vectors_writer(coll.path, new_vectors_stem(), np.array([3, 5, 8, 9]), 4) as add:
         for ids, v in Collection.open(coll.path).iter_embeddings():
             add(ids, v)
-    r = DiskRefine.from_entry(coll.path, refine_fields(fields))
+    r = DiskRefine.from_entry(coll.path, refine_fields(add.fields))
     d, i = r.rescore(np.array([[0, 1, 0, 0]], np.float32), np.array([[3, -1, 5, 42]]), 3)
     assert i.tolist() == [[5, 3, -1]] and d[0, 0] == 1.0 and d[0, 2] == -np.inf
     d, i = r.rescore(np.array([[0, 0, 1, 0]], np.float32), np.array([[8]]), 2)
@@ -130,10 +130,10 @@ def test_rescore_l2_ranks_by_exact_squared_distance(tmp_path):
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(50, 8)).astype(np.float16).astype(np.float32)
     coll = make_collection(tmp_path / "c", vecs, shard_size=50)
-    with vectors_writer(coll.path, new_vectors_stem(), np.arange(50), 8) as (add, fields):
+    with vectors_writer(coll.path, new_vectors_stem(), np.arange(50), 8) as add:
         for ids, v in Collection.open(coll.path).iter_embeddings():
             add(ids, v)
-    r = DiskRefine.from_entry(coll.path, {**refine_fields(fields), "metric": "l2"})
+    r = DiskRefine.from_entry(coll.path, {**refine_fields(add.fields), "metric": "l2"})
     q = rng.normal(size=(3, 8)).astype(np.float32)
     cand = rng.permutation(50)[None, :20].repeat(3, 0)
     d, i = r.rescore(q, cand, 5)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from indexing.embed import EmbedConfig, embed
 from vlsearch.app.cli import app
 from vlsearch.store.collection import Collection
-from vlsearch.core.errors import CollectionMismatchError, DistributedError, RayNotInstalledError
+from vlsearch.core.errors import CollectionMismatchError, DistributedError, IndexConfigError, RayNotInstalledError
 from vlsearch.models.factory import TINY_MODEL
 
 FAULTS = Path(__file__).resolve().parent / "_ray_faults.py"
@@ -147,8 +147,13 @@ def _same_top10(a: Searcher, b: Searcher, queries: np.ndarray) -> None:  # noqa:
         assert tied_a & tied_b, q
 
 
-@pytest.mark.parametrize("index_type,on_disk", [("auto", False), ("IVF32,SQ8", True)])
-def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_disk):
+@pytest.mark.parametrize("index_type,on_disk,max_bytes", [
+    ("auto", False, None),  # IVF64,PQ16x4fs,Refine(SQ8): the in-RAM default
+    ("auto", True, 40),  # IVF64,PQ32x4fs,Refine(disk): re-scored from the rows file the parts write; merged on disk
+    ("IVF32,SQ8", True, None),  # plain IVF codes: searched from the merged on-disk lists
+])
+def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_disk, max_bytes):
+    """Same plan, tuned defaults, recall and top-10 as the local build; the same rows file."""
     from test_build import SMALL, clustered, make_collection
 
     from indexing.build import build_index
@@ -158,24 +163,39 @@ def test_index_matches_the_local_build(ray_address, tmp_path, index_type, on_dis
     x = clustered(4000)
     ids = np.arange(len(x), dtype=np.int64) * 7 + 1000
     local, ray_built = make_collection(tmp_path / "l", x, ids, 500), make_collection(tmp_path / "r", x, ids, 500)
-    want = build_index(local.path, index_type, policy=SMALL, seed=3)
+    want = build_index(local.path, index_type, policy=SMALL, seed=3, max_bytes_per_vector=max_bytes)
     got = build_index_ray(ray_built.path, index_type, policy=SMALL, seed=3, ray_config=RayConfig(actors=2),
-                          parts=3, on_disk=on_disk)
-    assert (got["factory"], got["nprobe_default"], got["ntotal"]) == (want["factory"], want["nprobe_default"], 4000)
-    assert got["recall_at_10"] == want["recall_at_10"] and got["parts"] == 3 and got["engine"] == "ray"
-    assert got["layout"] == ("ondisk" if on_disk else "memory")
-    if on_disk:
-        assert (ray_built.path / got["ivfdata"]).stat().st_size > 0
-        assert sorted(p.name for p in ray_built.path.iterdir()) == sorted([".lock", "images", "index.faiss", "keyword",
-                                                                           "manifest.json", "versions", got["ivfdata"]])
+                          parts=3, on_disk=on_disk, max_bytes_per_vector=max_bytes)
+    same = ("factory", "nprobe_default", "k_factor_default", "refine", "recall_at_10", "bytes_per_vector")
+    assert {k: got[k] for k in same} == {k: want[k] for k in same} and got["ntotal"] == 4000
+    assert got["parts"] == 3 and got["engine"] == "ray" and got["merge"] == ("ondisk" if on_disk else "memory")
+    assert got["layout"] == ("ondisk" if index_type != "auto" else "memory")
+    assert got["factory"].endswith("Refine(disk)") == bool(max_bytes)
+    rows = [np.load(c.path / e["rows_file"]) for c, e in ((ray_built, got), (local, want))]
+    assert np.array_equal(*rows) and rows[0].shape == (4000, x.shape[1])  # every vector, in id order
+    files = {".lock", "images", "index.faiss", "keyword", "manifest.json", "versions", got["rows_file"],
+             got["rows_ids_file"], *([got["ivfdata"]] if got["layout"] == "ondisk" else [])}
+    assert sorted(p.name for p in ray_built.path.iterdir()) == sorted(files)  # no part, temp or merge file left
     queries = x[::97] + 0.01
     _same_top10(Searcher.open(ray_built.path, mmap=on_disk), Searcher.open(local.path), queries)
-    # the Ray add stage writes no vector rows file: a filtered exact search reads the shards, same answers
-    assert want["rows_file"] and not got.get("rows_file")
     filtered = [Searcher.open(c.path).knn(queries, 10, exact=True, where="id % 3 = 0") for c in (ray_built, local)]
     assert np.array_equal(filtered[0][1], filtered[1][1])
-    if on_disk:
+    if got["layout"] == "ondisk":
+        assert (ray_built.path / got["ivfdata"]).stat().st_size > 0
         _updates_follow_the_on_disk_index(local, ray_built, ids, queries)
+
+
+def test_on_disk_merge_refuses_an_in_ram_refine_before_training(tmp_path):
+    from test_build import clustered, make_collection
+
+    from indexing.ray_engine import _check_on_disk_factory
+
+    coll = make_collection(tmp_path / "c", clustered(100), shard_size=50)
+    with pytest.raises(IndexConfigError, match="in-RAM refine"):
+        _check_on_disk_factory("IVF16,PQ8x4fs,Refine(SQ8)", coll.dim, "ip")
+    with pytest.raises(IndexConfigError, match="inverted lists"):
+        _check_on_disk_factory("HNSW32", coll.dim, "ip")
+    _check_on_disk_factory("IVF16,PQ8x4fs,Refine(disk)", coll.dim, "ip")  # fast-scan + disk refine: allowed
 
 
 def _updates_follow_the_on_disk_index(local: Collection, ray_built: Collection, ids: np.ndarray,

@@ -110,14 +110,17 @@ def fastscan_ivf(index: Any) -> Any | None:
     """The ``IndexIVFPQFastScan`` inside ``index``, or None."""
     import faiss
 
-    ivf = find_ivf(index)
+    ivf = find_ivf(index)  # typed IndexIVF when ``index`` is the IVF itself
+    ivf = None if ivf is None else faiss.downcast_index(ivf)
     return ivf if isinstance(ivf, faiss.IndexIVFPQFastScan) else None
 
 
 def as_plain_ivfpq(index: Any) -> Any:
-    """``index`` with its fast-scan IVF replaced by a plain 4-bit ``IVFPQ`` (same quantizer and codebooks)."""
+    """A copy of ``index`` with its fast-scan IVF replaced by a plain 4-bit ``IVFPQ`` (same quantizer
+    and codebooks); ``index`` itself is left as it was."""
     import faiss
 
+    index = faiss.clone_index(index)
     fs = faiss.downcast_index(find_ivf(index))
     new = faiss.IndexIVFPQ(fs.quantizer, fs.d, fs.nlist, fs.pq.M, fs.pq.nbits, fs.metric_type)
     new.pq, new.by_residual, new.is_trained = fs.pq, fs.by_residual, True
@@ -132,7 +135,10 @@ def as_fastscan(index: Any) -> Any:
     plain = faiss.downcast_index(find_ivf(index))
     new = faiss.IndexIVFPQFastScan(plain)
     new.nprobe = plain.nprobe
-    plain.reset()  # frees the plain copy of the codes; the object stays (it owns the quantizer)
+    # frees the plain copy of the codes, in RAM or a mapped on-disk file; the object stays (it owns the quantizer)
+    empty = faiss.ArrayInvertedLists(plain.nlist, plain.code_size)
+    plain.replace_invlists(empty, True)
+    empty.this.disown()  # the index owns (and deletes) it now
     return _replace_ivf(index, new)
 
 

@@ -36,8 +36,9 @@ import mmap
 import os
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -56,34 +57,61 @@ def new_vectors_stem() -> str:
     return f"vectors-{uuid.uuid4().hex[:12]}"
 
 
+@dataclass(frozen=True)
+class RowsPart:
+    """Writes batches of vectors into their rows of a pre-sized rows file, by id; picklable, so
+    the part tasks of a distributed build write their own rows (``pwrite`` to disjoint rows: no
+    locking). ``sorted_ids``: every id ascending, or None when the ids are ``0..N-1`` (row = id)."""
+
+    path: str
+    start: int
+    dim: int
+    sorted_ids: np.ndarray | None
+
+    def __call__(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        with open(self.path, "r+b", buffering=0) as f:
+            self.write(f.fileno(), ids, vecs)
+
+    def write(self, fd: int, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """pwrite each run of consecutive rows (plain writes: no mapped pages in this process's RSS)."""
+        rows = ids if self.sorted_ids is None else np.searchsorted(self.sorted_ids, ids)
+        half = np.ascontiguousarray(vecs, dtype=np.float16)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            os.pwrite(fd, half[lo:hi].tobytes(), self.start + int(rows[lo]) * self.dim * 2)
+
+
+@dataclass
+class RowsWriter:
+    """What :func:`vectors_writer` yields: call it with ``(ids, vectors)`` to write rows here;
+    ``part`` writes them from another process (same file system); ``fields`` names the files."""
+
+    part: RowsPart
+    fields: dict[str, Any]
+    fd: int
+
+    def __call__(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        self.part.write(self.fd, ids, vecs)
+
+
 @contextlib.contextmanager
-def vectors_writer(folder: Path, stem: str, sorted_ids: np.ndarray, dim: int,
-                   ) -> Iterator[tuple[Callable[[np.ndarray, np.ndarray], None], dict[str, Any]]]:
+def vectors_writer(folder: Path, stem: str, sorted_ids: np.ndarray, dim: int) -> Iterator[RowsWriter]:
     """Write the fp16 rows file (+ id map unless ids are 0..N-1) from ``add(ids, vectors)`` calls.
 
     ``sorted_ids``: every id of the collection, ascending. Each batch is scattered to its rows,
-    so any shard order works. Yields ``(add, fields)``; on a clean exit the files are fsynced and
-    renamed into place and ``fields`` (``rows_file``, ``rows_ids_file``) names them.
+    so any shard order works, from any process (:class:`RowsPart`). On a clean exit the files are
+    fsynced and renamed into place and ``fields`` (``rows_file``, ``rows_ids_file``) names them.
     """
     n = len(sorted_ids)
     identity = bool(n == 0 or (sorted_ids[0] == 0 and sorted_ids[-1] == n - 1))  # sorted + unique
     fields = {"rows_file": f"{stem}{VECTORS_SUFFIX}", "rows_ids_file": None if identity else f"{stem}{IDS_SUFFIX}"}
-    row_bytes = dim * 2
     with atomic_path(folder / fields["rows_file"]) as tmp, open(tmp, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (n, dim)})
         start = f.tell()
-        f.truncate(start + n * row_bytes)
+        f.truncate(start + n * dim * 2)
         f.flush()
-
-        def add(ids: np.ndarray, vecs: np.ndarray) -> None:
-            """pwrite each run of consecutive rows (plain writes: no mapped pages in this process's RSS)."""
-            rows = ids if identity else np.searchsorted(sorted_ids, ids)
-            half = np.ascontiguousarray(vecs, dtype=np.float16)
-            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-                os.pwrite(f.fileno(), half[lo:hi].tobytes(), start + int(rows[lo]) * row_bytes)
-
-        yield add, fields
+        part = RowsPart(str(tmp), start, dim, None if identity else np.ascontiguousarray(sorted_ids, dtype=np.int64))
+        yield RowsWriter(part, fields, f.fileno())
     if not identity:
         with atomic_path(folder / fields["rows_ids_file"]) as tmp:
             with open(tmp, "wb") as f:

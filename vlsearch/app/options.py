@@ -133,8 +133,10 @@ class PartsOptions:
 
     parts: Optional[int] = _option(None, "--parts", min=1,
                                    help="Ray: index parts built in parallel, then merged (default 2 x actors).")
-    on_disk: bool = _option(False, "--on-disk", help="Ray: merge the inverted lists into a file beside the index "
-                                                     "(memory-mapped by searches; needs a plain IVF code).")
+    on_disk: bool = _option(False, "--on-disk", help="Ray: merge the parts' inverted lists through a file, not in "
+                                                     "RAM. Plain IVF codes stay there (memory-mapped by searches); "
+                                                     "fast-scan plans (auto) are read back into RAM. Not for an "
+                                                     "in-RAM Refine(SQ8) plan.")
 
 
 def _int_list(value: str, option: str) -> tuple[int, ...]:

@@ -215,7 +215,7 @@ def _vector_rows(base: CollectionDir, staged: CollectionDir, entry: dict[str, An
     added_ids = np.zeros(0, np.int64) if added_ids is None else added_ids
     kept = ids[~np.isin(ids, added_ids)]
     rows, valid = old.rows(kept)
-    with vectors_writer(base.path, new_vectors_stem(), ids, staged.dim) as (add, fields):
+    with vectors_writer(base.path, new_vectors_stem(), ids, staged.dim) as add:
         if valid.all():
             for lo in range(0, len(kept), ROWS_COPY_BATCH):
                 add(kept[lo:lo + ROWS_COPY_BATCH], old.vectors[rows[lo:lo + ROWS_COPY_BATCH]])
@@ -224,7 +224,7 @@ def _vector_rows(base: CollectionDir, staged: CollectionDir, entry: dict[str, An
         else:
             for batch_ids, vectors in staged.iter_embeddings():
                 add(batch_ids, vectors)
-    return {**fields, **(refine_fields(fields) if entry.get("refine_file") else {})}
+    return {**add.fields, **(refine_fields(add.fields) if entry.get("refine_file") else {})}
 
 
 # ---- compaction --------------------------------------------------------------------------------
