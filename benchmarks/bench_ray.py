@@ -1,6 +1,6 @@
 """Distributed index build on Ray vs the single-machine build, merged into on-disk inverted lists.
 
-The simulation that docs/scale.md extrapolates from. On the cached synthetic collection
+The simulation that docs/SCALING.md extrapolates from. On the cached synthetic collection
 (``benchmarks/synthetic.py``: N x 512 CLIP-like vectors, 50k-row shards, exact top-100 of 1000
 held-out queries) it builds the same factory (default ``IVF1024,PQ64``: plain 8-bit PQ codes,
 which on-disk inverted lists can hold) with the same seed twice:
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,11 +40,12 @@ from benchmarks.synthetic import DEFAULT_DIR, SyntheticData, dataset_dir, load_d
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--factory", default="IVF1024,PQ64")
+    ap.add_argument("--factory", default="auto", help="index type for both builds (default: the auto plan)")
+    ap.add_argument("--max-memory", default="4GB", help="build budget, as `vlsearch build-index` (its default)")
+    ap.add_argument("--max-bytes-per-vector", type=int, default=None, help="cap on resident bytes per vector")
     ap.add_argument("--parts", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=50_000, help="rows per collection shard (parts group shards)")
     ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--nprobes", default="8,16,32,64")
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--stage", choices=["all", "data", "local", "ray", "eval"], default="all")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
@@ -81,16 +81,23 @@ def _collection_copy(args: argparse.Namespace, name: str) -> Path:
     Collection.open(target)
     return target
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 def stage_build(args: argparse.Namespace, engine: str) -> None:
+    from indexing.build import peak_rss_mb
+
     coll = _collection_copy(args, engine)
     start = time.perf_counter()
+    seen: list[str] = []
+
+    def progress(done, total, stage=None, **_):  # one line per stage, so a long build shows where it is
+        if stage not in seen:
+            seen.append(stage)
+            print(f"{engine}: {stage} from {time.perf_counter() - start:.0f} s", flush=True)
+
     if engine == "local":
         from indexing.build import build_index
 
-        entry = build_index(coll, args.factory, max_memory="8GB", seed=0)
+        entry = build_index(coll, args.factory, max_memory=args.max_memory, seed=0,
+                            max_bytes_per_vector=args.max_bytes_per_vector, progress=progress)
     else:
         import ray
 
@@ -98,12 +105,13 @@ def stage_build(args: argparse.Namespace, engine: str) -> None:
 
         ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
         t_ray = time.perf_counter() - start
-        entry = build_index_ray(coll, args.factory, max_memory="8GB", seed=0, parts=args.parts, on_disk=True,
-                                ray_config=RayConfig(actors=args.actors))
+        entry = build_index_ray(coll, args.factory, max_memory=args.max_memory, seed=0, parts=args.parts, on_disk=True,
+                                ray_config=RayConfig(actors=args.actors), max_bytes_per_vector=args.max_bytes_per_vector,
+                                progress=progress)
         entry["ray_init_seconds"] = round(t_ray, 1)
         ray.shutdown()
     entry["wall_seconds"] = round(time.perf_counter() - start, 1)
-    entry["process_peak_rss_mb"] = round(_peak_rss_mb(), 0)
+    entry["process_peak_rss_mb"] = round(peak_rss_mb(), 0)
     (_root(args) / f"stage-{engine}.json").write_text(json.dumps(entry, indent=1))
     print(json.dumps({k: entry.get(k) for k in ("factory", "build_seconds", "stage_seconds", "process_peak_rss_mb",
                                                 "part_peak_rss_mb", "parts", "layout")}), flush=True)
@@ -115,35 +123,67 @@ def _evict(path: Path) -> None:
     finally:
         os.close(fd)
 
-def _measure(searcher, queries: np.ndarray, gt: np.ndarray, nprobe: int, n_lat: int) -> dict:
-    """recall@10 and QPS of one batched call, then single-query latencies (warm)."""
+def _measure(searcher, queries: np.ndarray, truth: np.ndarray, n_lat: int) -> dict:
+    """At the index's tuned defaults: recall@10 and QPS of one batched call (after a warm-up
+    call), then single-query latencies (warm)."""
+    searcher.knn(queries, 10)  # warm: the rows the shortlists touch are in the page cache
     t = time.perf_counter()
-    _, ids = searcher.knn(queries, 10, nprobe=nprobe)
+    _, ids = searcher.knn(queries, 10)
     qps = len(queries) / (time.perf_counter() - t)
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, gt[:, :10])]))
     lat = []
     for q in queries[:n_lat]:
         t = time.perf_counter()
-        searcher.knn(q[None], 10, nprobe=nprobe)
+        searcher.knn(q[None], 10)
         lat.append(time.perf_counter() - t)
-    return {"recall": recall, "qps": qps, "p50_ms": 1000 * float(np.median(lat)), "p99_ms": 1000 * float(np.percentile(lat, 99))}
+    return {"recall": _recall(ids, truth), "qps": qps, "p50_ms": 1000 * float(np.median(lat)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99)), "ids": ids}
 
 
-def _cold_p50_ms(coll: Path, ivfdata: Path, queries: np.ndarray, nprobe: int) -> float:
-    """Single-query latency with the on-disk lists out of the page cache: the index is unmapped,
-    the file evicted (``posix_fadvise DONTNEED``), mapped again (not timed), then one query timed."""
+def _recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth[:, :10])]))
+
+
+def _cold_ms(coll: Path, queries: np.ndarray) -> tuple[float, float]:
+    """Single-query p50/p99 with everything on disk out of the page cache: the index stays in RAM
+    (what a server keeps resident); before each query the rows file (and any on-disk lists) is
+    unmapped and evicted (``posix_fadvise DONTNEED``), then mapped again (not timed)."""
     from vlsearch.ann.faiss_index import search_parameters
+    from vlsearch.ann.refine import DiskRefine
+    from vlsearch.store.collection import Collection
 
-    lat = []
+    c = Collection.open(coll)
+    entry = c.manifest.index
+    files = [coll / f for f in (entry.get("rows_file"), entry.get("ivfdata")) if f]
+    lat, index = [], c.load_index()
     for q in queries:
-        _evict(ivfdata)
-        index = coll.load_index()
-        params = search_parameters(index, nprobe=nprobe)
+        for f in files:
+            _evict(f)
+        if entry.get("ivfdata"):  # on-disk lists: mapped again after the eviction
+            del index
+            index = c.load_index()
+        refine = DiskRefine.from_entry(coll, entry)
+        params = search_parameters(index, entry["nprobe_default"])
         t = time.perf_counter()
-        index.search(q[None], 10, params=params)
+        if refine is not None:
+            refine.search(index, q[None], 10, entry["k_factor_default"], params)
+        else:
+            index.search(q[None], 10, params=params)
         lat.append(time.perf_counter() - t)
-        del index
-    return 1000 * float(np.median(lat))
+        del refine
+    return 1000 * float(np.median(lat)), 1000 * float(np.percentile(lat, 99))
+
+
+def _exact_streamed(coll: Path, queries: np.ndarray) -> tuple[np.ndarray, float]:
+    """The exact top-10 of the queries, streamed over the collection's shards (fp16 rows as stored),
+    and its wall seconds: the ground truth, and the exact search the ANN QPS is compared with."""
+    from vlsearch.query.exact import ExactTopK
+    from vlsearch.store.collection import Collection
+
+    t = time.perf_counter()
+    exact = ExactTopK(queries, 10, "ip")
+    for ids, vecs in Collection.open(coll).iter_embeddings(batch_size=65_536):
+        exact.add(ids, vecs)
+    return exact.result()[1], time.perf_counter() - t
 
 
 def stage_eval(args: argparse.Namespace) -> dict:
@@ -151,62 +191,67 @@ def stage_eval(args: argparse.Namespace) -> dict:
 
     data = _dataset(args, log=lambda *a: None)
     root = _root(args)
-    nprobes = [int(p) for p in args.nprobes.split(",")]
-    ivfdata = root / "ray" / json.loads((root / "ray" / "manifest.json").read_text())["index"]["ivfdata"]
-    # cold first: no other mapping of the lists may exist, or the kernel keeps their pages cached
-    cold = {p: _cold_p50_ms(root / "ray", ivfdata, data.queries[:50], p) for p in nprobes}
-    local, ray_built = Searcher.open(root / "local"), Searcher.open(root / "ray")
+    truth, exact_s = _exact_streamed(root / "local", data.queries)
+    out: dict = {"exact_seconds": exact_s, "exact_qps": len(data.queries) / exact_s,
+                 "truth_vs_generated": _recall(truth, data.gt_ids)}
+    print(json.dumps(out), flush=True)
+    for name in ("local", "ray"):  # cold first: no other mapping of the files may exist
+        out[f"{name}_cold"] = _cold_ms(root / name, data.queries[:50])
+        searcher = Searcher.open(root / name)
+        out[name] = _measure(searcher, data.queries, truth, args.latency_queries)
+        searcher.close()
+        print(name, json.dumps({k: v for k, v in out[name].items() if k != "ids"}), out[f"{name}_cold"], flush=True)
+    out["same_top10"] = float(np.mean([set(a) == set(b) for a, b in zip(out["local"]["ids"], out["ray"]["ids"])]))
+    return out
+
+
+def _build_rows(args: argparse.Namespace, entries: dict, n: int) -> list[list]:
     rows = []
-    for nprobe in nprobes:
-        a = _measure(local, data.queries, data.gt_ids, nprobe, args.latency_queries)
-        b = _measure(ray_built, data.queries, data.gt_ids, nprobe, args.latency_queries)
-        _, ia = local.knn(data.queries, 10, nprobe=nprobe)
-        _, ib = ray_built.knn(data.queries, 10, nprobe=nprobe)
-        rows.append({"nprobe": nprobe, "local": a, "ray_ondisk": b, "ray_ondisk_cold": {"p50_ms": cold[nprobe]},
-                     "same_top10": float(np.mean([set(x) == set(y) for x, y in zip(ia, ib)]))})
-        print(json.dumps(rows[-1]), flush=True)
-    return {"rows": rows}
+    for name, e in entries.items():
+        disk = sum((_root(args) / name / f).stat().st_size for f in ("index.faiss", e["rows_file"], e.get("rows_ids_file"))
+                   if f)
+        label = "local" if name == "local" else f"Ray, {e['parts']} parts / {args.actors} actors, merged on disk"
+        rows.append([label, e["wall_seconds"], e["stage_seconds"]["train"], e["stage_seconds"]["add"],
+                     e["process_peak_rss_mb"], e.get("part_peak_rss_mb", "-") and round(e.get("part_peak_rss_mb") or 0),
+                     e["resident_bytes_per_vector"], round(disk / n, 1)])
+    return rows
 
 
-def report(args: argparse.Namespace, evaluation: dict) -> str:
+def report(args: argparse.Namespace, ev: dict) -> str:
     root = _root(args)
-    loc = json.loads((root / "stage-local.json").read_text())
-    ray = json.loads((root / "stage-ray.json").read_text())
+    entries = {k: json.loads((root / f"stage-{k}.json").read_text()) for k in ("local", "ray")}
+    loc, ray = entries["local"], entries["ray"]
     n = loc["ntotal"]
-    disk = {k: (root / k / "index.faiss").stat().st_size for k in ("local", "ray")}
-    disk["ray"] += ray["ivfdata_bytes"]
-    build = markdown_table(
-        ["build", "wall s", "train s", "add s (parts + merge)", "peak RSS driver MB", "peak RSS per worker MB",
-         "index bytes/vector (file)", "payload bytes/vector"],
-        [["local, lists in RAM", loc["wall_seconds"], loc["stage_seconds"]["train"], loc["stage_seconds"]["add"],
-          loc["process_peak_rss_mb"], "-", round(disk["local"] / n, 1), loc["bytes_per_vector"]],
-         [f"Ray, {ray['parts']} parts / {args.actors} actors, merged on disk", ray["wall_seconds"],
-          ray["stage_seconds"]["train"], ray["stage_seconds"]["add"], ray["process_peak_rss_mb"],
-          ray["part_peak_rss_mb"], round(disk["ray"] / n, 1), ray["bytes_per_vector"]]])
-    rows = []
-    for r in evaluation["rows"]:
-        rows.append([r["nprobe"], r["local"]["recall"], r["ray_ondisk"]["recall"], r["same_top10"],
-                     round(r["local"]["qps"]), round(r["ray_ondisk"]["qps"]), round(r["local"]["p50_ms"], 2),
-                     round(r["ray_ondisk"]["p50_ms"], 2), round(r["ray_ondisk_cold"]["p50_ms"], 2)])
-    search = markdown_table(["nprobe", "recall@10 local", "recall@10 Ray", "same top-10 ids", "QPS local (RAM)",
-                             "QPS Ray (on-disk, warm)", "p50 ms RAM", "p50 ms on-disk warm", "p50 ms on-disk cold"],
-                            rows)
+    build = markdown_table(["build", "wall s", "train s", "add s (parts + merge)", "peak RSS driver MB",
+                            "peak RSS per worker MB", "resident B/vector", "disk B/vector (index + rows file)"],
+                           _build_rows(args, entries, n))
+    search = markdown_table(
+        ["index", "defaults nprobe / k_factor", "recall@10", "QPS (1000-query batch)", "x exact QPS",
+         "p50 / p99 ms warm", "p50 / p99 ms cold"],
+        [[k, f"{e['nprobe_default']} / {e['k_factor_default']}", round(ev[k]["recall"], 4), round(ev[k]["qps"]),
+          round(ev[k]["qps"] / ev["exact_qps"], 1), f"{ev[k]['p50_ms']:.2f} / {ev[k]['p99_ms']:.2f}",
+          f"{ev[k + '_cold'][0]:.2f} / {ev[k + '_cold'][1]:.2f}"] for k, e in entries.items()])
     load = os.getloadavg()
     return (f"## bench_ray: distributed build (Ray, on-disk merge) vs single machine — {n:,} x 512 synthetic\n\n"
-            f"Factory `{args.factory}`, seed 0, tuned nprobe {loc['nprobe_default']} (local) / "
-            f"{ray['nprobe_default']} (Ray). Ray: a local instance with {args.actors} CPUs on this machine "
-            f"(startup {ray.get('ray_init_seconds')} s, not in the build time); parts write to the collection "
-            "folder (the shared filesystem of a cluster), the driver merges them with "
-            "`faiss.contrib.ondisk.merge_ondisk`. Latency: single queries, 1 query at a time; cold = the "
-            ".ivfdata file unmapped and evicted from the page cache (`posix_fadvise DONTNEED`) before each of 50 "
-            "queries (this VM's virtual disk may still be cached by its host).\n\n"
-            f"{build}\n\n{search}\n\n"
-            f"Machine: {machine()}. Load average at the end: {load[0]:.1f}"
-            + (" (above the 2 cores: the 1-minute average still counts the stage before this one, or other jobs)"
-               if load[0] > 2.5 else "")
-            + "; ratios measured in one run.\n"
+            f"`{args.factory}` plan, the build defaults (`--max-memory {args.max_memory}`"
+            + (f", `--max-bytes-per-vector {args.max_bytes_per_vector}`" if args.max_bytes_per_vector else "")
+            + f"), seed 0: **`{loc['factory']}`** (local) and **`{ray['factory']}`** (Ray); queries are the "
+            f"{len(ev['local']['ids']):,} held-out queries of the \"real\"-fitted generator, not in the index, searched "
+            "at each build's tuned defaults. Ground truth and the exact baseline: an exact top-10 streamed over "
+            f"the shards, one batch of all queries, {ev['exact_seconds']:.0f} s = {ev['exact_qps']:.1f} QPS "
+            f"(it agrees with the generator's own ground truth at {ev['truth_vs_generated']:.4f}). "
+            f"Ray: a local instance with {args.actors} CPUs on this machine (startup {ray.get('ray_init_seconds')} s, "
+            "in the wall time); parts add to plain 4-bit IVFPQ copies of the trained index and write their rows into "
+            "the build's rows file; the driver merges them through an on-disk lists file "
+            "(`faiss.contrib.ondisk.merge_ondisk`) and reads that into the fast-scan layout. Peak RSS is each "
+            "process's VmHWM (driver: the build process; worker: the largest Ray worker). Cold: the index in RAM, "
+            "the rows file unmapped and evicted (`posix_fadvise DONTNEED`) before each of 50 single queries (this "
+            "VM's virtual disk may still be cached by its host).\n\n"
+            f"{build}\n\n{search}\n\nSame top-10 ids, local vs Ray: {ev['same_top10']:.4f} of queries.\n\n"
+            f"Machine: {machine()}. Load average at the end: {load[0]:.1f}; ratios measured in one run.\n"
             f"Command: `{command_line()}` (without `--stage`: data, local, ray, eval in that order, each in its own "
             "process; `--stage` reruns one).")
+
 
 def main() -> None:
     args = _args()
