@@ -78,12 +78,12 @@ from vlsearch.core.progress import Progress
 from vlsearch.query.exact import ExactTopK
 
 from indexing.build import TUNE_K, add_vectors, build_index, peak_rss_mb
-from indexing.photos import honour_no_gps, source_record
 from vlsearch.ann.plan import AutoPolicy, split_disk_refine
 from vlsearch.ann.refine import RowsPart, RowsWriter
 from vlsearch.data.sources import ImageSource, open_source
 
-if TYPE_CHECKING:  # indexing.embed (torch) is imported inside the embedding functions: index workers never load torch
+if TYPE_CHECKING:  # indexing.embed, .shards, .photos (torch) are imported inside the embedding functions: index
+    # workers never load torch (~0.8 GB per worker; tests/test_ray.py checks)
     from indexing.shards import EmbedConfig
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def embed_ray(source: ImageSource | str, collection_dir: str | Path, config: Emb
     from vlsearch.models.factory import default_model
 
     from indexing.embed import open_existing
+    from indexing.photos import honour_no_gps, source_record
     from indexing.shards import EmbedConfig
 
     config = config or EmbedConfig()
@@ -201,6 +202,7 @@ def _model_info(config: EmbedConfig) -> Any:
 
 def _run_ray(ray: Any, coll: Collection, source: ImageSource, records: Iterator[Any], config: EmbedConfig,
              ray_config: RayConfig, progress: Progress | None) -> Collection:
+    from indexing.photos import source_record
     from indexing.shards import chunks, committed_shards, counts_on_disk
 
     done = set(committed_shards(coll))

@@ -263,3 +263,15 @@ def test_a_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
         build_index_ray(tmp_path)
     result = CliRunner().invoke(app, ["build-index", str(tmp_path), "--engine", "ray"])
     assert result.exit_code == 1 and "pip install 'vlsearch[ray]'" in result.output
+
+
+def test_index_build_modules_do_not_load_torch():
+    """A Ray index worker imports indexing.ray_engine and indexing.build: torch (~0.8 GB resident
+    per worker) must not come with them."""
+    import subprocess
+    import sys
+
+    code = "import sys, indexing.ray_engine, indexing.build; print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
