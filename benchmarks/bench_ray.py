@@ -232,7 +232,8 @@ def report(args: argparse.Namespace, ev: dict) -> str:
           round(ev[k]["qps"] / ev["exact_qps"], 1), f"{ev[k]['p50_ms']:.2f} / {ev[k]['p99_ms']:.2f}",
           f"{ev[k + '_cold'][0]:.2f} / {ev[k + '_cold'][1]:.2f}"] for k, e in entries.items()])
     load = os.getloadavg()
-    return (f"## bench_ray: distributed build (Ray, on-disk merge) vs single machine — {n:,} x 512 synthetic\n\n"
+    what = "the auto plan at the build defaults" if args.factory == "auto" else f"`{args.factory}`"
+    return (f"## bench_ray: {what}, Ray (on-disk merge) vs local — {n:,} x 512 synthetic\n\n"
             f"`{args.factory}` plan, the build defaults (`--max-memory {args.max_memory}`"
             + (f", `--max-bytes-per-vector {args.max_bytes_per_vector}`" if args.max_bytes_per_vector else "")
             + f"), seed 0: **`{loc['factory']}`** (local) and **`{ray['factory']}`** (Ray); queries are the "
@@ -268,7 +269,8 @@ def main() -> None:
     body = report(args, stage_eval(args))
     print(body)
     if not args.no_write:
-        write_section("bench_ray" if args.n == 1_000_000 else f"bench_ray_n{args.n}", body)  # keeps each size
+        plan = "" if args.factory != "auto" else "_auto"  # keeps each size and the earlier fixed-factory runs
+        write_section(f"bench_ray{plan}" if args.n == 1_000_000 else f"bench_ray{plan}_n{args.n}", body)
 
 if __name__ == "__main__":
     main()

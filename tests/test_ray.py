@@ -275,3 +275,20 @@ def test_index_build_modules_do_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_cli_builds_a_disk_refine_plan_on_ray_merged_through_a_file(ray_address, tmp_path):
+    from test_build import clustered, make_collection
+    from typer.testing import CliRunner
+
+    from vlsearch.app.cli import app
+
+    coll = make_collection(tmp_path / "c", clustered(3000), shard_size=500)
+    result = CliRunner().invoke(app, ["build-index", str(coll.path), "--engine", "ray", "--address", ray_address,
+                                      "--parts", "3", "--on-disk", "--index-type", "IVF16,PQ16x4fs,Refine(disk)"])
+    assert result.exit_code == 0, result.output
+    assert "3 parts merged through a file, inverted lists in RAM" in result.output
+    entry = Collection.open(coll.path).manifest.index
+    assert (entry["refine"], entry["merge"], entry["layout"]) == ("disk-fp16", "ondisk", "memory")
+    rows = np.load(coll.path / entry["rows_file"])
+    np.testing.assert_array_equal(rows, clustered(3000).astype(np.float16))  # every vector, row = id

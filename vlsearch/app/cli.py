@@ -445,7 +445,8 @@ def _build_and_report(collection_dir: str, options: BuildOptions, engine: Engine
     for line in index_summary(entry):
         typer.echo(line)
     if entry.get("engine") == "ray":
-        typer.echo(f"  ray: {entry['parts']} parts merged, inverted lists {entry['layout']}"
+        typer.echo(f"  ray: {entry['parts']} parts merged {'through a file' if entry.get('merge') == 'ondisk' else 'in RAM'}"
+                   f", inverted lists {'on disk' if entry['layout'] == 'ondisk' else 'in RAM'}"
                    + (f" ({entry['ivfdata']})" if entry.get("ivfdata") else ""))
     for reason in entry["reasons"]:
         typer.echo(f"  - {reason}")
