@@ -202,6 +202,8 @@ def stage_eval(args: argparse.Namespace) -> dict:
         searcher.close()
         print(name, json.dumps({k: v for k, v in out[name].items() if k != "ids"}), out[f"{name}_cold"], flush=True)
     out["same_top10"] = float(np.mean([set(a) == set(b) for a, b in zip(out["local"]["ids"], out["ray"]["ids"])]))
+    kept = {k: ({x: y for x, y in v.items() if x != "ids"} if isinstance(v, dict) else v) for k, v in out.items()}
+    (root / "stage-eval.json").write_text(json.dumps(kept, indent=1))  # the figures, without the ids
     return out
 
 
@@ -211,8 +213,9 @@ def _build_rows(args: argparse.Namespace, entries: dict, n: int) -> list[list]:
         disk = sum((_root(args) / name / f).stat().st_size for f in ("index.faiss", e["rows_file"], e.get("rows_ids_file"))
                    if f)
         label = "local" if name == "local" else f"Ray, {e['parts']} parts / {args.actors} actors, merged on disk"
-        rows.append([label, e["wall_seconds"], e["stage_seconds"]["train"], e["stage_seconds"]["add"],
-                     e["process_peak_rss_mb"], e.get("part_peak_rss_mb", "-") and round(e.get("part_peak_rss_mb") or 0),
+        worker = e.get("part_peak_rss_mb")
+        rows.append([label, round(e["wall_seconds"]), round(e["stage_seconds"]["train"]), round(e["stage_seconds"]["add"]),
+                     f"{e['process_peak_rss_mb']:,.0f}", "-" if worker is None else f"{worker:,.0f}",
                      e["resident_bytes_per_vector"], round(disk / n, 1)])
     return rows
 
