@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--note", default="", help="a paragraph appended to the RESULTS.md section")
     ap.add_argument("--cliff", default=None, metavar="LABEL",
                     help="only time first and warm filtered calls (ANN and exact); keep them under LABEL")
+    ap.add_argument("--cold", action="store_true",
+                    help="only time a new Searcher's first exact=True call with the rows file evicted from the page "
+                         "cache, per selectivity (opening and the filter's evaluation timed apart)")
     ap.add_argument("--no-rows", action="store_true",
                     help="with --cliff: read vectors from the shards even where the index has a vector rows file")
     return ap.parse_args()
@@ -269,6 +272,31 @@ def cliff(a: argparse.Namespace, data, s, queries: np.ndarray, pcts: list[float]
         write_section("bench_filter_cliff", cliff_report(folder, s.collection.manifest.index, a.note))
 
 
+def cold_first_calls(coll: Path, queries: np.ndarray, pcts: list[float], k: int) -> None:
+    """``--cold``: per selectivity, the rows file evicted (``posix_fadvise DONTNEED``), a new
+    Searcher, the filter evaluated, then its first ``exact=True`` call; each step timed."""
+    import json
+
+    from vlsearch.query.searcher import Searcher
+
+    rows_file = coll / json.loads((coll / "manifest.json").read_text())["index"]["rows_file"]
+    for pct in pcts:
+        where = f"bucket < {int(round(pct * 100))}"
+        fd = os.open(rows_file, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        t0 = time.perf_counter()
+        s = Searcher.open(coll)
+        t1 = time.perf_counter()
+        s.filter_ids(where)
+        t2 = time.perf_counter()
+        s.knn(queries[:1], k, where=where, exact=True)
+        t3 = time.perf_counter()
+        s.close()
+        print(f"{pct:g} %: open {1e3 * (t1 - t0):,.0f} ms, filter {1e3 * (t2 - t1):,.0f} ms, first exact call "
+              f"(rows file evicted) {1e3 * (t3 - t2):,.0f} ms", flush=True)
+
+
 def cliff_report(folder: Path, entry: dict, note: str = "") -> str:
     """The RESULTS.md section: one row per (label, selectivity) of every ``filter-cliff-*.json`` kept."""
     import json
@@ -337,6 +365,8 @@ def main() -> None:
     queries, k = data.queries[: a.queries], a.k
     if a.cliff:
         return cliff(a, data, Searcher.open(data.collection), queries, pcts)
+    if a.cold:
+        return cold_first_calls(data.collection, queries, pcts, a.k)
     base = np.load(data.collection.parent / "base_f16.npy", mmap_mode="r")
     cores = faiss.omp_get_max_threads()
 

@@ -97,6 +97,18 @@ def test_benchmark_result_is_cached_per_cpu_torch_and_threads(cache_dir, monkeyp
     assert fake.calls == 2 and len(json.loads((cache_dir / P.CACHE_FILE).read_text())) == 2
 
 
+def test_an_entry_of_the_old_probe_is_measured_again(cache_dir, monkeypatch):
+    """Version 1 of the probe could cache "bf16 is no faster" from one burst of load; its entries
+    (keys without the probe version) are not trusted: the interleaved probe runs again."""
+    fake = _FakeBench(3.0, 3.0)
+    monkeypatch.setattr(P, "benchmark_bf16", fake)
+    cap = _cap(X86_AMX)
+    old_key = cap.key.rsplit("|probe ", 1)[0]
+    (cache_dir / P.CACHE_FILE).write_text(json.dumps({old_key: {"speedup": {"matmul": 0.998, "conv": 1.5},
+                                                                 "seconds": 0.4}}))
+    assert P.resolve_precision("auto", "cpu", VIT_LIKE, capability=cap).name == "bf16" and fake.calls == 1
+
+
 def test_a_corrupt_or_unwritable_cache_is_not_fatal(cache_dir, monkeypatch):
     fake = _FakeBench(3.0, 3.0)
     monkeypatch.setattr(P, "benchmark_bf16", fake)

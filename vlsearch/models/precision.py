@@ -17,6 +17,7 @@ applies it to a model. Embeddings leave the encoder as float32, unit norm, whate
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -39,6 +40,12 @@ MIN_SPEEDUP = 1.25
 #: /proc/cpuinfo flags that mean native bf16 arithmetic (x86: AVX-512 BF16, AMX; Arm: FEAT_BF16).
 BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 CACHE_FILE = "precision.json"
+#: Part of the cache key: version 1 timed all fp32 calls, then all bf16 ones, and one burst of other
+#: load during the bf16 calls could cache "bf16 is no faster" for good (seen: 0.998x on a CPU where
+#: it is 2.4x); version 2 interleaves them (:func:`_best_seconds`), and its entries replace version 1's.
+PROBE_VERSION = 2
+#: Interleaved fp32 / bf16 rounds per op kind (within the time budget).
+PROBE_ROUNDS = 5
 OP_KINDS = ("matmul", "conv")
 
 
@@ -65,7 +72,7 @@ class CpuCapability:
     def key(self) -> str:
         """Cache key: the benchmark is valid for this CPU, torch build and thread count."""
         return (f"{self.arch}|{self.torch_capability}|{','.join(self.bf16_flags) or '-'}|"
-                f"torch {torch.__version__}|threads {torch.get_num_threads()}")
+                f"torch {torch.__version__}|threads {torch.get_num_threads()}|probe {PROBE_VERSION}")
 
     def describe(self) -> str:
         flags = ", ".join(self.bf16_flags) or "no bf16 instructions"
@@ -115,15 +122,19 @@ class Bf16Benchmark:
     key: str
 
 
-def _seconds_per_call(fn: Callable[[], object], budget_s: float) -> float:
-    """Best of up to 3 timed calls after a warm-up, stopping early once ``budget_s`` is spent."""
+def _best_seconds(fns: tuple[Callable[[], object], ...], rounds: int, budget_s: float) -> list[float]:
+    """Each function's best time over up to ``rounds`` interleaved calls (A, B, A, B, ...), after
+    one warm-up call each, stopping early once ``budget_s`` is spent. Interleaved, a burst of other
+    load slows both sides of one round, not one side of the whole measurement."""
     start = time.perf_counter()
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
         if time.perf_counter() - start > budget_s:
             break
     return best
@@ -137,7 +148,7 @@ def _ops() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
     return {"matmul": (matmul.eval(), torch.randn(128, 384)), "conv": (conv.eval(), torch.randn(4, 32, 32, 32))}
 
 
-def benchmark_bf16(budget_s: float = 0.25) -> Bf16Benchmark:
+def benchmark_bf16(budget_s: float = 0.5) -> Bf16Benchmark:
     """Time fp32 against bf16 (weights and inputs) on each op kind; a few hundred ms in all."""
     start = time.perf_counter()
     speedup = {}
@@ -145,9 +156,8 @@ def benchmark_bf16(budget_s: float = 0.25) -> Bf16Benchmark:
         ops = _ops()
     with torch.inference_mode():
         for kind, (module, x) in ops.items():
-            fp32 = _seconds_per_call(lambda: module(x), budget_s / 4)
-            half, xb = module.to(torch.bfloat16), x.to(torch.bfloat16)
-            bf16 = _seconds_per_call(lambda: half(xb), budget_s / 4)
+            half, xb = copy.deepcopy(module).to(torch.bfloat16), x.to(torch.bfloat16)
+            fp32, bf16 = _best_seconds((lambda: module(x), lambda: half(xb)), PROBE_ROUNDS, budget_s / 2)
             speedup[kind] = round(fp32 / bf16, 3)
     return Bf16Benchmark(speedup, round(time.perf_counter() - start, 3), cpu_capability().key)
 
