@@ -133,3 +133,20 @@ def test_filtered_exact_search_reads_the_rows_file_not_the_shards(tmp_path, monk
     keep = np.array([i for i in truth if str(i).startswith("1000000")])
     expected = exact_search(_vectors(4, 5), np.stack([truth[i] for i in keep.tolist()]), 5, ids=keep)
     assert np.array_equal(found, expected[1]) and np.allclose(scores, expected[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("step", [1, 3, 15, 17, 40])  # dense spans (read in chunks) and scattered rows (mapped)
+def test_rows_read_equal_the_file_across_chunk_boundaries_in_any_order(tmp_path, step):
+    from vlsearch.ann import refine
+    from vlsearch.ann.refine import new_vectors_stem, vectors_writer
+
+    n, dim = 3 * refine.SPAN_CHUNK + 123, 2
+    vecs = np.random.default_rng(step).standard_normal((n, dim)).astype(np.float16)
+    with vectors_writer(tmp_path, new_vectors_stem(), np.arange(n), dim) as add:
+        add(np.arange(n), vecs)
+    rows = VectorRows(tmp_path / add.fields["rows_file"], None)
+    wanted = np.arange(5, n, step)
+    np.testing.assert_array_equal(rows.read(wanted), vecs[wanted].astype(np.float32))
+    shuffled = np.random.default_rng(0).permutation(wanted)  # callers may ask in any order, with repeats
+    asked = np.concatenate([shuffled, shuffled[:7]])
+    np.testing.assert_array_equal(rows.read(asked), vecs[asked].astype(np.float32))
