@@ -16,6 +16,16 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = "# vlsearch benchmark results\n\nEach section is written by the script it names; rerun it to refresh.\n"
 
 
+def evict_from_page_cache(path: str | os.PathLike) -> None:
+    """Drop a file's cached pages (``posix_fadvise DONTNEED``): its next reads come from the disk.
+    Pages a process still maps stay: unmap first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def machine() -> str:
     """One line describing the machine, torch threads and device (:func:`vlsearch.models.precision.describe_machine`)."""
     from vlsearch.models.precision import describe_machine

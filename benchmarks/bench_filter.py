@@ -40,7 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from benchmarks._results import (  # noqa: E402
+    command_line, evict_from_page_cache, machine, markdown_table, write_section)
 from benchmarks.synthetic import load_dataset  # noqa: E402
 
 LABELS = np.array(["cat", "dog", "bird", "car", "tree", "boat", "house", "person"])
@@ -282,9 +283,7 @@ def cold_first_calls(coll: Path, queries: np.ndarray, pcts: list[float], k: int)
     rows_file = coll / json.loads((coll / "manifest.json").read_text())["index"]["rows_file"]
     for pct in pcts:
         where = f"bucket < {int(round(pct * 100))}"
-        fd = os.open(rows_file, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+        evict_from_page_cache(rows_file)
         t0 = time.perf_counter()
         s = Searcher.open(coll)
         t1 = time.perf_counter()

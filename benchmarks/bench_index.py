@@ -45,7 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import command_line, machine, markdown_table, write_section  # noqa: E402
+from benchmarks._results import (  # noqa: E402
+    command_line, evict_from_page_cache, machine, markdown_table, write_section)
 from benchmarks.synthetic import load_dataset  # noqa: E402
 from vlsearch.core.metrics import ann_recall  # noqa: E402
 
@@ -87,11 +88,7 @@ def evict(searcher) -> None:
         return
     arr = refine.vectors
     arr._mmap.madvise(mmap.MADV_DONTNEED)
-    fd = os.open(arr.filename, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_from_page_cache(arr.filename)
 
 
 def latencies(searcher, queries: np.ndarray, cold: bool, **settings) -> tuple[float, float]:

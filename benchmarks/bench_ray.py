@@ -1,21 +1,21 @@
-"""Distributed index build on Ray vs the single-machine build, merged into on-disk inverted lists.
+"""Distributed index build on Ray vs the single-machine build of the same plan.
 
-The simulation that docs/SCALING.md extrapolates from. On the cached synthetic collection
-(``benchmarks/synthetic.py``: N x 512 CLIP-like vectors, 50k-row shards, exact top-100 of 1000
-held-out queries) it builds the same factory (default ``IVF1024,PQ64``: plain 8-bit PQ codes,
-which on-disk inverted lists can hold) with the same seed twice:
+The measurement behind docs/SCALING.md. On the cached synthetic collection
+(``benchmarks/synthetic.py``: N x 512 vectors of the "real"-fitted generator, 50k-row shards,
+1000 held-out queries) it builds the same plan (default ``auto`` at the build defaults,
+``--max-memory 4GB``; ``--factory`` and ``--max-bytes-per-vector`` change it) with the same seed twice:
 
-- ``local``: :func:`indexing.build.build_index` in one process, inverted lists in RAM;
+- ``local``: :func:`indexing.build.build_index` in one process;
 - ``ray``: :func:`indexing.ray_engine.build_index_ray` with ``--parts`` parts on a local Ray
-  instance (``--actors`` CPUs), merged into ``index-*.ivfdata`` (on-disk lists).
+  instance (``--actors`` CPUs), merged through on-disk inverted lists (``on_disk=True``).
 
 Each stage runs in its own process (``--stage data|local|ray|eval``; ``--stage all`` runs them
 in order) so every peak RSS belongs to that stage alone (``data`` generates the set once: its
-memory-mapped writes would otherwise count in the first build's peak). ``eval`` measures recall@10 against the
-exact top-10 and QPS (1000-query batches; single-query p50 latency) for both indexes at the same
-nprobe values, with the on-disk lists warm (page cache) and cold (evicted with
-``posix_fadvise(DONTNEED)`` before each query), and writes the ``bench_ray`` section of
-benchmarks/RESULTS.md.
+memory-mapped writes would otherwise count in the first build's peak). ``eval`` takes an exact
+top-10 streamed over the shards as ground truth and exact baseline, then measures each index at its
+tuned defaults: recall@10, QPS of a 1000-query batch, single-query p50/p99 warm, and cold (the rows
+file and any on-disk lists evicted with ``posix_fadvise(DONTNEED)`` before each query); it writes
+the ``bench_ray_auto_n{N}`` section of benchmarks/RESULTS.md (``bench_ray[_nN]`` for a ``--factory``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import command_line, machine, markdown_table, write_section
+from benchmarks._results import command_line, evict_from_page_cache, machine, markdown_table, write_section
 from benchmarks.synthetic import DEFAULT_DIR, SyntheticData, dataset_dir, load_dataset, make_dataset
 
 
@@ -116,13 +116,6 @@ def stage_build(args: argparse.Namespace, engine: str) -> None:
     print(json.dumps({k: entry.get(k) for k in ("factory", "build_seconds", "stage_seconds", "process_peak_rss_mb",
                                                 "part_peak_rss_mb", "parts", "layout")}), flush=True)
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
 def _measure(searcher, queries: np.ndarray, truth: np.ndarray, n_lat: int) -> dict:
     """At the index's tuned defaults: recall@10 and QPS of one batched call (after a warm-up
     call), then single-query latencies (warm)."""
@@ -157,7 +150,7 @@ def _cold_ms(coll: Path, queries: np.ndarray) -> tuple[float, float]:
     lat, index = [], c.load_index()
     for q in queries:
         for f in files:
-            _evict(f)
+            evict_from_page_cache(f)
         if entry.get("ivfdata"):  # on-disk lists: mapped again after the eviction
             del index
             index = c.load_index()

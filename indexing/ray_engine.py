@@ -373,9 +373,9 @@ def _check_on_disk_factory(index_type: str, dim: int, metric: str) -> None:
 
     if index_type == "auto":
         return  # checked once planned (_check_on_disk_index)
-    factory, _ = split_disk_refine(index_type)
-    _check_on_disk_index(make_index(factory, dim, metric), index_type)
-    if not isinstance(_below_transforms(make_index(factory, dim, metric)), faiss.IndexIVF):
+    index = make_index(split_disk_refine(index_type)[0], dim, metric)
+    _check_on_disk_index(index, index_type)
+    if not isinstance(_below_transforms(index), faiss.IndexIVF):
         raise IndexConfigError(f"{index_type!r} cannot use on-disk inverted lists: its IVF is wrapped "
                                "(e.g. IDMap); use a plain IVF code such as 'IVF4096,PQ64'")
 
@@ -467,13 +467,12 @@ def _add_part(blob: np.ndarray, coll_path: str, shard_paths: list[str], out: str
     coll = Collection.open(coll_path)
     exact = ExactTopK(xq, TUNE_K + 1, metric)  # + 1: the tuner drops each query's own id
     ids = []
-    with contextlib.ExitStack() as stack:
-        fd = None if rows is None else stack.enter_context(open(rows.path, "r+b", buffering=0)).fileno()
+    with open(rows.path, "r+b", buffering=0) if rows is not None else contextlib.nullcontext() as rows_file:
         for part_ids, vecs in coll.iter_embeddings(batch_size=batch, paths=[Path(p) for p in shard_paths]):
             add_vectors(index, part_ids, vecs)
             exact.add(part_ids, vecs)
-            if fd is not None:
-                rows.write(fd, part_ids, vecs)
+            if rows is not None:
+                rows.write(rows_file.fileno(), part_ids, vecs)
             ids.append(part_ids)
     tmp = out + ".tmp"
     faiss.write_index(index, tmp)

@@ -60,12 +60,7 @@ def test_max_items_caps_a_merged_call():
 
     batcher = MicroBatcher(fn, max_items=4)
     threads = [threading.Thread(target=batcher, args=([i, i],)) for i in range(6)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    gate.set()
-    for t in threads:
-        t.join(10)
+    _start_then_open(threads, gate)
     assert sum(sizes) == 12 and max(sizes) <= 4
 
 
@@ -88,12 +83,7 @@ def test_an_error_reaches_only_the_caller_whose_items_cause_it():
             out[items[0]] = exc
 
     threads = [threading.Thread(target=caller, args=(items,)) for items in (["a"], ["bad"], ["c", "d"])]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    gate.set()
-    for t in threads:
-        t.join(10)
+    _start_then_open(threads, gate)
     assert out["a"] == ["A"] and out["c"] == ["C", "D"]
     assert isinstance(out["bad"], ValueError) and "bad" in str(out["bad"])
 
@@ -101,3 +91,13 @@ def test_an_error_reaches_only_the_caller_whose_items_cause_it():
 def test_a_function_returning_the_wrong_count_is_an_error():
     with pytest.raises(ValueError, match="2 results for 3 items"):
         MicroBatcher(lambda items: items[:2])([1, 2, 3])
+
+
+def _start_then_open(threads: list[threading.Thread], gate: threading.Event) -> None:
+    """Start the callers, let them all queue behind the closed gate, open it, wait for them."""
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(10)

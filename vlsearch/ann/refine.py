@@ -71,10 +71,6 @@ class RowsPart:
     dim: int
     sorted_ids: np.ndarray | None
 
-    def __call__(self, ids: np.ndarray, vecs: np.ndarray) -> None:
-        with open(self.path, "r+b", buffering=0) as f:
-            self.write(f.fileno(), ids, vecs)
-
     def write(self, fd: int, ids: np.ndarray, vecs: np.ndarray) -> None:
         """pwrite each run of consecutive rows (plain writes: no mapped pages in this process's RSS)."""
         rows = ids if self.sorted_ids is None else np.searchsorted(self.sorted_ids, ids)
